@@ -1,0 +1,258 @@
+"""Records: what travels inside a block, and their one encoding.
+
+A block's payload is a sequence of msgpack arrays, one per record, each
+starting with its kind::
+
+    Sample      [0, tag_id, ts_ns, quality, value, reason]
+    TagInfo     [1, tag_id, name, device, value_type, unit, source, description]
+    Heartbeat   [2, ts_ns, {counter: int}]
+    DeviceInfo  [3, device, protocol, endpoint, {key: str}]
+
+msgpack is used because it is fast (about 11 us to pack 50 samples here), has
+no way to name code to run (never pickle on a wire), and keeps bool, int up to
+64 bits, float64, str and nil apart, which is every PLC value type we carry.
+Decoding checks every field's type: a well-signed block from a buggy
+transmitter still gives a FrameError, never a wrong-typed record.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from diode.errors import FrameError
+
+Value = bool | int | float | str | None
+
+INT64_MIN = -(2**63)
+UINT64_MAX = 2**64 - 1
+
+
+class Quality(enum.IntEnum):
+    """How far a sample's value can be trusted (OPC UA's three classes, plus stale)."""
+
+    GOOD = 0
+    UNCERTAIN = 1
+    BAD = 2
+    # Only the receiver assigns STALE: the link went quiet, the value is the last known.
+    STALE = 3
+
+
+class ValueType(enum.StrEnum):
+    """The PLC value types a tag can have."""
+
+    BOOL = "bool"
+    INT16 = "int16"
+    UINT16 = "uint16"
+    INT32 = "int32"
+    UINT32 = "uint32"
+    INT64 = "int64"
+    UINT64 = "uint64"
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+    STRING = "string"
+
+
+class Kind(enum.IntEnum):
+    SAMPLE = 0
+    TAG = 1
+    HEARTBEAT = 2
+    DEVICE = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sample:
+    """One value of one tag at one time, with its quality and, when not good, why."""
+
+    tag_id: int
+    ts_ns: int
+    value: Value
+    quality: Quality = Quality.GOOD
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TagInfo:
+    """A catalogue entry: what a tag id means. Re-sent on the carousel."""
+
+    tag_id: int
+    name: str
+    device: str
+    value_type: ValueType
+    unit: str = ""
+    source: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat:
+    """The transmitter is alive; its counters ride along."""
+
+    ts_ns: int
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceInfo:
+    """Inventory of one polled device: what it told us about itself."""
+
+    device: str
+    protocol: str
+    endpoint: str
+    identity: Mapping[str, str] = field(default_factory=dict)
+
+
+Record = Sample | TagInfo | Heartbeat | DeviceInfo
+
+
+def _to_list(record: Record) -> list[Any]:
+    match record:
+        case Sample():
+            return [
+                Kind.SAMPLE,
+                record.tag_id,
+                record.ts_ns,
+                int(record.quality),
+                record.value,
+                record.reason,
+            ]
+        case TagInfo():
+            return [
+                Kind.TAG,
+                record.tag_id,
+                record.name,
+                record.device,
+                str(record.value_type),
+                record.unit,
+                record.source,
+                record.description,
+            ]
+        case Heartbeat():
+            return [Kind.HEARTBEAT, record.ts_ns, dict(record.counters)]
+        case DeviceInfo():
+            return [
+                Kind.DEVICE,
+                record.device,
+                record.protocol,
+                record.endpoint,
+                dict(record.identity),
+            ]
+
+
+_packer = msgpack.Packer(use_bin_type=True, strict_types=False)
+
+
+def encode_record(record: Record) -> bytes:
+    """The one encoding of a record."""
+    return _packer.pack(_to_list(record))
+
+
+def encode_records(records: Iterable[Record]) -> bytes:
+    return b"".join(encode_record(r) for r in records)
+
+
+def _int(value: object, low: int, high: int, what: str) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise FrameError(f"record field {what} out of range", reason="bad_record")
+    return value
+
+
+def _str(value: object, what: str) -> str:
+    if type(value) is not str:
+        raise FrameError(f"record field {what} is not a string", reason="bad_record")
+    return value
+
+
+def _value(value: object) -> Value:
+    if value is None or type(value) in (bool, str):
+        return value  # type: ignore[return-value]  # narrowed by the type() check above
+    if type(value) is int:
+        return _int(value, INT64_MIN, UINT64_MAX, "value")
+    if type(value) is float:
+        return value
+    raise FrameError("record value of an unsupported type", reason="bad_record")
+
+
+def _str_map(value: object, what: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise FrameError(f"record field {what} is not a map", reason="bad_record")
+    return {_str(k, what): _str(v, what) for k, v in value.items()}
+
+
+def _int_map(value: object, what: str) -> dict[str, int]:
+    if not isinstance(value, dict):
+        raise FrameError(f"record field {what} is not a map", reason="bad_record")
+    return {_str(k, what): _int(v, INT64_MIN, UINT64_MAX, what) for k, v in value.items()}
+
+
+def _from_list(item: object) -> Record:
+    if not isinstance(item, list) or not item:
+        raise FrameError("record is not a non-empty array", reason="bad_record")
+    kind, *rest = item
+    try:
+        match kind, len(rest):
+            case Kind.SAMPLE, 5:
+                tag_id, ts_ns, quality, value, reason = rest
+                return Sample(
+                    tag_id=_int(tag_id, 0, 2**32 - 1, "tag_id"),
+                    ts_ns=_int(ts_ns, INT64_MIN, 2**63 - 1, "ts_ns"),
+                    quality=Quality(_int(quality, 0, 3, "quality")),
+                    value=_value(value),
+                    reason=_str(reason, "reason"),
+                )
+            case Kind.TAG, 7:
+                tag_id, name, device, value_type, unit, source, description = rest
+                return TagInfo(
+                    tag_id=_int(tag_id, 0, 2**32 - 1, "tag_id"),
+                    name=_str(name, "name"),
+                    device=_str(device, "device"),
+                    value_type=ValueType(_str(value_type, "value_type")),
+                    unit=_str(unit, "unit"),
+                    source=_str(source, "source"),
+                    description=_str(description, "description"),
+                )
+            case Kind.HEARTBEAT, 2:
+                ts_ns, counters = rest
+                return Heartbeat(
+                    ts_ns=_int(ts_ns, INT64_MIN, 2**63 - 1, "ts_ns"),
+                    counters=_int_map(counters, "counters"),
+                )
+            case Kind.DEVICE, 4:
+                device, protocol, endpoint, identity = rest
+                return DeviceInfo(
+                    device=_str(device, "device"),
+                    protocol=_str(protocol, "protocol"),
+                    endpoint=_str(endpoint, "endpoint"),
+                    identity=_str_map(identity, "identity"),
+                )
+    except ValueError as exc:  # an enum value we do not know
+        raise FrameError(f"record field has an unknown value: {exc}", reason="bad_record") from exc
+    raise FrameError("record of an unknown kind or shape", reason="bad_record")
+
+
+def decode_records(payload: bytes, count: int) -> list[Record]:
+    """Decode exactly ``count`` records filling ``payload``; anything else is a FrameError."""
+    unpacker = msgpack.Unpacker(
+        use_list=True,
+        raw=False,
+        strict_map_key=True,
+        max_buffer_size=max(len(payload), 1),
+    )
+    unpacker.feed(payload)
+    records: list[Record] = []
+    try:
+        for item in unpacker:
+            if len(records) == count:
+                raise FrameError("more records than announced", reason="bad_record")
+            records.append(_from_list(item))
+    except FrameError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise FrameError(f"records do not decode: {exc!r}", reason="bad_record") from exc
+    if len(records) != count or unpacker.tell() != len(payload):
+        raise FrameError("records do not fill the payload as announced", reason="bad_record")
+    return records

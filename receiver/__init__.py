@@ -1,0 +1,1 @@
+"""The receiver (IT side): verifies, rebuilds and republishes to MQTT."""

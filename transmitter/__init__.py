@@ -1,0 +1,1 @@
+"""The transmitter (OT side): polls PLCs and sends their values one way."""
