@@ -1,0 +1,15 @@
+"""What pollers hand their results to: non-blocking, never raising."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from diode.records import DeviceInfo, Sample
+
+
+class SampleSink(Protocol):
+    def sample(self, sample: Sample) -> None:
+        """Take one sample; must not block or raise (the sender counts what it drops)."""
+
+    def device(self, info: DeviceInfo) -> None:
+        """Take a device's inventory record."""
