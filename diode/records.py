@@ -245,10 +245,7 @@ def decode_records(payload: bytes, count: int) -> list[Record]:
     unpacker.feed(payload)
     records: list[Record] = []
     try:
-        for item in unpacker:
-            if len(records) == count:
-                raise FrameError("more records than announced", reason="bad_record")
-            records.append(_from_list(item))
+        records.extend(_from_list(item) for item in unpacker)
     except FrameError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types on bad input

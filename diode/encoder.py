@@ -1,0 +1,221 @@
+"""The transmitter's half of the protocol, sans I/O: records in, datagrams out.
+
+``Encoder`` batches records into blocks. A block closes when the next record
+would not fit in ``k`` symbols (a flood fills whole blocks) or when its first
+record has waited ``linger_ms`` (a trickle still leaves within milliseconds);
+the shell calls :meth:`Encoder.poll` at :meth:`Encoder.deadline`. A closed
+block is signed once, split into k' source symbols, given FEC repair and
+framed into n' equal datagrams.
+
+``SendQueue`` holds framed blocks for the paced sender, bounded in datagrams,
+and hands datagrams out round-robin across up to ``interleave`` blocks, so a
+burst of lost datagrams is spread over several blocks whenever the link is
+busy enough to queue them. It never waits to interleave: an idle link sends
+a lone block at once, and the per-block burst repair covers it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from diode import aead, fec
+from diode.config.link import LinkSettings
+from diode.errors import DiodeError
+from diode.keys import SigningKey
+from diode.records import Record, encode_record
+from diode.wire import (
+    AEAD_TAG_SIZE,
+    BLOCK_OVERHEAD,
+    FLAG_ENCRYPTED,
+    BlockHeader,
+    DatagramHeader,
+    pack_block_header,
+    pack_datagram,
+    symbol_size,
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EncodedBlock:
+    """One signed block, framed into its n datagrams."""
+
+    seq: int
+    records: int
+    datagrams: tuple[bytes, ...]
+
+
+class Encoder:
+    """Batches records into signed, FEC-protected blocks of one stream and epoch."""
+
+    def __init__(
+        self,
+        *,
+        link: LinkSettings,
+        key: SigningKey,
+        stream_id: int,
+        epoch: int,
+        psk: bytes | None = None,
+    ) -> None:
+        self._link = link
+        self._key = key
+        self._stream_id = stream_id
+        self._epoch = epoch
+        self._psk = psk
+        self._symbol = symbol_size(link.datagram_size)
+        self._linger_s = link.linger_ms / 1000
+        self.capacity = link.fec.k * self._symbol - BLOCK_OVERHEAD - (AEAD_TAG_SIZE if psk else 0)
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._opened_at = 0.0
+        self._seq = 0
+        self._next_record = 0
+        self._closed: list[EncodedBlock] = []
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def pending_records(self) -> int:
+        return len(self._parts)
+
+    def add(self, record: Record, now: float) -> None:
+        """Queue one record; closes the open block first if the record would not fit."""
+        data = encode_record(record)
+        if len(data) > self.capacity:
+            raise DiodeError(
+                f"a record of {len(data)} bytes exceeds a block's {self.capacity}",
+                reason="record_too_large",
+            )
+        if self._size + len(data) > self.capacity:
+            self._close()
+        if not self._parts:
+            self._opened_at = now
+        self._parts.append(data)
+        self._size += len(data)
+
+    def deadline(self) -> float | None:
+        """When :meth:`poll` must run next, or None while no block is open."""
+        return self._opened_at + self._linger_s if self._parts else None
+
+    def poll(self, now: float) -> None:
+        """Close the open block if its first record has waited the linger."""
+        if self._parts and now - self._opened_at >= self._linger_s:
+            self._close()
+
+    def flush(self) -> None:
+        """Close the open block now (shutdown, heartbeats that must not wait)."""
+        if self._parts:
+            self._close()
+
+    def take(self) -> list[EncodedBlock]:
+        """The blocks closed since the last call, oldest first."""
+        closed, self._closed = self._closed, []
+        return closed
+
+    def _close(self) -> None:
+        payload = b"".join(self._parts)
+        count = len(self._parts)
+        self._parts = []
+        self._size = 0
+        flags = FLAG_ENCRYPTED if self._psk else 0
+        payload_length = len(payload) + (AEAD_TAG_SIZE if self._psk else 0)
+        block_length = BLOCK_OVERHEAD + payload_length
+        k = -(-block_length // self._symbol)
+        n = k + self._link.fec.repair_for(k)
+        header = pack_block_header(
+            BlockHeader(
+                flags=flags,
+                k=k,
+                n=n,
+                stream_id=self._stream_id,
+                key_id=self._key.key_id,
+                epoch=self._epoch,
+                seq=self._seq,
+                first_record=self._next_record,
+                record_count=count,
+                payload_length=payload_length,
+            )
+        )
+        if self._psk:
+            payload = aead.seal(
+                self._psk,
+                stream_id=self._stream_id,
+                epoch=self._epoch,
+                seq=self._seq,
+                plain=payload,
+                aad=header,
+            )
+        signed = header + payload
+        block = signed + self._key.sign(signed)
+        symbols = fec.encode(fec.split(block, k, self._symbol), n)
+        datagrams = tuple(
+            pack_datagram(
+                DatagramHeader(
+                    flags=flags,
+                    stream_id=self._stream_id,
+                    key_id=self._key.key_id,
+                    epoch=self._epoch,
+                    seq=self._seq,
+                    index=index,
+                    k=k,
+                    n=n,
+                    block_length=block_length,
+                    records=count,
+                ),
+                symbol,
+            )
+            for index, symbol in enumerate(symbols)
+        )
+        self._closed.append(EncodedBlock(seq=self._seq, records=count, datagrams=datagrams))
+        self._seq += 1
+        self._next_record += count
+
+
+class SendQueue:
+    """Framed blocks waiting for the pacer: bounded, interleaved, drops counted."""
+
+    def __init__(self, *, capacity: int, interleave: int) -> None:
+        self.capacity = capacity
+        self._interleave = interleave
+        self._waiting: deque[EncodedBlock] = deque()
+        self._active: deque[Iterator[bytes]] = deque()
+        self._queued = 0
+        self.blocks_dropped = 0
+        self.records_dropped = 0
+
+    def __len__(self) -> int:
+        """Datagrams queued."""
+        return self._queued
+
+    def push(self, block: EncodedBlock) -> bool:
+        """Queue a block; when it does not fit, drop it, count it and return False.
+
+        Dropping the whole new block keeps every queued block whole; the
+        receiver sees the gap in record numbers and reports its exact size.
+        """
+        if self._queued + len(block.datagrams) > self.capacity:
+            self.blocks_dropped += 1
+            self.records_dropped += block.records
+            return False
+        self._waiting.append(block)
+        self._queued += len(block.datagrams)
+        return True
+
+    def pop(self) -> bytes | None:
+        """The next datagram to send, or None when the queue is empty."""
+        while len(self._active) < self._interleave and self._waiting:
+            self._active.append(iter(self._waiting.popleft().datagrams))
+        while self._active:
+            current = self._active.popleft()
+            datagram = next(current, None)
+            if datagram is None:
+                if self._waiting:
+                    self._active.append(iter(self._waiting.popleft().datagrams))
+                continue
+            self._active.append(current)
+            self._queued -= 1
+            return datagram
+        return None

@@ -1,0 +1,265 @@
+"""The wire format: one datagram layout and one block layout, nothing else.
+
+Every datagram of a stream has the same size (default 1472 bytes of UDP
+payload) and carries one FEC symbol of one block::
+
+     0                   1                   2                   3
+     0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+    +-------------------------------+---------------+---------------+
+    |          magic 0xD10D         |  version = 1  |     flags     |   0
+    +-------------------------------+---------------+---------------+
+    |                           stream id                           |   4
+    +---------------------------------------------------------------+
+    |                       key id (8 bytes)                        |   8
+    +---------------------------------------------------------------+
+    |                epoch (8 bytes, ms, per stream)                |  16
+    +---------------------------------------------------------------+
+    |              block sequence (8 bytes, per epoch)              |  24
+    +---------------+---------------+---------------+---------------+
+    | symbol index  |       k       |       n       |  reserved = 0 |  32
+    +---------------+---------------+---------------+---------------+
+    |              block length (bytes before padding)              |  36
+    +---------------------------------------------------------------+
+    |                 records in the block (a hint)                 |  40
+    +---------------------------------------------------------------+
+    |          CRC-32 of bytes 0..43 and of the symbol              |  44
+    +---------------------------------------------------------------+
+    |              symbol (datagram size - 48 bytes)                |  48
+    +---------------------------------------------------------------+
+
+Nothing in the datagram header is trusted: the CRC only sorts out datagrams
+damaged on the way before they can spoil a Reed-Solomon decode. Trust comes
+from the block, which the k source symbols carry (zero-padded to k symbols)::
+
+    +---------------+---------------+---------------+---------------+
+    |  version = 1  |     flags     |       k       |       n       |   0
+    +---------------+---------------+---------------+---------------+
+    |                           stream id                           |   4
+    |                       key id (8 bytes)                        |   8
+    |                        epoch (8 bytes)                        |  16
+    |                    block sequence (8 bytes)                   |  24
+    |            first record (8 bytes, index in the epoch)         |  32
+    |                         record count                          |  40
+    |                         payload length                        |  44
+    +---------------------------------------------------------------+
+    |  payload: records (msgpack), or their AEAD ciphertext + tag   |  48
+    +---------------------------------------------------------------+
+    |          Ed25519 signature of bytes 0 .. 48+length            |
+    +---------------------------------------------------------------+
+
+The signed header repeats every datagram field that matters, so the receiver
+checks the datagram headers it used against what the transmitter signed.
+``first record`` numbers records across blocks: the gap between two
+authentic blocks tells exactly how many records were lost in between.
+
+All integers are big-endian and unsigned. There is exactly one valid
+encoding of each datagram: reserved bits and bytes are zero, padding is zero.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from diode.errors import FrameError
+
+MAGIC = 0xD10D
+VERSION = 1
+
+# Datagram header: magic, version, flags, stream, key id, epoch, seq,
+# symbol index, k, n, reserved, block length, records, crc.
+DATAGRAM_HEADER = struct.Struct(">HBBI8sQQBBBBIII")
+HEADER_SIZE = DATAGRAM_HEADER.size
+CRC_OFFSET = 44
+assert HEADER_SIZE == 48, "the layout above is the contract"
+
+# Block header: version, flags, k, n, stream, key id, epoch, seq, first record,
+# record count, payload length.
+BLOCK_HEADER = struct.Struct(">BBBBI8sQQQII")
+BLOCK_HEADER_SIZE = BLOCK_HEADER.size
+assert BLOCK_HEADER_SIZE == 48
+SIGNATURE_SIZE = 64
+AEAD_TAG_SIZE = 16
+BLOCK_OVERHEAD = BLOCK_HEADER_SIZE + SIGNATURE_SIZE
+
+FLAG_ENCRYPTED = 0x01
+KNOWN_FLAGS = FLAG_ENCRYPTED
+
+KEY_ID_SIZE = 8
+UINT32_MAX = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatagramHeader:
+    """The unauthenticated header of one datagram."""
+
+    flags: int
+    stream_id: int
+    key_id: bytes
+    epoch: int
+    seq: int
+    index: int
+    k: int
+    n: int
+    block_length: int
+    records: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockHeader:
+    """The signed header at the start of every block."""
+
+    flags: int
+    k: int
+    n: int
+    stream_id: int
+    key_id: bytes
+    epoch: int
+    seq: int
+    first_record: int
+    record_count: int
+    payload_length: int
+
+
+def symbol_size(datagram_size: int) -> int:
+    return datagram_size - HEADER_SIZE
+
+
+def pack_datagram(header: DatagramHeader, symbol: bytes) -> bytes:
+    """Header, then the symbol, with the CRC over both."""
+    head = DATAGRAM_HEADER.pack(
+        MAGIC,
+        VERSION,
+        header.flags,
+        header.stream_id,
+        header.key_id,
+        header.epoch,
+        header.seq,
+        header.index,
+        header.k,
+        header.n,
+        0,
+        header.block_length,
+        header.records,
+        0,
+    )
+    crc = zlib.crc32(symbol, zlib.crc32(memoryview(head)[:CRC_OFFSET]))
+    return b"".join((head[:CRC_OFFSET], crc.to_bytes(4, "big"), symbol))
+
+
+def parse_datagram(data: bytes) -> tuple[DatagramHeader, bytes]:
+    """Check a datagram's framing and CRC; any defect is a FrameError naming its counter."""
+    if len(data) <= HEADER_SIZE:
+        raise FrameError("datagram shorter than its header", reason="short")
+    (
+        magic,
+        version,
+        flags,
+        stream_id,
+        key_id,
+        epoch,
+        seq,
+        index,
+        k,
+        n,
+        reserved,
+        block_length,
+        records,
+        crc,
+    ) = DATAGRAM_HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise FrameError("not a diode datagram", reason="bad_magic")
+    if version != VERSION:
+        raise FrameError(f"unsupported version {version}", reason="bad_version")
+    view = memoryview(data)
+    symbol = view[HEADER_SIZE:]
+    if zlib.crc32(symbol, zlib.crc32(view[:CRC_OFFSET])) != crc:
+        raise FrameError("CRC mismatch", reason="bad_checksum")
+    if (
+        flags & ~KNOWN_FLAGS
+        or reserved
+        or not 1 <= k <= n
+        or index >= n
+        or not BLOCK_OVERHEAD < block_length <= k * len(symbol)
+    ):
+        raise FrameError("inconsistent datagram header", reason="malformed")
+    header = DatagramHeader(
+        flags=flags,
+        stream_id=stream_id,
+        key_id=key_id,
+        epoch=epoch,
+        seq=seq,
+        index=index,
+        k=k,
+        n=n,
+        block_length=block_length,
+        records=records,
+    )
+    return header, bytes(symbol)
+
+
+def pack_block_header(header: BlockHeader) -> bytes:
+    return BLOCK_HEADER.pack(
+        VERSION,
+        header.flags,
+        header.k,
+        header.n,
+        header.stream_id,
+        header.key_id,
+        header.epoch,
+        header.seq,
+        header.first_record,
+        header.record_count,
+        header.payload_length,
+    )
+
+
+def parse_block(block: bytes) -> tuple[BlockHeader, memoryview, memoryview, memoryview]:
+    """Split a rebuilt block into (header, signed bytes, payload, signature), checking lengths."""
+    if len(block) < BLOCK_OVERHEAD:
+        raise FrameError("block shorter than its header and signature", reason="malformed")
+    (
+        version,
+        flags,
+        k,
+        n,
+        stream_id,
+        key_id,
+        epoch,
+        seq,
+        first_record,
+        record_count,
+        payload_length,
+    ) = BLOCK_HEADER.unpack_from(block)
+    if version != VERSION or len(block) != BLOCK_OVERHEAD + payload_length:
+        raise FrameError("block length does not match its header", reason="malformed")
+    header = BlockHeader(
+        flags=flags,
+        k=k,
+        n=n,
+        stream_id=stream_id,
+        key_id=key_id,
+        epoch=epoch,
+        seq=seq,
+        first_record=first_record,
+        record_count=record_count,
+        payload_length=payload_length,
+    )
+    view = memoryview(block)
+    signed_end = BLOCK_HEADER_SIZE + payload_length
+    return header, view[:signed_end], view[BLOCK_HEADER_SIZE:signed_end], view[signed_end:]
+
+
+def matches(block: BlockHeader, datagram: DatagramHeader) -> bool:
+    """Does a datagram header say what the signed block header says?"""
+    return (
+        block.flags == datagram.flags
+        and block.k == datagram.k
+        and block.n == datagram.n
+        and block.stream_id == datagram.stream_id
+        and block.key_id == datagram.key_id
+        and block.epoch == datagram.epoch
+        and block.seq == datagram.seq
+        and block.record_count == datagram.records
+    )
