@@ -1,0 +1,215 @@
+"""The receive path, attack by attack: each bad datagram bumps exactly its counter."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from diode.decoder import Decoder, Delivered, EpochStarted
+from diode.keys import SigningKey
+from diode.replay import pack_states, unpack_states
+from tests.core_support import (
+    EPOCH,
+    delivered,
+    encode_blocks,
+    feed,
+    fixed_key,
+    gaps,
+    keyring,
+    new_decoder,
+    samples,
+    small_link,
+    with_valid_crc,
+)
+
+
+def rejected(decoder: Decoder) -> dict[str, int]:
+    return {k: v for k, v in decoder.counters.items() if k.startswith("rejected_")}
+
+
+def test_clean_stream_delivers_every_record_in_order() -> None:
+    records = samples(300)
+    decoder = new_decoder()
+    events = feed(decoder, [d for b in encode_blocks(records, per_block=40) for d in b])
+    assert delivered(events) == records
+    seqs = [e.seq for e in events if isinstance(e, Delivered)]
+    assert seqs == sorted(seqs) == list(range(len(seqs)))
+    assert decoder.counters["records_delivered"] == 300
+
+
+def test_forged_key_publishes_nothing_and_counts_unknown_key() -> None:
+    forged = encode_blocks(samples(10), key=fixed_key(9))
+    decoder = new_decoder()
+    events = feed(decoder, [d for b in forged for d in b])
+    assert delivered(events) == []
+    assert rejected(decoder) == {"rejected_unknown_key": sum(map(len, forged))}
+
+
+def test_valid_key_id_with_a_bad_signature_is_rejected() -> None:
+    """An attacker who knows a key id (it is public) but not the private key."""
+    real = fixed_key(1)
+    attacker = fixed_key(2)
+    object.__setattr__(attacker, "key_id", real.key_id)  # claim the real key's id
+    (block,) = encode_blocks(samples(10), key=attacker)
+    decoder = new_decoder(real)
+    k = block[0][33]
+    events = feed(decoder, block)
+    assert delivered(events) == []
+    # Every k symbols make one rebuild attempt, and each attempt fails verification.
+    assert rejected(decoder) == {"rejected_bad_signature": len(block) // k}
+    assert decoder.counters["symbols"] == len(block)
+
+
+def test_key_of_another_stream_is_rejected() -> None:
+    key = fixed_key()
+    decoder = Decoder(keyring(key, stream=8))
+    (block,) = encode_blocks(samples(5), key=key)
+    assert delivered(feed(decoder, block)) == []
+    assert rejected(decoder) == {"rejected_wrong_stream": len(block)}
+
+
+def test_bit_flips_are_caught_by_the_crc_and_the_block_still_rebuilds() -> None:
+    (block,) = encode_blocks(samples(20))
+    flipped = [bytearray(d) for d in block]
+    for d in flipped[:2]:  # within the repair budget
+        d[150] ^= 0x04
+    decoder = new_decoder()
+    events = feed(decoder, [bytes(d) for d in flipped])
+    assert delivered(events) == samples(20)
+    counts = rejected(decoder)
+    assert counts.pop("rejected_bad_checksum") == 2
+    assert set(counts) <= {"rejected_late"}  # surplus symbols after the rebuild
+
+
+def test_truncated_datagrams_are_counted() -> None:
+    (block,) = encode_blocks(samples(20))
+    decoder = new_decoder()
+    feed(decoder, [block[0][:30], block[1][:200]])
+    assert rejected(decoder) == {"rejected_short": 1, "rejected_bad_checksum": 1}
+
+
+def test_duplicates_and_reordering_deliver_each_record_once() -> None:
+    blocks = encode_blocks(samples(400), per_block=50)
+    datagrams = [d for b in blocks for d in b]
+    dupes = datagrams + datagrams[::3]
+    random.Random(4).shuffle(dupes)
+    decoder = new_decoder()
+    events = feed(decoder, dupes)
+    assert delivered(events) == samples(400)
+    counts = rejected(decoder)
+    assert set(counts) <= {"rejected_late", "rejected_duplicate"}
+    assert sum(counts.values()) + decoder.counters["symbols"] == len(dupes)
+
+
+def test_replay_in_the_same_run_is_rejected() -> None:
+    blocks = encode_blocks(samples(200), per_block=50)
+    datagrams = [d for b in blocks for d in b]
+    decoder = new_decoder()
+    assert delivered(feed(decoder, datagrams)) == samples(200)
+    assert delivered(feed(decoder, datagrams, now=100.0)) == []
+    assert decoder.counters["symbols"] == sum(b[0][33] for b in blocks)
+
+
+def test_replay_after_a_receiver_restart_is_rejected_with_the_saved_position() -> None:
+    blocks = encode_blocks(samples(200), per_block=50)
+    first = new_decoder()
+    assert len(delivered(feed(first, [d for b in blocks[:2] for d in b]))) == 100
+    saved = pack_states(first.positions())
+    second = Decoder(keyring(fixed_key()), state=unpack_states(saved))
+    # The capture of the first two blocks replayed, then the live blocks 2 and 3.
+    events = feed(second, [d for b in blocks for d in b])
+    assert delivered(events) == samples(200)[100:]
+    assert gaps(events) == []
+
+
+def test_receiver_restart_reports_exactly_the_records_it_missed() -> None:
+    blocks = encode_blocks(samples(200), per_block=50)
+    first = new_decoder()
+    feed(first, [d for b in blocks[:1] for d in b])
+    second = Decoder(keyring(fixed_key()), state=unpack_states(pack_states(first.positions())))
+    events = feed(second, [d for b in blocks[3:] for d in b])
+    (gap,) = gaps(events)
+    assert (gap.first_seq, gap.last_seq, gap.records_lost, gap.exact) == (1, 2, 100, True)
+    assert delivered(events) == samples(200)[150:]
+
+
+def test_old_epoch_is_rejected_after_a_transmitter_restart() -> None:
+    old = encode_blocks(samples(50), epoch=EPOCH)
+    new = encode_blocks(samples(50, start=1000), epoch=EPOCH + 5000)
+    decoder = new_decoder()
+    events = feed(decoder, [d for b in old + new for d in b])
+    assert delivered(events) == samples(50) + samples(50, start=1000)
+    started = [e for e in events if isinstance(e, EpochStarted)]
+    assert [(e.epoch, e.previous) for e in started] == [(EPOCH, None), (EPOCH + 5000, EPOCH)]
+    replay = [d for b in old for d in b]
+    assert delivered(feed(decoder, replay, now=50.0)) == []
+    assert rejected(decoder)["rejected_replay"] == len(replay)
+
+
+def test_loss_beyond_the_repair_budget_is_reported_exactly() -> None:
+    link = small_link(k=4, ratio=0.0, burst=1)
+    blocks = encode_blocks(samples(300), link=link, per_block=30)
+    kept = [d for i, b in enumerate(blocks) for d in (b[:1] if i in (3, 4, 7) else b)]
+    decoder = new_decoder()
+    events = feed(decoder, kept)
+    assert [(g.first_seq, g.last_seq, g.records_lost) for g in gaps(events)] == [
+        (3, 4, 60),
+        (7, 7, 30),
+    ]
+    assert len(delivered(events)) == 300 - 90
+    assert decoder.counters["records_lost"] == 90
+
+
+def test_a_lost_block_waits_for_the_reorder_timeout_then_is_declared() -> None:
+    blocks = encode_blocks(samples(90), per_block=30)
+    decoder = new_decoder(reorder_timeout_s=0.5)
+    for d in blocks[0] + blocks[2]:
+        decoder.receive(d, 1.0)
+    assert len(delivered(decoder.events())) == 30
+    decoder.poll(1.4)
+    assert gaps(decoder.events()) == []
+    assert decoder.deadline() == pytest.approx(1.5)
+    decoder.poll(1.5)
+    events = decoder.events()
+    assert [(g.first_seq, g.records_lost) for g in gaps(events)] == [(1, 30)]
+    assert len(delivered(events)) == 30
+
+
+def test_encrypted_stream_round_trips_and_rejects_plaintext_and_wrong_secret() -> None:
+    psk = bytes(range(32))
+    records = samples(60)
+    (sealed,) = encode_blocks(records, psk=psk)
+    assert b"tag" not in b"".join(sealed)
+    assert delivered(feed(new_decoder(psk=psk), sealed)) == records
+
+    wrong = new_decoder(psk=bytes(32))
+    assert delivered(feed(wrong, sealed)) == []
+    assert rejected(wrong)["rejected_bad_decrypt"] == 1
+
+    plain = new_decoder(psk=psk)
+    assert delivered(feed(plain, encode_blocks(records)[0])) == []
+    assert rejected(plain)["rejected_not_encrypted"] == 1
+
+
+def test_a_flood_of_forged_symbols_stays_within_the_memory_bound() -> None:
+    """Forged datagrams that pass the CRC (an attacker can compute one) with a real key id."""
+    real = fixed_key()
+    attacker = SigningKey.generate()
+    object.__setattr__(attacker, "key_id", real.key_id)
+    bound = 200_000
+    decoder = new_decoder(real, max_assembly_bytes=bound)
+    rng = random.Random(7)
+    (forged,) = encode_blocks(samples(40), key=attacker)  # k > 1: it waits for more
+    live = encode_blocks(samples(400), per_block=40)
+    for i, block in enumerate(live):
+        for datagram in block:
+            decoder.receive(datagram, 0.0)
+            for _ in range(20):  # 20 forged single symbols per real one, random blocks
+                seq = rng.randrange(2**40).to_bytes(8, "big")
+                decoder.receive(with_valid_crc(rng.choice(forged), 24, seq), 0.0)
+            assert decoder.assembly_bytes <= bound
+        assert decoder.counters["blocks_delivered"] >= i  # the real stream keeps flowing
+    decoder.poll(10.0)
+    assert delivered(decoder.events()) == samples(400)
+    assert decoder.counters["assemblies_evicted"] > 0
