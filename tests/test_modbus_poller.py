@@ -1,0 +1,328 @@
+"""The Modbus poller against a real pymodbus server in the same event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from diode.config.modbus import ByteOrder, ModbusDevice
+from diode.records import DeviceInfo, Quality, Sample, ValueType
+from tests.support.modbus_server import ModbusSimServer
+from transmitter.modbus import ModbusPoller
+from transmitter.modbus_codec import encode
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.samples: list[Sample] = []
+        self.devices: list[DeviceInfo] = []
+
+    def sample(self, sample: Sample) -> None:
+        self.samples.append(sample)
+
+    def device(self, info: DeviceInfo) -> None:
+        self.devices.append(info)
+
+
+class Ids:
+    def __init__(self) -> None:
+        self.by_name: dict[str, int] = {}
+
+    def __call__(self, device: str, tag: str) -> int:
+        return self.by_name.setdefault(tag, len(self.by_name) + 1)
+
+
+def make_device(port: int, units: list[dict[str, Any]], **over: Any) -> ModbusDevice:
+    data: dict[str, Any] = {
+        "name": "plc",
+        "host": "127.0.0.1",
+        "port": port,
+        "units": units,
+        "poll_interval_s": 0.05,
+        "timeout_s": 0.3,
+        "retries": 0,
+        "backoff_initial_s": 0.05,
+        "backoff_max_s": 0.2,
+        "read_identity": False,
+    }
+    data.update(over)
+    return ModbusDevice.model_validate(data)
+
+
+def hr(name: str, address: int, kind: str, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "table": "holding_register", "address": address, "type": kind, **kw}
+
+
+class Harness:
+    def __init__(self, device: ModbusDevice) -> None:
+        self.sink = ListSink()
+        self.ids = Ids()
+        self.poller = ModbusPoller(device, tag_id=self.ids, sink=self.sink)
+
+    def latest(self, name: str) -> Sample:
+        ident = self.ids.by_name[name]
+        return next(s for s in reversed(self.sink.samples) if s.tag_id == ident)
+
+    def value(self, name: str) -> Any:
+        sample = self.latest(name)
+        assert sample.quality is Quality.GOOD, sample
+        return sample.value
+
+    async def until(self, condition: Callable[[], bool], within_s: float = 4.0) -> None:
+        deadline = time.monotonic() + within_s
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"condition not met in {within_s}s; last: {self.sink.samples[-3:]}"
+                )
+            await asyncio.sleep(0.01)
+
+    def has(self, name: str, check: Callable[[Sample], bool]) -> bool:
+        ident = self.ids.by_name[name]
+        return any(s.tag_id == ident and check(s) for s in self.sink.samples)
+
+
+@asynccontextmanager
+async def running(harness: Harness) -> AsyncIterator[None]:
+    task = asyncio.create_task(harness.poller.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ModbusSimServer]:
+    sim = ModbusSimServer(units=[1, 2])
+    await sim.start()
+    try:
+        yield sim
+    finally:
+        await sim.stop()
+
+
+NUMBERS: list[tuple[str, int | float]] = [
+    ("int16", -1234),
+    ("uint16", 54321),
+    ("int32", -123456789),
+    ("uint32", 0xDEADBEEF),
+    ("float32", 0.5),
+    ("int64", -1234567890123456789),
+    ("uint64", 0xFEDCBA9876543210),
+    ("float64", 123.456),
+]
+
+
+async def test_every_type_and_order_through_a_real_server(server: ModbusSimServer) -> None:
+    tags: list[dict[str, Any]] = []
+    expected: dict[str, Any] = {}
+    address = 0
+    for kind, value in NUMBERS:
+        for order in ByteOrder:
+            name = f"{kind}_{order}"
+            tags.append(hr(name, address, kind, order=str(order)))
+            regs = encode(value, ValueType(kind), order)
+            server.set_registers(1, "holding_register", address, regs)
+            expected[name] = value
+            address += len(regs)
+    for order in ByteOrder:
+        name = f"string_{order}"
+        tags.append(hr(name, address, "string", order=str(order), length=4))
+        server.set_registers(
+            1, "holding_register", address, encode("PUMP-7", ValueType.STRING, order, length=4)
+        )
+        expected[name] = "PUMP-7"
+        address += 4
+    tags.append(hr("flag", address, "bool", bit=9))
+    server.set_registers(1, "holding_register", address, [1 << 9])
+    expected["flag"] = True
+    tags += [
+        {"name": "coil3", "table": "coil", "address": 3, "type": "bool"},
+        {"name": "coil4", "table": "coil", "address": 4, "type": "bool"},
+        {"name": "di17", "table": "discrete_input", "address": 17, "type": "bool"},
+        {
+            "name": "temp",
+            "table": "input_register",
+            "address": 7,
+            "type": "int16",
+            "scale": 0.1,
+            "offset": -10.0,
+        },
+    ]
+    server.set_bits(1, "coil", 3, [True, False])
+    server.set_bits(1, "discrete_input", 17, [True])
+    server.set_registers(1, "input_register", 7, [250])
+    expected |= {"coil3": True, "coil4": False, "di17": True, "temp": 15.0}
+
+    h = Harness(make_device(server.port, [{"id": 1, "tags": tags}]))
+    await h.poller.poll_once()
+    for name, value in expected.items():
+        got = h.value(name)
+        assert got == pytest.approx(value) if isinstance(value, float) else got == value, name
+        assert type(got) is type(value), name
+    # 97 holding registers in a row: one request; one for each other table.
+    assert server.functions() == {3: 1, 1: 1, 2: 1, 4: 1}
+    assert h.poller.counters["requests"] == 4
+
+
+async def test_coalescing_counted_by_the_server(server: ModbusSimServer) -> None:
+    tags = [hr(f"t{i}", 10 + 3 * i, "uint16") for i in range(20)]  # gaps of 2
+    coalesced = Harness(make_device(server.port, [{"id": 1, "tags": tags}]))
+    await coalesced.poller.poll_once()
+    assert server.requests(1, 3) == 1
+    alone = Harness(make_device(server.port, [{"id": 1, "tags": tags}], coalesce=False))
+    await alone.poller.poll_once()
+    assert server.requests(1, 3) == 1 + 20
+    tight = Harness(make_device(server.port, [{"id": 1, "tags": tags}], max_gap=1))
+    await tight.poller.poll_once()
+    assert server.requests(1, 3) == 1 + 20 + 20
+
+
+async def test_a_dead_unit_does_not_stall_the_others(server: ModbusSimServer) -> None:
+    server.dead.add(2)
+    server.set_registers(1, "holding_register", 0, [42])
+    units = [
+        {
+            "id": 2,
+            "tags": [
+                hr("d1", 0, "uint16"),
+                {"name": "d2", "table": "input_register", "address": 0, "type": "uint16"},
+            ],
+        },
+        {"id": 1, "tags": [hr("alive", 0, "uint16")]},
+    ]
+    h = Harness(make_device(server.port, units, timeout_s=0.5))
+    for _ in range(3):
+        started = time.monotonic()
+        await h.poller.poll_once()
+        # One timeout per cycle for the dead unit, not one per request.
+        assert time.monotonic() - started < 0.9
+    assert h.value("alive") == 42
+    for name in ("d1", "d2"):
+        sample = h.latest(name)
+        assert (sample.quality, sample.reason, sample.value) == (Quality.BAD, "timeout", None)
+    assert server.requests(2) == 3  # the second request of the dead unit is not sent
+    assert server.requests(1) == 3
+    assert h.poller.counters["timeouts"] == 3
+
+    server.dead.clear()
+    server.set_registers(2, "holding_register", 0, [7])
+    await h.poller.poll_once()
+    assert h.value("d1") == 7
+
+
+async def test_an_exception_answering_unit(server: ModbusSimServer) -> None:
+    server.exception[2] = 2
+    server.set_registers(1, "holding_register", 5, [5])
+    units = [{"id": 2, "tags": [hr("x", 0, "uint16")]}, {"id": 1, "tags": [hr("ok", 5, "uint16")]}]
+    h = Harness(make_device(server.port, units))
+    await h.poller.poll_once()
+    sample = h.latest("x")
+    assert sample.quality is Quality.BAD
+    assert sample.reason == "exception 2 (illegal data address)"
+    assert h.value("ok") == 5
+    assert h.poller.counters["errors"] == 1
+
+
+async def test_values_change_under_a_running_poller(server: ModbusSimServer) -> None:
+    h = Harness(
+        make_device(server.port, [{"id": 1, "tags": [hr("level", 100, "float32", order="CDAB")]}])
+    )
+    async with running(h):
+        for value in (1.5, -2.25, 1000.0):
+            server.set_registers(
+                1, "holding_register", 100, encode(value, ValueType.FLOAT32, ByteOrder.CDAB)
+            )
+            await h.until(lambda v=value: h.has("level", lambda s: s.value == v))  # type: ignore[misc]
+    assert h.poller.counters["cycles"] >= 3
+
+
+async def test_server_goes_away_and_comes_back(server: ModbusSimServer) -> None:
+    server.set_registers(1, "holding_register", 0, [11])
+    h = Harness(make_device(server.port, [{"id": 1, "tags": [hr("v", 0, "uint16")]}]))
+    async with running(h):
+        await h.until(lambda: h.has("v", lambda s: s.value == 11))
+        await server.stop()
+        await h.until(lambda: h.latest("v").reason == "disconnected")
+        mark = len(h.sink.samples)
+        await h.until(lambda: len(h.sink.samples) > mark + 3)  # one BAD per cycle while down
+        assert all(
+            s.quality is Quality.BAD and s.reason == "disconnected" for s in h.sink.samples[mark:]
+        )
+        server.set_registers(1, "holding_register", 0, [22])
+        await server.start()
+        await h.until(lambda: h.has("v", lambda s: s.value == 22))
+    assert h.poller.counters["reconnects"] >= 1
+
+
+async def test_schedule_does_not_catch_up_after_an_overrun(server: ModbusSimServer) -> None:
+    server.dead.add(2)  # every cycle waits one 0.3 s timeout: longer than the 0.05 s interval
+    h = Harness(make_device(server.port, [{"id": 2, "tags": [hr("slow", 0, "uint16")]}]))
+    async with running(h):
+        await h.until(lambda: h.poller.counters["cycles"] >= 3)
+    assert h.poller.counters["overruns"] >= 6
+    assert h.poller.counters["cycles"] <= 5
+
+
+async def test_identity_is_read_once_per_connection() -> None:
+    identity = {0: "ACME", 1: "PLC-9", 2: "v2.1"}
+    async with ModbusSimServer(units=[1], identity=identity) as sim:
+        h = Harness(
+            make_device(sim.port, [{"id": 1, "tags": [hr("v", 0, "uint16")]}], read_identity=True)
+        )
+        await h.poller.poll_once()
+        await h.poller.poll_once()
+        assert h.sink.devices == [
+            DeviceInfo(
+                device="plc",
+                protocol="modbus",
+                endpoint=f"127.0.0.1:{sim.port}",
+                identity={"vendor_name": "ACME", "product_code": "PLC-9", "revision": "v2.1"},
+            )
+        ]
+        assert sim.requests(function_code=0x2B) == 1
+
+
+async def test_a_device_without_identity_gives_an_empty_one() -> None:
+    async with ModbusSimServer(units=[1], identity=None) as sim:
+        h = Harness(
+            make_device(sim.port, [{"id": 1, "tags": [hr("v", 0, "uint16")]}], read_identity=True)
+        )
+        await h.poller.poll_once()
+        assert [d.identity for d in h.sink.devices] == [{}]
+        assert h.latest("v").quality is Quality.GOOD
+
+
+def test_catalogue_and_deadbands() -> None:
+    device = make_device(
+        502,
+        [
+            {
+                "id": 3,
+                "tags": [
+                    hr("p", 40001, "float32", unit="bar", deadband=0.5, description="pressure"),
+                    hr("b", 40003, "bool", bit=4),
+                ],
+            }
+        ],
+        address_base=1,
+    )
+    h = Harness(device)
+    p, b = h.poller.catalogue
+    assert (p.name, p.device, p.value_type, p.unit, p.description) == (
+        "p",
+        "plc",
+        ValueType.FLOAT32,
+        "bar",
+        "pressure",
+    )
+    assert p.source == "modbus://127.0.0.1:502/3/holding_register/40001"
+    assert b.source == "modbus://127.0.0.1:502/3/holding_register/40003.4"
+    assert h.poller.deadbands == {p.tag_id: 0.5, b.tag_id: 0.0}
