@@ -182,6 +182,7 @@ class SendQueue:
         self._interleave = interleave
         self._waiting: deque[EncodedBlock] = deque()
         self._active: deque[Iterator[bytes]] = deque()
+        self._front: deque[bytes] = deque()
         self._queued = 0
         self.blocks_dropped = 0
         self.records_dropped = 0
@@ -204,8 +205,16 @@ class SendQueue:
         self._queued += len(block.datagrams)
         return True
 
+    def requeue(self, datagram: bytes) -> None:
+        """Put back a datagram the socket could not take; it goes out next."""
+        self._front.append(datagram)
+        self._queued += 1
+
     def pop(self) -> bytes | None:
         """The next datagram to send, or None when the queue is empty."""
+        if self._front:
+            self._queued -= 1
+            return self._front.popleft()
         while len(self._active) < self._interleave and self._waiting:
             self._active.append(iter(self._waiting.popleft().datagrams))
         while self._active:

@@ -1,7 +1,255 @@
-"""diode-tx: the transmitter daemon (filled in by the transmitter work)."""
+"""diode-tx: the transmitter daemon (OT side).
+
+The pipeline, stage by stage, with the queue between each pair::
+
+    ModbusPoller -+                  Outbox                 Encoder           PacedSender
+    OpcuaPoller  -+--sample()--> (report by    --framer-->  (blocks on  --+   (token bucket
+    timers -------+              exception,                 size/linger,  |    on monotonic
+    (heartbeat, refresh,         bounded deque)             sign, FEC)    |    clock) --> UDP
+     catalogue carousel)                                                  v         ^
+                                                    SendQueue (bounded, interleaved)
+
+Every queue is bounded and a full one drops and counts (the heartbeat carries
+the counts): the pollers never wait for the link. Nothing here listens or
+reads from the link. SIGTERM stops the pollers, closes the open block and
+sends what is queued within a grace period.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from diode import daemon
+from diode.config.tx import TxConfig
+from diode.encoder import Encoder, SendQueue
+from diode.errors import DiodeError
+from diode.keys import SigningKey, load_psk, load_signing_key
+from diode.records import Heartbeat, TagInfo
+from diode.replay import next_epoch
+from transmitter.modbus import ModbusPoller
+from transmitter.opcua import OpcuaPoller
+from transmitter.outbox import Outbox
+from transmitter.sender import PacedSender, deaf_udp_socket
+
+log = structlog.get_logger("diode.tx")
+
+FRAMER_CHUNK = 2048
+SHUTDOWN_GRACE_S = 5.0
+
+
+class Poller(Protocol):
+    catalogue: list[TagInfo]
+    deadbands: dict[int, float]
+    counters: dict[str, int]
+
+    async def run(self) -> None: ...
+
+
+def take_epoch(state_dir: Path, now_ms: int) -> int:
+    """This run's epoch, strictly above the last one used, persisted before first use."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "epoch"
+    try:
+        last: int | None = int(path.read_text().strip())
+    except (OSError, ValueError):
+        last = None
+    epoch = next_epoch(last, now_ms)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{epoch}\n")
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return epoch
+
+
+class Transmitter:
+    """One transmitter: its pollers, its outbox, its encoder and its sender."""
+
+    def __init__(
+        self,
+        config: TxConfig,
+        *,
+        key: SigningKey,
+        psk: bytes | None = None,
+        epoch: int | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.config = config
+        section = config.transmitter
+        self.epoch = (
+            epoch
+            if epoch is not None
+            else take_epoch(section.state_dir, time.time_ns() // 1_000_000)
+        )
+        self._ids: dict[tuple[str, str], int] = {}
+        self.pollers: list[Poller] = []
+        deadbands: dict[int, float] = {}
+        self.outbox = Outbox(
+            catalogue=self._catalogue,
+            deadbands=deadbands,
+            limit=section.queue_records,
+            on_queue=self._records_waiting,
+        )
+        for device in config.modbus.devices:
+            self.pollers.append(ModbusPoller(device, tag_id=self._tag_id, sink=self.outbox))
+        for server in config.opcua.servers:
+            self.pollers.append(
+                OpcuaPoller(
+                    server, tag_id=self._tag_id, sink=self.outbox, state_dir=section.state_dir
+                )
+            )
+        for poller in self.pollers:
+            deadbands.update(poller.deadbands)
+        self.encoder = Encoder(
+            link=config.link, key=key, stream_id=section.stream_id, epoch=self.epoch, psk=psk
+        )
+        self.queue = SendQueue(
+            capacity=config.link.queue_datagrams, interleave=config.link.interleave
+        )
+        self.sock = sock or deaf_udp_socket(config.link)
+        self.sender = PacedSender(config.link, self.queue, self.sock)
+        self._wake = asyncio.Event()
+        self._started = time.monotonic()
+        self.ready = asyncio.Event()
+
+    # -- tag ids and the catalogue ---------------------------------------------
+
+    def _tag_id(self, device: str, tag: str) -> int:
+        return self._ids.setdefault((device, tag), len(self._ids) + 1)
+
+    def _catalogue(self) -> Iterator[TagInfo]:
+        for poller in self.pollers:
+            yield from poller.catalogue
+
+    def _records_waiting(self) -> None:
+        self._wake.set()
+
+    # -- counters ---------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        out = dict(self.outbox.counters)
+        out.update(self.sender.counters)
+        out["blocks_dropped"] = self.queue.blocks_dropped
+        out["records_dropped_link"] = self.queue.records_dropped
+        out["queue_datagrams"] = len(self.queue)
+        out["tags"] = len(self._ids)
+        out["uptime_s"] = int(time.monotonic() - self._started)
+        for poller in self.pollers:
+            for name, value in poller.counters.items():
+                out[f"poll_{name}"] = out.get(f"poll_{name}", 0) + value
+        return out
+
+    # -- the tasks ----------------------------------------------------------------------
+
+    async def _framer(self) -> None:
+        """Outbox -> Encoder -> SendQueue, closing blocks on size or linger."""
+        encoder, outbox = self.encoder, self.outbox
+        while True:
+            now = time.monotonic()
+            for record in outbox.take(FRAMER_CHUNK):
+                try:
+                    encoder.add(record, now)
+                except DiodeError as exc:
+                    log.warning("record dropped", reason=exc.reason, detail=str(exc))
+                    outbox.counters["records_dropped"] += 1
+            encoder.poll(now)
+            self._ship()
+            if len(outbox):
+                await asyncio.sleep(0)
+                continue
+            self._wake.clear()
+            deadline = encoder.deadline()
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _ship(self) -> None:
+        blocks = self.encoder.take()
+        for block in blocks:
+            if not self.queue.push(block):
+                log.warning(
+                    "link cannot keep up: block dropped",
+                    seq=block.seq,
+                    records=block.records,
+                    blocks_dropped=self.queue.blocks_dropped,
+                )
+        if blocks:
+            self.sender.notify()
+
+    @staticmethod
+    async def _every(period_s: float, action: Callable[[], None]) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            action()
+
+    def heartbeat(self) -> None:
+        self.outbox.put(Heartbeat(ts_ns=time.time_ns(), counters=self.counters()))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        section = self.config.transmitter
+        log.info(
+            "transmitter starting",
+            stream_id=section.stream_id,
+            epoch=self.epoch,
+            destination=f"{self.config.link.destination}:{self.config.link.port}",
+            rate_mbps=self.config.link.rate_mbps,
+            tags=sum(len(p.catalogue) for p in self.pollers),
+        )
+        # Catalogue first: every tag is named before its first sample.
+        self.outbox.carousel()
+        self.heartbeat()
+        async with asyncio.TaskGroup() as group:
+            pollers = [group.create_task(p.run()) for p in self.pollers]
+            helpers = [
+                group.create_task(self._framer()),
+                group.create_task(self.sender.run()),
+                group.create_task(self._every(section.heartbeat_interval_s, self.heartbeat)),
+                group.create_task(self._every(section.catalogue_period_s, self.outbox.carousel)),
+                group.create_task(self._every(section.integrity_period_s, self.outbox.refresh)),
+                group.create_task(daemon.watchdog()),
+            ]
+            daemon.sd_notify("READY=1")
+            self.ready.set()
+            await stop.wait()
+            daemon.sd_notify("STOPPING=1")
+            for task in pollers:
+                task.cancel()
+            self.heartbeat()
+            await asyncio.sleep(0.05)  # let the framer take the last records
+            self.encoder.flush()
+            self._ship()
+            await self.sender.drain(SHUTDOWN_GRACE_S)
+            for task in helpers:
+                task.cancel()
+        self.sock.close()
+        log.info("transmitter stopped", **self.counters())
+
+
+def build(config: TxConfig) -> Transmitter:
+    section = config.transmitter
+    key = load_signing_key(section.private_key)
+    psk = load_psk(section.psk_file) if section.psk_file else None
+    return Transmitter(config, key=key, psk=psk)
+
 
 def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("diode-tx: not implemented yet")
+    parser = argparse.ArgumentParser(prog="diode-tx", description="the transmitter (OT side)")
+    parser.add_argument("--config", type=Path, default=Path("/etc/diode/tx.toml"))
+    args = parser.parse_args(argv)
+    config = daemon.load_config(TxConfig, args.config)
+    daemon.setup_logging(config.log.level, config.log.format)
+
+    async def _main(stop: asyncio.Event) -> None:
+        await build(config).run(stop)
+
+    return daemon.run(_main)

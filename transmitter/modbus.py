@@ -97,7 +97,7 @@ class _Link:
         device = self.device
         delay = min(device.backoff_max_s, device.backoff_initial_s * 2.0 ** min(self.failures, 30))
         # Jitter spreads the reconnects of many transmitters after a plant network blip.
-        delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
+        delay *= random.uniform(0.5, 1.0)
         self.failures += 1
         self.retry_at = time.monotonic() + delay
 

@@ -122,7 +122,7 @@ _MIXED = [
 
 def scattered_tags(count: int, registers: int, *, seed: int = 1) -> list[ModbusTag]:
     """``count`` holding-register tags of mixed sizes at random, non-overlapping addresses."""
-    rng = random.Random(seed)  # noqa: S311 - a reproducible layout, not a secret
+    rng = random.Random(seed)
     taken: set[int] = set()
     tags: list[ModbusTag] = []
     while len(tags) < count:

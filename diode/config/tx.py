@@ -1,0 +1,119 @@
+"""The transmitter's config file (``/etc/diode/tx.toml``)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+
+from diode.config import Section
+from diode.config.link import LinkSettings
+from diode.config.modbus import ModbusSection
+from diode.config.opcua import OpcuaServer
+from diode.errors import ConfigError
+
+
+class TxLink(LinkSettings):
+    """``[link]``: where and how fast datagrams go, plus the framing both ends share."""
+
+    destination: str = Field(description="receiver's IP address on the one-way link")
+    port: int = Field(5140, ge=1, le=65535, description="receiver's UDP port")
+    source: str | None = Field(None, description="local IP address to send from (optional)")
+    rate_mbps: float = Field(
+        100.0, gt=0.0, le=100_000.0, description="pacing rate on the wire, a little under line rate"
+    )
+    queue_datagrams: int = Field(
+        65536, ge=64, le=10_000_000, description="datagrams the sender may hold before dropping"
+    )
+
+    @field_validator("destination", "source")
+    @classmethod
+    def _ip_literal(cls, value: str | None) -> str | None:
+        # An address, not a name: a one-way link has no DNS, and no ARP replies either.
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(f"expected an IP address, got {value!r}") from None
+        return value
+
+
+class TransmitterSection(Section):
+    """``[transmitter]``: identity, keys, state and the periodic re-sends."""
+
+    stream_id: int = Field(ge=0, le=2**32 - 1, description="this transmitter's stream id")
+    private_key: Path = Field(description="Ed25519 private key (diode keygen)", strict=False)
+    psk_file: Path | None = Field(
+        None, description="link secret for encryption (optional)", strict=False
+    )
+    state_dir: Path = Field(
+        Path("/var/lib/diode-tx"), description="where the epoch is kept", strict=False
+    )
+    heartbeat_interval_s: float = Field(1.0, gt=0.0, le=60.0)
+    catalogue_period_s: float = Field(
+        10.0, gt=0.0, le=3600.0, description="every tag's catalogue entry is re-sent this often"
+    )
+    integrity_period_s: float = Field(
+        60.0, gt=0.0, le=86400.0, description="every tag's value is re-sent this often"
+    )
+    queue_records: int = Field(
+        200_000, ge=100, le=10_000_000, description="records waiting for a block, at most"
+    )
+
+
+class OpcuaSection(Section):
+    """``[opcua]``: the servers to read."""
+
+    servers: list[OpcuaServer] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> OpcuaSection:
+        names = [s.name for s in self.servers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"server names must be unique: {', '.join(dupes)} used twice")
+        return self
+
+
+class LogSettings(Section):
+    level: str = Field("info", pattern="^(debug|info|warning|error)$")
+    format: str = Field("auto", pattern="^(auto|json|console)$")
+
+
+class TxConfig(Section):
+    """The whole transmitter config."""
+
+    transmitter: TransmitterSection
+    link: TxLink
+    modbus: ModbusSection = Field(default_factory=ModbusSection)
+    opcua: OpcuaSection = Field(default_factory=OpcuaSection)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _devices_unique_across_protocols(self) -> TxConfig:
+        names = [d.name for d in self.modbus.devices] + [s.name for s in self.opcua.servers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"device names must be unique across modbus and opcua: {dupes}")
+        return self
+
+    def resolve(self, path: Path) -> TxConfig:
+        """Relative paths are relative to the config file's folder."""
+        base = path.parent
+        section = self.transmitter
+        updates = {
+            "private_key": base / section.private_key,
+            "psk_file": base / section.psk_file if section.psk_file else None,
+            "state_dir": base / section.state_dir,
+        }
+        return self.model_copy(update={"transmitter": section.model_copy(update=updates)})
+
+    def check_files(self, path: Path) -> None:
+        section = self.resolve(path).transmitter
+        for key, file in (
+            ("transmitter.private_key", section.private_key),
+            ("transmitter.psk_file", section.psk_file),
+        ):
+            if file is not None and not file.is_file():
+                raise ConfigError(str(path), key, f"no such file: {file}")

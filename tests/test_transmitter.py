@@ -1,0 +1,245 @@
+"""The transmitter end to end on loopback: a real pymodbus server, real UDP, real keys."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from diode.config import validate
+from diode.config.tx import TxConfig
+from diode.decoder import Decoder, Delivered
+from diode.keys import Keyring, SigningKey, TrustedKey
+from diode.records import Heartbeat, Quality, Record, Sample, TagInfo
+from tests.support.modbus_server import ModbusSimServer
+from transmitter.app import Transmitter, take_epoch
+
+
+class Link:
+    """The test's end of the one-way link: a UDP socket decoded by the core."""
+
+    def __init__(self, key: SigningKey, stream_id: int) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port: int = self.sock.getsockname()[1]
+        self.decoder = Decoder(
+            Keyring([TrustedKey(stream_id=stream_id, public=key.private.public_key())])
+        )
+        self.records: list[Record] = []
+
+    def drain(self) -> None:
+        loop_now = asyncio.get_running_loop().time()
+        while True:
+            try:
+                datagram = self.sock.recv(65535)
+            except BlockingIOError:
+                break
+            self.decoder.receive(datagram, loop_now)
+        self.decoder.poll(loop_now)
+        for event in self.decoder.events():
+            if isinstance(event, Delivered):
+                self.records.extend(event.records)
+
+    def samples(self, tag_id: int) -> list[Sample]:
+        return [r for r in self.records if isinstance(r, Sample) and r.tag_id == tag_id]
+
+    async def wait_for(self, predicate: object, within: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + within
+        while asyncio.get_running_loop().time() < deadline:
+            self.drain()
+            if predicate():  # type: ignore[operator]
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("condition not met in time")
+
+
+def tx_config(tmp_path: Path, link_port: int, plc_port: int, **transmitter: object) -> TxConfig:
+    data = {
+        "transmitter": {
+            "stream_id": 3,
+            "private_key": str(tmp_path / "tx.key"),
+            "state_dir": str(tmp_path / "state"),
+            "catalogue_period_s": 0.5,
+            "heartbeat_interval_s": 0.2,
+            **transmitter,
+        },
+        "link": {"destination": "127.0.0.1", "port": link_port, "rate_mbps": 50.0},
+        "modbus": {
+            "devices": [
+                {
+                    "name": "plc1",
+                    "host": "127.0.0.1",
+                    "port": plc_port,
+                    "poll_interval_s": 0.05,
+                    "timeout_s": 0.5,
+                    "units": [
+                        {
+                            "id": 1,
+                            "tags": [
+                                {
+                                    "name": "level",
+                                    "table": "holding_register",
+                                    "address": 10,
+                                    "type": "float32",
+                                    "unit": "m",
+                                },
+                                {
+                                    "name": "count",
+                                    "table": "holding_register",
+                                    "address": 20,
+                                    "type": "uint16",
+                                    "deadband": 5.0,
+                                },
+                            ],
+                        }
+                    ],
+                }
+            ]
+        },
+    }
+    return validate(TxConfig, data, "test.toml")
+
+
+@pytest.fixture
+async def plc() -> AsyncIterator[ModbusSimServer]:
+    server = ModbusSimServer(units=[1])
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def run_tx(tx: Transmitter) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(tx.run(stop))
+    await asyncio.wait_for(tx.ready.wait(), 5)
+    return stop, task
+
+
+async def test_values_flow_with_catalogue_first_and_deadband(
+    tmp_path: Path, plc: ModbusSimServer
+) -> None:
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    tx = Transmitter(tx_config(tmp_path, link.port, plc.port), key=key)
+    plc.set_registers(1, "holding_register", 10, list(struct.unpack(">HH", struct.pack(">f", 1.5))))
+    plc.set_registers(1, "holding_register", 20, [100])
+    stop, task = await run_tx(tx)
+    try:
+        await link.wait_for(lambda: link.samples(1) and link.samples(2))
+        first_sample = next(i for i, r in enumerate(link.records) if isinstance(r, Sample))
+        names = {r.name for r in link.records[:first_sample] if isinstance(r, TagInfo)}
+        assert names == {"level", "count"}, "the catalogue goes before the first sample"
+        assert link.samples(1)[0].value == 1.5
+        assert link.samples(1)[0].quality is Quality.GOOD
+        plc.set_registers(1, "holding_register", 20, [103])  # within the deadband of 5
+        await asyncio.sleep(0.3)
+        plc.set_registers(1, "holding_register", 20, [110])
+        await link.wait_for(lambda: any(s.value == 110 for s in link.samples(2)))
+        assert [s.value for s in link.samples(2)] == [100, 110]
+        assert any(isinstance(r, Heartbeat) for r in link.records)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_plc_outage_gives_bad_samples_then_values_again(
+    tmp_path: Path, plc: ModbusSimServer
+) -> None:
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    tx = Transmitter(tx_config(tmp_path, link.port, plc.port), key=key)
+    plc.set_registers(1, "holding_register", 20, [7])
+    stop, task = await run_tx(tx)
+    try:
+        await link.wait_for(lambda: link.samples(2))
+        await plc.stop()
+        await link.wait_for(lambda: any(s.quality is Quality.BAD for s in link.samples(2)))
+        bad = next(s for s in link.samples(2) if s.quality is Quality.BAD)
+        assert bad.reason
+        plc.set_registers(1, "holding_register", 20, [8])
+        await plc.start()
+        await link.wait_for(lambda: link.samples(2)[-1].value == 8, within=20)
+        assert link.samples(2)[-1].quality is Quality.GOOD
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def _udp_queue_of(sock: socket.socket) -> tuple[int, int]:
+    """(rx_queue bytes, drops) of a socket, from /proc/net/udp."""
+    port = sock.getsockname()[1]
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port:
+            return int(fields[4].split(":")[1], 16), int(fields[12])
+    raise AssertionError("socket not in /proc/net/udp")
+
+
+def _listening_tcp_ports() -> set[int]:
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN
+                ports.add(int(fields[1].split(":")[1], 16))
+    return ports
+
+
+async def test_the_sender_is_deaf_and_opens_no_listening_port(
+    tmp_path: Path, plc: ModbusSimServer
+) -> None:
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    before = _listening_tcp_ports()
+    tx = Transmitter(tx_config(tmp_path, link.port, plc.port), key=key)
+    stop, task = await run_tx(tx)
+    try:
+        await link.wait_for(lambda: link.samples(1))
+        assert _listening_tcp_ports() == before, "the transmitter opened a listening TCP port"
+        # Throw datagrams at the sender's own port: the socket filter drops them all.
+        sender_port = tx.sock.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+            for _ in range(50):
+                attacker.sendto(b"x" * 500, ("127.0.0.1", sender_port))
+        await asyncio.sleep(0.1)
+        queued, _drops = _udp_queue_of(tx.sock)
+        assert queued == 0, "nothing may ever wait to be read on the transmitter's socket"
+        try:
+            leaked = tx.sock.recv(2048, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            leaked = b""
+        assert leaked == b"", "the transmitter's socket must never yield a byte"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_sigterm_flushes_the_open_block(tmp_path: Path, plc: ModbusSimServer) -> None:
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    config = tx_config(tmp_path, link.port, plc.port)
+    config = config.model_copy(
+        update={"link": config.link.model_copy(update={"linger_ms": 1000.0})}
+    )
+    tx = Transmitter(config, key=key)
+    stop, task = await run_tx(tx)
+    await asyncio.sleep(0.3)
+    link.drain()
+    assert not link.samples(1), "with a 1 s linger nothing has left yet"
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    await link.wait_for(lambda: link.samples(1), within=3)
+
+
+def test_epochs_only_grow_even_when_the_clock_steps_back(tmp_path: Path) -> None:
+    first = take_epoch(tmp_path, 5_000)
+    second = take_epoch(tmp_path, 4_000)
+    third = take_epoch(tmp_path, 9_000)
+    assert (first, second, third) == (5_000, 5_001, 9_000)
