@@ -123,28 +123,23 @@ def ensure_client_certificate(
     return cert_path, key_path
 
 
+def _load(cert_path: Path) -> x509.Certificate:
+    data = cert_path.read_bytes()
+    if data.lstrip().startswith(b"-----"):
+        return x509.load_pem_x509_certificate(data)
+    return x509.load_der_x509_certificate(data)
+
+
 def application_uri_of(cert_path: Path) -> str | None:
     """The ApplicationUri a certificate carries (its SAN URI), which the session must use."""
-    data = cert_path.read_bytes()
-    cert = (
-        x509.load_pem_x509_certificate(data)
-        if data.lstrip().startswith(b"-----")
-        else x509.load_der_x509_certificate(data)
-    )
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        san = _load(cert_path).extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
     return uris[0] if uris else None
 
 
 def expires_at(cert_path: Path) -> datetime:
     """When the certificate stops being valid."""
-    data = cert_path.read_bytes()
-    cert = (
-        x509.load_pem_x509_certificate(data)
-        if data.lstrip().startswith(b"-----")
-        else x509.load_der_x509_certificate(data)
-    )
-    return cert.not_valid_after_utc
+    return _load(cert_path).not_valid_after_utc

@@ -57,6 +57,7 @@ UNSUPPORTED = "unsupported type"
 DEFAULT_TYPE = VT.FLOAT64
 MAX_NODES_PER_READ = 500  # well under the MaxNodesPerRead of common PLC servers
 SESSION_TIMEOUT_MS = 120_000  # a dead session of ours is dropped by the server in 2 min
+CERT_WARN_DAYS = 30
 SUBSCRIPTION_QUEUE = 10_000  # notifications buffered between asyncua and _consume
 
 # OPC UA Part 6 5.1.2 built-in DataType NodeIds (namespace 0) -> our value types.
@@ -354,6 +355,11 @@ class OpcuaPoller:
             cert, key = await asyncio.to_thread(certs.ensure_client_certificate, self._cert_dir)
         # The session's ApplicationUri must be the one in the certificate (Part 4 5.6.2).
         uri = await asyncio.to_thread(certs.application_uri_of, cert)
+        expiry = await asyncio.to_thread(certs.expires_at, cert)
+        days_left = (expiry - datetime.now(UTC)).days
+        if days_left < CERT_WARN_DAYS:
+            # Renewing means re-trusting on every server: warn well before it bites.
+            self._log.warning("opcua.client_cert_expiring", certificate=str(cert), days=days_left)
         if uri:
             client.application_uri = uri
         mode = getattr(ua.MessageSecurityMode, server.security_mode)
