@@ -467,6 +467,7 @@ def test_config_accepts_a_full_server() -> None:
     assert cfg.nodes[1].type is ValueType.INT32
     assert cfg.sampling_ms(cfg.nodes[0]) == 100.0
     assert cfg.queue_for(cfg.nodes[1]) == 10
+    assert cfg.missing_files() == [("password_file", Path("/etc/diode/pw"))]
 
 
 # -- pure conversions -----------------------------------------------------------------

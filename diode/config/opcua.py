@@ -195,9 +195,11 @@ class OpcuaServer(Section):
         """The node's queue size, or the server-wide default."""
         return node.queue_size if node.queue_size is not None else self.queue_size
 
-    def check_files(self) -> None:
-        """Raise ValueError naming the first configured file that cannot be read."""
-        for what in ("certificate", "private_key", "server_certificate", "password_file"):
-            path: Path | None = getattr(self, what)
+    def missing_files(self) -> list[tuple[str, Path]]:
+        """``(key, path)`` of each configured file that does not exist, for a load-time check."""
+        found = []
+        for key in ("certificate", "private_key", "server_certificate", "password_file"):
+            path: Path | None = getattr(self, key)
             if path is not None and not path.is_file():
-                raise ValueError(f"{self.name}: {what} {str(path)!r} is not a readable file")
+                found.append((key, path))
+        return found
