@@ -1,7 +1,141 @@
-"""The ``diode`` command."""
+"""The ``diode`` command: keys, daemons, config checks, the demo and benchmarks."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from diode import __version__
+from diode.config import load, read_toml
+from diode.errors import ConfigError, KeyFileError
+from diode.keys import write_keypair, write_psk
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    try:
+        private, public, kid = write_keypair(args.dir, args.name)
+        if args.psk:
+            write_psk(args.dir / f"{args.name}.psk")
+    except (KeyFileError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"private key: {private} (mode 0600: keep it on the transmitter host)")
+    print(f"public key:  {public} (copy this one to the receiver)")
+    if args.psk:
+        print(f"link secret: {args.dir / (args.name + '.psk')} (copy to both hosts)")
+    print(f"key id:      {kid.hex()}")
+    return 0
+
+
+def config_kind(data: dict[str, object]) -> str:
+    return "tx" if "transmitter" in data else "rx"
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from diode.config.rx import RxConfig
+    from diode.config.tx import TxConfig
+
+    try:
+        kind = config_kind(read_toml(args.file))
+        model = TxConfig if kind == "tx" else RxConfig
+        load(model, args.file)  # type: ignore[type-var]
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: ok ({'transmitter' if kind == 'tx' else 'receiver'} config)")
+    return 0
+
+
+def _tx(args: argparse.Namespace) -> int:
+    from transmitter.app import main as tx_main
+
+    return tx_main(["--config", str(args.config)])
+
+
+def _rx(args: argparse.Namespace) -> int:
+    from receiver.app import main as rx_main
+
+    return rx_main(["--config", str(args.config)])
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from diode import bench
+
+    if args.what == "codec":
+        result = bench.codec(seconds=args.seconds)
+    else:
+        print(f"error: unknown benchmark {args.what!r}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from diode.demo import main as demo_main
+
+    return demo_main(args)
+
+
+def _link_rules(args: argparse.Namespace) -> int:
+    from diode.linkrules import rules
+
+    print(rules(args.side, args.interface))
+    return 0
+
+
+def _version(args: argparse.Namespace) -> int:
+    print(f"diode {__version__}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="diode", description="A software-defined unidirectional gateway (data diode)."
+    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("keygen", help="write an Ed25519 key pair and print its key id")
+    p.add_argument("dir", type=Path, help="folder for NAME.key (0600) and NAME.pub")
+    p.add_argument("--name", default="diode", help="file name stem (default: diode)")
+    p.add_argument("--psk", action="store_true", help="also write a link secret NAME.psk")
+    p.set_defaults(run=_keygen)
+
+    p = sub.add_parser("tx", help="run the transmitter (OT side)")
+    p.add_argument("--config", type=Path, default=Path("/etc/diode/tx.toml"))
+    p.set_defaults(run=_tx)
+
+    p = sub.add_parser("rx", help="run the receiver (IT side)")
+    p.add_argument("--config", type=Path, default=Path("/etc/diode/rx.toml"))
+    p.set_defaults(run=_rx)
+
+    p = sub.add_parser("check-config", help="validate a config file without starting anything")
+    p.add_argument("file", type=Path)
+    p.set_defaults(run=_check_config)
+
+    p = sub.add_parser("demo", help="a whole plant on this machine, with a live view")
+    p.add_argument("--loss", type=float, default=0.0, help="share of datagrams to drop (0-1)")
+    p.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.set_defaults(run=_demo)
+
+    p = sub.add_parser("bench", help="benchmarks, printed as JSON")
+    p.add_argument("what", choices=["codec"], help="which benchmark")
+    p.add_argument("--seconds", type=float, default=2.0, help="time budget per measurement")
+    p.set_defaults(run=_bench)
+
+    p = sub.add_parser("link-rules", help="print nftables rules that enforce one way")
+    p.add_argument("side", choices=["tx", "rx"], help="the host the rules are for")
+    p.add_argument("--interface", default="diode0", help="the one-way link's interface")
+    p.set_defaults(run=_link_rules)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(run=_version)
+    return top
+
 
 def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("diode: not implemented yet")
+    args = parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
