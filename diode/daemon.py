@@ -45,6 +45,10 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # asyncua logs a traceback at every lost connection; our poller reports the loss once.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
 
 def sd_notify(message: str) -> bool:

@@ -107,10 +107,30 @@ class TxConfig(Section):
             "psk_file": base / section.psk_file if section.psk_file else None,
             "state_dir": base / section.state_dir,
         }
-        return self.model_copy(update={"transmitter": section.model_copy(update=updates)})
+        servers = [
+            server.model_copy(
+                update={
+                    key: base / getattr(server, key)
+                    for key in ("certificate", "private_key", "server_certificate", "password_file")
+                    if getattr(server, key) is not None
+                }
+                | ({"cert_dir": base / server.cert_dir} if server.cert_dir else {})
+            )
+            for server in self.opcua.servers
+        ]
+        return self.model_copy(
+            update={
+                "transmitter": section.model_copy(update=updates),
+                "opcua": self.opcua.model_copy(update={"servers": servers}),
+            }
+        )
 
     def check_files(self, path: Path) -> None:
-        section = self.resolve(path).transmitter
+        resolved = self.resolve(path)
+        for i, server in enumerate(resolved.opcua.servers):
+            for key, file in server.missing_files():
+                raise ConfigError(str(path), f"opcua.servers[{i}].{key}", f"no such file: {file}")
+        section = resolved.transmitter
         for key, file in (
             ("transmitter.private_key", section.private_key),
             ("transmitter.psk_file", section.psk_file),
