@@ -127,13 +127,13 @@ class TxConfig(Section):
 
     def check_files(self, path: Path) -> None:
         resolved = self.resolve(path)
-        for i, server in enumerate(resolved.opcua.servers):
-            for key, file in server.missing_files():
-                raise ConfigError(str(path), f"opcua.servers[{i}].{key}", f"no such file: {file}")
         section = resolved.transmitter
-        for key, file in (
+        files: list[tuple[str, Path | None]] = [
             ("transmitter.private_key", section.private_key),
             ("transmitter.psk_file", section.psk_file),
-        ):
+        ]
+        for i, server in enumerate(resolved.opcua.servers):
+            files.extend((f"opcua.servers[{i}].{key}", f) for key, f in server.missing_files())
+        for key, file in files:
             if file is not None and not file.is_file():
                 raise ConfigError(str(path), key, f"no such file: {file}")
