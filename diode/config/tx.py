@@ -55,7 +55,7 @@ class TransmitterSection(Section):
         10.0, gt=0.0, le=3600.0, description="every tag's catalogue entry is re-sent this often"
     )
     integrity_period_s: float = Field(
-        60.0, gt=0.0, le=86400.0, description="every tag's value is re-sent this often"
+        10.0, gt=0.0, le=86400.0, description="every tag's value is re-sent this often"
     )
     queue_records: int = Field(
         200_000, ge=100, le=10_000_000, description="records waiting for a block, at most"
