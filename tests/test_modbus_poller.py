@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -326,3 +327,29 @@ def test_catalogue_and_deadbands() -> None:
     assert p.source == "modbus://127.0.0.1:502/3/holding_register/40001"
     assert b.source == "modbus://127.0.0.1:502/3/holding_register/40003.4"
     assert h.poller.deadbands == {p.tag_id: 0.5, b.tag_id: 0.0}
+
+
+async def test_a_silent_half_open_connection_is_replaced() -> None:
+    """A PLC that accepts TCP but never answers (as after a reboot behind a NAT or a
+    half-open connection): every tag gets BAD "timeout" and the poller reconnects."""
+    connections = 0
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(1024):
+                pass
+        writer.close()
+
+    silent = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    harness = Harness(make_device(port, [{"id": 1, "tags": [hr("a", 0, "uint16")]}]))
+    try:
+        async with running(harness):
+            await harness.until(lambda: connections >= 3)
+        assert harness.has("a", lambda s: s.quality is Quality.BAD and s.reason == "timeout")
+        assert harness.poller.counters["silent_reconnects"] >= 2
+    finally:
+        silent.close()
+        await silent.wait_closed()

@@ -169,6 +169,7 @@ class ModbusPoller:
             "reconnects": 0,
             "cycles": 0,
             "overruns": 0,
+            "silent_reconnects": 0,
         }
         self.plan: list[ReadRequest] = plan_device(device)
         self.catalogue: list[TagInfo] = []
@@ -245,6 +246,7 @@ class ModbusPoller:
 
     async def _lane(self, link: _Link, queue: deque[ReadRequest], dead: set[int]) -> None:
         pause = self.device.request_pause_s
+        answered = timed_out = 0
         while queue:
             request = queue.popleft()
             if request.unit in dead:
@@ -255,8 +257,15 @@ class ModbusPoller:
                 self._bad([request], "disconnected")
                 link.drop()
                 return
+            answered += outcome is _Outcome.ANSWERED
+            timed_out += outcome is _Outcome.TIMEOUT
             if pause:
                 await asyncio.sleep(pause)
+        if timed_out and not answered:
+            # Not one answer in a whole cycle: the connection may be half-open (a PLC
+            # that rebooted never sends a reset). A fresh one costs the PLC little.
+            self.counters["silent_reconnects"] += 1
+            link.drop()
 
     # --- one request ----------------------------------------------------------------
 
