@@ -5,7 +5,7 @@ Not part of the protocol path: this module reads the clock (CPU time with
 itself never does. It opens no socket and imports no asyncio.
 
 ``codec`` measures the two halves of the protocol at the default
-:class:`LinkSettings` (1472-byte datagrams, k=32, repair 25 % + 12):
+:class:`LinkSettings` (1472-byte datagrams, k=32, repair 25 % + 16):
 
 - encode: Sample records through :class:`Encoder` (msgpack, block framing,
   one Ed25519 signature and one zfec encode per block);

@@ -120,6 +120,9 @@ class _Stream:
     position: StreamState | None
     epoch: int | None = None  # the epoch being followed (also before position is known)
     held: dict[int, _Held] = field(default_factory=dict)
+    # After an epoch change the receiver was following the stream: a new epoch
+    # starts at block 0, record 0, so anything before the first block held is a gap.
+    from_zero: bool = False
 
 
 class Decoder:
@@ -322,6 +325,7 @@ class Decoder:
         if stream.position is None and header.seq == 0:
             # A transmitter's first block: nothing can come before it.
             stream.position = StreamState(epoch=header.epoch, next_seq=0, next_record=0)
+            stream.from_zero = False
         self._advance(header.stream_id, stream, now)
 
     def _end_epoch(self, stream_id: int, stream: _Stream, now: float) -> None:
@@ -358,6 +362,7 @@ class Decoder:
         stream.held.clear()
         stream.position = None
         stream.epoch = None
+        stream.from_zero = True
 
     def _advance(self, stream_id: int, stream: _Stream, now: float, force: bool = False) -> None:
         """Deliver held blocks in order; declare holes lost when a later block waited enough."""
@@ -365,15 +370,20 @@ class Decoder:
         if not held:
             return
         if stream.position is None:
-            # Cold start without a saved position: wait for stragglers, start at the lowest.
+            # No position yet: wait for stragglers, then start at the lowest block held.
+            # A first start reports nothing before it (those records were never owed to
+            # this receiver); after an epoch change, the records before it were lost.
             first = min(held)
             if not force and now - held[first].at < self.settings.reorder_timeout_s:
                 return
-            stream.position = StreamState(
-                epoch=held[first].header.epoch,
-                next_seq=first,
-                next_record=held[first].header.first_record,
-            )
+            epoch = held[first].header.epoch
+            if stream.from_zero:
+                stream.position = StreamState(epoch=epoch, next_seq=0, next_record=0)
+            else:
+                stream.position = StreamState(
+                    epoch=epoch, next_seq=first, next_record=held[first].header.first_record
+                )
+            stream.from_zero = False
         position = stream.position
         while held:
             block = held.pop(position.next_seq, None)

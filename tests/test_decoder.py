@@ -213,3 +213,13 @@ def test_a_flood_of_forged_symbols_stays_within_the_memory_bound() -> None:
     decoder.poll(10.0)
     assert delivered(decoder.events()) == samples(400)
     assert decoder.counters["assemblies_evicted"] > 0
+
+
+def test_losing_the_first_blocks_of_a_new_epoch_is_an_exact_gap() -> None:
+    old = encode_blocks(samples(100), per_block=50, epoch=EPOCH)
+    new = encode_blocks(samples(150, start=500), per_block=50, epoch=EPOCH + 1)
+    decoder = new_decoder()
+    events = feed(decoder, [d for b in old + new[1:] for d in b])
+    assert delivered(events) == samples(100) + samples(100, start=550)
+    (gap,) = gaps(events)
+    assert (gap.epoch, gap.first_seq, gap.last_seq, gap.records_lost) == (EPOCH + 1, 0, 0, 50)

@@ -368,11 +368,6 @@ def worst_blocks_lost_per_year(fec: FecSettings) -> tuple[float, int]:
     return p * BURSTS_PER_YEAR, k
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="repair_burst=12: a lone k'=4 block (n'=17) loses a whole burst with p=1.9e-4, "
-    "up to 8 blocks a day at one burst per 2 s; repair_burst=16 holds (0.33 a year)",
-)
 def test_default_burst_repair_holds_for_a_year_of_bursts_on_lone_blocks() -> None:
     per_year, k = worst_blocks_lost_per_year(FecSettings())
     print(f"\ndefault FEC: worst k'={k}, {per_year:.0f} lost blocks a year")

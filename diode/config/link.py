@@ -26,7 +26,7 @@ class FecSettings(Section):
         0.25, ge=0.0, le=4.0, description="repair symbols per source symbol (random loss)"
     )
     repair_burst: int = Field(
-        12, ge=0, le=127, description="extra repair symbols per block (bursts)"
+        16, ge=0, le=127, description="extra repair symbols per block (bursts)"
     )
 
     def repair_for(self, k: int) -> int:
