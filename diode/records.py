@@ -189,9 +189,41 @@ def _int_map(value: object, what: str) -> dict[str, int]:
     return {_str(k, what): _int(v, INT64_MIN, UINT64_MAX, what) for k, v in value.items()}
 
 
+_QUALITIES = tuple(Quality)
+_UINT32_MAX = 2**32 - 1
+_INT64_MAX = 2**63 - 1
+
+
+def _sample(item: list[Any]) -> Sample | None:
+    """The hot path: a well-formed sample checked inline; None sends it to the slow path."""
+    if len(item) != 6:
+        return None
+    _, tag_id, ts_ns, quality, value, reason = item
+    if (
+        type(tag_id) is int
+        and 0 <= tag_id <= _UINT32_MAX
+        and type(ts_ns) is int
+        and INT64_MIN <= ts_ns <= _INT64_MAX
+        and type(quality) is int
+        and 0 <= quality <= 3
+        and type(reason) is str
+        and (
+            type(value) in (float, bool, str)
+            or value is None
+            or (type(value) is int and INT64_MIN <= value <= UINT64_MAX)
+        )
+    ):
+        return Sample(
+            tag_id=tag_id, ts_ns=ts_ns, value=value, quality=_QUALITIES[quality], reason=reason
+        )
+    return None
+
+
 def _from_list(item: object) -> Record:
     if not isinstance(item, list) or not item:
         raise FrameError("record is not a non-empty array", reason="bad_record")
+    if item[0] == Kind.SAMPLE and (sample := _sample(item)) is not None:
+        return sample
     kind, *rest = item
     try:
         match kind, len(rest):
