@@ -1,0 +1,140 @@
+"""nftables rules that make each end of the link one way in software too.
+
+The one-way guarantee is physical: a fibre with only the transmit strand, or
+a copper pair whose receive pair is cut. These rules are defence in depth on
+each host, so that a mistake (a bridged cable, a second NIC, a misrouted
+packet, a kernel answering by itself) cannot turn the link into a channel
+from the IT side back into the OT side:
+
+* transmitter host: nothing that arrives on the link interface is accepted
+  or routed (``input`` and ``forward``); ARP arriving on it is dropped too.
+* receiver host: nothing leaves on the link interface (``output`` and
+  ``forward``), which also silences the replies the kernel would make by
+  itself: ICMP port unreachable when the receiver is down, IPv6 neighbour
+  and router solicitations, MLD reports. ARP is not seen by ``inet`` tables,
+  so an ``arp`` table drops ARP replies and requests leaving on the link.
+
+Because the receiver never answers ARP, the transmitter needs a static
+neighbour entry for the receiver's address (``ip neigh replace RX_IP lladdr
+RX_MAC dev IF nud permanent``); see docs/OPERATIONS.md.
+
+Each ruleset replaces the tables of the same name atomically, so loading it
+twice gives the same result: ``diode link-rules rx --interface eth1 | nft -f -``.
+Raw packet sockets (AF_PACKET) are not seen by these hooks: the daemons open
+none, and the physical cut is what covers the rest.
+
+This module only builds text: it runs nothing and reads nothing.
+"""
+
+from __future__ import annotations
+
+import re
+
+TABLE = "diode_oneway"
+ARP_TABLE = "diode_oneway_arp"
+SIDES = ("tx", "rx")
+
+# Linux interface names: at most IFNAMSIZ - 1 = 15 bytes, no slash, no space.
+# Kept to a safe alphabet because the name is pasted into the ruleset.
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+
+
+def _header(side: str, interface: str) -> list[str]:
+    host = "transmitter (OT side)" if side == "tx" else "receiver (IT side)"
+    return [
+        f"# diode: one-way rules for the {host}, link interface {interface}.",
+        f"# Load with: diode link-rules {side} --interface {interface} | nft -f -",
+        "# The add/delete pairs make loading idempotent: the tables are replaced",
+        "# atomically in one transaction, never duplicated.",
+        f"add table inet {TABLE}",
+        f"delete table inet {TABLE}",
+        f"add table arp {ARP_TABLE}",
+        f"delete table arp {ARP_TABLE}",
+        "",
+    ]
+
+
+def _tx(interface: str) -> list[str]:
+    name = f'"{interface}"'
+    return [
+        "# IPv4 and IPv6 on the link: nothing comes in.",
+        f"table inet {TABLE} {{",
+        "    # The transmitter only sends on the link: anything arriving on it is at",
+        "    # best noise and at worst an attempt to reach the OT network. Priority raw",
+        "    # drops it before connection tracking sees it.",
+        "    chain input {",
+        "        type filter hook input priority raw; policy accept;",
+        f'        iifname {name} counter drop comment "nothing is received from the link"',
+        "    }",
+        "",
+        "    # The link carries only the diode's datagrams, from this host: never route",
+        "    # between it and the OT network, in either direction.",
+        "    chain forward {",
+        "        type filter hook forward priority raw; policy accept;",
+        f'        iifname {name} counter drop comment "no routing from the link"',
+        f'        oifname {name} counter drop comment "no routing onto the link"',
+        "    }",
+        "}",
+        "",
+        "# ARP is not seen by inet tables. The transmitter resolves the receiver with",
+        "# a static neighbour entry, so no ARP is needed from the link either.",
+        f"table arp {ARP_TABLE} {{",
+        "    # Requests and replies alike: the static entry resolves the receiver.",
+        "    chain input {",
+        "        type filter hook input priority filter; policy accept;",
+        f'        iifname {name} counter drop comment "no ARP from the link"',
+        "    }",
+        "}",
+    ]
+
+
+def _rx(interface: str) -> list[str]:
+    name = f'"{interface}"'
+    return [
+        "# IPv4 and IPv6 on the link: nothing goes out.",
+        f"table inet {TABLE} {{",
+        "    # The receiver never sends on the link. This also silences what the kernel",
+        "    # would send by itself: ICMP port unreachable while diode-rx is down, TCP",
+        "    # resets, IPv6 neighbour/router solicitations, DAD and MLD reports.",
+        "    chain output {",
+        "        type filter hook output priority raw; policy accept;",
+        f'        oifname {name} counter drop comment "nothing is sent on the link"',
+        "    }",
+        "",
+        "    # The link carries only the diode's datagrams, to this host: never route",
+        "    # between it and the IT network, in either direction.",
+        "    chain forward {",
+        "        type filter hook forward priority raw; policy accept;",
+        f'        oifname {name} counter drop comment "no routing onto the link"',
+        f'        iifname {name} counter drop comment "no routing from the link"',
+        "    }",
+        "}",
+        "",
+        "# ARP is not seen by inet tables: without this the kernel would answer the",
+        "# transmitter's ARP requests on the link. The transmitter uses a static",
+        "# neighbour entry for this host instead.",
+        f"table arp {ARP_TABLE} {{",
+        "    # Replies and requests alike: the link's far end must learn nothing from here.",
+        "    chain output {",
+        "        type filter hook output priority filter; policy accept;",
+        f'        oifname {name} counter drop comment "no ARP onto the link"',
+        "    }",
+        "}",
+    ]
+
+
+def rules(side: str, interface: str) -> str:
+    """The nftables ruleset (for ``nft -f -``) enforcing one way on ``side``'s host.
+
+    ``side`` is ``"tx"`` (drop everything arriving on ``interface``) or ``"rx"``
+    (drop everything leaving on it). Raises ValueError for another side or an
+    interface name that is not a plain Linux interface name.
+    """
+    if side not in SIDES:
+        raise ValueError(f"side must be 'tx' or 'rx', got {side!r}")
+    if not _IFNAME.fullmatch(interface):
+        raise ValueError(
+            f"not an interface name: {interface!r} (1-15 characters: letters, digits, _ . : @ -)"
+        )
+    body = _tx(interface) if side == "tx" else _rx(interface)
+    return "\n".join([*_header(side, interface), *body]) + "\n"
