@@ -40,7 +40,7 @@ def _check_config(args: argparse.Namespace) -> int:
     try:
         kind = config_kind(read_toml(args.file))
         model = TxConfig if kind == "tx" else RxConfig
-        load(model, args.file)  # type: ignore[type-var]
+        load(model, args.file)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -81,7 +81,11 @@ def _demo(args: argparse.Namespace) -> int:
 def _link_rules(args: argparse.Namespace) -> int:
     from diode.linkrules import rules
 
-    print(rules(args.side, args.interface))
+    try:
+        print(rules(args.side, args.interface))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -118,6 +122,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", type=float, default=0.0, help="share of datagrams to drop (0-1)")
     p.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.add_argument(
+        "--broker",
+        default="auto",
+        metavar="auto|embedded|HOST:PORT",
+        help="MQTT broker: 127.0.0.1:1883 if one answers, else an embedded one (default: auto)",
+    )
+    p.add_argument("--seed", type=int, default=1, help="seed of the relay's losses and the noise")
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("bench", help="benchmarks, printed as JSON")

@@ -62,40 +62,6 @@ def needs_receiver_import() -> None:
     )
 
 
-def needs_receiver_config() -> None:
-    """Xfail, naming the cause, while no real rx.toml can load.
-
-    A receiver config whose public_keys are TOML strings is refused by a strict
-    model (a known bug, detected here so that the tests run for real once it is fixed).
-    """
-    needs_receiver_import()
-    from pydantic import ValidationError
-
-    from diode.config.rx import StreamConfig
-
-    try:
-        StreamConfig.model_validate({"id": 1, "public_keys": ["tx.pub"]})
-    except ValidationError:
-        pytest.xfail(
-            "bug in diode/config/rx.py: StreamConfig.public_keys is list[Path] with "
-            "Field(strict=False), which does not reach the items of a strict model, so the "
-            "TOML strings of every real rx.toml are refused ('Input should be an instance "
-            "of Path'); fix: list[Annotated[Path, Field(strict=False)]]"
-        )
-
-
-RCVBUFFORCE_BUG = "AttributeError: module 'socket' has no attribute 'SO_RCVBUFFORCE'"
-
-
-def xfail_on_known_receiver_bug(stderr: str) -> None:
-    if RCVBUFFORCE_BUG in stderr:
-        pytest.xfail(
-            "bug in receiver/app.py open_link_socket: socket.SO_RCVBUFFORCE does not exist "
-            "in Python 3.11's socket module, so diode-rx dies with a traceback before "
-            "binding; fix: getattr(socket, 'SO_RCVBUFFORCE', 33)"
-        )
-
-
 # -- reading unit files ------------------------------------------------------------------
 
 
@@ -508,7 +474,6 @@ def test_transmitter_example_passes_check_config(tmp_path: Path) -> None:
 
 
 def test_receiver_example_passes_check_config(tmp_path: Path) -> None:
-    needs_receiver_config()
     done = check_config(rx_example(tmp_path, 5140, 1883, 9640))
     assert done.returncode == 0, done.stderr
     assert "receiver config" in done.stdout
@@ -579,17 +544,11 @@ def test_transmitter_exec_start_runs_and_stops_cleanly(
 def test_receiver_exec_start_runs_and_stops_cleanly(
     tmp_path: Path, notify: NotifySocket, mosquitto: Mosquitto
 ) -> None:
-    needs_receiver_config()
     metrics = free_port()
     config = rx_example(tmp_path, free_port(socket.SOCK_DGRAM), mosquitto.port, metrics)
     proc = spawn(resolved_exec_start("diode-rx.service", config), notify, tmp_path)
     try:
-        try:
-            ready = notify.wait_for("READY=1", within=20)
-        except AssertionError:
-            if proc.poll() is not None:
-                xfail_on_known_receiver_bug(proc.communicate()[1])
-            raise
+        ready = notify.wait_for("READY=1", within=20)
         assert ready == proc.pid
         assert notify.wait_for("WATCHDOG=1", within=5) == proc.pid
         with socket.create_connection(("127.0.0.1", metrics), timeout=5) as conn:
