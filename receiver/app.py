@@ -1,7 +1,238 @@
-"""diode-rx: the receiver daemon (filled in by the receiver work)."""
+"""diode-rx: the receiver daemon (IT side).
+
+The pipeline, stage by stage, with the queue between each pair::
+
+    UDP socket        drain (reader       Decoder            Router           MqttOutput
+    (SO_RCVBUF  ----> callback: recv --> (rebuild, verify, -> (catalogue, --> (memory queue,
+     sized, read      until empty)        order, gaps)        stale, status)   SQLite spool)
+     back)                                  |
+                              positions saved before records go on
+
+The socket is drained in a tight loop whenever it is readable: a full
+socket queue is the main cause of loss on a one-way link. The receiver never
+sends anything towards the transmitter: the link socket is only read.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from pathlib import Path
+
+import structlog
+
+from diode import daemon
+from diode.config.rx import RxConfig
+from diode.decoder import Decoder, DecoderSettings
+from diode.errors import FrameError, LinkError
+from diode.keys import Keyring, TrustedKey, load_psk, load_public_key
+from diode.replay import StreamState, pack_states, unpack_states
+from receiver.metrics import Metrics
+from receiver.mqtt import MqttOutput
+from receiver.router import Router
+
+log = structlog.get_logger("diode.rx")
+
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; not exported by Python 3.11
+DRAIN_BUDGET = 4096  # datagrams per reader callback before yielding to the loop
+STATUS_PERIOD_S = 5.0
+
+
+def open_link_socket(listen: str, port: int, rcvbuf: int) -> socket.socket:
+    """Bind the link socket with the buffer asked for, and say so when the kernel capped it."""
+    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        try:
+            # Root (CAP_NET_ADMIN) may go past net.core.rmem_max.
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((listen, port))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise LinkError(f"cannot listen on {listen}:{port}: {exc}") from exc
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux reports double
+    if granted < rcvbuf:
+        log.warning(
+            "receive buffer capped by the kernel",
+            asked=rcvbuf,
+            granted=granted,
+            fix=f"sysctl -w net.core.rmem_max={rcvbuf}",
+        )
+    return sock
+
+
+def kernel_drops(sock: socket.socket) -> int:
+    """Datagrams the kernel dropped for this socket (its queue was full)."""
+    try:
+        inode = os.fstat(sock.fileno()).st_ino
+        for table in ("/proc/net/udp", "/proc/net/udp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[9]) == inode:
+                    return int(fields[12])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class PositionFile:
+    """Each stream's position, written before the records it covers are handed on."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> dict[int, StreamState]:
+        try:
+            return unpack_states(self.path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except FrameError as exc:
+            # A damaged file must not stop the receiver; replays of old epochs stay
+            # rejected by the next authentic epoch, and the event is loud.
+            log.warning("stream positions unreadable, starting without them", error=str(exc))
+            return {}
+
+    def save(self, states: dict[int, StreamState]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_bytes(pack_states(states))
+        tmp.replace(self.path)
+
+
+class Receiver:
+    def __init__(self, config: RxConfig, *, sock: socket.socket | None = None) -> None:
+        self.config = config
+        section = config.receiver
+        keys: list[TrustedKey] = []
+        for stream in config.streams:
+            psk = load_psk(stream.psk_file) if stream.psk_file else None
+            keys.extend(
+                TrustedKey(stream_id=stream.id, public=load_public_key(path), psk=psk)
+                for path in stream.public_keys
+            )
+        self.positions = PositionFile(section.state_dir / "positions")
+        self.decoder = Decoder(
+            Keyring(keys),
+            DecoderSettings(
+                reorder_timeout_s=section.reorder_timeout_s,
+                max_assembly_bytes=int(section.max_assembly_mb * 1024 * 1024),
+            ),
+            state=self.positions.load(),
+        )
+        self.output = MqttOutput(config.mqtt)
+        self.router = Router({s.id: s.output for s in config.streams}, self.output)
+        self.sock = sock or open_link_socket(section.listen, section.port, section.rcvbuf_bytes)
+        self.metrics = Metrics(self) if section.metrics_port else None
+        self._timer: asyncio.TimerHandle | None = None
+        self.ready = asyncio.Event()
+
+    # -- the receive path -------------------------------------------------------------
+
+    def _readable(self) -> None:
+        sock, decoder = self.sock, self.decoder
+        now = time.monotonic()
+        for _ in range(DRAIN_BUDGET):
+            try:
+                datagram = sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                decoder.counters["socket_errors"] += 1
+                break
+            decoder.receive(datagram, now)
+        self._after(now)
+
+    def _after(self, now: float) -> None:
+        events = self.decoder.events()
+        if self.decoder.state_changed:
+            # The position goes to disk before the records it covers go on.
+            self.positions.save(self.decoder.positions())
+        if events:
+            self.router.handle(events, now)
+        self._arm()
+
+    def _arm(self) -> None:
+        deadline = self.decoder.deadline()
+        if deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(deadline - time.monotonic(), 0.0)
+        if self._timer is not None and self._timer.when() <= loop.time() + delay:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        self.decoder.poll(now)
+        self._after(now)
+
+    async def _supervise(self) -> None:
+        last_status = 0.0
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            self.decoder.poll(now)
+            self._after(now)
+            self.router.tick(now)
+            self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)
+            if now - last_status >= STATUS_PERIOD_S:
+                self.router.publish_all_status(now)
+                last_status = now
+
+    def counters(self) -> dict[str, int]:
+        out = dict(self.decoder.counters)
+        for key, value in self.output.counters.items():
+            out[f"mqtt_{key}"] = int(value)
+        return out
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        section = self.config.receiver
+        log.info(
+            "receiver starting",
+            listen=f"{section.listen}:{self.sock.getsockname()[1]}",
+            streams=[s.id for s in self.config.streams],
+        )
+        if self.metrics is not None:
+            self.metrics.serve(section.metrics_address, section.metrics_port)
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(self.output.run()),
+                group.create_task(self._supervise()),
+                group.create_task(daemon.watchdog()),
+            ]
+            loop.add_reader(self.sock, self._readable)
+            daemon.sd_notify("READY=1")
+            self.ready.set()
+            await stop.wait()
+            daemon.sd_notify("STOPPING=1")
+            loop.remove_reader(self.sock)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.output.close(), 5)
+            for task in tasks:
+                task.cancel()
+        self.sock.close()
+        log.info("receiver stopped", **self.counters())
+
 
 def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("diode-rx: not implemented yet")
+    parser = argparse.ArgumentParser(prog="diode-rx", description="the receiver (IT side)")
+    parser.add_argument("--config", type=Path, default=Path("/etc/diode/rx.toml"))
+    args = parser.parse_args(argv)
+    config = daemon.load_config(RxConfig, args.config)
+    daemon.setup_logging(config.log.level, config.log.format)
+
+    async def _main(stop: asyncio.Event) -> None:
+        await Receiver(config).run(stop)
+
+    return daemon.run(_main)

@@ -50,7 +50,9 @@ class TransmitterSection(Section):
     state_dir: Path = Field(
         Path("/var/lib/diode-tx"), description="where the epoch is kept", strict=False
     )
-    heartbeat_interval_s: float = Field(1.0, gt=0.0, le=60.0)
+    heartbeat_interval_s: float = Field(
+        1.0, gt=0.0, le=60.0, description="a heartbeat with the counters goes this often"
+    )
     catalogue_period_s: float = Field(
         10.0, gt=0.0, le=3600.0, description="every tag's catalogue entry is re-sent this often"
     )
@@ -77,8 +79,14 @@ class OpcuaSection(Section):
 
 
 class LogSettings(Section):
-    level: str = Field("info", pattern="^(debug|info|warning|error)$")
-    format: str = Field("auto", pattern="^(auto|json|console)$")
+    """``[log]``: structlog output on stderr (the journal under systemd)."""
+
+    level: str = Field("info", pattern="^(debug|info|warning|error)$", description="least level")
+    format: str = Field(
+        "auto",
+        pattern="^(auto|json|console)$",
+        description="json lines, readable console, or auto (console on a terminal)",
+    )
 
 
 class TxConfig(Section):

@@ -1,0 +1,103 @@
+"""The receiver's config file (``/etc/diode/rx.toml``)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+
+from diode.config import Section
+from diode.config.mqtt import MqttBroker, StreamOutput
+from diode.config.tx import LogSettings
+from diode.errors import ConfigError
+
+
+class ReceiverSection(Section):
+    """``[receiver]``: where the link arrives, and what the receiver keeps."""
+
+    listen: str = Field("0.0.0.0", description="IP address of the one-way link's interface")  # noqa: S104
+    port: int = Field(5140, ge=1, le=65535, description="UDP port the transmitters send to")
+    rcvbuf_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=65536,
+        le=2**31 - 1,
+        description="socket receive buffer; a full buffer is the main cause of loss",
+    )
+    state_dir: Path = Field(
+        Path("/var/lib/diode-rx"), description="stream positions and the spool", strict=False
+    )
+    reorder_timeout_s: float = Field(
+        0.2, gt=0.0, le=10.0, description="how long a later block waits for a missing one"
+    )
+    max_assembly_mb: float = Field(
+        64.0, gt=0.0, le=4096.0, description="memory for blocks being rebuilt, at most"
+    )
+    metrics_address: str = Field("127.0.0.1", description="Prometheus metrics address")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port; 0 = off")
+
+    @field_validator("listen", "metrics_address")
+    @classmethod
+    def _ip_literal(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"expected an IP address, got {value!r}") from None
+        return value
+
+
+class StreamConfig(Section):
+    """``[[streams]]``: one transmitter, its keys and where its values go."""
+
+    id: int = Field(ge=0, le=2**32 - 1, description="the transmitter's stream_id")
+    public_keys: list[Annotated[Path, Field(strict=False)]] = Field(
+        min_length=1, description="accepted public keys (two during a rotation)"
+    )
+    psk_file: Path | None = Field(None, description="link secret, if encrypted", strict=False)
+    output: StreamOutput = Field(default_factory=StreamOutput)
+
+
+class RxConfig(Section):
+    """The whole receiver config."""
+
+    receiver: ReceiverSection = Field(default_factory=ReceiverSection)
+    mqtt: MqttBroker = Field(default_factory=MqttBroker)
+    streams: list[StreamConfig] = Field(min_length=1)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _unique_streams(self) -> RxConfig:
+        ids = [s.id for s in self.streams]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"stream ids must be unique: {dupes}")
+        return self
+
+    def resolve(self, path: Path) -> RxConfig:
+        """Relative paths are relative to the config file's folder."""
+        base = path.parent
+        receiver = self.receiver.model_copy(update={"state_dir": base / self.receiver.state_dir})
+        streams = [
+            s.model_copy(
+                update={
+                    "public_keys": [base / k for k in s.public_keys],
+                    "psk_file": base / s.psk_file if s.psk_file else None,
+                }
+            )
+            for s in self.streams
+        ]
+        return self.model_copy(update={"receiver": receiver, "streams": streams})
+
+    def check_files(self, path: Path) -> None:
+        resolved = self.resolve(path)
+        for i, stream in enumerate(resolved.streams):
+            for j, key in enumerate(stream.public_keys):
+                if not key.is_file():
+                    raise ConfigError(
+                        str(path), f"streams[{i}].public_keys[{j}]", f"no such file: {key}"
+                    )
+            if stream.psk_file is not None and not stream.psk_file.is_file():
+                raise ConfigError(
+                    str(path), f"streams[{i}].psk_file", f"no such file: {stream.psk_file}"
+                )

@@ -1,0 +1,51 @@
+"""Prometheus metrics, read from the receiver's counters at scrape time.
+
+A collector rather than metric objects updated on the hot path: the decoder
+already counts everything, so a scrape costs a dict copy and a datagram costs
+nothing extra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+if TYPE_CHECKING:
+    from receiver.app import Receiver
+
+
+
+class _ReceiverCollector(Collector):
+    def __init__(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        counters = self._receiver.counters()
+        rejected = CounterMetricFamily(
+            "diode_rx_datagrams_rejected", "datagrams rejected, by reason", labels=["reason"]
+        )
+        for name, value in sorted(counters.items()):
+            if name.startswith("rejected_"):
+                rejected.add_metric([name.removeprefix("rejected_")], value)
+            elif name in ("mqtt_connected", "mqtt_spool_depth"):
+                yield GaugeMetricFamily(f"diode_rx_{name}", name.replace("_", " "), value=value)
+            else:
+                yield CounterMetricFamily(f"diode_rx_{name}", name.replace("_", " "), value=value)
+        yield rejected
+        link = GaugeMetricFamily("diode_rx_link_up", "link up, per stream", labels=["stream"])
+        for view in self._receiver.router.streams.values():
+            link.add_metric([str(view.stream_id)], 1.0 if view.link_up else 0.0)
+        yield link
+
+
+class Metrics:
+    def __init__(self, receiver: Receiver) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_ReceiverCollector(receiver))
+
+    def serve(self, address: str, port: int) -> None:
+        start_http_server(port, addr=address, registry=self.registry)
