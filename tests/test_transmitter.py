@@ -24,6 +24,7 @@ class Link:
 
     def __init__(self, key: SigningKey, stream_id: int) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024 * 1024)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.setblocking(False)
         self.port: int = self.sock.getsockname()[1]
@@ -243,3 +244,32 @@ def test_epochs_only_grow_even_when_the_clock_steps_back(tmp_path: Path) -> None
     second = take_epoch(tmp_path, 4_000)
     third = take_epoch(tmp_path, 9_000)
     assert (first, second, third) == (5_000, 5_001, 9_000)
+
+
+async def test_a_synthetic_source_sends_every_update_in_order(tmp_path: Path) -> None:
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    data = {
+        "transmitter": {
+            "stream_id": 3,
+            "private_key": str(tmp_path / "tx.key"),
+            "state_dir": str(tmp_path / "state"),
+        },
+        "link": {"destination": "127.0.0.1", "port": link.port, "rate_mbps": 200.0},
+        "synthetic": {"sources": [{"name": "gen", "tags": 10, "rate_hz": 5000.0}]},
+    }
+    tx = Transmitter(validate(TxConfig, data, "test.toml"), key=key)
+    stop, task = await run_tx(tx)
+    for _ in range(50):
+        await asyncio.sleep(0.02)
+        link.drain()
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    await asyncio.sleep(0.3)
+    link.drain()
+    generated = tx.pollers[0].counters["generated"]
+    assert generated > 2000
+    for tag_id in range(1, 11):
+        values = [s.value for s in link.samples(tag_id)]
+        assert values == list(range(1, len(values) + 1)), f"tag {tag_id} out of order or gapped"
+    assert sum(len(link.samples(t)) for t in range(1, 11)) == generated

@@ -40,6 +40,7 @@ from transmitter.modbus import ModbusPoller
 from transmitter.opcua import OpcuaPoller
 from transmitter.outbox import Outbox
 from transmitter.sender import PacedSender, deaf_udp_socket
+from transmitter.synthetic import SyntheticPoller
 
 log = structlog.get_logger("diode.tx")
 
@@ -108,6 +109,8 @@ class Transmitter:
                     server, tag_id=self._tag_id, sink=self.outbox, state_dir=section.state_dir
                 )
             )
+        for source in config.synthetic.sources:
+            self.pollers.append(SyntheticPoller(source, tag_id=self._tag_id, sink=self.outbox))
         for poller in self.pollers:
             deadbands.update(poller.deadbands)
         self.encoder = Encoder(

@@ -101,8 +101,8 @@ def _sections(model: type[BaseModel], path: str) -> Iterator[str]:
         nested = nested_model(field.annotation)
         if nested is not None:
             many = typing.get_origin(field.annotation) is list
-            child = f"{path}.{name}" if path else name
-            children.append((f"{child}[]" if many else child, nested))
+            where = f"{path}.{name}" if path else name
+            children.append((f"{where}[]" if many else where, nested))
             continue
         doc = (field.description or "").replace("|", "\\|")
         limits = _limits(field)
@@ -117,8 +117,8 @@ def _sections(model: type[BaseModel], path: str) -> Iterator[str]:
         yield "| key | type | default | meaning |\n|---|---|---|---|"
         yield from rows
         yield ""
-    for child_path, child in children:
-        yield from _sections(child, child_path)
+    for where, section in children:
+        yield from _sections(section, where)
 
 
 def render() -> str:

@@ -11,6 +11,7 @@ from diode.config import Section
 from diode.config.link import LinkSettings
 from diode.config.modbus import ModbusSection
 from diode.config.opcua import OpcuaServer
+from diode.config.synthetic import SyntheticSource
 from diode.errors import ConfigError
 
 
@@ -78,6 +79,12 @@ class OpcuaSection(Section):
         return self
 
 
+class SyntheticSection(Section):
+    """``[synthetic]``: load generators, for tests and benchmarks only."""
+
+    sources: list[SyntheticSource] = Field(default_factory=list)
+
+
 class LogSettings(Section):
     """``[log]``: structlog output on stderr (the journal under systemd)."""
 
@@ -96,14 +103,19 @@ class TxConfig(Section):
     link: TxLink
     modbus: ModbusSection = Field(default_factory=ModbusSection)
     opcua: OpcuaSection = Field(default_factory=OpcuaSection)
+    synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")
     def _devices_unique_across_protocols(self) -> TxConfig:
-        names = [d.name for d in self.modbus.devices] + [s.name for s in self.opcua.servers]
+        names = [
+            *(d.name for d in self.modbus.devices),
+            *(s.name for s in self.opcua.servers),
+            *(s.name for s in self.synthetic.sources),
+        ]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"device names must be unique across modbus and opcua: {dupes}")
+            raise ValueError(f"device names must be unique across all sources: {dupes}")
         return self
 
     def resolve(self, path: Path) -> TxConfig:
