@@ -508,7 +508,7 @@ def test_example_shows_every_key(name: str, kind: str) -> None:
         model = RxConfig
     text = (EXAMPLES / name).read_text()
     shown = set(re.findall(r"^#? ?([a-z_]+) = ", text, re.MULTILINE))
-    sections = set(re.findall(r"^\[\[?([a-z_.]+)\]\]?$", text, re.MULTILINE))
+    sections = set(re.findall(r"^#? ?\[\[?([a-z_.]+)\]\]?$", text, re.MULTILINE))
     named = shown | {part for s in sections for part in s.split(".")}
     assert model_keys(model) - named == set()
     assert shown - model_keys(model) == set(), "the example shows keys the model does not have"
