@@ -1,0 +1,150 @@
+"""The receiver's MQTT output: the broker (``[mqtt]``) and each stream's mapping (``output``).
+
+Topic parts come from config and from the transmitter's catalogue. Config parts
+are checked here (no MQTT wildcard, no empty level); catalogue parts (device and
+tag names) are made safe when the topic is built (see ``receiver/payload.py``).
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from diode.config import Section
+
+TEMPLATE_FIELDS = frozenset({"prefix", "site", "device", "tag"})
+
+
+def _check_topic_part(value: str, what: str) -> str:
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if any(c in value for c in "+#\0"):
+        raise ValueError(f"{what} must not contain the MQTT wildcards + or # (got {value!r})")
+    if value.startswith(("/", "$")) or value.endswith("/") or "//" in value:
+        raise ValueError(f"{what} must not start with / or $, end with / or have empty levels")
+    return value
+
+
+class MqttBroker(Section):
+    """``[mqtt]``: the broker the receiver publishes to, and the spool for when it is away."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="broker host name or address")
+    port: int = Field(1883, ge=1, le=65535, description="broker TCP port (8883 for TLS)")
+    client_id: str = Field(
+        "diode-rx", min_length=1, max_length=128, description="MQTT client identifier"
+    )
+    tls: bool = Field(False, description="connect with TLS")
+    ca_file: Path | None = Field(
+        None, description="CA bundle to verify the broker; system CAs if unset", strict=False
+    )
+    certfile: Path | None = Field(None, description="client certificate (mutual TLS)", strict=False)
+    keyfile: Path | None = Field(None, description="client private key (mutual TLS)", strict=False)
+    username: str | None = Field(None, min_length=1, description="MQTT user name")
+    password_file: Path | None = Field(
+        None, description="file holding the MQTT password (never the password itself)", strict=False
+    )
+    keepalive_s: int = Field(30, ge=5, le=65535, description="MQTT keepalive interval")
+    connect_timeout_s: float = Field(
+        10.0, gt=0.0, le=300.0, description="longest wait for CONNACK before retrying"
+    )
+    reconnect_initial_s: float = Field(
+        0.5, gt=0.0, le=60.0, description="first wait before reconnecting; doubles each failure"
+    )
+    reconnect_max_s: float = Field(30.0, gt=0.0, le=3600.0, description="longest reconnect wait")
+    max_inflight: int = Field(
+        1000,
+        ge=1,
+        le=65535,
+        description="messages written but not yet acknowledged, at most "
+        "(lowered to the broker's Receive Maximum when it announces one)",
+    )
+    queue_max_messages: int = Field(
+        100_000,
+        ge=1,
+        le=10_000_000,
+        description="messages waiting in memory; beyond this, new ones go to the spool",
+    )
+    spool_path: Path = Field(
+        Path("/var/lib/diode-rx/mqtt-spool.sqlite3"),
+        description="SQLite file holding messages while the broker is away",
+        strict=False,
+    )
+    spool_max_records: int = Field(
+        1_000_000,
+        ge=1,
+        le=1_000_000_000,
+        description="messages the spool holds; when full the oldest are dropped and counted",
+    )
+    status_topic: str = Field(
+        "diode/$receiver/status",
+        description="retained receiver status; the last will sets it to offline",
+    )
+    status_interval_s: float = Field(
+        10.0, gt=0.0, le=3600.0, description="how often the receiver status is republished"
+    )
+
+    @field_validator("status_topic")
+    @classmethod
+    def _status_topic(cls, value: str) -> str:
+        return _check_topic_part(value, "status_topic")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttBroker:
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together")
+        if not self.tls and (self.ca_file or self.certfile):
+            raise ValueError("ca_file, certfile and keyfile need tls = true")
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs a username")
+        return self
+
+
+class StreamOutput(Section):
+    """A stream's ``output``: where and how its values are published."""
+
+    prefix: str = Field("diode", description="first topic level(s)")
+    site: str = Field("site", description="site name, the level after the prefix")
+    topic_template: str = Field(
+        "{prefix}/{site}/{device}/{tag}",
+        description="per-tag topic; fields {prefix} {site} {device} {tag}",
+    )
+    qos: Literal[0, 1] = Field(1, description="QoS of value messages (0 or 1)")
+    retain: bool = Field(True, description="retain value messages (last value per topic)")
+    message_expiry_s: int | None = Field(
+        None, ge=1, le=2**32 - 1, description="MQTT 5 message expiry of value messages"
+    )
+    payload: Literal["per_tag", "batched"] = Field(
+        "per_tag", description="one message per sample, or one per device per block"
+    )
+    link_timeout_s: float = Field(
+        5.0, gt=0.0, le=3600.0, description="no heartbeat for this long: link down, values stale"
+    )
+
+    @field_validator("prefix", "site")
+    @classmethod
+    def _part(cls, value: str) -> str:
+        return _check_topic_part(value, "prefix and site")
+
+    @field_validator("topic_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"topic_template is not a valid template: {exc}") from None
+        unknown = names - TEMPLATE_FIELDS
+        if unknown:
+            raise ValueError(
+                f"topic_template has unknown fields {sorted(unknown)}; "
+                f"known: {sorted(TEMPLATE_FIELDS)}"
+            )
+        if "tag" not in names:
+            raise ValueError("topic_template must contain {tag}: each tag needs its own topic")
+        sample = value.format(prefix="p", site="s", device="d", tag="t")
+        _check_topic_part(sample, "topic_template")
+        return value

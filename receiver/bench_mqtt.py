@@ -1,0 +1,185 @@
+"""Benchmark of the MQTT output against a real broker, counted by ``mosquitto_sub``.
+
+``python -m receiver.bench_mqtt [n]`` starts a mosquitto on a free loopback port
+(tests/support) and prints msgs/s for each method. ``bench_publish`` is the
+entry point ``diode bench`` will call with a broker already running.
+
+The subscriber is ``mosquitto_sub`` in a child process (C, so it is not the
+bottleneck), reading the messages' topics on a pipe; the time is from the
+first publish to the last message received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from diode.config.mqtt import MqttBroker, StreamOutput
+from diode.records import Quality, Sample, TagInfo, ValueType
+from receiver.mqtt import MqttOutput, _PackedProperties
+from receiver.payload import sample_messages, Topics
+
+DEVICES = 100
+TAGS_PER_DEVICE = 100
+BLOCK = 50  # samples per publish_samples call, about one block's worth
+PROBE = "bench/probe"
+
+
+async def _subscriber(port: int, topic: str) -> tuple[asyncio.subprocess.Process, asyncio.Event]:
+    proc = await asyncio.create_subprocess_exec(
+        "mosquitto_sub", "-p", str(port), "-t", topic, "-t", PROBE, "-q", "1", "-F", "%t",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    return proc, asyncio.Event()
+
+
+async def _count(proc: asyncio.subprocess.Process, ready: asyncio.Event, n: int) -> float:
+    """Read topics until ``n`` non-probe messages arrived; the monotonic time of the last."""
+    assert proc.stdout is not None
+    got = 0
+    buffer = b""
+    while got < n:
+        chunk = await proc.stdout.read(1 << 16)
+        if not chunk:
+            raise RuntimeError(f"subscriber ended after {got} of {n} messages")
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if line == PROBE.encode():
+                ready.set()
+            else:
+                got += 1
+    return time.monotonic()
+
+
+async def _wait_subscribed(port: int, ready: asyncio.Event) -> None:
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        while not ready.is_set():
+            await client.publish(PROBE, b"x", qos=1)
+            with _suppress_timeout():
+                await asyncio.wait_for(ready.wait(), 0.1)
+
+
+class _suppress_timeout:  # noqa: N801 - used like contextlib.suppress
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
+        return exc_type is TimeoutError
+
+
+def _items(n: int) -> list[tuple[TagInfo, Sample]]:
+    tags = [
+        TagInfo(
+            tag_id=d * TAGS_PER_DEVICE + t,
+            name=f"tag{t}",
+            device=f"plc{d}",
+            value_type=ValueType.FLOAT64,
+            unit="degC",
+        )
+        for d in range(DEVICES)
+        for t in range(TAGS_PER_DEVICE)
+    ]
+    now = time.time_ns()
+    return [
+        (tags[i % len(tags)], Sample(tag_id=i, ts_ns=now + i, value=i * 0.5, quality=Quality.GOOD))
+        for i in range(n)
+    ]
+
+
+async def bench_publish(
+    port: int, n: int, qos: int, batched: bool, *, method: str = "output", host: str = "127.0.0.1"
+) -> dict[str, Any]:
+    """Publish ``n`` samples to the broker at ``host:port``; print and return the rates.
+
+    ``method``: ``output`` (MqttOutput, what the receiver uses), ``aiomqtt_await``
+    (await each publish, the baseline).
+    """
+    stream = StreamOutput(
+        prefix="bench", site="s", qos=1 if qos else 0, payload="batched" if batched else "per_tag"
+    )
+    items = _items(n)
+    messages = [
+        m for i in range(0, n, BLOCK) for m in sample_messages(Topics(stream), items[i : i + BLOCK])
+    ]
+    proc, ready = await _subscriber(port, "bench/s/#")
+    counter = asyncio.create_task(_count(proc, ready, len(messages)))
+    try:
+        await _wait_subscribed(port, ready)
+        start = time.monotonic()
+        if method == "output":
+            await _via_output(host, port, stream, items)
+        elif method == "aiomqtt_await":
+            async with aiomqtt.Client(host, port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+                props = _PackedProperties(None)
+                for m in messages:
+                    await client.publish(m.topic, m.payload, m.qos, m.retain, props)
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        end = await asyncio.wait_for(counter, 120)
+    finally:
+        counter.cancel()
+        proc.terminate()
+        await proc.wait()
+    seconds = end - start
+    result = {
+        "method": method,
+        "qos": qos,
+        "payload": stream.payload,
+        "samples": n,
+        "messages": len(messages),
+        "seconds": round(seconds, 3),
+        "msgs_per_s": round(len(messages) / seconds),
+        "samples_per_s": round(n / seconds),
+    }
+    print(result)  # noqa: T201 - a benchmark prints its figures
+    return result
+
+
+async def _via_output(host: str, port: int, stream: StreamOutput, items: list[Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = MqttBroker(host=host, port=port, spool_path=Path(tmp) / "spool.sqlite3")
+        output = MqttOutput(broker)
+        task = asyncio.create_task(output.run())
+        while not output.counters["connected"]:
+            await asyncio.sleep(0.01)
+        for i in range(0, len(items), BLOCK):
+            output.publish_samples(stream, items[i : i + BLOCK])
+            # The receiver is paced by its link; here, keep the memory queue short.
+            while output.backlog > 20_000:
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0)
+        while output.backlog:
+            await asyncio.sleep(0.005)
+        await output.close()
+        task.cancel()
+        if output.counters["spooled"]:
+            print("note: spooled", output.counters["spooled"])  # noqa: T201
+
+
+async def _main(n: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.support.mosquitto import Mosquitto  # noqa: PLC0415 - dev-only helper
+
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = Mosquitto(Path(tmp))
+        broker.start()
+        try:
+            for method in ("aiomqtt_await", "output"):
+                for qos in (0, 1):
+                    count = n if method != "aiomqtt_await" else n // 5
+                    await bench_publish(broker.port, count, qos, False, method=method)
+            for qos in (0, 1):
+                await bench_publish(broker.port, n * 3, qos, True)
+        finally:
+            broker.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(_main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000))
