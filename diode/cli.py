@@ -63,8 +63,36 @@ def _rx(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from diode import bench
 
+    if args.seconds is None:
+        args.seconds = {"codec": 2.0}.get(args.what, 10.0)
+        if args.quick:
+            args.seconds = 0.1 if args.what == "codec" else 2.0
     if args.what == "codec":
         result = bench.codec(seconds=args.seconds)
+    elif args.what == "link":
+        from diode.benchmarks.link import DEFAULT_PYDIODE_VENV, link
+
+        result = link(
+            seconds=args.seconds,
+            warmup_s=1.0 if args.quick else 3.0,
+            rate_mbps=args.rate_mbps,
+            losses=tuple(args.loss or (0.0, 0.01)),
+            pydiode_bytes=20_000_000 if args.quick else 200_000_000,
+            pydiode=None if args.no_pydiode else (args.pydiode or DEFAULT_PYDIODE_VENV),
+        )
+    elif args.what == "tags":
+        from diode.benchmarks.tags import DEFAULT_SWEEPS, tags
+
+        result = tags(
+            modes=args.mode or tuple(DEFAULT_SWEEPS),
+            rates=args.rate,
+            seconds=args.seconds,
+            max_p99_ms=args.max_p99_ms,
+        )
+    elif args.what == "cost":
+        from diode.benchmarks.tags import cost
+
+        result = cost(rates=args.rate or (10_000, 50_000), seconds=args.seconds)
     else:
         print(f"error: unknown benchmark {args.what!r}", file=sys.stderr)
         return 2
@@ -132,8 +160,21 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("bench", help="benchmarks, printed as JSON")
-    p.add_argument("what", choices=["codec"], help="which benchmark")
-    p.add_argument("--seconds", type=float, default=2.0, help="time budget per measurement")
+    p.add_argument(
+        "what",
+        choices=["codec", "link", "tags", "cost"],
+        help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
+        "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s",
+    )
+    p.add_argument("--seconds", type=float, default=None, help="time per measurement")
+    p.add_argument("--quick", action="store_true", help="short runs (tests, smoke checks)")
+    p.add_argument("--rate-mbps", type=float, default=1000.0, help="link: pacing cap")
+    p.add_argument("--loss", type=float, action="append", help="link: injected loss (repeat)")
+    p.add_argument("--pydiode", type=Path, default=None, help="link: pydiode's virtualenv")
+    p.add_argument("--no-pydiode", action="store_true", help="link: skip the pydiode run")
+    p.add_argument("--mode", action="append", help="tags: payload:qos, e.g. per_tag:0 (repeat)")
+    p.add_argument("--rate", type=int, action="append", help="tags/cost: updates/s (repeat)")
+    p.add_argument("--max-p99-ms", type=float, default=100.0, help="tags: latency that breaks")
     p.set_defaults(run=_bench)
 
     p = sub.add_parser("link-rules", help="print nftables rules that enforce one way")

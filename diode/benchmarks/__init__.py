@@ -1,0 +1,1 @@
+"""End-to-end benchmarks (``diode bench link|tags|...``): daemons as child processes."""

@@ -1,0 +1,258 @@
+"""``diode bench tags`` and ``diode bench cost``: tag updates end to end into MQTT.
+
+A synthetic plant inside diode-tx (``[[synthetic.sources]]``: the pollers'
+sending path, sink, report by exception, encoder, pacer) generates counting
+values at a set total rate over ``devices`` devices; diode-rx publishes them
+into a local mosquitto; ``mosquitto_sub`` (C, in a child process) writes every
+message with its receipt time (``%U``) to a file, parsed after the run.
+
+- Loss: every update is a new value of its tag, so the updates received are
+  the distinct (tag, value) pairs; loss = generated (the transmitter's own
+  count, from its final log line) - received. QoS 1 duplicates count once.
+- Latency: receipt time - the sample's ``ts`` (the generation time; same host
+  clock), over every update received.
+- Cost: CPU seconds of each daemon over the steady window (after the first
+  delivery) divided by the updates generated in it; peak RSS (VmHWM).
+
+``tags`` raises the rate per payload mode until a run loses an update or its
+p99 latency passes ``max_p99_ms``; ``cost`` runs per-tag QoS 0 at 10k and 50k.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from diode.benchmarks import harness as h
+
+PROBE = "bench/probe"
+DEVICES = 10
+TAGS_PER_DEVICE = 100
+DEFAULT_SWEEPS: dict[str, tuple[int, ...]] = {
+    "per_tag:0": (10_000, 20_000, 30_000, 40_000, 50_000),
+    "per_tag:1": (5_000, 10_000, 15_000, 20_000),
+    "batched:0": (50_000, 100_000, 200_000, 300_000),
+}
+
+
+class _Subscriber:
+    def __init__(self, port: int, qos: int, path: Path) -> None:
+        self.path = path
+        self.proc = subprocess.Popen(  # noqa: S603
+            ["mosquitto_sub", "-p", str(port), "-t", "bench/#", "-q", str(qos),  # noqa: S607
+             "-F", "%U %t %p"],
+            stdout=path.open("wb"),
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            subprocess.run(  # noqa: S603
+                ["mosquitto_pub", "-p", str(port), "-t", PROBE, "-m", "x", "-q", "1"],  # noqa: S607
+                check=False,
+            )
+            time.sleep(0.1)
+            if path.stat().st_size:
+                return
+        raise RuntimeError("the subscriber did not see the probe")
+
+    def settle(self, quiet_s: float = 1.5, timeout_s: float = 60.0) -> None:
+        """Wait until the file stopped growing for ``quiet_s``."""
+        deadline = time.monotonic() + timeout_s
+        size, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            now_size = self.path.stat().st_size
+            if now_size != size:
+                size, since = now_size, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                return
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_seconds_cache: dict[str, float] = {}
+
+
+def _ts_s(ts: str) -> float:
+    """RFC 3339 UTC with microseconds (receiver/payload.py) to Unix seconds."""
+    head, frac = ts[:19], ts[20:26]
+    base = _seconds_cache.get(head)
+    if base is None:
+        base = datetime.fromisoformat(head + "+00:00").timestamp()
+        _seconds_cache[head] = base
+    return base + int(frac) / 1e6
+
+
+def parse(path: Path) -> tuple[int, list[float]]:
+    """(distinct updates received, latencies in ms) from the subscriber's file."""
+    seen: set[tuple[str, object]] = set()
+    latencies: list[float] = []
+    with path.open("rb") as f:
+        for raw in f:
+            stamp, topic, payload = raw.decode(errors="replace").rstrip("\n").split(" ", 2)
+            if "$" in topic or topic == PROBE:
+                continue
+            received = float(stamp)
+            try:
+                data = json.loads(payload)
+            except ValueError:
+                continue
+            if "samples" in data:
+                for s in data["samples"]:
+                    seen.add((f"{topic}/{s['tag']}", s["value"]))
+                    latencies.append((received - _ts_s(s["ts"])) * 1000)
+            else:
+                seen.add((topic, data["value"]))
+                latencies.append((received - _ts_s(data["ts"])) * 1000)
+    return len(seen), latencies
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+
+def run(
+    *,
+    rate_hz: int,
+    payload: str = "per_tag",
+    qos: int = 0,
+    seconds: float = 10.0,
+    devices: int = DEVICES,
+    tags_per_device: int = TAGS_PER_DEVICE,
+) -> dict[str, Any]:
+    """One run at one rate; the figures of loss, latency and cost."""
+    with tempfile.TemporaryDirectory(prefix="diode-bench-tags-") as tmp:
+        work = Path(tmp)
+        private, public = h.keys(work)
+        port, metrics = h.free_udp_port(), h.free_port()
+        broker = h.Broker(work)
+        with h.stopping(broker):
+            sub = _Subscriber(broker.port, qos, work / "sub.txt")
+            try:
+                rx = h.Daemon.rx(
+                    h.rx_config(
+                        work,
+                        public=public,
+                        port=port,
+                        broker_port=broker.port,
+                        metrics_port=metrics,
+                        output={"payload": payload, "qos": qos},
+                    )
+                )
+                with h.stopping(rx):
+                    h.wait_metrics(metrics, rx)
+                    sources = [
+                        {
+                            "name": f"plc{d}",
+                            "tags": tags_per_device,
+                            "rate_hz": rate_hz / devices,
+                            "batch_ms": 5.0,
+                        }
+                        for d in range(devices)
+                    ]
+                    tx = h.Daemon.tx(
+                        h.tx_config(
+                            work, private=private, port=port, rate_mbps=1000.0, sources=sources
+                        )
+                    )
+                    with h.stopping(tx):
+                        deadline = time.monotonic() + 30
+                        while h.rx_metrics(metrics).get("records_delivered", 0) == 0:
+                            tx.check()
+                            if time.monotonic() > deadline:
+                                raise RuntimeError("nothing arrived at the receiver")
+                            time.sleep(0.05)
+                        t0, c0 = time.monotonic(), (tx.cpu_s(), rx.cpu_s())
+                        time.sleep(seconds)
+                        t1, c1 = time.monotonic(), (tx.cpu_s(), rx.cpu_s())
+                        hwm = (tx.hwm_mb(), rx.hwm_mb())
+                        tx.check()
+                    rx.check()
+                    sub.settle()
+                    m = h.rx_metrics(metrics)
+                    hwm = (hwm[0], max(hwm[1], rx.hwm_mb()))
+            finally:
+                sub.stop()
+            stopped = tx.log_events("transmitter stopped")
+            generated = int(stopped[-1]["poll_generated"]) if stopped else -1
+            received, latencies = parse(sub.path)
+    updates = rate_hz * (t1 - t0)
+    return {
+        "rate_hz": rate_hz,
+        "payload": payload,
+        "qos": qos,
+        "seconds": round(t1 - t0, 2),
+        "generated": generated,
+        "received": received,
+        "lost": generated - received,
+        "tx_dropped": (stopped[-1]["records_dropped"] if stopped else None),
+        "rx_records_lost": int(m.get("records_lost", 0)),
+        "rx_mqtt_spooled": int(m.get("mqtt_spooled", 0)),
+        "latency_ms": {
+            "p50": _pct(latencies, 0.50),
+            "p99": _pct(latencies, 0.99),
+            "max": round(max(latencies), 2) if latencies else 0.0,
+        },
+        "tx_us_per_update": round((c1[0] - c0[0]) / updates * 1e6, 2),
+        "rx_us_per_update": round((c1[1] - c0[1]) / updates * 1e6, 2),
+        "tx_cpu_share": round((c1[0] - c0[0]) / (t1 - t0), 2),
+        "rx_cpu_share": round((c1[1] - c0[1]) / (t1 - t0), 2),
+        "tx_rss_peak_mb": round(hwm[0], 1),
+        "rx_rss_peak_mb": round(hwm[1], 1),
+    }
+
+
+def tags(
+    *,
+    modes: Sequence[str] = tuple(DEFAULT_SWEEPS),
+    rates: Sequence[int] | None = None,
+    seconds: float = 10.0,
+    max_p99_ms: float = 100.0,
+) -> dict[str, Any]:
+    """Per mode ("per_tag:0" = payload:qos), raise the rate until loss or latency breaks."""
+    report: dict[str, Any] = {
+        "settings": {
+            "devices": DEVICES,
+            "tags_per_device": TAGS_PER_DEVICE,
+            "seconds": seconds,
+            "max_p99_ms": max_p99_ms,
+            "linger_ms": 5.0,
+        },
+        "modes": {},
+    }
+    for mode in modes:
+        payload, qos = mode.split(":")
+        runs: list[dict[str, Any]] = []
+        best = 0
+        for rate in rates or DEFAULT_SWEEPS.get(mode, (10_000,)):
+            result = run(rate_hz=rate, payload=payload, qos=int(qos), seconds=seconds)
+            runs.append(result)
+            ok = result["lost"] == 0 and result["latency_ms"]["p99"] <= max_p99_ms
+            result["ok"] = ok
+            if not ok:
+                break
+            best = rate
+        report["modes"][mode] = {"max_rate_ok": best, "runs": runs}
+    return report
+
+
+def cost(*, rates: Sequence[int] = (10_000, 50_000), seconds: float = 10.0) -> dict[str, Any]:
+    """Per-tag topics at QoS 0: CPU per update, peak RSS and latency at each rate."""
+    return {
+        "settings": {"payload": "per_tag", "qos": 0, "devices": DEVICES, "seconds": seconds},
+        "runs": [run(rate_hz=r, payload="per_tag", qos=0, seconds=seconds) for r in rates],
+    }

@@ -1,0 +1,65 @@
+"""``diode bench link|tags|cost`` run with small parameters and print JSON of the expected shape.
+
+No timing is asserted: the machine is shared; the figures live in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("mosquitto_sub") is None or shutil.which("mosquitto_pub") is None,
+        reason="needs mosquitto clients",
+    ),
+]
+
+
+def bench(*args: str) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from diode.cli import main; sys.exit(main())",
+         "bench", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    ).stdout  # fmt: skip
+    report = json.loads(out)
+    assert isinstance(report, dict)
+    return report
+
+
+def test_link_without_loss_delivers_and_reports_rates() -> None:
+    loss = ["--loss", "0.01"] if os.geteuid() == 0 and shutil.which("nft") else []
+    report = bench("link", "--quick", "--no-pydiode", "--rate-mbps", "50", "--loss", "0", *loss)
+    assert set(report) >= {"settings", "diode"}
+    runs = report["diode"]
+    assert isinstance(runs, list)
+    for run in runs:
+        assert {"goodput_mbps", "wire_mbps", "efficiency_vs_wire_k_over_n"} <= set(run)
+        assert run["records_delivered"] > 0
+        assert run["rx_records_lost"] == 0
+
+
+def test_tags_one_mode_one_rate() -> None:
+    report = bench("tags", "--quick", "--mode", "per_tag:0", "--rate", "2000")
+    modes = report["modes"]
+    assert isinstance(modes, dict)
+    (run,) = modes["per_tag:0"]["runs"]
+    assert {"generated", "received", "lost", "latency_ms", "tx_us_per_update"} <= set(run)
+    assert set(run["latency_ms"]) == {"p50", "p99", "max"}
+    assert run["received"] > 0
+
+
+def test_cost_reports_cpu_and_memory_per_daemon() -> None:
+    report = bench("cost", "--quick", "--rate", "1000")
+    (run,) = report["runs"]
+    for key in ("tx_us_per_update", "rx_us_per_update", "tx_rss_peak_mb", "rx_rss_peak_mb"):
+        assert run[key] > 0
