@@ -81,6 +81,11 @@ class Encoder:
     def pending_records(self) -> int:
         return len(self._parts)
 
+    @property
+    def blocks_ready(self) -> bool:
+        """Whether closed blocks wait for :meth:`take`."""
+        return bool(self._closed)
+
     def add(self, record: Record, now: float) -> None:
         """Queue one record; closes the open block first if the record would not fit."""
         data = encode_record(record)

@@ -165,6 +165,13 @@ class Transmitter:
                 except DiodeError as exc:
                     log.warning("record dropped", reason=exc.reason, detail=str(exc))
                     outbox.counters["records_dropped"] += 1
+                if encoder.blocks_ready:
+                    # A closed block costs about a millisecond (sign, FEC): hand it to
+                    # the pacer now. Framing a whole chunk first starved the pacer,
+                    # whose bucket holds only a few ms of tokens (62 Mb/s at a
+                    # 1000 Mb/s cap; see docs/BENCHMARKS.md).
+                    self._ship()
+                    await asyncio.sleep(0)
             encoder.poll(now)
             self._ship()
             if len(outbox):
