@@ -23,7 +23,7 @@ import aiomqtt
 from diode.config.mqtt import MqttBroker, StreamOutput
 from diode.records import Quality, Sample, TagInfo, ValueType
 from receiver.mqtt import MqttOutput, _PackedProperties
-from receiver.payload import sample_messages, Topics
+from receiver.payload import Topics, sample_messages
 
 DEVICES = 100
 TAGS_PER_DEVICE = 100
@@ -66,7 +66,7 @@ async def _wait_subscribed(port: int, ready: asyncio.Event) -> None:
                 await asyncio.wait_for(ready.wait(), 0.1)
 
 
-class _suppress_timeout:  # noqa: N801 - used like contextlib.suppress
+class _suppress_timeout:
     def __enter__(self) -> None:
         return None
 
@@ -101,14 +101,15 @@ async def bench_publish(
     ``method``: ``output`` (MqttOutput, what the receiver uses), ``aiomqtt_await``
     (await each publish, the baseline).
     """
+    site = f"run{time.monotonic_ns()}"  # a fresh subtree: no retained messages of a previous run
     stream = StreamOutput(
-        prefix="bench", site="s", qos=1 if qos else 0, payload="batched" if batched else "per_tag"
+        prefix="bench", site=site, qos=1 if qos else 0, payload="batched" if batched else "per_tag"
     )
     items = _items(n)
     messages = [
         m for i in range(0, n, BLOCK) for m in sample_messages(Topics(stream), items[i : i + BLOCK])
     ]
-    proc, ready = await _subscriber(port, "bench/s/#")
+    proc, ready = await _subscriber(port, f"bench/{site}/#")
     counter = asyncio.create_task(_count(proc, ready, len(messages)))
     try:
         await _wait_subscribed(port, ready)
@@ -138,7 +139,7 @@ async def bench_publish(
         "msgs_per_s": round(len(messages) / seconds),
         "samples_per_s": round(n / seconds),
     }
-    print(result)  # noqa: T201 - a benchmark prints its figures
+    print(result)
     return result
 
 
@@ -147,24 +148,23 @@ async def _via_output(host: str, port: int, stream: StreamOutput, items: list[An
         broker = MqttBroker(host=host, port=port, spool_path=Path(tmp) / "spool.sqlite3")
         output = MqttOutput(broker)
         task = asyncio.create_task(output.run())
-        while not output.counters["connected"]:
+        while not output.counters["connected"]:  # noqa: ASYNC110 - MqttOutput exposes counters
             await asyncio.sleep(0.01)
         for i in range(0, len(items), BLOCK):
             output.publish_samples(stream, items[i : i + BLOCK])
             # The receiver is paced by its link; here, keep the memory queue short.
-            while output.backlog > 20_000:
+            while output.backlog > 20_000:  # noqa: ASYNC110 - crude producer backpressure
                 await asyncio.sleep(0.001)
             await asyncio.sleep(0)
-        while output.backlog:
+        while output.backlog:  # noqa: ASYNC110 - MqttOutput exposes counters
             await asyncio.sleep(0.005)
         await output.close()
         task.cancel()
         if output.counters["spooled"]:
-            print("note: spooled", output.counters["spooled"])  # noqa: T201
+            print("note: spooled", output.counters["spooled"])
 
 
 async def _main(n: int) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.support.mosquitto import Mosquitto  # noqa: PLC0415 - dev-only helper
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,4 +182,5 @@ async def _main(n: int) -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     asyncio.run(_main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000))

@@ -344,7 +344,11 @@ class MqttOutput:
                 idle = POLL_MIN_S
                 await asyncio.sleep(0)  # let the writer callback flush and acks come in
             elif self._inflight:
-                await asyncio.sleep(idle)
+                # Poll for acknowledgements, but wake at once when new messages come:
+                # a plain sleep here held them back up to POLL_MAX_S (QoS 1 latency).
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), idle)
                 idle = min(idle * 2, POLL_MAX_S)
             else:
                 self._wake.clear()
