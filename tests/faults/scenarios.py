@@ -348,3 +348,276 @@ async def corruption(tmp: Path, broker: Mosquitto, *, seed: int = SEED) -> Resul
     finally:
         sub.close()
         await plant.close()
+
+
+def exact_accounting(
+    plant: Plant, sub: Subscriber, sent: dict[tuple[str, str], int], ref: Reference
+) -> Any:
+    """Lost records == records in the blocks the receiver reported; MQTT misses exactly those."""
+    rx_gaps = [g for g in plant.gaps() if g["exact"]]
+    t = tally(sub.good(), sent)
+    lost_records = sum(ref.records_in(g["first_block"], g["last_block"]) for g in rx_gaps)
+    lost_samples: set[tuple[str, str, int]] = set()
+    for g in rx_gaps:
+        lost_samples |= ref.samples_in(g["first_block"], g["last_block"])
+    assert sum(g["records_lost"] for g in rx_gaps) == lost_records
+    assert t.missing_values == lost_samples, (
+        f"missing on MQTT, not reported: {len(t.missing_values - lost_samples)} "
+        f"{sorted(t.missing_values - lost_samples)[:5]}..."
+        f"{sorted(t.missing_values - lost_samples)[-5:]}; gaps {rx_gaps}; "
+        f"samples in gaps {len(lost_samples)} {sorted(lost_samples)[:3]}; "
+        f"reported lost, yet published: {sorted(lost_samples - t.missing_values)[:5]}"
+    )
+    return t, lost_records, lost_samples
+
+
+def _epoch(plant: Plant) -> int:
+    assert plant.tx is not None
+    return int(plant.tx.events("transmitter starting")[-1]["epoch"])
+
+
+async def _rejections_grow(
+    plant: Plant, before: int, by: int, reasons: tuple[str, ...], *, exact: bool = True
+) -> None:
+    """The receiver's rejections for ``reasons`` grow by ``by`` (at least, with live traffic)."""
+    await wait_until(
+        lambda: rejected(plant.rx_counters(), reasons) - before >= by,
+        within=15,
+        step=0.2,
+        what=f"{by} datagrams rejected as {reasons}",
+    )
+    if exact:
+        await asyncio.sleep(0.5)
+        assert rejected(plant.rx_counters(), reasons) - before == by
+
+
+# --- 5. replay ------------------------------------------------------------------------------
+
+STALE_REASONS = ("late", "replay", "duplicate")
+
+
+async def replay(tmp: Path, broker: Mosquitto, *, seed: int = SEED) -> Result:
+    """A capture played back in the same run, after a receiver restart, after a tx restart."""
+    result = Result("5. replay (same run, rx restart, tx restart)", seed=seed)
+    first = [dict(COUNTER[0], name="plc")]
+    second = [dict(COUNTER[0], name="plc2")]
+    plant = Plant(tmp, broker, first, capture=True)
+    sub = Subscriber(broker.port)
+    try:
+        relay = await plant.start_relay()
+        await plant.start_rx()
+        await plant.start_tx()
+        await asyncio.sleep(2.5)
+        clip = list(relay.capture)
+        replayed = 0
+        # (a) during the same run
+        before = rejected(plant.rx_counters(), STALE_REASONS)
+        for d in clip:
+            relay.send(d)
+        replayed += len(clip)
+        # The live stream's surplus repair symbols are "late" too: at least, not exactly.
+        await _rejections_grow(plant, before, len(clip), STALE_REASONS, exact=False)
+        # (b) after a receiver restart (its position comes from disk)
+        await plant.stop_rx()
+        await plant.start_rx()
+        await wait_until(lambda: plant.rx_counters().get("records_delivered", 0) > 0)
+        # Wait for the catalogue carousel to name the tags again: stopping the transmitter
+        # before it would leave samples pending across the epoch change (see
+        # test_pending_samples_are_not_named_by_the_next_epoch).
+        top = max(sub.good().get(("plc", "t0"), [0]))
+        await wait_until(lambda: max(sub.good().get(("plc", "t0"), [0])) > top + 5)
+        before = rejected(plant.rx_counters(), STALE_REASONS)
+        for d in clip:
+            relay.send(d)
+        replayed += len(clip)
+        # The live stream's surplus repair symbols are "late" too: at least, not exactly.
+        await _rejections_grow(plant, before, len(clip), STALE_REASONS, exact=False)
+        # (c) after a transmitter restart: the whole first epoch, played back
+        old_epoch = _epoch(plant)
+        first_run = await plant.stop_tx()
+        epoch_one = list(relay.capture)
+        plant.sources = second
+        await plant.start_tx()
+        new_epoch = _epoch(plant)
+        await wait_until(lambda: sub.last_status().get("epoch") == new_epoch, what="new epoch")
+        before = rejected(plant.rx_counters(), ("replay",))
+        for d in epoch_one:
+            relay.send(d)
+        replayed += len(epoch_one)
+        await _rejections_grow(plant, before, len(epoch_one), ("replay",))
+        await asyncio.sleep(1.0)
+        second_run = await _finish(plant, sub)
+        rx = plant.rx_counters()
+        plant.rx_memory()
+        sent = synthetic_sent(first, {"plc": first_run["poll_generated"]})
+        sent |= synthetic_sent(second, {"plc2": second_run["poll_generated"]})
+        ref = reference(plant, epoch_one, epoch=old_epoch)
+        t, _, _ = exact_accounting(plant, sub, sent, ref)
+        result.sent = first_run["poll_generated"] + second_run["poll_generated"]
+        result.published, result.lost = t.published, t.missing
+        result.reported_lost, result.rejected = rx.get("records_lost", 0), rejected(rx)
+        result.peak_rx_mb = _mb(plant.rx_peak_kb)
+        result.note(
+            f"{replayed} captured datagrams replayed in 3 rounds, every one rejected "
+            f"(late/replay); values lost during the receiver restart: {t.missing}, "
+            f"each inside a reported gap"
+        )
+        assert t.duplicates == 0
+        assert t.out_of_order == 0
+        assert old_epoch < new_epoch
+        return result
+    finally:
+        sub.close()
+        await plant.close()
+
+
+# --- 6. forgery ------------------------------------------------------------------------------
+
+FORGED_VALUE = 10**12
+
+
+def _forged_blocks(
+    plant: Plant, key: Any, epoch: int, blocks: int, first_seq: int = 0
+) -> list[bytes]:
+    from diode.config.link import LinkSettings
+    from diode.encoder import Encoder
+    from diode.records import Sample
+    from tests.faults.harness import STREAM
+
+    encoder = Encoder(link=LinkSettings(), key=key, stream_id=STREAM, epoch=epoch)
+    encoder._seq = first_seq  # blocks ahead of the receiver's position in a live epoch
+    out: list[bytes] = []
+    for i in range(blocks):
+        encoder.add(Sample(tag_id=1 + i % 50, ts_ns=time.time_ns(), value=FORGED_VALUE + i), 0.0)
+        encoder.flush()
+        for block in encoder.take():
+            out.extend(block.datagrams)
+    return out
+
+
+async def forgery(tmp: Path, broker: Mosquitto, *, seed: int = SEED) -> Result:
+    """Blocks signed with another key, and with the real key id but a bad signature."""
+    from diode.keys import SigningKey
+
+    result = Result("6. forgery (other key; real key id, bad signature)", seed=seed)
+    plant = Plant(tmp, broker, COUNTER)
+    sub = Subscriber(broker.port)
+
+    async def attack() -> None:
+        assert plant.relay is not None
+        await asyncio.sleep(1.5)
+        epoch = _epoch(plant)
+        other = _forged_blocks(plant, SigningKey.generate(), epoch + 1, 200)
+        liar = SigningKey.generate()
+        # A forger knows the real key id (it is public): the signature is what fails.
+        object.__setattr__(liar, "key_id", plant.signing_key().key_id)
+        bad_sig = _forged_blocks(plant, liar, epoch + 1, 200)
+        bad_sig += _forged_blocks(plant, liar, epoch, 200, first_seq=1_000)
+        before = plant.rx_counters()
+        for d in other + bad_sig:
+            plant.relay.send(d)
+            await asyncio.sleep(0)
+        await _rejections_grow(
+            plant, rejected(before, ("unknown_key",)), len(other), ("unknown_key",)
+        )
+        # Each forged block has one source symbol: every datagram is a rebuild that fails.
+        await _rejections_grow(
+            plant, rejected(before, ("bad_signature",)), len(bad_sig), ("bad_signature",)
+        )
+        result.note(
+            f"{len(other)} datagrams under another key -> rejected_unknown_key; "
+            f"{len(bad_sig)} under the real key id with a bad signature -> rejected_bad_signature"
+        )
+        await asyncio.sleep(1.0)
+
+    try:
+        _, _rx = await _counted_run(plant, sub, result, 0, during=attack)
+        t = tally(sub.good(), synthetic_sent(COUNTER, {"plc": result.sent}))
+        result.published, result.lost = t.published, t.missing
+        forged = [v for vs in sub.good().values() for v in vs if v >= FORGED_VALUE]
+        assert not forged, f"{len(forged)} forged values published"
+        assert t.duplicates == 0
+        assert t.out_of_order == 0
+        assert t.missing == 0
+        assert t.published == result.sent
+        return result
+    finally:
+        sub.close()
+        await plant.close()
+
+
+# --- 7. flood ----------------------------------------------------------------------------------
+
+FLOOD_S = 10.0
+MAX_ASSEMBLY_MB = 16
+
+
+async def flood(tmp: Path, broker: Mosquitto, *, seed: int = SEED) -> Result:
+    """Random datagrams as fast as one process sends them, 10 s, alongside the real stream."""
+    import subprocess
+    import sys
+
+    result = Result("7. flood 10 s + real stream", seed=seed)
+    plant = Plant(
+        tmp, broker, COUNTER, receiver={"max_assembly_mb": float(MAX_ASSEMBLY_MB)}, capture=True
+    )
+    sub = Subscriber(broker.port)
+    figures: dict[str, float] = {}
+
+    async def attack() -> None:
+        await asyncio.sleep(2.0)
+        baseline = plant.rx_memory()
+        epoch = _epoch(plant)
+        proc = subprocess.Popen(  # noqa: ASYNC220 - polled below without blocking
+            [
+                sys.executable,
+                "-m",
+                "tests.faults.flood",
+                str(plant.rx_port),
+                str(FLOOD_S),
+                plant.signing_key().key_id.hex(),
+                "7",
+                str(epoch),
+                str(seed),
+            ],
+            stdout=subprocess.PIPE,
+        )
+        while proc.poll() is None:
+            await asyncio.sleep(0.25)
+            assert plant.rx is not None
+            assert plant.rx.alive(), "the receiver died under the flood"
+            plant.rx_memory()
+        out, _ = proc.communicate()
+        figures["sent"] = int(out.strip() or 0)
+        figures["baseline_kb"] = baseline
+        published = sub.count_good()
+        took = await wait_until(
+            lambda: sub.count_good() > published + 500, within=10, what="publishing after flood"
+        )
+        figures["resume_s"] = took
+        await asyncio.sleep(1.0)
+
+    try:
+        _, rx = await _counted_run(plant, sub, result, 0, during=attack)
+        assert plant.relay is not None
+        ref = reference(plant, plant.relay.capture)
+        sent = synthetic_sent(COUNTER, {"plc": result.sent})
+        t, lost_records, _ = exact_accounting(plant, sub, sent, ref)
+        result.published, result.lost = t.published, t.missing
+        bound_kb = figures["baseline_kb"] + 2 * MAX_ASSEMBLY_MB * 1024 + 16 * 1024
+        result.note(
+            f"{figures['sent']:.0f} flood datagrams ({figures['sent'] / FLOOD_S:.0f}/s); "
+            f"receiver baseline {_mb(int(figures['baseline_kb']))} MB, "
+            f"peak {result.peak_rx_mb} MB, "
+            f"bound {_mb(int(bound_kb))} MB (baseline + 2 x max_assembly_mb {MAX_ASSEMBLY_MB} "
+            f"+ 16 MB); evicted {rx.get('assemblies_evicted', 0)} assemblies; kernel drops "
+            f"{rx.get('kernel_drops', 0)}; real records lost {lost_records} (all reported); "
+            f"publishing again {figures['resume_s']:.1f} s after the flood"
+        )
+        assert plant.rx_peak_kb <= bound_kb
+        assert t.duplicates == 0
+        assert t.out_of_order == 0
+        return result
+    finally:
+        sub.close()
+        await plant.close()
