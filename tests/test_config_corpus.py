@@ -1,0 +1,99 @@
+"""Malformed configs (tests/configs/bad): each daemon exits 2 with one line naming the problem.
+
+The corpus covers wrong types, unknown keys and sections, missing keys and
+files, impossible FEC/MTU settings, bad addresses, key files that are not
+keys, an empty file, invalid TOML and binary garbage. ``tx_*`` files go to
+diode-tx, ``rx_*`` to diode-rx, run exactly as systemd runs them. A traceback
+on stderr fails the test: an operator must get a sentence, not a stack.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BAD = Path(__file__).parent / "configs" / "bad"
+BIN = Path(sys.executable).parent
+
+# file -> what the error line must say (besides the file name)
+EXPECTED = {
+    "tx_empty.toml": "the file is empty",
+    "tx_blank_lines.toml": "the file is empty",
+    "tx_binary_garbage.toml": "not a UTF-8 text file",
+    "rx_binary_garbage.toml": "not a UTF-8 text file",
+    "tx_not_toml.toml": "not valid TOML",
+    "tx_unknown_key.toml": "transmitter.colour: unknown key",
+    "tx_unknown_section.toml": "extra: unknown key",
+    "tx_stream_id_string.toml": "transmitter.stream_id: Input should be a valid integer",
+    "tx_stream_id_negative.toml": "transmitter.stream_id: Input should be greater than or equal",
+    "tx_stream_id_missing.toml": "transmitter.stream_id: required key is missing",
+    "tx_link_missing.toml": "link: required key is missing",
+    "tx_destination_hostname.toml": "link.destination: expected an IP address",
+    "tx_destination_bad_ip.toml": "link.destination: expected an IP address",
+    "tx_port_zero.toml": "link.port",
+    "tx_port_string.toml": "link.port: Input should be a valid integer",
+    "tx_rate_zero.toml": "link.rate_mbps",
+    "tx_datagram_over_mtu.toml": "datagrams would be fragmented",
+    "tx_datagram_tiny.toml": "link.datagram_size",
+    "tx_fec_too_many_symbols.toml": "at most 255 are possible",
+    "tx_fec_k_zero.toml": "link.fec.k",
+    "tx_fec_negative_ratio.toml": "link.fec.repair_ratio",
+    "tx_key_missing.toml": "transmitter.private_key: no such file",
+    "tx_key_garbage.toml": "garbage.key: not a PEM private key",
+    "tx_modbus_bad_table.toml": "modbus.devices[0].units[0].tags[0].table",
+    "tx_modbus_bad_type.toml": "modbus.devices[0].units[0].tags[0].type",
+    "tx_modbus_duplicate_device.toml": "device names must be unique",
+    "tx_modbus_no_host.toml": "modbus.devices[0].host: required key is missing",
+    "tx_synthetic_negative_rate.toml": "synthetic.sources[0].rate_hz",
+    "tx_log_level.toml": "log.level",
+    "tx_heartbeat_zero.toml": "transmitter.heartbeat_interval_s",
+    "tx_opcua_bad_policy.toml": "opcua.servers[0].security_policy",
+    "rx_streams_missing.toml": "streams: required key is missing",
+    "rx_streams_empty.toml": "streams: List should have at least 1 item",
+    "rx_listen_interface.toml": "receiver.listen: expected an IP address",
+    "rx_port_float.toml": "receiver.port: Input should be a valid integer",
+    "rx_qos_2.toml": "streams[0].output.qos",
+    "rx_prefix_wildcard.toml": "must not contain the MQTT wildcards",
+    "rx_template_without_tag.toml": "topic_template must contain {tag}",
+    "rx_pubkey_missing.toml": "streams[0].public_keys[0]: no such file",
+    "rx_pubkey_garbage.toml": "garbage.key: not a PEM public key",
+    "rx_duplicate_streams.toml": "stream ids must be unique",
+    "rx_cafile_without_tls.toml": "need tls = true",
+    "rx_rcvbuf_small.toml": "receiver.rcvbuf_bytes",
+    "rx_metrics_port_big.toml": "receiver.metrics_port",
+    "rx_reconnect_backwards.toml": "reconnect_max_s must be >= reconnect_initial_s",
+    "tx_no_such_file.toml": "cannot read the file",
+}
+
+
+def run_daemon(name: str) -> subprocess.CompletedProcess[str]:
+    daemon = "diode-tx" if name.startswith("tx_") else "diode-rx"
+    return subprocess.run(
+        [str(BIN / daemon), "--config", name],
+        cwd=BAD,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_the_corpus_is_large_and_every_file_has_an_expectation() -> None:
+    corpus = {p.name for p in BAD.glob("*.toml")}
+    assert len(corpus) >= 30
+    assert corpus == set(EXPECTED) - {"tx_no_such_file.toml"}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_a_bad_config_exits_2_naming_the_problem(name: str) -> None:
+    result = run_daemon(name)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert EXPECTED[name] in lines[0]
+    assert ".toml" in lines[0] or ".key" in lines[0]  # the file is named
