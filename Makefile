@@ -40,5 +40,10 @@ test: lint typecheck pytest
 bench: $(STAMP)
 	$(BIN)/diode bench codec
 
+# The fault suite's figures: every scenario, then a 60 s atheris run; rewrites docs/RELIABILITY.md.
+reliability: $(STAMP) system-deps
+	$(BIN)/python -m pip install --quiet 'atheris>=2.3,<4' || echo "atheris unavailable: fuzzing skipped" >&2
+	$(BIN)/python -m tests.faults.report
+
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
