@@ -1,0 +1,302 @@
+"""MqttOutput against a real mosquitto: payloads, outage and replay, spool, last will."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from diode.config.mqtt import MqttBroker, StreamOutput
+from diode.records import Sample, TagInfo, ValueType
+from receiver.mqtt import MqttOutput
+from tests.support.mosquitto import Mosquitto
+
+TAGS = [
+    TagInfo(tag_id=i, name=f"t{i}", device="plc1", value_type=ValueType.INT32) for i in range(5)
+]
+
+
+def broker_config(port: int, tmp_path: Path, **kw: object) -> MqttBroker:
+    data: dict[str, object] = {
+        "port": port,
+        "spool_path": tmp_path / "spool.sqlite3",
+        "reconnect_initial_s": 0.1,
+        "reconnect_max_s": 0.5,
+        "client_id": f"rx-{time.monotonic_ns()}",
+    }
+    data.update(kw)
+    return MqttBroker.model_validate(data, strict=False)
+
+
+async def until(condition: Callable[[], bool], within_s: float = 8.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Received:
+    messages: list[paho.MQTTMessage] = field(default_factory=list)
+
+    def on(self, topic_prefix: str) -> list[paho.MQTTMessage]:
+        return [m for m in list(self.messages) if m.topic.startswith(topic_prefix)]
+
+    def values(self, topic: str) -> list[int]:
+        return [json.loads(m.payload)["value"] for m in list(self.messages) if m.topic == topic]
+
+
+@contextlib.asynccontextmanager
+async def subscriber(
+    port: int, topic: str = "#", *, persistent: bool = False
+) -> AsyncIterator[Received]:
+    """A paho subscriber in its own thread, appending in on_message (no queue to lose from).
+
+    With ``persistent``, its session outlives a broker restart and paho reconnects by itself.
+    """
+    received = Received()
+    subscribed = threading.Event()
+    client = paho.Client(
+        paho.CallbackAPIVersion.VERSION2,
+        client_id=f"sub-{time.monotonic_ns()}",
+        protocol=paho.MQTTv5,
+    )
+    client.reconnect_delay_set(0.05, 0.2)
+    props = Properties(PacketTypes.CONNECT)
+    if persistent:
+        props.SessionExpiryInterval = 300
+
+    def on_connect(c: paho.Client, u: object, f: object, rc: object, p: object = None) -> None:
+        c.subscribe(topic, qos=1)
+
+    def on_subscribe(c: paho.Client, u: object, mid: int, rc: object, p: object = None) -> None:
+        subscribed.set()
+
+    def on_message(c: paho.Client, u: object, message: paho.MQTTMessage) -> None:
+        received.messages.append(message)
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    client.connect("127.0.0.1", port, clean_start=not persistent, properties=props)
+    client.loop_start()
+    try:
+        await asyncio.to_thread(subscribed.wait, 5)
+        assert subscribed.is_set()
+        yield received
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@contextlib.asynccontextmanager
+async def running(output: MqttOutput) -> AsyncIterator[MqttOutput]:
+    task = asyncio.create_task(output.run())
+    try:
+        yield output
+    finally:
+        await asyncio.wait_for(output.close(), 5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def samples(
+    tag: TagInfo, values: range, t0: int = 1_700_000_000_000_000_000
+) -> list[tuple[TagInfo, Sample]]:
+    return [(tag, Sample(tag_id=tag.tag_id, ts_ns=t0 + v, value=v)) for v in values]
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+async def test_per_tag_values_with_properties(
+    mosquitto: Mosquitto, tmp_path: Path, qos: int
+) -> None:
+    stream = StreamOutput(site="north", qos=qos, retain=True, message_expiry_s=600)
+    async with (
+        subscriber(mosquitto.port, "diode/north/#") as got,
+        running(MqttOutput(broker_config(mosquitto.port, tmp_path))) as out,
+    ):
+        out.publish_samples(stream, samples(TAGS[0], range(3)) + samples(TAGS[1], range(2)))
+        await until(lambda: len(got.on("diode/north/plc1/")) == 5)
+        assert got.values("diode/north/plc1/t0") == [0, 1, 2]
+        first = got.on("diode/north/plc1/t0")[0]
+        assert json.loads(first.payload) == {
+            "value": 0,
+            "ts": "2023-11-14T22:13:20.000000Z",
+            "quality": "good",
+            "unit": "",
+        }
+        assert first.qos == qos
+        assert first.properties is not None
+        assert first.properties.ContentType == "application/json"
+        assert 0 < first.properties.MessageExpiryInterval <= 600
+    # Retained: a late subscriber gets the last value of each tag.
+    async with subscriber(mosquitto.port, "diode/north/#") as late:
+        await until(lambda: len(late.messages) == 2)
+        assert late.values("diode/north/plc1/t0") == [2]
+        assert all(m.retain for m in late.messages)
+
+
+async def test_batched_inventory_status(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    from diode.records import DeviceInfo
+
+    stream = StreamOutput(payload="batched", qos=0, retain=False)
+    async with (
+        subscriber(mosquitto.port, "diode/#") as got,
+        running(MqttOutput(broker_config(mosquitto.port, tmp_path))) as out,
+    ):
+        out.publish_samples(stream, samples(TAGS[0], range(2)) + samples(TAGS[1], range(1)))
+        out.publish_inventory(stream, DeviceInfo(device="plc1", protocol="modbus", endpoint="x"))
+        out.publish_status(stream, {"link": "up", "gaps": 0})
+        await until(lambda: len(got.on("diode/site/")) == 3)
+        batch, inventory, status = got.on("diode/site/")
+        assert batch.topic == "diode/site/plc1"
+        assert batch.qos == 0
+        assert [(s["tag"], s["value"]) for s in json.loads(batch.payload)["samples"]] == [
+            ("t0", 0),
+            ("t0", 1),
+            ("t1", 0),
+        ]
+        assert inventory.topic == "diode/site/plc1/$inventory"
+        assert status.topic == "diode/site/$status"
+        assert json.loads(status.payload) == {"link": "up", "gaps": 0}
+        online = got.on("diode/$receiver/status")
+        assert online
+        assert json.loads(online[-1].payload)["online"] is True
+
+
+async def test_outage_then_everything_arrives_in_order(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    # The subscriber's session must outlive the broker restart, so the broker persists it.
+    text = mosquitto.conf.read_text().replace(
+        "persistence false", f"persistence true\npersistence_location {tmp_path}/"
+    )
+    mosquitto.conf.write_text(text)
+    mosquitto.restart()
+    stream = StreamOutput(qos=1)
+    out = MqttOutput(broker_config(mosquitto.port, tmp_path))
+    async with subscriber(mosquitto.port, "diode/site/#", persistent=True) as got, running(out):
+        await until(lambda: out.counters["connected"] == 1)
+        for v in range(0, 300, 10):
+            out.publish_samples(
+                stream, samples(TAGS[0], range(v, v + 10)) + samples(TAGS[1], range(v, v + 10))
+            )
+        await asyncio.to_thread(mosquitto.stop)
+        await until(lambda: out.counters["connected"] == 0)
+        for v in range(300, 2000, 50):
+            out.publish_samples(
+                stream, samples(TAGS[0], range(v, v + 50)) + samples(TAGS[1], range(v, v + 50))
+            )
+        assert out.counters["spool_depth"] > 0
+        await asyncio.to_thread(mosquitto.start)
+        for v in range(2000, 2100, 10):
+            out.publish_samples(
+                stream, samples(TAGS[0], range(v, v + 10)) + samples(TAGS[1], range(v, v + 10))
+            )
+        for tag in ("t0", "t1"):
+            topic = f"diode/site/plc1/{tag}"
+            try:
+                await until(lambda topic=topic: set(got.values(topic)) == set(range(2100)))  # type: ignore[misc]
+            except AssertionError:
+                missing = sorted(set(range(2100)) - set(got.values(topic)))
+                raise AssertionError(
+                    f"{topic}: {len(missing)} missing {missing[:5]}..{missing[-5:]}; {out.counters}"
+                ) from None
+            values = got.values(topic)
+            # At least once: a message whose PUBACK died with the connection may come twice,
+            # but never out of order relative to what came first.
+            firsts = list(dict.fromkeys(values))
+            assert firsts == sorted(firsts)
+            assert values[-1] == 2099
+        assert out.counters["reconnects"] == 1
+        await until(lambda: out.counters["spool_depth"] == 0)
+
+
+async def test_new_output_delivers_a_spool_left_behind(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    stream = StreamOutput(qos=1)
+    await asyncio.to_thread(mosquitto.stop)
+    first = MqttOutput(broker_config(mosquitto.port, tmp_path, spool_max_records=5000))
+    async with running(first):
+        for v in range(0, 5000, 100):
+            first.publish_samples(stream, samples(TAGS[2], range(v, v + 100)))
+        assert first.counters["spool_depth"] == 5000
+    await asyncio.to_thread(mosquitto.start)
+    async with subscriber(mosquitto.port, "diode/site/#") as got:
+        second = MqttOutput(broker_config(mosquitto.port, tmp_path, spool_max_records=5000))
+        assert second.counters["spool_depth"] == 5000
+        async with running(second):
+            await until(lambda: len(got.values("diode/site/plc1/t2")) >= 5000)
+            assert got.values("diode/site/plc1/t2") == list(range(5000))
+            await until(lambda: second.counters["spool_depth"] == 0)
+
+
+async def test_full_spool_drops_the_oldest_exactly(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    stream = StreamOutput(qos=1)
+    await asyncio.to_thread(mosquitto.stop)
+    out = MqttOutput(broker_config(mosquitto.port, tmp_path, spool_max_records=1000))
+    async with running(out):
+        for v in range(0, 1500, 100):
+            out.publish_samples(stream, samples(TAGS[3], range(v, v + 100)))
+        assert out.counters["spool_dropped"] == 500
+        assert out.counters["spool_depth"] == 1000
+        await asyncio.to_thread(mosquitto.start)
+        async with subscriber(mosquitto.port, "diode/site/#") as got:
+            await until(lambda: out.counters["spool_depth"] == 0)
+            await until(lambda: len(got.values("diode/site/plc1/t3")) >= 1)
+        # The retained value is the newest; the subscriber came late, so check the spool's head.
+    async with subscriber(mosquitto.port, "diode/site/#") as late:
+        await until(lambda: late.values("diode/site/plc1/t3") == [1499])
+
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD = """
+import asyncio, sys
+from pathlib import Path
+from diode.config.mqtt import MqttBroker
+from receiver.mqtt import MqttOutput
+async def main():
+    out = MqttOutput(MqttBroker(port=int(sys.argv[1]), spool_path=Path(sys.argv[2]),
+                                keepalive_s=5, client_id="rx-child"))
+    await out.run()
+asyncio.run(main())
+"""
+
+
+async def test_last_will_marks_the_receiver_offline(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    async with subscriber(mosquitto.port, "diode/$receiver/status") as got:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            CHILD,
+            str(mosquitto.port),
+            str(tmp_path / "child.sqlite3"),
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        try:
+            states = lambda: [json.loads(m.payload)["online"] for m in got.messages]  # noqa: E731
+            await until(lambda: True in states(), within_s=9)
+            child.send_signal(signal.SIGKILL)
+            await until(lambda: states()[-1] is False, within_s=5)
+            assert json.loads(got.messages[-1].payload)["client_id"] == "rx-child"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            await child.wait()

@@ -1,0 +1,125 @@
+"""Topics and JSON payloads of the MQTT output, and the config that shapes them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diode.config import validate
+from diode.config.mqtt import MqttBroker, StreamOutput
+from diode.errors import ConfigError
+from diode.records import DeviceInfo, Quality, Sample, TagInfo, ValueType
+from receiver.payload import (
+    Topics,
+    inventory_message,
+    level,
+    rfc3339,
+    sample_messages,
+    status_message,
+)
+
+TAG = TagInfo(tag_id=1, name="temp", device="plc1", value_type=ValueType.FLOAT64, unit="degC")
+OTHER = TagInfo(tag_id=2, name="run", device="plc1", value_type=ValueType.BOOL)
+
+
+def test_rfc3339_is_utc_with_microseconds() -> None:
+    assert rfc3339(0) == "1970-01-01T00:00:00.000000Z"
+    assert rfc3339(1_714_564_800_123_456_789) == "2024-05-01T12:00:00.123456Z"
+    assert rfc3339(-1) == "1969-12-31T23:59:59.999999Z"
+
+
+def test_per_tag_message() -> None:
+    stream = StreamOutput(site="north", qos=0, retain=False, message_expiry_s=60)
+    good = Sample(tag_id=1, ts_ns=1_000_000_000, value=21.5)
+    bad = Sample(tag_id=1, ts_ns=2_000_000_000, value=None, quality=Quality.BAD, reason="timeout")
+    first, second = sample_messages(Topics(stream), [(TAG, good), (TAG, bad)])
+    assert first.topic == "diode/north/plc1/temp"
+    assert (first.qos, first.retain, first.expiry_s) == (0, False, 60)
+    assert json.loads(first.payload) == {
+        "value": 21.5,
+        "ts": "1970-01-01T00:00:01.000000Z",
+        "quality": "good",
+        "unit": "degC",
+    }
+    assert json.loads(second.payload) == {
+        "value": None,
+        "ts": "1970-01-01T00:00:02.000000Z",
+        "quality": "bad",
+        "unit": "degC",
+        "reason": "timeout",
+    }
+
+
+def test_non_finite_floats_are_strings() -> None:
+    items = [(TAG, Sample(tag_id=1, ts_ns=0, value=v)) for v in (float("nan"), float("-inf"))]
+    values = [
+        json.loads(m.payload)["value"] for m in sample_messages(Topics(StreamOutput()), items)
+    ]
+    assert values == ["NaN", "-Infinity"]
+
+
+def test_batched_keeps_every_sample_per_device() -> None:
+    stream = StreamOutput(payload="batched")
+    pump = TagInfo(tag_id=3, name="p", device="plc2", value_type=ValueType.INT16)
+    items = [
+        (TAG, Sample(tag_id=1, ts_ns=0, value=1.0)),
+        (pump, Sample(tag_id=3, ts_ns=0, value=7)),
+        (TAG, Sample(tag_id=1, ts_ns=1000, value=2.0)),
+        (OTHER, Sample(tag_id=2, ts_ns=0, value=True, quality=Quality.STALE, reason="link down")),
+    ]
+    plc1, plc2 = sample_messages(Topics(stream), items)
+    assert (plc1.topic, plc2.topic) == ("diode/site/plc1", "diode/site/plc2")
+    body = json.loads(plc1.payload)
+    assert body["device"] == "plc1"
+    assert [(s["tag"], s["value"], s["quality"]) for s in body["samples"]] == [
+        ("temp", 1.0, "good"),
+        ("temp", 2.0, "good"),
+        ("run", True, "stale"),
+    ]
+    assert body["samples"][2]["reason"] == "link down"
+
+
+def test_names_are_made_safe_for_one_level() -> None:
+    assert level("a/b+c#d") == "a_b_c_d"
+    assert level("") == "_"
+    tag = TagInfo(tag_id=1, name="x/y", device="#dev", value_type=ValueType.BOOL)
+    (m,) = sample_messages(Topics(StreamOutput()), [(tag, Sample(tag_id=1, ts_ns=0, value=True))])
+    assert m.topic == "diode/site/_dev/x_y"
+
+
+def test_inventory_and_status() -> None:
+    topics = Topics(StreamOutput(prefix="plant/a", site="s1"))
+    info = DeviceInfo(device="plc1", protocol="modbus", endpoint="10.0.0.1:502")
+    inv = inventory_message(topics, info)
+    assert (inv.topic, inv.qos, inv.retain) == ("plant/a/s1/plc1/$inventory", 1, True)
+    assert json.loads(inv.payload)["endpoint"] == "10.0.0.1:502"
+    status = status_message(topics, {"link": "up", "age_s": float("inf"), "gaps": [(1, 2)]})
+    assert status.topic == "plant/a/s1/$status"
+    assert json.loads(status.payload) == {"link": "up", "age_s": "Infinity", "gaps": [[1, 2]]}
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"topic_template": "{prefix}/{device}"}, ""),
+        ({"topic_template": "{prefix}/{oops}/{tag}"}, ""),
+        ({"topic_template": "{prefix}/+/{tag}"}, ""),
+        ({"site": "a#"}, "site"),
+        ({"qos": 2}, "qos"),
+        ({"payload": "sparkplug"}, "payload"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_stream_output_rejects(data: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(StreamOutput, data, "rx.toml")
+    assert info.value.key == key or key == ""
+
+
+def test_broker_cross_checks() -> None:
+    assert MqttBroker().port == 1883
+    with pytest.raises(ConfigError, match="tls"):
+        validate(MqttBroker, {"ca_file": "/x"}, "rx.toml")
+    with pytest.raises(ConfigError, match="reconnect_max_s"):
+        validate(MqttBroker, {"reconnect_initial_s": 10.0, "reconnect_max_s": 1.0}, "rx.toml")
