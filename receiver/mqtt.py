@@ -27,18 +27,19 @@ mosquitto 2.0.11, counted by ``mosquitto_sub`` in a child process,
 ``python -m receiver.bench_mqtt``; 100k messages of ~90 bytes, retained, MQTT 5
 content type):
 
-=================================================  ==========  ==========
-method                                             QoS 0       QoS 1
-=================================================  ==========  ==========
-aiomqtt ``await client.publish`` each              5.9k/s      4.4k/s
-paho ``loop_start`` thread, publish in a loop      29k/s       15k/s
-aiomqtt's paho client, no await, paho Properties   36k/s       26k/s
-  same, properties packed once, no on_publish      107k/s      28k/s
-MqttOutput end to end (JSON, topics, window)       see below
-=================================================  ==========  ==========
+======================================================  ==========  ==========
+method (per-tag messages unless said)                   QoS 0       QoS 1
+======================================================  ==========  ==========
+aiomqtt ``await client.publish`` each (bench)           6.4k/s      3.8k/s
+paho ``loop_start`` thread (FIELD.md, not re-measured)  32k/s       -
+aiomqtt's paho client, no await, paho Properties        36k/s       26k/s
+  same, Properties packed once, no on_publish (raw)     107k/s      28k/s
+MqttOutput end to end (JSON, topics, window; bench)     43-52k/s    16-23k/s
+MqttOutput batched, 50 samples/device/call: samples/s   294k/s      210k/s
+======================================================  ==========  ==========
 
-(The MqttOutput figures are in the final table of ``bench_mqtt.py``'s
-docstring.) So aiomqtt stays the connection manager (connect, TLS, will,
+(Ranges are over runs on the noisy 2-core machine: mosquitto, mosquitto_sub
+and this process share the cores.) So aiomqtt stays the connection manager (connect, TLS, will,
 socket callbacks on our loop, disconnect detection), and messages go through
 its underlying paho client's ``publish`` without awaiting. Two costs dominated
 paho itself and are avoided: packing the MQTT 5 Properties on every publish
