@@ -53,15 +53,6 @@ ALL_UNITS = PLAIN + TEMPLATES
 OPERATOR_DROP_IN = "IPAddressAllow=10.10.1.0/24 192.168.77.1 192.168.77.2\n"
 
 
-def needs_receiver_import() -> None:
-    """diode/config/mqtt.py was written in parallel with this file: skip until it is there."""
-    pytest.importorskip(
-        "diode.config.mqtt",
-        reason="diode/config/mqtt.py (MqttBroker, StreamOutput) is not in the tree yet: "
-        "diode.config.rx, and with it `diode check-config` and diode-rx, cannot import",
-    )
-
-
 # -- reading unit files ------------------------------------------------------------------
 
 
@@ -148,7 +139,6 @@ def test_template_is_the_plain_unit_with_the_instance_in_paths(side: str) -> Non
 
 
 def test_sysctl_drop_in_lets_the_receiver_have_its_buffer() -> None:
-    needs_receiver_import()
     from diode.config.rx import ReceiverSection
 
     values = {}
@@ -467,7 +457,6 @@ def check_config(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_transmitter_example_passes_check_config(tmp_path: Path) -> None:
-    needs_receiver_import()
     done = check_config(tx_example(tmp_path, 5140))
     assert done.returncode == 0, done.stderr
     assert "transmitter config" in done.stdout
@@ -495,8 +484,6 @@ def model_keys(model: type[BaseModel]) -> set[str]:
 
 @pytest.mark.parametrize(("name", "kind"), [("tx.toml", "tx"), ("rx.toml", "rx")])
 def test_example_shows_every_key(name: str, kind: str) -> None:
-    if kind == "rx":
-        needs_receiver_import()
     model: type[BaseModel]
     if kind == "tx":
         from diode.config.tx import TxConfig
@@ -575,8 +562,6 @@ def test_receiver_exec_start_runs_and_stops_cleanly(
 def test_bad_config_exits_2_with_one_line_naming_file_and_key(
     tmp_path: Path, notify: NotifySocket, unit: str, bad: str, key: str
 ) -> None:
-    if "-rx" in unit:
-        needs_receiver_import()
     config = tx_example(tmp_path, 5140) if "-tx" in unit else rx_example(tmp_path, 5140, 1, 0)
     text = config.read_text()
     assert bad in text

@@ -87,10 +87,21 @@ class RxConfig(Section):
             )
             for s in self.streams
         ]
-        return self.model_copy(update={"receiver": receiver, "streams": streams})
+        mqtt = self.mqtt.model_copy(
+            update={
+                key: base / getattr(self.mqtt, key)
+                for key in ("ca_file", "certfile", "keyfile", "password_file", "spool_path")
+                if getattr(self.mqtt, key) is not None
+            }
+        )
+        return self.model_copy(update={"receiver": receiver, "streams": streams, "mqtt": mqtt})
 
     def check_files(self, path: Path) -> None:
         resolved = self.resolve(path)
+        for key in ("ca_file", "certfile", "keyfile", "password_file"):
+            file = getattr(resolved.mqtt, key)
+            if file is not None and not file.is_file():
+                raise ConfigError(str(path), f"mqtt.{key}", f"no such file: {file}")
         for i, stream in enumerate(resolved.streams):
             for j, key in enumerate(stream.public_keys):
                 if not key.is_file():
