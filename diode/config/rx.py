@@ -98,10 +98,10 @@ class RxConfig(Section):
 
     def check_files(self, path: Path) -> None:
         resolved = self.resolve(path)
-        for key in ("ca_file", "certfile", "keyfile", "password_file"):
-            file = getattr(resolved.mqtt, key)
+        for name in ("ca_file", "certfile", "keyfile", "password_file"):
+            file = getattr(resolved.mqtt, name)
             if file is not None and not file.is_file():
-                raise ConfigError(str(path), f"mqtt.{key}", f"no such file: {file}")
+                raise ConfigError(str(path), f"mqtt.{name}", f"no such file: {file}")
         for i, stream in enumerate(resolved.streams):
             for j, key in enumerate(stream.public_keys):
                 if not key.is_file():
