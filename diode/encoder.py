@@ -210,6 +210,15 @@ class SendQueue:
         self._queued += len(block.datagrams)
         return True
 
+    def clear(self) -> int:
+        """Forget everything queued (shutdown); returns how many datagrams that was."""
+        dropped = self._queued
+        self._waiting.clear()
+        self._active.clear()
+        self._front.clear()
+        self._queued = 0
+        return dropped
+
     def requeue(self, datagram: bytes) -> None:
         """Put back a datagram the socket could not take; it goes out next."""
         self._front.append(datagram)

@@ -78,6 +78,12 @@ class Router:
                 case Gap():
                     self._gap(view, event)
                 case EpochStarted():
+                    if event.previous is not None:
+                        # Tag ids are numbered per transmitter run: a new epoch may
+                        # mean another config, so nothing old may name a new sample.
+                        view.catalogue.clear()
+                        view.pending.clear()
+                        view.last.clear()
                     view.epoch = event.epoch
                     log.info(
                         "transmitter epoch",

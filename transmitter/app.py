@@ -154,26 +154,33 @@ class Transmitter:
 
     # -- the tasks ----------------------------------------------------------------------
 
+    def _frame(self, limit: int) -> None:
+        """Move up to ``limit`` records into blocks; stop early when a block closes.
+
+        Synchronous on purpose: a record leaves the Outbox only as it enters the
+        encoder, so no record is ever held across an await (and lost to a cancel).
+        A closed block costs about a millisecond (sign, FEC), so the caller hands
+        it to the pacer at once: framing a whole chunk first starved the pacer,
+        whose bucket holds only a few ms of tokens (see docs/BENCHMARKS.md).
+        """
+        encoder, outbox = self.encoder, self.outbox
+        now = time.monotonic()
+        for _ in range(min(limit, len(outbox))):
+            try:
+                encoder.add(outbox.pop(), now)
+            except DiodeError as exc:
+                log.warning("record dropped", reason=exc.reason, detail=str(exc))
+                outbox.counters["records_dropped"] += 1
+            if encoder.blocks_ready:
+                break
+        encoder.poll(now)
+        self._ship()
+
     async def _framer(self) -> None:
         """Outbox -> Encoder -> SendQueue, closing blocks on size or linger."""
         encoder, outbox = self.encoder, self.outbox
         while True:
-            now = time.monotonic()
-            for record in outbox.take(FRAMER_CHUNK):
-                try:
-                    encoder.add(record, now)
-                except DiodeError as exc:
-                    log.warning("record dropped", reason=exc.reason, detail=str(exc))
-                    outbox.counters["records_dropped"] += 1
-                if encoder.blocks_ready:
-                    # A closed block costs about a millisecond (sign, FEC): hand it to
-                    # the pacer now. Framing a whole chunk first starved the pacer,
-                    # whose bucket holds only a few ms of tokens (62 Mb/s at a
-                    # 1000 Mb/s cap; see docs/BENCHMARKS.md).
-                    self._ship()
-                    await asyncio.sleep(0)
-            encoder.poll(now)
-            self._ship()
+            self._frame(FRAMER_CHUNK)
             if len(outbox):
                 await asyncio.sleep(0)
                 continue
@@ -235,10 +242,16 @@ class Transmitter:
             for task in pollers:
                 task.cancel()
             self.heartbeat()
-            await asyncio.sleep(0.05)  # let the framer take the last records
+            # Everything the pollers handed over gets a record number now, so the
+            # receiver can account for it even if the grace period runs out.
+            while len(self.outbox):
+                self._frame(len(self.outbox))
             self.encoder.flush()
             self._ship()
             await self.sender.drain(SHUTDOWN_GRACE_S)
+            unsent = self.queue.clear()
+            if unsent:
+                log.warning("shutdown grace over: datagrams not sent", datagrams=unsent)
             for task in helpers:
                 task.cancel()
         self.sock.close()

@@ -105,9 +105,9 @@ class Outbox:
         """Queue a record of the transmitter's own (heartbeat)."""
         return self._put(record)
 
-    def take(self, limit: int) -> list[Record]:
-        queue = self._queue
-        return [queue.popleft() for _ in range(min(limit, len(queue)))]
+    def pop(self) -> Record:
+        """The oldest queued record (the Outbox must not be empty)."""
+        return self._queue.popleft()
 
     def _announce(self, tag_id: int) -> None:
         # Rare: carousel() runs before the pollers start, so this is a tag added later.
