@@ -273,3 +273,52 @@ async def test_a_synthetic_source_sends_every_update_in_order(tmp_path: Path) ->
         values = [s.value for s in link.samples(tag_id)]
         assert values == list(range(1, len(values) + 1)), f"tag {tag_id} out of order or gapped"
     assert sum(len(link.samples(t)) for t in range(1, 11)) == generated
+
+
+async def test_opc_ua_values_and_inventory_flow_through_the_transmitter(tmp_path: Path) -> None:
+    from diode.records import DeviceInfo
+    from tests.support.opcua_server import OpcuaTestServer, node_id
+
+    server = OpcuaTestServer()
+    await server.start()
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    data = {
+        "transmitter": {
+            "stream_id": 3,
+            "private_key": str(tmp_path / "tx.key"),
+            "state_dir": str(tmp_path / "state"),
+        },
+        "link": {"destination": "127.0.0.1", "port": link.port, "rate_mbps": 50.0},
+        "opcua": {
+            "servers": [
+                {
+                    "name": "line1",
+                    "endpoint": server.endpoint,
+                    "nodes": [
+                        {"name": "level", "node_id": node_id("Level"), "unit": "m"},
+                        {"name": "count", "node_id": node_id("Count"), "mode": "poll",
+                         "poll_interval_s": 0.1},
+                    ],
+                }
+            ]
+        },
+    }  # fmt: skip
+    tx = Transmitter(validate(TxConfig, data, "test.toml"), key=key)
+    stop, task = await run_tx(tx)
+    try:
+        await link.wait_for(lambda: link.samples(1) and link.samples(2))
+        await server.set("Level", 3.25)
+        await server.set("Count", 41)
+        await link.wait_for(lambda: any(s.value == 3.25 for s in link.samples(1)))
+        await link.wait_for(lambda: any(s.value == 41 for s in link.samples(2)))
+        inventory = [r for r in link.records if isinstance(r, DeviceInfo)]
+        assert inventory, "the server's BuildInfo goes out as the device's inventory"
+        assert inventory[-1].identity.get("product_name") == "Test PLC"
+        named = {r.name: r for r in link.records if isinstance(r, TagInfo)}
+        assert named["level"].unit == "m"
+        assert named["level"].source.startswith("opcua://")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await server.stop()
