@@ -42,29 +42,38 @@ DRAIN_BUDGET = 4096  # datagrams per reader callback before yielding to the loop
 STATUS_PERIOD_S = 5.0
 
 
+def size_receive_buffer(sock: socket.socket, wanted: int, *, force: bool = True) -> int:
+    """Ask for ``wanted`` bytes of receive buffer, read back what was granted, warn if capped."""
+    forced = False
+    if force:
+        # Root (CAP_NET_ADMIN) may go past net.core.rmem_max; others get an EPERM.
+        with contextlib.suppress(PermissionError):
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, wanted)
+            forced = True
+    if not forced:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux reports double
+    if granted < wanted:
+        log.warning(
+            "receive buffer capped by the kernel",
+            asked=wanted,
+            granted=granted,
+            fix=f"sysctl -w net.core.rmem_max={wanted} (systemd/99-diode-rx.conf)",
+        )
+    return granted
+
+
 def open_link_socket(listen: str, port: int, rcvbuf: int) -> socket.socket:
-    """Bind the link socket with the buffer asked for, and say so when the kernel capped it."""
+    """Bind the link socket with the receive buffer asked for (read back, warned if capped)."""
     family = socket.AF_INET6 if ":" in listen else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        try:
-            # Root (CAP_NET_ADMIN) may go past net.core.rmem_max.
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        size_receive_buffer(sock, rcvbuf)
         sock.bind((listen, port))
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
         raise LinkError(f"cannot listen on {listen}:{port}: {exc}") from exc
-    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux reports double
-    if granted < rcvbuf:
-        log.warning(
-            "receive buffer capped by the kernel",
-            asked=rcvbuf,
-            granted=granted,
-            fix=f"sysctl -w net.core.rmem_max={rcvbuf}",
-        )
     return sock
 
 
