@@ -281,7 +281,9 @@ class MqttOutput:
             self._drop_pending = 0
             self._drop_logged_at = now
 
-    def _props(self, expiry_s: int | None) -> _PackedProperties:
+    def _props(self, expiry_s: int | None) -> _PackedProperties | None:
+        if self._broker.protocol == "3.1.1":
+            return None  # MQTT 3.1.1 has no properties
         props = self._properties.get(expiry_s)
         if props is None:
             if len(self._properties) > 4096:  # spooled expiries count down: keep this small
@@ -345,11 +347,7 @@ class MqttOutput:
                 idle = POLL_MIN_S
                 await asyncio.sleep(0)  # let the writer callback flush and acks come in
             elif self._inflight:
-                # Poll for acknowledgements, but wake at once when new messages come:
-                # a plain sleep here held them back up to POLL_MAX_S (QoS 1 latency).
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), idle)
+                await asyncio.sleep(idle)
                 idle = min(idle * 2, POLL_MAX_S)
             else:
                 self._wake.clear()
@@ -388,7 +386,11 @@ class MqttOutput:
             broker.host,
             broker.port,
             identifier=broker.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
+            protocol=(
+                aiomqtt.ProtocolVersion.V311
+                if broker.protocol == "3.1.1"
+                else aiomqtt.ProtocolVersion.V5
+            ),
             username=broker.username,
             password=password,
             keepalive=broker.keepalive_s,
@@ -401,7 +403,7 @@ class MqttOutput:
                 encode({"online": False, "client_id": broker.client_id, "reason": "lost"}),
                 qos=1,
                 retain=True,
-                properties=_PackedProperties(None),
+                properties=self._props(None),
             ),
         )
         inner = client._client
