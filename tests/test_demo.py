@@ -118,36 +118,3 @@ def test_the_process_fills_drains_and_toggles_the_pump_at_its_thresholds() -> No
         assert level <= LEVEL_LOW_M if pump_on else level >= LEVEL_HIGH_M
     assert parts == sorted(parts)
     assert parts[-1] > 500
-
-
-def test_mqtt5_packets_reach_a_311_broker_without_properties() -> None:
-    from diode.demo.downgrade import Session, packet, protocol_level, to_v5, to_v311
-
-    session = Session()
-    # CONNECT 5.0: clean start, will (QoS 1, retain) with a property, keepalive 30,
-    # connect properties (receive maximum 20).
-    will_props = b"\x04\x03\x00\x01j"  # content type "j"
-    body5 = (
-        b"\x00\x04MQTT\x05"
-        + bytes([0x02 | 0x04 | 0x08 | 0x20])
-        + b"\x00\x1e"
-        + b"\x03\x21\x00\x14"
-        + b"\x00\x02rx"
-        + will_props
-        + b"\x00\x01w"
-        + b"\x00\x03off"
-    )
-    assert protocol_level(body5) == 5
-    body311 = (
-        b"\x00\x04MQTT\x04" + bytes([0x2E]) + b"\x00\x1e" + b"\x00\x02rx" + b"\x00\x01w\x00\x03off"
-    )
-    assert to_v311(0x10, body5, session) == packet(0x10, body311)
-    # PUBLISH QoS 1, retained, packet id 7, content type property, payload "42"
-    publish5 = b"\x00\x03a/b" + b"\x00\x07" + will_props + b"42"
-    assert to_v311(0x33, publish5, session) == packet(0x33, b"\x00\x03a/b\x00\x0742")
-    # and back: CONNACK, PUBLISH with an empty property list, PUBACK unchanged
-    assert to_v5(0x20, b"\x00\x00", session) == packet(0x20, b"\x00\x00\x00")
-    assert to_v5(0x32, b"\x00\x03a/b\x00\x0742", session) == packet(
-        0x32, b"\x00\x03a/b\x00\x07\x0042"
-    )
-    assert to_v5(0x40, b"\x00\x07", session) == packet(0x40, b"\x00\x07")

@@ -300,3 +300,17 @@ async def test_last_will_marks_the_receiver_offline(mosquitto: Mosquitto, tmp_pa
             with contextlib.suppress(ProcessLookupError):
                 child.kill()
             await child.wait()
+
+
+async def test_mqtt_3_1_1_for_older_brokers(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    stream = StreamOutput(site="old", qos=1, message_expiry_s=600)
+    config = broker_config(mosquitto.port, tmp_path, protocol="3.1.1")
+    async with (
+        subscriber(mosquitto.port, "diode/old/#") as got,
+        running(MqttOutput(config)) as out,
+    ):
+        out.publish_samples(stream, samples(TAGS[0], range(4)))
+        await until(lambda: len(got.on("diode/old/plc1/")) == 4)
+    assert got.values("diode/old/plc1/t0") == [0, 1, 2, 3]
+    # A 3.1.1 publisher sends no properties: no content type, no expiry.
+    assert all(getattr(m.properties, "ContentType", None) is None for m in got.messages)

@@ -36,6 +36,10 @@ class MqttBroker(Section):
     client_id: str = Field(
         "diode-rx", min_length=1, max_length=128, description="MQTT client identifier"
     )
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5",
+        description="MQTT version; 3.1.1 for older plant brokers (no content type, no expiry)",
+    )
     tls: bool = Field(False, description="connect with TLS")
     ca_file: Path | None = Field(
         None, description="CA bundle to verify the broker; system CAs if unset", strict=False

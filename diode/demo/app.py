@@ -148,6 +148,7 @@ class Demo:
         self.process = Process(seed=options.seed)
         self.broker_name = ""
         self.broker_addr = LOCAL_BROKER
+        self.broker_protocol = "5"  # MQTT version the receiver speaks to the broker
         self.watcher: Watcher | None = None
         self.relay: LossyRelay | None = None
         self.tx: Transmitter | None = None
@@ -187,6 +188,7 @@ class Demo:
         await broker.start()
         self.stack.push_async_callback(broker.stop)
         self.broker_addr = (broker.host, broker.port)
+        self.broker_protocol = broker.protocol
         self.broker_name = f"{broker.host}:{broker.port} (embedded amqtt)"
 
     async def _start_watcher(self) -> None:
@@ -264,6 +266,7 @@ class Demo:
                 "host": self.broker_addr[0],
                 "port": self.broker_addr[1],
                 "client_id": f"diode-demo-rx-{os.getpid()}",
+                "protocol": self.broker_protocol,
                 "spool_path": str(self.workdir / "rx-state" / "spool.sqlite"),
             },
             "streams": [

@@ -21,7 +21,6 @@ from typing import Any
 
 import aiomqtt
 
-from diode.demo.downgrade import DowngradeProxy
 from diode.demo.plant import free_port
 
 PROBE_TIMEOUT_S = 1.0
@@ -68,16 +67,15 @@ async def probe(host: str, port: int, timeout_s: float = PROBE_TIMEOUT_S) -> boo
 class EmbeddedBroker:
     """An amqtt broker on 127.0.0.1, anonymous, no $SYS topics, nothing on disk.
 
-    amqtt 0.12 speaks MQTT 3.1.1 only and the receiver MQTT 5, so clients
-    connect to a :class:`DowngradeProxy` on :attr:`port`, which passes 3.1.1
-    sessions through and translates 5.0 ones for amqtt on a port of its own.
+    amqtt 0.12 speaks MQTT 3.1.1 only: the receiver is configured with
+    ``protocol = "3.1.1"`` for it, as it would be for an older plant broker.
     """
+
+    protocol = "3.1.1"
 
     def __init__(self, port: int | None = None) -> None:
         self.host = "127.0.0.1"
-        self.inner_port = free_port()
-        self.proxy = DowngradeProxy((self.host, self.inner_port), port)
-        self.port = self.proxy.port
+        self.port = port or free_port()
         self._broker: Any = None
 
     async def start(self) -> None:
@@ -87,7 +85,7 @@ class EmbeddedBroker:
         # amqtt logs every connection at INFO and its own teardown at WARNING.
         logging.getLogger("amqtt").setLevel(logging.CRITICAL)
         config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.inner_port}"}},
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
             "plugins": {
                 "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
             },
@@ -95,10 +93,8 @@ class EmbeddedBroker:
         broker = Broker(config)
         await broker.start()
         self._broker = broker
-        await self.proxy.start()
 
     async def stop(self) -> None:
-        await self.proxy.stop()
         broker, self._broker = self._broker, None
         if broker is not None:
             await broker.shutdown()
