@@ -41,7 +41,7 @@ from diode.config.tx import TxConfig
 from diode.demo.broker import EmbeddedBroker, Watcher, probe
 from diode.demo.plant import ModbusPlc, OpcuaPlc
 from diode.demo.process import Process
-from diode.demo.relay import LossyRelay
+from diode.demo.relay import Faults, Relay
 from diode.demo.view import (
     LogTail,
     Snapshot,
@@ -150,7 +150,7 @@ class Demo:
         self.broker_addr = LOCAL_BROKER
         self.broker_protocol = "5"  # MQTT version the receiver speaks to the broker
         self.watcher: Watcher | None = None
-        self.relay: LossyRelay | None = None
+        self.relay: Relay | None = None
         self.tx: Transmitter | None = None
         self.rx: Receiver | None = None
         self.daemon_tasks: list[asyncio.Task[None]] = []
@@ -209,7 +209,8 @@ class Demo:
         self.rx = Receiver(self.rx_config(keys, rx_port), sock=sock)
         await self._daemon("receiver", self.rx)
 
-        relay = LossyRelay(("127.0.0.1", rx_port), loss=self.options.loss, seed=self.options.seed)
+        faults = Faults(loss=self.options.loss, seed=self.options.seed)
+        relay = Relay(("127.0.0.1", rx_port), faults)
         await relay.start()
         self.stack.callback(relay.close)
         self.relay = relay
@@ -366,7 +367,7 @@ class Demo:
                     messages=seen.count,
                 )
             )
-        relay = self.relay.counts if self.relay is not None else None
+        relay = self.relay.stats if self.relay is not None else None
         end = self.stopped_at if self.stopped_at is not None else now_mono
         return Snapshot(
             elapsed_s=max(end - self.started, 0.0),

@@ -1,9 +1,11 @@
-"""The demo's stand-in for a lossy one-way wire: a UDP relay that drops a share of datagrams.
+"""A lossy stand-in for the one-way wire: a UDP relay with seeded faults.
 
-Datagrams from the transmitter arrive on :attr:`LossyRelay.port` and go on to
-the receiver, except a share ``loss`` of them, chosen by a seeded RNG so that
-one run can be replayed. The counts it keeps are shown next to the
-receiver's, so what the wire lost and what FEC rebuilt can be compared.
+Datagrams from the transmitter arrive on ``port`` and go on to the receiver,
+some of them lost (at random and in bursts), duplicated, reordered or
+bit-flipped, decided by a seeded RNG so that a run can be replayed. The demo
+uses it to show FEC at work (``--loss``); the fault suite uses all of it, and
+``capture=True`` keeps every datagram for replay attacks. (The netem qdisc is
+not available on every machine; a userspace relay is.)
 """
 
 from __future__ import annotations
@@ -14,27 +16,46 @@ import socket
 from dataclasses import dataclass
 
 
+@dataclass(slots=True, kw_only=True)
+class Faults:
+    loss: float = 0.0
+    burst_every_s: float = 0.0  # a burst of burst_len consecutive datagrams lost this often
+    burst_len: int = 0
+    duplicate: float = 0.0
+    reorder: float = 0.0  # held back and sent after the next one
+    corrupt: float = 0.0  # one random bit flipped
+    seed: int = 1
+
+
 @dataclass(slots=True)
-class RelayCounts:
+class RelayStats:
     received: int = 0
     forwarded: int = 0
     dropped: int = 0
+    duplicated: int = 0
+    reordered: int = 0
+    corrupted: int = 0
+    bursts: int = 0
     send_errors: int = 0
 
 
-class LossyRelay(asyncio.DatagramProtocol):
-    """Forward datagrams from a loopback port to ``target``, dropping a seeded share."""
-
-    def __init__(self, target: tuple[str, int], *, loss: float = 0.0, seed: int = 1) -> None:
-        if not 0.0 <= loss <= 1.0:
-            raise ValueError(f"loss must be between 0 and 1, got {loss}")
+class Relay(asyncio.DatagramProtocol):
+    def __init__(
+        self, target: tuple[str, int], faults: Faults | None = None, *, capture: bool = False
+    ) -> None:
         self.target = target
-        self.loss = loss
-        self.counts = RelayCounts()
+        self.faults = faults or Faults()
+        if not 0.0 <= self.faults.loss <= 1.0:
+            raise ValueError(f"loss must be between 0 and 1, got {self.faults.loss}")
+        self._capturing = capture
+        self.rng = random.Random(self.faults.seed)
+        self.stats = RelayStats()
+        self.capture: list[bytes] = []
         self.port = 0
-        self._rng = random.Random(seed)
         self._out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._out.setblocking(False)
+        self._held: bytes | None = None
+        self._burst_left = 0
+        self._next_burst = 0.0
         self._transport: asyncio.DatagramTransport | None = None
 
     async def start(self) -> None:
@@ -44,24 +65,56 @@ class LossyRelay(asyncio.DatagramProtocol):
         )
         self._transport = transport
         sock = transport.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024 * 1024)
         self.port = sock.getsockname()[1]
+        self._next_burst = loop.time() + self.faults.burst_every_s
 
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
-            self._transport = None
         self._out.close()
 
+    def send(self, datagram: bytes) -> None:
+        """Inject a datagram towards the receiver (replays, forgeries, garbage)."""
+        self._out.sendto(datagram, self.target)
+
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        counts = self.counts
-        counts.received += 1
-        if self._rng.random() < self.loss:
-            counts.dropped += 1
+        f, rng, stats = self.faults, self.rng, self.stats
+        stats.received += 1
+        if self._capturing:
+            self.capture.append(data)
+        if f.burst_every_s and asyncio.get_running_loop().time() >= self._next_burst:
+            self._next_burst += f.burst_every_s
+            self._burst_left = f.burst_len
+            stats.bursts += 1
+        if self._burst_left:
+            self._burst_left -= 1
+            stats.dropped += 1
             return
+        if rng.random() < f.loss:
+            stats.dropped += 1
+            return
+        if rng.random() < f.corrupt:
+            flipped = bytearray(data)
+            bit = rng.randrange(len(flipped) * 8)
+            flipped[bit // 8] ^= 1 << (bit % 8)
+            data = bytes(flipped)
+            stats.corrupted += 1
+        copies = 2 if rng.random() < f.duplicate else 1
+        stats.duplicated += copies - 1
+        if self._held is None and rng.random() < f.reorder:
+            self._held = data
+            stats.reordered += 1
+            return
+        for _ in range(copies):
+            self._forward(data)
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._forward(held)
+
+    def _forward(self, data: bytes) -> None:
         try:
             self._out.sendto(data, self.target)
+            self.stats.forwarded += 1
         except OSError:
-            counts.send_errors += 1
-            return
-        counts.forwarded += 1
+            self.stats.send_errors += 1
