@@ -9,11 +9,12 @@ expected, which the commands print as one line before exiting with status 2.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from diode.errors import ConfigError
 
@@ -25,6 +26,18 @@ class Section(BaseModel):
 
 
 M = TypeVar("M", bound=Section)
+
+
+def _ip_literal(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"expected an IP address, got {value!r}") from None
+    return value
+
+
+# An address, not a name: a one-way link has no DNS (and no ARP replies either).
+IpAddress = Annotated[str, AfterValidator(_ip_literal)]
 
 
 def dotted(loc: tuple[int | str, ...]) -> str:

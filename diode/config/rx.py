@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from diode.config import Section
+from diode.config import IpAddress, Section
 from diode.config.mqtt import MqttBroker, StreamOutput
 from diode.config.tx import LogSettings
 from diode.errors import ConfigError
@@ -17,7 +16,7 @@ from diode.errors import ConfigError
 class ReceiverSection(Section):
     """``[receiver]``: where the link arrives, and what the receiver keeps."""
 
-    listen: str = Field("0.0.0.0", description="IP address of the one-way link's interface")  # noqa: S104
+    listen: IpAddress = Field("0.0.0.0", description="IP address of the one-way link's interface")  # noqa: S104
     port: int = Field(5140, ge=1, le=65535, description="UDP port the transmitters send to")
     rcvbuf_bytes: int = Field(
         32 * 1024 * 1024,
@@ -34,17 +33,8 @@ class ReceiverSection(Section):
     max_assembly_mb: float = Field(
         64.0, gt=0.0, le=4096.0, description="memory for blocks being rebuilt, at most"
     )
-    metrics_address: str = Field("127.0.0.1", description="Prometheus metrics address")
+    metrics_address: IpAddress = Field("127.0.0.1", description="Prometheus metrics address")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port; 0 = off")
-
-    @field_validator("listen", "metrics_address")
-    @classmethod
-    def _ip_literal(cls, value: str) -> str:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            raise ValueError(f"expected an IP address, got {value!r}") from None
-        return value
 
 
 class StreamConfig(Section):
