@@ -230,6 +230,8 @@ class Receiver:
                 await asyncio.wait_for(self.output.close(), 5)
             for task in tasks:
                 task.cancel()
+        if self.metrics is not None:
+            self.metrics.close()
         self.sock.close()
         log.info("receiver stopped", **self.counters())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -46,6 +47,13 @@ class Metrics:
     def __init__(self, receiver: Receiver) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_ReceiverCollector(receiver))
+        self._server: WSGIServer | None = None
 
     def serve(self, address: str, port: int) -> None:
-        start_http_server(port, addr=address, registry=self.registry)
+        self._server, _thread = start_http_server(port, addr=address, registry=self.registry)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -85,6 +85,7 @@ class Plant:
     tx_overrides: dict[str, Any] = field(default_factory=dict)
     link_overrides: dict[str, Any] = field(default_factory=dict)
     output_overrides: dict[str, Any] = field(default_factory=dict)
+    rx_overrides: dict[str, Any] = field(default_factory=dict)
     plc: ModbusSimServer | None = None
     relay: Relay | None = None
     tx: Transmitter | None = None
@@ -148,6 +149,7 @@ class Plant:
                 "port": self.rx_port,
                 "state_dir": str(self.tmp / "rx-state"),
                 "rcvbuf_bytes": 8 * 1024 * 1024,
+                **self.rx_overrides,
             },
             "mqtt": {
                 "host": "127.0.0.1",

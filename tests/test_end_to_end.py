@@ -130,3 +130,46 @@ async def test_a_receiver_started_late_learns_every_tag_within_a_catalogue_perio
     # The catalogue period is 1 s and the integrity refresh re-sends values each second.
     await wait_until(lambda: subscriber.on(COUNT), within=5)
     assert subscriber.on(COUNT)[-1]["value"] == 9
+
+
+async def test_link_down_marks_every_tag_stale_with_its_last_value(
+    plant: Plant, subscriber: Subscriber
+) -> None:
+    plant.output_overrides = {"link_timeout_s": 1.0}
+    set_count(plant, 33)
+    await plant.start_relay()
+    await plant.start_rx()
+    await plant.start_tx()
+    await wait_until(lambda: any(m["value"] == 33 for m in subscriber.on(COUNT)))
+    await plant.stop("tx")
+    await wait_until(lambda: any(m["quality"] == "stale" for m in subscriber.on(COUNT)))
+    stale = next(m for m in subscriber.on(COUNT) if m["quality"] == "stale")
+    assert stale["value"] == 33, "the last value, never an invented one"
+    await wait_until(lambda: any(s.get("link") == "down" for s in subscriber.on(STATUS)))
+
+
+async def test_inventory_and_metrics(plant: Plant, subscriber: Subscriber) -> None:
+    import urllib.request
+
+    from tests.support.net import free_port
+
+    assert plant.plc is not None
+    metrics_port = free_port()
+    plant.rx_overrides = {"metrics_port": metrics_port}
+    await plant.start_relay()
+    await plant.start_rx()
+    await plant.start_tx()
+    await wait_until(lambda: subscriber.on("diode/test/plc1/$inventory"))
+    inventory = subscriber.on("diode/test/plc1/$inventory")[-1]
+    assert inventory["protocol"] == "modbus"
+    await wait_until(lambda: subscriber.on(COUNT))
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    for metric in (
+        "diode_rx_datagrams_total",
+        "diode_rx_blocks_whole_total",
+        "diode_rx_records_delivered_total",
+        "diode_rx_mqtt_connected",
+        'diode_rx_link_up{stream="11"} 1.0',
+    ):
+        assert metric in text, metric
