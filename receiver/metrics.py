@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from receiver.app import Receiver
 
 
-
 class _ReceiverCollector(Collector):
     def __init__(self, receiver: Receiver) -> None:
         self._receiver = receiver
