@@ -166,6 +166,7 @@ class Seen:
     value: Any
     ts: str
     at_ns: int
+    reason: str = ""
 
 
 class Subscriber:
@@ -173,13 +174,17 @@ class Subscriber:
 
     Understands both payload modes. With ``session`` the broker keeps the
     subscription and queues QoS 1 messages while the subscriber is away
-    (a broker with persistence keeps them across its own restart).
+    (a broker with persistence keeps them across its own restart). A session
+    the broker still has is not subscribed again: a new SUBSCRIBE would make
+    the broker send every retained value again, among the queued ones.
     """
 
     def __init__(self, port: int, *, session: str | None = None) -> None:
         self.values: dict[tuple[str, str], list[Seen]] = defaultdict(list)
         self.status: list[dict[str, Any]] = []
         self.messages = 0
+        self.connects = 0
+        self.sessions_resumed = 0
         self.lock = threading.Lock()
         self.connected = threading.Event()
         self.client = mqtt.Client(
@@ -200,8 +205,12 @@ class Subscriber:
         if not self.connected.wait(10):
             raise RuntimeError("subscriber could not connect")
 
-    def _on_connect(self, client: mqtt.Client, *_: object) -> None:
-        client.subscribe(f"{PREFIX}/#", qos=1)
+    def _on_connect(self, client: mqtt.Client, _u: object, flags: Any, *_: object) -> None:
+        self.connects += 1
+        if getattr(flags, "session_present", False):
+            self.sessions_resumed += 1
+        else:
+            client.subscribe(f"{PREFIX}/#", qos=1)
         self.connected.set()
 
     def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
@@ -221,11 +230,17 @@ class Subscriber:
                 device = parts[0]
                 for s in payload["samples"]:
                     self.values[device, s["tag"]].append(
-                        Seen(s["quality"], s["value"], s["ts"], at)
+                        Seen(s["quality"], s["value"], s["ts"], at, s.get("reason", ""))
                     )
             elif len(parts) == 2 and not parts[1].startswith("$"):
                 self.values[parts[0], parts[1]].append(
-                    Seen(payload["quality"], payload["value"], payload["ts"], at)
+                    Seen(
+                        payload["quality"],
+                        payload["value"],
+                        payload["ts"],
+                        at,
+                        payload.get("reason", ""),
+                    )
                 )
 
     def good(self) -> dict[tuple[str, str], list[int]]:
@@ -235,6 +250,17 @@ class Subscriber:
                 tag: [n for s in seen if s.quality == "good" and (n := sample_number(s.value))]
                 for tag, seen in self.values.items()
             }
+
+    def seen(self, device: str, tag: str) -> list[Seen]:
+        with self.lock:
+            return list(self.values.get((device, tag), []))
+
+    def first_after(self, device: str, tag: str, at_ns: int, quality: str) -> Seen | None:
+        """The first value of ``quality`` that arrived at or after ``at_ns`` (wall clock)."""
+        return next(
+            (s for s in self.seen(device, tag) if s.at_ns >= at_ns and s.quality == quality),
+            None,
+        )
 
     def count_good(self) -> int:
         with self.lock:
@@ -365,6 +391,7 @@ class Plant:
     receiver: dict[str, Any] = field(default_factory=dict)
     mqtt: dict[str, Any] = field(default_factory=dict)
     output: dict[str, Any] = field(default_factory=dict)
+    plc: dict[str, Any] = field(default_factory=dict)  # [modbus] / [opcua] sections of tx
     capture: bool = False
     relay: Relay | None = None
     rx: Child | None = None
@@ -408,6 +435,7 @@ class Plant:
                 **self.link,
             },
             "synthetic": {"sources": self.sources},
+            **self.plc,
             "log": {"level": "info", "format": "json"},
         }
         path = self.tmp / "tx.toml"
@@ -571,3 +599,55 @@ def os_info() -> str:
     return (
         f"{uname.sysname} {uname.release}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
     )
+
+
+# --- the broker, the spool and the position on disk -------------------------------------
+
+
+def persist_broker(broker: Mosquitto) -> None:
+    """Persistence on (sessions and queued messages survive a restart), then restart.
+
+    ``user root``: started as root, mosquitto otherwise becomes user mosquitto,
+    cannot write its database into the test's private directory (mode 700) and
+    says only "Permission denied" when it exits: every session is then lost.
+    Not started as root, the line changes nothing.
+    """
+    text = broker.conf.read_text()
+    if "persistence true" not in text:
+        text = text.replace(
+            "persistence false",
+            f"persistence true\npersistence_location {broker.workdir}/\nuser root",
+        )
+        broker.conf.write_text(text)
+    broker.restart()
+
+
+def spooled(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The receiver's MQTT spool as a killed receiver left it: (topic, payload), in order."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute("SELECT topic, payload FROM spool ORDER BY id").fetchall()
+    finally:
+        db.close()
+    return [(topic, json.loads(payload)) for topic, payload in rows]
+
+
+def spooled_values(rows: list[tuple[str, dict[str, Any]]]) -> set[tuple[str, str, int]]:
+    """The synthetic (device, tag, count) values in spooled per-tag messages."""
+    out = set()
+    for topic, payload in rows:
+        parts = topic[len(PREFIX) + 1 :].split("/")
+        if topic.startswith(PREFIX + "/") and len(parts) == 2 and not parts[1].startswith("$"):
+            n = sample_number(payload.get("value"))
+            if payload.get("quality") == "good" and n is not None:
+                out.add((parts[0], parts[1], n))
+    return out
+
+
+def saved_position(plant: Plant) -> Any:
+    """The stream position the receiver saved on disk (a StreamState)."""
+    from diode.replay import unpack_states
+
+    return unpack_states((plant.tmp / "rx-state" / "positions").read_bytes())[STREAM]
