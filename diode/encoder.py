@@ -31,8 +31,8 @@ from diode.wire import (
     FLAG_ENCRYPTED,
     BlockHeader,
     DatagramHeader,
+    pack_block_datagrams,
     pack_block_header,
-    pack_datagram,
     symbol_size,
 )
 
@@ -157,22 +157,21 @@ class Encoder:
         block = signed + self._key.sign(signed)
         symbols = fec.encode(fec.split(block, k, self._symbol), n)
         datagrams = tuple(
-            pack_datagram(
+            pack_block_datagrams(
                 DatagramHeader(
                     flags=flags,
                     stream_id=self._stream_id,
                     key_id=self._key.key_id,
                     epoch=self._epoch,
                     seq=self._seq,
-                    index=index,
+                    index=0,
                     k=k,
                     n=n,
                     block_length=block_length,
                     records=count,
                 ),
-                symbol,
+                symbols,
             )
-            for index, symbol in enumerate(symbols)
         )
         self._closed.append(EncodedBlock(seq=self._seq, records=count, datagrams=datagrams))
         self._seq += 1

@@ -113,3 +113,19 @@ def test_inconsistent_headers_are_malformed_even_with_a_good_crc(offset: int, va
 
 if __name__ == "__main__":  # regenerate the vector: python -m tests.test_wire
     VECTORS.write_text(json.dumps({"datagrams": [d.hex() for d in _encode()]}, indent=1) + "\n")
+
+
+def test_pack_block_datagrams_is_pack_datagram_for_each_index() -> None:
+    from diode.wire import DatagramHeader, pack_block_datagrams, pack_datagram, parse_datagram
+
+    fields = {
+        "flags": 1, "stream_id": 7, "key_id": b"abcdefgh", "epoch": 2**40 + 3, "seq": 42,
+        "k": 3, "n": 9, "block_length": 2000, "records": 17,
+    }  # fmt: skip
+    symbols = [bytes([i]) * 1424 for i in range(9)]
+    block = pack_block_datagrams(DatagramHeader(index=0, **fields), symbols)
+    one_by_one = [
+        pack_datagram(DatagramHeader(index=i, **fields), s) for i, s in enumerate(symbols)
+    ]
+    assert block == one_by_one
+    assert [parse_datagram(d)[0].index for d in block] == list(range(9))
