@@ -36,6 +36,10 @@ RUNS: list[tuple[str, Any, dict[str, Any]]] = [
     ("replay", scenarios.replay, {}),
     ("forgery", scenarios.forgery, {}),
     ("flood", scenarios.flood, {}),
+    ("broker_outage", scenarios.broker_outage, {}),
+    ("receiver_kill", scenarios.receiver_kill, {}),
+    ("transmitter_kill", scenarios.transmitter_kill, {}),
+    ("plc_faults", scenarios.plc_faults, {}),
 ]
 
 
