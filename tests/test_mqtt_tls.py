@@ -79,9 +79,7 @@ async def test_tls_and_a_password_from_a_file(tmp_path: Path) -> None:
     broker.conf.write_text(
         f"listener {broker.port} 127.0.0.1\n"
         f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
-        f"allow_anonymous false\npassword_file {passwd}\n"
-        # Keep the test's own user: the files live in the test's private tmp folder.
-        "user root\n"
+        f"allow_anonymous false\npassword_file {passwd}\nuser root\n"
     )
     broker.start()
     secret = tmp_path / "mqtt-password"

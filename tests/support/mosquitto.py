@@ -27,6 +27,9 @@ class Mosquitto:
             "max_queued_messages 1000000\n"
             "max_inflight_messages 0\n"
             "log_type error\n"
+            # Started as root, mosquitto would drop to its own user, which cannot reach
+            # the files a test keeps in its private tmp folder (persistence, passwords).
+            "user root\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
