@@ -322,3 +322,51 @@ async def test_opc_ua_values_and_inventory_flow_through_the_transmitter(tmp_path
         stop.set()
         await asyncio.wait_for(task, 10)
         await server.stop()
+
+
+async def test_a_link_too_slow_drops_whole_blocks_counts_them_and_never_blocks_a_poller(
+    tmp_path: Path,
+) -> None:
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    data = {
+        "transmitter": {
+            "stream_id": 3,
+            "private_key": str(tmp_path / "tx.key"),
+            "state_dir": str(tmp_path / "state"),
+            "heartbeat_interval_s": 0.2,
+        },
+        # 2 Mb/s with room for 64 datagrams: far below what the source produces.
+        "link": {
+            "destination": "127.0.0.1",
+            "port": link.port,
+            "rate_mbps": 2.0,
+            "queue_datagrams": 64,
+        },
+        "synthetic": {"sources": [{"name": "gen", "tags": 50, "rate_hz": 20000.0}]},
+    }
+    tx = Transmitter(validate(TxConfig, data, "test.toml"), key=key)
+    stop, task = await run_tx(tx)
+    started = asyncio.get_running_loop().time()
+    for _ in range(75):
+        await asyncio.sleep(0.02)
+        link.drain()
+    elapsed = asyncio.get_running_loop().time() - started
+    generated = tx.pollers[0].counters["generated"]
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    # The poller kept its pace: the link's backlog never slowed it down.
+    assert generated >= 20000 * elapsed * 0.8
+    counters = tx.counters()
+    assert counters["blocks_dropped"] > 0
+    assert counters["records_dropped_link"] > 0
+    heartbeats = [r for r in link.records if isinstance(r, Heartbeat)]
+    assert any(h.counters.get("blocks_dropped", 0) > 0 for h in heartbeats), (
+        "the heartbeat reports the drops"
+    )
+    # What was dropped shows at the receiver as gaps of exactly that many records.
+    await link.wait_for(
+        lambda: link.decoder.counters["records_lost"] >= counters["records_dropped_link"],
+        within=5,
+    )
+    assert link.decoder.counters["records_lost"] == counters["records_dropped_link"]
