@@ -607,16 +607,14 @@ def os_info() -> str:
 def persist_broker(broker: Mosquitto) -> None:
     """Persistence on (sessions and queued messages survive a restart), then restart.
 
-    ``user root``: started as root, mosquitto otherwise becomes user mosquitto,
-    cannot write its database into the test's private directory (mode 700) and
-    says only "Permission denied" when it exits: every session is then lost.
-    Not started as root, the line changes nothing.
+    The test broker runs as ``user root`` (tests/support/mosquitto.py), so it can
+    write its database into the test's private directory.
     """
     text = broker.conf.read_text()
     if "persistence true" not in text:
         text = text.replace(
             "persistence false",
-            f"persistence true\npersistence_location {broker.workdir}/\nuser root",
+            f"persistence true\npersistence_location {broker.workdir}/",
         )
         broker.conf.write_text(text)
     broker.restart()
