@@ -3,10 +3,11 @@
 The pipeline, stage by stage, with the queue between each pair::
 
     UDP socket        drain (reader       Decoder            Router           MqttOutput
-    (SO_RCVBUF  ----> callback: recv --> (rebuild, verify, -> (catalogue, --> (memory queue,
-     sized, read      until empty)        order, gaps)        stale, status)   SQLite spool)
-     back)                                  |
-                              positions saved before records go on
+    (SO_RCVBUF  ----> callback: recv --> (rebuild, verify, -> (catalogue, --> (SQLite spool,
+     sized, read      until empty)        order, gaps)        stale, status)   then the broker)
+     back)
+    Messages and the stream positions that cover them are committed to the
+    spool in one transaction before anything is published.
 
 The socket is drained in a tight loop whenever it is readable: a full
 socket queue is the main cause of loss on a one-way link. The receiver never
@@ -91,28 +92,21 @@ def kernel_drops(sock: socket.socket) -> int:
     return 0
 
 
-class PositionFile:
-    """Each stream's position, written before the records it covers are handed on."""
+POSITIONS = "positions"
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
 
-    def load(self) -> dict[int, StreamState]:
-        try:
-            return unpack_states(self.path.read_bytes())
-        except FileNotFoundError:
-            return {}
-        except FrameError as exc:
-            # A damaged file must not stop the receiver; replays of old epochs stay
-            # rejected by the next authentic epoch, and the event is loud.
-            log.warning("stream positions unreadable, starting without them", error=str(exc))
-            return {}
-
-    def save(self, states: dict[int, StreamState]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(pack_states(states))
-        tmp.replace(self.path)
+def load_positions(output: MqttOutput) -> dict[int, StreamState]:
+    """The stream positions the last commit stored beside the messages they cover."""
+    saved = output.saved(POSITIONS)
+    if saved is None:
+        return {}
+    try:
+        return unpack_states(saved)
+    except FrameError as exc:
+        # A damaged record must not stop the receiver; replays of old epochs stay
+        # rejected by the next authentic epoch, and the event is loud.
+        log.warning("stream positions unreadable, starting without them", error=str(exc))
+        return {}
 
 
 class Receiver:
@@ -126,16 +120,15 @@ class Receiver:
                 TrustedKey(stream_id=stream.id, public=load_public_key(path), psk=psk)
                 for path in stream.public_keys
             )
-        self.positions = PositionFile(section.state_dir / "positions")
+        self.output = MqttOutput(config.mqtt)
         self.decoder = Decoder(
             Keyring(keys),
             DecoderSettings(
                 reorder_timeout_s=section.reorder_timeout_s,
                 max_assembly_bytes=int(section.max_assembly_mb * 1024 * 1024),
             ),
-            state=self.positions.load(),
+            state=load_positions(self.output),
         )
-        self.output = MqttOutput(config.mqtt)
         self.router = Router({s.id: s.output for s in config.streams}, self.output)
         self.sock = sock or open_link_socket(section.listen, section.port, section.rcvbuf_bytes)
         self.metrics = Metrics(self) if section.metrics_port else None
@@ -159,12 +152,15 @@ class Receiver:
         self._after(now)
 
     def _after(self, now: float) -> None:
-        events = self.decoder.events()
-        if self.decoder.state_changed:
-            # The position goes to disk before the records it covers go on.
-            self.positions.save(self.decoder.positions())
+        decoder = self.decoder
+        events = decoder.events()
         if events:
             self.router.handle(events, now)
+        if decoder.state_changed:
+            # The messages and the positions that cover them reach the disk in one
+            # transaction, before anything is published: a receiver killed at any
+            # moment loses nothing unreported and takes no replayed block twice.
+            self.output.commit({POSITIONS: pack_states(decoder.positions())})
         self._arm()
 
     def _arm(self) -> None:

@@ -152,7 +152,7 @@ async def _via_output(host: str, port: int, stream: StreamOutput, items: list[An
             await asyncio.sleep(0.01)
         for i in range(0, len(items), BLOCK):
             output.publish_samples(stream, items[i : i + BLOCK])
-            # The receiver is paced by its link; here, keep the memory queue short.
+            # The receiver is paced by its link; here, keep the backlog short.
             while output.backlog > 20_000:  # noqa: ASYNC110 - crude producer backpressure
                 await asyncio.sleep(0.001)
             await asyncio.sleep(0)

@@ -6,21 +6,25 @@
       publish_samples / publish_inventory / publish_status
         |  topics + JSON (receiver/payload.py)
         v
-      memory deque (bounded) --[spool not empty | broker away | deque full]--> SQLite spool
-        |                                                          (bounded; when full the
-        v                                                           oldest are dropped, counted)
+      batch --commit(positions)--> SQLite spool (one transaction: the messages and
+        |                          the stream positions that cover them; bounded:
+        |                          when full the oldest are dropped, counted)
+        v
       pump: paho publish, no await, <= window unacknowledged  <-- spool rows, oldest first
         |
         v
-      aiomqtt connection (MQTT 5, last will, TLS, reconnect with backoff) --> broker
+      aiomqtt connection (MQTT 5 or 3.1.1, last will, TLS, reconnect with backoff) --> broker
 
-Order: a message goes to memory only while the spool is empty; once the spool
-holds anything, everything new goes behind it. Memory is always older than the
-spool, so on a lost connection memory (and whatever was written but not yet
-acknowledged) goes back to the *front* of the spool. Rows leave the spool only
-when the broker has them (PUBACK for QoS 1). QoS 1 is at-least-once: a message
-whose PUBACK was lost with the connection is sent again, with DUP semantics left
-to subscribers (the value and ts make it idempotent).
+Write-through: every message is in the spool before anything is published,
+committed together with the receiver's stream positions. A receiver killed at
+any moment therefore restarts with exactly the messages its saved position
+promised, none lost and none taken twice from a replayed block. Rows leave the
+spool only when the broker has them (PUBACK for QoS 1, written to the socket
+for QoS 0); on a lost connection the reader starts again at the oldest row.
+QoS 1 is at-least-once: a message whose PUBACK was lost with the connection is
+sent again, with DUP semantics left to subscribers (the value and ts make it
+idempotent). The spool costs about 5 us a message here (append, read,
+delete; batched), the price of property 3 ("nothing is lost silently").
 
 How to publish fast enough: measured here (CPython 3.11, 2 cores, local
 mosquitto 2.0.11, counted by ``mosquitto_sub`` in a child process,
@@ -61,7 +65,7 @@ import contextlib
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiomqtt
@@ -125,7 +129,8 @@ class MqttOutput:
         self._broker = broker
         self._log = log if log is not None else structlog.get_logger("diode.rx.mqtt")
         self._spool = Spool(broker.spool_path, broker.spool_max_records)
-        self._memory: deque[Message] = deque()
+        self._batch: list[Message] = []
+        self._commit_soon: asyncio.Handle | None = None
         self._inflight: deque[_Inflight] = deque()
         self._cursor = CURSOR_START
         self._window = broker.max_inflight
@@ -172,8 +177,35 @@ class MqttOutput:
 
     @property
     def backlog(self) -> int:
-        """Messages not yet handed to the broker (memory and spool)."""
-        return len(self._memory) + len(self._spool)
+        """Messages not yet handed to the broker."""
+        return len(self._batch) + len(self._spool)
+
+    def commit(self, meta: Mapping[str, bytes] | None = None) -> None:
+        """Put the messages handed over so far on disk, with ``meta``, in one transaction.
+
+        The receiver calls it with its stream positions; messages handed over
+        otherwise (status, stale values) are committed at the next turn of the loop.
+        """
+        if self._commit_soon is not None:
+            self._commit_soon.cancel()
+            self._commit_soon = None
+        if self._closed or not (self._batch or meta):
+            return
+        batch, self._batch = self._batch, []
+        now = time.time()
+        dropped = self._spool.append(batch, now, meta)
+        self.counters["spooled"] += len(batch)
+        self.counters["spool_depth"] = len(self._spool)
+        if dropped:
+            self.counters["spool_dropped"] += dropped
+            self._drop_pending += dropped
+        self._flush_drop_log()
+        if batch and not self._wake.is_set():
+            self._wake.set()
+
+    def saved(self, key: str) -> bytes | None:
+        """What the last commit stored under ``key`` (the receiver's positions)."""
+        return self._spool.meta(key)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -223,6 +255,7 @@ class MqttOutput:
         self._wake.set()
         if self._running:
             await self._stopped.wait()
+        self.commit()
         self._closed = True
         self._flush_drop_log(force=True)
         self._spool.close()
@@ -242,30 +275,9 @@ class MqttOutput:
                 self._log.warning("mqtt output closed: messages dropped from now on")
             self.counters["dropped_closed"] += len(messages)
             return
-        memory = self._memory
-        if (
-            self._connected
-            and not len(self._spool)
-            and len(memory) + len(messages) <= self._broker.queue_max_messages
-        ):
-            memory.extend(messages)
-        else:
-            self._to_spool(messages, front=False)
-        if not self._wake.is_set():
-            self._wake.set()
-
-    def _to_spool(self, messages: list[Message], *, front: bool) -> None:
-        if not messages:
-            return
-        now = time.time()
-        spool = self._spool
-        dropped = spool.prepend(messages, now) if front else spool.append(messages, now)
-        self.counters["spooled"] += len(messages)
-        self.counters["spool_depth"] = len(self._spool)
-        if dropped:
-            self.counters["spool_dropped"] += dropped
-            self._drop_pending += dropped
-        self._flush_drop_log()
+        self._batch.extend(messages)
+        if self._commit_soon is None:
+            self._commit_soon = asyncio.get_running_loop().call_soon(self.commit)
 
     def _flush_drop_log(self, *, force: bool = False) -> None:
         if not self._drop_pending:
@@ -313,32 +325,22 @@ class MqttOutput:
                 self._log.info("mqtt spool delivered")
 
     def _fill(self, client: paho.Client) -> int:
-        """Hand the broker as much as the window allows, memory first; how many went."""
+        """Hand the broker as much of the spool as the window allows; how many went."""
         self._release()
         room = self._window - len(self._inflight)
-        if room <= 0:
+        spool = self._spool
+        if room <= 0 or not len(spool) or spool.max_id <= self._cursor:
             return 0
         publish, props, inflight = client.publish, self._props, self._inflight
-        sent = 0
-        memory = self._memory
-        while sent < room and memory:
-            m = memory.popleft()
+        last, rows = spool.read(self._cursor, min(room, SPOOL_READ_ROWS), time.time())
+        self._cursor = last
+        self.counters["spool_expired"] = spool.expired
+        self.counters["spool_depth"] = len(spool)
+        for row, m in rows:
             inflight.append(
-                (publish(m.topic, m.payload, m.qos, m.retain, props(m.expiry_s)), m, None)
+                (publish(m.topic, m.payload, m.qos, m.retain, props(m.expiry_s)), m, row)
             )
-            sent += 1
-        spool = self._spool
-        if sent < room and not memory and len(spool) and spool.max_id > self._cursor:
-            last, rows = spool.read(self._cursor, min(room - sent, SPOOL_READ_ROWS), time.time())
-            self._cursor = last
-            self.counters["spool_expired"] = spool.expired
-            self.counters["spool_depth"] = len(spool)
-            for row, m in rows:
-                inflight.append(
-                    (publish(m.topic, m.payload, m.qos, m.retain, props(m.expiry_s)), m, row)
-                )
-            sent += len(rows)
-        return sent
+        return len(rows)
 
     async def _pump(self, client: paho.Client) -> None:
         idle = POLL_MIN_S
@@ -352,11 +354,10 @@ class MqttOutput:
             else:
                 self._wake.clear()
                 await self._wake.wait()
-        # Closing: what is in memory gets a short chance to go before the spool keeps it.
+        # Closing: what is in flight gets a short chance to be acknowledged.
+        self.commit()
         deadline = time.monotonic() + DRAIN_GRACE_S
-        while (self._memory or self._inflight) and time.monotonic() < deadline:
-            if self._memory:
-                self._fill(client)
+        while self._inflight and time.monotonic() < deadline:
             self._release()
             await asyncio.sleep(POLL_MIN_S)
 
@@ -450,15 +451,11 @@ class MqttOutput:
         )
 
     def _detached(self) -> None:
-        """The connection is gone: everything the broker may not have goes back in front."""
-        if not self._connected and not self._memory and not self._inflight:
+        """The connection is gone: read the spool again from its oldest row."""
+        if not self._connected and not self._inflight:
             return
         self._release()
-        back = [m for _, m, row in self._inflight if row is None]
         self._inflight.clear()
-        back.extend(self._memory)
-        self._memory.clear()
-        self._to_spool(back, front=True)
         self._cursor = CURSOR_START
         self._connected = False
         self.counters["connected"] = 0

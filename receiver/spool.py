@@ -1,4 +1,4 @@
-"""The MQTT spool: messages kept on disk, in order, while the broker is away.
+"""The MQTT spool: every message on disk, in order, until the broker has it.
 
 One SQLite table, ordered by an AUTOINCREMENT id (never reused, so a reader's
 cursor stays valid while rows are deleted behind it). Rows leave the table
@@ -12,9 +12,8 @@ power; the fsync per commit that would cover that costs more than the spool
 is for. The file survives a restart: a new spool on the same file starts with
 what the old one left.
 
-Messages put back after a lost connection (written but never acknowledged)
-go *before* every row, with ids below the smallest, so the order per topic
-holds across reconnections (:meth:`Spool.prepend`).
+A ``meta`` table beside it holds the receiver's stream positions, written in
+the same transaction as the messages they cover.
 
 Each message keeps the wall-clock time it was spooled, so its MQTT 5 message
 expiry counts the time spent here (:meth:`Spool.read` returns the rest, or
@@ -24,7 +23,7 @@ drops it when nothing is left).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from receiver.payload import Message
@@ -38,7 +37,11 @@ CREATE TABLE IF NOT EXISTS spool (
     retain INTEGER NOT NULL,
     expiry_s INTEGER,
     spooled_at REAL NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
 """
 
 
@@ -54,7 +57,7 @@ class Spool:
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
+        self._db.executescript(_SCHEMA)
         count, low, high = self._db.execute(
             "SELECT count(*), min(id), max(id) FROM spool"
         ).fetchone()
@@ -71,12 +74,24 @@ class Spool:
         """The id of the newest row ever added (0 for a new file)."""
         return self._max_id
 
-    def append(self, messages: Sequence[Message], now: float) -> int:
-        """Add ``messages`` after every row; the number of oldest rows dropped to fit."""
-        if not messages:
+    def append(
+        self, messages: Sequence[Message], now: float, meta: Mapping[str, bytes] | None = None
+    ) -> int:
+        """Add ``messages`` after every row, and set ``meta``, in one transaction.
+
+        Returns the number of oldest rows dropped to fit. Whatever ``meta`` says
+        (the receiver's stream positions) is on disk exactly when the messages are.
+        """
+        if not messages and not meta:
             return 0
         rows = [(m.topic, m.payload, m.qos, int(m.retain), m.expiry_s, now) for m in messages]
         with self._transaction():
+            if meta:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items()
+                )
+            if not rows:
+                return 0
             self._db.executemany(
                 "INSERT INTO spool (topic, payload, qos, retain, expiry_s, spooled_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -89,24 +104,9 @@ class Spool:
                 self._min_id = high - len(rows) + 1
             return self._trim()
 
-    def prepend(self, messages: Sequence[Message], now: float) -> int:
-        """Add ``messages`` before every row, in order; the number of oldest rows dropped."""
-        if not self._count:
-            return self.append(messages, now)
-        first = self._min_id - len(messages)
-        rows = [
-            (first + i, m.topic, m.payload, m.qos, int(m.retain), m.expiry_s, now)
-            for i, m in enumerate(messages)
-        ]
-        with self._transaction():
-            self._db.executemany(
-                "INSERT INTO spool (id, topic, payload, qos, retain, expiry_s, spooled_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            self._min_id = first
-            self._count += len(rows)
-            return self._trim()
+    def meta(self, key: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
 
     def read(self, after_id: int, limit: int, now: float) -> tuple[int, list[tuple[int, Message]]]:
         """Up to ``limit`` rows with ids above ``after_id``, oldest first, after the last id read.

@@ -168,21 +168,16 @@ async def test_records_queued_at_shutdown_are_sent_or_counted(tmp_path: Path) ->
     assert left <= tx.counters()["records_dropped"], f"{left} records left unsent, uncounted"
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="SIGKILL loses the in-memory MQTT queue unreported"
-)
 async def test_receiver_killed_while_publishing_loses_nothing_unreported(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     """Found by scenario 9, killing the receiver with the broker up rather than down.
 
-    The position on disk is saved before records are handed to the MQTT output
-    (receiver/app.py, ``Receiver._after``); with the broker connected and the
-    spool empty, ``MqttOutput._submit`` (receiver/mqtt.py) keeps messages in a
-    memory deque only, up to ``queue_max_messages`` (100 000). When the broker
-    is slower than the link (here per-tag QoS 1 at 20 000 samples/s), a SIGKILL
-    loses that deque: the restarted receiver resumes past those records and
-    reports only the gap it was dead for. Seen: 48 609 values missing on MQTT
-    outside the one reported gap (32 798 records, exact).
+    The receiver used to save its position before handing records to an MQTT
+    output that kept them in a memory deque while the broker was connected; a
+    SIGKILL with the broker slower than the link (per-tag QoS 1 at 20 000
+    samples/s) lost that deque unreported (48 609 values seen missing outside
+    the one reported gap). Now every message is committed to the spool in the
+    same transaction as the position that covers it, before it is published.
     """
     await scenarios.receiver_kill_publishing(tmp_path, mosquitto)

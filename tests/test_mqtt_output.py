@@ -236,6 +236,7 @@ async def test_new_output_delivers_a_spool_left_behind(
     async with running(first):
         for v in range(0, 5000, 100):
             first.publish_samples(stream, samples(TAGS[2], range(v, v + 100)))
+        first.commit()
         assert first.counters["spool_depth"] == 5000
     await asyncio.to_thread(mosquitto.start)
     async with subscriber(mosquitto.port, "diode/site/#") as got:
@@ -254,6 +255,7 @@ async def test_full_spool_drops_the_oldest_exactly(mosquitto: Mosquitto, tmp_pat
     async with running(out):
         for v in range(0, 1500, 100):
             out.publish_samples(stream, samples(TAGS[3], range(v, v + 100)))
+            out.commit()
         assert out.counters["spool_dropped"] == 500
         assert out.counters["spool_depth"] == 1000
         await asyncio.to_thread(mosquitto.start)

@@ -39,13 +39,15 @@ def test_full_drops_the_oldest_with_exact_count(tmp_path: Path) -> None:
     assert payloads(spool) == [b"15", b"16", b"17", b"18", b"19"]
 
 
-def test_prepend_goes_before_every_row(tmp_path: Path) -> None:
+def test_meta_is_committed_with_the_messages_and_survives_reopen(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s.db", 100)
-    spool.append(msgs("c", "d"), 0.0)
-    spool.prepend(msgs("a", "b"), 0.0)
-    assert payloads(spool) == [b"a", b"b", b"c", b"d"]
-    spool.append(msgs("e"), 0.0)
-    assert payloads(spool) == [b"a", b"b", b"c", b"d", b"e"]
+    assert spool.meta("positions") is None
+    spool.append(msgs("a"), 0.0, {"positions": b"one"})
+    spool.append([], 0.0, {"positions": b"two"})
+    spool.close()
+    again = Spool(tmp_path / "s.db", 100)
+    assert again.meta("positions") == b"two"
+    assert payloads(again) == [b"a"]
 
 
 def test_survives_reopen_and_ids_are_not_reused(tmp_path: Path) -> None:

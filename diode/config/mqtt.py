@@ -65,15 +65,10 @@ class MqttBroker(Section):
         description="messages written but not yet acknowledged, at most "
         "(lowered to the broker's Receive Maximum when it announces one)",
     )
-    queue_max_messages: int = Field(
-        100_000,
-        ge=1,
-        le=10_000_000,
-        description="messages waiting in memory; beyond this, new ones go to the spool",
-    )
     spool_path: Path = Field(
         Path("/var/lib/diode-rx/mqtt-spool.sqlite3"),
-        description="SQLite file holding messages while the broker is away",
+        description="SQLite file holding every message until the broker has it, "
+        "and the stream positions",
         strict=False,
     )
     spool_max_records: int = Field(

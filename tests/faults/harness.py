@@ -645,7 +645,14 @@ def spooled_values(rows: list[tuple[str, dict[str, Any]]]) -> set[tuple[str, str
 
 
 def saved_position(plant: Plant) -> Any:
-    """The stream position the receiver saved on disk (a StreamState)."""
+    """The stream position the receiver saved on disk (a StreamState), beside its spool."""
+    import sqlite3
+
     from diode.replay import unpack_states
 
-    return unpack_states((plant.tmp / "rx-state" / "positions").read_bytes())[STREAM]
+    spool = sqlite3.connect(plant.tmp / "rx-state" / "spool.sqlite")
+    try:
+        (value,) = spool.execute("SELECT value FROM meta WHERE key = 'positions'").fetchone()
+    finally:
+        spool.close()
+    return unpack_states(bytes(value))[STREAM]

@@ -1209,12 +1209,8 @@ async def receiver_kill_publishing(tmp: Path, broker: Mosquitto, *, seed: int = 
     """SIGKILL the receiver while the broker is up but slower than the link (per-tag QoS 1
     at 20 000 samples/s): whatever is missing on MQTT must be inside a reported gap.
 
-    Fails today: the receiver saves its position before handing records on
-    (receiver/app.py, ``Receiver._after``), and with the broker connected and the
-    spool empty, ``MqttOutput._submit`` (receiver/mqtt.py) queues messages in
-    memory only (up to ``queue_max_messages``, 100 000 by default). A SIGKILL
-    loses that queue; the position on disk is past it, so the restarted receiver
-    neither gets those records again nor reports them.
+    It failed while the MQTT output kept messages in memory behind a position
+    already saved; messages and positions are now committed together.
     """
     result = Result("9b. receiver SIGKILL while publishing (broker up, behind)", seed=seed)
     plant = Plant(tmp, broker, BUSY, capture=True)
