@@ -93,6 +93,13 @@ def _bench(args: argparse.Namespace) -> int:
         from diode.benchmarks.tags import cost
 
         result = cost(rates=args.rate or (10_000, 50_000), seconds=args.seconds)
+    elif args.what == "polling":
+        from diode.benchmarks.polling import polling
+
+        result = polling(
+            device_counts=tuple(args.devices or ((5,) if args.quick else (50, 100, 200, 300, 400))),
+            seconds=args.seconds,
+        )
     else:
         print(f"error: unknown benchmark {args.what!r}", file=sys.stderr)
         return 2
@@ -162,9 +169,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks, printed as JSON")
     p.add_argument(
         "what",
-        choices=["codec", "link", "tags", "cost"],
+        choices=["codec", "link", "tags", "cost", "polling"],
         help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
-        "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s",
+        "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s; "
+        "polling: Modbus devices one transmitter core polls at 1 Hz",
     )
     p.add_argument("--seconds", type=float, default=None, help="time per measurement")
     p.add_argument("--quick", action="store_true", help="short runs (tests, smoke checks)")
@@ -174,6 +182,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pydiode", action="store_true", help="link: skip the pydiode run")
     p.add_argument("--mode", action="append", help="tags: payload:qos, e.g. per_tag:0 (repeat)")
     p.add_argument("--rate", type=int, action="append", help="tags/cost: updates/s (repeat)")
+    p.add_argument("--devices", type=int, action="append", help="polling: device count (repeat)")
     p.add_argument("--max-p99-ms", type=float, default=100.0, help="tags: latency that breaks")
     p.set_defaults(run=_bench)
 

@@ -63,3 +63,11 @@ def test_cost_reports_cpu_and_memory_per_daemon() -> None:
     (run,) = report["runs"]
     for key in ("tx_us_per_update", "rx_us_per_update", "tx_rss_peak_mb", "rx_rss_peak_mb"):
         assert run[key] > 0
+
+
+def test_polling_a_few_modbus_devices() -> None:
+    report = bench("polling", "--quick")
+    (run,) = report["runs"]
+    assert run["devices"] == 5
+    assert run["poll_cycles"] > 0
+    assert {"tx_cpu_share", "tx_cpu_ms_per_device_cycle", "ok"} <= set(run)

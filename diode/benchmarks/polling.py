@@ -1,0 +1,167 @@
+"""``diode bench polling``: how many Modbus devices one transmitter core polls at 1 Hz.
+
+A pymodbus simulator in a child process (``python -m diode.benchmarks.polling
+serve PORT UNITS``) serves ``UNITS`` unit ids with 1000 holding registers each.
+diode-tx polls ``devices`` of them, one connection each, every second: 100
+float32 tags per device at seeded scattered addresses (coalesced by the
+planner with its default ``max_gap``). Values stay constant, so the figure is
+the cost of polling (requests, decoding, report by exception), not of sending.
+
+Per device count: the transmitter's CPU share over the window, and its poll
+counters (cycles, overruns, timeouts, errors). One core serves ``devices`` when
+every cycle ran on time, nothing timed out, and the CPU share is below 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from diode.benchmarks import harness as h
+
+REGISTERS = 1000
+TAGS = 100
+SEED = 7
+
+
+def tags(unit: int) -> list[dict[str, Any]]:
+    """``TAGS`` float32 tags at distinct, scattered, non-overlapping addresses."""
+    rng = random.Random(SEED * 1000 + unit)  # reproducible layout, not a secret
+    slots = sorted(rng.sample(range(REGISTERS // 2), TAGS))
+    return [
+        {"name": f"t{i}", "table": "holding_register", "address": 2 * s, "type": "float32"}
+        for i, s in enumerate(slots)
+    ]
+
+
+def _serve(port: int, units: int) -> None:
+    from pymodbus.server import ModbusTcpServer  # noqa: PLC0415 - only the child needs it
+    from pymodbus.simulator import DataType, SimData, SimDevice  # noqa: PLC0415
+
+    def device(unit: int) -> SimDevice:
+        bits = [SimData(0, count=16, values=False, datatype=DataType.BITS)]
+        regs = [SimData(0, count=REGISTERS, values=0x4248, datatype=DataType.REGISTERS)]
+        return SimDevice(id=unit, simdata=(bits, bits, regs, regs))
+
+    async def main() -> None:
+        server = ModbusTcpServer(
+            [device(u) for u in range(1, units + 1)], address=("127.0.0.1", port)
+        )
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def run(devices: int, *, seconds: float = 10.0, warmup_s: float = 4.0) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="diode-bench-polling-") as tmp:
+        work = Path(tmp)
+        private, _ = h.keys(work)
+        port = h.free_port()
+        server = h.Daemon(
+            "modbus-sim",
+            [sys.executable, "-m", "diode.benchmarks.polling", "serve", str(port), str(devices)],
+            work / "sim.log",
+        )
+        with h.stopping(server):
+            deadline = time.monotonic() + 20
+            while True:
+                server.check()
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            config = {
+                "modbus": {
+                    "devices": [
+                        {
+                            "name": f"plc{u}",
+                            "host": "127.0.0.1",
+                            "port": port,
+                            "poll_interval_s": 1.0,
+                            "read_identity": False,
+                            "units": [{"id": u, "tags": tags(u)}],
+                        }
+                        for u in range(1, devices + 1)
+                    ]
+                }
+            }
+            tx = h.Daemon.tx(
+                h.tx_config(
+                    work,
+                    private=private,
+                    port=h.free_udp_port(),
+                    rate_mbps=100.0,
+                    sources=[],
+                    extra=config,
+                )
+            )
+            with h.stopping(tx):
+                time.sleep(warmup_s)
+                tx.check()
+                t0, c0, s0 = time.monotonic(), tx.cpu_s(), server.cpu_s()
+                time.sleep(seconds)
+                t1, c1, s1 = time.monotonic(), tx.cpu_s(), server.cpu_s()
+                hwm = tx.hwm_mb()
+                tx.check()
+        stopped = tx.log_events("transmitter stopped")
+    counters = stopped[-1] if stopped else {}
+    share = (c1 - c0) / (t1 - t0)
+    result: dict[str, Any] = {
+        "devices": devices,
+        "tags": devices * TAGS,
+        "seconds": round(t1 - t0, 2),
+        "tx_cpu_share": round(share, 3),
+        "tx_cpu_ms_per_device_cycle": round(share * 1000 / devices, 3),
+        "tx_rss_peak_mb": round(hwm, 1),
+        "server_cpu_share": round((s1 - s0) / (t1 - t0), 3),
+    }
+    for name in ("cycles", "overruns", "requests", "timeouts", "errors", "reconnects"):
+        result[f"poll_{name}"] = counters.get(f"poll_{name}")
+    result["ok"] = bool(
+        counters
+        and share < 1.0
+        and not counters.get("poll_overruns")
+        and not counters.get("poll_timeouts")
+        and not counters.get("poll_errors")
+    )
+    return result
+
+
+def polling(
+    *, device_counts: tuple[int, ...] = (50, 100, 200, 300, 400), seconds: float = 10.0
+) -> dict[str, Any]:
+    """Raise the device count until a cycle overruns, a request times out or the core is full."""
+    runs: list[dict[str, Any]] = []
+    best = 0
+    for count in device_counts:
+        result = run(count, seconds=seconds)
+        runs.append(result)
+        if not result["ok"]:
+            break
+        best = count
+    return {
+        "settings": {
+            "registers_per_device": REGISTERS,
+            "tags_per_device": TAGS,
+            "type": "float32, scattered, coalesced (max_gap 8)",
+            "poll_interval_s": 1.0,
+            "values": "constant (polling cost only)",
+        },
+        "max_devices_ok": best,
+        "runs": runs,
+    }
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "serve":
+        sys.exit("usage: python -m diode.benchmarks.polling serve PORT UNITS")
+    _serve(int(sys.argv[2]), int(sys.argv[3]))
