@@ -28,6 +28,7 @@ from diode.benchmarks import harness as h
 REGISTERS = 1000
 TAGS = 100
 SEED = 7
+UNITS_PER_SERVER = 200
 
 
 def tags(unit: int) -> list[dict[str, Any]]:
@@ -40,7 +41,7 @@ def tags(unit: int) -> list[dict[str, Any]]:
     ]
 
 
-def _serve(port: int, units: int) -> None:
+def _serve(ports: list[int], units: int) -> None:
     from pymodbus.server import ModbusTcpServer  # noqa: PLC0415 - only the child needs it
     from pymodbus.simulator import DataType, SimData, SimDevice  # noqa: PLC0415
 
@@ -50,31 +51,46 @@ def _serve(port: int, units: int) -> None:
         return SimDevice(id=unit, simdata=(bits, bits, regs, regs))
 
     async def main() -> None:
-        server = ModbusTcpServer(
-            [device(u) for u in range(1, units + 1)], address=("127.0.0.1", port)
-        )
-        await server.serve_forever()
+        servers = []
+        for i, port in enumerate(ports):
+            count = min(UNITS_PER_SERVER, units - i * UNITS_PER_SERVER)
+            server = ModbusTcpServer(
+                [device(u) for u in range(1, count + 1)], address=("127.0.0.1", port)
+            )
+            await server.serve_forever(background=True)
+            servers.append(server)
+        await asyncio.Event().wait()
 
     asyncio.run(main())
+
+
+def _place(device: int) -> tuple[int, int]:
+    """(server index, unit id) of device 0, 1, ...: unit ids stop at 254 per server."""
+    return divmod(device, UNITS_PER_SERVER)[0], device % UNITS_PER_SERVER + 1
 
 
 def run(devices: int, *, seconds: float = 10.0, warmup_s: float = 4.0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="diode-bench-polling-") as tmp:
         work = Path(tmp)
         private, _ = h.keys(work)
-        port = h.free_port()
+        ports = [h.free_port() for _ in range(-(-devices // UNITS_PER_SERVER))]
         server = h.Daemon(
             "modbus-sim",
-            [sys.executable, "-m", "diode.benchmarks.polling", "serve", str(port), str(devices)],
+            [
+                sys.executable, "-m", "diode.benchmarks.polling", "serve",
+                ",".join(map(str, ports)), str(devices),
+            ],
             work / "sim.log",
-        )
+        )  # fmt: skip
         with h.stopping(server):
             deadline = time.monotonic() + 20
             while True:
                 server.check()
                 try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                        break
+                    for port in ports:
+                        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                            pass
+                    break
                 except OSError:
                     if time.monotonic() > deadline:
                         raise
@@ -83,14 +99,14 @@ def run(devices: int, *, seconds: float = 10.0, warmup_s: float = 4.0) -> dict[s
                 "modbus": {
                     "devices": [
                         {
-                            "name": f"plc{u}",
+                            "name": f"plc{d}",
                             "host": "127.0.0.1",
-                            "port": port,
+                            "port": ports[_place(d)[0]],
                             "poll_interval_s": 1.0,
                             "read_identity": False,
-                            "units": [{"id": u, "tags": tags(u)}],
+                            "units": [{"id": _place(d)[1], "tags": tags(d)}],
                         }
-                        for u in range(1, devices + 1)
+                        for d in range(devices)
                     ]
                 }
             }
@@ -163,5 +179,5 @@ def polling(
 
 if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] != "serve":
-        sys.exit("usage: python -m diode.benchmarks.polling serve PORT UNITS")
-    _serve(int(sys.argv[2]), int(sys.argv[3]))
+        sys.exit("usage: python -m diode.benchmarks.polling serve PORT,PORT... UNITS")
+    _serve([int(p) for p in sys.argv[2].split(",")], int(sys.argv[3]))
