@@ -38,8 +38,10 @@ aiomqtt ``await client.publish`` each (bench)           6.4k/s      3.8k/s
 paho ``loop_start`` thread (FIELD.md, not re-measured)  32k/s       -
 aiomqtt's paho client, no await, paho Properties        36k/s       26k/s
   same, Properties packed once, no on_publish (raw)     107k/s      28k/s
-MqttOutput end to end (JSON, topics, window; bench)     43-52k/s    16-23k/s
-MqttOutput batched, 50 samples/device/call: samples/s   294k/s      210k/s
+MqttOutput with a memory queue (before write-through)   43-52k/s    16-23k/s
+  batched, 50 samples/device/call: samples/s            294k/s      210k/s
+MqttOutput write-through (every message via the spool)  40k/s       20k/s
+  batched, 50 samples/device/call: samples/s            166k/s      145k/s
 ======================================================  ==========  ==========
 
 (Ranges are over runs on the noisy 2-core machine: mosquitto, mosquitto_sub
