@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -335,7 +336,7 @@ class LinkTap:
 
 
 @contextlib.contextmanager
-def stopping(*things: Daemon | Broker | LinkTap | None) -> Iterator[None]:
+def stopping(*things: Daemon | Broker | LinkTap | HeartbeatListener | None) -> Iterator[None]:
     try:
         yield
     finally:
@@ -346,6 +347,53 @@ def stopping(*things: Daemon | Broker | LinkTap | None) -> Iterator[None]:
                 thing.close()
             else:
                 thing.stop()
+
+
+class HeartbeatListener:
+    """The link's far end, reduced to what a benchmark needs: the transmitter's counters.
+
+    Decodes (and authenticates) everything sent to ``port`` on a thread and
+    keeps the counters of the newest heartbeat with the time it arrived.
+    """
+
+    def __init__(self, public: Path) -> None:
+        from diode.decoder import Decoder, Delivered  # noqa: PLC0415
+        from diode.keys import Keyring, TrustedKey, load_public_key  # noqa: PLC0415
+        from diode.records import Heartbeat  # noqa: PLC0415
+
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port: int = self._sock.getsockname()[1]
+        self._decoder = Decoder(
+            Keyring([TrustedKey(stream_id=STREAM, public=load_public_key(public))])
+        )
+        self.latest: tuple[float, dict[str, int]] = (0.0, {})
+        self._running = True
+
+        def loop() -> None:
+            while self._running:
+                try:
+                    data = self._sock.recv(65535)
+                except TimeoutError:
+                    self._decoder.poll(time.monotonic())
+                    continue
+                except OSError:
+                    return
+                self._decoder.receive(data, time.monotonic())
+                for event in self._decoder.events():
+                    if isinstance(event, Delivered):
+                        for record in event.records:
+                            if isinstance(record, Heartbeat):
+                                self.latest = (time.monotonic(), dict(record.counters))
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._running = False
+        self._thread.join(2)
+        self._sock.close()
 
 
 def median(values: Sequence[float]) -> float:
