@@ -99,6 +99,7 @@ def _bench(args: argparse.Namespace) -> int:
         result = polling(
             device_counts=tuple(args.devices or ((5,) if args.quick else (50, 100, 200, 300, 400))),
             seconds=args.seconds,
+            max_gap=args.max_gap,
         )
     else:
         print(f"error: unknown benchmark {args.what!r}", file=sys.stderr)
@@ -183,6 +184,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", action="append", help="tags: payload:qos, e.g. per_tag:0 (repeat)")
     p.add_argument("--rate", type=int, action="append", help="tags/cost: updates/s (repeat)")
     p.add_argument("--devices", type=int, action="append", help="polling: device count (repeat)")
+    p.add_argument("--max-gap", type=int, default=8, help="polling: the devices' max_gap")
     p.add_argument("--max-p99-ms", type=float, default=100.0, help="tags: latency that breaks")
     p.set_defaults(run=_bench)
 

@@ -70,7 +70,9 @@ def _place(device: int) -> tuple[int, int]:
     return divmod(device, UNITS_PER_SERVER)[0], device % UNITS_PER_SERVER + 1
 
 
-def run(devices: int, *, seconds: float = 10.0, warmup_s: float = 4.0) -> dict[str, Any]:
+def run(
+    devices: int, *, seconds: float = 10.0, warmup_s: float = 4.0, max_gap: int = 8
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="diode-bench-polling-") as tmp:
         work = Path(tmp)
         private, public = h.keys(work)
@@ -106,6 +108,7 @@ def run(devices: int, *, seconds: float = 10.0, warmup_s: float = 4.0) -> dict[s
                             "port": ports[_place(d)[0]],
                             "poll_interval_s": 1.0,
                             "read_identity": False,
+                            "max_gap": max_gap,
                             "units": [{"id": _place(d)[1], "tags": tags(d)}],
                         }
                         for d in range(devices)
@@ -137,6 +140,7 @@ def run(devices: int, *, seconds: float = 10.0, warmup_s: float = 4.0) -> dict[s
     result: dict[str, Any] = {
         "devices": devices,
         "tags": devices * TAGS,
+        "max_gap": max_gap,
         "seconds": round(t1 - t0, 2),
         "tx_cpu_share": round(share, 3),
         "tx_cpu_ms_per_device_cycle": round(share * 1000 / devices, 3),
@@ -159,13 +163,16 @@ def run(devices: int, *, seconds: float = 10.0, warmup_s: float = 4.0) -> dict[s
 
 
 def polling(
-    *, device_counts: tuple[int, ...] = (50, 100, 200, 300, 400), seconds: float = 10.0
+    *,
+    device_counts: tuple[int, ...] = (50, 100, 200, 300, 400),
+    seconds: float = 10.0,
+    max_gap: int = 8,
 ) -> dict[str, Any]:
     """Raise the device count until a cycle overruns, a request times out or the core is full."""
     runs: list[dict[str, Any]] = []
     best = 0
     for count in device_counts:
-        result = run(count, seconds=seconds)
+        result = run(count, seconds=seconds, max_gap=max_gap)
         runs.append(result)
         if not result["ok"]:
             break
@@ -174,7 +181,7 @@ def polling(
         "settings": {
             "registers_per_device": REGISTERS,
             "tags_per_device": TAGS,
-            "type": "float32, scattered, coalesced (max_gap 8)",
+            "type": f"float32, scattered, coalesced (max_gap {max_gap})",
             "poll_interval_s": 1.0,
             "values": "constant (polling cost only)",
         },
