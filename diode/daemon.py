@@ -59,6 +59,7 @@ def sd_notify(message: str) -> bool:
     if address.startswith("@"):
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)  # a manager that stopped reading must never stall the loop
         try:
             sock.sendto(message.encode(), address)
         except OSError:

@@ -373,8 +373,10 @@ class OpcuaPoller:
         )
 
     async def _close(self, client: Client) -> None:
+        # A polite CloseSession, but never one that holds up a shutdown or a rebuild:
+        # a server that does not answer within a second gets its socket closed.
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(self._server.timeout_s):
+            async with asyncio.timeout(min(self._server.timeout_s, 1.0)):
                 await client.disconnect()
         with contextlib.suppress(Exception):
             client.disconnect_socket()
