@@ -42,6 +42,8 @@ MqttOutput with a memory queue (before write-through)   43-52k/s    16-23k/s
   batched, 50 samples/device/call: samples/s            294k/s      210k/s
 MqttOutput write-through (every message via the spool)  40k/s       20k/s
   batched, 50 samples/device/call: samples/s            166k/s      145k/s
+  same, deleting delivered rows 4000 at a time          43k/s       26k/s
+  batched, 50 samples/device/call: samples/s            219k/s      189k/s
 ======================================================  ==========  ==========
 
 (Ranges are over runs on the noisy 2-core machine: mosquitto, mosquitto_sub
@@ -93,6 +95,7 @@ from receiver.spool import Spool
 POLL_MIN_S = 0.0005
 POLL_MAX_S = 0.02
 SPOOL_READ_ROWS = 1000
+DELETE_BATCH_ROWS = 4000
 DRAIN_GRACE_S = 2.0
 DROP_LOG_INTERVAL_S = 10.0
 OUT_OF_BAND = 4  # window slots kept for the receiver status messages
@@ -134,6 +137,9 @@ class MqttOutput:
         self._batch: list[Message] = []
         self._commit_soon: asyncio.Handle | None = None
         self._inflight: deque[_Inflight] = deque()
+        self._done_row: int | None = None  # the broker has every row up to this one
+        self._done_rows = 0
+        self._backlog_at_connect = 0
         self._cursor = CURSOR_START
         self._window = broker.max_inflight
         self._topics: dict[int, Topics] = {}
@@ -321,10 +327,21 @@ class MqttOutput:
         if done:
             self.counters["published"] += done
         if last_row is not None:
-            self._spool.delete_through(last_row)
+            self._done_row = last_row
+            self._done_rows += done
+        # Deleting what the broker has is batched: one transaction per few thousand
+        # rows, not per pump turn. A crash in between re-sends those rows (at least once).
+        if self._done_rows >= DELETE_BATCH_ROWS or not inflight:
+            self._forget_done()
+
+    def _forget_done(self) -> None:
+        if self._done_row is not None:
+            self._spool.delete_through(self._done_row)
+            self._done_row, self._done_rows = None, 0
             self.counters["spool_depth"] = len(self._spool)
-            if not len(self._spool):
-                self._log.info("mqtt spool delivered")
+            if self._backlog_at_connect and not len(self._spool):
+                self._log.info("mqtt spool delivered", messages=self._backlog_at_connect)
+                self._backlog_at_connect = 0
 
     def _fill(self, client: paho.Client) -> int:
         """Hand the broker as much of the spool as the window allows; how many went."""
@@ -432,6 +449,7 @@ class MqttOutput:
         self._connected = True
         self.counters["connected"] = 1
         self._cursor = CURSOR_START
+        self._backlog_at_connect = len(self._spool)
         self._log.info(
             "mqtt connected",
             broker=f"{self._broker.host}:{self._broker.port}",
@@ -457,6 +475,7 @@ class MqttOutput:
         if not self._connected and not self._inflight:
             return
         self._release()
+        self._forget_done()
         self._inflight.clear()
         self._cursor = CURSOR_START
         self._connected = False
