@@ -37,6 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from diode.benchmarks.harness import to_toml
 from diode.keys import load_signing_key, write_keypair
 from tests.support.mosquitto import Mosquitto
 from tests.support.net import free_port
@@ -47,37 +48,6 @@ PREFIX = "diode/test"
 STATUS_TOPIC = f"{PREFIX}/$status"
 BIN = Path(sys.executable).parent
 SHUTDOWN_S = 20.0
-
-# --- TOML -------------------------------------------------------------------------
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
-
-
-def dump_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """Enough TOML for a config: scalars, lists of scalars, tables, arrays of tables."""
-    lines: list[str] = []
-    nested: list[str] = []
-    for key, value in data.items():
-        name = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
-            nested.append(f"\n[{name}]\n" + dump_toml(value, name))
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
-            for item in value:
-                nested.append(f"\n[[{name}]]\n" + dump_toml(item, name))
-        else:
-            lines.append(f"{key} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n" + "".join(nested)
-
 
 # --- child processes ----------------------------------------------------------------
 
@@ -439,7 +409,7 @@ class Plant:
             "log": {"level": "info", "format": "json"},
         }
         path = self.tmp / "tx.toml"
-        path.write_text(dump_toml(data))
+        path.write_text(to_toml(data))
         return path
 
     def rx_config(self) -> Path:
@@ -470,7 +440,7 @@ class Plant:
             "log": {"level": "info", "format": "json"},
         }
         path = self.tmp / "rx.toml"
-        path.write_text(dump_toml(data))
+        path.write_text(to_toml(data))
         return path
 
     # -- life cycle ------------------------------------------------------------------
