@@ -195,19 +195,32 @@ class SendQueue:
         """Datagrams queued."""
         return self._queued
 
-    def push(self, block: EncodedBlock) -> bool:
-        """Queue a block; when it does not fit, drop it, count it and return False.
+    def push(self, block: EncodedBlock) -> int:
+        """Queue a block; returns how many blocks were dropped to make room (counted).
 
-        Dropping the whole new block keeps every queued block whole; the
-        receiver sees the gap in record numbers and reports its exact size.
+        When the queue is full, the oldest blocks not yet started go first: the
+        newest values (and the heartbeat that reports the drops) are worth more
+        than stale ones, and every queued block stays whole. The receiver sees
+        each dropped block as a gap of exactly its records. A block that cannot
+        fit even then is itself dropped.
         """
-        if self._queued + len(block.datagrams) > self.capacity:
-            self.blocks_dropped += 1
-            self.records_dropped += block.records
-            return False
+        need = len(block.datagrams)
+        dropped = 0
+        while self._queued + need > self.capacity and self._waiting:
+            oldest = self._waiting.popleft()
+            self._queued -= len(oldest.datagrams)
+            self._count_drop(oldest)
+            dropped += 1
+        if self._queued + need > self.capacity:
+            self._count_drop(block)
+            return dropped + 1
         self._waiting.append(block)
-        self._queued += len(block.datagrams)
-        return True
+        self._queued += need
+        return dropped
+
+    def _count_drop(self, block: EncodedBlock) -> None:
+        self.blocks_dropped += 1
+        self.records_dropped += block.records
 
     def clear(self) -> int:
         """Forget everything queued (shutdown); returns how many datagrams that was."""

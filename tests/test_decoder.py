@@ -223,3 +223,23 @@ def test_losing_the_first_blocks_of_a_new_epoch_is_an_exact_gap() -> None:
     assert delivered(events) == samples(100) + samples(100, start=550)
     (gap,) = gaps(events)
     assert (gap.epoch, gap.first_seq, gap.last_seq, gap.records_lost) == (EPOCH + 1, 0, 0, 50)
+
+
+def test_a_full_send_queue_drops_the_oldest_waiting_blocks_whole() -> None:
+    from diode.encoder import EncodedBlock, SendQueue
+
+    def block(seq: int, datagrams: int) -> EncodedBlock:
+        return EncodedBlock(seq=seq, records=10 * seq, datagrams=(bytes([seq]),) * datagrams)
+
+    queue = SendQueue(capacity=10, interleave=1)
+    assert queue.push(block(1, 4)) == 0
+    assert queue.pop() == b"\x01"  # block 1 is being sent: it stays whole
+    assert queue.push(block(2, 3)) == 0
+    assert queue.push(block(3, 3)) == 0
+    assert queue.push(block(4, 5)) == 2  # 2 and 3 make room for the newest
+    assert (queue.blocks_dropped, queue.records_dropped) == (2, 50)
+    assert len(queue) == 8
+    sent = [queue.pop() for _ in range(8)]
+    assert sent == [b"\x01"] * 3 + [b"\x04"] * 5
+    assert queue.push(block(5, 11)) == 1  # can never fit: dropped itself
+    assert (queue.blocks_dropped, queue.records_dropped) == (3, 100)

@@ -144,7 +144,7 @@ def simulate(
     def transmit(now: float, budget: float) -> float:
         nonlocal next_burst, burst_left
         for block in encoder.take():
-            assert queue.push(block), "the send queue overflowed"
+            assert queue.push(block) == 0, "the send queue overflowed"
             out.blocks_sent += 1
             spare[block.seq] = len(block.datagrams) - block.datagrams[0][K_OFFSET]
         out.max_queue = max(out.max_queue, len(queue))

@@ -46,6 +46,7 @@ log = structlog.get_logger("diode.tx")
 
 FRAMER_CHUNK = 2048
 SHUTDOWN_GRACE_S = 5.0
+DROP_LOG_INTERVAL_S = 5.0
 
 
 class Poller(Protocol):
@@ -123,6 +124,7 @@ class Transmitter:
         self.sender = PacedSender(config.link, self.queue, self.sock)
         self._wake = asyncio.Event()
         self._started = time.monotonic()
+        self._drops_logged_at = float("-inf")
         self.ready = asyncio.Event()
 
     # -- tag ids and the catalogue ---------------------------------------------
@@ -193,15 +195,23 @@ class Transmitter:
     def _ship(self) -> None:
         blocks = self.encoder.take()
         for block in blocks:
-            if not self.queue.push(block):
-                log.warning(
-                    "link cannot keep up: block dropped",
-                    seq=block.seq,
-                    records=block.records,
-                    blocks_dropped=self.queue.blocks_dropped,
-                )
+            if self.queue.push(block):
+                self._log_drops()
         if blocks:
             self.sender.notify()
+
+    def _log_drops(self) -> None:
+        """Say the link cannot keep up: at once the first time, then every few seconds."""
+        now = time.monotonic()
+        if now - self._drops_logged_at < DROP_LOG_INTERVAL_S:
+            return
+        self._drops_logged_at = now
+        log.warning(
+            "link cannot keep up: oldest queued blocks dropped",
+            blocks_dropped=self.queue.blocks_dropped,
+            records_dropped=self.queue.records_dropped,
+            rate_mbps=self.config.link.rate_mbps,
+        )
 
     @staticmethod
     async def _every(period_s: float, action: Callable[[], None]) -> None:
