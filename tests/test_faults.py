@@ -35,7 +35,7 @@ async def test_loss_and_bursts_at_a_trickle(tmp_path: Path, mosquitto: Mosquitto
 
 
 @pytest.mark.slow
-async def test_loss_and_bursts_at_5_mb_s(tmp_path: Path, mosquitto: Mosquitto) -> None:
+async def test_loss_and_bursts_at_10_mb_s(tmp_path: Path, mosquitto: Mosquitto) -> None:
     await scenarios.loss_and_bursts(tmp_path, mosquitto, fast=True)
 
 
