@@ -59,51 +59,64 @@ class Link:
         raise AssertionError("condition not met in time")
 
 
-def tx_config(tmp_path: Path, link_port: int, plc_port: int, **transmitter: object) -> TxConfig:
+def config(
+    tmp_path: Path,
+    link_port: int,
+    *,
+    link: dict[str, object] | None = None,
+    transmitter: dict[str, object] | None = None,
+    **sections: object,
+) -> TxConfig:
+    """A transmitter config sending to ``link_port``, with the given source sections."""
     data = {
         "transmitter": {
             "stream_id": 3,
             "private_key": str(tmp_path / "tx.key"),
             "state_dir": str(tmp_path / "state"),
-            "catalogue_period_s": 0.5,
-            "heartbeat_interval_s": 0.2,
-            **transmitter,
+            **(transmitter or {}),
         },
-        "link": {"destination": "127.0.0.1", "port": link_port, "rate_mbps": 50.0},
-        "modbus": {
-            "devices": [
-                {
-                    "name": "plc1",
-                    "host": "127.0.0.1",
-                    "port": plc_port,
-                    "poll_interval_s": 0.05,
-                    "timeout_s": 0.5,
-                    "units": [
-                        {
-                            "id": 1,
-                            "tags": [
-                                {
-                                    "name": "level",
-                                    "table": "holding_register",
-                                    "address": 10,
-                                    "type": "float32",
-                                    "unit": "m",
-                                },
-                                {
-                                    "name": "count",
-                                    "table": "holding_register",
-                                    "address": 20,
-                                    "type": "uint16",
-                                    "deadband": 5.0,
-                                },
-                            ],
-                        }
-                    ],
-                }
-            ]
-        },
+        "link": {"destination": "127.0.0.1", "port": link_port, "rate_mbps": 50.0, **(link or {})},
+        **sections,
     }
     return validate(TxConfig, data, "test.toml")
+
+
+def tx_config(tmp_path: Path, link_port: int, plc_port: int, **transmitter: object) -> TxConfig:
+    """One Modbus PLC with a float and a counter, fast carousel and heartbeats."""
+    modbus = {
+        "devices": [
+            {
+                "name": "plc1",
+                "host": "127.0.0.1",
+                "port": plc_port,
+                "poll_interval_s": 0.05,
+                "timeout_s": 0.5,
+                "units": [
+                    {
+                        "id": 1,
+                        "tags": [
+                            {
+                                "name": "level",
+                                "table": "holding_register",
+                                "address": 10,
+                                "type": "float32",
+                                "unit": "m",
+                            },
+                            {
+                                "name": "count",
+                                "table": "holding_register",
+                                "address": 20,
+                                "type": "uint16",
+                                "deadband": 5.0,
+                            },
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
+    periods = {"catalogue_period_s": 0.5, "heartbeat_interval_s": 0.2, **transmitter}
+    return config(tmp_path, link_port, transmitter=periods, modbus=modbus)
 
 
 @pytest.fixture
@@ -249,16 +262,10 @@ def test_epochs_only_grow_even_when_the_clock_steps_back(tmp_path: Path) -> None
 async def test_a_synthetic_source_sends_every_update_in_order(tmp_path: Path) -> None:
     key = SigningKey.generate()
     link = Link(key, 3)
-    data = {
-        "transmitter": {
-            "stream_id": 3,
-            "private_key": str(tmp_path / "tx.key"),
-            "state_dir": str(tmp_path / "state"),
-        },
-        "link": {"destination": "127.0.0.1", "port": link.port, "rate_mbps": 200.0},
-        "synthetic": {"sources": [{"name": "gen", "tags": 10, "rate_hz": 5000.0}]},
-    }
-    tx = Transmitter(validate(TxConfig, data, "test.toml"), key=key)
+    synthetic = {"sources": [{"name": "gen", "tags": 10, "rate_hz": 5000.0}]}
+    tx = Transmitter(
+        config(tmp_path, link.port, link={"rate_mbps": 200.0}, synthetic=synthetic), key=key
+    )
     stop, task = await run_tx(tx)
     for _ in range(50):
         await asyncio.sleep(0.02)
@@ -283,28 +290,20 @@ async def test_opc_ua_values_and_inventory_flow_through_the_transmitter(tmp_path
     await server.start()
     key = SigningKey.generate()
     link = Link(key, 3)
-    data = {
-        "transmitter": {
-            "stream_id": 3,
-            "private_key": str(tmp_path / "tx.key"),
-            "state_dir": str(tmp_path / "state"),
-        },
-        "link": {"destination": "127.0.0.1", "port": link.port, "rate_mbps": 50.0},
-        "opcua": {
-            "servers": [
-                {
-                    "name": "line1",
-                    "endpoint": server.endpoint,
-                    "nodes": [
-                        {"name": "level", "node_id": node_id("Level"), "unit": "m"},
-                        {"name": "count", "node_id": node_id("Count"), "mode": "poll",
-                         "poll_interval_s": 0.1},
-                    ],
-                }
-            ]
-        },
+    opcua = {
+        "servers": [
+            {
+                "name": "line1",
+                "endpoint": server.endpoint,
+                "nodes": [
+                    {"name": "level", "node_id": node_id("Level"), "unit": "m"},
+                    {"name": "count", "node_id": node_id("Count"), "mode": "poll",
+                     "poll_interval_s": 0.1},
+                ],
+            }
+        ]
     }  # fmt: skip
-    tx = Transmitter(validate(TxConfig, data, "test.toml"), key=key)
+    tx = Transmitter(config(tmp_path, link.port, opcua=opcua), key=key)
     stop, task = await run_tx(tx)
     try:
         await link.wait_for(lambda: link.samples(1) and link.samples(2))
@@ -329,23 +328,17 @@ async def test_a_link_too_slow_drops_whole_blocks_counts_them_and_never_blocks_a
 ) -> None:
     key = SigningKey.generate()
     link = Link(key, 3)
-    data = {
-        "transmitter": {
-            "stream_id": 3,
-            "private_key": str(tmp_path / "tx.key"),
-            "state_dir": str(tmp_path / "state"),
-            "heartbeat_interval_s": 0.2,
-        },
-        # 2 Mb/s with room for 64 datagrams: far below what the source produces.
-        "link": {
-            "destination": "127.0.0.1",
-            "port": link.port,
-            "rate_mbps": 2.0,
-            "queue_datagrams": 64,
-        },
-        "synthetic": {"sources": [{"name": "gen", "tags": 50, "rate_hz": 20000.0}]},
-    }
-    tx = Transmitter(validate(TxConfig, data, "test.toml"), key=key)
+    tx = Transmitter(
+        config(
+            tmp_path,
+            link.port,
+            # 2 Mb/s with room for 64 datagrams: far below what the source produces.
+            link={"rate_mbps": 2.0, "queue_datagrams": 64},
+            transmitter={"heartbeat_interval_s": 0.2},
+            synthetic={"sources": [{"name": "gen", "tags": 50, "rate_hz": 20000.0}]},
+        ),
+        key=key,
+    )
     stop, task = await run_tx(tx)
     started = asyncio.get_running_loop().time()
     for _ in range(75):
