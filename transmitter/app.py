@@ -47,6 +47,8 @@ log = structlog.get_logger("diode.tx")
 FRAMER_CHUNK = 2048
 SHUTDOWN_GRACE_S = 5.0
 DROP_LOG_INTERVAL_S = 5.0
+# The catalogue carousel and the integrity refresh go out a tenth at a time.
+PERIODIC_SLICES = 10
 
 
 class Poller(Protocol):
@@ -214,6 +216,20 @@ class Transmitter:
         )
 
     @staticmethod
+    async def _sliced(period_s: float, action: Callable[[int, int], None]) -> None:
+        """``action(i, SLICES)`` for each slice in turn, all of them once per period.
+
+        The first round starts one period after the start, like an unsliced timer:
+        everything was just sent live.
+        """
+        await asyncio.sleep(period_s * (PERIODIC_SLICES - 1) / PERIODIC_SLICES)
+        part = 0
+        while True:
+            await asyncio.sleep(period_s / PERIODIC_SLICES)
+            action(part, PERIODIC_SLICES)
+            part = (part + 1) % PERIODIC_SLICES
+
+    @staticmethod
     async def _every(period_s: float, action: Callable[[], None]) -> None:
         while True:
             await asyncio.sleep(period_s)
@@ -241,8 +257,8 @@ class Transmitter:
                 group.create_task(self._framer()),
                 group.create_task(self.sender.run()),
                 group.create_task(self._every(section.heartbeat_interval_s, self.heartbeat)),
-                group.create_task(self._every(section.catalogue_period_s, self.outbox.carousel)),
-                group.create_task(self._every(section.integrity_period_s, self.outbox.refresh)),
+                group.create_task(self._sliced(section.catalogue_period_s, self.outbox.carousel)),
+                group.create_task(self._sliced(section.integrity_period_s, self.outbox.refresh)),
                 group.create_task(daemon.watchdog()),
             ]
             daemon.sd_notify("READY=1")

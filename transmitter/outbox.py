@@ -87,19 +87,26 @@ class Outbox:
 
     # -- the periodic re-sends -------------------------------------------------------
 
-    def refresh(self) -> None:
-        """Integrity period: every tag's last sample again, changed or not."""
-        for sample in self._last.values():
-            if self._put(sample):
+    def refresh(self, part: int = 0, parts: int = 1) -> None:
+        """Integrity: the last sample again, changed or not, of the tags in slice ``part``.
+
+        Called with each of ``parts`` slices in turn over one integrity period,
+        so a plant of many tags is refreshed as a steady trickle, not a burst
+        that would delay live values behind it.
+        """
+        for tag_id, sample in self._last.items():
+            if tag_id % parts == part and self._put(sample):
                 self.counters["samples_queued"] += 1
 
-    def carousel(self) -> None:
-        """Catalogue period: every tag's entry and every device's inventory again."""
+    def carousel(self, part: int = 0, parts: int = 1) -> None:
+        """Catalogue: the entries of the tags in slice ``part``, and (slice 0) every device."""
         for info in self._catalogue():
-            self._announced.add(info.tag_id)
-            self._put(info)
-        for device in self._devices.values():
-            self._put(device)
+            if info.tag_id % parts == part:
+                self._announced.add(info.tag_id)
+                self._put(info)
+        if part == 0:
+            for device in self._devices.values():
+                self._put(device)
 
     def put(self, record: Record) -> bool:
         """Queue a record of the transmitter's own (heartbeat)."""
