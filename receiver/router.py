@@ -81,6 +81,15 @@ class Router:
                     if event.previous is not None:
                         # Tag ids are numbered per transmitter run: a new epoch may
                         # mean another config, so nothing old may name a new sample.
+                        # Samples still waiting for their name cannot be published:
+                        # counted and said, never silent.
+                        if view.pending:
+                            view.counters["pending_dropped"] += len(view.pending)
+                            log.warning(
+                                "samples of an ended epoch dropped: their tags were never named",
+                                stream=view.stream_id,
+                                samples=len(view.pending),
+                            )
                         view.catalogue.clear()
                         view.pending.clear()
                         view.last.clear()

@@ -47,7 +47,8 @@ log = structlog.get_logger("diode.tx")
 FRAMER_CHUNK = 2048
 SHUTDOWN_GRACE_S = 5.0
 DROP_LOG_INTERVAL_S = 5.0
-# The catalogue carousel and the integrity refresh go out a tenth at a time.
+# The integrity refresh goes out a tenth at a time. (The catalogue carousel stays whole:
+# its records make no MQTT messages, and a receiver that starts late needs every name.)
 PERIODIC_SLICES = 10
 
 
@@ -257,7 +258,7 @@ class Transmitter:
                 group.create_task(self._framer()),
                 group.create_task(self.sender.run()),
                 group.create_task(self._every(section.heartbeat_interval_s, self.heartbeat)),
-                group.create_task(self._sliced(section.catalogue_period_s, self.outbox.carousel)),
+                group.create_task(self._every(section.catalogue_period_s, self.outbox.carousel)),
                 group.create_task(self._sliced(section.integrity_period_s, self.outbox.refresh)),
                 group.create_task(daemon.watchdog()),
             ]
