@@ -259,22 +259,20 @@ class OpcuaPoller:
             self._log.info("opcua.reconnect_wait", delay_s=round(delay, 2))
             await asyncio.sleep(delay)
 
+    def _emit_bad(self, tags: Iterable[_Tag], reason: str) -> None:
+        """One BAD sample, no value, for each of ``tags``, stamped now."""
+        now = self._now_ns()
+        for tag in tags:
+            self._emit(
+                Sample(tag_id=tag.tag_id, ts_ns=now, value=None, quality=Quality.BAD, reason=reason)
+            )
+
     def _announce_lost(self, cause: str) -> None:
         """One BAD sample per tag when the values stop being live, not one per attempt."""
         if self._bad_announced:
             return
         self._bad_announced = True
-        now = self._now_ns()
-        for tag in self._tags:
-            self._emit(
-                Sample(
-                    tag_id=tag.tag_id,
-                    ts_ns=now,
-                    value=None,
-                    quality=Quality.BAD,
-                    reason=DISCONNECTED,
-                )
-            )
+        self._emit_bad(self._tags, DISCONNECTED)
         self._log.warning("opcua.values_lost", cause=cause, tags=len(self._tags))
 
     def _emit(self, sample: Sample) -> None:
@@ -561,18 +559,7 @@ class OpcuaPoller:
                 values = await self._read(client, node_ids, AttributeIds.Value)
             except UaStatusCodeError as exc:  # the service failed, the session did not
                 self.counters["read_errors"] += 1
-                reason = ua.StatusCode(exc.code).name
-                now = self._now_ns()
-                for tag in tags:
-                    self._emit(
-                        Sample(
-                            tag_id=tag.tag_id,
-                            ts_ns=now,
-                            value=None,
-                            quality=Quality.BAD,
-                            reason=reason,
-                        )
-                    )
+                self._emit_bad(tags, ua.StatusCode(exc.code).name)
             except (TimeoutError, ConnectionError, OSError) as exc:
                 raise _SessionLost(f"read failed: {exc!r}") from exc
             else:
