@@ -316,3 +316,26 @@ async def test_mqtt_3_1_1_for_older_brokers(mosquitto: Mosquitto, tmp_path: Path
     assert got.values("diode/old/plc1/t0") == [0, 1, 2, 3]
     # A 3.1.1 publisher sends no properties: no content type, no expiry.
     assert all(getattr(m.properties, "ContentType", None) is None for m in got.messages)
+
+
+async def test_messages_the_broker_refuses_are_counted_not_retried(tmp_path: Path) -> None:
+    # mosquitto answers a QoS 1 PUBLISH its ACL denies with PUBACK reason 0x87 (MQTT 5).
+    broker = Mosquitto(tmp_path)
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite diode/ok/#\ntopic readwrite diode/$receiver/#\n")
+    broker.conf.write_text(broker.conf.read_text() + f"acl_file {acl}\n")
+    broker.start()
+    try:
+        async with (
+            subscriber(broker.port, "diode/ok/#") as got,
+            running(MqttOutput(broker_config(broker.port, tmp_path))) as out,
+        ):
+            out.publish_samples(StreamOutput(site="denied", qos=1), samples(TAGS[0], range(3)))
+            out.publish_samples(StreamOutput(site="ok", qos=1), samples(TAGS[1], range(2)))
+            await until(lambda: len(got.on("diode/ok/")) == 2)
+            await until(lambda: out.backlog == 0)
+            assert out.counters["refused"] == 3
+            assert out.counters["published"] == 2
+            assert got.values("diode/ok/plc1/t1") == [0, 1]
+    finally:
+        broker.stop()
