@@ -420,7 +420,12 @@ class MqttOutput:
         waiting = spool.max_id - self._cursor  # at least the rows not yet read
         # With a backlog, wait for a quarter of the window to come free: refilling
         # at every acknowledgement makes many small writes.
-        if waiting <= 0 or room < min(waiting, self._window // 4 or 1) or client._sock is None:
+        if (
+            not len(spool)
+            or waiting <= 0
+            or room < min(waiting, self._window // 4 or 1)
+            or client._sock is None
+        ):
             return False
         last, rows = spool.read(self._cursor, min(room, SPOOL_READ_ROWS), time.time())
         self._cursor = last

@@ -339,3 +339,16 @@ async def test_messages_the_broker_refuses_are_counted_not_retried(tmp_path: Pat
             assert got.values("diode/ok/plc1/t1") == [0, 1]
     finally:
         broker.stop()
+
+
+async def test_an_idle_output_waits_without_spinning(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    # The pump is driven by commits, writes and acknowledgements: with nothing to
+    # publish it must sleep, whatever state the connection left its cursor in.
+    async with running(MqttOutput(broker_config(mosquitto.port, tmp_path))) as out:
+        await until(lambda: out.counters["connected"] == 1)
+        for phase in ("empty spool after connecting", "everything delivered"):
+            cpu = time.process_time()
+            await asyncio.sleep(1.0)
+            assert time.process_time() - cpu < 0.25, phase
+            out.publish_samples(StreamOutput(site="idle"), samples(TAGS[0], range(3)))
+            await until(lambda: out.backlog == 0)
