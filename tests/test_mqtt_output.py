@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -352,3 +353,28 @@ async def test_an_idle_output_waits_without_spinning(mosquitto: Mosquitto, tmp_p
             assert time.process_time() - cpu < 0.25, phase
             out.publish_samples(StreamOutput(site="idle"), samples(TAGS[0], range(3)))
             await until(lambda: out.backlog == 0)
+
+
+def sockets_to(port: int) -> list[socket.socket]:
+    """This process's TCP sockets connected to ``port`` on loopback (duplicated fds)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            sock = socket.socket(fileno=os.dup(int(name)))
+            if sock.type == socket.SOCK_STREAM and sock.getpeername()[1:2] == (port,):
+                found.append(sock)
+                continue
+            sock.close()
+    return found
+
+
+async def test_the_broker_connection_does_not_wait_for_nagle(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    # Each write is a whole spool read; with Nagle on, a write waits for the broker's
+    # delayed ACK of the one before (p99 42 ms instead of 13 ms at 10 000 updates/s).
+    async with running(MqttOutput(broker_config(mosquitto.port, tmp_path))) as out:
+        await until(lambda: out.counters["connected"] == 1)
+        (sock,) = sockets_to(mosquitto.port)
+        with sock:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

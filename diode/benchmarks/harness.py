@@ -254,7 +254,7 @@ class Broker:
         conf = workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "max_queued_messages 0\nmax_inflight_messages 0\nlog_type error\n"
+            "max_queued_messages 0\nmax_inflight_messages 0\nlog_type error\nset_tcp_nodelay true\n"
         )
         self.proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
             [MOSQUITTO, "-c", str(conf)],
