@@ -27,11 +27,12 @@ name becomes ``_``.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
+
+import orjson
 
 from diode.config.mqtt import StreamOutput
 from diode.records import DeviceInfo, Quality, Sample, TagInfo, Value
@@ -40,7 +41,6 @@ CONTENT_TYPE = "application/json"
 QUALITY_NAMES = {q: q.name.lower() for q in Quality}
 _UNSAFE = str.maketrans({"/": "_", "+": "_", "#": "_", "\0": "_"})
 _NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 class Message(NamedTuple):
@@ -94,8 +94,14 @@ def sample_fields(tag: TagInfo, sample: Sample) -> dict[str, Any]:
 
 
 def encode(obj: object) -> bytes:
-    """Compact UTF-8 JSON."""
-    return _encode(obj).encode()
+    """Compact UTF-8 JSON.
+
+    orjson: 0.11 us for a per-tag payload against 1.6 us for the standard
+    library's encoder (it was 15 % of the receiver at 50 000 updates/s). It
+    would write a non-finite float as null: callers pass them through
+    :func:`json_value` first, never an invented value.
+    """
+    return orjson.dumps(obj)
 
 
 class Topics:
