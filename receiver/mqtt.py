@@ -26,8 +26,10 @@ sent again, with DUP semantics left to subscribers (the value and ts make it
 idempotent). A QoS 1 message the broker refuses (an MQTT 5 PUBACK with a
 reason code of 0x80 or more, e.g. 0x87 not authorized by its ACL) is never
 retried: it is counted (``refused``) and logged with the reason, rate-limited.
-The spool costs about 5 us a message here (append, read, delete; batched),
-the price of property 3 ("nothing is lost silently").
+The spool costs about 1.9 us of CPU a message here (append, read, delete, in
+batches of 50; 4.3 us when it kept one row per message), the price of
+property 3 ("nothing is lost silently"). A message whose MQTT 5 expiry ran
+out while spooled is dropped in its turn and counted (``spool_expired``).
 
 How to publish fast enough: measured here (CPython 3.11, 2 cores, local
 mosquitto 2.0.11, counted by ``mosquitto_sub`` in a child process,
@@ -163,6 +165,7 @@ class _Sent:
     pending: _Pending
     count: int
     last_row: int
+    expired: int = 0  # messages whose expiry ran out in the spool: dropped, not sent
 
 
 class MqttOutput:
@@ -365,18 +368,20 @@ class MqttOutput:
     def _release(self) -> None:
         """Forget, in order, what the broker has (QoS 1: acknowledged; QoS 0: written)."""
         inflight = self._inflight
-        done = refused = 0
+        done = refused = expired = 0
         last_row: int | None = None
         while inflight and inflight[0].pending.done:
             sent = inflight.popleft()
             done += sent.count
+            expired += sent.expired
             last_row = sent.last_row
             if sent.pending.reason >= REFUSED:
                 refused += 1
                 self._refused(sent.pending.reason)
         if done:
             self._inflight_messages -= done
-            self.counters["published"] += done - refused
+            self.counters["published"] += done - refused - expired
+            self.counters["spool_expired"] += expired
         if last_row is not None:
             self._done_row = last_row
             self._done_rows += done
@@ -418,22 +423,17 @@ class MqttOutput:
         self._release()
         room = self._window - self._inflight_messages
         spool = self._spool
-        waiting = spool.max_id - self._cursor  # at least the rows not yet read
+        # Everything up to the cursor is in flight, or done and not yet deleted.
+        waiting = len(spool) - self._inflight_messages - self._done_rows
         # With a backlog, wait for a quarter of the window to come free: refilling
         # at every acknowledgement makes many small writes.
-        if (
-            not len(spool)
-            or waiting <= 0
-            or room < min(waiting, self._window // 4 or 1)
-            or client._sock is None
-        ):
+        if waiting <= 0 or room < min(waiting, self._window // 4 or 1) or client._sock is None:
             return False
         last, rows = spool.read(self._cursor, min(room, SPOOL_READ_ROWS), time.time())
         self._cursor = last
-        self.counters["spool_expired"] = spool.expired
         self.counters["spool_depth"] = len(spool)
         if not rows:
-            return True  # every row read had expired: look further
+            return False
         # QoS 0 messages are done when paho has written the whole run to the socket;
         # each QoS 1 message when its PUBACK comes (see _puback).
         written = _Pending(self._wake)
@@ -441,6 +441,16 @@ class MqttOutput:
         inflight, acks, props = self._inflight, self._acks, self._props_packed
         run: _Sent | None = None
         for row, m in rows:
+            if m.expiry_s is not None and m.expiry_s <= 0:
+                # Expired while spooled (the broker would discard it): dropped in order,
+                # done with the write like a QoS 0 message, counted as expired.
+                if run is None:
+                    run = _Sent(written, 0, row)
+                    inflight.append(run)
+                run.count += 1
+                run.expired += 1
+                run.last_row = row
+                continue
             if m.qos:
                 pending = _Pending(self._wake)
                 mid = client._mid_generate()
@@ -467,7 +477,10 @@ class MqttOutput:
         self._inflight_messages += len(rows)
         # One paho packet of many PUBLISHes: one send() for all of them. paho calls
         # written._set_as_published() when the last byte is on the socket.
-        client._packet_queue(mqtt_packets.PUBLISH, b"".join(packets), 0, 0, written)  # type: ignore[arg-type]  # duck-typed MQTTMessageInfo
+        if packets:
+            client._packet_queue(mqtt_packets.PUBLISH, b"".join(packets), 0, 0, written)  # type: ignore[arg-type]  # duck-typed MQTTMessageInfo
+        else:
+            written._set_as_published()  # only expired messages: nothing to write
         return True
 
     def _puback(self, client: paho.Client) -> Callable[[_AckCommand], MQTTErrorCode]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from receiver.payload import Message
-from receiver.spool import Spool
+from receiver.spool import BATCH_MAX, Spool
 
 
 def msgs(*names: str, expiry: int | None = None) -> list[Message]:
@@ -68,8 +69,85 @@ def test_survives_reopen_and_ids_are_not_reused(tmp_path: Path) -> None:
 def test_expiry_counts_time_in_the_spool(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s.db", 100)
     spool.append(msgs("old", expiry=10), 100.0)
-    spool.append(msgs("new", expiry=10), 105.0)
+    spool.append(msgs("new", "none"), 105.0)
+    spool.append(msgs("newer", expiry=10), 105.0)
     _, rows = spool.read(-(2**62), 10, 112.0)
-    assert [(m.payload, m.expiry_s) for _, m in rows] == [(b"new", 3)]
-    assert spool.expired == 1
-    assert len(spool) == 1
+    # What is left of each expiry; the caller drops what ran out (<= 0).
+    assert [(m.payload, m.expiry_s) for _, m in rows] == [
+        (b"old", -2),
+        (b"new", None),
+        (b"none", None),
+        (b"newer", 3),
+    ]
+
+
+def test_ids_grow_across_and_within_batches(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.db", 100)
+    spool.append(msgs("a", "b"), 0.0)
+    spool.append(msgs("c"), 0.0)
+    spool.append(msgs("d", "e", "f"), 0.0)
+    ids = []
+    cursor = -(2**62)
+    while True:  # one message at a time: a read may stop inside a batch
+        cursor, rows = spool.read(cursor, 1, 0.0)
+        if not rows:
+            break
+        ids.append(rows[0][0])
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 6
+
+
+def test_delete_through_inside_a_batch(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.db", 100)
+    spool.append(msgs("a", "b", "c"), 0.0)
+    spool.append(msgs("d"), 0.0)
+    _, rows = spool.read(-(2**62), 10, 0.0)
+    spool.delete_through(rows[1][0])  # a and b
+    assert len(spool) == 2
+    assert payloads(spool) == [b"c", b"d"]
+    spool.delete_through(rows[1][0])  # again: nothing more
+    assert len(spool) == 2
+    spool.delete_through(rows[3][0])
+    assert len(spool) == 0
+    assert payloads(spool) == []
+
+
+def test_a_batch_larger_than_a_row_keeps_its_order(tmp_path: Path) -> None:
+    n = BATCH_MAX * 2 + 5
+    spool = Spool(tmp_path / "s.db", 10 * n)
+    spool.append(msgs(*[str(i) for i in range(n)]), 0.0)
+    assert len(spool) == n
+    assert payloads(spool) == [str(i).encode() for i in range(n)]
+
+
+def test_a_spool_of_one_row_per_message_is_converted(tmp_path: Path) -> None:
+    # The layout before batches: what a receiver of an earlier version left on disk.
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE spool (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
+        " payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL,"
+        " expiry_s INTEGER, spooled_at REAL NOT NULL);"
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);"
+    )
+    db.executemany(
+        "INSERT INTO spool (topic, payload, qos, retain, expiry_s, spooled_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            ("t/a", b"a", 0, 1, None, 1.0),
+            ("t/b", b"b", 1, 0, 60, 1.0),
+            ("t/c", b"c", 1, 1, 60, 2.0),
+        ],
+    )
+    db.execute("INSERT INTO meta VALUES ('positions', x'01')")
+    db.commit()
+    db.close()
+    spool = Spool(path, 100)
+    assert len(spool) == 3
+    assert spool.meta("positions") == b"\x01"
+    _, rows = spool.read(-(2**62), 10, 2.0)
+    assert [m for _, m in rows] == [
+        Message("t/a", b"a", 0, True, None),
+        Message("t/b", b"b", 1, False, 59),
+        Message("t/c", b"c", 1, True, 60),
+    ]

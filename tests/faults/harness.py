@@ -592,14 +592,14 @@ def persist_broker(broker: Mosquitto) -> None:
 
 def spooled(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """The receiver's MQTT spool as a killed receiver left it: (topic, payload), in order."""
-    import sqlite3
+    from receiver.spool import Spool
 
-    db = sqlite3.connect(path)
+    spool = Spool(path, 2**62)
     try:
-        rows = db.execute("SELECT topic, payload FROM spool ORDER BY id").fetchall()
+        _, rows = spool.read(-(2**62), len(spool), 0.0)
     finally:
-        db.close()
-    return [(topic, json.loads(payload)) for topic, payload in rows]
+        spool.close()
+    return [(m.topic, json.loads(m.payload)) for _, m in rows]
 
 
 def spooled_values(rows: list[tuple[str, dict[str, Any]]]) -> set[tuple[str, str, int]]:
