@@ -104,6 +104,15 @@ async def subscriber(
         client.loop_stop()
 
 
+def persist_sessions(broker: Mosquitto, folder: Path) -> None:
+    """Restart ``broker`` persisting sessions, so a subscriber's outlives a broker restart."""
+    text = broker.conf.read_text().replace(
+        "persistence false", f"persistence true\npersistence_location {folder}/"
+    )
+    broker.conf.write_text(text)
+    broker.restart()
+
+
 @contextlib.asynccontextmanager
 async def running(output: MqttOutput) -> AsyncIterator[MqttOutput]:
     task = asyncio.create_task(output.run())
@@ -183,12 +192,7 @@ async def test_batched_inventory_status(mosquitto: Mosquitto, tmp_path: Path) ->
 async def test_outage_then_everything_arrives_in_order(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    # The subscriber's session must outlive the broker restart, so the broker persists it.
-    text = mosquitto.conf.read_text().replace(
-        "persistence false", f"persistence true\npersistence_location {tmp_path}/"
-    )
-    mosquitto.conf.write_text(text)
-    mosquitto.restart()
+    persist_sessions(mosquitto, tmp_path)
     stream = StreamOutput(qos=1)
     out = MqttOutput(broker_config(mosquitto.port, tmp_path))
     async with subscriber(mosquitto.port, "diode/site/#", persistent=True) as got, running(out):
@@ -383,12 +387,7 @@ async def test_the_broker_connection_does_not_wait_for_nagle(
 async def test_messages_expired_in_the_spool_are_dropped_in_order_and_counted(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    # The subscriber's session must outlive the broker restart, so the broker persists it.
-    text = mosquitto.conf.read_text().replace(
-        "persistence false", f"persistence true\npersistence_location {tmp_path}/"
-    )
-    mosquitto.conf.write_text(text)
-    mosquitto.restart()
+    persist_sessions(mosquitto, tmp_path)
     short = StreamOutput(site="short", qos=1, message_expiry_s=1)
     long = StreamOutput(site="long", qos=1)
     out = MqttOutput(broker_config(mosquitto.port, tmp_path))
