@@ -68,7 +68,7 @@ def _pack(messages: Sequence[Message]) -> bytes:
 
 
 def _unpack(blob: bytes) -> list[Message]:
-    return [Message(*m) for m in msgpack.unpackb(blob, use_list=False, raw=False)]
+    return list(map(Message._make, msgpack.unpackb(blob, use_list=False, raw=False)))
 
 
 class Spool:
@@ -181,7 +181,7 @@ class Spool:
             (row_id,),
         )
         try:
-            while rows := cursor.fetchmany(64):
+            while rows := cursor.fetchmany(8):  # a read needs a few rows; each holds a batch
                 yield from rows
         finally:
             cursor.close()
