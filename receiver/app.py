@@ -39,7 +39,7 @@ from receiver.router import Router
 log = structlog.get_logger("diode.rx")
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; not exported by Python 3.11
-DRAIN_BUDGET = 4096  # datagrams per reader callback before yielding to the loop
+DRAIN_BUDGET = 1024  # datagrams per reader callback: bounds what a catch-up holds at once
 STATUS_PERIOD_S = 5.0
 
 
