@@ -13,7 +13,8 @@ variable through the address space (``aspace.write_attribute_value``, one
 shared DataValue per round, yielding to the server's loop every
 ``WRITE_SLICE`` writes), the cheapest write that still runs asyncua's
 data-change machinery, so each monitored item is due one data change per
-second. After the window it stops the updater (SIGUSR2), lets the last
+second (asyncua's per-item deep copy of each written value is switched off:
+see :func:`_share_written_values`). After the window it stops the updater (SIGUSR2), lets the last
 publish arrive, and compares exactly:
 
 - due: ``ITEMS`` initial values + ``ITEMS`` per round the server wrote (the
@@ -73,10 +74,28 @@ def _dump(status: Path, state: dict[str, Any]) -> None:
     tmp.replace(status)
 
 
+def _share_written_values() -> None:
+    """Let asyncua's server keep a reference to each written DataValue, not a deep copy.
+
+    Its MonitoredItemService deep-copies the value once per monitored item and
+    write (against a writer that mutates a DataValue in place): 60 % of this
+    server's CPU at 20 000 items, enough to miss 1 Hz. The updater builds a new
+    DataValue every round and never mutates one, so a reference is as correct.
+    """
+    from asyncua.server.monitored_item_service import MonitoredItemValues  # noqa: PLC0415
+
+    def set_current_datavalue(self: MonitoredItemValues, cur_val: ua.DataValue) -> None:
+        self.old_dvalue = self.current_dvalue
+        self.current_dvalue = cur_val
+
+    MonitoredItemValues.set_current_datavalue = set_current_datavalue  # type: ignore[method-assign]
+
+
 async def _build(port: int, items: int) -> tuple[Server, list[ua.NodeId]]:
     from asyncua import ua  # noqa: PLC0415 - only the child needs asyncua
     from asyncua.server.server import Server  # noqa: PLC0415
 
+    _share_written_values()
     server = Server()
     await server.init()
     server.set_endpoint(f"opc.tcp://127.0.0.1:{port}")
