@@ -106,7 +106,8 @@ def _bench(args: argparse.Namespace) -> int:
 
         result = opcua(
             item_counts=tuple(
-                args.items or ((200,) if args.quick else (1000, 5000, 10_000, 20_000, 40_000))
+                args.items
+                or ((200,) if args.quick else (1000, 5000, 10_000, 20_000, 40_000, 60_000))
             ),
             seconds=args.seconds,
             warmup_s=1.0 if args.quick else 3.0,
