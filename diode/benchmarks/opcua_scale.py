@@ -27,8 +27,8 @@ Over the window: the transmitter's and the server's CPU share, and the data
 changes per second seen in the transmitter's heartbeats (lumpy: the window
 holds whole publishes only). One core serves ``ITEMS`` when at least
 ``SERVED_SHARE`` of the due changes arrived, the session was never rebuilt,
-the server kept its 1 Hz (no late round) and the transmitter's CPU share is
-below 1.
+the server kept its 1 Hz (``SERVED_SHARE`` of the rounds due while its updater
+ran were written) and the transmitter's CPU share is below 1.
 """
 
 from __future__ import annotations
@@ -131,18 +131,21 @@ async def _update(
         "running": False,
         "rounds": 0,
         "late_rounds": 0,
+        "active_s": 0.0,
         "write_s": 0.0,
         "max_round_s": 0.0,
     }
     _dump(status, state)
-    next_at = time.monotonic()
+    next_at = resumed = time.monotonic()
     while True:
         if not running.is_set():
+            if state["running"]:  # the time the rounds had, up to the one not written
+                state["active_s"] += time.monotonic() - resumed
             state["running"] = False
             _dump(status, state)
             await running.wait()
             state["running"] = True
-            next_at = time.monotonic()
+            next_at = resumed = time.monotonic()
         now = ua.DateTime.now(dt.UTC)
         # One DataValue for the whole round: every variable changes to the same value.
         data = ua.DataValue(
@@ -289,10 +292,10 @@ def run(items: int, *, seconds: float = 10.0, warmup_s: float = 3.0) -> dict[str
                 _wait_state(status, server, running=True)
                 time.sleep(warmup_s)
                 tx.check()
-                t0, c0, s0 = time.monotonic(), tx.cpu_s(), server.cpu_s()
+                t0, c0, s0, b0 = time.monotonic(), tx.cpu_s(), server.cpu_s(), time.process_time()
                 first = listener.latest
                 time.sleep(seconds)
-                t1, c1, s1 = time.monotonic(), tx.cpu_s(), server.cpu_s()
+                t1, c1, s1, b1 = time.monotonic(), tx.cpu_s(), server.cpu_s(), time.process_time()
                 last = listener.latest
                 os.kill(server.proc.pid, signal.SIGUSR2)
                 _wait_state(status, server, running=False)
@@ -325,6 +328,9 @@ def run(items: int, *, seconds: float = 10.0, warmup_s: float = 3.0) -> dict[str
         "server_write_ms_per_round": round(state.get("write_s", 0.0) * 1000 / max(rounds, 1), 1),
         "server_late_rounds": state.get("late_rounds", 0),
         "server_rss_peak_mb": round(server_hwm, 1),
+        # This process decodes (and authenticates) the whole link to find the heartbeats:
+        # a third CPU consumer on the machine, besides the transmitter and the server.
+        "listener_cpu_share": round((b1 - b0) / (t1 - t0), 3),
     }
     for name in (
         "connects",
@@ -335,7 +341,13 @@ def run(items: int, *, seconds: float = 10.0, warmup_s: float = 3.0) -> dict[str
         "bad_samples",
     ):
         result[f"poll_{name}"] = final.get(f"poll_{name}", 0)
-    result["server_kept_1hz"] = not result["server_late_rounds"]
+    # 1 Hz kept: the rounds written cover the whole time the updater ran (to the
+    # tolerance that also applies to the changes; a single slipped round of a few
+    # hundred ms on a busy machine does not fail a run, a server that cannot write
+    # its variables in a second does).
+    active_s = float(state.get("active_s", 0.0))
+    result["server_rounds_per_s"] = round(rounds / active_s, 3) if active_s else 0.0
+    result["server_kept_1hz"] = rounds >= SERVED_SHARE * int(active_s / PERIOD_S)
     result["ok"] = bool(
         received >= SERVED_SHARE * due
         and share < 1.0
