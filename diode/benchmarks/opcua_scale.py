@@ -201,6 +201,13 @@ def _status(path: Path) -> dict[str, Any]:
     return {}
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, all) clock ticks of the whole machine so far, from /proc/stat."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def _wait_port(server: h.Daemon, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -293,9 +300,11 @@ def run(items: int, *, seconds: float = 10.0, warmup_s: float = 3.0) -> dict[str
                 time.sleep(warmup_s)
                 tx.check()
                 t0, c0, s0, b0 = time.monotonic(), tx.cpu_s(), server.cpu_s(), time.process_time()
+                m0 = _cpu_ticks()
                 first = listener.latest
                 time.sleep(seconds)
                 t1, c1, s1, b1 = time.monotonic(), tx.cpu_s(), server.cpu_s(), time.process_time()
+                m1 = _cpu_ticks()
                 last = listener.latest
                 os.kill(server.proc.pid, signal.SIGUSR2)
                 _wait_state(status, server, running=False)
@@ -331,6 +340,9 @@ def run(items: int, *, seconds: float = 10.0, warmup_s: float = 3.0) -> dict[str
         # This process decodes (and authenticates) the whole link to find the heartbeats:
         # a third CPU consumer on the machine, besides the transmitter and the server.
         "listener_cpu_share": round((b1 - b0) / (t1 - t0), 3),
+        # Everything the machine ran in the window, in cores: on a shared box, what
+        # else competed with the two processes measured.
+        "machine_busy_cores": round((m1[0] - m0[0]) / (m1[1] - m0[1]) * (os.cpu_count() or 1), 2),
     }
     for name in (
         "connects",
