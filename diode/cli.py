@@ -101,6 +101,17 @@ def _bench(args: argparse.Namespace) -> int:
             seconds=args.seconds,
             max_gap=args.max_gap,
         )
+    elif args.what == "opcua":
+        from diode.benchmarks.opcua_scale import opcua
+
+        result = opcua(
+            item_counts=tuple(
+                args.items
+                or ((200,) if args.quick else (1000, 5000, 10_000, 20_000, 40_000, 60_000))
+            ),
+            seconds=args.seconds,
+            warmup_s=1.0 if args.quick else 3.0,
+        )
     else:
         print(f"error: unknown benchmark {args.what!r}", file=sys.stderr)
         return 2
@@ -170,10 +181,11 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks, printed as JSON")
     p.add_argument(
         "what",
-        choices=["codec", "link", "tags", "cost", "polling"],
+        choices=["codec", "link", "tags", "cost", "polling", "opcua"],
         help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
         "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s; "
-        "polling: Modbus devices one transmitter core polls at 1 Hz",
+        "polling: Modbus devices one transmitter core polls at 1 Hz; "
+        "opcua: OPC UA monitored items one transmitter core serves at 1 Hz",
     )
     p.add_argument("--seconds", type=float, default=None, help="time per measurement")
     p.add_argument("--quick", action="store_true", help="short runs (tests, smoke checks)")
@@ -185,6 +197,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=int, action="append", help="tags/cost: updates/s (repeat)")
     p.add_argument("--devices", type=int, action="append", help="polling: device count (repeat)")
     p.add_argument("--max-gap", type=int, default=8, help="polling: the devices' max_gap")
+    p.add_argument("--items", type=int, action="append", help="opcua: monitored items (repeat)")
     p.add_argument("--max-p99-ms", type=float, default=100.0, help="tags: latency that breaks")
     p.set_defaults(run=_bench)
 

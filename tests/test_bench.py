@@ -71,3 +71,12 @@ def test_polling_a_few_modbus_devices() -> None:
     assert run["devices"] == 5
     assert run["poll_cycles"] > 0
     assert {"tx_cpu_share", "tx_cpu_ms_per_device_cycle", "ok"} <= set(run)
+
+
+def test_opcua_a_few_monitored_items() -> None:
+    report = bench("opcua", "--quick")
+    (run,) = report["runs"]
+    assert run["items"] == 200
+    assert run["changes_received"] > 0
+    assert run["server_rounds"] > 0
+    assert {"tx_cpu_share", "changes_per_s", "due_per_s", "server_cpu_share", "ok"} <= set(run)

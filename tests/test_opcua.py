@@ -512,3 +512,23 @@ def test_backoff_doubles_to_its_cap_with_bounded_jitter() -> None:
         assert base * 0.8 <= delay <= base * 1.2
     backoff.reset()
     assert backoff.next_delay() <= 1.2
+
+
+@pytest.mark.parametrize(
+    ("sampling_ms", "queue_size", "per_item"),
+    [(1000.0, 10, 1), (500.0, 10, 2), (0.0, 4, 4), (100.0, 4, 4)],
+)
+def test_subscription_queue_holds_two_publishes_of_every_item(
+    sampling_ms: float, queue_size: int, per_item: int
+) -> None:
+    # asyncua queues a whole PublishResponse at once and drops the oldest when full.
+    nodes = [{"name": f"n{i}", "node_id": f"ns=2;i={i}"} for i in range(20_000)]
+    cfg = config(
+        "opc.tcp://127.0.0.1:4840",
+        nodes,
+        publishing_interval_ms=1000.0,
+        sampling_interval_ms=sampling_ms,
+        queue_size=queue_size,
+    )
+    poller = OpcuaPoller(cfg, tag_id=tag_id, sink=Collector())
+    assert poller._queue_bound(poller._tags) == 2 * 20_000 * per_item
