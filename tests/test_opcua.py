@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from asyncua import ua
+from asyncua.common.subscription import OverflowPolicy
 from asyncua.crypto import cert_gen
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -25,7 +26,13 @@ from diode.errors import ConfigError, KeyFileError
 from diode.records import DeviceInfo, Quality, Sample, ValueType
 from tests.support.opcua_server import BUILD_INFO, OpcuaTestServer, node_id
 from transmitter import certs
-from transmitter.opcua import Backoff, OpcuaPoller, plain_value, quality_of
+from transmitter.opcua import (
+    Backoff,
+    OpcuaPoller,
+    _CountedSubscription,
+    plain_value,
+    quality_of,
+)
 
 TIMEOUT_S = 20.0  # generous: a noisy 2-core CI box; conditions end the waits early
 
@@ -532,3 +539,23 @@ def test_subscription_queue_holds_two_publishes_of_every_item(
     )
     poller = OpcuaPoller(cfg, tag_id=tag_id, sink=Collector())
     assert poller._queue_bound(poller._tags) == 2 * 20_000 * per_item
+
+
+async def test_notifications_a_full_queue_drops_are_counted() -> None:
+    # asyncua drops the oldest notification silently when its queue is full; each
+    # drop is a lost value and must reach the heartbeat (poll_notifications_dropped).
+    cfg = config("opc.tcp://127.0.0.1:4840", [{"name": "n0", "node_id": "ns=2;i=1"}])
+    poller = OpcuaPoller(cfg, tag_id=tag_id, sink=Collector())
+    subscription = _CountedSubscription(
+        None,
+        ua.CreateSubscriptionParameters(),
+        None,
+        queue_maxsize=2,
+        overflow=OverflowPolicy.DROP_OLDEST,
+        on_drop=poller._dropped,
+    )
+    for n in range(5):
+        subscription._deliver(n)  # asyncua's own delivery path into its queue
+    assert poller.counters["notifications_dropped"] == 3
+    kept = [subscription._event_queue.get_nowait() for _ in range(2)]
+    assert kept == [3, 4]  # the newest kept, the oldest dropped

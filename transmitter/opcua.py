@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 from asyncua import ua
@@ -60,6 +61,26 @@ MAX_NODES_PER_READ = 500  # well under the MaxNodesPerRead of common PLC servers
 SESSION_TIMEOUT_MS = 120_000  # a dead session of ours is dropped by the server in 2 min
 CERT_WARN_DAYS = 30
 SUBSCRIPTION_QUEUE = 10_000  # notifications buffered between asyncua and _consume, at least
+DROP_LOG_INTERVAL_S = 10.0
+
+
+class _CountedSubscription(Subscription):
+    """asyncua's subscription, with what its full queue drops counted.
+
+    asyncua drops a notification silently when the queue between its publish
+    loop and our consumer is full (``OverflowPolicy.DROP_OLDEST``); each drop is
+    a lost value the receiver must hear of (nothing is lost silently), so it is
+    counted and reaches the heartbeat as ``poll_notifications_dropped``.
+    """
+
+    def __init__(self, *args: Any, on_drop: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_drop = on_drop
+
+    def _handle_overflow(self, event: Any) -> None:
+        self._on_drop()
+        super()._handle_overflow(event)
+
 
 # OPC UA Part 6 5.1.2 built-in DataType NodeIds (namespace 0) -> our value types.
 _BUILTIN_TYPES: dict[int, VT] = {
@@ -234,9 +255,11 @@ class OpcuaPoller:
                 "monitor_rejected",
                 "read_errors",
                 "poll_overruns",
+                "notifications_dropped",
             ),
             0,
         )
+        self._drops_logged_at = float("-inf")
         self._bad_announced = False
         self._handles: dict[int, _Tag] = {}
         self._backoff = Backoff(
@@ -464,12 +487,13 @@ class OpcuaPoller:
         # revise our keepalive count from the session timeout (hours, not seconds)
         # and hand the subscription to asyncua's own stale-recreation logic: here the
         # whole session is rebuilt instead, by one owner.
-        subscription = Subscription(
+        subscription = _CountedSubscription(
             client.uaclient.session,
             params,
             None,
             queue_maxsize=self._queue_bound(tags),
             overflow=OverflowPolicy.DROP_OLDEST,
+            on_drop=self._dropped,
         )
         result = await subscription.init()
         revised_s = (
@@ -521,6 +545,18 @@ class OpcuaPoller:
             due = server.publishing_interval_ms / sampling if sampling > 0 else queue
             per_publish += min(queue, max(1, math.ceil(due)))
         return max(SUBSCRIPTION_QUEUE, 2 * per_publish)
+
+    def _dropped(self) -> None:
+        """A notification asyncua's full queue dropped: a lost value, counted and logged."""
+        self.counters["notifications_dropped"] += 1
+        now = time.monotonic()
+        if now - self._drops_logged_at >= DROP_LOG_INTERVAL_S:
+            self._drops_logged_at = now
+            self._log.warning(
+                "opcua.notifications_dropped",
+                dropped_total=self.counters["notifications_dropped"],
+                queue=SUBSCRIPTION_QUEUE,
+            )
 
     def _monitor_request(self, handle: int, tag: _Tag) -> ua.MonitoredItemCreateRequest:
         node = tag.node
