@@ -160,7 +160,7 @@ class _Pending:
 
 @dataclass(slots=True)
 class _Sent:
-    """Spool rows handed to paho and waiting for one completion, up to ``last_row``."""
+    """Spooled messages handed to paho, waiting for one completion; the last one's id."""
 
     pending: _Pending
     count: int
@@ -441,29 +441,25 @@ class MqttOutput:
         inflight, acks, props = self._inflight, self._acks, self._props_packed
         run: _Sent | None = None
         for row, m in rows:
-            if m.expiry_s is not None and m.expiry_s <= 0:
-                # Expired while spooled (the broker would discard it): dropped in order,
-                # done with the write like a QoS 0 message, counted as expired.
-                if run is None:
-                    run = _Sent(written, 0, row)
-                    inflight.append(run)
-                run.count += 1
-                run.expired += 1
-                run.last_row = row
-                continue
-            if m.qos:
+            expired = m.expiry_s is not None and m.expiry_s <= 0
+            mid = 0
+            if m.qos and not expired:
                 pending = _Pending(self._wake)
                 mid = client._mid_generate()
                 acks[mid] = pending
                 inflight.append(_Sent(pending, 1, row))
                 run = None
             else:
-                mid = 0
+                # QoS 0, or expired while spooled (the broker would discard it: dropped
+                # in its turn and counted): done when the write is.
                 if run is None:
                     run = _Sent(written, 0, row)
                     inflight.append(run)
                 run.count += 1
                 run.last_row = row
+                if expired:
+                    run.expired += 1
+                    continue
             packets.append(
                 mqtt_packets.publish(
                     m.topic.encode(),
