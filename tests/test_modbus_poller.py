@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from diode.config.modbus import ByteOrder, ModbusDevice
 from diode.records import DeviceInfo, Quality, Sample, ValueType
@@ -353,3 +354,78 @@ async def test_a_silent_half_open_connection_is_replaced() -> None:
     finally:
         silent.close()
         await silent.wait_closed()
+
+
+async def test_a_read_refused_for_spanning_a_hole_is_split_and_remembered() -> None:
+    """A device without registers 14-17 and 30-35 answers exception 2 to a read
+    spanning them: the read is split at once, every tag still arrives GOOD in that
+    cycle, the split is kept, counted, and logged once for the device."""
+    holes = {
+        (1, "holding_register"): [range(14, 18), range(30, 36)],
+        (1, "input_register"): [range(2, 4)],
+    }
+    tags = [
+        hr("a", 10, "uint16"),
+        hr("b", 11, "float32"),
+        hr("c", 20, "uint16"),
+        hr("d", 40, "uint16"),
+        {"name": "i0", "table": "input_register", "address": 0, "type": "uint16"},
+        {"name": "i5", "table": "input_register", "address": 5, "type": "uint16"},
+    ]
+    async with ModbusSimServer(units=[1], holes=holes) as sim:
+        sim.set_registers(1, "holding_register", 10, [7, *encode(2.5, ValueType.FLOAT32)])
+        sim.set_registers(1, "holding_register", 20, [20])
+        sim.set_registers(1, "holding_register", 40, [40])
+        sim.set_registers(1, "input_register", 0, [100])
+        sim.set_registers(1, "input_register", 5, [105])
+        h = Harness(make_device(sim.port, [{"id": 1, "tags": tags}]))  # default max_gap
+        assert [(r.start, r.count) for r in h.poller.plan] == [(10, 31), (0, 6)]
+        with structlog.testing.capture_logs() as logs:
+            await h.poller.poll_once()
+            first = [(r.function_code, r.address, r.count) for r in sim.seen]
+            assert first == [
+                (3, 10, 31),  # refused
+                (3, 10, 3),
+                (3, 20, 1),
+                (3, 40, 1),
+                (4, 0, 6),  # refused
+                (4, 0, 1),
+                (4, 5, 1),
+            ]
+            expected = {"a": 7, "b": 2.5, "c": 20, "d": 40, "i0": 100, "i5": 105}
+            assert {name: h.value(name) for name in expected} == expected
+            assert all(s.quality is Quality.GOOD for s in h.sink.samples)
+            assert len(h.sink.samples) == len(expected)  # one sample per tag, none BAD
+
+            sim.seen.clear()
+            await h.poller.poll_once()
+        assert [(r.function_code, r.address, r.count) for r in sim.seen] == [
+            (3, 10, 3),
+            (3, 20, 1),
+            (3, 40, 1),
+            (4, 0, 1),
+            (4, 5, 1),
+        ]
+        assert (h.poller.counters["splits"], h.poller.counters["errors"]) == (2, 0)
+        assert [entry["event"] for entry in logs] == ["modbus.read_split"]
+        assert logs[0]["device"] == "plc"
+
+
+async def test_a_tag_in_a_hole_is_bad_and_its_neighbours_are_not() -> None:
+    """A tag configured at an address the device lacks: its own read is refused
+    (a configuration error, reported BAD), the tags read with it are not lost."""
+    holes = {(1, "holding_register"): [range(14, 18)]}
+    async with ModbusSimServer(units=[1], holes=holes) as sim:
+        sim.set_registers(1, "holding_register", 10, [10])
+        sim.set_registers(1, "holding_register", 20, [20])
+        tags = [hr("a", 10, "uint16"), hr("ghost", 15, "uint16"), hr("c", 20, "uint16")]
+        h = Harness(make_device(sim.port, [{"id": 1, "tags": tags}]))
+        await h.poller.poll_once()
+        assert (h.value("a"), h.value("c")) == (10, 20)
+        ghost = h.latest("ghost")
+        assert (ghost.quality, ghost.reason) == (Quality.BAD, "exception 2 (illegal data address)")
+        assert len(h.sink.samples) == 3
+        assert (h.poller.counters["splits"], h.poller.counters["errors"]) == (1, 1)
+        sim.seen.clear()
+        await h.poller.poll_once()
+        assert [(r.address, r.count) for r in sim.seen] == [(10, 1), (15, 1), (20, 1)]

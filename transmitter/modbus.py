@@ -20,6 +20,11 @@ What the field taught (FIELD.md) and how it is handled here:
   while every cycle still reports each tag BAD "disconnected", so the receiver
   always sees an honest quality.
 - Every sample's ts_ns is taken when its read completed.
+- Some devices refuse a read that spans unused addresses (exception 2, or 3).
+  Such a read is split (``modbus_plan.split``) into reads of the tags'
+  addresses only, read at once, in the same cycle, so no value is lost or BAD
+  for it; the split replaces the read for the rest of the run, is counted
+  (``splits``) and logged once per device.
 
 Cost per request (docs/BENCHMARKS.md section 5): register answers are decoded
 by our own response classes, which keep the answer's bytes (one
@@ -41,6 +46,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import structlog
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
@@ -52,7 +58,7 @@ from pymodbus.pdu.register_message import (
 from diode.config.modbus import ModbusDevice, ModbusTag, Table
 from diode.records import DeviceInfo, Quality, Sample, TagInfo
 from transmitter.modbus_codec import CodecError, Decoded, Reader, reader, scaled
-from transmitter.modbus_plan import ReadRequest, plan_device
+from transmitter.modbus_plan import ReadRequest, plan_device, split
 from transmitter.sink import SampleSink
 
 # Modbus Application Protocol v1.1b3, section 7: exception codes.
@@ -69,6 +75,8 @@ EXCEPTION_NAMES = {
 }
 # A gateway saying its target does not answer is a dead unit, like a timeout.
 _UNIT_GONE = (10, 11)
+# What devices answer to a read that spans addresses they do not have.
+_REFUSED_SPAN = (2, 3)
 # Device Identification basic and regular objects (section 6.21).
 IDENTITY_NAMES = {
     0: "vendor_name",
@@ -80,6 +88,8 @@ IDENTITY_NAMES = {
     6: "user_application_name",
 }
 _NEVER_CLOSE = 2**31  # pymodbus closes a connection after N unanswered requests: not its call
+
+log = structlog.get_logger(__name__)
 
 
 class _KeepsBytes(ModbusPDU):
@@ -235,6 +245,7 @@ class ModbusPoller:
             "cycles": 0,
             "overruns": 0,
             "silent_reconnects": 0,
+            "splits": 0,
         }
         self.plan: list[ReadRequest] = plan_device(device)
         self.catalogue: list[TagInfo] = []
@@ -323,7 +334,7 @@ class ModbusPoller:
             if request.unit in dead:
                 self._bad([request], "timeout")
                 continue
-            outcome = await self._read(link, request, dead)
+            outcome = await self._read(link, request, dead, queue)
             if outcome is _Outcome.LOST:
                 self._bad([request], "disconnected")
                 link.drop()
@@ -373,7 +384,9 @@ class ModbusPoller:
                 return _Outcome.ANSWERED, exc
         return _Outcome.TIMEOUT, None
 
-    async def _read(self, link: _Link, request: ReadRequest, dead: set[int]) -> _Outcome:
+    async def _read(
+        self, link: _Link, request: ReadRequest, dead: set[int], queue: deque[ReadRequest]
+    ) -> _Outcome:
         outcome, answer = await self._exchange(link, lambda c: self._call(c, request))
         if outcome is _Outcome.TIMEOUT:
             dead.add(request.unit)
@@ -384,14 +397,37 @@ class ModbusPoller:
         if isinstance(answer, ModbusException):
             self._bad([request], f"error: {answer}", ts_ns)
         elif answer.isError():
-            self.counters["errors"] += 1
             code = int(getattr(answer, "exception_code", 0))
+            parts = split(request) if code in _REFUSED_SPAN else []
+            if parts:
+                self._split(request, parts, code)
+                queue.extendleft(reversed(parts))  # read next, in this cycle
+                return outcome
+            self.counters["errors"] += 1
             if code in _UNIT_GONE:
                 dead.add(request.unit)
             self._bad([request], exception_reason(code), ts_ns)
         else:
             self._deliver(request, answer, ts_ns)
         return outcome
+
+    def _split(self, request: ReadRequest, parts: list[ReadRequest], code: int) -> None:
+        """From now on ``parts`` are read instead of ``request``, which the device refused."""
+        self.plan = [part for r in self.plan for part in (parts if r is request else [r])]
+        self.counters["splits"] += 1
+        if self.counters["splits"] == 1:
+            log.warning(
+                "modbus.read_split",
+                device=self.device.name,
+                unit=request.unit,
+                table=str(request.table),
+                start=request.start,
+                count=request.count,
+                answer=exception_reason(code),
+                parts=len(parts),
+                note="reads refused for spanning unused addresses are split for the rest "
+                "of the run; lower max_gap for this device to avoid the first refusal",
+            )
 
     def _deliver(self, request: ReadRequest, answer: ModbusPDU, ts_ns: int) -> None:
         sample = self.sink.sample

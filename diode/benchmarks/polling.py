@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from diode.benchmarks import harness as h
+from diode.config.modbus import DEFAULT_MAX_GAP
 
 REGISTERS = 1000
 TAGS = 100
@@ -71,7 +72,7 @@ def _place(device: int) -> tuple[int, int]:
 
 
 def run(
-    devices: int, *, seconds: float = 10.0, warmup_s: float = 4.0, max_gap: int = 8
+    devices: int, *, seconds: float = 10.0, warmup_s: float = 4.0, max_gap: int = DEFAULT_MAX_GAP
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="diode-bench-polling-") as tmp:
         work = Path(tmp)
@@ -166,7 +167,7 @@ def polling(
     *,
     device_counts: tuple[int, ...] = (50, 100, 200, 300, 400),
     seconds: float = 10.0,
-    max_gap: int = 8,
+    max_gap: int = DEFAULT_MAX_GAP,
 ) -> dict[str, Any]:
     """Raise the device count until a cycle overruns, a request times out or the core is full."""
     runs: list[dict[str, Any]] = []
