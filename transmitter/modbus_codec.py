@@ -20,6 +20,7 @@ the first character is the high byte (``AB..``) or the low byte (``BA..``).
 
 from __future__ import annotations
 
+import functools
 import operator
 import struct
 from collections.abc import Callable, Sequence
@@ -108,6 +109,7 @@ def decode(
 Reader = Callable[[bytes, int], Decoded]
 
 
+@functools.cache  # pure: tags of one kind share one reader (20 000 tags, a handful of kinds)
 def reader(
     value_type: ValueType,
     order: ByteOrder = ByteOrder.ABCD,

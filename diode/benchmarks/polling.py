@@ -149,9 +149,14 @@ def run(
         "server_cpu_share": round((s1 - s0) / (t1 - t0), 3),
     }
     # Poll counters of the window, from the transmitter's own heartbeats (1 Hz).
-    for name in ("cycles", "overruns", "requests", "timeouts", "errors", "reconnects"):
+    for name in ("cycles", "overruns", "requests", "timeouts", "errors", "reconnects", "splits"):
         key = f"poll_{name}"
         result[key] = last.get(key, 0) - first.get(key, 0)
+    if result["poll_cycles"] and result["poll_requests"]:
+        result["requests_per_device_cycle"] = round(
+            result["poll_requests"] / result["poll_cycles"], 1
+        )
+        result["tx_cpu_us_per_request"] = round((c1 - c0) * 1e6 / result["poll_requests"], 1)
     result["ok"] = bool(
         first
         and last
