@@ -429,3 +429,37 @@ async def test_a_tag_in_a_hole_is_bad_and_its_neighbours_are_not() -> None:
         sim.seen.clear()
         await h.poller.poll_once()
         assert [(r.address, r.count) for r in sim.seen] == [(10, 1), (15, 1), (20, 1)]
+
+
+async def test_the_watchdog_cuts_a_request_pymodbus_never_ends() -> None:
+    """pymodbus times requests out by itself; should it not (here its timeout is
+    raised to a minute behind our back, against a PLC that never answers), the
+    cycle's watchdog cuts the request after about twice ``timeout_s`` and it counts
+    as a timeout: the poller is never stuck."""
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(1024):
+                pass
+        writer.close()
+
+    silent = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    h = Harness(make_device(port, [{"id": 1, "tags": [hr("a", 0, "uint16")]}], timeout_s=0.2))
+    try:
+        link = h.poller._links[0]
+        assert await link.ensure()
+        assert link.client is not None
+        link.client.ctx.comm_params.timeout_connect = 60.0
+        started = time.monotonic()
+        await asyncio.wait_for(h.poller.poll_once(), 5)
+        assert 1.4 < time.monotonic() - started < 3.0  # limit 0.2 * 2 + 1, checked every 0.7 s
+        sample = h.latest("a")
+        assert (sample.quality, sample.reason) == (Quality.BAD, "timeout")
+        assert h.poller.counters["timeouts"] == 1
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    finally:
+        for link in h.poller._links:
+            link.close()
+        silent.close()
+        await silent.wait_closed()
