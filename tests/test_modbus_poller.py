@@ -15,7 +15,7 @@ import structlog.testing
 from diode.config.modbus import ByteOrder, ModbusDevice
 from diode.records import DeviceInfo, Quality, Sample, ValueType
 from tests.support.modbus_server import ModbusSimServer
-from transmitter.modbus import ModbusPoller
+from transmitter.modbus import ModbusPoller, phase_of
 from transmitter.modbus_codec import encode
 
 
@@ -463,3 +463,27 @@ async def test_the_watchdog_cuts_a_request_pymodbus_never_ends() -> None:
             link.close()
         silent.close()
         await silent.wait_closed()
+
+
+async def test_first_poll_at_once_then_on_the_devices_own_phase(server: ModbusSimServer) -> None:
+    interval = 0.4
+    units = [{"id": 1, "tags": [hr("v", 0, "uint16")]}]
+    h = Harness(make_device(server.port, units, name="plc2", poll_interval_s=interval))
+    started = time.time_ns()
+    async with running(h):
+        await h.until(lambda: h.poller.counters["cycles"] >= 4, within_s=4.0)
+    polls = [(s.ts_ns - started) / 1e9 for s in h.sink.samples]
+    assert polls[0] < 0.15  # at once
+    phase = phase_of("plc2") * interval  # 0.55 of it
+    for at in polls[1:4]:
+        # Each later poll a few ms after a tick on the device's phase.
+        assert 0 <= (at - phase) % interval < 0.1, (polls, phase)
+    assert interval / 2 <= polls[1] - polls[0] < 1.5 * interval + 0.1
+
+
+def test_phases_are_stable_and_spread() -> None:
+    phases = [phase_of(f"plc{i}") for i in range(200)]
+    assert phases == [phase_of(f"plc{i}") for i in range(200)]
+    assert all(0 <= p < 1 for p in phases)
+    tenths = [sum(1 for p in phases if k / 10 <= p < (k + 1) / 10) for k in range(10)]
+    assert max(tenths) < 40, tenths  # 20 each if even

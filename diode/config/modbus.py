@@ -186,7 +186,13 @@ class ModbusDevice(Section):
     address_base: Literal[0, 1] = Field(
         0, description="0: addresses as on the wire; 1: the manual's 1-based numbering"
     )
-    poll_interval_s: float = Field(1.0, ge=0.01, le=86400.0, description="time between polls")
+    poll_interval_s: float = Field(
+        1.0,
+        ge=0.01,
+        le=86400.0,
+        description="time between polls; the first at start, then on the device's own "
+        "phase of the interval (from its name), so that devices do not all poll at once",
+    )
     timeout_s: float = Field(1.0, gt=0.0, le=60.0, description="wait for one answer")
     retries: int = Field(1, ge=0, le=5, description="re-sends of a request that timed out")
     backoff_initial_s: float = Field(
