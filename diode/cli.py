@@ -9,6 +9,7 @@ from pathlib import Path
 
 from diode import __version__
 from diode.config import load, read_toml
+from diode.config.modbus import DEFAULT_MAX_GAP
 from diode.errors import ConfigError, KeyFileError
 from diode.keys import write_keypair, write_psk
 
@@ -196,7 +197,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", action="append", help="tags: payload:qos, e.g. per_tag:0 (repeat)")
     p.add_argument("--rate", type=int, action="append", help="tags/cost: updates/s (repeat)")
     p.add_argument("--devices", type=int, action="append", help="polling: device count (repeat)")
-    p.add_argument("--max-gap", type=int, default=8, help="polling: the devices' max_gap")
+    p.add_argument(
+        "--max-gap", type=int, default=DEFAULT_MAX_GAP, help="polling: the devices' max_gap"
+    )
     p.add_argument("--items", type=int, action="append", help="opcua: monitored items (repeat)")
     p.add_argument("--max-p99-ms", type=float, default=100.0, help="tags: latency that breaks")
     p.set_defaults(run=_bench)

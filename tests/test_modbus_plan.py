@@ -20,6 +20,7 @@ from transmitter.modbus_plan import (
     plan_device,
     plan_stats,
     plan_unit,
+    split,
 )
 
 
@@ -129,6 +130,71 @@ def test_every_tag_covered_exactly_once_within_limits(
         assert len(plan) == len(tags)
 
 
+def test_split_reads_only_configured_addresses_then_one_tag_at_a_time() -> None:
+    # a 10, b 11-12 touch; a hole 13-19; c 20; a hole 21-39; d 40
+    tags = [tag("a", 10), tag("b", 11, "float32"), tag("c", 20), tag("d", 40)]
+    (request,) = plan_unit(1, tags, max_gap=32)
+    parts = split(request)
+    assert [(r.start, r.count) for r in parts] == [(10, 3), (20, 1), (40, 1)]
+    assert [[(s.tag.name, s.offset) for s in r.slots] for r in parts] == [
+        [("a", 0), ("b", 1)],
+        [("c", 0)],
+        [("d", 0)],
+    ]
+    # Refused again although it spans no hole: one read per tag.
+    assert [(r.start, r.count) for r in split(parts[0])] == [(10, 1), (11, 2)]
+    assert split(parts[1]) == []  # one tag's own addresses: nothing smaller to read
+
+
+def test_split_keeps_overlapping_tags_together() -> None:
+    tags = [tag("b0", 5, "bool", bit=0), tag("b1", 5, "bool", bit=1), tag("w", 6), tag("x", 9)]
+    (request,) = plan_unit(2, tags, max_gap=8)
+    parts = split(request)
+    assert [(r.unit, r.start, r.count) for r in parts] == [(2, 5, 2), (2, 9, 1)]
+    per_tag = split(parts[0])
+    assert [(r.start, r.count, [s.tag.name for s in r.slots]) for r in per_tag] == [
+        (5, 1, ["b0", "b1"]),
+        (6, 1, ["w"]),
+    ]
+    assert split(per_tag[0]) == []
+
+
+def _check_split(request: ReadRequest, parts: list[ReadRequest]) -> None:
+    """Smaller, disjoint reads of the same tags at the same addresses."""
+    assert sorted(s.tag.name for r in parts for s in r.slots) == sorted(
+        s.tag.name for s in request.slots
+    )
+    assert len(parts) > 1 or parts[0].count < request.count
+    assert sum(r.count for r in parts) <= request.count
+    where = {s.tag.name: request.start + s.offset for s in request.slots}
+    for part in parts:
+        assert (part.unit, part.table) == (request.unit, request.table)
+        assert request.start <= part.start
+        assert part.start + part.count <= request.start + request.count
+        for slot in part.slots:
+            assert part.start + slot.offset == where[slot.tag.name]
+            assert slot.offset + slot.tag.width <= part.count
+
+
+@settings(max_examples=200, deadline=None)
+@given(unit_tags(), st.integers(0, 124))
+def test_split_parts_read_the_same_tags_at_the_same_addresses(
+    tags: list[ModbusTag], max_gap: int
+) -> None:
+    for request in plan_unit(7, tags, max_gap=max_gap):
+        parts = split(request)
+        if not parts:
+            # Nothing smaller: the tags' addresses are the whole read, no hole in it.
+            covered = {s.offset + i for s in request.slots for i in range(s.tag.width)}
+            assert covered == set(range(request.count))
+            continue
+        _check_split(request, parts)
+        for part in parts:
+            again = split(part)
+            if again:
+                _check_split(part, again)
+
+
 def test_scattered_device_figure(capsys: pytest.CaptureFixture[str]) -> None:
     stats = plan_stats(200, 1000, max_gap=8)
     with capsys.disabled():
@@ -210,7 +276,7 @@ def test_config_defaults_and_enums_from_strings() -> None:
         "x",
     )
     (dev,) = section.devices
-    assert (dev.port, dev.poll_interval_s, dev.max_gap, dev.coalesce) == (502, 1.0, 8, True)
+    assert (dev.port, dev.poll_interval_s, dev.max_gap, dev.coalesce) == (502, 1.0, 32, True)
     t = dev.units[0].tags[0]
     assert t.table is Table.INPUT_REGISTER
     assert t.type is ValueType.FLOAT32

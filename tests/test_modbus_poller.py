@@ -10,11 +10,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from diode.config.modbus import ByteOrder, ModbusDevice
 from diode.records import DeviceInfo, Quality, Sample, ValueType
 from tests.support.modbus_server import ModbusSimServer
-from transmitter.modbus import ModbusPoller
+from transmitter.modbus import ModbusPoller, phase_of
 from transmitter.modbus_codec import encode
 
 
@@ -353,3 +354,136 @@ async def test_a_silent_half_open_connection_is_replaced() -> None:
     finally:
         silent.close()
         await silent.wait_closed()
+
+
+async def test_a_read_refused_for_spanning_a_hole_is_split_and_remembered() -> None:
+    """A device without registers 14-17 and 30-35 answers exception 2 to a read
+    spanning them: the read is split at once, every tag still arrives GOOD in that
+    cycle, the split is kept, counted, and logged once for the device."""
+    holes = {
+        (1, "holding_register"): [range(14, 18), range(30, 36)],
+        (1, "input_register"): [range(2, 4)],
+    }
+    tags = [
+        hr("a", 10, "uint16"),
+        hr("b", 11, "float32"),
+        hr("c", 20, "uint16"),
+        hr("d", 40, "uint16"),
+        {"name": "i0", "table": "input_register", "address": 0, "type": "uint16"},
+        {"name": "i5", "table": "input_register", "address": 5, "type": "uint16"},
+    ]
+    async with ModbusSimServer(units=[1], holes=holes) as sim:
+        sim.set_registers(1, "holding_register", 10, [7, *encode(2.5, ValueType.FLOAT32)])
+        sim.set_registers(1, "holding_register", 20, [20])
+        sim.set_registers(1, "holding_register", 40, [40])
+        sim.set_registers(1, "input_register", 0, [100])
+        sim.set_registers(1, "input_register", 5, [105])
+        h = Harness(make_device(sim.port, [{"id": 1, "tags": tags}]))  # default max_gap
+        assert [(r.start, r.count) for r in h.poller.plan] == [(10, 31), (0, 6)]
+        with structlog.testing.capture_logs() as logs:
+            await h.poller.poll_once()
+            first = [(r.function_code, r.address, r.count) for r in sim.seen]
+            assert first == [
+                (3, 10, 31),  # refused
+                (3, 10, 3),
+                (3, 20, 1),
+                (3, 40, 1),
+                (4, 0, 6),  # refused
+                (4, 0, 1),
+                (4, 5, 1),
+            ]
+            expected = {"a": 7, "b": 2.5, "c": 20, "d": 40, "i0": 100, "i5": 105}
+            assert {name: h.value(name) for name in expected} == expected
+            assert all(s.quality is Quality.GOOD for s in h.sink.samples)
+            assert len(h.sink.samples) == len(expected)  # one sample per tag, none BAD
+
+            sim.seen.clear()
+            await h.poller.poll_once()
+        assert [(r.function_code, r.address, r.count) for r in sim.seen] == [
+            (3, 10, 3),
+            (3, 20, 1),
+            (3, 40, 1),
+            (4, 0, 1),
+            (4, 5, 1),
+        ]
+        assert (h.poller.counters["splits"], h.poller.counters["errors"]) == (2, 0)
+        assert [entry["event"] for entry in logs] == ["modbus.read_split"]
+        assert logs[0]["device"] == "plc"
+
+
+async def test_a_tag_in_a_hole_is_bad_and_its_neighbours_are_not() -> None:
+    """A tag configured at an address the device lacks: its own read is refused
+    (a configuration error, reported BAD), the tags read with it are not lost."""
+    holes = {(1, "holding_register"): [range(14, 18)]}
+    async with ModbusSimServer(units=[1], holes=holes) as sim:
+        sim.set_registers(1, "holding_register", 10, [10])
+        sim.set_registers(1, "holding_register", 20, [20])
+        tags = [hr("a", 10, "uint16"), hr("ghost", 15, "uint16"), hr("c", 20, "uint16")]
+        h = Harness(make_device(sim.port, [{"id": 1, "tags": tags}]))
+        await h.poller.poll_once()
+        assert (h.value("a"), h.value("c")) == (10, 20)
+        ghost = h.latest("ghost")
+        assert (ghost.quality, ghost.reason) == (Quality.BAD, "exception 2 (illegal data address)")
+        assert len(h.sink.samples) == 3
+        assert (h.poller.counters["splits"], h.poller.counters["errors"]) == (1, 1)
+        sim.seen.clear()
+        await h.poller.poll_once()
+        assert [(r.address, r.count) for r in sim.seen] == [(10, 1), (15, 1), (20, 1)]
+
+
+async def test_the_watchdog_cuts_a_request_pymodbus_never_ends() -> None:
+    """pymodbus times requests out by itself; should it not (here its timeout is
+    raised to a minute behind our back, against a PLC that never answers), the
+    cycle's watchdog cuts the request after about twice ``timeout_s`` and it counts
+    as a timeout: the poller is never stuck."""
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(1024):
+                pass
+        writer.close()
+
+    silent = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    h = Harness(make_device(port, [{"id": 1, "tags": [hr("a", 0, "uint16")]}], timeout_s=0.2))
+    try:
+        link = h.poller._links[0]
+        assert await link.ensure()
+        assert link.client is not None
+        link.client.ctx.comm_params.timeout_connect = 60.0
+        started = time.monotonic()
+        await asyncio.wait_for(h.poller.poll_once(), 5)
+        assert 1.4 < time.monotonic() - started < 3.0  # limit 0.2 * 2 + 1, checked every 0.7 s
+        sample = h.latest("a")
+        assert (sample.quality, sample.reason) == (Quality.BAD, "timeout")
+        assert h.poller.counters["timeouts"] == 1
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    finally:
+        for link in h.poller._links:
+            link.close()
+        silent.close()
+        await silent.wait_closed()
+
+
+async def test_first_poll_at_once_then_on_the_devices_own_phase(server: ModbusSimServer) -> None:
+    interval = 0.4
+    units = [{"id": 1, "tags": [hr("v", 0, "uint16")]}]
+    h = Harness(make_device(server.port, units, name="plc2", poll_interval_s=interval))
+    started = time.time_ns()
+    async with running(h):
+        await h.until(lambda: h.poller.counters["cycles"] >= 4, within_s=4.0)
+    polls = [(s.ts_ns - started) / 1e9 for s in h.sink.samples]
+    assert polls[0] < 0.15  # at once
+    phase = phase_of("plc2") * interval  # 0.55 of it
+    for at in polls[1:4]:
+        # Each later poll a few ms after a tick on the device's phase.
+        assert 0 <= (at - phase) % interval < 0.1, (polls, phase)
+    assert interval / 2 <= polls[1] - polls[0] < 1.5 * interval + 0.1
+
+
+def test_phases_are_stable_and_spread() -> None:
+    phases = [phase_of(f"plc{i}") for i in range(200)]
+    assert phases == [phase_of(f"plc{i}") for i in range(200)]
+    assert all(0 <= p < 1 for p in phases)
+    tenths = [sum(1 for p in phases if k / 10 <= p < (k + 1) / 10) for k in range(10)]
+    assert max(tenths) < 40, tenths  # 20 each if even

@@ -163,6 +163,30 @@ async def test_values_flow_with_catalogue_first_and_deadband(
         await asyncio.wait_for(task, 10)
 
 
+async def test_a_split_read_reaches_the_heartbeat(tmp_path: Path) -> None:
+    """A PLC refusing the read that spans its hole (registers 14-17): values arrive
+    all the same, and the heartbeat says the read was split."""
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    async with ModbusSimServer(units=[1], holes={(1, "holding_register"): [range(14, 18)]}) as plc:
+        plc.set_registers(1, "holding_register", 20, [9])
+        tx = Transmitter(tx_config(tmp_path, link.port, plc.port), key=key)
+        stop, task = await run_tx(tx)
+        try:
+            await link.wait_for(
+                lambda: any(
+                    isinstance(r, Heartbeat) and r.counters.get("poll_splits") == 1
+                    for r in link.records
+                )
+            )
+            assert [s.value for s in link.samples(2)] == [9]
+            assert all(s.quality is Quality.GOOD for s in link.samples(1) + link.samples(2))
+            assert tx.counters()["poll_errors"] == 0
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+
+
 async def test_plc_outage_gives_bad_samples_then_values_again(
     tmp_path: Path, plc: ModbusSimServer
 ) -> None:

@@ -4,7 +4,8 @@
 
     ModbusDevice --plan_device--> [ReadRequest...]     (once, at start)
 
-    every poll_interval_s (monotonic ticks; missed ticks are skipped, not caught up):
+    at start, then every poll_interval_s on the device's own phase
+    (monotonic ticks; missed ticks are skipped, not caught up):
         links (max_in_flight TCP connections, each one request at a time)
             --read--> registers/bits --modbus_codec--> Sample --> SampleSink.sample
         on a fresh connection: 43/14 Device Identification --> SampleSink.device
@@ -20,6 +21,27 @@ What the field taught (FIELD.md) and how it is handled here:
   while every cycle still reports each tag BAD "disconnected", so the receiver
   always sees an honest quality.
 - Every sample's ts_ns is taken when its read completed.
+- Devices do not all fire at the same instant: after the first poll (at once,
+  so values come quickly after a start) each device keeps its own phase within
+  the interval, from a hash of its name (stable across restarts). Polled
+  together, 400 devices queued each second's requests into one burst and 2.5 %
+  of their cycles overran at 0.44 of a core; spread, none did
+  (docs/BENCHMARKS.md section 5). It spreads the load on shared gateways and
+  networks too.
+- Some devices refuse a read that spans unused addresses (exception 2, or 3).
+  Such a read is split (``modbus_plan.split``) into reads of the tags'
+  addresses only, read at once, in the same cycle, so no value is lost or BAD
+  for it; the split replaces the read for the rest of the run, is counted
+  (``splits``) and logged once per device.
+
+Cost per request (docs/BENCHMARKS.md section 5): register answers are decoded
+by our own response classes, which keep the answer's bytes (one
+``struct.unpack_from`` for the register list instead of one per register, and
+no text rendering of every answer for a debug line that is never written),
+and each tag is read from those bytes by a reader prepared once at start
+(``modbus_codec.reader``). pymodbus times a request out by itself; our guard
+against it not doing so is one watchdog per cycle, not a timer per request
+(an ``asyncio.timeout`` per request was 9 % of the transmitter's CPU).
 """
 
 from __future__ import annotations
@@ -28,19 +50,26 @@ import asyncio
 import contextlib
 import enum
 import random
+import struct
 import time
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import structlog
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersResponse,
+    ReadInputRegistersResponse,
+)
 
 from diode.config.modbus import ModbusDevice, ModbusTag, Table
 from diode.records import DeviceInfo, Quality, Sample, TagInfo
-from transmitter.modbus_codec import CodecError, decode, scaled
-from transmitter.modbus_plan import ReadRequest, plan_device
+from transmitter.modbus_codec import CodecError, Decoded, Reader, reader, scaled
+from transmitter.modbus_plan import ReadRequest, plan_device, split
 from transmitter.sink import SampleSink
 
 # Modbus Application Protocol v1.1b3, section 7: exception codes.
@@ -57,6 +86,8 @@ EXCEPTION_NAMES = {
 }
 # A gateway saying its target does not answer is a dead unit, like a timeout.
 _UNIT_GONE = (10, 11)
+# What devices answer to a read that spans addresses they do not have.
+_REFUSED_SPAN = (2, 3)
 # Device Identification basic and regular objects (section 6.21).
 IDENTITY_NAMES = {
     0: "vendor_name",
@@ -68,6 +99,64 @@ IDENTITY_NAMES = {
     6: "user_application_name",
 }
 _NEVER_CLOSE = 2**31  # pymodbus closes a connection after N unanswered requests: not its call
+
+log = structlog.get_logger(__name__)
+
+
+class _KeepsBytes(ModbusPDU):
+    """A register answer that keeps its register bytes, for the tag readers.
+
+    pymodbus's own classes unpack the answer one register at a time, and its
+    decoder renders every answer as text (``str(pdu)``, registers and all) for
+    a debug line, whether debug logging is on or not: together 12 % of the
+    transmitter's CPU at ~96-register reads. Registered per client, so nothing
+    changes for other pymodbus users in the process.
+    """
+
+    payload: bytes = b""
+
+    def decode(self, data: bytes) -> None:
+        size = data[0]
+        if size >= len(data):
+            raise ModbusIOException(
+                f"byte_count {size} > length of packet {len(data)}",
+                function_code=self.function_code,
+            )
+        self.payload = bytes(data[1 : 1 + size])
+        self.registers = list(struct.unpack_from(f">{size // 2}H", data, 1))
+
+    def __str__(self) -> str:
+        return (
+            f"{type(self).__name__}(dev_id={self.dev_id}, "
+            f"transaction_id={self.transaction_id}, registers={len(self.payload) // 2})"
+        )
+
+
+class _HoldingAnswer(_KeepsBytes, ReadHoldingRegistersResponse):
+    """Function 3's answer, bytes kept."""
+
+
+class _InputAnswer(_KeepsBytes, ReadInputRegistersResponse):
+    """Function 4's answer, bytes kept."""
+
+
+def _register_bytes(answer: ModbusPDU) -> bytes:
+    if isinstance(answer, _KeepsBytes):
+        return answer.payload
+    registers: list[int] = list(answer.registers)
+    return struct.pack(f">{len(registers)}H", *registers)
+
+
+def _scaling(read: Reader, scale: float, offset: float) -> Reader:
+    def read_scaled(data: bytes, at: int) -> Decoded:
+        return scaled(read(data, at), scale, offset)
+
+    return read_scaled
+
+
+def phase_of(name: str) -> float:
+    """Where in the poll interval a device's ticks fall, 0 <= phase < 1: stable, spread."""
+    return zlib.crc32(name.encode()) / 2**32
 
 
 def exception_reason(code: int) -> str:
@@ -92,6 +181,10 @@ class _Link:
         self.retry_at = 0.0
         self.ever_connected = False
         self.fresh = False  # connected since the identity was last read
+        # The request in flight, for the watchdog: since when, and who waits for it.
+        self.asked_at: float | None = None
+        self.waiter: asyncio.Task[Any] | None = None
+        self.stuck = False  # the watchdog cancelled the waiter
 
     def _backoff(self) -> None:
         device = self.device
@@ -131,6 +224,8 @@ class _Link:
             name=f"modbus:{device.name}",
         )
         client.set_max_no_responses(_NEVER_CLOSE)
+        client.register(_HoldingAnswer)
+        client.register(_InputAnswer)
         connected = False
         with contextlib.suppress(TimeoutError, OSError, ModbusException):
             async with asyncio.timeout(device.timeout_s + 1.0):
@@ -170,15 +265,22 @@ class ModbusPoller:
             "cycles": 0,
             "overruns": 0,
             "silent_reconnects": 0,
+            "splits": 0,
         }
         self.plan: list[ReadRequest] = plan_device(device)
         self.catalogue: list[TagInfo] = []
         self.deadbands: dict[int, float] = {}
         self._ids: dict[str, int] = {}
+        self._readers: dict[str, Reader] = {}  # register tags only
         for unit in device.units:
             for tag in unit.tags:
                 ident = tag_id(device.name, tag.name)
                 self._ids[tag.name] = ident
+                if not tag.table.is_bits:
+                    read = reader(tag.type, tag.order, bit=tag.bit, length=tag.length)
+                    if tag.scale != 1.0 or tag.offset != 0.0:
+                        read = _scaling(read, tag.scale, tag.offset)
+                    self._readers[tag.name] = read
                 self.deadbands[ident] = tag.deadband
                 self.catalogue.append(
                     TagInfo(
@@ -207,11 +309,15 @@ class ModbusPoller:
     async def run(self) -> None:
         """Poll every ``poll_interval_s`` until cancelled; connections are closed on exit."""
         interval = self.device.poll_interval_s
-        next_tick = time.monotonic()
+        start = time.monotonic()
+        # The second poll: the first tick on this device's phase at least half an
+        # interval after the first, which is now.
+        next_tick = start + phase_of(self.device.name) * interval
+        while next_tick - start < interval / 2:
+            next_tick += interval
         try:
             while True:
                 await self.poll_once()
-                next_tick += interval
                 now = time.monotonic()
                 if now > next_tick:
                     # Overran: skip the missed ticks rather than firing them back to back.
@@ -219,6 +325,7 @@ class ModbusPoller:
                     self.counters["overruns"] += missed
                     next_tick += missed * interval
                 await asyncio.sleep(next_tick - now)
+                next_tick += interval
         finally:
             for link in self._links:
                 link.close()
@@ -230,6 +337,30 @@ class ModbusPoller:
         if not links:
             self._bad(self.plan, "disconnected")
             return
+        watchdog = asyncio.create_task(self._watchdog(links))
+        try:
+            await self._cycle(links)
+        finally:
+            watchdog.cancel()
+
+    async def _watchdog(self, links: list[_Link]) -> None:
+        """Cut a request that pymodbus does not end by itself within twice its timeout.
+
+        pymodbus times every request out (``timeout_s``); this guards against it
+        not doing so, for every request of the cycle with one sleeping task. The
+        request is then handled as a timeout.
+        """
+        limit = self.device.timeout_s * 2 + 1.0
+        while True:
+            await asyncio.sleep(limit / 2)
+            now = time.monotonic()
+            for link in links:
+                asked, waiter = link.asked_at, link.waiter
+                if asked is not None and now - asked > limit and waiter and not link.stuck:
+                    link.stuck = True  # once: the waiter uncancels exactly one cancel
+                    waiter.cancel()
+
+    async def _cycle(self, links: list[_Link]) -> None:
         fresh = next((link for link in links if link.fresh), None)
         if fresh is not None and self.device.read_identity:
             await self._read_identity(fresh)
@@ -252,7 +383,7 @@ class ModbusPoller:
             if request.unit in dead:
                 self._bad([request], "timeout")
                 continue
-            outcome = await self._read(link, request, dead)
+            outcome = await self._read(link, request, dead, queue)
             if outcome is _Outcome.LOST:
                 self._bad([request], "disconnected")
                 link.drop()
@@ -287,10 +418,19 @@ class ModbusPoller:
             if client is None or not client.connected:
                 return _Outcome.LOST, None
             self.counters["requests"] += 1
+            link.asked_at, link.waiter = time.monotonic(), asyncio.current_task()
             try:
-                # pymodbus times out by itself; this guards against it not doing so.
-                async with asyncio.timeout(self.device.timeout_s * 2 + 1.0):
-                    return _Outcome.ANSWERED, await send(client)
+                return _Outcome.ANSWERED, await send(client)
+            except asyncio.CancelledError:
+                if not link.stuck:
+                    raise
+                # The watchdog's cancel, not ours to pass on: a timeout. Unless the
+                # task was cancelled by someone else too (a shutdown): that goes on.
+                link.stuck = False
+                waiter = link.waiter
+                if waiter is not None and waiter.uncancel() > 0:
+                    raise
+                self.counters["timeouts"] += 1
             except ConnectionException:
                 return _Outcome.LOST, None
             except (ModbusIOException, TimeoutError):
@@ -300,9 +440,13 @@ class ModbusPoller:
             except ModbusException as exc:
                 self.counters["errors"] += 1
                 return _Outcome.ANSWERED, exc
+            finally:
+                link.asked_at = link.waiter = None
         return _Outcome.TIMEOUT, None
 
-    async def _read(self, link: _Link, request: ReadRequest, dead: set[int]) -> _Outcome:
+    async def _read(
+        self, link: _Link, request: ReadRequest, dead: set[int], queue: deque[ReadRequest]
+    ) -> _Outcome:
         outcome, answer = await self._exchange(link, lambda c: self._call(c, request))
         if outcome is _Outcome.TIMEOUT:
             dead.add(request.unit)
@@ -313,8 +457,13 @@ class ModbusPoller:
         if isinstance(answer, ModbusException):
             self._bad([request], f"error: {answer}", ts_ns)
         elif answer.isError():
-            self.counters["errors"] += 1
             code = int(getattr(answer, "exception_code", 0))
+            parts = split(request) if code in _REFUSED_SPAN else []
+            if parts:
+                self._split(request, parts, code)
+                queue.extendleft(reversed(parts))  # read next, in this cycle
+                return outcome
+            self.counters["errors"] += 1
             if code in _UNIT_GONE:
                 dead.add(request.unit)
             self._bad([request], exception_reason(code), ts_ns)
@@ -322,40 +471,60 @@ class ModbusPoller:
             self._deliver(request, answer, ts_ns)
         return outcome
 
+    def _split(self, request: ReadRequest, parts: list[ReadRequest], code: int) -> None:
+        """From now on ``parts`` are read instead of ``request``, which the device refused."""
+        self.plan = [part for r in self.plan for part in (parts if r is request else [r])]
+        self.counters["splits"] += 1
+        if self.counters["splits"] == 1:
+            log.warning(
+                "modbus.read_split",
+                device=self.device.name,
+                unit=request.unit,
+                table=str(request.table),
+                start=request.start,
+                count=request.count,
+                answer=exception_reason(code),
+                parts=len(parts),
+                note="reads refused for spanning unused addresses are split for the rest "
+                "of the run; lower max_gap for this device to avoid the first refusal",
+            )
+
     def _deliver(self, request: ReadRequest, answer: ModbusPDU, ts_ns: int) -> None:
-        words: list[int] = list(answer.registers)
-        bits: list[bool] = list(answer.bits)
-        got = len(bits) if request.table.is_bits else len(words)
-        if got < request.count:
-            self.counters["errors"] += 1
-            self._bad([request], f"short answer: {got} of {request.count}", ts_ns)
+        sample = self.sink.sample
+        ids = self._ids
+        if request.table.is_bits:
+            bits: list[bool] = list(answer.bits)
+            if len(bits) < request.count:
+                self._short(request, len(bits), ts_ns)
+                return
+            for slot in request.slots:
+                sample(Sample(tag_id=ids[slot.tag.name], ts_ns=ts_ns, value=bits[slot.offset]))
             return
+        data = _register_bytes(answer)
+        if len(data) // 2 < request.count:
+            self._short(request, len(data) // 2, ts_ns)
+            return
+        readers = self._readers
         for slot in request.slots:
-            tag = slot.tag
-            ident = self._ids[tag.name]
-            if request.table.is_bits:
-                value: bool | int | float | str = bits[slot.offset]
-            else:
-                try:
-                    raw = decode(
-                        words[slot.offset : slot.offset + tag.width],
-                        tag.type,
-                        tag.order,
-                        bit=tag.bit,
+            name = slot.tag.name
+            try:
+                value = readers[name](data, 2 * slot.offset)
+            except (CodecError, struct.error) as exc:
+                sample(
+                    Sample(
+                        tag_id=ids[name],
+                        ts_ns=ts_ns,
+                        value=None,
+                        quality=Quality.BAD,
+                        reason=f"decode: {exc}",
                     )
-                except CodecError as exc:
-                    self.sink.sample(
-                        Sample(
-                            tag_id=ident,
-                            ts_ns=ts_ns,
-                            value=None,
-                            quality=Quality.BAD,
-                            reason=f"decode: {exc}",
-                        )
-                    )
-                    continue
-                value = scaled(raw, tag.scale, tag.offset)
-            self.sink.sample(Sample(tag_id=ident, ts_ns=ts_ns, value=value))
+                )
+                continue
+            sample(Sample(tag_id=ids[name], ts_ns=ts_ns, value=value))
+
+    def _short(self, request: ReadRequest, got: int, ts_ns: int) -> None:
+        self.counters["errors"] += 1
+        self._bad([request], f"short answer: {got} of {request.count}", ts_ns)
 
     def _bad(self, requests: Iterable[ReadRequest], reason: str, ts_ns: int | None = None) -> None:
         ts = self.now_ns() if ts_ns is None else ts_ns

@@ -8,6 +8,10 @@ Application Protocol v1.1b3, 6.1-6.4) and the hole between two tags is at most
 ``max_gap`` addresses (reading a few unused registers is cheaper than another
 round trip, but some devices answer "illegal data address" for holes, hence
 the knob, and ``coalesce = false`` to read each tag on its own).
+
+A device that refuses a read spanning a hole need not be configured by hand:
+:func:`split` gives the smaller reads the poller falls back to (and keeps)
+when a read is answered exception 2 or 3.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from diode.config.modbus import ModbusDevice, ModbusTag, Table
+from diode.config.modbus import DEFAULT_MAX_GAP, ModbusDevice, ModbusTag, Table
 from diode.records import ValueType
 
 MAX_REGISTERS = 125
@@ -58,7 +62,7 @@ def plan_unit(
     tags: Iterable[ModbusTag],
     *,
     address_base: int = 0,
-    max_gap: int = 8,
+    max_gap: int = DEFAULT_MAX_GAP,
     coalesce: bool = True,
 ) -> list[ReadRequest]:
     """The requests that read ``tags`` of one unit, in table then address order."""
@@ -93,6 +97,50 @@ def _request(
 ) -> ReadRequest:
     slots = tuple(Slot(tag=tag, offset=address - start) for address, tag in group)
     return ReadRequest(unit=unit, table=table, start=start, count=end - start, slots=slots)
+
+
+def split(request: ReadRequest) -> list[ReadRequest]:
+    """Smaller reads covering the tags of ``request``; ``[]`` when none is smaller.
+
+    First the configured addresses only (tags that touch or overlap are still
+    read together, as with ``max_gap = 0``); when ``request`` already spans no
+    unused address, one read per tag (tags that overlap, such as bits of one
+    register, share theirs). A device that refused the first answers the
+    second; a device that refuses one tag's own addresses has a configuration
+    error, which no split mends.
+    """
+    for touching in (True, False):
+        parts = [_part(request, group) for group in _groups(request.slots, touching=touching)]
+        if len(parts) > 1 or parts[0].count < request.count:
+            return parts
+    return []
+
+
+def _groups(slots: Iterable[Slot], *, touching: bool) -> list[list[Slot]]:
+    groups: list[list[Slot]] = []
+    end = 0
+    for slot in sorted(slots, key=lambda s: (s.offset, -s.tag.width)):
+        stop = slot.offset + slot.tag.width
+        joins = groups and (slot.offset <= end if touching else slot.offset < end)
+        if joins:
+            groups[-1].append(slot)
+            end = max(end, stop)
+        else:
+            groups.append([slot])
+            end = stop
+    return groups
+
+
+def _part(request: ReadRequest, group: Sequence[Slot]) -> ReadRequest:
+    first = min(slot.offset for slot in group)
+    stop = max(slot.offset + slot.tag.width for slot in group)
+    return ReadRequest(
+        unit=request.unit,
+        table=request.table,
+        start=request.start + first,
+        count=stop - first,
+        slots=tuple(Slot(tag=slot.tag, offset=slot.offset - first) for slot in group),
+    )
 
 
 def plan_device(device: ModbusDevice) -> list[ReadRequest]:
@@ -143,7 +191,7 @@ def scattered_tags(count: int, registers: int, *, seed: int = 1) -> list[ModbusT
 
 
 def plan_stats(
-    count: int = 200, registers: int = 1000, *, max_gap: int = 8, seed: int = 1
+    count: int = 200, registers: int = 1000, *, max_gap: int = DEFAULT_MAX_GAP, seed: int = 1
 ) -> dict[str, int]:
     """Requests per poll cycle for scattered tags: coalesced and one per tag."""
     tags = scattered_tags(count, registers, seed=seed)

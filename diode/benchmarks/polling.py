@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from diode.benchmarks import harness as h
+from diode.config.modbus import DEFAULT_MAX_GAP
 
 REGISTERS = 1000
 TAGS = 100
@@ -71,7 +72,7 @@ def _place(device: int) -> tuple[int, int]:
 
 
 def run(
-    devices: int, *, seconds: float = 10.0, warmup_s: float = 4.0, max_gap: int = 8
+    devices: int, *, seconds: float = 10.0, warmup_s: float = 4.0, max_gap: int = DEFAULT_MAX_GAP
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="diode-bench-polling-") as tmp:
         work = Path(tmp)
@@ -148,9 +149,14 @@ def run(
         "server_cpu_share": round((s1 - s0) / (t1 - t0), 3),
     }
     # Poll counters of the window, from the transmitter's own heartbeats (1 Hz).
-    for name in ("cycles", "overruns", "requests", "timeouts", "errors", "reconnects"):
+    for name in ("cycles", "overruns", "requests", "timeouts", "errors", "reconnects", "splits"):
         key = f"poll_{name}"
         result[key] = last.get(key, 0) - first.get(key, 0)
+    if result["poll_cycles"] and result["poll_requests"]:
+        result["requests_per_device_cycle"] = round(
+            result["poll_requests"] / result["poll_cycles"], 1
+        )
+        result["tx_cpu_us_per_request"] = round((c1 - c0) * 1e6 / result["poll_requests"], 1)
     result["ok"] = bool(
         first
         and last
@@ -166,7 +172,7 @@ def polling(
     *,
     device_counts: tuple[int, ...] = (50, 100, 200, 300, 400),
     seconds: float = 10.0,
-    max_gap: int = 8,
+    max_gap: int = DEFAULT_MAX_GAP,
 ) -> dict[str, Any]:
     """Raise the device count until a cycle overruns, a request times out or the core is full."""
     runs: list[dict[str, Any]] = []

@@ -6,8 +6,11 @@ cannot change values while serving): each unit has its own four tables of
 :meth:`set_bits` are applied by the device's ``action`` callback at the next
 read, the documented way to change a simulated device. The server counts every
 request it received, and a unit can be made dead (requests are dropped, the
-client times out) or made to answer a Modbus exception. ``stop()`` closes the
-listener and every connection; ``start()`` serves again on the same port.
+client times out) or made to answer a Modbus exception. A register table can
+have holes, addresses the device does not have: a read that touches one is
+answered exception 2 (illegal data address), as many PLCs do (pymodbus's
+simulator marks them ``DataType.INVALID``). ``stop()`` closes the listener and
+every connection; ``start()`` serves again on the same port.
 
     server = ModbusSimServer(units=[1, 2])
     await server.start()
@@ -58,6 +61,7 @@ class ModbusSimServer:
         size: int = 1024,
         port: int | None = None,
         identity: dict[int, str] | None = None,
+        holes: dict[tuple[int, str], list[range]] | None = None,
     ) -> None:
         if size % 16:
             raise ValueError("size must be a multiple of 16 (bit tables pack 16 per register)")
@@ -71,6 +75,10 @@ class ModbusSimServer:
         self.dead: set[int] = set()
         # unit -> Modbus exception code it answers every read with (2 = illegal address)
         self.exception: dict[int, int] = {}
+        # (unit, register table) -> address ranges the device does not have
+        self.holes = holes or {}
+        if any(table in BIT_TABLES for _, table in self.holes):
+            raise ValueError("holes are for register tables")
         # Every value a test set, by (unit, table), and the tables whose device
         # registers do not hold them yet (all of them after a restart).
         self._values: dict[tuple[int, str], dict[int, int | bool]] = {}
@@ -178,13 +186,27 @@ class ModbusSimServer:
         def bits() -> list[SimData]:
             return [SimData(0, count=self.size, values=False, datatype=DataType.BITS)]
 
-        def regs() -> list[SimData]:
-            return [SimData(0, count=self.size, values=0, datatype=DataType.REGISTERS)]
+        def regs(unit: int, table: str) -> list[SimData]:
+            blocks: list[SimData] = []
+            at = 0
+            for hole in sorted(self.holes.get((unit, table), []), key=lambda r: r.start):
+                if hole.start > at:
+                    blocks.append(SimData(at, count=hole.start - at, datatype=DataType.REGISTERS))
+                blocks.append(SimData(hole.start, count=len(hole), datatype=DataType.INVALID))
+                at = hole.stop
+            if at < self.size:
+                blocks.append(SimData(at, count=self.size - at, datatype=DataType.REGISTERS))
+            return blocks
 
         return [
             SimDevice(
                 id=unit,
-                simdata=(bits(), bits(), regs(), regs()),
+                simdata=(
+                    bits(),
+                    bits(),
+                    regs(unit, "holding_register"),
+                    regs(unit, "input_register"),
+                ),
                 action=partial(self._action, unit),
             )
             for unit in self.units
