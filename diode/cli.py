@@ -72,6 +72,7 @@ def _bench(args: argparse.Namespace) -> int:
         result = bench.codec(seconds=args.seconds)
     elif args.what == "link":
         from diode.benchmarks.link import DEFAULT_PYDIODE_VENV, link
+        from diode.config.link import FecSettings
 
         result = link(
             seconds=args.seconds,
@@ -80,6 +81,16 @@ def _bench(args: argparse.Namespace) -> int:
             losses=tuple(args.loss or (0.0, 0.01)),
             pydiode_bytes=20_000_000 if args.quick else 200_000_000,
             pydiode=None if args.no_pydiode else (args.pydiode or DEFAULT_PYDIODE_VENV),
+            fec=FecSettings.model_validate(
+                {
+                    key: value
+                    for key, value in (
+                        ("repair_ratio", args.repair_ratio),
+                        ("repair_burst", args.repair_burst),
+                    )
+                    if value is not None
+                }
+            ),
         )
     elif args.what == "tags":
         from diode.benchmarks.tags import DEFAULT_SWEEPS, tags
@@ -191,6 +202,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=None, help="time per measurement")
     p.add_argument("--quick", action="store_true", help="short runs (tests, smoke checks)")
     p.add_argument("--rate-mbps", type=float, default=1000.0, help="link: pacing cap")
+    p.add_argument("--repair-ratio", type=float, help="link: FEC repair symbols per source")
+    p.add_argument("--repair-burst", type=int, help="link: FEC repair symbols per block")
     p.add_argument("--loss", type=float, action="append", help="link: injected loss (repeat)")
     p.add_argument("--pydiode", type=Path, default=None, help="link: pydiode's virtualenv")
     p.add_argument("--no-pydiode", action="store_true", help="link: skip the pydiode run")

@@ -80,3 +80,18 @@ def test_opcua_a_few_monitored_items() -> None:
     assert run["changes_received"] > 0
     assert run["server_rounds"] > 0
     assert {"tx_cpu_share", "changes_per_s", "due_per_s", "server_cpu_share", "ok"} <= set(run)
+
+
+def test_link_with_a_lighter_fec_profile() -> None:
+    report = bench(
+        "link", "--quick", "--no-pydiode", "--rate-mbps", "50", "--loss", "0",
+        "--repair-ratio", "0.1", "--repair-burst", "8",
+    )  # fmt: skip
+    settings = report["settings"]
+    assert isinstance(settings, dict)
+    assert (settings["k"], settings["n_full_block"]) == (32, 44)
+    (run,) = report["diode"]
+    assert run["rx_records_lost"] == 0
+    # Measured against k/n = 32/44: had the transmitter kept the default 32/56, the
+    # wire would carry 27 % more and this ratio would fall near 0.75.
+    assert run["efficiency_vs_wire_k_over_n"] > 0.8

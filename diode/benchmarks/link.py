@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from diode.benchmarks import harness as h
-from diode.config.link import LinkSettings
+from diode.config.link import FecSettings, LinkSettings
 from diode.records import Sample, encode_record
 from diode.wire import BLOCK_OVERHEAD, symbol_size
 
@@ -42,16 +42,21 @@ def sample_size(string_bytes: int) -> int:
     return len(encode_record(Sample(tag_id=1, ts_ns=time.time_ns(), value="x" * string_bytes)))
 
 
-def _records_per_block(string_bytes: int) -> int:
-    link = LinkSettings()
+def _records_per_block(string_bytes: int, link: LinkSettings) -> int:
     capacity = link.fec.k * symbol_size(link.datagram_size) - BLOCK_OVERHEAD
     return capacity // sample_size(string_bytes)
 
 
 def diode_run(
-    *, loss: float, rate_mbps: float, seconds: float, warmup_s: float, string_bytes: int
+    *,
+    loss: float,
+    rate_mbps: float,
+    seconds: float,
+    warmup_s: float,
+    string_bytes: int,
+    fec: FecSettings,
 ) -> dict[str, Any]:
-    link = LinkSettings()
+    link = LinkSettings(fec=fec)
     k = link.fec.k
     n = k + link.fec.repair_for(k)
     record = sample_size(string_bytes)
@@ -59,7 +64,7 @@ def diode_run(
     # or the transmitter's CPU, is the limit, never the generator.
     wire_block = n * (link.datagram_size + h.WIRE_OVERHEAD)
     blocks_per_s = rate_mbps * 1e6 / 8 / wire_block
-    offered = 1.1 * blocks_per_s * _records_per_block(string_bytes)
+    offered = 1.1 * blocks_per_s * _records_per_block(string_bytes, link)
     with tempfile.TemporaryDirectory(prefix="diode-bench-link-") as tmp:
         work = Path(tmp)
         private, public = h.keys(work)
@@ -89,7 +94,12 @@ def diode_run(
                 }
                 tx = h.Daemon.tx(
                     h.tx_config(
-                        work, private=private, port=port, rate_mbps=rate_mbps, sources=[source]
+                        work,
+                        private=private,
+                        port=port,
+                        rate_mbps=rate_mbps,
+                        sources=[source],
+                        link={"fec": fec.model_dump()},
                     )
                 )
                 with h.stopping(tx):
@@ -202,9 +212,15 @@ def link(
     string_bytes: int = 1000,
     pydiode_bytes: int = 200_000_000,
     pydiode: Path | None = DEFAULT_PYDIODE_VENV,
+    fec: FecSettings | None = None,
 ) -> dict[str, Any]:
-    """diode at each loss rate, then pydiode at the same cap; the ratio of their goodputs."""
-    link_settings = LinkSettings()
+    """diode at each loss rate, then pydiode at the same cap; the ratio of their goodputs.
+
+    ``fec``: the link's FEC (the default profile when None), e.g. a lighter one
+    for a link whose loss is measured and low.
+    """
+    fec = fec or FecSettings()
+    link_settings = LinkSettings(fec=fec)
     k = link_settings.fec.k
     n = k + link_settings.fec.repair_for(k)
     runs = [
@@ -214,6 +230,7 @@ def link(
             seconds=seconds,
             warmup_s=warmup_s,
             string_bytes=string_bytes,
+            fec=fec,
         )
         for loss in losses
     ]
@@ -223,6 +240,8 @@ def link(
             "datagram_size": link_settings.datagram_size,
             "k": k,
             "n_full_block": n,
+            "repair_ratio": fec.repair_ratio,
+            "repair_burst": fec.repair_burst,
             "string_bytes": string_bytes,
             "receiver_output": "batched, QoS 0, local mosquitto",
         },
