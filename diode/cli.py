@@ -104,7 +104,7 @@ def _bench(args: argparse.Namespace) -> int:
     elif args.what == "cost":
         from diode.benchmarks.tags import cost
 
-        result = cost(rates=args.rate or (10_000, 50_000), seconds=args.seconds)
+        result = cost(rates=args.rate or (10_000, 50_000), seconds=args.seconds, stall_s=args.stall)
     elif args.what == "polling":
         from diode.benchmarks.polling import polling
 
@@ -209,6 +209,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pydiode", action="store_true", help="link: skip the pydiode run")
     p.add_argument("--mode", action="append", help="tags: payload:qos, e.g. per_tag:0 (repeat)")
     p.add_argument("--rate", type=int, action="append", help="tags/cost: updates/s (repeat)")
+    p.add_argument(
+        "--stall", type=float, default=0.0, help="cost: seconds the receiver is stopped, 2 s in"
+    )
     p.add_argument("--devices", type=int, action="append", help="polling: device count (repeat)")
     p.add_argument(
         "--max-gap", type=int, default=DEFAULT_MAX_GAP, help="polling: the devices' max_gap"

@@ -95,3 +95,12 @@ def test_link_with_a_lighter_fec_profile() -> None:
     # Measured against k/n = 32/44: had the transmitter kept the default 32/56, the
     # wire would carry 27 % more and this ratio would fall near 0.75.
     assert run["efficiency_vs_wire_k_over_n"] > 0.8
+
+
+def test_cost_with_the_receiver_stalled_loses_nothing() -> None:
+    report = bench("cost", "--seconds", "4", "--rate", "2000", "--stall", "1")
+    (run,) = report["runs"]
+    assert run["rx_stalled_s"] == 1.0
+    assert run["lost"] == 0
+    # Updates made while the receiver was stopped waited for it: the stall happened.
+    assert run["latency_ms"]["max"] >= 900

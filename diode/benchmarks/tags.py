@@ -21,6 +21,8 @@ p99 latency passes ``max_p99_ms``; ``cost`` runs per-tag QoS 0 at 10k and 50k.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -143,8 +145,15 @@ def run(
     seconds: float = 10.0,
     devices: int = DEVICES,
     tags_per_device: int = TAGS_PER_DEVICE,
+    stall_s: float = 0.0,
 ) -> dict[str, Any]:
-    """One run at one rate; the figures of loss, latency and cost."""
+    """One run at one rate; the figures of loss, latency and cost.
+
+    ``stall_s``: the receiver is stopped (SIGSTOP) that long, 2 s into the
+    window, as a host that froze or a process descheduled: its backlog waits in
+    the kernel's socket buffer, and the run shows what catching up costs
+    (peak RSS, latency) and that nothing is lost.
+    """
     with tempfile.TemporaryDirectory(prefix="diode-bench-tags-") as tmp:
         work = Path(tmp)
         private, public = h.keys(work)
@@ -187,7 +196,14 @@ def run(
                                 raise RuntimeError("nothing arrived at the receiver")
                             time.sleep(0.05)
                         t0, c0 = time.monotonic(), (tx.cpu_s(), rx.cpu_s())
-                        time.sleep(seconds)
+                        if stall_s:
+                            time.sleep(2.0)
+                            os.kill(rx.proc.pid, signal.SIGSTOP)
+                            time.sleep(stall_s)
+                            os.kill(rx.proc.pid, signal.SIGCONT)
+                            time.sleep(max(seconds - 2.0 - stall_s, 0.0))
+                        else:
+                            time.sleep(seconds)
                         t1, c1 = time.monotonic(), (tx.cpu_s(), rx.cpu_s())
                         hwm = (tx.hwm_mb(), rx.hwm_mb())
                         tx.check()
@@ -223,6 +239,7 @@ def run(
         "rx_cpu_share": round((c1[1] - c0[1]) / (t1 - t0), 2),
         "tx_rss_peak_mb": round(hwm[0], 1),
         "rx_rss_peak_mb": round(hwm[1], 1),
+        "rx_stalled_s": stall_s,
     }
 
 
@@ -260,9 +277,23 @@ def tags(
     return report
 
 
-def cost(*, rates: Sequence[int] = (10_000, 50_000), seconds: float = 10.0) -> dict[str, Any]:
-    """Per-tag topics at QoS 0: CPU per update, peak RSS and latency at each rate."""
+def cost(
+    *, rates: Sequence[int] = (10_000, 50_000), seconds: float = 10.0, stall_s: float = 0.0
+) -> dict[str, Any]:
+    """Per-tag topics at QoS 0: CPU per update, peak RSS and latency at each rate.
+
+    ``stall_s``: the receiver stopped that long in each run (see :func:`run`).
+    """
     return {
-        "settings": {"payload": "per_tag", "qos": 0, "devices": DEVICES, "seconds": seconds},
-        "runs": [run(rate_hz=r, payload="per_tag", qos=0, seconds=seconds) for r in rates],
+        "settings": {
+            "payload": "per_tag",
+            "qos": 0,
+            "devices": DEVICES,
+            "seconds": seconds,
+            "rx_stalled_s": stall_s,
+        },
+        "runs": [
+            run(rate_hz=r, payload="per_tag", qos=0, seconds=seconds, stall_s=stall_s)
+            for r in rates
+        ],
     }
