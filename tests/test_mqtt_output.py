@@ -22,8 +22,9 @@ from paho.mqtt.properties import Properties
 
 from diode.config.mqtt import MqttBroker, StreamOutput
 from diode.records import Sample, TagInfo, ValueType
-from receiver.mqtt import MqttOutput
+from receiver.mqtt import MqttOutput, _Pending
 from tests.support.mosquitto import Mosquitto
+from tests.support.net import free_port
 
 TAGS = [
     TagInfo(tag_id=i, name=f"t{i}", device="plc1", value_type=ValueType.INT32) for i in range(5)
@@ -277,7 +278,7 @@ CHILD = """
 import asyncio, sys
 from pathlib import Path
 from diode.config.mqtt import MqttBroker
-from receiver.mqtt import MqttOutput
+from receiver.mqtt import MqttOutput, _Pending
 async def main():
     out = MqttOutput(MqttBroker(port=int(sys.argv[1]), spool_path=Path(sys.argv[2]),
                                 keepalive_s=5, client_id="rx-child"))
@@ -411,3 +412,29 @@ async def test_messages_expired_in_the_spool_are_dropped_in_order_and_counted(
         assert out.counters["spool_expired"] == 4
         assert out.counters["published"] == 3
         assert got.on("diode/short/") == []
+
+
+async def test_acknowledgements_are_read_in_bulk(tmp_path: Path) -> None:
+    # paho reads one packet per call from the event loop, a recv per field; the
+    # output reads 64 KiB at a time and empties its buffer in the same call.
+    out = MqttOutput(broker_config(free_port(), tmp_path))
+    inner = out._client()._client
+    ours, broker = socket.socketpair()
+    ours.setblocking(False)
+    inner._sock = ours
+    try:
+        pending = {mid: _Pending(out._wake) for mid in (1, 2, 3)}
+        out._acks.update(pending)
+        pubacks = b"".join(b"\x40\x02" + mid.to_bytes(2, "big") for mid in (1, 2, 3))
+        broker.sendall(pubacks[:10])  # two PUBACKs and half of the third
+        inner.loop_read()
+        assert [p.done for p in pending.values()] == [True, True, False]
+        broker.sendall(pubacks[10:])
+        inner.loop_read()
+        assert pending[3].done
+        assert not out._acks
+    finally:
+        inner._sock = None
+        ours.close()
+        broker.close()
+        out._spool.close()
