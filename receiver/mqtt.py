@@ -11,16 +11,16 @@
         |                          when full the oldest are dropped, counted)
         v
       pump: PUBLISH packets built here (receiver/mqtt_packets.py), one paho write
-        |   per spool read, <= window in flight          <-- spool rows, oldest first
+        |   per spool read, <= window in flight          <-- spool, oldest first
         v
       aiomqtt connection (MQTT 5 or 3.1.1, last will, TLS, reconnect with backoff) --> broker
 
 Write-through: every message is in the spool before anything is published,
 committed together with the receiver's stream positions. A receiver killed at
 any moment therefore restarts with exactly the messages its saved position
-promised, none lost and none taken twice from a replayed block. Rows leave the
+promised, none lost and none taken twice from a replayed block. Messages leave the
 spool only when the broker has them (PUBACK for QoS 1, written to the socket
-for QoS 0); on a lost connection the reader starts again at the oldest row.
+for QoS 0); on a lost connection the reader starts again at the oldest message.
 QoS 1 is at-least-once: a message whose PUBACK was lost with the connection is
 sent again, with DUP semantics left to subscribers (the value and ts make it
 idempotent). A QoS 1 message the broker refuses (an MQTT 5 PUBACK with a
@@ -114,12 +114,12 @@ from receiver.spool import Spool
 POLL_S = 0.0005  # closing only: how often the drain looks for acknowledgements
 READ_SIZE = 65536  # bytes the broker connection reads at once
 REFUSED = 0x80  # PUBACK reason codes from here on are failures (MQTT 5 section 2.4)
-SPOOL_READ_ROWS = 1000
-DELETE_BATCH_ROWS = 4000
+SPOOL_READ = 1000  # messages read from the spool at once, at most
+DELETE_BATCH = 4000  # delivered messages deleted in one transaction
 DRAIN_GRACE_S = 2.0
 DROP_LOG_INTERVAL_S = 10.0
 OUT_OF_BAND = 4  # window slots kept for the receiver status messages
-CURSOR_START = -(2**62)  # below any id, prepended rows included
+CURSOR_START = -(2**62)  # below any message id
 
 
 class _PackedProperties(Properties):
@@ -206,7 +206,7 @@ class _Sent:
 
     pending: _Pending
     count: int
-    last_row: int
+    last_id: int
     expired: int = 0  # messages whose expiry ran out in the spool: dropped, not sent
 
 
@@ -226,8 +226,8 @@ class MqttOutput:
         self._inflight: deque[_Sent] = deque()
         self._inflight_messages = 0
         self._acks: dict[int, _Pending] = {}  # packet identifier -> its QoS 1 message
-        self._done_row: int | None = None  # the broker has every row up to this one
-        self._done_rows = 0
+        self._done_id: int | None = None  # the broker has every message up to this id
+        self._done_count = 0  # messages it has that are still in the spool
         self._backlog_at_connect = 0
         self._cursor = CURSOR_START
         self._window = broker.max_inflight
@@ -411,12 +411,12 @@ class MqttOutput:
         """Forget, in order, what the broker has (QoS 1: acknowledged; QoS 0: written)."""
         inflight = self._inflight
         done = refused = expired = 0
-        last_row: int | None = None
+        last_id: int | None = None
         while inflight and inflight[0].pending.done:
             sent = inflight.popleft()
             done += sent.count
             expired += sent.expired
-            last_row = sent.last_row
+            last_id = sent.last_id
             if sent.pending.reason >= REFUSED:
                 refused += 1
                 self._refused(sent.pending.reason)
@@ -424,12 +424,12 @@ class MqttOutput:
             self._inflight_messages -= done
             self.counters["published"] += done - refused - expired
             self.counters["spool_expired"] += expired
-        if last_row is not None:
-            self._done_row = last_row
-            self._done_rows += done
+        if last_id is not None:
+            self._done_id = last_id
+            self._done_count += done
         # Deleting what the broker has is batched: one transaction per few thousand
-        # rows, not per pump turn. A crash in between re-sends those rows (at least once).
-        if self._done_rows >= DELETE_BATCH_ROWS or not inflight:
+        # messages, not per pump turn. A crash in between re-sends them (at least once).
+        if self._done_count >= DELETE_BATCH or not inflight:
             self._forget_done()
 
     def _refused(self, reason: int) -> None:
@@ -448,9 +448,9 @@ class MqttOutput:
             self._refused_logged_at = now
 
     def _forget_done(self) -> None:
-        if self._done_row is not None:
-            self._spool.delete_through(self._done_row)
-            self._done_row, self._done_rows = None, 0
+        if self._done_id is not None:
+            self._spool.delete_through(self._done_id)
+            self._done_id, self._done_count = None, 0
             self.counters["spool_depth"] = len(self._spool)
             if self._backlog_at_connect and not len(self._spool):
                 self._log.info("mqtt spool delivered", messages=self._backlog_at_connect)
@@ -459,22 +459,22 @@ class MqttOutput:
     def _fill(self, client: paho.Client) -> bool:
         """Hand the broker what the window allows of the spool, in one write.
 
-        True when it read rows (more may follow), False when there is nothing to do
+        True when it read messages (more may follow), False when there is nothing to do
         until a commit, a write or an acknowledgement sets ``_wake``.
         """
         self._release()
         room = self._window - self._inflight_messages
         spool = self._spool
         # Everything up to the cursor is in flight, or done and not yet deleted.
-        waiting = len(spool) - self._inflight_messages - self._done_rows
+        waiting = len(spool) - self._inflight_messages - self._done_count
         # With a backlog, wait for a quarter of the window to come free: refilling
         # at every acknowledgement makes many small writes.
         if waiting <= 0 or room < min(waiting, self._window // 4 or 1) or client._sock is None:
             return False
-        last, rows = spool.read(self._cursor, min(room, SPOOL_READ_ROWS), time.time())
+        last, messages = spool.read(self._cursor, min(room, SPOOL_READ), time.time())
         self._cursor = last
         self.counters["spool_depth"] = len(spool)
-        if not rows:
+        if not messages:
             return False
         # QoS 0 messages are done when paho has written the whole run to the socket;
         # each QoS 1 message when its PUBACK comes (see _puback).
@@ -482,23 +482,23 @@ class MqttOutput:
         packets: list[bytes] = []
         inflight, acks, props = self._inflight, self._acks, self._props_packed
         run: _Sent | None = None
-        for row, m in rows:
+        for message_id, m in messages:
             expired = m.expiry_s is not None and m.expiry_s <= 0
             mid = 0
             if m.qos and not expired:
                 pending = _Pending(self._wake)
                 mid = client._mid_generate()
                 acks[mid] = pending
-                inflight.append(_Sent(pending, 1, row))
+                inflight.append(_Sent(pending, 1, message_id))
                 run = None
             else:
                 # QoS 0, or expired while spooled (the broker would discard it: dropped
                 # in its turn and counted): done when the write is.
                 if run is None:
-                    run = _Sent(written, 0, row)
+                    run = _Sent(written, 0, message_id)
                     inflight.append(run)
                 run.count += 1
-                run.last_row = row
+                run.last_id = message_id
                 if expired:
                     run.expired += 1
                     continue
@@ -512,7 +512,7 @@ class MqttOutput:
                     properties=props(m.expiry_s),
                 )
             )
-        self._inflight_messages += len(rows)
+        self._inflight_messages += len(messages)
         # One paho packet of many PUBLISHes: one send() for all of them. paho calls
         # written._set_as_published() when the last byte is on the socket.
         if packets:
@@ -656,7 +656,7 @@ class MqttOutput:
         )
 
     def _detached(self) -> None:
-        """The connection is gone: read the spool again from its oldest row."""
+        """The connection is gone: read the spool again from its oldest message."""
         if not self._connected and not self._inflight:
             return
         self._release()
