@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -394,6 +394,21 @@ class HeartbeatListener:
         self._running = False
         self._thread.join(2)
         self._sock.close()
+
+
+def sweep(
+    loads: Iterable[int], measure: Callable[[int], dict[str, Any]]
+) -> tuple[int, list[dict[str, Any]]]:
+    """Measure each load in turn until a run is not ``ok``: the largest load served, every run."""
+    runs: list[dict[str, Any]] = []
+    best = 0
+    for load in loads:
+        result = measure(load)
+        runs.append(result)
+        if not result["ok"]:
+            break
+        best = load
+    return best, runs
 
 
 def median(values: Sequence[float]) -> float:

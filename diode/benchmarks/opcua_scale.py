@@ -379,14 +379,7 @@ def opcua(
     warmup_s: float = 3.0,
 ) -> dict[str, Any]:
     """Raise the item count until a change goes missing, the session breaks or a core is full."""
-    runs: list[dict[str, Any]] = []
-    best = 0
-    for count in item_counts:
-        result = run(count, seconds=seconds, warmup_s=warmup_s)
-        runs.append(result)
-        if not result["ok"]:
-            break
-        best = count
+    best, runs = h.sweep(item_counts, lambda n: run(n, seconds=seconds, warmup_s=warmup_s))
     return {
         "settings": {
             "type": "Double, every variable changes once a second",

@@ -175,14 +175,7 @@ def polling(
     max_gap: int = DEFAULT_MAX_GAP,
 ) -> dict[str, Any]:
     """Raise the device count until a cycle overruns, a request times out or the core is full."""
-    runs: list[dict[str, Any]] = []
-    best = 0
-    for count in device_counts:
-        result = run(count, seconds=seconds, max_gap=max_gap)
-        runs.append(result)
-        if not result["ok"]:
-            break
-        best = count
+    best, runs = h.sweep(device_counts, lambda n: run(n, seconds=seconds, max_gap=max_gap))
     return {
         "settings": {
             "registers_per_device": REGISTERS,

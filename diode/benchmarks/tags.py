@@ -20,6 +20,7 @@ p99 latency passes ``max_p99_ms``; ``cost`` runs per-tag QoS 0 at 10k and 50k.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -263,18 +264,21 @@ def tags(
     }
     for mode in modes:
         payload, qos = mode.split(":")
-        runs: list[dict[str, Any]] = []
-        best = 0
-        for rate in rates or DEFAULT_SWEEPS.get(mode, (10_000,)):
-            result = run(rate_hz=rate, payload=payload, qos=int(qos), seconds=seconds)
-            runs.append(result)
-            ok = result["lost"] == 0 and result["latency_ms"]["p99"] <= max_p99_ms
-            result["ok"] = ok
-            if not ok:
-                break
-            best = rate
+        measure = functools.partial(
+            _judged, payload=payload, qos=int(qos), seconds=seconds, max_p99_ms=max_p99_ms
+        )
+        best, runs = h.sweep(rates or DEFAULT_SWEEPS.get(mode, (10_000,)), measure)
         report["modes"][mode] = {"max_rate_ok": best, "runs": runs}
     return report
+
+
+def _judged(
+    rate: int, *, payload: str, qos: int, seconds: float, max_p99_ms: float
+) -> dict[str, Any]:
+    """One run, ``ok`` when nothing was lost and the p99 latency held."""
+    result = run(rate_hz=rate, payload=payload, qos=qos, seconds=seconds)
+    result["ok"] = result["lost"] == 0 and result["latency_ms"]["p99"] <= max_p99_ms
+    return result
 
 
 def cost(
