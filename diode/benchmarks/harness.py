@@ -109,6 +109,12 @@ def tx_config(
     return path
 
 
+def polling_tx(workdir: Path, *, private: Path, port: int, plcs: Mapping[str, Any]) -> Daemon:
+    """diode-tx polling the PLCs of ``plcs`` (its [modbus]/[opcua] sections), no synthetic load."""
+    config = tx_config(workdir, private=private, port=port, rate_mbps=100.0, sources=[], extra=plcs)
+    return Daemon.tx(config)
+
+
 def rx_config(
     workdir: Path,
     *,

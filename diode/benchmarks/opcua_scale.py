@@ -280,16 +280,7 @@ def run(items: int, *, seconds: float = 10.0, warmup_s: float = 3.0) -> dict[str
                     ]
                 }
             }
-            tx = h.Daemon.tx(
-                h.tx_config(
-                    work,
-                    private=private,
-                    port=listener.port,
-                    rate_mbps=100.0,
-                    sources=[],
-                    extra=config,
-                )
-            )
+            tx = h.polling_tx(work, private=private, port=listener.port, plcs=config)
             with h.stopping(tx):
                 started = time.monotonic()
                 # The initial values (one per item) first: then every change is the updater's.

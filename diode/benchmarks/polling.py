@@ -116,16 +116,7 @@ def run(
                     ]
                 }
             }
-            tx = h.Daemon.tx(
-                h.tx_config(
-                    work,
-                    private=private,
-                    port=listener.port,
-                    rate_mbps=100.0,
-                    sources=[],
-                    extra=config,
-                )
-            )
+            tx = h.polling_tx(work, private=private, port=listener.port, plcs=config)
             with h.stopping(tx):
                 time.sleep(warmup_s)
                 tx.check()
