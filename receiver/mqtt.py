@@ -155,11 +155,11 @@ class _Pending:
     def __init__(self, wake: asyncio.Event) -> None:
         self._wake = wake
         self.done = False
-        self.rc = paho.MQTT_ERR_SUCCESS
+        self.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
         self.reason = 0  # a PUBACK's reason code
 
     def _set_as_published(self) -> None:
-        self.done = self.rc == paho.MQTT_ERR_SUCCESS
+        self.done = self.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
         self._wake.set()
 
 
