@@ -28,12 +28,13 @@ import structlog
 
 from diode import daemon
 from diode.config.rx import RxConfig
-from diode.decoder import Decoder, DecoderSettings
+from diode.decoder import Decoder, DecoderSettings, LinkProfile
 from diode.errors import FrameError, LinkError
 from diode.keys import Keyring, TrustedKey, load_psk, load_public_key
 from diode.replay import StreamState, pack_states, unpack_states
 from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
+from receiver.rejections import RejectionMeter
 from receiver.router import Router
 
 log = structlog.get_logger("diode.rx")
@@ -126,9 +127,27 @@ class Receiver:
             DecoderSettings(
                 reorder_timeout_s=section.reorder_timeout_s,
                 max_assembly_bytes=int(section.max_assembly_mb * 1024 * 1024),
+                verify_budget_per_s=section.verify_budget_per_s,
+                max_start_age_s=section.max_start_age_s,
+                clock_skew_s=section.clock_skew_s,
             ),
             state=load_positions(self.output),
+            profiles={
+                s.id: LinkProfile.of(s.link.datagram_size, s.link.fec)
+                for s in config.streams
+                if s.link is not None
+            },
         )
+        self.decoder.wall_offset_s = time.time() - time.monotonic()
+        self.rejections = RejectionMeter()
+        for stream in config.streams:
+            if stream.link is None and stream.psk_file is None:
+                log.warning(
+                    "stream has neither a link secret nor a link profile: forged datagrams "
+                    "of any shape cost assembly memory and rebuilds",
+                    stream=stream.id,
+                    fix="set psk_file, or copy the transmitter's [link] into [streams.link]",
+                )
         self.router = Router({s.id: s.output for s in config.streams}, self.output)
         self.sock = sock or open_link_socket(section.listen, section.port, section.rcvbuf_bytes)
         self.metrics = Metrics(self) if section.metrics_port else None
@@ -190,9 +209,18 @@ class Receiver:
             self._after(now)
             self.router.tick(now)
             self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)
+            self.decoder.wall_offset_s = time.time() - now  # follows wall-clock steps
+            self._watch_rejections(now)
             if now - last_status >= STATUS_PERIOD_S:
                 self.router.publish_all_status(now)
                 last_status = now
+
+    def _watch_rejections(self, now: float) -> None:
+        self.rejections.update(self.decoder.counters, now)
+        self.router.rejected = self.rejections.status()
+        warning = self.rejections.warning(now)
+        if warning is not None:
+            log.warning("datagrams rejected", **warning)
 
     def counters(self) -> dict[str, int]:
         out = dict(self.decoder.counters)

@@ -56,6 +56,7 @@ class StreamView:
             "records": 0,
             "samples_published": 0,
             "records_lost": 0,
+            "records_lost_estimated": 0,
             "gaps": 0,
             "pending_dropped": 0,
         }
@@ -66,6 +67,8 @@ class Router:
     def __init__(self, streams: dict[int, StreamOutput], output: Output) -> None:
         self.streams = {sid: StreamView(sid, out) for sid, out in streams.items()}
         self._output = output
+        # Datagrams the receiver rejected, by reason, with rates (set by the shell).
+        self.rejected: dict[str, Any] = {}
 
     def handle(self, events: Sequence[Event], now: float) -> None:
         for event in events:
@@ -147,7 +150,8 @@ class Router:
         return [(info, s) for s in mine]
 
     def _gap(self, view: StreamView, gap: Gap) -> None:
-        view.counters["records_lost"] += gap.records_lost
+        # An estimate (the tail of an ended epoch) never mixes with exact counts.
+        view.counters["records_lost" if gap.exact else "records_lost_estimated"] += gap.records_lost
         view.counters["gaps"] += 1
         entry = {
             "epoch": gap.epoch,
@@ -201,6 +205,7 @@ class Router:
             "counters": dict(view.counters),
             "transmitter": dict(view.heartbeat.counters) if view.heartbeat else {},
             "recent_gaps": list(view.gaps),
+            "rejected": self.rejected,
         }
 
     def _publish_status(self, view: StreamView, now: float) -> None:

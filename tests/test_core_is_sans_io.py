@@ -18,7 +18,15 @@ CORE = [
     "records",
     *(
         f"protocol.{name}"
-        for name in ("gate", "assembly", "budget", "authenticator", "sequencer", "events", "decoder")
+        for name in (
+            "gate",
+            "assembly",
+            "budget",
+            "authenticator",
+            "sequencer",
+            "events",
+            "decoder",
+        )
     ),
 ]
 ROOT = Path(__file__).resolve().parent.parent

@@ -107,26 +107,27 @@ class Decoder:
 
     def receive(self, datagram: bytes, now: float) -> None:
         """Take one datagram. Never raises: a bad one bumps one counter and is dropped."""
-        counters = self.counters
-        counters["datagrams"] += 1
+        self.counters["datagrams"] += 1
         try:
-            header, symbol, trusted = self._gate.admit(datagram)
-            sequencer = self._sequencer
-            sequencer.check(header.stream_id, header.epoch, header.seq)
-            key = assembly_key(datagram, len(symbol))
-            assembly = self._table.add(key, header.index, header.k, symbol, now)
-            counters["symbols"] += 1
-            if assembly is None:
-                return
-            if not sequencer.in_window(
-                header.stream_id, header.epoch, header.seq
-            ) and not self._budget.take(now):
-                raise FrameError("out of the window and over budget", reason="verify_budget")
-            block = self._authenticator.open(key, header, assembly.symbols, trusted)
-            wall = None if self.wall_offset_s is None else now + self.wall_offset_s
-            sequencer.accept(header.stream_id, block, now, wall, self._table.take_epoch)
+            self._receive(datagram, now)
         except FrameError as exc:
-            counters["rejected_" + exc.reason] += 1
+            self.counters["rejected_" + exc.reason] += 1
+
+    def _receive(self, datagram: bytes, now: float) -> None:
+        header, symbol, trusted = self._gate.admit(datagram)
+        sequencer = self._sequencer
+        sequencer.check(header.stream_id, header.epoch, header.seq)
+        key = assembly_key(datagram, len(symbol))
+        assembly = self._table.add(key, header.index, header.k, symbol, now)
+        self.counters["symbols"] += 1
+        if assembly is None:
+            return
+        in_window = sequencer.in_window(header.stream_id, header.epoch, header.seq)
+        if not in_window and not self._budget.take(now):
+            raise FrameError("out of the window and over budget", reason="verify_budget")
+        block = self._authenticator.open(key, header, assembly.symbols, trusted)
+        wall = None if self.wall_offset_s is None else now + self.wall_offset_s
+        sequencer.accept(header.stream_id, block, now, wall, self._table.take_epoch)
 
     def poll(self, now: float) -> None:
         """Run the timers: expire stale assemblies, declare overdue blocks lost."""

@@ -29,7 +29,7 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from diode.config.link import LinkSettings
+from diode.config.link import FecSettings
 from diode.errors import FrameError
 from diode.keys import Keyring, TrustedKey
 from diode.wire import (
@@ -57,11 +57,10 @@ class LinkProfile:
         return len(self.n_for_k) - 1
 
     @classmethod
-    def of(cls, link: LinkSettings) -> LinkProfile:
+    def of(cls, datagram_size: int, fec: FecSettings) -> LinkProfile:
         """The profile a transmitter with these link settings sends (the encoder's rule)."""
-        fec = link.fec
         return cls(
-            datagram_size=link.datagram_size,
+            datagram_size=datagram_size,
             n_for_k=(0, *(k + fec.repair_for(k) for k in range(1, fec.k + 1))),
         )
 
@@ -110,7 +109,9 @@ class Gate:
             if not hmac.compare_digest(tag, view[-LINK_TAG_SIZE:]):
                 raise FrameError("link tag does not verify", reason="bad_tag")
         elif version != VERSION:
-            raise FrameError(f"version {version} on a stream without a link secret", reason="bad_version")
+            raise FrameError(
+                f"version {version} on a stream without a link secret", reason="bad_version"
+            )
         header, symbol = parse_datagram(data)
         if profile is not None and (
             header.k >= len(profile.n_for_k) or header.n != profile.n_for_k[header.k]
