@@ -20,6 +20,7 @@ no field of an unauthenticated datagram reaches them.
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ __all__ = [
     "Gap",
     "LinkProfile",
 ]
+
+_STREAM = struct.Struct(">I")
+_EPOCH_SEQ = struct.Struct(">QQ")
 
 # Blocks this far behind a stream's position are "late"; further back, replays.
 RECENT_BLOCKS = 4096
@@ -107,21 +111,30 @@ class Decoder:
 
     def receive(self, datagram: bytes, now: float) -> None:
         """Take one datagram. Never raises: a bad one bumps one counter and is dropped."""
-        self.counters["datagrams"] += 1
+        counters = self.counters
+        counters["datagrams"] += 1
+        # The cheap checks first, without exceptions: this is what a flood pays.
+        reason = self._gate.screen(datagram)
+        if reason is None:
+            stream_id = _STREAM.unpack_from(datagram, 4)[0]
+            epoch, seq = _EPOCH_SEQ.unpack_from(datagram, 16)
+            reason = self._sequencer.screen(stream_id, epoch, seq)
+        if reason is not None:
+            counters[reason] += 1
+            return
         try:
             self._receive(datagram, now)
         except FrameError as exc:
-            self.counters["rejected_" + exc.reason] += 1
+            counters["rejected_" + exc.reason] += 1
 
     def _receive(self, datagram: bytes, now: float) -> None:
         header, symbol, trusted = self._gate.admit(datagram)
-        sequencer = self._sequencer
-        sequencer.check(header.stream_id, header.epoch, header.seq)
         key = assembly_key(datagram, len(symbol))
         assembly = self._table.add(key, header.index, header.k, symbol, now)
         self.counters["symbols"] += 1
         if assembly is None:
             return
+        sequencer = self._sequencer
         in_window = sequencer.in_window(header.stream_id, header.epoch, header.seq)
         if not in_window and not self._budget.take(now):
             raise FrameError("out of the window and over budget", reason="verify_budget")

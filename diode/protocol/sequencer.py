@@ -89,22 +89,30 @@ class StreamSequencer:
 
     # -- checks on unauthenticated headers (read only) -----------------------------------
 
-    def check(self, stream_id: int, epoch: int, seq: int) -> None:
-        """Reject what the stream's position already rules out, authenticated or not."""
+    def screen(self, stream_id: int, epoch: int, seq: int) -> str | None:  # noqa: PLR0911 - one exit per rule
+        """What the stream's position already rules out (the counter to bump), or None."""
         stream = self._streams.get(stream_id)
         if stream is None:
-            return
-        if stream.epoch is not None and epoch < stream.epoch:
-            raise FrameError("epoch older than the one followed", reason="replay")
-        if epoch != stream.epoch:
-            return
+            return None
+        followed = stream.epoch
+        if followed is not None and epoch < followed:
+            return "rejected_replay"  # an epoch older than the one followed
+        if epoch != followed:
+            return None
         if seq in stream.held:
-            raise FrameError("block already rebuilt", reason="late")
+            return "rejected_late"  # rebuilt already
         position = stream.position
         if position is not None and seq < position.next_seq:
             if position.next_seq - seq <= self.settings.window_blocks:
-                raise FrameError("block already delivered or given up", reason="late")
-            raise FrameError("block far older than the stream's position", reason="replay")
+                return "rejected_late"  # delivered or given up already
+            return "rejected_replay"  # far older than the stream's position
+        return None
+
+    def check(self, stream_id: int, epoch: int, seq: int) -> None:
+        """:meth:`screen` as a FrameError."""
+        reason = self.screen(stream_id, epoch, seq)
+        if reason is not None:
+            raise FrameError("ruled out by the stream's position", reason=reason[9:])
 
     def in_window(self, stream_id: int, epoch: int, seq: int) -> bool:
         """Is this where the stream plausibly is? (Only authentic blocks move the window.)"""
