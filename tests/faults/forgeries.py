@@ -66,7 +66,10 @@ def _signature() -> bytes:
 
 def _block(target: Target, seq: int, k: int, rng: random.Random, sig: bytes) -> bytes:
     symbol = symbol_size(target.datagram_size, gated=target.gated)
-    payload_length = k * symbol - BLOCK_OVERHEAD - rng.randrange(symbol // 2)
+    # Any length a real block of k symbols can have (k is the fewest that hold it).
+    payload_length = rng.randint(
+        max(1, (k - 1) * symbol - BLOCK_OVERHEAD + 1), k * symbol - BLOCK_OVERHEAD
+    )
     header = BlockHeader(
         flags=1 if target.gated else 0,
         k=k,
