@@ -172,3 +172,43 @@ def test_a_tail_estimate_is_bounded_by_authentic_blocks_and_flagged(hint: int) -
     assert tail.records_lost <= 10 * min(hint, fullest)
     assert decoder.counters["records_lost"] == 0, "an estimate never reaches the exact count"
     assert decoder.counters["records_lost_estimated"] == tail.records_lost
+
+
+# -- the waiting room --------------------------------------------------------------------------
+
+
+def test_forged_blocks_ahead_of_their_turn_cost_at_most_a_few_verifies_per_real_block() -> None:
+    decoder = following()
+    real = encode_blocks(samples(220), per_block=10)[2:]  # blocks 2 .. 21
+    # 20 forged k = 1 blocks for each of the next 20 sequence numbers, sent first.
+    forged = [
+        with_valid_crc(b[0], 24, seq.to_bytes(8, "big"))
+        for seq in range(2, 22)
+        for b in encode_blocks(samples(3, start=seq * 100), key=liar())
+        for _ in range(20)
+    ]
+    # Distinct blocks: each forged one differs (rewrite a payload byte, keep the CRC valid).
+    unique = [with_valid_crc(d, 200, bytes([i % 256])) for i, d in enumerate(forged)]
+    for d in unique:
+        decoder.receive(d, 1.0)
+    failed = ("rejected_bad_signature", "rejected_bad_block")
+    assert sum(decoder.counters[r] for r in failed) <= 20, "only the next block is verified now"
+    events = feed(decoder, [d for b in real for d in b], now=1.01)
+    assert delivered(events) == samples(220)[20:]
+    counts = rejected(decoder)
+    # The room keeps 4 candidates per seq: at most 4 verified per real block, the rest late.
+    assert 0 < sum(counts.get(r, 0) for r in failed) <= 20 + 4 * 20
+    assert counts["rejected_waiting_full"] == 16 * 20  # beyond 4 per seq: never verified
+
+
+def test_a_lost_block_ahead_of_waiting_ones_is_still_declared_after_the_reorder_timeout() -> None:
+    decoder = following(reorder_timeout_s=0.5)
+    real = encode_blocks(samples(60), per_block=10)  # blocks 0 .. 5; 2 is lost
+    for d in [d for b in real[3:] for d in b]:
+        decoder.receive(d, 1.0)
+    assert delivered(decoder.events()) == []
+    assert decoder.deadline() == pytest.approx(1.5)
+    decoder.poll(1.5)
+    events = decoder.events()
+    assert [(g.first_seq, g.last_seq, g.records_lost) for g in gaps(events)] == [(2, 2, 10)]
+    assert delivered(events) == samples(60)[30:]

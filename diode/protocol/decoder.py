@@ -7,7 +7,8 @@ The path of a datagram, one piece per job::
     Gate.admit            link tag | framing, CRC, link profile, key id
     StreamSequencer.check already delivered, or an epoch older than followed?
     AssemblyTable.add     k symbols yet? (memory bounded, oldest evicted)
-    VerifyBudget.take     only for blocks outside the stream's window
+    StreamSequencer.turn  the next block: verify now; ahead in the window: WaitingRoom
+                          until its turn; outside the window: VerifyBudget.take
     BlockAuthenticator    rebuild, signed header, Ed25519, decrypt, records
     StreamSequencer.accept  epochs, freshness, order, gaps -> events
 
@@ -33,6 +34,7 @@ from diode.protocol.budget import VerifyBudget
 from diode.protocol.events import Delivered, EpochStarted, Event, Gap
 from diode.protocol.gate import Gate, LinkProfile
 from diode.protocol.sequencer import SequencerSettings, StreamSequencer
+from diode.protocol.waiting import Candidate, WaitingRoom, candidate_cost
 from diode.replay import StreamState
 
 __all__ = [
@@ -85,11 +87,13 @@ class Decoder:
         self._events: list[Event] = []
         self.wall_offset_s: float | None = None
         self._gate = Gate(keyring, profiles)
+        # The memory bound covers both: 3/4 for assemblies, 1/4 for blocks waiting their turn.
         self._table = AssemblyTable(
             self.counters,
-            max_bytes=settings.max_assembly_bytes,
+            max_bytes=settings.max_assembly_bytes * 3 // 4,
             timeout_s=settings.assembly_timeout_s,
         )
+        self._room = WaitingRoom(self.counters, max_bytes=settings.max_assembly_bytes // 4)
         self._budget = VerifyBudget(settings.verify_budget_per_s)
         self._authenticator = BlockAuthenticator(
             self.counters, remember=settings.remembered_failures
@@ -134,22 +138,95 @@ class Decoder:
         self.counters["symbols"] += 1
         if assembly is None:
             return
-        sequencer = self._sequencer
-        in_window = sequencer.in_window(header.stream_id, header.epoch, header.seq)
-        if not in_window and not self._budget.take(now):
+        stream_id = header.stream_id
+        candidate = Candidate(
+            key=key,
+            header=header,
+            symbols=assembly.symbols,
+            trusted=trusted,
+            at=now,
+            cost=candidate_cost(assembly.symbols),
+        )
+        turn = self._sequencer.turn(stream_id, header.epoch, header.seq)
+        if turn == "wait":
+            self._room.put(stream_id, header.epoch, candidate)
+            return
+        if turn == "budget" and not self._budget.take(now):
             raise FrameError("out of the window and over budget", reason="verify_budget")
-        block = self._authenticator.open(key, header, assembly.symbols, trusted)
+        try:
+            self._verify(candidate, now)
+        finally:
+            self._serve(stream_id, now)
+
+    def _verify(self, candidate: Candidate, now: float, arrived: float | None = None) -> None:
+        header = candidate.header
+        block = self._authenticator.open(
+            candidate.key, header, candidate.symbols, candidate.trusted
+        )
         wall = None if self.wall_offset_s is None else now + self.wall_offset_s
-        sequencer.accept(header.stream_id, block, now, wall, self._table.take_epoch)
+        self._sequencer.accept(
+            header.stream_id, block, now, wall_s=wall, tail=self._table.take_epoch, arrived=arrived
+        )
+
+    def _serve(self, stream_id: int, now: float) -> None:
+        """Verify the blocks whose turn came, newest candidate first, until one is authentic."""
+        room = self._room
+        while True:
+            following = self._sequencer.next_block(stream_id)
+            if following is None:
+                return
+            epoch, next_seq = following
+            room.discard_below(stream_id, next_seq)
+            candidates = room.take(stream_id, next_seq)
+            if not candidates:
+                return
+            self._first_authentic(candidates, epoch, now)
+
+    def _first_authentic(self, candidates: list[Candidate], epoch: int, now: float) -> bool:
+        for i, candidate in enumerate(candidates):
+            if candidate.header.epoch != epoch:
+                self.counters["rejected_late"] += 1
+                continue
+            try:
+                self._verify(candidate, now, arrived=candidate.at)
+            except FrameError as exc:
+                self.counters["rejected_" + exc.reason] += 1
+                continue
+            self.counters["rejected_late"] += len(candidates) - i - 1
+            return True
+        return False
 
     def poll(self, now: float) -> None:
         """Run the timers: expire stale assemblies, declare overdue blocks lost."""
         self._table.expire(now)
         self._sequencer.advance_all(now)
+        for stream_id in self._room.streams():
+            self._overdue(stream_id, now)
+
+    def _overdue(self, stream_id: int, now: float) -> None:
+        """The next block is overdue: try the lowest waiting one, so that a lost block is
+        declared as it would be without the waiting room. Goes on while that finds
+        authentic blocks; a sequence number with only forgeries ends this round."""
+        while True:
+            lowest = self._room.lowest(stream_id)
+            following = self._sequencer.next_block(stream_id)
+            if lowest is None or following is None:
+                return
+            if now - lowest[1] < self.settings.reorder_timeout_s:
+                return
+            found = self._first_authentic(self._room.take(stream_id, lowest[0]), following[0], now)
+            self._sequencer.advance_all(now)
+            self._serve(stream_id, now)
+            if not found:
+                return
 
     def deadline(self) -> float | None:
         """When :meth:`poll` must run next, or None if nothing is waiting."""
         times = [t for t in (self._sequencer.deadline(), self._table.deadline()) if t is not None]
+        for stream_id in self._room.streams():
+            lowest = self._room.lowest(stream_id)
+            if lowest is not None:
+                times.append(lowest[1] + self.settings.reorder_timeout_s)
         return min(times, default=None)
 
     def events(self) -> list[Event]:
@@ -169,5 +246,5 @@ class Decoder:
 
     @property
     def assembly_bytes(self) -> int:
-        """What the blocks being rebuilt cost, as counted against the bound."""
-        return self._table.bytes
+        """What blocks being rebuilt or waiting their turn cost, as counted against the bound."""
+        return self._table.bytes + self._room.bytes

@@ -114,19 +114,44 @@ class StreamSequencer:
         if reason is not None:
             raise FrameError("ruled out by the stream's position", reason=reason[9:])
 
-    def in_window(self, stream_id: int, epoch: int, seq: int) -> bool:
-        """Is this where the stream plausibly is? (Only authentic blocks move the window.)"""
+    def turn(self, stream_id: int, epoch: int, seq: int) -> str:
+        """When a complete block may be verified (only authentic blocks move the window).
+
+        ``"now"``: it is the next block the stream needs (or the stream waits
+        for its first position). ``"wait"``: in the window, ahead of its turn.
+        ``"budget"``: outside the window (another epoch, a stream not followed
+        yet, far ahead): only within the verify budget.
+        """
         stream = self._streams.get(stream_id)
         if stream is None or stream.epoch is None or epoch != stream.epoch:
-            return False
+            return "budget"
         position = stream.position
-        return position is None or seq < position.next_seq + self.settings.window_blocks
+        if position is None or seq == position.next_seq:
+            return "now"
+        if seq < position.next_seq + self.settings.window_blocks:
+            return "wait"
+        return "budget"
+
+    def next_block(self, stream_id: int) -> tuple[int, int] | None:
+        """(epoch, next sequence number) of a stream with a position."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.position is None:
+            return None
+        return stream.position.epoch, stream.position.next_seq
 
     # -- authentic blocks ----------------------------------------------------------------------
 
     def accept(
-        self, stream_id: int, block: AuthenticBlock, now: float, wall_s: float | None, tail: TailOf
+        self,
+        stream_id: int,
+        block: AuthenticBlock,
+        now: float,
+        *,
+        wall_s: float | None,
+        tail: TailOf,
+        arrived: float | None = None,
     ) -> None:
+        """Take an authentic block (``arrived``: when it was complete, if it waited)."""
         header = block.header
         stream = self._streams.setdefault(stream_id, _Stream(None))
         self.check(stream_id, header.epoch, header.seq)
@@ -150,7 +175,7 @@ class StreamSequencer:
             )
         stream.fullest = max(stream.fullest, header.record_count)
         self._counters["blocks_rebuilt" if block.rebuilt else "blocks_whole"] += 1
-        stream.held[header.seq] = _Held(block=block, at=now)
+        stream.held[header.seq] = _Held(block=block, at=now if arrived is None else arrived)
         if stream.position is None and (header.seq == 0 or proved):
             # A transmitter's first block, or the block that proved an old epoch live:
             # nothing before it will be taken.
