@@ -196,10 +196,10 @@ def test_forged_blocks_ahead_of_their_turn_cost_at_most_a_few_verifies_per_real_
     events = feed(decoder, [d for b in real for d in b], now=1.01)
     assert delivered(events) == samples(220)[20:]
     counts = rejected(decoder)
-    # The room keeps 4 candidates per seq: at most 4 verified per real block, the rest late.
-    assert 0 < sum(counts.get(r, 0) for r in failed) <= 20 + 4 * 20
-    # Seq 2 is next (its forgeries are verified at once); seqs 3 .. 21 keep 4 of 20 each.
-    assert counts["rejected_waiting_full"] == 19 * 16
+    # The room keeps 2 candidates per seq: at most 2 verified per real block, the rest late.
+    assert 0 < sum(counts.get(r, 0) for r in failed) <= 20 + 2 * 20
+    # Seq 2 is next (its forgeries are verified at once); seqs 3 .. 21 keep 2 of 20 each.
+    assert counts["rejected_waiting_full"] == 19 * 18
 
 
 def test_a_lost_block_ahead_of_waiting_ones_is_still_declared_after_the_reorder_timeout() -> None:

@@ -6,8 +6,10 @@ ahead of the next expected one waits here; when its turn comes, the
 candidates for that sequence number are verified newest first and the first
 authentic one ends the search: the others, and any that arrive later, are
 discarded as late without a verify. A forger spraying the window with valid-
-looking blocks therefore costs at most ``per_seq`` verifies per real block,
-not one per forged block. If the next block does not come (lost beyond
+looking blocks therefore costs at most ``per_seq`` (2) verifies per real
+block, not one per forged block. (A real block usually comes after its turn:
+blocks arrive in order; one that completes early waits a few milliseconds,
+so keeping the 2 newest candidates per sequence number keeps it.) If the next block does not come (lost beyond
 repair), the lowest waiting sequence number is verified once its first
 candidate has waited the reorder timeout, so loss is declared as before.
 
@@ -45,7 +47,7 @@ def candidate_cost(symbols: dict[int, bytes]) -> int:
 
 
 class WaitingRoom:
-    def __init__(self, counters: Counter[str], *, max_bytes: int, per_seq: int = 4) -> None:
+    def __init__(self, counters: Counter[str], *, max_bytes: int, per_seq: int = 2) -> None:
         self._counters = counters
         self.max_bytes = max_bytes
         self.per_seq = per_seq

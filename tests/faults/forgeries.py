@@ -88,7 +88,8 @@ def _block(target: Target, seq: int, k: int, rng: random.Random, sig: bytes) -> 
 def _datagrams(target: Target, block: bytes, k: int, indices: Sequence[int]) -> list[bytes]:
     symbol = symbol_size(target.datagram_size, gated=target.gated)
     n = k + target.fec.repair_for(k)
-    symbols = fec.encode(fec.split(block, k, symbol), n)
+    sources = fec.split(block, k, symbol)
+    symbols = list(sources) if max(indices) < k else fec.encode(sources, n)
     seq = int.from_bytes(block[24:32], "big")
     header = DatagramHeader(
         flags=block[1],
@@ -104,7 +105,7 @@ def _datagrams(target: Target, block: bytes, k: int, indices: Sequence[int]) -> 
     )
     # A forger has no link secret: a wrong gate key makes a tag that fails.
     wrong = gate_key(bytes(32), target.stream_id) if target.gated else None
-    every = pack_block_datagrams(header, symbols, wrong)
+    every = pack_block_datagrams(header, symbols[: max(indices) + 1], wrong)
     return [every[i] for i in indices]
 
 

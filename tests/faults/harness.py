@@ -361,6 +361,7 @@ class Plant:
     receiver: dict[str, Any] = field(default_factory=dict)
     mqtt: dict[str, Any] = field(default_factory=dict)
     output: dict[str, Any] = field(default_factory=dict)
+    stream: dict[str, Any] = field(default_factory=dict)  # more keys of [[streams]] in rx.toml
     plc: dict[str, Any] = field(default_factory=dict)  # [modbus] / [opcua] sections of tx
     capture: bool = False
     relay: Relay | None = None
@@ -435,6 +436,7 @@ class Plant:
                     "id": STREAM,
                     "public_keys": [str(self.keys / "tx.pub")],
                     "output": {"prefix": "diode", "site": "test", **self.output},
+                    **self.stream,
                 }
             ],
             "log": {"level": "info", "format": "json"},

@@ -185,13 +185,17 @@ class Reference:
         return out
 
 
-def reference(plant: Plant, capture: list[bytes], epoch: int | None = None) -> Reference:
+def reference(
+    plant: Plant, capture: list[bytes], epoch: int | None = None, psk: bytes | None = None
+) -> Reference:
     from diode.decoder import Decoder, Delivered
     from diode.keys import Keyring, TrustedKey, load_public_key
     from diode.records import TagInfo
     from tests.faults.harness import STREAM
 
-    keyring = Keyring([TrustedKey(stream_id=STREAM, public=load_public_key(plant.keys / "tx.pub"))])
+    keyring = Keyring(
+        [TrustedKey(stream_id=STREAM, public=load_public_key(plant.keys / "tx.pub"), psk=psk)]
+    )
     decoder = Decoder(keyring)
     blocks: dict[int, tuple[int, list[Any]]] = {}
     names: dict[int, tuple[str, str]] = {}
