@@ -181,3 +181,21 @@ async def test_receiver_killed_while_publishing_loses_nothing_unreported(
     same transaction as the position that covers it, before it is published.
     """
     await scenarios.receiver_kill_publishing(tmp_path, mosquitto)
+
+
+# --- 7. floods of forged datagrams (tests/faults/attack.py; the long run is in RELIABILITY.md) --
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["link secret", "no secret"])
+async def test_short_floods_of_every_forgery_publish_nothing_and_lose_nothing_unreported(
+    tmp_path: Path, mosquitto: Mosquitto, gated: bool
+) -> None:
+    """CI's short version: every kind for 1.5 s, one after another, in one plant."""
+    from tests.faults import attack
+
+    result, figures = await attack.flood(tmp_path, mosquitto, gated=gated, flood_s=1.5)
+    assert [f.kind for f in figures] == list(attack.KINDS)
+    assert all(f.sent > 0 for f in figures)
+    assert all(f.received > 0 for f in figures), "the floods reached the receiver"
+    # exact_accounting inside flood(): every record lost is reported, and only those.
+    assert result.lost == result.reported_lost

@@ -120,7 +120,8 @@ async def _one_kind(
     baseline_kb: int,
     seed: int,
 ) -> KindFigures:
-    assert plant.rx is not None and plant.relay is not None
+    assert plant.rx is not None
+    assert plant.relay is not None
     figures = KindFigures(kind, gated)
     counters = plant.rx_counters()
     seq = counters.get("blocks_delivered", 0) + counters.get("blocks_lost", 0)
@@ -262,7 +263,7 @@ async def flood(
             )
 
     try:
-        _, rx = await _counted_run(plant, sub, result, 0, during=attack)
+        await _counted_run(plant, sub, result, 0, during=attack)
         assert plant.relay is not None
         psk = load_psk(psk_file) if gated else None
         ref = reference(plant, list(plant.relay.capture), psk=psk)
@@ -288,7 +289,8 @@ async def flood(
 def table(rows: list[tuple[KindFigures, Result]]) -> str:
     head = (
         "| link | kind | sent (/s) | received | rx CPU / forged | real lost (reported = "
-        "observed) | latency before; during p50 / p99 / max | peak RSS / bound | $status during | back after |\n"
+        "observed) | latency before; during p50 / p99 / max | peak RSS / bound | "
+        "$status during | back after |\n"
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
