@@ -286,6 +286,14 @@ async def flood(
         await plant.close()
 
 
+async def scenario(
+    tmp: Path, broker: Mosquitto, *, gated: bool, flood_s: float = 10.0, seed: int = SEED
+) -> Result:
+    """Every kind in turn in one plant (the report's row; per-kind losses: ``main``)."""
+    result, _ = await flood(tmp, broker, gated=gated, flood_s=flood_s, seed=seed)
+    return result
+
+
 def table(rows: list[tuple[KindFigures, Result]]) -> str:
     head = (
         "| link | kind | sent (/s) | received | rx CPU / forged | real lost (reported = "
