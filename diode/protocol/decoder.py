@@ -86,6 +86,7 @@ class Decoder:
         self.counters: Counter[str] = Counter()
         self._events: list[Event] = []
         self.wall_offset_s: float | None = None
+        self._quiet_until: dict[int, float] = {}  # no overdue round before (per stream)
         self._gate = Gate(keyring, profiles)
         # The memory bound covers both: 3/4 for assemblies, 1/4 for blocks waiting their turn.
         self._table = AssemblyTable(
@@ -206,7 +207,11 @@ class Decoder:
     def _overdue(self, stream_id: int, now: float) -> None:
         """The next block is overdue: try the lowest waiting one, so that a lost block is
         declared as it would be without the waiting room. Goes on while that finds
-        authentic blocks; a sequence number with only forgeries ends this round."""
+        authentic blocks; a sequence number with only forgeries ends this round, and
+        the next round waits a reorder timeout (a forged spray keeps the lowest waiting
+        seq always "overdue": this caps what it costs at 2 verifies per timeout)."""
+        if now < self._quiet_until.get(stream_id, 0.0):
+            return
         while True:
             lowest = self._room.lowest(stream_id)
             following = self._sequencer.next_block(stream_id)
@@ -218,6 +223,7 @@ class Decoder:
             self._sequencer.advance_all(now)
             self._serve(stream_id, now)
             if not found:
+                self._quiet_until[stream_id] = now + self.settings.reorder_timeout_s
                 return
 
     def deadline(self) -> float | None:
@@ -226,7 +232,8 @@ class Decoder:
         for stream_id in self._room.streams():
             lowest = self._room.lowest(stream_id)
             if lowest is not None:
-                times.append(lowest[1] + self.settings.reorder_timeout_s)
+                due = lowest[1] + self.settings.reorder_timeout_s
+                times.append(max(due, self._quiet_until.get(stream_id, 0.0)))
         return min(times, default=None)
 
     def events(self) -> list[Event]:
