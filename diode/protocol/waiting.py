@@ -9,9 +9,12 @@ discarded as late without a verify. A forger spraying the window with valid-
 looking blocks therefore costs at most ``per_seq`` (2) verifies per real
 block, not one per forged block. (A real block usually comes after its turn:
 blocks arrive in order; one that completes early waits a few milliseconds,
-so keeping the 2 newest candidates per sequence number keeps it.) If the next block does not come (lost beyond
-repair), the lowest waiting sequence number is verified once its first
-candidate has waited the reorder timeout, so loss is declared as before.
+so keeping the 2 newest candidates per sequence number keeps it.)
+
+If the next block does not come (lost beyond repair), the lowest waiting
+sequence number is verified once its first candidate has waited the reorder
+timeout, so loss is declared as before; a round that finds only forgeries
+delays the next by a reorder timeout (``Decoder._overdue``).
 
 Bounded: at most ``per_seq`` candidates per sequence number (the newest are
 kept: the real block arrives about when its turn comes) and at most
