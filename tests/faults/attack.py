@@ -186,10 +186,10 @@ async def _one_kind(
     real = plant.relay.stats.forwarded - forwarded
     taken = after.get("datagrams", 0) - before.get("datagrams", 0)
     # Datagrams still queued in the socket at the flood's end are taken in during recovery.
-    figures.received = max(taken - real, 0)
+    figures.received = max(taken - real, 0) if kind != "control" else 0
     spent = cpu_s(plant.rx.pid) - cpu1 - idle_rate * (time.monotonic() - t1)
     del cpu2, t2
-    figures.cpu_us = round(spent / max(figures.received, 1) * 1e6, 2)
+    figures.cpu_us = round(spent / figures.received * 1e6, 2) if figures.received else 0.0
     figures.kernel_drops = after.get("kernel_drops", 0) - before.get("kernel_drops", 0)
     figures.rejected = {
         k[9:]: v - before.get(k, 0)
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.faults.attack")
     parser.add_argument("--flood-s", type=float, default=20.0)
     parser.add_argument("--rate", type=float, default=0.0, help="forged datagrams/s; 0: max")
-    parser.add_argument("--kinds", nargs="*", default=list(KINDS))
+    parser.add_argument("--kinds", nargs="*", default=["control", *KINDS])
     parser.add_argument("--gated", choices=["yes", "no", "both"], default="both")
     args = parser.parse_args(argv)
     FLOOD_S_USED[0] = args.flood_s

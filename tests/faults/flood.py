@@ -3,11 +3,12 @@
 ``python -m tests.faults.flood KIND PORT SECONDS TARGET_JSON CAPTURE SEED RATE``
 sends datagrams of KIND (see tests/faults/forgeries.py) to 127.0.0.1:PORT for
 SECONDS, at most RATE a second (0: as fast as this one process can), made as
-it goes so that no datagram repeats (``replay`` replays the authentic
-datagrams in the file CAPTURE, 4-byte length before each). TARGET_JSON is
-what the forger knows: stream, key id (hex), epoch, the stream's position,
-its datagram size and FEC, and whether the link is gated. Prints the number
-sent.
+it goes so that no datagram repeats. ``replay`` replays the authentic
+datagrams in the file CAPTURE (4-byte length before each); ``control`` sends
+random datagrams to the discard port instead (the machine as busy as in a
+flood, the receiver untouched). TARGET_JSON is what the forger knows: stream,
+key id (hex), epoch, the stream's position, its datagram size and FEC, and
+whether the link is gated. Prints the number sent.
 """
 
 from __future__ import annotations
@@ -50,11 +51,13 @@ def main(argv: list[str]) -> int:
         gated=spec["gated"],
         window=spec.get("window", 2000),
     )
+    # "control": the same sending work aimed at a port nobody listens on, so the
+    # machine is as busy as in a flood but the receiver gets nothing.
     maker = replay(read_capture(Path(capture))) if kind == "replay" else MAKERS[kind]
     datagrams = maker(target, random.Random(int(seed)))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-    address = ("127.0.0.1", int(port))
+    address = ("127.0.0.1", 9 if kind == "control" else int(port))
     per_s = float(rate)
     sent = 0
     start = time.monotonic()

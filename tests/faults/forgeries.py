@@ -155,6 +155,7 @@ def replay(capture: Sequence[bytes]) -> Callable[[Target, random.Random], Iterat
 
 
 MAKERS: dict[str, Callable[[Target, random.Random], Iterator[bytes]]] = {
+    "control": random_bytes,  # aimed elsewhere by the flood sender: the busy-machine baseline
     "random": random_bytes,
     "k1": k1,
     "repair": repair,
@@ -203,9 +204,63 @@ def _cost(gated: bool, kind: str, count: int) -> tuple[float, dict[str, int]]:
     return spent / count * 1e6, moved
 
 
+def _mac_candidates(key: bytes, data: bytes) -> dict[str, Callable[[], object]]:
+    import hashlib
+    import hmac
+
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives import cmac, poly1305
+    from cryptography.hazmat.primitives.ciphers import algorithms
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+    gcm, chacha = AESGCM(key), ChaCha20Poly1305(key)
+
+    def blake() -> bool:
+        tag = hashlib.blake2b(data[:-16], key=key, digest_size=16).digest()
+        return hmac.compare_digest(tag, data[-16:])
+
+    def aead(cipher: AESGCM | ChaCha20Poly1305) -> bool:
+        try:
+            cipher.decrypt(data[:12], data[-16:], data[:-16])
+        except InvalidTag:
+            return False
+        return True
+
+    def cmac_tag() -> bytes:
+        c = cmac.CMAC(algorithms.AES(key))
+        c.update(data)
+        return c.finalize()
+
+    return {
+        "keyed BLAKE2b-128": blake,
+        "AES-GMAC": lambda: aead(gcm),
+        "ChaCha20-Poly1305": lambda: aead(chacha),
+        "HMAC-SHA256 (compute)": lambda: hmac.digest(key, data, "sha256"),
+        "Poly1305 (compute)": lambda: poly1305.Poly1305.generate_tag(key, data),
+        "AES-CMAC (compute)": cmac_tag,
+    }
+
+
+def macs() -> None:
+    """What each candidate MAC of the gate costs on the path a forgery takes (it fails)."""
+    import os
+    import timeit
+
+    key = os.urandom(32)
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    for size in (64, 1472):
+        for name, fn in _mac_candidates(key, os.urandom(size)).items():
+            us = min(timeit.repeat(fn, number=20_000, repeat=5)) / 20_000 * 1e6
+            print(f"{size:5d} B  {name:24s} {us:6.2f} us")
+
+
 def main() -> None:
     import os
+    import sys
 
+    if "--macs" in sys.argv:
+        macs()
+        return
     print(f"load average {os.getloadavg()[0]:.2f}")
     for gated in (True, False):
         for kind in KINDS:
