@@ -21,12 +21,17 @@ class VerifyBudget:
         self._tokens = per_s
         self._at: float | None = None
 
-    def take(self, now: float) -> bool:
-        """Spend one token if there is one."""
+    def available(self, now: float) -> bool:
+        """Is there a token now? (Spends nothing: a datagram of a block that could not
+        be verified anyway is dropped before it costs a parse, a CRC or memory.)"""
         if self._at is not None:
             self._tokens = min(self.per_s, self._tokens + (now - self._at) * self.per_s)
         self._at = now
-        if self._tokens >= 1.0:
+        return self._tokens >= 1.0
+
+    def take(self, now: float) -> bool:
+        """Spend one token if there is one."""
+        if self.available(now):
             self._tokens -= 1.0
             return True
         return False

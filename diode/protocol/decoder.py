@@ -124,6 +124,12 @@ class Decoder:
             stream_id = _STREAM.unpack_from(datagram, 4)[0]
             epoch, seq = _EPOCH_SEQ.unpack_from(datagram, 16)
             reason = self._sequencer.screen(stream_id, epoch, seq)
+            if (
+                reason is None
+                and self._sequencer.turn(stream_id, epoch, seq) == "budget"
+                and not self._budget.available(now)
+            ):
+                reason = "rejected_verify_budget"  # outside the window, no verify left
         if reason is not None:
             counters[reason] += 1
             return

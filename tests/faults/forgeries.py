@@ -8,6 +8,8 @@ on a gated link, without the link secret) can send to anyone's UDP port:
   the live epoch and sequence numbers in the stream's current window, and a
   canonical Ed25519 signature made by another key; each differs in its
   payload, so each forces a full signature verify where nothing else stops it.
+- ``ahead``: the same in a newer epoch, outside the window: a claimed
+  transmitter restart, which only a verify can refute.
 - ``repair``: blocks of the largest k whose symbols are all repair symbols:
   each block forces a Reed-Solomon decode (and a verify) where nothing else
   stops it.
@@ -26,7 +28,7 @@ import itertools
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from diode import fec
 from diode.config.link import FecSettings
@@ -42,7 +44,7 @@ from diode.wire import (
     symbol_size,
 )
 
-KINDS = ("random", "k1", "repair", "tiny", "replay")
+KINDS = ("random", "k1", "ahead", "repair", "tiny", "replay")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,6 +118,12 @@ def k1(target: Target, rng: random.Random) -> Iterator[bytes]:
         yield from _datagrams(target, _block(target, seq, 1, rng, sig), 1, [0])
 
 
+def ahead(target: Target, rng: random.Random) -> Iterator[bytes]:
+    """``k1`` blocks outside the window: in a newer epoch (a transmitter restart, claimed)."""
+    later = replace(target, epoch=target.epoch + 1 + rng.randrange(10**6))
+    yield from k1(later, rng)
+
+
 def repair(target: Target, rng: random.Random) -> Iterator[bytes]:
     """Blocks of the largest k whose repair symbols alone can rebuild them."""
     k = max(k for k in range(1, target.fec.k + 1) if target.fec.repair_for(k) >= k)
@@ -158,6 +166,7 @@ MAKERS: dict[str, Callable[[Target, random.Random], Iterator[bytes]]] = {
     "control": random_bytes,  # aimed elsewhere by the flood sender: the busy-machine baseline
     "random": random_bytes,
     "k1": k1,
+    "ahead": ahead,
     "repair": repair,
     "tiny": tiny,
 }
