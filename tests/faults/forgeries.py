@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -34,7 +35,11 @@ from diode import fec
 from diode.config.link import FecSettings
 from diode.keys import SigningKey
 from diode.wire import (
+    BLOCK_HEADER_SIZE,
     BLOCK_OVERHEAD,
+    CRC_OFFSET,
+    HEADER_SIZE,
+    LINK_TAG_SIZE,
     BlockHeader,
     DatagramHeader,
     gate_key,
@@ -112,10 +117,25 @@ def _datagrams(target: Target, block: bytes, k: int, indices: Sequence[int]) -> 
 
 
 def k1(target: Target, rng: random.Random) -> Iterator[bytes]:
+    """One template block, then per datagram: a new seq (in the datagram header and in
+    the signed block header alike, so it passes ``matches``), a counter in the payload
+    (every datagram unique), a fresh CRC and, gated, a tag the receiver cannot verify.
+    About 3 us a datagram: one process can then send well past 20 000 a second."""
     sig = _signature()
-    while True:
-        seq = target.seq + rng.randrange(target.window)
-        yield from _datagrams(target, _block(target, seq, 1, rng, sig), 1, [0])
+    (template,) = _datagrams(target, _block(target, target.seq, 1, rng, sig), 1, [0])
+    end = len(template) - (LINK_TAG_SIZE if target.gated else 0)
+    data = bytearray(template[:end])
+    view = memoryview(data)
+    block_seq = HEADER_SIZE + 24  # the signed block header starts the symbol
+    counter = HEADER_SIZE + BLOCK_HEADER_SIZE  # first payload bytes
+    for n in itertools.count():
+        seq = (target.seq + rng.randrange(target.window)).to_bytes(8, "big")
+        data[24:32] = seq
+        data[block_seq : block_seq + 8] = seq
+        data[counter : counter + 8] = n.to_bytes(8, "big")
+        crc = zlib.crc32(view[HEADER_SIZE:], zlib.crc32(view[:CRC_OFFSET]))
+        data[CRC_OFFSET : CRC_OFFSET + 4] = crc.to_bytes(4, "big")
+        yield bytes(data) + (rng.randbytes(LINK_TAG_SIZE) if target.gated else b"")
 
 
 def ahead(target: Target, rng: random.Random) -> Iterator[bytes]:
