@@ -213,3 +213,37 @@ def test_a_lost_block_ahead_of_waiting_ones_is_still_declared_after_the_reorder_
     events = decoder.events()
     assert [(g.first_seq, g.last_seq, g.records_lost) for g in gaps(events)] == [(2, 2, 10)]
     assert delivered(events) == samples(60)[30:]
+
+
+def test_a_lost_block_under_a_spray_of_forged_candidates_does_not_stall_the_stream() -> None:
+    """Found by the 20 000/s flood: the real blocks after a lost one were pushed out of the
+    waiting room by newer forgeries, and the overdue rounds only ever met forgeries."""
+    decoder = following(reorder_timeout_s=0.2)
+    real = encode_blocks(samples(200), per_block=10)  # blocks 0 .. 19; block 2 is lost
+    (template,) = encode_blocks(samples(3), key=liar())
+    now = 1.0
+    sprayed = 0
+    for block in real[3:]:
+        for d in block:
+            decoder.receive(d, now)
+        # Then 4 unique forged candidates for every seq 3 .. 40: the real ones are pushed out.
+        for seq in range(3, 41):
+            for i in range(4):
+                d = with_valid_crc(template[0], 24, seq.to_bytes(8, "big"))
+                decoder.receive(with_valid_crc(d, 200, bytes([sprayed % 256, i])), now)
+                sprayed += 1
+        now += 0.05
+        decoder.poll(now)
+    for _ in range(40):  # the real stream goes on: blocks 20 ..
+        now += 0.05
+        decoder.poll(now)
+    more = encode_blocks(samples(400), per_block=10)[20:30]
+    for block in more:
+        for d in block:
+            decoder.receive(d, now)
+        now += 0.05
+        decoder.poll(now)
+    decoder.poll(now + 1.0)
+    events = decoder.events()
+    assert delivered(events), "the stream must flow again after the lost block"
+    assert decoder.positions()[7].next_seq >= 20

@@ -87,6 +87,7 @@ class Decoder:
         self._events: list[Event] = []
         self.wall_offset_s: float | None = None
         self._quiet_until: dict[int, float] = {}  # no overdue round before (per stream)
+        self._stuck_at: dict[int, int] = {}  # next seq when an overdue round found nothing
         self._gate = Gate(keyring, profiles)
         # The memory bound covers both: 3/4 for assemblies, 1/4 for blocks waiting their turn.
         self._table = AssemblyTable(
@@ -155,7 +156,7 @@ class Decoder:
             cost=candidate_cost(assembly.symbols),
         )
         turn = self._sequencer.turn(stream_id, header.epoch, header.seq)
-        if turn == "wait":
+        if turn == "wait" and not (self._stuck(stream_id) and self._budget.take(now)):
             self._room.put(stream_id, header.epoch, candidate)
             return
         if turn == "budget" and not self._budget.take(now):
@@ -230,7 +231,26 @@ class Decoder:
             self._serve(stream_id, now)
             if not found:
                 self._quiet_until[stream_id] = now + self.settings.reorder_timeout_s
+                self._stuck_at[stream_id] = following[1]
                 return
+
+    def _stuck(self, stream_id: int) -> bool:
+        """Is the stream's next block overdue with only forgeries waiting in its place?
+
+        Then the real blocks after it may have been pushed out of the waiting room
+        (a spray of forged candidates, 2 per seq), and waiting for their turn could
+        wait forever. Until the position moves, complete blocks ahead are verified as
+        they come, within the verify budget: the first authentic one lets the
+        sequencer declare the gap and the stream flows again.
+        """
+        stuck_at = self._stuck_at.get(stream_id)
+        if stuck_at is None:
+            return False
+        following = self._sequencer.next_block(stream_id)
+        if following is None or following[1] != stuck_at:
+            del self._stuck_at[stream_id]
+            return False
+        return True
 
     def deadline(self) -> float | None:
         """When :meth:`poll` must run next, or None if nothing is waiting."""
