@@ -5,7 +5,8 @@ In this order, each one cheaper than what it protects::
     length, magic, stream id known        a few bytes, one dict lookup
     datagram size = the stream's profile  one comparison (profile configured)
     link tag (stream with a link secret)  one keyed BLAKE2b over the datagram
-    framing + CRC                         one struct unpack, one CRC
+    CRC                                   one CRC-32 (before any field is read)
+    framing                               one struct unpack
     k, n = the stream's profile           two comparisons (profile configured)
     key id known, of this stream          one dict lookup
 
@@ -40,6 +41,7 @@ from diode.wire import (
     VERSION,
     VERSION_GATED,
     DatagramHeader,
+    crc_ok,
     gate_key,
     parse_datagram,
 )
@@ -116,11 +118,15 @@ class Gate:
                 return "rejected_bad_tag"
         elif version != VERSION:
             return "rejected_bad_version"
+        # Before anything reads the header's fields: damage on the way is bad_checksum,
+        # not a late or replayed block.
+        if not crc_ok(data, version):
+            return "rejected_bad_checksum"
         return None
 
     def admit(self, data: bytes) -> tuple[DatagramHeader, bytes, TrustedKey]:
         """Framing, CRC, k and n, key id, of a datagram :meth:`screen` let through."""
-        header, symbol = parse_datagram(data)
+        header, symbol = parse_datagram(data, check_crc=False)  # screen checked it
         profile = self._doors[header.stream_id].profile
         if profile is not None and (
             header.k >= len(profile.n_for_k) or header.n != profile.n_for_k[header.k]

@@ -337,7 +337,17 @@ def metrics(port: int) -> dict[str, int]:
     return out
 
 
-BAD_DATAGRAM_REASONS = ("short", "bad_magic", "bad_version", "bad_checksum", "malformed")
+BAD_DATAGRAM_REASONS = (
+    "short",
+    "bad_magic",
+    "bad_version",
+    "bad_checksum",
+    "malformed",
+    "unknown_stream",  # a bit flip in the stream id (the gate looks it up first)
+    "bad_shape",
+    "bad_tag",
+    "ungated",
+)
 
 
 def rejected(counters: dict[str, int], reasons: tuple[str, ...] | None = None) -> int:
