@@ -118,16 +118,19 @@ class Gate:
                 return "rejected_bad_tag"
         elif version != VERSION:
             return "rejected_bad_version"
-        # Before anything reads the header's fields: damage on the way is bad_checksum,
-        # not a late or replayed block.
-        if not crc_ok(data, version):
+        # Ungated, before anything reads the header's fields: damage on the way is
+        # bad_checksum, not a late or replayed block. (Gated, the tag caught it.)
+        elif not crc_ok(data, version):
             return "rejected_bad_checksum"
         return None
 
     def admit(self, data: bytes) -> tuple[DatagramHeader, bytes, TrustedKey]:
         """Framing, CRC, k and n, key id, of a datagram :meth:`screen` let through."""
-        header, symbol = parse_datagram(data, check_crc=False)  # screen checked it
-        profile = self._doors[header.stream_id].profile
+        door = self._doors[int.from_bytes(data[4:8], "big")]
+        # The screen checked the CRC of an ungated datagram; a gated one's is checked
+        # here (its tag already proved it undamaged: this is the wire's rule, cheap).
+        header, symbol = parse_datagram(data, check_crc=door.key is not None)
+        profile = door.profile
         if profile is not None and (
             header.k >= len(profile.n_for_k) or header.n != profile.n_for_k[header.k]
         ):
