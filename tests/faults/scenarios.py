@@ -524,22 +524,35 @@ async def forgery(tmp: Path, broker: Mosquitto, *, seed: int = SEED) -> Result:
         liar = SigningKey.generate()
         # A forger knows the real key id (it is public): the signature is what fails.
         object.__setattr__(liar, "key_id", plant.signing_key().key_id)
-        bad_sig = _forged_blocks(plant, liar, epoch + 1, 200)
-        bad_sig += _forged_blocks(plant, liar, epoch, 200, first_seq=1_000)
+        newer = _forged_blocks(plant, liar, epoch + 1, 200)
         before = plant.rx_counters()
-        for d in other + bad_sig:
+        for d in other + newer:
             plant.relay.send(d)
             await asyncio.sleep(0)
         await _rejections_grow(
             plant, rejected(before, ("unknown_key",)), len(other), ("unknown_key",)
         )
-        # Each forged block has one source symbol: every datagram is a rebuild that fails.
-        await _rejections_grow(
-            plant, rejected(before, ("bad_signature",)), len(bad_sig), ("bad_signature",)
-        )
+        # A newer epoch is outside the window: each datagram (a whole k = 1 block) is
+        # verified within the budget, or refused by it.
+        outside = ("bad_signature", "verify_budget")
+        await _rejections_grow(plant, rejected(before, outside), len(newer), outside)
+        # Ahead in the live epoch, within a second or two of the real stream's position.
+        seq = plant.rx_counters().get("blocks_delivered", 0)
+        ahead = _forged_blocks(plant, liar, epoch, 200, first_seq=seq + 50)
+        before = plant.rx_counters()
+        for d in ahead:
+            plant.relay.send(d)
+            await asyncio.sleep(0)
+        # Ahead in the window: the blocks wait for their turn (2 per seq kept, the rest
+        # waiting_full), then fail their verify or find their seq delivered (late; the live
+        # stream's surplus repair symbols are late too: at least, not exactly).
+        inside = ("waiting_full", "bad_signature", "late")
+        await _rejections_grow(plant, rejected(before, inside), len(ahead), inside, exact=False)
         result.note(
             f"{len(other)} datagrams under another key -> rejected_unknown_key; "
-            f"{len(bad_sig)} under the real key id with a bad signature -> rejected_bad_signature"
+            f"{len(newer)} under the real key id with a bad signature in a newer epoch -> "
+            f"bad_signature or verify_budget; {len(ahead)} ahead in the live epoch -> "
+            f"waiting_full, then bad_signature or late at their turn"
         )
         await asyncio.sleep(1.0)
 
