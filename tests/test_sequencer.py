@@ -187,8 +187,9 @@ def test_forged_blocks_ahead_of_their_turn_cost_at_most_a_few_verifies_per_real_
         for b in encode_blocks(samples(3, start=seq * 100), key=liar())
         for _ in range(20)
     ]
-    # Distinct blocks: each forged one differs (rewrite a payload byte, keep the CRC valid).
-    unique = [with_valid_crc(d, 200, bytes([i % 256])) for i, d in enumerate(forged)]
+    # Distinct blocks with distinct headers (the records hint; the CRC kept valid): copies
+    # with one header would count as one candidate.
+    unique = [with_valid_crc(d, 40, (i + 10).to_bytes(4, "big")) for i, d in enumerate(forged)]
     for d in unique:
         decoder.receive(d, 1.0)
     failed = ("rejected_bad_signature", "rejected_bad_block")
@@ -200,6 +201,13 @@ def test_forged_blocks_ahead_of_their_turn_cost_at_most_a_few_verifies_per_real_
     assert 0 < sum(counts.get(r, 0) for r in failed) <= 20 + 2 * 20
     # Seq 2 is next (its forgeries are verified at once); seqs 3 .. 21 keep 2 of 20 each.
     assert counts["rejected_waiting_full"] == 19 * 18
+    # And copies of one block (the same header) are one candidate, the rest duplicates.
+    before = counts.get("rejected_duplicate", 0)
+    copies = [with_valid_crc(forged[0], 24, (30).to_bytes(8, "big"))] * 1
+    copies += [with_valid_crc(c, 200, bytes([j])) for c in copies for j in range(5)]
+    for d in copies:
+        decoder.receive(d, 2.0)
+    assert rejected(decoder).get("rejected_duplicate", 0) - before == len(copies) - 1
 
 
 def test_a_lost_block_ahead_of_waiting_ones_is_still_declared_after_the_reorder_timeout() -> None:

@@ -74,6 +74,11 @@ class WaitingRoom:
         if waiting is None:
             waiting = seqs[seq] = []
             heapq.heappush(self._ahead.setdefault(stream_id, []), -seq)
+        elif any(c.key == candidate.key for c in waiting):
+            # Another k symbols of a block already waiting (the same header): the
+            # surplus of a healthy block, like a late symbol. Not kept, not an attack.
+            self._counters["rejected_duplicate"] += 1
+            return
         waiting.append(candidate)
         self.bytes += candidate.cost
         if len(waiting) > self.per_seq:
