@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import asyncio
 import datetime as dt
 import random
@@ -486,14 +488,28 @@ def test_config_accepts_a_full_server() -> None:
         (True, (True, "")),
         (-3, (-3, "")),
         (2**64 - 1, (2**64 - 1, "")),
-        (2**64, (None, "unsupported type")),
+        (2**64, (None, "unsupported type: integer out of the 64-bit range")),
         (1.25, (1.25, "")),
         ("x", ("x", "")),
         (None, (None, "")),
-        (ua.LocalizedText("hello"), ("hello", "")),
-        (dt.datetime(2024, 1, 2, tzinfo=dt.UTC), ("2024-01-02T00:00:00+00:00", "")),
-        ([1, 2], (None, "unsupported type")),
-        (b"\x00", (None, "unsupported type")),
+        (ua.LocalizedText("hello"), (("hello", ""), "")),
+        (ua.LocalizedText("Hallo", "de-DE"), (("Hallo", "de-DE"), "")),
+        (dt.datetime(2024, 1, 2, tzinfo=dt.UTC), ("2024-01-02T00:00:00.000000Z", "")),
+        (dt.datetime(9999, 12, 31, 23, 59, 59), ("9999-12-31T23:59:59.000000Z", "")),
+        ([1, 2], ((1, 2), "")),
+        ([[1.5], [2.5]], (((1.5,), (2.5,)), "")),
+        ([ua.LocalizedText("a", "en")], ((("a", "en"),), "")),
+        (b"\x00", (b"\x00", "")),
+        (ua.StatusCode(ua.StatusCodes.BadSensorFailure), ((ua.StatusCodes.BadSensorFailure, "BadSensorFailure"), "")),
+        (ua.NodeId("Tank.Level", 2), ("ns=2;s=Tank.Level", "")),
+        (ua.QualifiedName("Name", 3), ("3:Name", "")),
+        (
+            uuid.UUID("72962b91-fa75-4ae6-8d28-b404dc7daf63"),
+            ("72962b91-fa75-4ae6-8d28-b404dc7daf63", ""),
+        ),
+        ([1, 2**70], (None, "unsupported type: integer out of the 64-bit range")),
+        (ua.ExtensionObject(), (None, "unsupported type ExtensionObject")),
+        (object(), (None, "unsupported type object")),
     ],
 )
 def test_plain_value(raw: Any, expected: tuple[Any, str]) -> None:

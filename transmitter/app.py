@@ -34,7 +34,7 @@ from diode.config.tx import TxConfig
 from diode.encoder import Encoder, SendQueue
 from diode.errors import DiodeError
 from diode.keys import SigningKey, load_psk, load_signing_key
-from diode.records import Heartbeat, TagInfo
+from diode.records import Heartbeat, Record, Sample, TagInfo
 from diode.replay import next_epoch
 from transmitter.modbus import ModbusPoller
 from transmitter.opcua import OpcuaPoller
@@ -128,6 +128,7 @@ class Transmitter:
         self._wake = asyncio.Event()
         self._started = time.monotonic()
         self._drops_logged_at = float("-inf")
+        self._refused_logged_at = float("-inf")
         self.ready = asyncio.Event()
 
     # -- tag ids and the catalogue ---------------------------------------------
@@ -171,15 +172,30 @@ class Transmitter:
         encoder, outbox = self.encoder, self.outbox
         now = time.monotonic()
         for _ in range(min(limit, len(outbox))):
+            record = outbox.pop()
             try:
-                encoder.add(outbox.pop(), now)
+                encoder.add(record, now)
             except DiodeError as exc:
-                log.warning("record dropped", reason=exc.reason, detail=str(exc))
-                outbox.counters["records_dropped"] += 1
+                self._unencodable(record, exc, now)
             if encoder.blocks_ready:
                 break
         encoder.poll(now)
         self._ship()
+
+    def _unencodable(self, record: Record, exc: DiodeError, now: float) -> None:
+        """A record the encoder refused: a sample becomes BAD saying why; anything else is dropped.
+
+        The outbox already replaces what it knows cannot travel; this catches
+        the rest (a value too large for a block), so that it costs that value only.
+        """
+        now_log = time.monotonic()
+        if now_log - self._refused_logged_at >= DROP_LOG_INTERVAL_S:
+            self._refused_logged_at = now_log
+            log.warning("record refused by the encoder", reason=exc.reason, detail=str(exc)[:200])
+        if isinstance(record, Sample) and record.value is not None:
+            self.encoder.add(self.outbox.unrepresentable(record, exc.reason), now)
+            return
+        self.outbox.counters["records_dropped"] += 1
 
     async def _framer(self) -> None:
         """Outbox -> Encoder -> SendQueue, closing blocks on size or linger."""
