@@ -187,7 +187,7 @@ def encode_record(record: Record) -> bytes:
         raise DiodeError(f"record cannot be encoded: {exc!r}", reason="unencodable") from exc
 
 
-def _bad_value(value: object, depth: int = 0) -> str:
+def _bad_value(value: object, depth: int = 0) -> str:  # noqa: PLR0911 - one return per kind
     """Why ``value`` cannot travel as a sample's value, or ``""``."""
     kind = type(value)
     if value is None or kind is bool or kind is float or kind is bytes:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
-
 import asyncio
 import datetime as dt
 import random
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -247,8 +246,8 @@ async def test_status_codes_become_quality(server: OpcuaTestServer) -> None:
         assert (bad.value, bad.reason) == (None, "BadSensorFailure")
 
         await sink.until(lambda: sink.of(curve), "array sample")
-        assert sink.of(curve)[0].quality is Quality.BAD
-        assert sink.of(curve)[0].reason == "unsupported type"
+        # An array is a value like any other now (issue 14, item 6): it was BAD before.
+        assert (sink.of(curve)[0].quality, sink.of(curve)[0].value) == (Quality.GOOD, (1.0, 2.0))
         await sink.until(lambda: sink.of(ghost), "unknown node sample")
         assert (sink.of(ghost)[0].quality, sink.of(ghost)[0].reason) == (
             Quality.BAD,
@@ -500,7 +499,10 @@ def test_config_accepts_a_full_server() -> None:
         ([[1.5], [2.5]], (((1.5,), (2.5,)), "")),
         ([ua.LocalizedText("a", "en")], ((("a", "en"),), "")),
         (b"\x00", (b"\x00", "")),
-        (ua.StatusCode(ua.StatusCodes.BadSensorFailure), ((ua.StatusCodes.BadSensorFailure, "BadSensorFailure"), "")),
+        (
+            ua.StatusCode(ua.StatusCodes.BadSensorFailure),
+            ((ua.StatusCodes.BadSensorFailure, "BadSensorFailure"), ""),
+        ),
         (ua.NodeId("Tank.Level", 2), ("ns=2;s=Tank.Level", "")),
         (ua.QualifiedName("Name", 3), ("3:Name", "")),
         (

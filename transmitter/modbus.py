@@ -277,7 +277,14 @@ class ModbusPoller:
                 ident = tag_id(device.name, tag.name)
                 self._ids[tag.name] = ident
                 if not tag.table.is_bits:
-                    read = reader(tag.type, tag.order, bit=tag.bit, length=tag.length)
+                    read = reader(
+                        tag.type,
+                        tag.order,
+                        bit=tag.bit,
+                        length=tag.length,
+                        byte=tag.byte,
+                        encoding=tag.encoding,
+                    )
                     if tag.scale != 1.0 or tag.offset != 0.0:
                         read = _scaling(read, tag.scale, tag.offset)
                     self._readers[tag.name] = read

@@ -709,7 +709,11 @@ class OpcuaPoller:
             quality, reason = quality_of(dv.StatusCode)
         except Exception as exc:  # a server's odd DataValue must never end the session
             return Sample(
-                tag_id=tag_id, ts_ns=now, value=None, quality=Quality.BAD, reason=f"bad DataValue: {exc!r}"
+                tag_id=tag_id,
+                ts_ns=now,
+                value=None,
+                quality=Quality.BAD,
+                reason=f"bad DataValue: {exc!r}",
             )
         value, problem = plain_value(dv.Value.Value if dv.Value is not None else None)
         if problem:

@@ -8,10 +8,10 @@ quality changed; a value turning NaN, or back, is a change. A sample whose
 value or timestamp cannot travel (``records.unrepresentable``: a timestamp
 past 2262, an int past 64 bits, invalid Unicode) is replaced by a BAD sample
 of that tag saying why, stamped now: it costs that value only, never the
-transmitter nor the other records of its block. Every tag's last sample is queued again each integrity
-period, and every catalogue entry and device record each catalogue period,
-so a receiver that starts late converges by itself. A tag's catalogue entry
-is always queued before its first sample.
+transmitter nor the other records of its block. Every tag's last sample is
+queued again each integrity period, and every catalogue entry and device
+record each catalogue period, so a receiver that starts late converges by
+itself. A tag's catalogue entry is always queued before its first sample.
 
 The queue is bounded: when the link cannot keep up, the newest records are
 dropped and counted (the heartbeat carries the counts); a poller is never
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from diode.records import DeviceInfo, Quality, Record, Sample, TagInfo, unrepresentable
 
 
-def changed(old: Sample, new: Sample, deadband: float) -> bool:
+def changed(old: Sample, new: Sample, deadband: float) -> bool:  # noqa: PLR0911 - one per kind
     """Did a tag's value or quality change enough to be reported?
 
     ``old`` is the last sample sent. NaN to a number and back is a change, NaN
