@@ -14,7 +14,7 @@ import pytest
 import structlog.testing
 
 from diode.config.modbus import ByteOrder, ModbusDevice
-from diode.records import DeviceInfo, Quality, Sample, ValueType
+from diode.records import DeviceInfo, Quality, Sample, TagInfo, ValueType
 from tests.support.modbus_server import ModbusSimServer
 from transmitter.modbus import ModbusPoller, phase_of
 from transmitter.modbus_codec import encode
@@ -27,6 +27,9 @@ class ListSink:
 
     def sample(self, sample: Sample) -> None:
         self.samples.append(sample)
+
+    def tag(self, info: TagInfo) -> None:
+        raise AssertionError("a Modbus tag's type is never learnt: it is configured")
 
     def device(self, info: DeviceInfo) -> None:
         self.devices.append(info)

@@ -24,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from diode.config import validate
 from diode.config.opcua import OpcuaServer
 from diode.errors import ConfigError, KeyFileError
-from diode.records import DeviceInfo, Quality, Sample, ValueType
+from diode.records import DeviceInfo, Quality, Sample, TagInfo, ValueType
 from tests.support.opcua_server import BUILD_INFO, OpcuaTestServer, node_id
 from transmitter import certs
 from transmitter.opcua import (
@@ -44,9 +44,13 @@ class Collector:
     def __init__(self) -> None:
         self.samples: list[Sample] = []
         self.devices: list[DeviceInfo] = []
+        self.tags: list[TagInfo] = []
 
     def sample(self, sample: Sample) -> None:
         self.samples.append(sample)
+
+    def tag(self, info: TagInfo) -> None:
+        self.tags.append(info)
 
     def device(self, info: DeviceInfo) -> None:
         self.devices.append(info)

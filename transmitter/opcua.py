@@ -501,7 +501,7 @@ class OpcuaPoller:
             found = _BUILTIN_TYPES.get(data_type.Identifier)
             if found is not None and found != self.catalogue[i].value_type:
                 old = self.catalogue[i]
-                self.catalogue[i] = TagInfo(
+                self.catalogue[i] = new = TagInfo(
                     tag_id=old.tag_id,
                     name=old.name,
                     device=old.device,
@@ -510,6 +510,7 @@ class OpcuaPoller:
                     source=old.source,
                     description=old.description,
                 )
+                self._sink.tag(new)
 
     # -- subscriptions ------------------------------------------------------
 

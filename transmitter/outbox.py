@@ -112,6 +112,16 @@ class Outbox:
             reason=f"unrepresentable: {problem}",
         )
 
+    def tag(self, info: TagInfo) -> None:
+        """A catalogue entry that changed: queued now, so the values after it are read by it.
+
+        An OPC UA node's type is learnt after connecting; a Float published as
+        the catalogue's default float64 until the next carousel would carry
+        float64 noise.
+        """
+        self._announced.add(info.tag_id)
+        self._put(info)
+
     def device(self, info: DeviceInfo) -> None:
         self._devices[info.device] = info
         self._put(info)
