@@ -133,8 +133,8 @@ class ModbusPlc:
             self.expected[f"input{i}"] = ("bool", value)
         # The ramp, last: one float32 with a deadband.
         self.ramp_address = self._at(2)
-        self.tags.append({"name": "ramp", "table": "holding_register",
-                          "address": self.ramp_address, "type": "float32", "deadband": 0.5})  # fmt: skip
+        ramp = {"name": "ramp", "table": "holding_register", "type": "float32", "deadband": 0.5}
+        self.tags.append({**ramp, "address": self.ramp_address})
 
 
 def opcua_expected(name: str) -> tuple[str, Any]:
