@@ -407,7 +407,7 @@ async def test_a_value_that_cannot_travel_costs_only_itself(tmp_path: Path) -> N
     link = Link(key, 3)
     nodes = [
         {"name": name, "node_id": node_id(name), "mode": "poll", "poll_interval_s": 0.1}
-        for name in ("Level", "Count", "Label", "Temp")
+        for name in ("Level", "Count", "Label", "Temp", "Text")
     ]
     opcua = {"servers": [{"name": "line1", "endpoint": server.endpoint, "nodes": nodes}]}
     tx = Transmitter(config(tmp_path, link.port, opcua=opcua), key=key)
@@ -417,6 +417,9 @@ async def test_a_value_that_cannot_travel_costs_only_itself(tmp_path: Path) -> N
         await server.set("Level", 7.5, source_ts=dt.datetime(2600, 1, 1, tzinfo=dt.UTC))
         await server.set("Count", 9, source_ts=dt.datetime(2300, 1, 1, tzinfo=dt.UTC))
         await server.set("Label", "x" * 200_000)  # larger than any block
+        # Bytes that are not UTF-8: asyncua hands them over as lone surrogates, which
+        # msgpack refused with UnicodeEncodeError, outside the DiodeError handling.
+        await server.set("Text", "bad \udcff text")
         await server.set("Temp", 21.5)
         await link.wait_for(lambda: any(s.value == 21.5 for s in link.samples(4)))
 
@@ -426,6 +429,7 @@ async def test_a_value_that_cannot_travel_costs_only_itself(tmp_path: Path) -> N
         await link.wait_for(lambda: bad(1, "timestamp out of range"))
         await link.wait_for(lambda: bad(2, "timestamp out of range"))
         await link.wait_for(lambda: bad(3, "record_too_large"))
+        await link.wait_for(lambda: bad(5, "text is not valid Unicode"))
         assert not task.done(), "the transmitter is still running"
         assert link.decoder.counters["rejected_bad_record"] == 0  # no block was lost for it
         assert link.decoder.counters["records_lost"] == 0

@@ -141,6 +141,13 @@ async def test_sighup_applies_new_tags_and_devices_and_keeps_a_bad_config_out(
             seen = two.requests()
             await asyncio.sleep(0.5)
             assert two.requests() == seen, "a removed device is no longer polled"
+            await link.wait_for(
+                lambda: any(
+                    s.quality is Quality.BAD and "removed" in s.reason
+                    for s in link.samples(names(link)["plc2/c"])
+                ),
+                within=5,
+            )
             one.set_registers(1, "holding_register", 0, [14])
             await link.wait_for(has_value(link, "plc1/a", 14), within=10)
             assert proc.returncode is None

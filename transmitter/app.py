@@ -48,7 +48,7 @@ from diode.config.tx import TxConfig
 from diode.encoder import Encoder, SendQueue
 from diode.errors import DiodeError
 from diode.keys import SigningKey, load_psk, load_signing_key
-from diode.records import Heartbeat, Record, Sample, TagInfo
+from diode.records import Heartbeat, Quality, Record, Sample, TagInfo
 from diode.replay import next_epoch
 from transmitter.modbus import ModbusPoller
 from transmitter.opcua import OpcuaPoller
@@ -64,6 +64,7 @@ DROP_LOG_INTERVAL_S = 5.0
 # The integrity refresh goes out a tenth at a time. (The catalogue carousel stays whole:
 # its records make no MQTT messages, and a receiver that starts late needs every name.)
 PERIODIC_SLICES = 10
+REMOVED = "removed from the transmitter's config"
 
 
 class Poller(Protocol):
@@ -218,6 +219,7 @@ class Transmitter:
     async def _apply(self, wanted: dict[tuple[str, str], Source]) -> None:
         """Stop removed and changed sources' pollers, start changed and new ones."""
         running = self._sources
+        before = {tag.tag_id for tag in self._catalogue()}
         removed = [key for key in running if key not in wanted]
         changed = [key for key in running if key in wanted and wanted[key] != running[key][0]]
         added = [key for key in wanted if key not in running]
@@ -231,7 +233,14 @@ class Transmitter:
         for key in (*changed, *added):
             running[key] = (wanted[key], self._poller(wanted[key]))
         self._update_deadbands()
-        self.outbox.keep_only({tag.tag_id for tag in self._catalogue()})
+        after = {tag.tag_id for tag in self._catalogue()}
+        # A tag no longer polled must not stay "good" at its last value on MQTT.
+        now = time.time_ns()
+        for tag_id in sorted(before - after):
+            self.outbox.sample(
+                Sample(tag_id=tag_id, ts_ns=now, value=None, quality=Quality.BAD, reason=REMOVED)
+            )
+        self.outbox.keep_only(after)
         self.outbox.carousel()  # new and changed tags are named before their first value
         if self._group is not None:
             for key in (*changed, *added):
