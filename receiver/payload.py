@@ -87,7 +87,6 @@ def rfc3339(ts_ns: int) -> str:
 
 _FLOAT32 = struct.Struct("<f")
 _FLOAT32_NORMAL = 2.0**-126  # the smallest normal float32
-_DIGITS = (6, 7, 8)
 
 
 def float32_decimal(value: float) -> float:
@@ -103,15 +102,24 @@ def float32_decimal(value: float) -> float:
             return value
     except OverflowError:  # beyond float32's range: not a float32
         return value
-    # At most one decimal of 6 significant digits lies within a normal float32's
-    # rounding interval (under 1.2e-7 of it wide, where 6-digit decimals lie
-    # 1e-6 of it apart or more), so the first that reads back is the shortest.
-    # A subnormal's interval is wider: every length is tried.
-    for digits in _DIGITS if abs(value) >= _FLOAT32_NORMAL else range(1, 9):
-        candidate = float(f"{value:.{digits}g}")
-        if unpack(pack(candidate))[0] == value:
-            return candidate
-    return float(f"{value:.9g}")  # 9 digits always read back (IEEE 754, 5.12.2)
+    if abs(value) < _FLOAT32_NORMAL:  # zero or subnormal: a wider interval, every length
+        for digits in range(1, 9):
+            candidate = float(f"{value:.{digits}g}")
+            if unpack(pack(candidate))[0] == value:
+                return candidate
+        return float(f"{value:.9g}")
+    # A normal float32's rounding interval is under 1.2e-7 of it wide, while
+    # 6-digit decimals lie 1e-6 of it apart or more: at most one of 6 digits or
+    # fewer reads back, and %.6g finds it. More digits only come closer, so
+    # the shortest length is found in two tries (7, then 6 or 8); 9 digits
+    # always read back (IEEE 754-2008, 5.12.2). Two tries, not up to four: the
+    # receiver formats every float32 it publishes.
+    seven = float(f"{value:.7g}")
+    if unpack(pack(seven))[0] == value:
+        six = float(f"{value:.6g}")
+        return six if unpack(pack(six))[0] == value else seven
+    eight = float(f"{value:.8g}")
+    return eight if unpack(pack(eight))[0] == value else float(f"{value:.9g}")
 
 
 _COMPOSITE_KEYS = {
