@@ -166,6 +166,10 @@ def test_float32_is_published_as_the_plc_shows_it() -> None:
     assert _published(ValueType.FLOAT32, _f32(2.9194613))[0] == b"2.9194613"
     assert _published(ValueType.FLOAT32, _f32(0.1))[0] == b"0.1"
     assert _published(ValueType.FLOAT32, _f32(-1e-30))[0] == b"-1e-30"
+    # Zero keeps its sign, also after a +0.0 was published (the formatter caches values).
+    assert _published(ValueType.FLOAT32, 0.0)[0] == b"0.0"
+    assert _published(ValueType.FLOAT32, -0.0)[0] == b"-0.0"
+    assert _published(ValueType.FLOAT32, _f32(12.47))[0] == b"12.47"  # a cached value
     # A float64 keeps every digit it has.
     assert _published(ValueType.FLOAT64, 0.1 + 0.2)[0] == b"0.30000000000000004"
     # A value that is not a float32 (scaled) is never rounded to one.
