@@ -101,6 +101,17 @@ def test_nan_transitions_are_reported_and_nan_repeats_are_not() -> None:
     assert [repr(v) for v in values] == ["1.0", "nan", "1.0", "inf", "-inf", "2.0"]
 
 
+def test_an_array_is_sent_when_it_changes_nan_elements_included() -> None:
+    box = outbox()
+    nan = float("nan")
+    for i, v in enumerate([(1.0, nan), (1.0, float("nan")), (2.0, nan), (2.0, nan)]):
+        box.sample(Sample(tag_id=1, ts_ns=i, value=v))
+    assert [repr(r.value) for r in drain(box) if isinstance(r, Sample)] == [
+        "(1.0, nan)",
+        "(2.0, nan)",
+    ]
+
+
 def test_a_refresh_moves_the_deadband_reference() -> None:
     box = outbox({1: 0.5})
     box.sample(Sample(tag_id=1, ts_ns=1, value=0.0))

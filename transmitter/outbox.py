@@ -48,6 +48,8 @@ def changed(old: Sample, new: Sample, deadband: float) -> bool:  # noqa: PLR0911
         return abs(b - a) > deadband if deadband > 0 else True  # type: ignore[operator]
     if type(a) is int and deadband > 0:
         return abs(b - a) > deadband  # type: ignore[operator]  # both ints
+    if type(a) is tuple:  # an array: NaN elements equal themselves here too
+        return a != b and repr(a) != repr(b)
     return a != b
 
 
