@@ -161,6 +161,8 @@ async def test_sighup_applies_new_tags_and_devices_and_keeps_a_bad_config_out(
     assert len(failed) == 1
     assert "tx.toml" in failed[0]["error"]
     assert "modbus.devices[0].units[0].tags[0].type" in failed[0]["error"]
+    stopped = next(e for e in events if e["event"] == "transmitter stopped")
+    assert (stopped["config_reloads"], stopped["config_reload_failures"]) == (2, 1)
     reloaded = [e for e in events if e["event"] == "config reloaded"]
     assert [(e["added"], e["changed"], e["removed"], e["unchanged"]) for e in reloaded] == [
         (["plc2"], ["plc1"], [], 0),

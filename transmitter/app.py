@@ -276,6 +276,8 @@ class Transmitter:
         out["queue_datagrams"] = len(self.queue)
         out["tags"] = len(self._ids)
         out["uptime_s"] = int(time.monotonic() - self._started)
+        out["config_reloads"] = self.reloads["applied"]
+        out["config_reload_failures"] = self.reloads["failed"]
         for poller in self.pollers:
             for name, value in poller.counters.items():
                 out[f"poll_{name}"] = out.get(f"poll_{name}", 0) + value
