@@ -474,7 +474,10 @@ class OpcuaPoller:
         for key, dv in zip(keys, values, strict=True):
             value, problem = plain_value(dv.Value.Value if dv.Value is not None else None)
             if not problem and value is not None and quality_of(dv.StatusCode)[0] is Quality.GOOD:
-                identity[key] = str(value)
+                # Text from the server may hold bytes that are not UTF-8 (asyncua keeps
+                # them as lone surrogates, which no record can carry): replaced, as
+                # this is a label, not a value.
+                identity[key] = str(value).encode("utf-8", "replace").decode("utf-8")
         self._sink.device(
             DeviceInfo(
                 device=self._server.name,
