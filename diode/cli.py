@@ -10,7 +10,7 @@ from pathlib import Path
 from diode import __version__
 from diode.config import load, read_toml
 from diode.config.modbus import DEFAULT_MAX_GAP
-from diode.errors import ConfigError, KeyFileError
+from diode.errors import ConfigError, KeyFileError, SettingError
 from diode.keys import write_keypair, write_psk
 
 
@@ -35,15 +35,24 @@ def config_kind(data: dict[str, object]) -> str:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    """Everything the daemon checks at start, except binding its ports (it may be running)."""
+    from diode import startup
     from diode.config.rx import RxConfig
     from diode.config.tx import TxConfig
 
     try:
         kind = config_kind(read_toml(args.file))
-        model = TxConfig if kind == "tx" else RxConfig
-        load(model, args.file)
+        if kind == "tx":
+            tx = load(TxConfig, args.file).resolve(args.file)
+            startup.check_tx(tx, create=False)
+        else:
+            rx = load(RxConfig, args.file).resolve(args.file)
+            startup.check_rx(rx, create=False)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SettingError as exc:
+        print(f"error: {args.file}: {exc}", file=sys.stderr)
         return 2
     print(f"{args.file}: ok ({'transmitter' if kind == 'tx' else 'receiver'} config)")
     return 0

@@ -19,7 +19,7 @@ from typing import TypeVar
 import structlog
 
 from diode.config import Section, load
-from diode.errors import ConfigError, KeyFileError, LinkError
+from diode.errors import ConfigError, DiodeError, KeyFileError, LinkError, SettingError
 
 C = TypeVar("C", bound=Section)
 
@@ -88,8 +88,24 @@ def load_config(model: type[C], path: Path) -> C:
     return resolve(path) if resolve is not None else config
 
 
-def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
-    """Run a daemon's main coroutine; SIGTERM and SIGINT set the stop event it watches."""
+def start_failure(exc: BaseException) -> DiodeError | None:
+    """The start-up error a user can fix, even from inside a task group's exception group."""
+    if isinstance(exc, SettingError | KeyFileError | LinkError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = start_failure(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def run(main: Callable[[asyncio.Event], Awaitable[None]], config: Path | None = None) -> int:
+    """Run a daemon's main coroutine; SIGTERM and SIGINT set the stop event it watches.
+
+    A setting this host cannot honour (a port in use, a missing interface) ends
+    the run with one line naming the config file and the key, and status 2.
+    """
 
     async def _outer() -> None:
         stop = asyncio.Event()
@@ -100,7 +116,11 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
 
     try:
         asyncio.run(_outer())
-    except (KeyFileError, LinkError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (DiodeError, BaseExceptionGroup) as exc:
+        failure = start_failure(exc)
+        if failure is None:
+            raise
+        where = f"{config}: " if config is not None and isinstance(failure, SettingError) else ""
+        print(f"error: {where}{failure}", file=sys.stderr)
         return 2
     return 0

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import structlog
 
-from diode import daemon
+from diode import daemon, startup
 from diode.config.tx import TxConfig
 from diode.encoder import Encoder, SendQueue
 from diode.errors import DiodeError
@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon.setup_logging(config.log.level, config.log.format)
 
     async def _main(stop: asyncio.Event) -> None:
+        startup.check_tx(config, create=True)
         await build(config).run(stop)
 
-    return daemon.run(_main)
+    return daemon.run(_main, args.config)

@@ -1,0 +1,124 @@
+"""Start-up checks of the settings against this host: folders, addresses, ports.
+
+A config can be valid on paper and still unusable here: a ``state_dir`` that
+is a file or that the daemon may not write, a ``listen`` address that belongs
+to another host, a port another program holds. Each of these becomes a
+:class:`~diode.errors.SettingError` naming the key, which the daemons print as
+one line with the config file's name before exiting with status 2 (never a
+traceback). ``diode check-config`` runs the same checks, without creating
+anything and without the port checks: a running daemon holds its own ports.
+
+This module is shell, not core: it opens sockets and touches the file system.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+from diode.config.rx import RxConfig
+from diode.config.tx import TxConfig
+from diode.errors import SettingError
+
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)  # Linux
+
+
+def usable_dir(path: Path, key: str, *, create: bool) -> None:
+    """``path`` is (or, with ``create``, becomes) a folder this process may write."""
+    if path.exists() and not path.is_dir():
+        raise SettingError(key, f"{path} is a file, not a folder")
+    if not path.exists():
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is None or not parent.is_dir():
+            raise SettingError(key, f"cannot create {path}: {parent} is not a folder")
+        if not create:
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise SettingError(key, f"cannot create {path}: {parent} is not writable")
+            return
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise SettingError(key, f"cannot create {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SettingError(key, f"{path} is not writable by this user (uid {os.geteuid()})")
+
+
+def usable_file(path: Path, key: str, *, create: bool) -> None:
+    """``path`` is a file (or can become one) in a folder this process may write."""
+    if path.is_dir():
+        raise SettingError(key, f"{path} is a folder, not a file")
+    usable_dir(path.parent, key, create=create)
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise SettingError(key, f"{path} is not writable by this user (uid {os.geteuid()})")
+
+
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def local_address(address: str, key: str) -> None:
+    """``address`` is one of this host's addresses (or the wildcard): a socket can bind it."""
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError as exc:
+            raise SettingError(
+                key, f"{address} is not an address of this host ({exc.strerror})"
+            ) from None
+
+
+def bind_error(
+    exc: OSError, *, address_key: str, port_key: str, address: str, port: int
+) -> SettingError:
+    """The setting to blame for a failed bind, and what to do about it."""
+    if exc.errno == errno.EADDRINUSE:
+        return SettingError(
+            port_key, f"port {port} on {address} is already in use by another program"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return SettingError(address_key, f"{address} is not an address of this host")
+    if exc.errno == errno.EACCES:
+        return SettingError(port_key, f"port {port} needs privileges this user does not have")
+    return SettingError(address_key, f"cannot bind {address}:{port}: {exc.strerror}")
+
+
+def bind_to_device(sock: socket.socket, interface: str, key: str) -> None:
+    """Take datagrams from ``interface`` only (SO_BINDTODEVICE), whatever address they carry."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            raise SettingError(key, f"no interface named {interface!r} on this host") from None
+        if exc.errno == errno.EPERM:
+            raise SettingError(
+                key,
+                f"pinning the socket to {interface!r} needs CAP_NET_RAW on kernels before 5.7 "
+                "(AmbientCapabilities=CAP_NET_RAW in the unit)",
+            ) from None
+        raise SettingError(key, f"cannot pin the socket to {interface!r}: {exc.strerror}") from None
+
+
+def check_rx(config: RxConfig, *, create: bool) -> None:
+    """Everything about the receiver's settings this host can tell before binding its ports."""
+    section = config.receiver
+    usable_dir(section.state_dir, "receiver.state_dir", create=create)
+    usable_file(config.mqtt.spool_path, "mqtt.spool_path", create=create)
+    local_address(section.listen, "receiver.listen")
+    if section.interface is not None and not Path("/sys/class/net", section.interface).exists():
+        raise SettingError(
+            "receiver.interface", f"no interface named {section.interface!r} on this host"
+        )
+    if section.metrics_port:
+        local_address(section.metrics_address, "receiver.metrics_address")
+
+
+def check_tx(config: TxConfig, *, create: bool) -> None:
+    """Everything about the transmitter's settings this host can tell before it starts."""
+    usable_dir(config.transmitter.state_dir, "transmitter.state_dir", create=create)
+    if config.link.source is not None:
+        local_address(config.link.source, "link.source")
+    for i, server in enumerate(config.opcua.servers):
+        if server.secure and server.certificate is None and server.cert_dir is not None:
+            usable_dir(server.cert_dir, f"opcua.servers[{i}].cert_dir", create=create)
