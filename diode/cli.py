@@ -147,10 +147,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _link_rules(args: argparse.Namespace) -> int:
-    from diode.linkrules import rules
+    from diode.linkrules import DEFAULT_PORT, rules
 
     try:
-        print(rules(args.side, args.interface))
+        print(rules(args.side, args.interface, tuple(args.port or (DEFAULT_PORT,))))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -232,6 +232,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("link-rules", help="print nftables rules that enforce one way")
     p.add_argument("side", choices=["tx", "rx"], help="the host the rules are for")
     p.add_argument("--interface", default="diode0", help="the one-way link's interface")
+    p.add_argument(
+        "--port",
+        type=int,
+        action="append",
+        help="rx: the link port, receiver.port (repeat for several receivers; default 5140)",
+    )
     p.set_defaults(run=_link_rules)
 
     p = sub.add_parser("version", help="print the version")
