@@ -109,8 +109,7 @@ def _rx(interface: str, ports: tuple[int, ...]) -> list[str]:
         f"        iifname {name} udp dport {port_set} accept"
         ' comment "the diode datagrams, from the link"',
         f'        iifname {name} counter drop comment "nothing else is received from the link"',
-        f"        udp dport {port_set} counter drop"
-        ' comment "the link port answers the link only"',
+        f'        udp dport {port_set} counter drop comment "the link port answers the link only"',
         "    }",
         "",
         "    # The receiver never sends on the link. This also silences what the kernel",

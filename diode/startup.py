@@ -42,7 +42,9 @@ def usable_dir(path: Path, key: str, *, create: bool) -> None:
         except OSError as exc:
             raise SettingError(key, f"cannot create {path}: {exc.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise SettingError(key, f"{path} is not writable by this user (uid {os.geteuid()})")
+        raise SettingError(
+            key, f"{path} is not writable (by uid {os.geteuid()}, or its file system is read-only)"
+        )
 
 
 def usable_file(path: Path, key: str, *, create: bool) -> None:
@@ -51,7 +53,9 @@ def usable_file(path: Path, key: str, *, create: bool) -> None:
         raise SettingError(key, f"{path} is a folder, not a file")
     usable_dir(path.parent, key, create=create)
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
-        raise SettingError(key, f"{path} is not writable by this user (uid {os.geteuid()})")
+        raise SettingError(
+            key, f"{path} is not writable (by uid {os.geteuid()}, or its file system is read-only)"
+        )
 
 
 def _family(address: str) -> socket.AddressFamily:

@@ -219,12 +219,6 @@ class Receiver:
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         section = self.config.receiver
-        log.info(
-            "receiver starting",
-            listen=f"{section.listen}:{self.sock.getsockname()[1]}",
-            interface=section.interface,
-            streams=[s.id for s in self.config.streams],
-        )
         if self.metrics is not None:
             try:
                 self.metrics.serve(section.metrics_address, section.metrics_port)
@@ -236,6 +230,12 @@ class Receiver:
                     address=section.metrics_address,
                     port=section.metrics_port,
                 ) from None
+        log.info(
+            "receiver starting",
+            listen=f"{section.listen}:{self.sock.getsockname()[1]}",
+            interface=section.interface,
+            streams=[s.id for s in self.config.streams],
+        )
         async with asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(self.output.run()),
