@@ -13,9 +13,11 @@ This module is shell, not core: it opens sockets and touches the file system.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
+import sqlite3
 from pathlib import Path
 
 from diode.config.rx import RxConfig
@@ -56,6 +58,17 @@ def usable_file(path: Path, key: str, *, create: bool) -> None:
         raise SettingError(
             key, f"{path} is not writable (by uid {os.geteuid()}, or its file system is read-only)"
         )
+
+
+def usable_spool(path: Path, key: str) -> None:
+    """An existing spool file is a SQLite database (read-only look: a daemon may be using it)."""
+    if not path.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            db.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.Error as exc:
+        raise SettingError(key, f"{path} is not a usable spool: {exc}") from None
 
 
 def _family(address: str) -> socket.AddressFamily:
@@ -109,6 +122,7 @@ def check_rx(config: RxConfig, *, create: bool) -> None:
     section = config.receiver
     usable_dir(section.state_dir, "receiver.state_dir", create=create)
     usable_file(config.mqtt.spool_path, "mqtt.spool_path", create=create)
+    usable_spool(config.mqtt.spool_path, "mqtt.spool_path")
     local_address(section.listen, "receiver.listen")
     if section.interface is not None and not Path("/sys/class/net", section.interface).exists():
         raise SettingError(

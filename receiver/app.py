@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import structlog
 from diode import daemon, startup
 from diode.config.rx import RxConfig
 from diode.decoder import Decoder, DecoderSettings
-from diode.errors import FrameError
+from diode.errors import FrameError, SettingError
 from diode.keys import Keyring, TrustedKey, load_psk, load_public_key
 from diode.replay import StreamState, pack_states, unpack_states
 from receiver.metrics import Metrics
@@ -134,7 +135,12 @@ class Receiver:
                 TrustedKey(stream_id=stream.id, public=load_public_key(path), psk=psk)
                 for path in stream.public_keys
             )
-        self.output = MqttOutput(config.mqtt)
+        try:
+            self.output = MqttOutput(config.mqtt)
+        except sqlite3.Error as exc:  # a file that is not our spool, or a damaged one
+            raise SettingError(
+                "mqtt.spool_path", f"{config.mqtt.spool_path} is not a usable spool: {exc}"
+            ) from None
         self.decoder = Decoder(
             Keyring(keys),
             DecoderSettings(

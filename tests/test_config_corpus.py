@@ -89,6 +89,7 @@ EXPECTED = {
     "rx_metrics_address_not_local.toml": "receiver.metrics_address: 192.0.2.77 is not an address",
     "rx_state_dir_file.toml": "receiver.state_dir: good.pub is a file, not a folder",
     "rx_spool_path_folder.toml": "mqtt.spool_path: /tmp is a folder, not a file",
+    "rx_spool_garbage.toml": "mqtt.spool_path: garbage.key is not a usable spool",
     "rx_pubkey_is_private.toml": "good.key: this is a private key; the receiver takes the public",
     "rx_same_key_two_streams.toml": "streams[1].public_keys[0]: good-copy.pub is the same key as",
     "rx_psk_too_open.toml": "streams[0].psk_file: link.open.psk: permissions 0644 are too open",
