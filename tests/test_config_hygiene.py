@@ -9,16 +9,19 @@ one line naming the config file and the key, and exit status 2.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from diode.config import validate
+from diode.config.link import FecSettings
 from diode.config.rx import RxConfig
 from diode.errors import ConfigError, KeyFileError
 from diode.keys import (
@@ -244,3 +247,25 @@ def test_a_state_dir_that_cannot_be_written_names_the_setting(tmp_path: Path) ->
         check=False,
     )
     _one_line(done, "transmitter.state_dir:", "is not writable")
+
+
+# -- the first-day documents agree with each other ---------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_keygen_writes_the_files_the_examples_name() -> None:
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"diode keygen (\S+) --name (\S+)", readme)
+    assert match is not None, "the README's install steps must name the key"
+    folder, name = match.groups()
+    tx = tomllib.loads((ROOT / "systemd/examples/tx.toml").read_text())
+    rx = tomllib.loads((ROOT / "systemd/examples/rx.toml").read_text())
+    assert tx["transmitter"]["private_key"] == f"{folder}/{name}.key"
+    assert f"{folder}/{name}.pub" in rx["streams"][0]["public_keys"]
+
+
+def test_the_example_fec_is_the_one_the_loss_model_was_measured_with() -> None:
+    tx = tomllib.loads((ROOT / "systemd/examples/tx.toml").read_text())
+    # docs/RELIABILITY.md measures the defaults against the loss model
+    assert FecSettings.model_validate(tx["link"]["fec"]) == FecSettings()
