@@ -42,7 +42,8 @@ DEFAULT_PORT = 5140
 
 # Linux interface names: at most IFNAMSIZ - 1 = 15 bytes, no slash, no space.
 # Kept to a safe alphabet because the name is pasted into the ruleset.
-_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+IFNAME_PATTERN = r"^[A-Za-z0-9_.:@-]{1,15}$"
+_IFNAME = re.compile(IFNAME_PATTERN)
 
 
 def _header(side: str, interface: str, ports: tuple[int, ...]) -> list[str]:

@@ -13,11 +13,10 @@ from diode.config.mqtt import MqttBroker, StreamOutput
 from diode.config.tx import LogSettings
 from diode.errors import ConfigError
 from diode.keys import check_secret_file, key_id, load_psk, load_public_key
+from diode.linkrules import IFNAME_PATTERN
 
 SPOOL_NAME = "mqtt-spool.sqlite3"
 DEFAULT_STATE_DIR = "/var/lib/diode-rx"
-# Linux interface names: at most IFNAMSIZ - 1 = 15 bytes, no slash, no space.
-IFNAME_PATTERN = r"^[A-Za-z0-9_.:@-]{1,15}$"
 
 
 class ReceiverSection(Section):
@@ -136,7 +135,7 @@ class RxConfig(Section):
                 raise ConfigError(str(path), f"mqtt.{name}", f"no such file: {file}")
             if file is not None and name in ("keyfile", "password_file"):
                 checked(path, f"mqtt.{name}", check_secret_file, file)
-        owners: dict[bytes, str] = {}
+        owners: dict[bytes, tuple[str, int]] = {}
         for i, stream in enumerate(resolved.streams):
             for j, key in enumerate(stream.public_keys):
                 where = f"streams[{i}].public_keys[{j}]"
@@ -144,13 +143,15 @@ class RxConfig(Section):
                     raise ConfigError(str(path), where, f"no such file: {key}")
                 kid = key_id(checked(path, where, load_public_key, key))
                 if kid in owners:
-                    raise ConfigError(
-                        str(path),
-                        where,
-                        f"{key} is the same key as {owners[kid]}: a key speaks for one "
-                        "stream only (its datagrams would be credited to either)",
+                    first, stream_of_first = owners[kid]
+                    why = (
+                        "listed twice"
+                        if stream_of_first == i
+                        else "a key speaks for one stream only (its datagrams would be "
+                        "credited to either)"
                     )
-                owners[kid] = where
+                    raise ConfigError(str(path), where, f"{key} is the same key as {first}: {why}")
+                owners[kid] = (where, i)
             if stream.psk_file is not None:
                 where = f"streams[{i}].psk_file"
                 if not stream.psk_file.is_file():
