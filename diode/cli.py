@@ -43,8 +43,10 @@ def _check_config(args: argparse.Namespace) -> int:
     try:
         kind = config_kind(read_toml(args.file))
         if kind == "tx":
+            from transmitter.app import preflight
+
             tx = load(TxConfig, args.file).resolve(args.file)
-            startup.check_tx(tx, create=False)
+            preflight(tx, create=False)
         else:
             rx = load(RxConfig, args.file).resolve(args.file)
             startup.check_rx(rx, create=False)

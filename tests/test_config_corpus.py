@@ -81,6 +81,8 @@ EXPECTED = {
     "tx_source_not_local.toml": "link.source: 192.0.2.77 is not an address of this host",
     "tx_opcua_password_plain.toml": "allow_password_without_encryption = true",
     "tx_opcua_secure_unpinned.toml": "set server_certificate (pin it) or trust_list",
+    "tx_opcua_trust_garbage.toml": "trust_list: garbage.key: not a certificate for the trust list",
+    "tx_opcua_trust_empty.toml": "trust_list: . holds no certificate: it trusts nothing",
     "rx_listen_missing.toml": "receiver.listen: required key is missing",
     "rx_listen_wildcard.toml": "takes datagrams from every interface",
     "rx_listen_not_local.toml": "receiver.listen: 192.0.2.77 is not an address of this host",
