@@ -18,8 +18,10 @@ import errno
 import os
 import socket
 import sqlite3
+import ssl
 from pathlib import Path
 
+from diode.config.mqtt import MqttBroker
 from diode.config.rx import RxConfig
 from diode.config.tx import TxConfig
 from diode.errors import SettingError
@@ -69,6 +71,24 @@ def usable_spool(path: Path, key: str) -> None:
             db.execute("PRAGMA schema_version").fetchone()
     except sqlite3.Error as exc:
         raise SettingError(key, f"{path} is not a usable spool: {exc}") from None
+
+
+def usable_tls(broker: MqttBroker) -> None:
+    """The broker's CA bundle and the client certificate and key load (they are read at connect)."""
+    if not broker.tls:
+        return
+    try:
+        context = ssl.create_default_context(cafile=str(broker.ca_file) if broker.ca_file else None)
+    except (ssl.SSLError, OSError) as exc:
+        raise SettingError("mqtt.ca_file", f"{broker.ca_file}: not a CA bundle: {exc}") from None
+    if broker.certfile is not None:
+        try:
+            context.load_cert_chain(broker.certfile, broker.keyfile)
+        except (ssl.SSLError, OSError) as exc:
+            raise SettingError(
+                "mqtt.certfile",
+                f"{broker.certfile} with {broker.keyfile}: not a certificate and its key: {exc}",
+            ) from None
 
 
 def _family(address: str) -> socket.AddressFamily:
@@ -123,6 +143,7 @@ def check_rx(config: RxConfig, *, create: bool) -> None:
     usable_dir(section.state_dir, "receiver.state_dir", create=create)
     usable_file(config.mqtt.spool_path, "mqtt.spool_path", create=create)
     usable_spool(config.mqtt.spool_path, "mqtt.spool_path")
+    usable_tls(config.mqtt)
     local_address(section.listen, "receiver.listen")
     if section.interface is not None and not Path("/sys/class/net", section.interface).exists():
         raise SettingError(

@@ -91,6 +91,8 @@ EXPECTED = {
     "rx_metrics_address_not_local.toml": "receiver.metrics_address: 192.0.2.77 is not an address",
     "rx_state_dir_file.toml": "receiver.state_dir: good.pub is a file, not a folder",
     "rx_spool_path_folder.toml": "mqtt.spool_path: /tmp is a folder, not a file",
+    "rx_mqtt_ca_garbage.toml": "mqtt.ca_file: garbage.key: not a CA bundle",
+    "rx_mqtt_client_cert_garbage.toml": "mqtt.certfile: good.pub with good.key: not a certificate",
     "rx_spool_garbage.toml": "mqtt.spool_path: garbage.key is not a usable spool",
     "rx_pubkey_is_private.toml": "good.key: this is a private key; the receiver takes the public",
     "rx_same_key_two_streams.toml": "streams[1].public_keys[0]: good-copy.pub is the same key as",
