@@ -73,6 +73,17 @@ def usable_spool(path: Path, key: str) -> None:
         raise SettingError(key, f"{path} is not a usable spool: {exc}") from None
 
 
+def readable(path: Path | None, key: str) -> None:
+    """A file the daemon reads later (at each connect) can be read now, as this user."""
+    if path is None:
+        return
+    try:
+        with path.open("rb") as file:
+            file.read(1)
+    except OSError as exc:
+        raise SettingError(key, f"cannot read {path}: {exc.strerror}") from None
+
+
 def usable_tls(broker: MqttBroker) -> None:
     """The broker's CA bundle and the client certificate and key load (they are read at connect)."""
     if not broker.tls:
@@ -144,6 +155,7 @@ def check_rx(config: RxConfig, *, create: bool) -> None:
     usable_file(config.mqtt.spool_path, "mqtt.spool_path", create=create)
     usable_spool(config.mqtt.spool_path, "mqtt.spool_path")
     usable_tls(config.mqtt)
+    readable(config.mqtt.password_file, "mqtt.password_file")
     local_address(section.listen, "receiver.listen")
     if section.interface is not None and not Path("/sys/class/net", section.interface).exists():
         raise SettingError(
@@ -159,5 +171,7 @@ def check_tx(config: TxConfig, *, create: bool) -> None:
     if config.link.source is not None:
         local_address(config.link.source, "link.source")
     for i, server in enumerate(config.opcua.servers):
+        for key in ("password_file", "certificate", "private_key"):
+            readable(getattr(server, key), f"opcua.servers[{i}].{key}")
         if server.secure and server.certificate is None and server.cert_dir is not None:
             usable_dir(server.cert_dir, f"opcua.servers[{i}].cert_dir", create=create)
