@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
+import json
 import os
+import shutil
 import socket
 import sqlite3
 import ssl
+import subprocess
 from pathlib import Path
 
 from diode.config.mqtt import MqttBroker
@@ -148,6 +152,49 @@ def bind_to_device(sock: socket.socket, interface: str, key: str) -> None:
         raise SettingError(key, f"cannot pin the socket to {interface!r}: {exc.strerror}") from None
 
 
+def interface_addresses(interface: str) -> set[str] | None:
+    """The addresses on ``interface`` (``ip -j addr``), or None when that cannot be told.
+
+    None under the systemd sandbox (no netlink) or without iproute2: the check
+    is then left to ``diode check-config``, run by an administrator.
+    """
+    ip = shutil.which("ip") or ("/usr/sbin/ip" if os.path.exists("/usr/sbin/ip") else None)
+    if ip is None:
+        return None
+    try:
+        done = subprocess.run(  # noqa: S603 - a fixed program, the name checked by the config
+            [ip, "-j", "addr", "show", "dev", interface],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        links = json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return {
+        str(ipaddress.ip_address(info["local"]))
+        for link in links
+        for info in link.get("addr_info", [])
+        if "local" in info
+    }
+
+
+def listen_on_interface(listen: str, interface: str) -> None:
+    """A socket pinned to ``interface`` and bound to ``listen`` hears the link only if the
+    address is on that interface: otherwise the link's datagrams are all refused."""
+    if ipaddress.ip_address(listen).is_unspecified:
+        return
+    found = interface_addresses(interface)
+    if found is not None and str(ipaddress.ip_address(listen)) not in found:
+        raise SettingError(
+            "receiver.listen",
+            f"{listen} is not an address of interface {interface!r} "
+            f"(it has {', '.join(sorted(found)) or 'none'}): pinned to {interface!r}, "
+            "the receiver would hear nothing",
+        )
+
+
 def check_rx(config: RxConfig, *, create: bool) -> None:
     """Everything about the receiver's settings this host can tell before binding its ports."""
     section = config.receiver
@@ -161,6 +208,8 @@ def check_rx(config: RxConfig, *, create: bool) -> None:
         raise SettingError(
             "receiver.interface", f"no interface named {section.interface!r} on this host"
         )
+    if section.interface is not None:
+        listen_on_interface(section.listen, section.interface)
     if section.metrics_port:
         local_address(section.metrics_address, "receiver.metrics_address")
 

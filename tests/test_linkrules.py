@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from diode.cli import main
+from diode.keys import write_keypair
 from diode.linkrules import ARP_TABLE, TABLE, rules
 
 NFT_PACKAGE = "nftables"
@@ -415,3 +416,31 @@ def test_a_receiver_pinned_to_the_link_interface_hears_the_link_only(
     assert pinned_receiver_gets(link, it_host, "", "unpinned, from the IT side")  # control
     assert not pinned_receiver_gets(link, it_host, link.rx_if, "pinned, from the IT side")
     assert pinned_receiver_gets(link, link.tx, link.rx_if, "pinned, from the link")
+
+
+@pytest.mark.netns
+def test_check_config_finds_a_listen_address_that_is_not_on_the_pinned_interface(
+    link: Link, it_host: str, tmp_path: Path
+) -> None:
+    write_keypair(tmp_path, "tx")
+
+    def check(listen: str) -> subprocess.CompletedProcess[str]:
+        config = tmp_path / "rx.toml"
+        config.write_text(
+            f'[receiver]\nlisten = "{listen}"\ninterface = "{link.rx_if}"\n'
+            f'state_dir = "{tmp_path}/state"\n\n'
+            '[[streams]]\nid = 1\npublic_keys = ["tx.pub"]\n'
+        )
+        diode = str(Path(sys.executable).parent / "diode")
+        return subprocess.run(
+            ["ip", "netns", "exec", link.rx, diode, "check-config", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    assert check(RX_IP).returncode == 0
+    # the IT-side address: valid on this host, but pinned to the link nothing would arrive
+    wrong = check(RX_IT_IP)
+    assert wrong.returncode == 2
+    assert f"receiver.listen: {RX_IT_IP} is not an address of interface" in wrong.stderr
