@@ -114,7 +114,10 @@ class LibraryLogs(logging.Handler):
             message = record.getMessage()
         except (TypeError, ValueError):
             message = str(record.msg)
-        structlog.get_logger("diode.library").log(record.levelno, message, **fields)
+        try:
+            structlog.get_logger("diode.library").log(record.levelno, message, **fields)
+        except Exception:  # a log line must never take the daemon down
+            self.handleError(record)
 
 
 def sd_notify(message: str) -> bool:
