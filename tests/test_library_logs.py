@@ -28,9 +28,12 @@ def json_log(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixtu
     """
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    saved = structlog.get_config()
     try:
         yield capsys
     finally:
+        # structlog would go on writing to this test's captured (then closed) stderr
+        structlog.configure(**saved)
         for handler in list(root.handlers):
             if handler not in handlers:
                 root.removeHandler(handler)
