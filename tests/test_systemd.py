@@ -197,6 +197,12 @@ def scratch_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bin_dir.mkdir(parents=True, exist_ok=True)
     for name in ("diode-tx", "diode-rx"):
         shutil.copy(VENV_BIN / name, bin_dir / name)
+    # ExecReload's kill; /bin is /usr/bin on merged-/usr systems, a folder of its own elsewhere.
+    kill = shutil.which("kill") or "/bin/kill"
+    for folder in ("bin", "usr/bin"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        if not (root / folder / "kill").exists():
+            shutil.copy(kill, root / folder / "kill")
     return root
 
 

@@ -396,3 +396,59 @@ async def test_a_link_too_slow_drops_whole_blocks_counts_them_and_never_blocks_a
         within=5,
     )
     assert link.decoder.counters["records_lost"] == counters["records_dropped_link"]
+
+
+async def test_a_value_that_cannot_travel_costs_only_itself(tmp_path: Path) -> None:
+    """Issue 14, item 2: OPC UA timestamps past 2262 and 2554, and a value over a block.
+
+    Before, a SourceTimestamp in 2600 made msgpack raise OverflowError outside
+    the DiodeError handling (the task group died, and the restarted daemon met
+    the same value), and one in 2300 made the whole signed block fail record
+    decoding at the receiver, losing every other record in it.
+    """
+    import datetime as dt
+
+    from tests.support.opcua_server import OpcuaTestServer, node_id
+
+    server = OpcuaTestServer()
+    await server.start()
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    nodes = [
+        {"name": name, "node_id": node_id(name), "mode": "poll", "poll_interval_s": 0.1}
+        for name in ("Level", "Count", "Label", "Temp", "Text")
+    ]
+    opcua = {"servers": [{"name": "line1", "endpoint": server.endpoint, "nodes": nodes}]}
+    tx = Transmitter(config(tmp_path, link.port, opcua=opcua), key=key)
+    stop, task = await run_tx(tx)
+    try:
+        await link.wait_for(lambda: all(link.samples(i) for i in (1, 2, 3, 4)))
+        await server.set("Level", 7.5, source_ts=dt.datetime(2600, 1, 1, tzinfo=dt.UTC))
+        await server.set("Count", 9, source_ts=dt.datetime(2300, 1, 1, tzinfo=dt.UTC))
+        await server.set("Label", "x" * 200_000)  # larger than any block
+        # Bytes that are not UTF-8: asyncua hands them over as lone surrogates, which
+        # msgpack refused with UnicodeEncodeError, outside the DiodeError handling.
+        await server.set("Text", "bad \udcff text")
+        await server.set("Temp", 21.5)
+        await link.wait_for(lambda: any(s.value == 21.5 for s in link.samples(4)))
+
+        def bad(tag_id: int, words: str) -> bool:
+            return any(s.quality is Quality.BAD and words in s.reason for s in link.samples(tag_id))
+
+        await link.wait_for(lambda: bad(1, "timestamp out of range"))
+        await link.wait_for(lambda: bad(2, "timestamp out of range"))
+        await link.wait_for(lambda: bad(3, "record_too_large"))
+        await link.wait_for(lambda: bad(5, "text is not valid Unicode"))
+        assert not task.done(), "the transmitter is still running"
+        assert link.decoder.counters["rejected_bad_record"] == 0  # no block was lost for it
+        assert link.decoder.counters["records_lost"] == 0
+        # Back to a sane timestamp: the value is good again.
+        await server.set("Level", 8.5)
+        await link.wait_for(
+            lambda: any(s.value == 8.5 and s.quality is Quality.GOOD for s in link.samples(1))
+        )
+        assert tx.counters()["samples_unrepresentable"] >= 3
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await server.stop()

@@ -41,6 +41,98 @@ A section written `a.b[]` is an array of tables: `[[a.b]]` in TOML.
 This page is generated from the code (`python -m diode.config.reference`).
 """
 
+_VALUE_TYPE_ROWS = [
+    (
+        "`bool`",
+        "coil, discrete input, `bit` of a register; OPC UA Boolean",
+        "`true` / `false`",
+    ),
+    (
+        "`int8`, `uint8`",
+        'Modbus: the `byte = "high"` or `"low"` half of a register; OPC UA SByte, Byte',
+        "number",
+    ),
+    (
+        "`int16` ... `uint64`",
+        "registers in the tag's `order`; OPC UA integers",
+        "number (exact, up to 64 bits)",
+    ),
+    (
+        "`float32`",
+        "Modbus float32; OPC UA Float",
+        "the shortest decimal that reads back to the same float32: `12.47`, not "
+        "`12.470000267028809`",
+    ),
+    (
+        "`float64`",
+        "Modbus float64; OPC UA Double",
+        "the shortest decimal that reads back to the same float64 (every digit it has)",
+    ),
+    (
+        "`string`",
+        "Modbus registers: up to the first NUL, trailing spaces dropped, in the tag's "
+        '`encoding` (`"ascii"`, `"utf-8"`, `"latin-1"`); the first character in the high '
+        "byte (`order` ABCD, CDAB) or the low byte (BADC, DCBA); OPC UA String",
+        "text",
+    ),
+    (
+        "`bytestring`",
+        "OPC UA ByteString",
+        "base64 text (RFC 4648, padded)",
+    ),
+    (
+        "`datetime`",
+        "OPC UA DateTime",
+        "RFC 3339 text in UTC with microseconds",
+    ),
+    (
+        "`localized_text`",
+        "OPC UA LocalizedText",
+        '`{"text": "Hallo", "locale": "de-DE"}`',
+    ),
+    (
+        "`guid`",
+        "OPC UA Guid",
+        '`"72962b91-fa75-4ae6-8d28-b404dc7daf63"`',
+    ),
+    (
+        "`node_id`",
+        "OPC UA NodeId, ExpandedNodeId",
+        '`"ns=2;s=Tank.Level"`',
+    ),
+    (
+        "`qualified_name`",
+        "OPC UA QualifiedName",
+        '`"2:Name"`',
+    ),
+    (
+        "`status_code`",
+        "OPC UA StatusCode",
+        '`{"code": 2156658688, "name": "BadSensorFailure"}`',
+    ),
+]
+
+VALUE_TYPES = """\
+### Value types and how they are published
+
+A tag's `type` (Modbus: required; OPC UA: learnt from the node's DataType when
+unset) goes out in the catalogue and says how the receiver writes the value
+in the MQTT payload's `"value"`. An OPC UA array is published as a JSON array
+of its elements (an array of arrays for a matrix); its type is its elements'.
+
+| type | from | published as |
+|---|---|---|
+{rows}
+
+Non-finite floats are the strings `"NaN"`, `"Infinity"`, `"-Infinity"`. A
+Modbus number with `scale` or `offset` is computed in float64 and published in
+full. A value the link cannot carry (a timestamp past the year 2262, text that
+is not valid in its encoding, an OPC UA structure, a value larger than a block)
+is published BAD, `"value": null`, with the reason; no other value is affected.
+A deadband compares with the last value *sent*: a slow drift is reported once it
+moves a deadband away, and a value turning NaN, or back, is always a change.
+"""
+
 
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
@@ -133,6 +225,9 @@ def render() -> str:
     for title, model in (("Transmitter (`tx.toml`)", TxConfig), ("Receiver (`rx.toml`)", RxConfig)):
         parts.append(f"## {title}\n")
         parts.extend(_sections(model, ""))
+        if model is TxConfig:
+            rows = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in _VALUE_TYPE_ROWS)
+            parts.append(VALUE_TYPES.format(rows=rows))
     return "\n".join(parts).rstrip() + "\n"
 
 
