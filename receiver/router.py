@@ -279,7 +279,8 @@ class Router:
         self.save(now, everything=False)
 
     def _epoch(self, view: StreamView, event: EpochStarted, now: float) -> None:
-        if view.epoch is not None and view.epoch != event.epoch:
+        # A new epoch after one followed (or one kept from before a restart).
+        if event.previous is not None or view.epoch not in (None, event.epoch):
             # Tag ids are numbered per transmitter run: a new epoch may
             # mean another config, so nothing old may name a new sample.
             # Samples still waiting for their name cannot be published:
