@@ -353,6 +353,23 @@ def check_internals() -> None:
         )
 
 
+def _free_mid(
+    generate: Callable[[], int], ours: Mapping[int, object], theirs: Mapping[int, object]
+) -> int:
+    """The next packet identifier of ``generate`` that is in neither ``ours`` nor ``theirs``.
+
+    A window near 65 535 wraps the counter onto identifiers still in flight;
+    two messages in flight under one identifier would leave one of them
+    waiting for an acknowledgement that never comes. The window is kept
+    below :data:`MAX_WINDOW`, so a free identifier always exists.
+    """
+    for _ in range(MAX_MID):
+        mid = generate()
+        if mid not in ours and mid not in theirs:
+            return mid
+    raise MqttInternalsError("no free MQTT packet identifier: every one is in flight")
+
+
 @dataclass(slots=True)
 class _Sent:
     """Spooled messages handed to paho, waiting for one completion; the last one's id."""
@@ -738,12 +755,7 @@ class MqttOutput:
 
     def _mid(self, client: paho.Client) -> int:
         """A packet identifier neither we nor paho (the receiver status) have in flight."""
-        acks, theirs = self._acks, client._out_messages
-        for _ in range(MAX_MID):
-            mid = client._mid_generate()
-            if mid not in acks and mid not in theirs:
-                return mid
-        raise MqttInternalsError("no free MQTT packet identifier: the window is too large")
+        return _free_mid(client._mid_generate, self._acks, client._out_messages)
 
     def _on_ack(self, mid: int, reason: int) -> bool:
         pending = self._acks.pop(mid, None)
@@ -837,6 +849,10 @@ class MqttOutput:
             client._on_connect(c, userdata, flags, reason, properties)
 
         inner.on_connect = on_connect
+        # paho's own publishes (the receiver status) skip the identifiers the pump
+        # has in flight, as the pump's skip paho's.
+        generate = inner._mid_generate
+        inner._mid_generate = lambda: _free_mid(generate, self._acks, inner._out_messages)  # type: ignore[method-assign]  # see _free_mid
         install_puback(inner, self._on_ack)
         _BufferedReads(inner)
         return client

@@ -96,6 +96,16 @@ async def test_packet_ids_skip_those_paho_has_in_flight(tmp_path: Path) -> None:
     assert output._mid(client) == 1  # wrapped, skipping nothing in use
 
 
+async def test_paho_own_publishes_skip_the_ids_the_pump_has_in_flight(tmp_path: Path) -> None:
+    """The other way round: the receiver status must not take an id of a value in flight."""
+    output = MqttOutput(broker_config(1, tmp_path))
+    inner = output._client()._client  # real, not connected: paho keeps the message queued
+    inner._last_mid = 41
+    output._acks[42] = mqtt_module._Pending(asyncio.Event())
+    info = inner.publish("diode/$receiver/status", b"{}", qos=1)
+    assert info.mid == 43
+
+
 async def test_a_missing_or_changed_paho_internal_fails_loudly_at_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
