@@ -379,8 +379,12 @@ class Router:
     def _release(self, view: StreamView, info: TagInfo) -> list[tuple[TagInfo, Sample]]:
         out: list[tuple[TagInfo, Sample]] = []
         before = view.last.get(info.tag_id)
-        for seq, sample in view.pending.take(info.tag_id):
-            self._changes.remove((view.stream_id, HELD, seq))
+        mine = view.pending.take(info.tag_id)
+        if self._store is not None:
+            remove, stream = self._changes.remove, view.stream_id
+            for seq, _ in mine:
+                remove((stream, HELD, seq))
+        for _, sample in mine:
             if before is not None and same_sample(before, sample):
                 view.counters["samples_repeated"] += 1
                 continue
