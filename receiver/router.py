@@ -371,6 +371,13 @@ class Router:
             if seq is not None:
                 self._changes.remove((view.stream_id, HELD, seq))
             view.counters["pending_dropped"] += 1
+            if view.counters["pending_dropped"] % 10_000 == 1:  # the first, then every 10 000
+                log.warning(
+                    "samples waiting for their catalogue entry dropped, oldest first",
+                    stream=view.stream_id,
+                    bound=PENDING_PER_STREAM,
+                    dropped_total=view.counters["pending_dropped"],
+                )
         seq, self._seq = self._seq, self._seq + 1
         pending.add(seq, sample)
         if self._store is not None:
