@@ -22,6 +22,8 @@ from diode.records import DeviceInfo, Heartbeat, Record, Sample, TagInfo, ValueT
 from receiver.mqtt import MqttOutput
 from receiver.router import Router
 from receiver.spool import Spool
+from tests.e2e import Plant, Subscriber, wait_until
+from tests.support.mosquitto import Mosquitto
 
 STREAM = 7
 EPOCH = 1_764_000_000_000
@@ -261,3 +263,33 @@ def test_releasing_waiting_samples_costs_what_is_released_not_tags_times_waiting
     few = min(_release_time(10, 20_000) for _ in range(3))
     many = min(_release_time(1000, 20_000) for _ in range(3))
     assert many < 8 * few + 0.05, (few, many)
+
+
+async def test_the_real_receiver_restarted_with_the_link_down_turns_values_stale(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Item 4, through both daemons: the receiver stops, then the transmitter; the
+    receiver comes back alone and must not leave the retained values ``good``."""
+    plant = Plant(tmp_path, mosquitto.port, output_overrides={"link_timeout_s": 1.0})
+    subscriber = Subscriber(mosquitto.port)
+    try:
+        await plant.start_plc()
+        await plant.start_relay()
+        await plant.start_rx()
+        await plant.start_tx()
+        count = "diode/test/plc1/count"
+        await wait_until(lambda: subscriber.on(count))
+        await plant.stop("rx")
+        await plant.stop("tx")
+        assert all(p["quality"] == "good" for p in subscriber.on(count))
+        before = len(subscriber.on("diode/test/$status"))
+        await plant.start_rx()
+        await wait_until(lambda: subscriber.on(count)[-1]["quality"] == "stale", within=10)
+        last = subscriber.on(count)[-1]
+        assert last["reason"] == "link down"
+        assert last["value"] == subscriber.on(count)[-2]["value"]  # the last value, not invented
+        status = subscriber.on("diode/test/$status")[before:]
+        assert [s["epoch"] for s in status if s["link"] == "down"][-1] is not None
+    finally:
+        subscriber.close()
+        await plant.close()
