@@ -179,8 +179,7 @@ class _StructlogHandler(logging.Handler):
             message = record.getMessage()
         except (TypeError, ValueError):  # a bad format string in a library's call
             message = str(record.msg)
-        level = record.levelname.lower()
-        method = getattr(self._log, level if level != "critical" else "critical", self._log.info)
+        method = getattr(self._log, record.levelname.lower(), self._log.warning)
         method("mqtt client", library=record.name, message=message)
 
 
