@@ -313,7 +313,7 @@ async def test_receiver_killed_20_times_loses_nothing_unreported_and_names_at_on
             f"{len(restarts)} restarts with the catalogue kept"
         )
         assert not missing, f"{len(missing)} samples neither published nor in a gap: {missing[:10]}"
-        assert len(restarts) == KILLS - PHASE_A
+        assert len(restarts) >= KILLS - PHASE_A
         delays, waited = [], []
         for started, log in restarts:
             first = subscriber.first_after(sent.sent_at, started)
