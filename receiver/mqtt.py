@@ -91,8 +91,9 @@ connection) check that each member is there and does what the output needs
 (a packet queued is written, a PUBACK read reaches our handler with its id,
 message ids count up): an upgrade that breaks one fails loudly at start
 (:class:`MqttInternalsError`) instead of stalling the window silently.
-paho's and aiomqtt's own log lines go through structlog (JSON in production),
-not as plain text into the JSON log.
+paho's and aiomqtt's own log lines reach the root logger, which
+diode/daemon.py hands to structlog (JSON in production, rate-limited), not as
+plain text into the JSON log.
 """
 
 from __future__ import annotations
@@ -100,7 +101,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
 import socket
 import ssl
 import time
@@ -165,32 +165,6 @@ class MqttInternalsError(DiodeError):
     """The installed paho / aiomqtt lack a private member the output uses, or it changed."""
 
     reason = "mqtt_internals"
-
-
-class _StructlogHandler(logging.Handler):
-    """paho's and aiomqtt's standard-library log records, as structlog events."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._log = structlog.get_logger("diode.rx.mqtt")
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            message = record.getMessage()
-        except (TypeError, ValueError):  # a bad format string in a library's call
-            message = str(record.msg)
-        method = getattr(self._log, record.levelname.lower(), self._log.warning)
-        method("mqtt client", library=record.name, message=message)
-
-
-def library_logger() -> logging.Logger:
-    """The logger given to aiomqtt (and through it paho): routed to structlog, not propagated."""
-    logger = logging.getLogger("diode.rx.paho")
-    if not any(isinstance(h, _StructlogHandler) for h in logger.handlers):
-        logger.addHandler(_StructlogHandler())
-        logger.propagate = False
-        logger.setLevel(logging.WARNING)
-    return logger
 
 
 class _PackedProperties(Properties):
@@ -816,7 +790,6 @@ class MqttOutput:
             keepalive=broker.keepalive_s,
             timeout=broker.connect_timeout_s,
             tls_context=tls,
-            logger=library_logger(),
             # 0: paho queues nothing and never scans its queue per ack; our window limits.
             max_inflight_messages=0,
             will=aiomqtt.Will(
