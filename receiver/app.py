@@ -149,7 +149,12 @@ class Receiver:
             ),
             state=load_positions(self.output),
         )
-        self.router = Router({s.id: s.output for s in config.streams}, self.output)
+        self.router = Router(
+            {s.id: s.output for s in config.streams},
+            self.output,
+            store=self.output,
+            receiver_counters=lambda: self.decoder.counters,
+        )
         self.sock = sock or open_link_socket(
             section.listen, section.port, section.rcvbuf_bytes, section.interface
         )
@@ -254,6 +259,7 @@ class Receiver:
             await stop.wait()
             daemon.sd_notify("STOPPING=1")
             loop.remove_reader(self.sock)
+            self.router.save(time.monotonic())  # the last values, with the final commit
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.output.close(), 5)
             for task in tasks:

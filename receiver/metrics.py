@@ -37,9 +37,16 @@ class _ReceiverCollector(Collector):
                 yield CounterMetricFamily(f"diode_rx_{name}", name.replace("_", " "), value=value)
         yield rejected
         link = GaugeMetricFamily("diode_rx_link_up", "link up, per stream", labels=["stream"])
+        pending = GaugeMetricFamily(
+            "diode_rx_samples_pending",
+            "samples waiting for their catalogue entry, per stream",
+            labels=["stream"],
+        )
         for view in self._receiver.router.streams.values():
             link.add_metric([str(view.stream_id)], 1.0 if view.link_up else 0.0)
+            pending.add_metric([str(view.stream_id)], float(len(view.pending)))
         yield link
+        yield pending
 
 
 class Metrics:

@@ -11,7 +11,8 @@ both kept::
 
     {"device": "plc1", "samples": [{"tag": "temp", "value": 21.5, "ts": "...", ...}, ...]}
 
-Inventory (retained) on ``{prefix}/{site}/{device}/$inventory``, stream status
+Inventory (retained) on ``{prefix}/{site}/{device}/$inventory``, each tag's
+metadata (retained) on its value topic plus ``/$meta``, stream status
 (retained) on ``{prefix}/{site}/$status``.
 
 A value is written as the catalogue's value type says. A float32 (Modbus
@@ -268,6 +269,19 @@ def inventory_message(topics: Topics, info: DeviceInfo) -> Message:
         "identity": dict(info.identity),
     }
     return Message(topics.inventory(info.device), encode(payload), 1, True)
+
+
+def meta_message(topics: Topics, info: TagInfo) -> Message:
+    """Retained, QoS 1: what the catalogue says of a tag, on ``{tag topic}/$meta``."""
+    payload = {
+        "device": info.device,
+        "tag": info.name,
+        "value_type": str(info.value_type),
+        "unit": info.unit,
+        "description": info.description,
+        "source": info.source,
+    }
+    return Message(topics.tag(info.device, info.name) + "/$meta", encode(payload), 1, True)
 
 
 def _plain(obj: object) -> object:

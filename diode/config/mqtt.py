@@ -63,7 +63,8 @@ class MqttBroker(Section):
         ge=1,
         le=65535,
         description="messages written but not yet acknowledged, at most "
-        "(lowered to the broker's Receive Maximum when it announces one)",
+        "(lowered to the broker's Receive Maximum when it announces one, "
+        "and to 65279 so packet ids never run out)",
     )
     spool_path: Path = Field(
         Path("/var/lib/diode-rx/mqtt-spool.sqlite3"),
@@ -110,7 +111,8 @@ class StreamOutput(Section):
     site: str = Field("site", description="site name, the level after the prefix")
     topic_template: str = Field(
         "{prefix}/{site}/{device}/{tag}",
-        description="per-tag topic; fields {prefix} {site} {device} {tag}",
+        description="per-tag topic; fields {prefix} {site} {device} {tag}; "
+        "the tag's metadata is retained on it + /$meta",
     )
     qos: Literal[0, 1] = Field(1, description="QoS of value messages (0 or 1)")
     retain: bool = Field(True, description="retain value messages (last value per topic)")
