@@ -20,76 +20,30 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
 import structlog
 
 from diode import daemon
+from diode.config import load
 from diode.config.rx import RxConfig
 from diode.decoder import Decoder, DecoderSettings
-from diode.errors import FrameError, LinkError
+from diode.errors import DiodeError, FrameError
 from diode.keys import Keyring, TrustedKey, load_psk, load_public_key
 from diode.replay import StreamState, pack_states, unpack_states
+from receiver.link import SD_LISTEN_FDS_START, Drain, kernel_drops, link_socket
 from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
 from receiver.router import Router
 
 log = structlog.get_logger("diode.rx")
 
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; not exported by Python 3.11
 DRAIN_BUDGET = 1024  # datagrams per reader callback: bounds what a catch-up holds at once
 STATUS_PERIOD_S = 5.0
-
-
-def size_receive_buffer(sock: socket.socket, wanted: int, *, force: bool = True) -> int:
-    """Ask for ``wanted`` bytes of receive buffer, read back what was granted, warn if capped."""
-    forced = False
-    if force:
-        # Root (CAP_NET_ADMIN) may go past net.core.rmem_max; others get an EPERM.
-        with contextlib.suppress(PermissionError):
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, wanted)
-            forced = True
-    if not forced:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
-    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux reports double
-    if granted < wanted:
-        log.warning(
-            "receive buffer capped by the kernel",
-            asked=wanted,
-            granted=granted,
-            fix=f"sysctl -w net.core.rmem_max={wanted} (systemd/99-diode-rx.conf)",
-        )
-    return granted
-
-
-def open_link_socket(listen: str, port: int, rcvbuf: int) -> socket.socket:
-    """Bind the link socket with the receive buffer asked for (read back, warned if capped)."""
-    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        size_receive_buffer(sock, rcvbuf)
-        sock.bind((listen, port))
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise LinkError(f"cannot listen on {listen}:{port}: {exc}") from exc
-    return sock
-
-
-def kernel_drops(sock: socket.socket) -> int:
-    """Datagrams the kernel dropped for this socket (its queue was full)."""
-    try:
-        inode = os.fstat(sock.fileno()).st_ino
-        for table in ("/proc/net/udp", "/proc/net/udp6"):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                if int(fields[9]) == inode:
-                    return int(fields[12])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 POSITIONS = "positions"
@@ -109,20 +63,40 @@ def load_positions(output: MqttOutput) -> dict[int, StreamState]:
         return {}
 
 
+def keyring(config: RxConfig) -> Keyring:
+    """Every stream's accepted keys, read from their files (a bad file raises KeyFileError)."""
+    keys: list[TrustedKey] = []
+    for stream in config.streams:
+        psk = load_psk(stream.psk_file) if stream.psk_file else None
+        keys.extend(
+            TrustedKey(stream_id=stream.id, public=load_public_key(path), psk=psk)
+            for path in stream.public_keys
+        )
+    return Keyring(keys)
+
+
+def validated(path: Path) -> RxConfig:
+    """The config at ``path`` checked as a start would check it: schema, files, keys."""
+    config = load(RxConfig, path).resolve(path)
+    config.check_files(path)
+    keyring(config)
+    return config
+
+
 class Receiver:
-    def __init__(self, config: RxConfig, *, sock: socket.socket | None = None) -> None:
+    def __init__(
+        self,
+        config: RxConfig,
+        *,
+        sock: socket.socket | None = None,
+        config_path: Path | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path
         section = config.receiver
-        keys: list[TrustedKey] = []
-        for stream in config.streams:
-            psk = load_psk(stream.psk_file) if stream.psk_file else None
-            keys.extend(
-                TrustedKey(stream_id=stream.id, public=load_public_key(path), psk=psk)
-                for path in stream.public_keys
-            )
         self.output = MqttOutput(config.mqtt)
         self.decoder = Decoder(
-            Keyring(keys),
+            keyring(config),
             DecoderSettings(
                 reorder_timeout_s=section.reorder_timeout_s,
                 max_assembly_bytes=int(section.max_assembly_mb * 1024 * 1024),
@@ -130,25 +104,29 @@ class Receiver:
             state=load_positions(self.output),
         )
         self.router = Router({s.id: s.output for s in config.streams}, self.output)
-        self.sock = sock or open_link_socket(section.listen, section.port, section.rcvbuf_bytes)
+        passed = False
+        if sock is None:
+            sock, passed = link_socket(section.listen, section.port, section.rcvbuf_bytes)
+        self.sock = sock
+        # The positions last committed with the messages they cover: what the drain may
+        # take out of the kernel's queue (receiver/link.py).
+        self._committed = self.decoder.positions()
+        self.drain = Drain(
+            sock, {s.id for s in config.streams}, journal=True, counters=self.decoder.counters
+        )
+        self.passed_socket = passed
         self.metrics = Metrics(self) if section.metrics_port else None
         self._timer: asyncio.TimerHandle | None = None
         self.ready = asyncio.Event()
+        self.handover = False  # set by a reload: the socket goes to the next process
 
     # -- the receive path -------------------------------------------------------------
 
     def _readable(self) -> None:
-        sock, decoder = self.sock, self.decoder
         now = time.monotonic()
-        for _ in range(DRAIN_BUDGET):
-            try:
-                datagram = sock.recv(65535)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                decoder.counters["socket_errors"] += 1
-                break
-            decoder.receive(datagram, now)
+        receive = self.decoder.receive
+        for datagram in self.drain.read(DRAIN_BUDGET, now):
+            receive(datagram, now)
         self._after(now)
 
     def _after(self, now: float) -> None:
@@ -160,7 +138,10 @@ class Receiver:
             # The messages and the positions that cover them reach the disk in one
             # transaction, before anything is published: a receiver killed at any
             # moment loses nothing unreported and takes no replayed block twice.
-            self.output.commit({POSITIONS: pack_states(decoder.positions())})
+            self._committed = decoder.positions()
+            self.output.commit({POSITIONS: pack_states(self._committed)})
+        # Only now may the datagrams those positions cover leave the kernel's queue.
+        self.drain.release(self._committed, now)
         self._arm()
 
     def _arm(self) -> None:
@@ -200,46 +181,127 @@ class Receiver:
             out[f"mqtt_{key}"] = int(value)
         return out
 
+    # -- reload (SIGHUP) -----------------------------------------------------------------
+
+    def reload(self, stop: asyncio.Event) -> None:
+        """SIGHUP: check the config file; if it is good, hand the socket to a new process.
+
+        A config that fails is logged and the running one kept. A good one stops this
+        process as SIGTERM would (output flushed, positions committed) but keeps the
+        link socket open; :func:`main` then executes the receiver again in this same
+        process (same pid for systemd), passing the socket as LISTEN_FDS does. The
+        kernel queues what arrives meanwhile, and nothing uncommitted left its queue.
+        """
+        if self.config_path is None:
+            log.warning("reload asked, but no config file to read: ignored")
+            return
+        refused = None
+        try:
+            validated(self.config_path)
+        except DiodeError as exc:
+            refused = str(exc)
+        if refused is not None:
+            log.error(
+                "config reload refused, the running config is kept",
+                config=str(self.config_path),
+                error=refused,
+            )
+            return
+        log.info(
+            "config reload: handing the link socket to a new process",
+            pending=self.drain.pending,
+        )
+        daemon.sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        self.handover = True
+        stop.set()
+
+    # -- life cycle ------------------------------------------------------------------------
+
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         section = self.config.receiver
+        address = self.sock.getsockname()
         log.info(
             "receiver starting",
-            listen=f"{section.listen}:{self.sock.getsockname()[1]}",
+            listen=f"{address[0]}:{address[1]}",
+            socket="passed in" if self.passed_socket else "opened",
             streams=[s.id for s in self.config.streams],
         )
         if self.metrics is not None:
             self.metrics.serve(section.metrics_address, section.metrics_port)
         async with asyncio.TaskGroup() as group:
+            supervise = group.create_task(self._supervise())
             tasks = [
                 group.create_task(self.output.run()),
-                group.create_task(self._supervise()),
+                supervise,
                 group.create_task(daemon.watchdog()),
             ]
             loop.add_reader(self.sock, self._readable)
             daemon.sd_notify("READY=1")
             self.ready.set()
             await stop.wait()
-            daemon.sd_notify("STOPPING=1")
+            if not self.handover:
+                daemon.sd_notify("STOPPING=1")
+            # Nothing decodes or commits past this point, so nothing more leaves the
+            # kernel's queue: what is uncommitted stays there for the next process.
             loop.remove_reader(self.sock)
+            supervise.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.output.close(), 5)
             for task in tasks:
                 task.cancel()
         if self.metrics is not None:
             self.metrics.close()
-        self.sock.close()
-        log.info("receiver stopped", **self.counters())
+        if not self.handover:
+            self.sock.close()
+        log.info("receiver stopped", handover=self.handover, **self.counters())
+
+
+def reexec(sock: socket.socket) -> None:
+    """Execute this receiver again in this process, the link socket passed as fd 3.
+
+    ``sys.orig_argv`` is the interpreter's own command line, so the same program
+    starts with the same arguments; the pid stays, so systemd sees no new process.
+    Returns only if the exec failed.
+    """
+    fd = sock.detach()
+    if fd != SD_LISTEN_FDS_START:
+        os.dup2(fd, SD_LISTEN_FDS_START, inheritable=True)
+        os.close(fd)
+    else:
+        os.set_inheritable(fd, True)
+    env = dict(os.environ, LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # kept across exec until the new loop runs
+    failed = ""
+    try:
+        # The interpreter's own command line, run again: no shell, nothing user-supplied.
+        os.execve(sys.executable, sys.orig_argv, env)  # noqa: S606
+    except OSError as exc:
+        failed = str(exc)
+    log.error("re-executing the receiver failed", error=failed, argv=sys.orig_argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diode-rx", description="the receiver (IT side)")
     parser.add_argument("--config", type=Path, default=Path("/etc/diode/rx.toml"))
     args = parser.parse_args(argv)
+    # Until the event loop takes SIGHUP over, a reload must not kill the receiver.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = daemon.load_config(RxConfig, args.config)
     daemon.setup_logging(config.log.level, config.log.format)
+    handover: list[socket.socket] = []
 
     async def _main(stop: asyncio.Event) -> None:
-        await Receiver(config).run(stop)
+        receiver = Receiver(config, config_path=args.config)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, receiver.reload, stop)
+        await receiver.run(stop)
+        if receiver.handover:
+            handover.append(receiver.sock)
 
-    return daemon.run(_main)
+    code = daemon.run(_main)
+    if handover:
+        reexec(handover[0])
+        return 1
+    return code
