@@ -1,0 +1,248 @@
+"""The restart scenarios (issue 16): a receiver restarted, killed or reloaded loses nothing.
+
+::
+
+    diode-tx --UDP--> Relay --UDP--> [link socket, held by systemd-socket-activate]
+                                        |  fd 3, LISTEN_FDS=1
+                                        v
+                     bash: wait for "go", then exec diode-rx (again and again)
+
+``systemd-socket-activate --datagram`` stands in for systemd: it binds the
+link socket and executes a small shell loop that keeps the socket open, as
+systemd keeps the socket of ``diode-rx.socket``, and starts diode-rx on it
+each time the test says so (``Restart=`` with the test choosing when). While
+no receiver runs, the kernel queues what arrives in the socket's buffer.
+
+Each function asserts exact counts and returns a :class:`Result`, the row of
+docs/RELIABILITY.md, like the scenarios of tests/faults/scenarios.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.faults.harness import (
+    BIN,
+    SHUTDOWN_S,
+    Child,
+    Plant,
+    Subscriber,
+    synthetic_sent,
+    tally,
+    wait_until,
+)
+from tests.faults.scenarios import SEED, Result, _counted_run
+from tests.support.mosquitto import Mosquitto
+
+ACTIVATE = shutil.which("systemd-socket-activate")
+# $1: the "go" file, $2: where the receiver's pid goes, the rest: the receiver's argv.
+HOLDER = (
+    'while :; do while [ ! -e "$1" ]; do sleep 0.02; done; rm -f "$1"; '
+    '(export LISTEN_PID=$BASHPID; echo $BASHPID > "$2"; exec "${@:3}"); done'
+)
+DEAD_S = 2.0
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith(("Z", "X"))
+    except (OSError, IndexError):
+        return True
+
+
+class ActivatedRx(Child):
+    """diode-rx started on a socket that outlives it; ``pid`` is the current receiver's.
+
+    The holder (systemd-socket-activate, then the shell loop) is the child
+    process; the receivers are its children, started by :meth:`start`.
+    """
+
+    def __init__(self, name: str, rx_argv: list[str], port: int, tmp: Path) -> None:
+        assert ACTIVATE is not None, "systemd-socket-activate is not installed"
+        self.go = tmp / "rx.go"
+        self.pidfile = tmp / "rx.pid"
+        self.port = port
+        self._pid = 0
+        self._woken = False
+        argv = [ACTIVATE, "--datagram", "-l", f"127.0.0.1:{port}", "bash", "-c", HOLDER]
+        super().__init__(
+            name, [*argv, "holder", str(self.go), str(self.pidfile), *rx_argv], tmp / "rx.log"
+        )
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    async def start(self) -> None:
+        """Let the holder start a receiver; returns once its pid is known."""
+        await wait_until(
+            lambda: "Listening on" in self.log.read_text(errors="replace"), what="socket bound"
+        )
+        self.go.touch()
+        if not self._woken:
+            # systemd-socket-activate executes the holder at the first datagram: one
+            # datagram that is no frame (the receiver counts it as rejected).
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"wake", ("127.0.0.1", self.port))
+            self._woken = True
+        old = self._pid
+        await wait_until(
+            lambda: (
+                self.pidfile.exists() and self.pidfile.read_text().strip() not in ("", str(old))
+            ),
+            what="receiver started by the holder",
+        )
+        self._pid = int(self.pidfile.read_text())
+
+    def alive(self) -> bool:
+        return self._pid != 0 and not _gone(self._pid)
+
+    def _signal(self, sig: int, within: float) -> None:
+        self.sample_memory()
+        if self.alive():
+            os.kill(self._pid, sig)
+        deadline = time.monotonic() + within
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def terminate(self) -> int:
+        self._signal(signal.SIGTERM, SHUTDOWN_S)
+        if self.alive():
+            self.kill()
+            return -9
+        return 0
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL, 5.0)
+
+    def close(self) -> None:
+        """The holder too: the socket closes with it."""
+        self.terminate()
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
+@dataclass
+class ActivatedPlant(Plant):
+    """A plant whose receiver runs on a socket held for it (``diode-rx.socket``)."""
+
+    holder: ActivatedRx | None = field(default=None)
+
+    async def start_rx(self) -> Child:
+        if self.holder is None:
+            argv = [str(BIN / "diode-rx"), "--config", str(self.rx_config())]
+            self.holder = ActivatedRx("rx", argv, self.rx_port, self.tmp)
+        self.rx = self.holder
+        await self.holder.start()
+        await wait_until(self._rx_ready, within=20, what="receiver metrics endpoint")
+        return self.holder
+
+    async def close(self) -> None:
+        await super().close()
+        if self.holder is not None:
+            await asyncio.to_thread(self.holder.close)
+
+
+def _quiet_link(rx: dict[str, int]) -> str:
+    return (
+        f"kernel drops {rx.get('kernel_drops', 0)}, datagrams released uncommitted "
+        f"{rx.get('link_released_uncommitted', 0)}"
+    )
+
+
+# --- 12. restarts under socket activation ---------------------------------------------------
+
+
+def rate_sources(rate: int) -> list[dict[str, Any]]:
+    return [{"name": "plc", "tags": 50, "rate_hz": float(rate), "batch_ms": 20.0}]
+
+
+def rate_output(rate: int) -> dict[str, Any]:
+    """Per-tag messages up to 2 000/s; above, one message per device per block, so that the
+    subscriber (paho in a Python thread, on this shared machine) is not what limits the run."""
+    return {"payload": "batched"} if rate > 2000 else {}
+
+
+async def socket_activated_restarts(
+    tmp: Path, broker: Mosquitto, *, rate: int, seed: int = SEED
+) -> Result:
+    """On a socket that outlives the receiver: SIGTERM + restart, SIGKILL + restart (each
+    2 s dead), and a SIGKILL again in the middle of the catch-up that follows (the new
+    receiver reading its 2 s backlog: the moment it holds the most it has read and not
+    committed). Every value published, none reported lost, in order."""
+    result = Result(
+        f"12. socket activation, {rate:,} updates/s: SIGTERM + restart, SIGKILL + restart "
+        f"({DEAD_S:.0f} s dead each), SIGKILL during the catch-up",
+        seed=seed,
+    )
+    sources = rate_sources(rate)
+    plant = ActivatedPlant(tmp, broker, sources, output=rate_output(rate))
+    sub = Subscriber(broker.port)
+    fig: dict[str, Any] = {"down": [], "read_at_kill": 0}
+
+    async def restart(how: str) -> None:
+        down = time.monotonic()
+        if how == "SIGTERM":
+            await plant.stop_rx()
+        else:
+            plant.kill_rx()
+        await asyncio.sleep(DEAD_S)
+        await plant.start_rx()
+        fig["down"].append(time.monotonic() - down)
+
+    async def restarts() -> None:
+        await wait_until(lambda: sub.count_good() > 2 * rate, what="values flowing")
+        for how in ("SIGTERM", "SIGKILL"):
+            before = sub.count_good()
+            await restart(how)
+            if how == "SIGKILL":
+                # The new receiver has begun on its backlog: kill it there.
+                await wait_until(
+                    lambda: plant.rx_counters().get("datagrams", 0) > 0,
+                    step=0.002,
+                    what="catch-up begun",
+                )
+                fig["read_at_kill"] = plant.rx_counters().get("datagrams", 0)
+                await restart("SIGKILL")
+            await wait_until(
+                lambda b=before: sub.count_good() > b + 3 * rate, what=f"values after {how}"
+            )
+        await asyncio.sleep(1.0)
+
+    try:
+        _, rx = await _counted_run(plant, sub, result, 0, during=restarts)
+        t = tally(sub.good(), synthetic_sent(sources, {"plc": result.sent}))
+        result.published, result.lost = t.published - t.duplicates, t.missing
+        assert plant.rx is not None
+        starts = plant.rx.events("receiver starting")
+        down = ", ".join(f"{d:.1f}" for d in fig["down"])
+        result.note(
+            f"receiver down {down} s (SIGTERM, SIGKILL, SIGKILL during the catch-up, killed "
+            f"after reading {fig['read_at_kill']} datagrams of its backlog), from the signal to "
+            f"the new one serving metrics; {len(starts)} starts, each on the socket passed in; "
+            f"gaps reported "
+            f"{len(plant.gaps())}; {t.duplicates} values delivered twice (QoS 1: messages "
+            f"the killed receiver had sent and the broker had not acknowledged); "
+            f"{_quiet_link(rx)}; 1 datagram rejected is the one that woke the socket"
+        )
+        assert all(s.get("socket") == "passed in" for s in starts), starts
+        assert len(starts) == 4
+        assert not plant.gaps(), plant.gaps()
+        assert result.reported_lost == 0
+        assert t.out_of_order == 0, f"{t.out_of_order} values out of order"
+        assert t.missing == 0, (
+            f"{t.missing} values never published, e.g. {sorted(t.missing_values)[:5]}"
+        )
+        assert rx.get("kernel_drops", 0) == 0
+        return result
+    finally:
+        sub.close()
+        await plant.close()

@@ -1,0 +1,36 @@
+"""Restarts and failover that lose nothing (issue 16): tests/faults/restarts.py, end to end.
+
+Each test runs one scenario with real parts (the daemons as child processes,
+``systemd-socket-activate`` holding the link socket as systemd would, the
+fault relay, mosquitto, a subscriber counting every value); ``make
+reliability`` runs the same and writes docs/RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.faults import restarts
+from tests.support.mosquitto import Mosquitto
+
+needs_activate = pytest.mark.skipif(
+    restarts.ACTIVATE is None,
+    reason="systemd-socket-activate is not installed (apt-get install systemd)",
+)
+
+
+@needs_activate
+async def test_restarts_under_socket_activation_lose_nothing_at_1000_per_s(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    await restarts.socket_activated_restarts(tmp_path, mosquitto, rate=1000)
+
+
+@needs_activate
+@pytest.mark.slow
+async def test_restarts_under_socket_activation_lose_nothing_at_10000_per_s(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    await restarts.socket_activated_restarts(tmp_path, mosquitto, rate=10_000)
