@@ -104,3 +104,13 @@ def test_cost_with_the_receiver_stalled_loses_nothing() -> None:
     assert run["lost"] == 0
     # Updates made while the receiver was stopped waited for it: the stall happened.
     assert run["latency_ms"]["max"] >= 900
+
+
+def test_restart_reports_how_long_the_socket_buffer_covers() -> None:
+    report = bench("restart", "--quick", "--rate", "10000")
+    (run,) = report["runs"]
+    assert run["buffer_limit_bytes"] >= 2 * 32 * 1024 * 1024  # ReceiveBuffer=32M, doubled
+    assert run["fill_bytes_per_s"] > 0
+    # Quick: the buffer does not fill in 2 s; the cover is the limit over the fill rate.
+    assert run["first_drop_s"] is None
+    assert run["covers_s"] == round(run["buffer_limit_bytes"] / run["fill_bytes_per_s"], 1)
