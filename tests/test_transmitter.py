@@ -387,3 +387,87 @@ async def test_a_link_too_slow_drops_whole_blocks_counts_them_and_never_blocks_a
         within=5,
     )
     assert link.decoder.counters["records_lost"] == counters["records_dropped_link"]
+
+
+# --- time diversity: [link] repeat_after_s ---------------------------------------------------
+
+
+async def test_every_datagram_is_sent_again_repeat_after_s_later(tmp_path: Path) -> None:
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    after = 0.4
+    synthetic = {"sources": [{"name": "gen", "tags": 10, "rate_hz": 2000.0}]}
+    tx = Transmitter(
+        config(tmp_path, link.port, link={"repeat_after_s": after}, synthetic=synthetic), key=key
+    )
+    arrivals: dict[bytes, list[float]] = {}
+    loop = asyncio.get_running_loop()
+
+    def take() -> None:
+        while True:
+            try:
+                datagram = link.sock.recv(65535)
+            except BlockingIOError:
+                return
+            arrivals.setdefault(datagram, []).append(loop.time())
+
+    stop, task = await run_tx(tx)
+    for _ in range(50):
+        await asyncio.sleep(0.02)
+        take()
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    take()
+    counters = tx.counters()
+    # Stopped 1 s in: what was sent in the last 0.4 s had no time for its second copy.
+    twice = [times for times in arrivals.values() if len(times) == 2]
+    once = [times for times in arrivals.values() if len(times) == 1]
+    assert not [t for t in arrivals.values() if len(t) > 2]
+    assert len(twice) == counters["repeats_sent"] > 0
+    assert counters["datagrams_sent"] == len(twice) * 2 + len(once)
+    assert counters["repeats_dropped"] == 0
+    gaps = sorted(second - first for first, second in twice)
+    assert gaps[0] >= after - 0.05, gaps[:5]  # read every 20 ms: arrival times are that coarse
+    # Late, not much later: paced with the rest on an idle link.
+    assert gaps[len(gaps) // 2] < after + 0.2, gaps[len(gaps) // 2]
+    # The receiver takes the copies as duplicates: every record once, in order.
+    for datagram in sorted(arrivals, key=lambda d: arrivals[d][0]):
+        for _ in arrivals[datagram]:
+            link.decoder.receive(datagram, 0.0)
+    link.decoder.poll(1e9)
+    delivered = [e for e in link.decoder.events() if isinstance(e, Delivered)]
+    assert [e.seq for e in delivered] == sorted({e.seq for e in delivered})
+    assert link.decoder.counters["rejected_late"] >= len(twice) - len(delivered) * 2
+
+
+async def test_repeats_never_delay_new_datagrams_and_their_overflow_is_counted(
+    tmp_path: Path,
+) -> None:
+    """A link with room for the traffic once but not twice: new data first, repeats dropped."""
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    synthetic = {"sources": [{"name": "gen", "tags": 50, "rate_hz": 20000.0}]}
+    tx = Transmitter(
+        config(
+            tmp_path,
+            link.port,
+            link={"rate_mbps": 5.0, "repeat_after_s": 0.2},
+            synthetic=synthetic,
+        ),
+        key=key,
+    )
+    stop, task = await run_tx(tx)
+    for _ in range(75):
+        await asyncio.sleep(0.02)
+        link.drain()
+    bound = tx.sender.repeats.max_bytes if tx.sender.repeats else 0
+    held = tx.sender.repeats.bytes if tx.sender.repeats else 0
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    counters = tx.counters()
+    assert bound == int(5e6 / 8 * 0.2)  # what the link carries in repeat_after_s
+    assert held <= bound
+    assert counters["repeats_dropped"] > 0
+    # The first copies went out at the link's rate, as without repeats: no block dropped
+    # for the repeats' sake beyond what the rate alone costs (the link is the limit).
+    assert counters["datagrams_sent"] - counters["repeats_sent"] > counters["repeats_sent"]

@@ -28,7 +28,11 @@ class ReceiverSection(Section):
         Path("/var/lib/diode-rx"), description="stream positions and the spool", strict=False
     )
     reorder_timeout_s: float = Field(
-        0.2, gt=0.0, le=10.0, description="how long a later block waits for a missing one"
+        0.2,
+        gt=0.0,
+        le=10.0,
+        description="how long a later block waits for a missing one; with the transmitter's "
+        "repeat_after_s set, longer than that (repeat_after_s + 1)",
     )
     max_assembly_mb: float = Field(
         64.0, gt=0.0, le=4096.0, description="memory for blocks being rebuilt, at most"
