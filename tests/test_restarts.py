@@ -34,3 +34,13 @@ async def test_restarts_under_socket_activation_lose_nothing_at_10000_per_s(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     await restarts.socket_activated_restarts(tmp_path, mosquitto, rate=10_000)
+
+
+async def test_time_diversity_covers_a_dead_receiver_without_socket_activation(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    await restarts.time_diversity(tmp_path, mosquitto, fault="receiver")
+
+
+async def test_time_diversity_covers_a_link_cut(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    await restarts.time_diversity(tmp_path, mosquitto, fault="link")

@@ -246,3 +246,113 @@ async def socket_activated_restarts(
     finally:
         sub.close()
         await plant.close()
+
+
+# --- 13. time diversity ---------------------------------------------------------------------
+
+REPEAT_AFTER_S = 5.0
+OUTAGE_S = 4.0
+DIVERSITY = {"repeat_after_s": REPEAT_AFTER_S}
+# A block lost the first time waits for its repeat (docs/CONFIG.md, reorder_timeout_s).
+WAIT_FOR_REPEATS = {"reorder_timeout_s": REPEAT_AFTER_S + 1.0}
+
+
+async def time_diversity(
+    tmp: Path, broker: Mosquitto, *, fault: str, rate: int = 1000, seed: int = SEED
+) -> Result:
+    """``repeat_after_s = 5`` and no socket activation: the receiver SIGKILLed and dead
+    4 s (``fault="receiver"``), or the link cut 4 s (``fault="link"``). Every block
+    missed the first time is taken from its repeat: 0 lost, in order."""
+    what = {
+        "receiver": f"receiver SIGKILL, dead {OUTAGE_S:.0f} s",
+        "link": f"link cut {OUTAGE_S:.0f} s",
+    }[fault]
+    result = Result(
+        f"13. time diversity (repeat_after_s = {REPEAT_AFTER_S:.0f}), {rate:,} updates/s: {what}",
+        seed=seed,
+    )
+    sources = rate_sources(rate)
+    plant = Plant(
+        tmp, broker, sources, link=DIVERSITY, receiver=WAIT_FOR_REPEATS, output=rate_output(rate)
+    )
+    sub = Subscriber(broker.port)
+    fig: dict[str, Any] = {}
+
+    async def outage() -> None:
+        relay = plant.relay
+        assert relay is not None
+        await wait_until(lambda: sub.count_good() > 2 * rate, what="values flowing")
+        before = sub.count_good()
+        cut_from = relay.stats.dropped
+        relay.faults.loss = 1.0
+        cut = time.monotonic()
+        if fault == "receiver":
+            # Killed and started again at once; the relay lets nothing through for
+            # OUTAGE_S from the kill, so the window in which nothing is received is
+            # exactly that, however long this restart takes (about 1-2 s here).
+            plant.kill_rx()
+            await plant.start_rx()
+            fig["restart_s"] = time.monotonic() - cut
+        await asyncio.sleep(OUTAGE_S - (time.monotonic() - cut))
+        relay.faults.loss = 0.0
+        fig["cut_datagrams"] = relay.stats.dropped - cut_from
+        await wait_until(
+            lambda: sub.count_good() > before + (OUTAGE_S + REPEAT_AFTER_S + 2) * rate,
+            within=30,
+            what="values after the outage",
+        )
+        await asyncio.sleep(1.0)
+
+    try:
+        await plant.start_relay()
+        await plant.start_rx()
+        await plant.start_tx()
+        await outage()
+        counters = await _finish_run(plant, sub, result)
+        rx = plant.rx_counters()
+        t = tally(sub.good(), synthetic_sent(sources, {"plc": result.sent}))
+        result.published, result.lost = t.published - t.duplicates, t.missing
+        repeats = counters.get("repeats_sent", 0)
+        sent = counters["datagrams_sent"]
+        first = sent - repeats
+        outage_note = f"nothing received for {OUTAGE_S:.0f} s ({fig['cut_datagrams']:,} datagrams)"
+        if fault == "receiver":
+            outage_note += (
+                f", the receiver SIGKILLed when it began and serving again {fig['restart_s']:.1f} s "
+                "later (no socket activation: what it had read and not committed died with it)"
+            )
+        result.note(
+            f"{outage_note}; transmitter sent {first:,} datagrams and {repeats:,} repeats "
+            f"({repeats / max(first, 1):.0%}), repeats dropped "
+            f"{counters.get('repeats_dropped', 0)}; receiver rejected_late "
+            f"{rx.get('rejected_late', 0):,} (the copies it had, and surplus repair symbols); "
+            f"gaps reported {len(plant.gaps())}; {t.duplicates} values delivered twice; "
+            f"reorder_timeout_s {WAIT_FOR_REPEATS['reorder_timeout_s']:.0f}"
+        )
+        assert not plant.gaps(), plant.gaps()
+        assert result.reported_lost == 0
+        assert t.out_of_order == 0, f"{t.out_of_order} values out of order"
+        assert t.missing == 0, (
+            f"{t.missing} values never published, e.g. {sorted(t.missing_values)[:5]}"
+        )
+        assert counters.get("repeats_dropped", 0) == 0
+        assert repeats > 0
+        return result
+    finally:
+        sub.close()
+        await plant.close()
+
+
+async def _finish_run(plant: Plant, sub: Subscriber, result: Result) -> dict[str, int]:
+    """Stop the transmitter, wait for MQTT to settle; the sent and rx figures in ``result``."""
+    from tests.faults.harness import rejected
+    from tests.faults.scenarios import _finish, _mb
+
+    counters = await _finish(plant, sub)
+    rx = plant.rx_counters()
+    plant.rx_memory()
+    result.sent = counters["poll_generated"]
+    result.reported_lost, result.rejected = rx.get("records_lost", 0), rejected(rx)
+    result.peak_rx_mb = _mb(plant.rx_peak_kb)
+    assert counters["samples_queued"] == result.sent, counters
+    return counters
