@@ -112,6 +112,10 @@ def _bench(args: argparse.Namespace) -> int:
             rates=args.rate or (1000, 10_000, 50_000),
             seconds=args.seconds if not args.quick else 2.0,
         )
+    elif args.what == "repeat":
+        from diode.benchmarks.restart import repeat_cost
+
+        result = repeat_cost(rates=args.rate or (1000, 10_000), seconds=args.seconds)
     elif args.what == "polling":
         from diode.benchmarks.polling import polling
 
@@ -200,12 +204,13 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks, printed as JSON")
     p.add_argument(
         "what",
-        choices=["codec", "link", "tags", "cost", "polling", "opcua", "restart"],
+        choices=["codec", "link", "tags", "cost", "polling", "opcua", "restart", "repeat"],
         help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
         "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s; "
         "polling: Modbus devices one transmitter core polls at 1 Hz; "
         "opcua: OPC UA monitored items one transmitter core serves at 1 Hz; "
-        "restart: how long a receiver restart the link socket's buffer covers",
+        "restart: how long a receiver restart the link socket's buffer covers; "
+        "repeat: the transmitter's CPU and bandwidth with and without repeat_after_s",
     )
     p.add_argument("--seconds", type=float, default=None, help="time per measurement")
     p.add_argument("--quick", action="store_true", help="short runs (tests, smoke checks)")

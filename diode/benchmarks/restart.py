@@ -13,13 +13,19 @@ Per rate it reports the fill rate (bytes charged per second, fitted after the
 first seconds), the restart that buffer covers (the buffer's limit divided by
 the fill rate), and, when the run was long enough to fill it, the seconds until
 the first drop, measured.
+
+``repeat_cost`` (``diode bench repeat``) measures what time diversity costs the
+transmitter: its CPU and the bytes it puts on the wire at each rate, without
+and with ``repeat_after_s``, a thread keeping the far socket empty.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,4 +129,93 @@ def restart_buffer(
             "load_average": os.getloadavg()[0],
         },
         "runs": [one_rate(r, seconds=seconds, tags=tags, batch_ms=batch_ms) for r in rates],
+    }
+
+
+# --- what time diversity costs -------------------------------------------------------------
+
+
+def _drain_forever(sock: socket.socket, stop: threading.Event, seen: list[int]) -> None:
+    """Keep the socket empty; ``seen`` = [bytes, datagrams] so far."""
+    sock.settimeout(0.1)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            seen[0] += len(sock.recv(65535))
+            seen[1] += 1
+
+
+def repeat_cost_one(
+    rate: int, repeat_after_s: float, *, seconds: float, tags: int, batch_ms: float
+) -> dict[str, Any]:
+    """diode-tx at ``rate`` into a socket a thread keeps empty: its CPU and what it sent."""
+    with tempfile.TemporaryDirectory(prefix="diode-bench-repeat-") as d:
+        workdir = Path(d)
+        private, _ = keys(workdir)
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
+        sink.bind(("127.0.0.1", free_udp_port()))
+        stop = threading.Event()
+        seen = [0, 0]
+        reader = threading.Thread(target=_drain_forever, args=(sink, stop, seen), daemon=True)
+        reader.start()
+        source = {"name": "plc", "tags": tags, "rate_hz": float(rate), "batch_ms": batch_ms}
+        config = tx_config(
+            workdir,
+            private=private,
+            port=sink.getsockname()[1],
+            rate_mbps=100.0,
+            sources=[source],
+            link={"repeat_after_s": repeat_after_s},
+        )
+        tx = Daemon.tx(config)
+        try:
+            # Past the first repeat_after_s: the repeats run at their steady rate.
+            time.sleep(repeat_after_s + 2.0)
+            tx.check()
+            cpu0, t0, seen0 = tx.cpu_s(), time.monotonic(), list(seen)
+            time.sleep(seconds)
+            cpu = tx.cpu_s() - cpu0
+            elapsed = time.monotonic() - t0
+            wire = [b - a for a, b in zip(seen0, seen, strict=True)]
+        finally:
+            tx.stop()
+            stop.set()
+            reader.join()
+            sink.close()
+        (final,) = tx.log_events("transmitter stopped")[-1:]
+        return {
+            "updates_per_s": rate,
+            "repeat_after_s": repeat_after_s,
+            "tx_cpu_percent": round(100 * cpu / elapsed, 1),
+            "tx_us_per_update": round(cpu / elapsed / rate * 1e6, 2),
+            "datagrams_per_s": round(wire[1] / elapsed),
+            "udp_payload_mbps": round(wire[0] * 8 / elapsed / 1e6, 2),
+            "datagrams_sent": final["datagrams_sent"],
+            "repeats_sent": final.get("repeats_sent", 0),
+            "repeats_dropped": final.get("repeats_dropped", 0),
+        }
+
+
+def repeat_cost(
+    *,
+    rates: Sequence[int] = (1000, 10_000),
+    repeat_after_s: float = 5.0,
+    seconds: float = 10.0,
+    tags: int = 1000,
+    batch_ms: float = 100.0,
+) -> dict[str, Any]:
+    """Each rate without and with ``repeat_after_s``, the transmitter alone."""
+    runs = [
+        repeat_cost_one(rate, after, seconds=seconds, tags=tags, batch_ms=batch_ms)
+        for rate in rates
+        for after in (0.0, repeat_after_s)
+    ]
+    return {
+        "settings": {
+            "source": f"synthetic, {tags} tags, batches every {batch_ms} ms",
+            "link": "default datagram size and FEC, rate_mbps 100",
+            "measured_s": seconds,
+            "load_average": os.getloadavg()[0],
+        },
+        "runs": runs,
     }
