@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -183,6 +184,16 @@ class Receiver:
 
     # -- reload (SIGHUP) -----------------------------------------------------------------
 
+    def _config_file(self) -> dict[str, str]:
+        """Which file this receiver runs, and a digest of it: what a reload changed shows."""
+        if self.config_path is None:
+            return {}
+        try:
+            digest = hashlib.sha256(self.config_path.read_bytes()).hexdigest()[:16]
+        except OSError:
+            digest = "unreadable"
+        return {"config": str(self.config_path), "config_sha256": digest}
+
     def reload(self, stop: asyncio.Event) -> None:
         """SIGHUP: check the config file; if it is good, hand the socket to a new process.
 
@@ -226,6 +237,7 @@ class Receiver:
             listen=f"{address[0]}:{address[1]}",
             socket="passed in" if self.passed_socket else "opened",
             streams=[s.id for s in self.config.streams],
+            **self._config_file(),
         )
         if self.metrics is not None:
             self.metrics.serve(section.metrics_address, section.metrics_port)

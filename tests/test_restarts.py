@@ -44,3 +44,9 @@ async def test_time_diversity_covers_a_dead_receiver_without_socket_activation(
 
 async def test_time_diversity_covers_a_link_cut(tmp_path: Path, mosquitto: Mosquitto) -> None:
     await restarts.time_diversity(tmp_path, mosquitto, fault="link")
+
+
+async def test_a_reload_under_load_loses_nothing_and_a_broken_config_is_refused(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    await restarts.reload_under_load(tmp_path, mosquitto, rate=10_000)

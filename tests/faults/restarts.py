@@ -20,6 +20,7 @@ docs/RELIABILITY.md, like the scenarios of tests/faults/scenarios.py.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import signal
@@ -318,8 +319,9 @@ async def time_diversity(
         outage_note = f"nothing received for {OUTAGE_S:.0f} s ({fig['cut_datagrams']:,} datagrams)"
         if fault == "receiver":
             outage_note += (
-                f", the receiver SIGKILLed when it began and serving again {fig['restart_s']:.1f} s "
-                "later (no socket activation: what it had read and not committed died with it)"
+                f", the receiver SIGKILLed when it began and serving again "
+                f"{fig['restart_s']:.1f} s later (no socket activation: what it had read and "
+                "not committed died with it)"
             )
         result.note(
             f"{outage_note}; transmitter sent {first:,} datagrams and {repeats:,} repeats "
@@ -356,3 +358,80 @@ async def _finish_run(plant: Plant, sub: Subscriber, result: Result) -> dict[str
     result.peak_rx_mb = _mb(plant.rx_peak_kb)
     assert counters["samples_queued"] == result.sent, counters
     return counters
+
+
+# --- 14. reload (SIGHUP) --------------------------------------------------------------------
+
+
+async def reload_under_load(tmp: Path, broker: Mosquitto, *, rate: int, seed: int = SEED) -> Result:
+    """SIGHUP the receiver (started by hand, no socket unit) under load, with a config
+    changed where a reload can change it; then with a broken config. The first re-executes
+    the receiver on the same socket, same pid: 0 lost; the second is refused, the receiver
+    runs on."""
+    result = Result(f"14. receiver reload (SIGHUP) under load, {rate:,} updates/s", seed=seed)
+    sources = rate_sources(rate)
+    plant = Plant(tmp, broker, sources, output=rate_output(rate))
+    sub = Subscriber(broker.port)
+    fig: dict[str, Any] = {}
+
+    async def reloads() -> None:
+        rx = plant.rx
+        assert rx is not None
+        await wait_until(lambda: sub.count_good() > 2 * rate, what="values flowing")
+        # (a) a good config, changed: another MQTT client id and a longer reorder timeout.
+        config = tmp / "rx.toml"
+        plant.mqtt["client_id"] = "diode-rx-reloaded"
+        plant.receiver["reorder_timeout_s"] = 0.5
+        assert plant.rx_config() == config
+        fig["sha"] = hashlib.sha256(config.read_bytes()).hexdigest()[:16]
+        before = sub.count_good()
+        asked = time.monotonic()
+        rx.proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: len(rx.events("receiver starting")) == 2, what="re-executed")
+        await wait_until(plant._rx_ready, what="metrics again")
+        fig["reload_s"] = time.monotonic() - asked
+        await wait_until(lambda b=before: sub.count_good() > b + 2 * rate, what="values again")
+        # (b) a broken one: refused, nothing else happens.
+        text = config.read_text()
+        config.write_text(text.replace("[mqtt]", "[mqtt]\nno_such_key = 1", 1))
+        rx.proc.send_signal(signal.SIGHUP)
+        await wait_until(
+            lambda: bool(rx.events("config reload refused, the running config is kept")),
+            what="refused",
+        )
+        config.write_text(text)
+        before = sub.count_good()
+        await wait_until(lambda b=before: sub.count_good() > b + 2 * rate, what="values after")
+        await asyncio.sleep(1.0)
+
+    try:
+        _, rx = await _counted_run(plant, sub, result, 0, during=reloads)
+        assert plant.rx is not None
+        t = tally(sub.good(), synthetic_sent(sources, {"plc": result.sent}))
+        result.published, result.lost = t.published - t.duplicates, t.missing
+        starts = plant.rx.events("receiver starting")
+        (refused,) = plant.rx.events("config reload refused, the running config is kept")
+        connected = plant.rx.events("mqtt connected")
+        result.note(
+            f"reload: the receiver re-executed itself on its socket (pid {plant.rx.pid} "
+            f"throughout), serving metrics again {fig['reload_s']:.1f} s after SIGHUP; the new "
+            f"config in use (its digest in the new start line); a broken config refused "
+            f"({refused['error']}), the running one kept; gaps reported {len(plant.gaps())}; "
+            f"{t.duplicates} values delivered twice; {_quiet_link(rx)}"
+        )
+        assert plant.rx.alive()
+        assert [s["socket"] for s in starts] == ["opened", "passed in"]
+        # The new process runs the new file (the digest of what it read at its start).
+        assert starts[0]["config_sha256"] != starts[1]["config_sha256"] == fig["sha"]
+        assert "no_such_key" in refused["error"]
+        assert len(connected) == 2
+        assert not plant.gaps(), plant.gaps()
+        assert result.reported_lost == 0
+        assert t.out_of_order == 0, f"{t.out_of_order} values out of order"
+        assert t.missing == 0, (
+            f"{t.missing} values never published, e.g. {sorted(t.missing_values)[:5]}"
+        )
+        return result
+    finally:
+        sub.close()
+        await plant.close()
