@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import structlog
@@ -32,14 +33,22 @@ import structlog
 from diode import daemon
 from diode.config import load
 from diode.config.rx import RxConfig
-from diode.decoder import Decoder, DecoderSettings
+from diode.decoder import Decoder, DecoderSettings, Gap
 from diode.errors import DiodeError, FrameError
 from diode.keys import Keyring, TrustedKey, load_psk, load_public_key
 from diode.replay import StreamState, pack_states, unpack_states
+from receiver.failover import (
+    ANNOUNCE_S,
+    Failover,
+    NullOutput,
+    announcement_topic,
+    newest,
+    pack_positions,
+)
 from receiver.link import SD_LISTEN_FDS_START, Drain, kernel_drops, link_socket
 from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
-from receiver.router import Router
+from receiver.router import Output, Router
 
 log = structlog.get_logger("diode.rx")
 
@@ -48,6 +57,8 @@ STATUS_PERIOD_S = 5.0
 
 
 POSITIONS = "positions"
+ROLE = "failover_role"  # in a pair: what this receiver was when it last committed
+ACTIVE, STANDBY = b"active", b"standby"
 
 
 def load_positions(output: MqttOutput) -> dict[int, StreamState]:
@@ -96,15 +107,24 @@ class Receiver:
         self.config_path = config_path
         section = config.receiver
         self.output = MqttOutput(config.mqtt)
-        self.decoder = Decoder(
-            keyring(config),
-            DecoderSettings(
-                reorder_timeout_s=section.reorder_timeout_s,
-                max_assembly_bytes=int(section.max_assembly_mb * 1024 * 1024),
-            ),
-            state=load_positions(self.output),
+        self._keyring = keyring(config)
+        self._settings = DecoderSettings(
+            reorder_timeout_s=section.reorder_timeout_s,
+            max_assembly_bytes=int(section.max_assembly_mb * 1024 * 1024),
         )
-        self.router = Router({s.id: s.output for s in config.streams}, self.output)
+        saved = load_positions(self.output)
+        self.decoder = Decoder(self._keyring, self._settings, state=saved)
+        # A pair of receivers (receiver/failover.py): this one starts as the standby.
+        self.failover = (
+            Failover(config.mqtt, config.failover, was_active=self.output.saved(ROLE) == ACTIVE)
+            if config.failover.peer_status_topic is not None
+            else None
+        )
+        self.active = self.failover is None
+        self.since = time.time()  # when this receiver became the active one
+        self._retired: Counter[str] = Counter()  # counts of the decoders it replaced
+        output: Output = self.output if self.active else NullOutput()
+        self.router = Router({s.id: s.output for s in config.streams}, output)
         passed = False
         if sock is None:
             sock, passed = link_socket(section.listen, section.port, section.rcvbuf_bytes)
@@ -115,6 +135,9 @@ class Receiver:
         self.drain = Drain(
             sock, {s.id for s in config.streams}, journal=True, counters=self.decoder.counters
         )
+        if self.failover is not None:
+            self.drain.hold_longer(config.failover.takeover_after_s + 2.0)
+            self.output.commit({ROLE: STANDBY})
         self.passed_socket = passed
         self.metrics = Metrics(self) if section.metrics_port else None
         self._timer: asyncio.TimerHandle | None = None
@@ -133,6 +156,16 @@ class Receiver:
     def _after(self, now: float) -> None:
         decoder = self.decoder
         events = decoder.events()
+        if not self.active:
+            # A standby's router only learns (the catalogue, the link): its gaps are not
+            # losses, the active receiver's positions are the ones that count.
+            events = [e for e in events if not isinstance(e, Gap)]
+            if events:
+                self.router.handle(events, now)
+            decoder.positions()  # nothing of its own to save
+            self.drain.release(self._committed, now)
+            self._arm()
+            return
         if events:
             self.router.handle(events, now)
         if decoder.state_changed:
@@ -177,10 +210,102 @@ class Receiver:
                 last_status = now
 
     def counters(self) -> dict[str, int]:
-        out = dict(self.decoder.counters)
+        if self.active:
+            out = dict(self._retired + self.decoder.counters)
+        else:
+            out = dict(self._retired)
+            out.update({f"standby_{k}": v for k, v in self.decoder.counters.items()})
         for key, value in self.output.counters.items():
             out[f"mqtt_{key}"] = int(value)
+        if self.failover is not None:
+            out.update(self.failover.counters)
         return out
+
+    # -- a pair of receivers (receiver/failover.py) ----------------------------------------
+
+    async def _failover_loop(self, failover: Failover) -> None:
+        announced = saved = 0.0
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            decision = failover.decide(now, active=self.active, since=self.since)
+            if decision is not None and decision.startswith("take over"):
+                self._take_over(decision)
+            elif decision is not None:
+                self._step_down(decision)
+            if self.active:
+                if now - announced >= ANNOUNCE_S:
+                    self._announce()
+                    announced = now
+                continue
+            # Standby: the active receiver's published positions are ours.
+            peer = failover.positions()
+            merged = {
+                sid: position
+                for sid in self._committed.keys() | peer.keys()
+                if (position := newest(self._committed.get(sid), peer.get(sid))) is not None
+            }
+            if merged != self._committed:
+                self._committed = merged
+                if now - saved >= ANNOUNCE_S:
+                    self.output.commit({POSITIONS: pack_states(merged)})
+                    saved = now
+
+    def _announce(self) -> None:
+        """The positions of the last commit, through the spool: after what they cover."""
+        self.output.publish_message(
+            announcement_topic(self.config.mqtt.status_topic),
+            {
+                "name": self.config.mqtt.client_id,
+                "since": self.since,
+                "positions": pack_positions(self._committed),
+                "ts": time.time(),
+            },
+        )
+
+    def _take_over(self, reason: str) -> None:
+        """Publish from the last published positions on, reading the socket's queue again."""
+        assert self.failover is not None
+        base = dict(self._committed)
+        shadow = self.router
+        self.decoder = Decoder(self._keyring, self._settings, state=base)
+        self.router = self._router(self.output, learned_from=shadow)
+        self.drain.counters = self.decoder.counters
+        self.drain.hold_normally()
+        self.drain.rewind()
+        self.output.commit({POSITIONS: pack_states(base), ROLE: ACTIVE})
+        self.active = True
+        self.since = time.time()
+        self.failover.counters["failover_takeovers"] += 1
+        self.failover.counters["failover_active"] = 1
+        log.warning(
+            "failover: taking over",
+            reason=reason,
+            positions={sid: [p.epoch, p.next_seq] for sid, p in base.items()},
+        )
+        self._announce()
+
+    def _step_down(self, reason: str) -> None:
+        """Another receiver claimed later: stop publishing (the spool still drains)."""
+        assert self.failover is not None
+        self._retired.update(self.decoder.counters)
+        learned = self.router
+        self.decoder = Decoder(self._keyring, self._settings, state=dict(self._committed))
+        self.router = self._router(NullOutput(), learned_from=learned)
+        self.drain.counters = self.decoder.counters
+        self.drain.hold_longer(self.failover.takeover_after_s + 2.0)
+        self.output.commit({ROLE: STANDBY})
+        self.active = False
+        self.failover.counters["failover_stepdowns"] += 1
+        self.failover.counters["failover_active"] = 0
+        log.warning("failover: stepping down", reason=reason)
+
+    def _router(self, output: Output, *, learned_from: Router) -> Router:
+        """A router for ``output`` that knows the catalogue another one learned."""
+        router = Router({s.id: s.output for s in self.config.streams}, output)
+        for sid, view in router.streams.items():
+            view.catalogue.update(learned_from.streams[sid].catalogue)
+        return router
 
     # -- reload (SIGHUP) -----------------------------------------------------------------
 
@@ -248,6 +373,10 @@ class Receiver:
                 supervise,
                 group.create_task(daemon.watchdog()),
             ]
+            if self.failover is not None:
+                tasks.append(group.create_task(self.failover.run()))
+                watch = group.create_task(self._failover_loop(self.failover))
+                tasks.append(watch)
             loop.add_reader(self.sock, self._readable)
             daemon.sd_notify("READY=1")
             self.ready.set()
@@ -258,6 +387,8 @@ class Receiver:
             # kernel's queue: what is uncommitted stays there for the next process.
             loop.remove_reader(self.sock)
             supervise.cancel()
+            if self.failover is not None:
+                watch.cancel()
             if self._timer is not None:
                 self._timer.cancel()
             with contextlib.suppress(Exception):

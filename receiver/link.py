@@ -206,11 +206,13 @@ class Drain:
         self.sock = sock
         self.journal = journal
         self._streams = streams
-        self._counters = counters
+        self.counters = counters
+        self.hold_s = HOLD_S
         self._pending: deque[tuple[int, int, int, int, float]] = deque()  # stream, epoch, seq,
         self._pending_bytes = 0  # size, peeked at
         self._sink = bytearray(1)
-        self._limit = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 8
+        self._buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        self.limit = self._buffer // 8
         if journal:
             # The offset belongs to the socket, not the process: a predecessor's is stale.
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
@@ -230,7 +232,7 @@ class Drain:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                self._counters["socket_errors"] += 1
+                self.counters["socket_errors"] += 1
                 break
             out.append(datagram)
         if self.journal:
@@ -244,7 +246,7 @@ class Drain:
     def release(self, positions: Mapping[int, StreamState], now: float) -> int:
         """Take covered datagrams off the head of the queue; how many were taken."""
         pending, streams, released = self._pending, self._streams, 0
-        oldest = now - HOLD_S
+        oldest = now - self.hold_s
         while pending:
             stream, epoch, seq, size, at = pending[0]
             if stream in streams:
@@ -253,9 +255,9 @@ class Drain:
                     epoch < position.epoch or (epoch == position.epoch and seq < position.next_seq)
                 )
                 if not covered:
-                    if at > oldest and self._pending_bytes <= self._limit:
+                    if at > oldest and self._pending_bytes <= self.limit:
                         break
-                    self._counters["link_released_uncommitted"] += 1
+                    self.counters["link_released_uncommitted"] += 1
             try:
                 self.sock.recv_into(self._sink, 1, socket.MSG_TRUNC)
             except (BlockingIOError, InterruptedError):
@@ -266,6 +268,21 @@ class Drain:
             self._pending_bytes -= size
             released += 1
         return released
+
+    def hold_longer(self, hold_s: float) -> None:
+        """A standby's drain: it keeps datagrams until the active receiver's positions cover
+        them, which can take the whole hand-over time, in up to a quarter of the buffer."""
+        self.hold_s = hold_s
+        self.limit = self._buffer // 4
+
+    def hold_normally(self) -> None:
+        self.hold_s = HOLD_S
+        self.limit = self._buffer // 8
+
+    def rewind(self) -> None:
+        """Read again from the head of the queue (a standby taking over)."""
+        if self.journal:
+            self._reset()
 
     def _reset(self) -> None:
         self._pending.clear()

@@ -275,6 +275,15 @@ class MqttOutput:
         """Retained ``{prefix}/{site}/$status``: the dict as the router built it."""
         self._submit([status_message(self._topics_of(stream), status)])
 
+    def publish_message(
+        self, topic: str, obj: object, *, qos: int = 1, retain: bool = True
+    ) -> None:
+        """Any JSON message, in the spool's order: after every message handed over before it.
+
+        The failover announcement (receiver/failover.py) relies on that order.
+        """
+        self._submit([Message(topic, encode(obj), qos, retain)])
+
     @property
     def backlog(self) -> int:
         """Messages not yet handed to the broker."""

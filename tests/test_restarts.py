@@ -50,3 +50,9 @@ async def test_a_reload_under_load_loses_nothing_and_a_broken_config_is_refused(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     await restarts.reload_under_load(tmp_path, mosquitto, rate=10_000)
+
+
+async def test_a_standby_takes_over_from_a_killed_active_receiver_losing_nothing(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    await restarts.standby_takes_over(tmp_path, mosquitto)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from diode.config import IpAddress, Section
-from diode.config.mqtt import MqttBroker, StreamOutput
+from diode.config.mqtt import MqttBroker, StreamOutput, _check_topic_part
 from diode.config.tx import LogSettings
 from diode.errors import ConfigError
 
@@ -41,6 +41,28 @@ class ReceiverSection(Section):
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port; 0 = off")
 
 
+class FailoverSection(Section):
+    """``[failover]``: a pair of receivers fed the same datagrams; one publishes at a time."""
+
+    peer_status_topic: str | None = Field(
+        None,
+        description="the other receiver's [mqtt] status_topic; set: this receiver is one of a "
+        "pair and starts as the standby (docs/OPERATIONS.md, the hand-over rule); unset: off",
+    )
+    takeover_after_s: float = Field(
+        3.0,
+        ge=1.0,
+        le=60.0,
+        description="a standby takes over when it has heard nothing from the active one for "
+        "this long (at once when the active one's status goes offline)",
+    )
+
+    @field_validator("peer_status_topic")
+    @classmethod
+    def _topic(cls, value: str | None) -> str | None:
+        return None if value is None else _check_topic_part(value, "peer_status_topic")
+
+
 class StreamConfig(Section):
     """``[[streams]]``: one transmitter, its keys and where its values go."""
 
@@ -58,6 +80,7 @@ class RxConfig(Section):
     receiver: ReceiverSection = Field(default_factory=ReceiverSection)
     mqtt: MqttBroker = Field(default_factory=MqttBroker)
     streams: list[StreamConfig] = Field(min_length=1)
+    failover: FailoverSection = Field(default_factory=FailoverSection)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")
@@ -66,6 +89,11 @@ class RxConfig(Section):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"stream ids must be unique: {dupes}")
+        if self.failover.peer_status_topic == self.mqtt.status_topic:
+            raise ValueError(
+                "failover.peer_status_topic is this receiver's own mqtt.status_topic: "
+                "each receiver of a pair needs its own"
+            )
         return self
 
     def resolve(self, path: Path) -> RxConfig:

@@ -30,18 +30,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diode.benchmarks.harness import to_toml
+from receiver.failover import ANNOUNCE_S
 from tests.faults.harness import (
     BIN,
     SHUTDOWN_S,
     Child,
     Plant,
     Subscriber,
+    _Discard,
+    metrics,
+    rejected,
+    sample_number,
     synthetic_sent,
     tally,
     wait_until,
 )
 from tests.faults.scenarios import SEED, Result, _counted_run
 from tests.support.mosquitto import Mosquitto
+from tests.support.net import free_port
+from tests.support.relay import Faults, Relay
 
 ACTIVATE = shutil.which("systemd-socket-activate")
 # $1: the "go" file, $2: where the receiver's pid goes, the rest: the receiver's argv.
@@ -347,10 +355,21 @@ async def time_diversity(
 
 async def _finish_run(plant: Plant, sub: Subscriber, result: Result) -> dict[str, int]:
     """Stop the transmitter, wait for MQTT to settle; the sent and rx figures in ``result``."""
-    from tests.faults.harness import rejected
+    from tests.faults.harness import settled
     from tests.faults.scenarios import _finish, _mb
 
-    counters = await _finish(plant, sub)
+    if isinstance(plant, PairPlant):
+        # An active receiver of a pair announces every ANNOUNCE_S: its published count
+        # never settles; its spool and the subscriber do.
+        counters = await plant.stop_tx()
+        await wait_until(
+            settled(lambda: (sub.count_good(), plant.rx_counters().get("mqtt_spool_depth")), 2.0),
+            within=60,
+            step=0.25,
+            what="subscriber quiet",
+        )
+    else:
+        counters = await _finish(plant, sub)
     rx = plant.rx_counters()
     plant.rx_memory()
     result.sent = counters["poll_generated"]
@@ -428,6 +447,221 @@ async def reload_under_load(tmp: Path, broker: Mosquitto, *, rate: int, seed: in
         assert not plant.gaps(), plant.gaps()
         assert result.reported_lost == 0
         assert t.out_of_order == 0, f"{t.out_of_order} values out of order"
+        assert t.missing == 0, (
+            f"{t.missing} values never published, e.g. {sorted(t.missing_values)[:5]}"
+        )
+        return result
+    finally:
+        sub.close()
+        await plant.close()
+
+
+# --- 15, 16. a standby receiver -------------------------------------------------------------
+
+TAKEOVER_S = 3.0
+
+
+class TeeRelay(Relay):
+    """The splitter of a real link: every datagram forwarded goes to every receiver."""
+
+    def __init__(self, targets: list[tuple[str, int]], faults: Faults) -> None:
+        super().__init__(targets[0], faults)
+        self.targets = targets
+
+    def _forward(self, data: bytes) -> None:
+        for target in self.targets:
+            try:
+                self._out.sendto(data, target)
+                self.stats.forwarded += 1
+            except OSError:
+                self.stats.send_errors += 1
+
+
+@dataclass
+class PairPlant(Plant):
+    """Two receivers, ``a`` and ``b``, each the other's peer, one relay feeding both."""
+
+    rx_b: Child | None = field(default=None)
+    rx_port_b: int = 0
+    metrics_port_b: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.rx_port_b = free_port(socket.SOCK_DGRAM)
+        self.metrics_port_b = free_port()
+
+    def pair_config(self, name: str) -> Path:
+        other = "b" if name == "a" else "a"
+        port, metrics = (
+            (self.rx_port, self.metrics_port)
+            if name == "a"
+            else (self.rx_port_b, self.metrics_port_b)
+        )
+        self.receiver = {
+            "port": port,
+            "metrics_port": metrics,
+            "state_dir": str(self.tmp / f"rx-{name}"),
+        }
+        self.mqtt = {
+            "client_id": f"diode-rx-{name}",
+            "spool_path": str(self.tmp / f"rx-{name}" / "spool.sqlite"),
+            "status_topic": f"diode/$receiver/{name}",
+        }
+        text = super().rx_config().read_text()
+        failover = {
+            "failover": {
+                "peer_status_topic": f"diode/$receiver/{other}",
+                "takeover_after_s": TAKEOVER_S,
+            }
+        }
+        path = self.tmp / f"rx-{name}.toml"
+        path.write_text(text + to_toml(failover))
+        return path
+
+    async def start_relay(self) -> Relay:
+        targets = [("127.0.0.1", self.rx_port), ("127.0.0.1", self.rx_port_b)]
+        self.relay = TeeRelay(targets, self.faults)
+        if not self.capture:
+            self.relay.capture = _Discard()
+        await self.relay.start()
+        return self.relay
+
+    async def start_one(self, name: str) -> Child:
+        argv = [str(BIN / "diode-rx"), "--config", str(self.pair_config(name))]
+        child = Child(f"rx-{name}", argv, self.tmp / f"rx-{name}.log")
+        port = self.metrics_port if name == "a" else self.metrics_port_b
+        if name == "a":
+            self.rx = child
+        else:
+            self.rx_b = child
+
+        def ready() -> bool:
+            if not child.alive():
+                raise AssertionError(f"{child.name} exited: {child.log.read_text()[-2000:]}")
+            try:
+                metrics(port)
+            except OSError:
+                return False
+            return True
+
+        await wait_until(ready, within=20, what=f"{child.name} metrics endpoint")
+        return child
+
+    async def start_rx(self) -> Child:
+        """``a`` first, active once it claimed; then ``b``, which hears it and stays standby."""
+        await self.start_one("a")
+        await wait_until(lambda: self.counters_of("a").get("failover_active") == 1,
+                         within=4 * TAKEOVER_S, what="a active")  # fmt: skip
+        await self.start_one("b")
+        return await self._rx()
+
+    async def _rx(self) -> Child:
+        assert self.rx is not None
+        return self.rx
+
+    def counters_of(self, name: str) -> dict[str, int]:
+        return metrics(self.metrics_port if name == "a" else self.metrics_port_b)
+
+    def rx_counters(self) -> dict[str, int]:
+        """The active receiver's counters (a's while it lives and is active)."""
+        if self.rx is not None and self.rx.alive():
+            a = self.counters_of("a")
+            if a.get("failover_active") == 1:
+                return a
+        return self.counters_of("b")
+
+    def gaps(self) -> list[dict[str, Any]]:
+        return [g for c in (self.rx, self.rx_b) if c is not None for g in c.events("records lost")]
+
+    async def close(self) -> None:
+        await super().close()
+        if self.rx_b is not None and self.rx_b.alive():
+            await asyncio.to_thread(self.rx_b.terminate)
+
+
+def _took_over(child: Child) -> list[dict[str, Any]]:
+    return child.events("failover: taking over")
+
+
+def _log_s(entry: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+async def standby_takes_over(
+    tmp: Path, broker: Mosquitto, *, rate: int = 1000, seed: int = SEED
+) -> Result:
+    """Two receivers fed the same datagrams; the active one SIGKILLed: the standby takes
+    over from the active one's last published position. 0 lost; the repeats and the
+    hand-over time are reported; the standby published nothing before."""
+    result = Result(f"15. standby receiver, active SIGKILLed, {rate:,} updates/s", seed=seed)
+    sources = rate_sources(rate)
+    plant = PairPlant(tmp, broker, sources, output=rate_output(rate))
+    sub = Subscriber(broker.port)
+    fig: dict[str, Any] = {}
+
+    async def kill_active() -> None:
+        await wait_until(lambda: sub.count_good() > 3 * rate, what="values flowing")
+        fig["b_before"] = plant.counters_of("b")
+        before = sub.count_good()
+        fig["killed"] = time.time()
+        plant.kill_rx()
+        fig["top"] = {tag: max(ns, default=0) for tag, ns in sub.good().items()}
+        assert plant.rx_b is not None
+        b = plant.rx_b
+        await wait_until(lambda: bool(_took_over(b)), within=4 * TAKEOVER_S, what="b took over")
+        await wait_until(lambda: sub.count_good() > before + 3 * rate, what="values after")
+        fig["first_after"] = min(
+            (
+                s.at_ns
+                for tag in sub.good()
+                for s in sub.seen(*tag)
+                if s.at_ns / 1e9 > fig["killed"]
+            ),
+            default=0,
+        )
+        await asyncio.sleep(1.0)
+
+    try:
+        await plant.start_relay()
+        await plant.start_rx()
+        await plant.start_tx()
+        await kill_active()
+        counters = await _finish_run(plant, sub, result)
+        b = plant.counters_of("b")
+        result.reported_lost = b.get("records_lost", 0)
+        result.rejected = rejected(b)
+        t = tally(sub.good(), synthetic_sent(sources, {"plc": counters["poll_generated"]}))
+        result.published, result.lost = t.published - t.duplicates, t.missing
+        assert plant.rx_b is not None
+        (taking,) = _took_over(plant.rx_b)
+        handover_s = _log_s(taking) - fig["killed"]
+        # Every tag's first value newer than any it had at the kill, on MQTT.
+        first_s = (
+            max(
+                min(
+                    s.at_ns
+                    for s in sub.seen(*tag)
+                    if s.quality == "good" and (sample_number(s.value) or 0) > top
+                )
+                for tag, top in fig["top"].items()
+            )
+            / 1e9
+            - fig["killed"]
+        )
+        result.note(
+            f"b, standby, published {fig['b_before'].get('mqtt_published', 0)} messages before "
+            f"the kill; it took over {handover_s:.2f} s after the SIGKILL ({taking['reason']}), "
+            f"from the positions a last announced {taking['positions']}; every tag had a new "
+            f"value on MQTT {first_s:.2f} s after the kill; {t.duplicates} values published twice (what a "
+            f"published after its last announcement, every {ANNOUNCE_S} s), {t.out_of_order} "
+            f"behind a larger one; gaps reported {len(plant.gaps())}"
+        )
+        assert fig["b_before"].get("mqtt_published", 0) == 0, "the standby published"
+        assert fig["b_before"].get("failover_active") == 0
+        assert "offline" in taking["reason"], taking
+        assert not plant.gaps(), plant.gaps()
         assert t.missing == 0, (
             f"{t.missing} values never published, e.g. {sorted(t.missing_values)[:5]}"
         )
