@@ -56,3 +56,9 @@ async def test_a_standby_takes_over_from_a_killed_active_receiver_losing_nothing
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     await restarts.standby_takes_over(tmp_path, mosquitto)
+
+
+async def test_both_receivers_killed_lose_what_was_sent_while_dead_reported_exactly(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    await restarts.both_killed(tmp_path, mosquitto)
