@@ -167,7 +167,7 @@ def _quiet_link(rx: dict[str, int]) -> str:
     )
 
 
-# --- 12. restarts under socket activation ---------------------------------------------------
+# --- 13. restarts under socket activation ---------------------------------------------------
 
 
 def rate_sources(rate: int) -> list[dict[str, Any]]:
@@ -188,7 +188,7 @@ async def socket_activated_restarts(
     receiver reading its 2 s backlog: the moment it holds the most it has read and not
     committed). Every value published, none reported lost, in order."""
     result = Result(
-        f"12. socket activation, {rate:,} updates/s: SIGTERM + restart, SIGKILL + restart "
+        f"13. socket activation, {rate:,} updates/s: SIGTERM + restart, SIGKILL + restart "
         f"({DEAD_S:.0f} s dead each), SIGKILL during the catch-up",
         seed=seed,
     )
@@ -257,7 +257,7 @@ async def socket_activated_restarts(
         await plant.close()
 
 
-# --- 13. time diversity ---------------------------------------------------------------------
+# --- 14. time diversity ---------------------------------------------------------------------
 
 REPEAT_AFTER_S = 5.0
 OUTAGE_S = 4.0
@@ -277,7 +277,7 @@ async def time_diversity(
         "link": f"link cut {OUTAGE_S:.0f} s",
     }[fault]
     result = Result(
-        f"13. time diversity (repeat_after_s = {REPEAT_AFTER_S:.0f}), {rate:,} updates/s: {what}",
+        f"14. time diversity (repeat_after_s = {REPEAT_AFTER_S:.0f}), {rate:,} updates/s: {what}",
         seed=seed,
     )
     sources = rate_sources(rate)
@@ -379,7 +379,7 @@ async def _finish_run(plant: Plant, sub: Subscriber, result: Result) -> dict[str
     return counters
 
 
-# --- 14. reload (SIGHUP) --------------------------------------------------------------------
+# --- 15. reload (SIGHUP) --------------------------------------------------------------------
 
 
 async def reload_under_load(tmp: Path, broker: Mosquitto, *, rate: int, seed: int = SEED) -> Result:
@@ -387,7 +387,7 @@ async def reload_under_load(tmp: Path, broker: Mosquitto, *, rate: int, seed: in
     changed where a reload can change it; then with a broken config. The first re-executes
     the receiver on the same socket, same pid: 0 lost; the second is refused, the receiver
     runs on."""
-    result = Result(f"14. receiver reload (SIGHUP) under load, {rate:,} updates/s", seed=seed)
+    result = Result(f"15. receiver reload (SIGHUP) under load, {rate:,} updates/s", seed=seed)
     sources = rate_sources(rate)
     plant = Plant(tmp, broker, sources, output=rate_output(rate))
     sub = Subscriber(broker.port)
@@ -456,7 +456,7 @@ async def reload_under_load(tmp: Path, broker: Mosquitto, *, rate: int, seed: in
         await plant.close()
 
 
-# --- 15, 16. a standby receiver -------------------------------------------------------------
+# --- 16, 17. a standby receiver -------------------------------------------------------------
 
 TAKEOVER_S = 3.0
 
@@ -595,7 +595,7 @@ async def standby_takes_over(
     """Two receivers fed the same datagrams; the active one SIGKILLed: the standby takes
     over from the active one's last published position. 0 lost; the repeats and the
     hand-over time are reported; the standby published nothing before."""
-    result = Result(f"15. standby receiver, active SIGKILLed, {rate:,} updates/s", seed=seed)
+    result = Result(f"16. standby receiver, active SIGKILLed, {rate:,} updates/s", seed=seed)
     sources = rate_sources(rate)
     plant = PairPlant(tmp, broker, sources, output=rate_output(rate))
     sub = Subscriber(broker.port)
@@ -681,7 +681,7 @@ async def both_killed(
     beyond QoS 1's redelivery of what was in flight."""
     from tests.faults.scenarios import exact_accounting, reference
 
-    result = Result(f"16. standby receiver, both SIGKILLed, {rate:,} updates/s", seed=seed)
+    result = Result(f"17. standby receiver, both SIGKILLed, {rate:,} updates/s", seed=seed)
     sources = rate_sources(rate)
     plant = PairPlant(tmp, broker, sources, output=rate_output(rate), capture=True)
     sub = Subscriber(broker.port)
