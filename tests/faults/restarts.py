@@ -722,11 +722,15 @@ async def both_killed(
         result.rejected = rejected(a)
         result.note(
             f"a, active before, resumed {fig['resumed_s']:.1f} s after both were started again; "
-            f"b stayed standby (took over {len(_took_over(plant.rx_b))} times); one gap per "
-            f"the dead time: {len(plant.gaps())} reported, {lost_records} records, "
-            f"{len(lost_samples)} samples, exactly the samples missing on MQTT; "
-            f"{t.duplicates} values published twice, {t.out_of_order} behind a larger one"
+            f"b stayed standby (took over {len(_took_over(plant.rx_b))} times, published "
+            f"{b.get('mqtt_published', 0)} messages); one gap for the time both were dead: "
+            f"{len(plant.gaps())} reported, {lost_records} records, {len(lost_samples)} samples, "
+            f"exactly the samples missing on MQTT; {t.duplicates} values published twice, all "
+            f"by a: its spool sends again what it had sent before the kill and not yet deleted "
+            f"(QoS 1 is at least once across a crash, as in scenario 9), {t.out_of_order} "
+            f"behind a larger one"
         )
+        assert b.get("mqtt_published", 0) == 0, "the standby published"
         assert b.get("failover_active") == 0
         assert not _took_over(plant.rx_b)
         assert a.get("failover_active") == 1
