@@ -42,7 +42,7 @@ from receiver.failover import (
     Failover,
     NullOutput,
     announcement_topic,
-    newest,
+    merged,
     pack_positions,
 )
 from receiver.link import SD_LISTEN_FDS_START, Drain, kernel_drops, link_socket
@@ -122,6 +122,7 @@ class Receiver:
         )
         self.active = self.failover is None
         self.since = time.time()  # when this receiver became the active one
+        self._tick = time.monotonic()  # the failover loop's last turn
         self._retired: Counter[str] = Counter()  # counts of the decoders it replaced
         output: Output = self.output if self.active else NullOutput()
         self.router = Router({s.id: s.output for s in config.streams}, output)
@@ -148,6 +149,8 @@ class Receiver:
 
     def _readable(self) -> None:
         now = time.monotonic()
+        if self.failover is not None and self.active:
+            self._check_not_frozen(now)
         receive = self.decoder.receive
         for datagram in self.drain.read(DRAIN_BUDGET, now):
             receive(datagram, now)
@@ -223,32 +226,45 @@ class Receiver:
 
     # -- a pair of receivers (receiver/failover.py) ----------------------------------------
 
+    def _check_not_frozen(self, now: float) -> None:
+        """An active receiver that has not run for takeover_after_s (frozen, a suspended VM)
+        steps down before it reads anything: the standby has taken over by then, and would
+        otherwise see everything this one held published a second time."""
+        assert self.failover is not None
+        stalled = now - self._tick
+        if stalled > self.failover.takeover_after_s:
+            self._step_down(f"step down: did not run for {stalled:.1f} s")
+        self._tick = now
+
+    def _apply_rule(self) -> None:
+        assert self.failover is not None
+        decision = self.failover.decide(time.monotonic(), active=self.active, since=self.since)
+        if decision is not None and decision.startswith("take over"):
+            self._take_over(decision)
+        elif decision is not None:
+            self._step_down(decision)
+
     async def _failover_loop(self, failover: Failover) -> None:
         announced = saved = 0.0
+        failover.on_news = self._apply_rule
         while True:
             await asyncio.sleep(0.1)
             now = time.monotonic()
-            decision = failover.decide(now, active=self.active, since=self.since)
-            if decision is not None and decision.startswith("take over"):
-                self._take_over(decision)
-            elif decision is not None:
-                self._step_down(decision)
+            if self.active:
+                self._check_not_frozen(now)
+            self._tick = now
+            self._apply_rule()
             if self.active:
                 if now - announced >= ANNOUNCE_S:
                     self._announce()
                     announced = now
                 continue
             # Standby: the active receiver's published positions are ours.
-            peer = failover.positions()
-            merged = {
-                sid: position
-                for sid in self._committed.keys() | peer.keys()
-                if (position := newest(self._committed.get(sid), peer.get(sid))) is not None
-            }
-            if merged != self._committed:
-                self._committed = merged
+            positions = merged(self._committed, failover.positions())
+            if positions != self._committed:
+                self._committed = positions
                 if now - saved >= ANNOUNCE_S:
-                    self.output.commit({POSITIONS: pack_states(merged)})
+                    self.output.commit({POSITIONS: pack_states(positions)})
                     saved = now
 
     def _announce(self) -> None:
@@ -266,7 +282,7 @@ class Receiver:
     def _take_over(self, reason: str) -> None:
         """Publish from the last published positions on, reading the socket's queue again."""
         assert self.failover is not None
-        base = dict(self._committed)
+        base = merged(self._committed, self.failover.positions())
         shadow = self.router
         self.decoder = Decoder(self._keyring, self._settings, state=base)
         self.router = self._router(self.output, learned_from=shadow)
@@ -276,6 +292,7 @@ class Receiver:
         self.output.commit({POSITIONS: pack_states(base), ROLE: ACTIVE})
         self.active = True
         self.since = time.time()
+        self.failover.claiming = self.since
         self.failover.counters["failover_takeovers"] += 1
         self.failover.counters["failover_active"] = 1
         log.warning(
@@ -296,6 +313,8 @@ class Receiver:
         self.drain.hold_longer(self.failover.takeover_after_s + 2.0)
         self.output.commit({ROLE: STANDBY})
         self.active = False
+        self.failover.claiming = None
+        self.failover.standby_since = time.monotonic()
         self.failover.counters["failover_stepdowns"] += 1
         self.failover.counters["failover_active"] = 0
         log.warning("failover: stepping down", reason=reason)

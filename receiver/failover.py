@@ -13,10 +13,13 @@ peer_status_topic`` set to the other's ``[mqtt] status_topic``. The rule:
    ``{its status_topic}/positions``: its name, when it took over, and the
    stream positions of its last commit. The announcement goes through its
    spool like any message, so the broker has it only after every message those
-   positions cover: the positions are *published* ones.
+   positions cover: the positions are *published* ones. Beside it, on its
+   watch connection, it claims ``{its status_topic}/claim`` (name, since) every
+   ``ANNOUNCE_S``: that one no backlog can hold up, so it is what says "alive".
 3. **A standby takes over** when the active one's status goes offline while it
-   watches (its last will, or a clean stop), or when it has heard no
-   announcement for ``takeover_after_s`` while connected to the broker. It
+   watches (its last will, or a clean stop), or when it has heard neither a
+   claim nor an announcement for ``takeover_after_s`` while connected to the
+   broker. It
    starts from the last announced positions, reading its socket's queue from
    the head: consumers see again what the active one published after its last
    announcement (at most ``ANNOUNCE_S`` plus its delivery lag), never a hole.
@@ -31,6 +34,11 @@ peer_status_topic`` set to the other's ``[mqtt] status_topic``. The rule:
    name; the other steps down at once. Both publish at most until the next
    announcement arrives, plus whatever the loser had spooled while cut off.
 
+6. **An active receiver that has not run** for ``takeover_after_s`` (frozen,
+   a suspended VM) steps down before it reads anything: the standby has taken
+   over by then. Like any receiver that steps down, it then gives the peer
+   ``takeover_after_s`` to be heard before it would claim again.
+
 The watch is its own MQTT connection (client id ``{client_id}-failover``),
 subscribed to the peer's status and announcements; the MQTT output stays
 output only.
@@ -42,6 +50,7 @@ import asyncio
 import json
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,10 +65,17 @@ log = structlog.get_logger("diode.rx.failover")
 
 ANNOUNCE_S = 0.5
 POSITIONS_SUFFIX = "/positions"
+CLAIM_SUFFIX = "/claim"
 
 
 def announcement_topic(status_topic: str) -> str:
+    """Where the active receiver's published positions go (through its spool, retained)."""
     return status_topic + POSITIONS_SUFFIX
+
+
+def claim_topic(status_topic: str) -> str:
+    """Where the active receiver says it is, directly (not behind a spool backlog)."""
+    return status_topic + CLAIM_SUFFIX
 
 
 def pack_positions(positions: dict[int, StreamState]) -> dict[str, list[int]]:
@@ -89,13 +105,22 @@ def newest(a: StreamState | None, b: StreamState | None) -> StreamState | None:
     return a if (a.epoch, a.next_seq) >= (b.epoch, b.next_seq) else b
 
 
+def merged(ours: dict[int, StreamState], theirs: dict[int, StreamState]) -> dict[int, StreamState]:
+    """Per stream, the position further along."""
+    out = {}
+    for sid in ours.keys() | theirs.keys():
+        position = newest(ours.get(sid), theirs.get(sid))
+        if position is not None:
+            out[sid] = position
+    return out
+
+
 @dataclass(slots=True)
 class Claim:
-    """An active receiver's announcement."""
+    """An active receiver, as its claims and announcements name it."""
 
     name: str
     since: float  # wall clock, when it took over
-    positions: dict[int, StreamState]
     live: bool  # heard as it was published (not a retained copy from before we subscribed)
 
 
@@ -111,9 +136,13 @@ class Failover:
         self.was_active = was_active
         self.connected_at: float | None = None  # monotonic
         self.heard_at: float | None = None  # the last live announcement (monotonic)
-        self.claim: Claim | None = None  # the latest announcement, live or retained
+        self.claim: Claim | None = None  # the latest claim or announcement, live or retained
+        self.peer_positions: dict[int, StreamState] = {}  # its latest announced positions
+        self.claiming: float | None = None  # set by the receiver while active: its since
         self.peer_offline = False  # its status went offline while we watched
         self.ever_heard = False  # an active peer announced since we started
+        self.standby_since: float | None = None  # when this one stepped down (monotonic)
+        self.on_news: Callable[[], None] | None = None  # called after each message heard
         self.counters = {"failover_active": 0, "failover_takeovers": 0, "failover_stepdowns": 0}
 
     # -- the rule ------------------------------------------------------------------------
@@ -137,10 +166,11 @@ class Failover:
         assert self.connected_at is not None
         if self.peer_offline:
             return "take over: the active receiver's status is offline"
-        if self.heard_at is not None:
-            quiet = now - self.heard_at
+        marks = [t for t in (self.heard_at, self.standby_since) if t is not None]
+        if marks:
+            quiet = now - max(marks)
             if quiet >= self.takeover_after_s:
-                return f"take over: no announcement for {quiet:.1f} s"
+                return f"take over: nothing heard from the active receiver for {quiet:.1f} s"
             return None
         wait = self.takeover_after_s * (1 if self.was_active or self.ever_heard else 2)
         if now - self.connected_at >= wait:
@@ -148,11 +178,16 @@ class Failover:
         return None
 
     def positions(self) -> dict[int, StreamState]:
-        return dict(self.claim.positions) if self.claim is not None else {}
+        return dict(self.peer_positions)
 
     # -- what the broker says ----------------------------------------------------------
 
     def heard(self, topic: str, payload: bytes, *, retained: bool, now: float) -> None:
+        self._heard(topic, payload, retained=retained, now=now)
+        if self.on_news is not None:
+            self.on_news()  # a will or a later claim is acted on at once, not at the next tick
+
+    def _heard(self, topic: str, payload: bytes, *, retained: bool, now: float) -> None:
         try:
             data = json.loads(payload)
         except ValueError:
@@ -173,9 +208,9 @@ class Failover:
         if not isinstance(name, str) or not isinstance(since, int | float):
             log.warning("failover: malformed announcement", topic=topic)
             return
-        self.claim = Claim(
-            name, float(since), unpack_positions(data.get("positions")), not retained
-        )
+        self.claim = Claim(name, float(since), live=not retained)
+        if topic.endswith(POSITIONS_SUFFIX):
+            self.peer_positions = unpack_positions(data.get("positions"))
         if not retained:
             self.heard_at = now
             self.ever_heard = True
@@ -214,20 +249,17 @@ class Failover:
         delay = self._broker.reconnect_initial_s
         while True:
             try:
-                async with self._client() as client:
-                    await client.subscribe(self.peer_status_topic, qos=1)
-                    await client.subscribe(announcement_topic(self.peer_status_topic), qos=1)
+                async with self._client() as client, asyncio.TaskGroup() as group:
+                    peer = self.peer_status_topic
+                    for topic in (peer, announcement_topic(peer), claim_topic(peer)):
+                        await client.subscribe(topic, qos=1)
                     self.connected_at = time.monotonic()
                     delay = self._broker.reconnect_initial_s
-                    async for message in client.messages:
-                        self.heard(
-                            str(message.topic),
-                            bytes(message.payload)
-                            if isinstance(message.payload, bytes | bytearray)
-                            else str(message.payload).encode(),
-                            retained=bool(message.retain),
-                            now=time.monotonic(),
-                        )
+                    claims = group.create_task(self._claims(client))
+                    try:
+                        await self._listen(client)
+                    finally:
+                        claims.cancel()
             except aiomqtt.MqttError as exc:
                 if self.connected_at is not None:
                     log.warning("failover: watch disconnected", reason=str(exc))
@@ -236,6 +268,25 @@ class Failover:
                 self.heard_at = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._broker.reconnect_max_s)
+
+    async def _listen(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            self.heard(
+                str(message.topic),
+                bytes(payload) if isinstance(payload, bytes | bytearray) else str(payload).encode(),
+                retained=bool(message.retain),
+                now=time.monotonic(),
+            )
+
+    async def _claims(self, client: aiomqtt.Client) -> None:
+        """While active: "I am", every ANNOUNCE_S, on this connection (no spool ahead of it)."""
+        topic = claim_topic(self._broker.status_topic)
+        while True:
+            if self.claiming is not None:
+                payload = json.dumps({"name": self.name, "since": self.claiming})
+                await client.publish(topic, payload, qos=0)
+            await asyncio.sleep(ANNOUNCE_S)
 
 
 class NullOutput:

@@ -12,7 +12,13 @@ import json
 from diode.config import validate
 from diode.config.rx import RxConfig
 from diode.replay import StreamState
-from receiver.failover import Failover, announcement_topic, pack_positions, unpack_positions
+from receiver.failover import (
+    Failover,
+    announcement_topic,
+    claim_topic,
+    pack_positions,
+    unpack_positions,
+)
 
 PEER = "diode/$receiver/b"
 
@@ -52,7 +58,9 @@ def test_a_standby_takes_over_when_the_active_one_goes_silent() -> None:
     f.connected_at = 0.0
     announce(f, now=1.0)
     assert f.decide(3.9, active=False, since=0.0) is None
-    assert f.decide(4.0, active=False, since=0.0) == "take over: no announcement for 3.0 s"
+    assert f.decide(4.0, active=False, since=0.0) == (
+        "take over: nothing heard from the active receiver for 3.0 s"
+    )
     assert f.positions() == {7: StreamState(epoch=1, next_seq=5, next_record=50)}
 
 
@@ -95,6 +103,29 @@ def test_two_active_the_most_recent_claim_wins_a_tie_goes_to_the_smaller_name() 
     assert f.decide(1.5, active=True, since=100.0) is None
     announce(f, name="rx-b", since=100.0, now=2.0)  # "rx-a" < "rx-b": a stays
     assert f.decide(2.0, active=True, since=100.0) is None
+
+
+def test_claims_keep_a_standby_waiting_while_the_announcements_lag() -> None:
+    """The announcements queue behind the active receiver's spool; its claims do not."""
+    f = failover()
+    f.connected_at = 0.0
+    announce(f, now=1.0, seq=5)
+    for t in (2.0, 3.0, 4.0, 5.0):
+        claim = json.dumps({"name": "rx-b", "since": 100.0}).encode()
+        f.heard(claim_topic(PEER), claim, retained=False, now=t)
+    assert f.decide(7.9, active=False, since=0.0) is None
+    assert f.decide(8.0, active=False, since=0.0) is not None
+    # Claims carry no positions: the standby starts from the last announced ones.
+    assert f.positions()[7].next_seq == 5
+
+
+def test_a_receiver_that_stepped_down_waits_before_claiming_again() -> None:
+    f = failover()
+    f.connected_at = 0.0
+    announce(f, now=1.0)
+    f.standby_since = 10.0  # stepped down at 10 s, nothing heard since 1 s
+    assert f.decide(12.9, active=False, since=0.0) is None
+    assert f.decide(13.0, active=False, since=0.0) is not None
 
 
 def test_malformed_positions_give_none() -> None:

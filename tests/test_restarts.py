@@ -62,3 +62,9 @@ async def test_both_receivers_killed_lose_what_was_sent_while_dead_reported_exac
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     await restarts.both_killed(tmp_path, mosquitto)
+
+
+async def test_a_frozen_active_receiver_is_replaced_and_steps_down_when_it_resumes(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    await restarts.active_frozen(tmp_path, mosquitto)

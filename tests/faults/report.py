@@ -48,6 +48,7 @@ RUNS: list[tuple[str, Any, dict[str, Any]]] = [
     ("standby", restarts.standby_takes_over, {}),
     ("standby_10k", restarts.standby_takes_over, {"rate": 10_000}),
     ("both_killed", restarts.both_killed, {}),
+    ("frozen", restarts.active_frozen, {}),
 ]
 
 

@@ -741,3 +741,78 @@ async def both_killed(
     finally:
         sub.close()
         await plant.close()
+
+
+FROZEN_S = 6.0
+
+
+async def active_frozen(
+    tmp: Path, broker: Mosquitto, *, rate: int = 1000, seed: int = SEED
+) -> Result:
+    """The active receiver frozen (SIGSTOP) for 6 s, its broker connection still open (no
+    last will): the standby takes over after takeover_after_s of silence; the frozen one,
+    resumed (SIGCONT), hears the later claim and steps down. 0 lost; the overlap is
+    reported."""
+    result = Result(
+        f"18. standby receiver, active frozen {FROZEN_S:.0f} s (SIGSTOP) then resumed, "
+        f"{rate:,} updates/s",
+        seed=seed,
+    )
+    sources = rate_sources(rate)
+    plant = PairPlant(tmp, broker, sources, output=rate_output(rate))
+    sub = Subscriber(broker.port)
+    fig: dict[str, Any] = {}
+
+    async def freeze() -> None:
+        assert plant.rx is not None
+        assert plant.rx_b is not None
+        a, b = plant.rx, plant.rx_b
+        await wait_until(lambda: sub.count_good() > 3 * rate, what="values flowing")
+        fig["stopped"] = time.time()
+        os.kill(a.pid, signal.SIGSTOP)
+        await wait_until(lambda: bool(_took_over(b)), within=4 * TAKEOVER_S, what="b took over")
+        await asyncio.sleep(max(FROZEN_S - (time.time() - fig["stopped"]), 0.0))
+        os.kill(a.pid, signal.SIGCONT)
+        fig["resumed"] = time.time()
+        await wait_until(lambda: bool(a.events("failover: stepping down")), what="a stepped down")
+        before = sub.count_good()
+        await wait_until(lambda: sub.count_good() > before + 3 * rate, what="values after")
+        await asyncio.sleep(1.0)
+
+    try:
+        await plant.start_relay()
+        await plant.start_rx()
+        await plant.start_tx()
+        await freeze()
+        counters = await _finish_run(plant, sub, result)
+        assert plant.rx is not None
+        assert plant.rx_b is not None
+        a, b = plant.counters_of("a"), plant.counters_of("b")
+        result.reported_lost = a.get("records_lost", 0) + b.get("records_lost", 0)
+        result.rejected = rejected(b)
+        t = tally(sub.good(), synthetic_sent(sources, {"plc": counters["poll_generated"]}))
+        result.published, result.lost = t.published - t.duplicates, t.missing
+        (taking,) = _took_over(plant.rx_b)
+        (down,) = plant.rx.events("failover: stepping down")
+        result.note(
+            f"b took over {_log_s(taking) - fig['stopped']:.1f} s after a was frozen "
+            f"({taking['reason']}); a, resumed, stepped down "
+            f"{_log_s(down) - fig['resumed']:.2f} s later ({down['reason']}); "
+            f"{t.duplicates} values published twice (what a published after its last "
+            f"announcement, published again by b; a published nothing after it resumed), "
+            f"{t.out_of_order} arrived behind a larger one; gaps reported {len(plant.gaps())}; "
+            f"a's failover_stepdowns {a.get('failover_stepdowns')}, b's failover_active "
+            f"{b.get('failover_active')}"
+        )
+        assert "nothing heard" in taking["reason"], taking
+        assert "did not run" in down["reason"], down
+        assert a.get("failover_active") == 0
+        assert b.get("failover_active") == 1
+        assert not plant.gaps(), plant.gaps()
+        assert t.missing == 0, (
+            f"{t.missing} values never published, e.g. {sorted(t.missing_values)[:5]}"
+        )
+        return result
+    finally:
+        sub.close()
+        await plant.close()
