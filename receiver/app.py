@@ -12,6 +12,14 @@ The pipeline, stage by stage, with the queue between each pair::
 The socket is drained in a tight loop whenever it is readable: a full
 socket queue is the main cause of loss on a one-way link. The receiver never
 sends anything towards the transmitter: the link socket is only read.
+
+Restarts lose nothing (receiver/link.py): the socket may be passed in by
+systemd (``diode-rx.socket``) and outlive the process, and a datagram leaves
+its queue only once the positions committed with its records cover it.
+SIGHUP checks the config and, if it is good, executes the receiver again in
+this process with the socket passed on (:func:`reexec`). With ``[failover]``
+the receiver is one of a pair (receiver/failover.py): while standby its router
+publishes nowhere and the drain follows the active receiver's positions.
 """
 
 from __future__ import annotations
