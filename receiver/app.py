@@ -31,6 +31,7 @@ import hashlib
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from collections import Counter
@@ -38,11 +39,11 @@ from pathlib import Path
 
 import structlog
 
-from diode import daemon
+from diode import daemon, startup
 from diode.config import load
 from diode.config.rx import RxConfig
 from diode.decoder import Decoder, DecoderSettings, Gap
-from diode.errors import DiodeError, FrameError
+from diode.errors import DiodeError, FrameError, SettingError
 from diode.keys import Keyring, TrustedKey, load_psk, load_public_key
 from diode.replay import StreamState, pack_states, unpack_states
 from receiver.failover import (
@@ -96,10 +97,12 @@ def keyring(config: RxConfig) -> Keyring:
 
 
 def validated(path: Path) -> RxConfig:
-    """The config at ``path`` checked as a start would check it: schema, files, keys."""
+    """The config at ``path`` checked as a start would check it: schema, files, keys, and
+    what this host can tell before binding (startup.check_rx)."""
     config = load(RxConfig, path).resolve(path)
     config.check_files(path)
     keyring(config)
+    startup.check_rx(config, create=True)
     return config
 
 
@@ -114,7 +117,12 @@ class Receiver:
         self.config = config
         self.config_path = config_path
         section = config.receiver
-        self.output = MqttOutput(config.mqtt)
+        try:
+            self.output = MqttOutput(config.mqtt)
+        except sqlite3.Error as exc:  # a file that is not our spool, or a damaged one
+            raise SettingError(
+                "mqtt.spool_path", f"{config.mqtt.spool_path} is not a usable spool: {exc}"
+            ) from None
         self._keyring = keyring(config)
         self._settings = DecoderSettings(
             reorder_timeout_s=section.reorder_timeout_s,
@@ -136,7 +144,9 @@ class Receiver:
         self.router = Router({s.id: s.output for s in config.streams}, output)
         passed = False
         if sock is None:
-            sock, passed = link_socket(section.listen, section.port, section.rcvbuf_bytes)
+            sock, passed = link_socket(
+                section.listen, section.port, section.rcvbuf_bytes, section.interface
+            )
         self.sock = sock
         # The positions last committed with the messages they cover: what the drain may
         # take out of the kernel's queue (receiver/link.py).
@@ -383,16 +393,26 @@ class Receiver:
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         section = self.config.receiver
+        if self.metrics is not None:
+            try:
+                self.metrics.serve(section.metrics_address, section.metrics_port)
+            except OSError as exc:
+                raise startup.bind_error(
+                    exc,
+                    address_key="receiver.metrics_address",
+                    port_key="receiver.metrics_port",
+                    address=section.metrics_address,
+                    port=section.metrics_port,
+                ) from None
         address = self.sock.getsockname()
         log.info(
             "receiver starting",
             listen=f"{address[0]}:{address[1]}",
+            interface=section.interface,
             socket="passed in" if self.passed_socket else "opened",
             streams=[s.id for s in self.config.streams],
             **self._config_file(),
         )
-        if self.metrics is not None:
-            self.metrics.serve(section.metrics_address, section.metrics_port)
         async with asyncio.TaskGroup() as group:
             supervise = group.create_task(self._supervise())
             tasks = [
@@ -464,13 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     handover: list[socket.socket] = []
 
     async def _main(stop: asyncio.Event) -> None:
+        startup.check_rx(config, create=True)
         receiver = Receiver(config, config_path=args.config)
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, receiver.reload, stop)
         await receiver.run(stop)
         if receiver.handover:
             handover.append(receiver.sock)
 
-    code = daemon.run(_main)
+    code = daemon.run(_main, args.config)
     if handover:
         reexec(handover[0])
         return 1

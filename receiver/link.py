@@ -53,6 +53,7 @@ from pathlib import Path
 
 import structlog
 
+from diode import startup
 from diode.errors import LinkError
 from diode.replay import StreamState
 
@@ -60,6 +61,8 @@ log = structlog.get_logger("diode.rx")
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; not exported by Python 3.11
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)  # Linux
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)  # Linux
+IFNAMSIZ = 16
 SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed sockets start at fd 3
 MAX_DATAGRAM = 65535
 # Longest a datagram stays in the queue uncovered (see the module docstring).
@@ -109,17 +112,31 @@ def _rmem_max() -> int:
         return 2**31 - 1
 
 
-def open_link_socket(listen: str, port: int, rcvbuf: int) -> socket.socket:
-    """Bind the link socket with the receive buffer asked for (read back, warned if capped)."""
+def open_link_socket(
+    listen: str, port: int, rcvbuf: int, interface: str | None = None
+) -> socket.socket:
+    """Bind the link socket with the receive buffer asked for (read back, warned if capped).
+
+    With ``interface`` the socket takes datagrams arriving on that interface only
+    (SO_BINDTODEVICE): a host on the IT side that can route to ``listen`` still
+    cannot reach the port. A failure names the setting to change (SettingError).
+    """
     family = socket.AF_INET6 if ":" in listen else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         size_receive_buffer(sock, rcvbuf)
+        if interface is not None:
+            startup.bind_to_device(sock, interface, "receiver.interface")
         sock.bind((listen, port))
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise LinkError(f"cannot listen on {listen}:{port}: {exc}") from exc
+        raise startup.bind_error(
+            exc, address_key="receiver.listen", port_key="receiver.port", address=listen, port=port
+        ) from None
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -158,21 +175,25 @@ def passed_socket(environ: MutableMapping[str, str] | None = None) -> socket.soc
     return sock
 
 
-def link_socket(listen: str, port: int, rcvbuf: int) -> tuple[socket.socket, bool]:
-    """The socket passed in (buffer checked, address compared with the config), else our own.
-
-    Returns the socket and whether it was passed in.
-    """
+def link_socket(
+    listen: str, port: int, rcvbuf: int, interface: str | None = None
+) -> tuple[socket.socket, bool]:
+    """The socket passed in (buffer checked, address and interface compared with the
+    config), else our own. Returns the socket and whether it was passed in."""
     sock = passed_socket()
     if sock is None:
-        return open_link_socket(listen, port, rcvbuf), False
+        return open_link_socket(listen, port, rcvbuf, interface), False
     size_receive_buffer(sock, rcvbuf)
     bound = sock.getsockname()
-    if (bound[0], bound[1]) != (listen, port):
+    device = sock.getsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, IFNAMSIZ).rstrip(b"\0").decode()
+    if (bound[0], bound[1], device or None) != (listen, port, interface):
         log.warning(
-            "the link socket passed in is bound elsewhere than the config says; using it",
+            "the link socket passed in is not the one the config describes; using it",
             bound=f"{bound[0]}:{bound[1]}",
+            device=device or None,
             config=f"{listen}:{port}",
+            interface=interface,
+            fix="the same address, port and interface in diode-rx.socket and [receiver]",
         )
     return sock, True
 

@@ -27,6 +27,7 @@ def failover(*, was_active: bool = False, takeover_after_s: float = 3.0) -> Fail
     config = validate(
         RxConfig,
         {
+            "receiver": {"listen": "127.0.0.1"},
             "mqtt": {"client_id": "rx-a", "status_topic": "diode/$receiver/a"},
             "streams": [{"id": 7, "public_keys": ["k.pub"]}],
             "failover": {"peer_status_topic": PEER, "takeover_after_s": takeover_after_s},
@@ -147,6 +148,7 @@ def test_a_receiver_cannot_watch_its_own_status() -> None:
         validate(
             RxConfig,
             {
+                "receiver": {"listen": "127.0.0.1"},
                 "mqtt": {"status_topic": PEER},
                 "streams": [{"id": 7, "public_keys": ["k.pub"]}],
                 "failover": {"peer_status_topic": PEER},

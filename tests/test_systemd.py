@@ -149,7 +149,7 @@ def test_socket_unit_matches_the_example_and_holds_the_buffer() -> None:
     s = unit_settings(UNITS / SOCKET)
     example_rx = tomllib.loads((EXAMPLES / "rx.toml").read_text())["receiver"]
     assert one(s, "Socket.ListenDatagram") == f"{example_rx['listen']}:{example_rx['port']}"
-    assert one(s, "Socket.BindToDevice") == "eth1"  # the link interface of docs/OPERATIONS.md
+    assert one(s, "Socket.BindToDevice") == example_rx["interface"] == "eth1"
     assert "eth1" in (ROOT / "docs" / "OPERATIONS.md").read_text()
     size = one(s, "Socket.ReceiveBuffer")
     assert size.endswith("M")
@@ -460,13 +460,11 @@ def rx_example(tmp_path: Path, port: int, broker: int, metrics: int) -> Path:
         "rx.toml",
         {
             'listen = "192.168.77.2"': 'listen = "127.0.0.1"',
+            'interface = "eth1"': 'interface = "lo"',
             "port = 5140": f"port = {port}",
             'state_dir = "/var/lib/diode-rx"': f'state_dir = "{tmp_path}/rx-state"',
             "metrics_port = 9640": f"metrics_port = {metrics}",
             "port = 1883": f"port = {broker}",
-            'spool_path = "/var/lib/diode-rx/mqtt-spool.sqlite3"': (
-                f'spool_path = "{tmp_path}/rx-state/mqtt-spool.sqlite3"'
-            ),
             'public_keys = ["/etc/diode/tx.pub"]': f'public_keys = ["{tmp_path}/tx.pub"]',
             '# psk_file = "/etc/diode/tx.psk"': f'psk_file = "{tmp_path}/tx.psk"',
         },
