@@ -123,6 +123,10 @@ def _bench(args: argparse.Namespace) -> int:
             rates=args.rate or (1000, 10_000, 50_000),
             seconds=args.seconds if not args.quick else 2.0,
         )
+    elif args.what == "drain":
+        from diode.benchmarks.drain import drain_cost
+
+        result = drain_cost(datagrams=2000 if args.quick else 20_000)
     elif args.what == "repeat":
         from diode.benchmarks.restart import repeat_cost
 
@@ -215,13 +219,14 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks, printed as JSON")
     p.add_argument(
         "what",
-        choices=["codec", "link", "tags", "cost", "polling", "opcua", "restart", "repeat"],
+        choices=["codec", "link", "tags", "cost", "polling", "opcua", "restart", "repeat", "drain"],
         help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
         "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s; "
         "polling: Modbus devices one transmitter core polls at 1 Hz; "
         "opcua: OPC UA monitored items one transmitter core serves at 1 Hz; "
         "restart: how long a receiver restart the link socket's buffer covers; "
-        "repeat: the transmitter's CPU and bandwidth with and without repeat_after_s",
+        "repeat: the transmitter's CPU and bandwidth with and without repeat_after_s; "
+        "drain: the receiver's journaled drain, CPU per datagram",
     )
     p.add_argument("--seconds", type=float, default=None, help="time per measurement")
     p.add_argument("--quick", action="store_true", help="short runs (tests, smoke checks)")

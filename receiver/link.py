@@ -35,9 +35,9 @@ a crash at that moment can lose that much, never the receiver's liveness.
 
 The price is a second system call per datagram (the one that takes it off the
 queue) and the bookkeeping: 5.0 against 1.4 us of CPU per datagram for the
-drain alone (``Drain.read`` and ``release`` over 20 000 queued datagrams of
-1472 bytes, journal on and off, median of 5, load average 8.5 on this 2-core
-machine), about 0.2 % of a core at 10 000 updates/s (650 datagrams/s); under
+drain alone (``diode bench drain``: ``Drain.read`` and ``release`` over 20 000
+queued datagrams of 1472 bytes, journal on and off, median of 5, load average
+8.5 on this 2-core machine), about 0.2 % of a core at 10 000 updates/s (650 datagrams/s); under
 a flood of forged datagrams it is what the receiver pays per datagram.
 """
 

@@ -128,3 +128,10 @@ def test_repeat_reports_what_time_diversity_costs() -> None:
     assert 1.6 < on["datagrams_per_s"] / off["datagrams_per_s"] < 2.4
     assert on["tx_cpu_percent"] > 0
     assert off["tx_cpu_percent"] > 0
+
+
+def test_drain_reports_the_journal_cost_per_datagram() -> None:
+    report = bench("drain", "--quick")
+    cost = report["us_per_datagram"]
+    assert cost["plain"] > 0
+    assert cost["journal"] > cost["plain"]  # a second system call per datagram
