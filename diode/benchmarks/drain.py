@@ -60,6 +60,6 @@ def drain_cost(*, datagrams: int = 20_000, repeats: int = 5) -> dict[str, Any]:
             "repeats": repeats,
             "bytes": 1472,
             "load_average": os.getloadavg()[0],
-        },  # fmt: skip
+        },
         "us_per_datagram": {k: round(statistics.median(v), 2) for k, v in runs.items()},
     }
