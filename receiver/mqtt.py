@@ -441,6 +441,15 @@ class MqttOutput:
         """The router's state as the last commit left it."""
         return self._spool.state()
 
+    def publish_message(
+        self, topic: str, obj: object, *, qos: int = 1, retain: bool = True
+    ) -> None:
+        """Any JSON message, in the spool's order: after every message handed over before it.
+
+        The failover announcement (receiver/failover.py) relies on that order.
+        """
+        self._submit([Message(topic, encode(obj), qos, retain)])
+
     @property
     def backlog(self) -> int:
         """Messages not yet handed to the broker."""

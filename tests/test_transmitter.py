@@ -452,3 +452,92 @@ async def test_a_value_that_cannot_travel_costs_only_itself(tmp_path: Path) -> N
         stop.set()
         await asyncio.wait_for(task, 10)
         await server.stop()
+
+
+# --- time diversity: [link] repeat_after_s ---------------------------------------------------
+
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; not exported by Python 3.11
+
+
+async def test_every_datagram_is_sent_again_repeat_after_s_later(tmp_path: Path) -> None:
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    after = 0.4
+    synthetic = {"sources": [{"name": "gen", "tags": 10, "rate_hz": 2000.0}]}
+    tx = Transmitter(
+        config(tmp_path, link.port, link={"repeat_after_s": after}, synthetic=synthetic), key=key
+    )
+    arrivals: dict[bytes, list[float]] = {}
+    # The kernel's arrival time of each datagram, not when this loop got to read it.
+    link.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+
+    def take() -> None:
+        while True:
+            try:
+                datagram, ancdata, _, _ = link.sock.recvmsg(65535, socket.CMSG_SPACE(16))
+            except BlockingIOError:
+                return
+            ((_, _, stamp),) = ancdata
+            sec, nsec = struct.unpack("qq", stamp[:16])
+            arrivals.setdefault(datagram, []).append(sec + nsec / 1e9)
+
+    stop, task = await run_tx(tx)
+    for _ in range(50):
+        await asyncio.sleep(0.02)
+        take()
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    take()
+    counters = tx.counters()
+    # Stopped 1 s in: what was sent in the last 0.4 s had no time for its second copy.
+    twice = [times for times in arrivals.values() if len(times) == 2]
+    once = [times for times in arrivals.values() if len(times) == 1]
+    assert not [t for t in arrivals.values() if len(t) > 2]
+    assert len(twice) == counters["repeats_sent"] > 0
+    assert counters["datagrams_sent"] == len(twice) * 2 + len(once)
+    assert counters["repeats_dropped"] == 0
+    gaps = sorted(second - first for first, second in twice)
+    assert gaps[0] >= after - 0.002, gaps[:5]  # never early (the pacer's clock vs the kernel's)
+    # Late, not much later: paced with the rest on an idle link.
+    assert gaps[len(gaps) // 2] < after + 0.2, gaps[len(gaps) // 2]
+    # The receiver takes the copies as duplicates: every record once, in order.
+    for datagram in sorted(arrivals, key=lambda d: arrivals[d][0]):
+        for _ in arrivals[datagram]:
+            link.decoder.receive(datagram, 0.0)
+    link.decoder.poll(1e9)
+    delivered = [e for e in link.decoder.events() if isinstance(e, Delivered)]
+    assert [e.seq for e in delivered] == sorted({e.seq for e in delivered})
+    assert link.decoder.counters["rejected_late"] >= len(twice) - len(delivered) * 2
+
+
+async def test_repeats_never_delay_new_datagrams_and_their_overflow_is_counted(
+    tmp_path: Path,
+) -> None:
+    """A link with room for the traffic once but not twice: new data first, repeats dropped."""
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    synthetic = {"sources": [{"name": "gen", "tags": 50, "rate_hz": 20000.0}]}
+    tx = Transmitter(
+        config(
+            tmp_path,
+            link.port,
+            link={"rate_mbps": 5.0, "repeat_after_s": 0.2},
+            synthetic=synthetic,
+        ),
+        key=key,
+    )
+    stop, task = await run_tx(tx)
+    for _ in range(75):
+        await asyncio.sleep(0.02)
+        link.drain()
+    bound = tx.sender.repeats.max_bytes if tx.sender.repeats else 0
+    held = tx.sender.repeats.bytes if tx.sender.repeats else 0
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    counters = tx.counters()
+    assert bound == int(5e6 / 8 * 0.2)  # what the link carries in repeat_after_s
+    assert held <= bound
+    assert counters["repeats_dropped"] > 0
+    # The first copies went out at the link's rate, as without repeats: no block dropped
+    # for the repeats' sake beyond what the rate alone costs (the link is the limit).
+    assert counters["datagrams_sent"] - counters["repeats_sent"] > counters["repeats_sent"]

@@ -6,10 +6,10 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from diode.config import IpAddress, Section, checked
-from diode.config.mqtt import MqttBroker, StreamOutput
+from diode.config.mqtt import MqttBroker, StreamOutput, _check_topic_part
 from diode.config.tx import LogSettings
 from diode.errors import ConfigError
 from diode.keys import check_secret_file, key_id, load_psk, load_public_key
@@ -44,7 +44,11 @@ class ReceiverSection(Section):
         strict=False,
     )
     reorder_timeout_s: float = Field(
-        0.2, gt=0.0, le=10.0, description="how long a later block waits for a missing one"
+        0.2,
+        gt=0.0,
+        le=10.0,
+        description="how long a later block waits for a missing one; with the transmitter's "
+        "repeat_after_s set, longer than that (repeat_after_s + 1)",
     )
     max_assembly_mb: float = Field(
         64.0, gt=0.0, le=4096.0, description="memory for blocks being rebuilt, at most"
@@ -61,6 +65,28 @@ class ReceiverSection(Section):
                 "link interface's address, or set interface to pin the socket to the link"
             )
         return self
+
+
+class FailoverSection(Section):
+    """``[failover]``: a pair of receivers fed the same datagrams; one publishes at a time."""
+
+    peer_status_topic: str | None = Field(
+        None,
+        description="the other receiver's [mqtt] status_topic; set: this receiver is one of a "
+        "pair and starts as the standby (docs/OPERATIONS.md, the hand-over rule); unset: off",
+    )
+    takeover_after_s: float = Field(
+        3.0,
+        ge=1.0,
+        le=60.0,
+        description="a standby takes over when it has heard nothing from the active one for "
+        "this long (at once when the active one's status goes offline)",
+    )
+
+    @field_validator("peer_status_topic")
+    @classmethod
+    def _topic(cls, value: str | None) -> str | None:
+        return None if value is None else _check_topic_part(value, "peer_status_topic")
 
 
 class StreamConfig(Section):
@@ -80,6 +106,7 @@ class RxConfig(Section):
     receiver: ReceiverSection
     mqtt: MqttBroker = Field(default_factory=MqttBroker)
     streams: list[StreamConfig] = Field(min_length=1)
+    failover: FailoverSection = Field(default_factory=FailoverSection)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="before")
@@ -102,6 +129,11 @@ class RxConfig(Section):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"stream ids must be unique: {dupes}")
+        if self.failover.peer_status_topic == self.mqtt.status_topic:
+            raise ValueError(
+                "failover.peer_status_topic is this receiver's own mqtt.status_topic: "
+                "each receiver of a pair needs its own"
+            )
         return self
 
     def resolve(self, path: Path) -> RxConfig:
