@@ -35,6 +35,7 @@ from diode.replay import StreamState, pack_states, unpack_states
 from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
 from receiver.router import Router
+from receiver.sparkplug_node import SparkplugRouting, sparkplug_nodes
 
 log = structlog.get_logger("diode.rx")
 
@@ -129,7 +130,10 @@ class Receiver:
             ),
             state=load_positions(self.output),
         )
-        self.router = Router({s.id: s.output for s in config.streams}, self.output)
+        # Sparkplug streams publish through an edge node of their own (receiver/sparkplug_node.py).
+        self.sparkplug = sparkplug_nodes(config)
+        routed = SparkplugRouting(self.output, self.sparkplug, config) if self.sparkplug else None
+        self.router = Router({s.id: s.output for s in config.streams}, routed or self.output)
         self.sock = sock or open_link_socket(section.listen, section.port, section.rcvbuf_bytes)
         self.metrics = Metrics(self) if section.metrics_port else None
         self._timer: asyncio.TimerHandle | None = None
@@ -198,6 +202,9 @@ class Receiver:
         out = dict(self.decoder.counters)
         for key, value in self.output.counters.items():
             out[f"mqtt_{key}"] = int(value)
+        for stream_id, node in self.sparkplug.items():
+            for key, value in node.all_counters().items():
+                out[f"sparkplug_{stream_id}_{key}"] = value
         return out
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -215,6 +222,7 @@ class Receiver:
                 group.create_task(self.output.run()),
                 group.create_task(self._supervise()),
                 group.create_task(daemon.watchdog()),
+                *(group.create_task(node.run()) for node in self.sparkplug.values()),
             ]
             loop.add_reader(self.sock, self._readable)
             daemon.sd_notify("READY=1")
@@ -222,6 +230,8 @@ class Receiver:
             await stop.wait()
             daemon.sd_notify("STOPPING=1")
             loop.remove_reader(self.sock)
+            for node in self.sparkplug.values():
+                await node.close()  # NDEATH: the edge node leaves the broker
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.output.close(), 5)
             for task in tasks:

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from diode.config import Section
+from diode.config.sparkplug import SparkplugSettings
 
 TEMPLATE_FIELDS = frozenset({"prefix", "site", "device", "tag"})
 
@@ -117,9 +118,12 @@ class StreamOutput(Section):
     message_expiry_s: int | None = Field(
         None, ge=1, le=2**32 - 1, description="MQTT 5 message expiry of value messages"
     )
-    payload: Literal["per_tag", "batched"] = Field(
-        "per_tag", description="one message per sample, or one per device per block"
+    payload: Literal["per_tag", "batched", "sparkplug"] = Field(
+        "per_tag",
+        description="one JSON message per sample, one per device per block, or Sparkplug B 3.0 "
+        "(an edge node, see output.sparkplug)",
     )
+    sparkplug: SparkplugSettings = Field(default_factory=SparkplugSettings)
     link_timeout_s: float = Field(
         5.0, gt=0.0, le=3600.0, description="no heartbeat for this long: link down, values stale"
     )
