@@ -236,8 +236,10 @@ class SparkplugHost:
         self._datatypes: dict[int, int] = {}
         self._names: dict[int, str] = {}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        self.subscribed = threading.Event()
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe(f"spBv1.0/{group}/#", qos=1)
+        self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
