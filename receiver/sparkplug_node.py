@@ -161,7 +161,8 @@ class SparkplugNode:
             timeout=broker.connect_timeout_s,
             tls_context=tls,
             clean_session=True if v311 else None,
-            clean_start=True,
+            # paho refuses clean_start under 3.1.1 unless it is left at its default
+            clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY if v311 else True,
             max_inflight_messages=broker.max_inflight,
             will=aiomqtt.Will(
                 self.machine.topic_ndeath, self.machine.will(_now_ms()), qos=1, retain=False

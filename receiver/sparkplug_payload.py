@@ -187,3 +187,21 @@ def decode(data: bytes) -> Any:
     payload = Payload()
     payload.ParseFromString(data)
     return payload
+
+
+def value_of(metric: Any, datatype: int) -> bool | int | float | str | None:
+    """A metric's value read back as ``datatype`` says (signed types narrowed to their width)."""
+    if metric.is_null:
+        return None
+    kind = metric.WhichOneof("value")
+    if kind is None:
+        return None
+    value: Any = getattr(metric, kind)
+    if kind in ("int_value", "long_value"):
+        width = {DataType.INT8: 8, DataType.INT16: 16, DataType.INT32: 32, DataType.INT64: 64}
+        bits = width.get(DataType(datatype)) if datatype in DataType._value2member_map_ else None
+        if bits is not None:
+            value &= (1 << bits) - 1
+            if value >> (bits - 1):
+                value -= 1 << bits
+    return value  # type: ignore[no-any-return]
