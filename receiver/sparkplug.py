@@ -151,15 +151,33 @@ class CommandResult:
     malformed: bool = False
 
 
+# Datatypes whose values need no range check: the Python type each takes as it is,
+# and the field it goes in (the hot path of DDATA; integers go through fit/set_value).
+_EXACT: dict[DataType, tuple[type, str]] = {
+    DataType.FLOAT: (float, "float_value"),
+    DataType.DOUBLE: (float, "double_value"),
+    DataType.BOOLEAN: (bool, "boolean_value"),
+    DataType.STRING: (str, "string_value"),
+}
+
+
 @dataclass(slots=True)
 class _Metric:
     tag: TagInfo
+    device: _Device
     alias: int
     datatype: DataType
     value: Value = None
     quality: Quality = Quality.GOOD
     ts_ms: int = 0
     sent_quality: Quality = Quality.GOOD  # the quality the host last saw
+
+    def retype(self, datatype: DataType) -> None:
+        self.datatype = datatype
+        self.exact, self.value_field = _EXACT.get(datatype, (None, ""))
+
+    exact: type | None = None  # values of this Python type go in ``field`` unchecked
+    value_field: str = ""
 
 
 @dataclass(slots=True)
@@ -201,6 +219,7 @@ class EdgeNode:
         self.link_down = False
         self.epoch: int | None = None
         self.devices: dict[str, _Device] = {}
+        self._metrics: dict[int, _Metric] = {}  # by tag id, across devices
         self.history: deque[tuple[TagInfo, Sample]] = deque()
         self.counters: dict[str, int] = {
             "node_births": 0,
@@ -381,50 +400,64 @@ class EdgeNode:
         touched: dict[str, _Device] = {}
         reborn: set[str] = set()
         changes: dict[str, list[tuple[_Metric, Sample]]] = {}
+        metrics = self._metrics
+        stale = Quality.STALE
         for tag, sample in items:
-            if sample.quality is Quality.STALE:
+            quality = sample.quality
+            if quality is stale:
                 continue  # the router's link-down republish: the DDEATH says it here
-            m = self._metric(tag, touched, reborn)
-            if m is None:
-                continue
+            m = metrics.get(tag.tag_id)
+            if m is None or m.tag is not tag:
+                m = self._metric(tag, reborn)
+                if m is None:
+                    continue
+            device = m.device
+            touched[device.name] = device
             value = sample.value
-            needed = fit(m.datatype, value)
-            if needed is not m.datatype:
-                m.datatype = needed
-                reborn.add(level(tag.device))
+            if type(value) is not m.exact and value is not None:
+                needed = fit(m.datatype, value)
+                if needed is not m.datatype:
+                    m.retype(needed)
+                    reborn.add(device.name)
             unchanged = (
                 m.ts_ms
-                and m.quality is sample.quality
+                and m.quality is quality
                 and type(m.value) is type(value)
                 and m.value == value
             )
-            m.value, m.quality, m.ts_ms = value, sample.quality, sample.ts_ns // 1_000_000
+            m.value, m.quality, m.ts_ms = value, quality, sample.ts_ns // 1_000_000
             if not publishing:
                 self._keep(tag, sample)
             elif not unchanged:
-                changes.setdefault(level(tag.device), []).append((m, sample))
+                entry = changes.get(device.name)
+                if entry is None:
+                    entry = changes[device.name] = []
+                entry.append((m, sample))
         if not publishing or self.link_down:
             return []
         return self._device_messages(touched, reborn, changes, now_ms)
 
-    def _metric(
-        self, tag: TagInfo, touched: dict[str, _Device], reborn: set[str]
-    ) -> _Metric | None:
+    def _metric(self, tag: TagInfo, reborn: set[str]) -> _Metric | None:
         """The cache entry of ``tag``, made (and its device marked for a birth) when new."""
+        m = self._metrics.get(tag.tag_id)
+        if m is not None and m.tag == tag:
+            m.tag = tag  # the carousel's fresh copy of the same entry: same metric
+            return m
         datatype = DATATYPES.get(tag.value_type)
         if datatype is None:
             self.counters["unmapped_type"] += 1
             return None
+        if m is not None:  # the tag id now names another tag (renamed, retyped, moved)
+            m.device.metrics.pop(tag.tag_id, None)
         name = level(tag.device)
         device = self.devices.get(name)
         if device is None:
             device = self.devices[name] = _Device(name)
-        touched[name] = device
-        m = device.metrics.get(tag.tag_id)
-        if m is None or m.tag != tag:
-            m = _Metric(tag, TAG_ALIAS_BASE + tag.tag_id, datatype)
-            device.metrics[tag.tag_id] = m
-            reborn.add(name)
+        m = _Metric(tag, device, TAG_ALIAS_BASE + tag.tag_id, datatype)
+        m.retype(datatype)
+        device.metrics[tag.tag_id] = m
+        self._metrics[tag.tag_id] = m
+        reborn.add(name)
         return m
 
     def _device_messages(
@@ -459,6 +492,7 @@ class EdgeNode:
             # Tag ids are numbered per transmitter run: nothing old may name a new value.
             out.extend(self._all_dead(now_ms))
             self.devices.clear()
+            self._metrics.clear()
         if isinstance(epoch, int):
             self.epoch = epoch
         link = status.get("link")
@@ -566,9 +600,12 @@ def _data_metric(payload: Any, m: _Metric, sample: Sample, *, historical: bool) 
     if historical:
         metric.is_historical = True
     value = sample.value
-    if fit(m.datatype, value) is not m.datatype:
-        value = None  # a kept value its metric was promoted away from: sent as null
-    set_value(metric, m.datatype, _carried(m.datatype, value))
+    if type(value) is m.exact:
+        setattr(metric, m.value_field, value)  # the hot path: a float in a Float/Double metric
+    else:
+        if fit(m.datatype, value) is not m.datatype:
+            value = None  # a kept value its metric was promoted away from: sent as null
+        set_value(metric, m.datatype, _carried(m.datatype, value))
     quality = sample.quality
     if quality is not Quality.GOOD or m.sent_quality is not Quality.GOOD:
         _property(metric.properties, "Quality", DataType.INT32, QUALITY_CODES[quality])
