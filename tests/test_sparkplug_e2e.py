@@ -44,6 +44,7 @@ async def plant(tmp_path: Path, mosquitto: Mosquitto) -> AsyncIterator[Plant]:
 @pytest.fixture
 def host(mosquitto: Mosquitto) -> Iterator[spb.SparkplugHost]:
     h = spb.SparkplugHost(mosquitto.port, host_id="scada")
+    assert h.subscribed.wait(5), "subscribed before the receiver starts, or it misses the NBIRTH"
     yield h
     h.close()
 
