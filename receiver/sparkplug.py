@@ -24,7 +24,8 @@ which it could reach the OT side anyway (property 1).
 
 ``seq`` runs 0..255 over every message but NDEATH, wrapping, starting at 0 with
 each NBIRTH. Values that arrive while the node is not publishing (no broker,
-or the primary host offline) are kept, bounded, and sent after the births as
+or the primary host offline) are kept, bounded (and on disk, by the shell:
+:meth:`EdgeNode.take_kept`, :meth:`EdgeNode.restore`), and sent after the births as
 DDATA metrics marked ``is_historical``, in arrival order, numbered in the
 same sequence as everything else: a host sees births, then history, then live
 data, never a gap in ``seq`` and never data for a device it has no birth of.
@@ -221,6 +222,7 @@ class EdgeNode:
         self.devices: dict[str, _Device] = {}
         self._metrics: dict[int, _Metric] = {}  # by tag id, across devices
         self.history: deque[tuple[TagInfo, Sample]] = deque()
+        self._kept: list[tuple[TagInfo, Sample]] = []
         self.counters: dict[str, int] = {
             "node_births": 0,
             "device_births": 0,
@@ -483,6 +485,31 @@ class EdgeNode:
             self.history.popleft()
             self.counters["history_dropped"] += 1
         self.history.append((tag, sample))
+        self._kept.append((tag, sample))
+
+    def take_kept(self) -> list[tuple[TagInfo, Sample]]:
+        """What went into the history since the last call, for the shell to put on disk."""
+        kept, self._kept = self._kept, []
+        return kept
+
+    def restore(self, entries: Iterable[tuple[TagInfo, Sample]]) -> None:
+        """History a previous run kept on disk: back in the history, and its last values cached.
+
+        Called before the first session: the births then carry these values (the
+        last the previous run saw) and the history follows them as usual.
+        """
+        for tag, sample in entries:
+            m = self._metric(tag, set())
+            if m is None:
+                continue
+            needed = fit(m.datatype, sample.value)
+            if needed is not m.datatype:
+                m.retype(needed)
+            m.value, m.quality, m.ts_ms = sample.value, sample.quality, sample.ts_ns // 1_000_000
+            if len(self.history) >= self._history_max:
+                self.history.popleft()
+                self.counters["history_dropped"] += 1
+            self.history.append((tag, sample))
 
     def status(self, status: dict[str, Any], now_ms: int) -> list[Publish]:
         """The router's stream status: link down -> DDEATHs, up -> DBIRTHs; a new epoch."""

@@ -17,6 +17,13 @@ taken before each CONNECT and written to ``state_dir/sparkplug-<stream>.bdseq``
 first, so it keeps counting across reconnects and restarts (0..255, wrapping).
 A clean stop publishes the NDEATH itself (a clean DISCONNECT fires no will).
 
+Values kept for later (no broker, primary host offline) are written to
+``state_dir/sparkplug-<stream>.history.sqlite3`` (receiver/spool.py) in the
+router's call, so before the receiver commits the stream positions that cover
+them: a receiver killed during an outage sends them, as historical, after its
+next births. They leave the file once those births and the history are handed
+to the connection.
+
 Commands never leave this module: a rebirth is answered by the EdgeNode from
 its cache; any other NCMD/DCMD metric is refused, counted and logged with the
 requester's topic. The receiver has no path to the OT side at all.
@@ -40,12 +47,18 @@ from paho.mqtt.enums import MQTTErrorCode
 
 from diode.config.mqtt import MqttBroker, StreamOutput
 from diode.config.rx import RxConfig
-from diode.records import DeviceInfo, Sample, TagInfo
+from diode.errors import FrameError
+from diode.records import DeviceInfo, Sample, TagInfo, decode_records, encode_records
+from receiver.payload import Message
 from receiver.sparkplug import SEQ_MODULO, EdgeNode, Publish
+from receiver.spool import Spool
 
 log = structlog.get_logger("diode.rx.sparkplug")
 
 DEATH_GRACE_S = 1.0
+HISTORY_TOPIC = "history"  # rows of the history spool: [TagInfo, Sample] records
+SPOOL_START = -(2**62)  # below any spool message id
+SPOOL_END = 2**62  # above any
 REFUSED_LOG_INTERVAL_S = 10.0
 
 
@@ -86,6 +99,9 @@ class SparkplugNode:
         self.settings = output.sparkplug
         self.bd_seq = BdSeqStore(state_dir / f"sparkplug-{stream_id}.bdseq")
         self.machine = EdgeNode(self.settings, qos=output.qos, bd_seq=0)
+        self.history = Spool(
+            state_dir / f"sparkplug-{stream_id}.history.sqlite3", self.settings.history_max_samples
+        )
         self.client_id = (
             self.settings.client_id
             or (f"{broker.client_id}-spb-{self.settings.edge_node_id}")[:128]
@@ -99,12 +115,41 @@ class SparkplugNode:
         self._log = log.bind(
             stream=stream_id, group=self.settings.group_id, node=self.settings.edge_node_id
         )
+        self._restore()
 
     # -- what the router hands over --------------------------------------------------
 
     def publish_samples(self, items: Sequence[tuple[TagInfo, Sample]]) -> None:
         self._check_session()
         self._send(self.machine.samples(items, _now_ms()))
+        kept = self.machine.take_kept()
+        if kept:
+            rows = [
+                Message(HISTORY_TOPIC, encode_records([tag, sample]), 0, False)
+                for tag, sample in kept
+            ]
+            self.history.append(rows, time.time())
+
+    def _restore(self) -> None:
+        """History a previous run left on disk, back in the EdgeNode (before any session)."""
+        if not len(self.history):
+            return
+        _, rows = self.history.read(SPOOL_START, len(self.history), time.time())
+        entries: list[tuple[TagInfo, Sample]] = []
+        for _, row in rows:
+            try:
+                tag, sample = decode_records(row.payload, 2)
+            except (FrameError, ValueError):
+                continue
+            if isinstance(tag, TagInfo) and isinstance(sample, Sample):
+                entries.append((tag, sample))
+        self.machine.restore(entries)
+        self._log.info("sparkplug history restored from disk", values=len(entries))
+
+    def _history_sent(self) -> None:
+        """The births and history are handed over: the disk copy is no longer needed."""
+        if not self.machine.history and len(self.history):
+            self.history.delete_through(SPOOL_END)
 
     def publish_status(self, status: dict[str, Any]) -> None:
         self._check_session()
@@ -210,6 +255,7 @@ class SparkplugNode:
                 waiting_for_host=machine.primary_host_id if not machine.host_online else None,
             )
             self._send(machine.on_connect(_now_ms()))
+            self._history_sent()
             listen = asyncio.ensure_future(self._listen(client))
             stop = asyncio.ensure_future(self._stopping.wait())
             try:
@@ -236,6 +282,7 @@ class SparkplugNode:
             if self.machine.topic_state is not None and topic == self.machine.topic_state:
                 was = self.machine.host_online
                 self._send(self.machine.host_state(bytes(data), now))
+                self._history_sent()
                 if was != self.machine.host_online:
                     state = "online" if self.machine.host_online else "offline"
                     self._log.info(
@@ -266,10 +313,11 @@ class SparkplugNode:
             self._refused_logged_at = now
 
     async def close(self) -> None:
-        """NDEATH, then disconnect; values not yet out stay counted in ``history``."""
+        """NDEATH, then disconnect; values not yet out stay on disk for the next run."""
         self._stopping.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopped.wait(), DEATH_GRACE_S + 2)
+        self.history.close()
 
     def all_counters(self) -> dict[str, int]:
         out = dict(self.machine.counters)

@@ -245,3 +245,26 @@ def test_a_new_transmitter_epoch_kills_the_old_devices() -> None:
     out = n.status({"link": "up", "epoch": 2}, T0)
     assert kinds(out) == ["DDEATH"]
     assert n.devices == {}
+
+
+def test_history_handed_to_the_disk_comes_back_in_a_new_run() -> None:
+    n = node()
+    n.on_disconnect()
+    n.samples([(COUNT, sample(COUNT, 5, 1)), (LEVEL, sample(LEVEL, 1.5, 1))], T0)
+    n.samples([(COUNT, sample(COUNT, 6, 2))], T0)
+    kept = n.take_kept()
+    assert [s.value for _, s in kept] == [5, 1.5, 6]
+    assert n.take_kept() == []
+    again = node()  # the next run, before its first session
+    again.restore(kept)
+    out = again.on_connect(T0 + 10)
+    assert kinds(out) == ["NBIRTH", "DBIRTH", "DDATA"]
+    dbirth = decoded(out[1])
+    assert {m.name: m.value for m in dbirth.metrics} == {"count": 6, "level": 1.5}
+    datatypes = {m.alias: m.datatype for m in dbirth.metrics if m.alias and m.datatype}
+    history = decoded(out[2], datatypes)
+    assert [(m.value, m.is_historical) for m in history.metrics] == [
+        (5, True),
+        (1.5, True),
+        (6, True),
+    ]

@@ -229,6 +229,35 @@ async def test_values_of_a_broker_outage_arrive_afterwards_as_history(
         after.close()
 
 
+async def test_values_kept_during_an_outage_survive_a_receiver_restart(
+    plant: Plant, mosquitto: Mosquitto
+) -> None:
+    set_count(plant, 1)
+    await start(plant)
+    await wait_until(lambda: counter(plant, "node_births") == 1)
+    mosquitto.stop()
+    for value in (2, 3):
+        set_count(plant, value)
+        await asyncio.sleep(0.4)
+    await wait_until(lambda: counter(plant, "history_depth") >= 2)
+    old = plant.rx
+    assert old is not None
+    plant.kill("rx")  # no shutdown path: what it kept is on disk or nowhere
+    await asyncio.sleep(0.2)
+    # What the process's death would do: its link socket goes away with it.
+    asyncio.get_running_loop().remove_reader(old.sock)
+    old.sock.close()
+    await plant.start_rx()
+    mosquitto.start()
+    after = spb.SparkplugHost(mosquitto.port)  # see the outage test: subscribed first
+    try:
+        assert after.subscribed.wait(5)
+        await wait_until(lambda: {2, 3} <= {m.value for n, m in after.historical if n == "count"})
+        assert after.violations == []
+    finally:
+        after.close()
+
+
 async def test_a_primary_host_is_waited_for_and_its_return_gives_a_rebirth(
     plant: Plant, host: spb.SparkplugHost
 ) -> None:
