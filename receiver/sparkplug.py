@@ -344,15 +344,20 @@ class EdgeNode:
         )
 
     def _ddata(
-        self, device: _Device, changes: Iterable[tuple[_Metric, Sample]], now_ms: int
+        self,
+        device: _Device,
+        changes: Iterable[tuple[_Metric, Sample]],
+        now_ms: int,
+        *,
+        historical: bool = False,
     ) -> Publish:
         payload = self._payload(now_ms)
         count = 0
         for m, sample in changes:
-            _data_metric(payload, m, sample, historical=False)
+            _data_metric(payload, m, sample, historical=historical)
             count += 1
         self.counters["ddata"] += 1
-        self.counters["metrics"] += count
+        self.counters["historical_metrics" if historical else "metrics"] += count
         return Publish(
             self._topic("DDATA", device.name), bytes(payload.SerializeToString()), self.qos
         )
@@ -476,6 +481,11 @@ class EdgeNode:
                     out.append(self._ddeath(device, now_ms))
             elif not device.born or name in reborn:
                 out.append(self._dbirth(device, now_ms))
+                # The birth carries each metric's last value of this call; the values
+                # before it in the same call are older: they follow as historical.
+                earlier = _before_last(changes.get(name, []))
+                if earlier:
+                    out.append(self._ddata(device, earlier, now_ms, historical=True))
             elif name in changes:
                 out.append(self._ddata(device, changes[name], now_ms))
         return out
@@ -596,6 +606,12 @@ class EdgeNode:
             return []
         self.host_online = True
         return self._births(now_ms) if self.connected else []
+
+
+def _before_last(changes: list[tuple[_Metric, Sample]]) -> list[tuple[_Metric, Sample]]:
+    """Every change but the last of each metric (which its birth carries), in order."""
+    last = {id(m): i for i, (m, _) in enumerate(changes)}
+    return [change for i, change in enumerate(changes) if last[id(change[0])] != i]
 
 
 def _carried(datatype: DataType, value: Value) -> Value:

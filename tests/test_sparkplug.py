@@ -268,3 +268,18 @@ def test_history_handed_to_the_disk_comes_back_in_a_new_run() -> None:
         (1.5, True),
         (6, True),
     ]
+
+
+def test_values_before_the_last_in_a_birth_call_follow_it_as_history() -> None:
+    # A device's first call may hold several values of one tag (samples released
+    # together when their catalogue entry arrives): the birth has the last one.
+    n = node()
+    n.on_connect(T0)
+    first = [(COUNT, sample(COUNT, 1, 1)), (LEVEL, sample(LEVEL, 0.5, 1))]
+    out = n.samples([*first, (COUNT, sample(COUNT, 2, 2))], T0)
+    assert kinds(out) == ["DBIRTH", "DDATA"]
+    dbirth = decoded(out[0])
+    assert {m.name: m.value for m in dbirth.metrics} == {"count": 2, "level": 0.5}
+    datatypes = {m.alias: m.datatype for m in dbirth.metrics if m.alias and m.datatype}
+    earlier = decoded(out[1], datatypes)
+    assert [(m.value, m.is_historical) for m in earlier.metrics] == [(1, True)]

@@ -19,8 +19,8 @@ p99 latency passes ``max_p99_ms``; ``cost`` runs per-tag QoS 0 at 10k and 50k.
 
 Sparkplug (``sparkplug:0``, ``sparkplug:1``): the subscriber takes
 ``spBv1.0/#`` with hex payloads (``%x``), the births give the aliases, and
-every DBIRTH and DDATA metric is an update (Sparkplug timestamps are in
-milliseconds: latencies are accurate to about 1 ms).
+every DBIRTH and DDATA metric is an update, historical ones included
+(Sparkplug timestamps are in milliseconds: latencies are accurate to 1 ms).
 """
 
 from __future__ import annotations
@@ -122,8 +122,10 @@ def parse_sparkplug(path: Path) -> tuple[int, list[float]]:
                 if parts[2] == "DBIRTH":
                     names[metric.alias] = (f"{parts[4]}/{metric.name}", metric.datatype)
                 known = names.get(metric.alias)
-                if known is None or metric.is_historical:
+                if known is None:
                     continue
+                # Historical metrics are updates too (values older than a birth that
+                # carried a later one): delivered, so counted.
                 key = (known[0], value_of(metric, known[1]))
                 if key not in seen:
                     seen.add(key)
