@@ -586,7 +586,11 @@ class EdgeNode:
         return topic == self.topic_ncmd or topic.startswith(self._dcmd_prefix)
 
     def host_state(self, data: bytes, now_ms: int) -> list[Publish]:
-        """The primary host's STATE: online -> (re)births and history; offline -> hold."""
+        """The primary host's STATE: online -> births and history; offline -> hold.
+
+        On offline the shell also ends the session (NDEATH, disconnect, 3.0's rule);
+        the next one waits here for online again.
+        """
         try:
             state = orjson.loads(data)
             online = state["online"]

@@ -24,6 +24,9 @@ them: a receiver killed during an outage sends them, as historical, after its
 next births. They leave the file once those births and the history are handed
 to the connection.
 
+With a primary host, a STATE offline ends the session (NDEATH, disconnect:
+Sparkplug 3.0); the next session waits for STATE online before its births.
+
 Commands never leave this module: a rebirth is answered by the EdgeNode from
 its cache; any other NCMD/DCMD metric is refused, counted and logged with the
 requester's topic. The receiver has no path to the OT side at all.
@@ -265,7 +268,8 @@ class SparkplugNode:
                 listen.cancel()
             if listen.done() and not listen.cancelled() and listen.exception() is not None:
                 raise listen.exception()  # type: ignore[misc]  # checked not None above
-            # A clean stop: say NDEATH ourselves, then DISCONNECT (which fires no will).
+            # A clean stop (or the primary host gone): say NDEATH ourselves, then
+            # DISCONNECT (which fires no will).
             info = client._client.publish(*machine.death(_now_ms()))
             deadline = time.monotonic() + DEATH_GRACE_S
             # paho gives no awaitable for one message without an on_publish callback
@@ -283,10 +287,18 @@ class SparkplugNode:
                 was = self.machine.host_online
                 self._send(self.machine.host_state(bytes(data), now))
                 self._history_sent()
-                if was != self.machine.host_online:
-                    state = "online" if self.machine.host_online else "offline"
+                if was and not self.machine.host_online:
+                    # Sparkplug 3.0: an edge node whose primary host goes offline
+                    # publishes its NDEATH and disconnects; the next session waits
+                    # for the host, keeping values meanwhile for after its births.
                     self._log.info(
-                        f"sparkplug primary host {state}", host=self.machine.primary_host_id
+                        "sparkplug primary host offline: NDEATH, then a new session",
+                        host=self.machine.primary_host_id,
+                    )
+                    return
+                if not was and self.machine.host_online:
+                    self._log.info(
+                        "sparkplug primary host online", host=self.machine.primary_host_id
                     )
             elif self.machine.is_command(topic):
                 result = self.machine.command(topic, bytes(data), now)

@@ -269,13 +269,16 @@ async def test_a_primary_host_is_waited_for_and_its_return_gives_a_rebirth(
     host.state(online=True)
     await wait_until(lambda: host.value("plc1", "count") == 5)
     first = bd_seq(host.of("NBIRTH")[0])
+    # 3.0: the primary host offline -> NDEATH and a new session that waits for it.
     host.state(online=False)
+    await wait_until(lambda: host.ndeath_bd_seqs == [first])
     await asyncio.sleep(0.3)
     set_count(plant, 6)
     await asyncio.sleep(0.5)
+    assert len(host.of("NBIRTH")) == 1, "no birth while the host is offline"
     host.state(online=True)
     await wait_until(lambda: len(host.of("NBIRTH")) >= 2)
-    assert bd_seq(host.of("NBIRTH")[1]) == first
+    assert bd_seq(host.of("NBIRTH")[1]) == (first + 1) % 256
     await wait_until(lambda: host.value("plc1", "count") == 6)
     await wait_until(lambda: any(m.value == 6 for _, m in host.historical))
     assert host.violations == []

@@ -29,8 +29,9 @@ class SparkplugSettings(Section):
     )
     primary_host_id: str | None = Field(
         None,
-        description="wait for spBv1.0/STATE/<id> online before NBIRTH, rebirth when it returns; "
-        "values meanwhile are forwarded afterwards as historical",
+        description="wait for spBv1.0/STATE/<id> online before NBIRTH; when it goes offline, "
+        "NDEATH and a new session that waits for it; values meanwhile follow the births "
+        "as historical",
     )
     client_id: str | None = Field(
         None,
