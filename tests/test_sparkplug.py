@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
+from diode.config import validate
+from diode.config.rx import RxConfig
 from diode.config.sparkplug import SparkplugSettings
+from diode.errors import ConfigError
 from diode.records import Quality, Sample, TagInfo, ValueType
 from receiver.sparkplug import DATATYPES, REBIRTH, EdgeNode, Publish
 from receiver.sparkplug_payload import DataType
@@ -283,3 +288,12 @@ def test_values_before_the_last_in_a_birth_call_follow_it_as_history() -> None:
     datatypes = {m.alias: m.datatype for m in dbirth.metrics if m.alias and m.datatype}
     earlier = decoded(out[1], datatypes)
     assert [(m.value, m.is_historical) for m in earlier.metrics] == [(1, True)]
+
+
+def test_two_sparkplug_streams_may_not_share_an_edge_node_identity() -> None:
+    output = {"payload": "sparkplug", "sparkplug": {"edge_node_id": "rx"}}
+    streams = [{"id": i, "public_keys": ["k.pub"], "output": output} for i in (1, 2)]
+    with pytest.raises(ConfigError, match="edge_node_id"):
+        validate(RxConfig, {"streams": streams}, "rx.toml")
+    streams[1]["output"] = {"payload": "sparkplug", "sparkplug": {"edge_node_id": "rx2"}}
+    assert len(validate(RxConfig, {"streams": streams}, "rx.toml").streams) == 2
