@@ -189,6 +189,14 @@ def decode(data: bytes) -> Any:
     return payload
 
 
+_SIGNED_BITS: dict[int, int] = {
+    DataType.INT8: 8,
+    DataType.INT16: 16,
+    DataType.INT32: 32,
+    DataType.INT64: 64,
+}
+
+
 def value_of(metric: Any, datatype: int) -> bool | int | float | str | None:
     """A metric's value read back as ``datatype`` says (signed types narrowed to their width)."""
     if metric.is_null:
@@ -198,8 +206,7 @@ def value_of(metric: Any, datatype: int) -> bool | int | float | str | None:
         return None
     value: Any = getattr(metric, kind)
     if kind in ("int_value", "long_value"):
-        width = {DataType.INT8: 8, DataType.INT16: 16, DataType.INT32: 32, DataType.INT64: 64}
-        bits = width.get(DataType(datatype)) if datatype in DataType._value2member_map_ else None
+        bits = _SIGNED_BITS.get(datatype)
         if bits is not None:
             value &= (1 << bits) - 1
             if value >> (bits - 1):
