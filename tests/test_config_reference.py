@@ -43,10 +43,11 @@ def test_the_receiver_examples_are_valid_config() -> None:
 
     blocks = re.findall(r"```toml\n(.*?)```", EXAMPLES, re.S)
     assert len(blocks) == 2
+    receiver = {"listen": "192.0.2.1"}  # the examples show streams only
     uns = tomllib.loads(blocks[0])
-    config = validate(RxConfig, uns, "example")
+    config = validate(RxConfig, {"receiver": receiver, **uns}, "example")
     assert config.streams[0].output.areas["plc1"] == "packaging/line2"
     sparkplug = tomllib.loads(blocks[1])
     stream = {"id": 1, "public_keys": ["k.pub"], "output": sparkplug["streams"]["output"]}
-    config = validate(RxConfig, {"streams": [stream]}, "example")
+    config = validate(RxConfig, {"receiver": receiver, "streams": [stream]}, "example")
     assert config.streams[0].output.sparkplug.primary_host_id == "scada"

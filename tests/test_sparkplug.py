@@ -293,7 +293,9 @@ def test_values_before_the_last_in_a_birth_call_follow_it_as_history() -> None:
 def test_two_sparkplug_streams_may_not_share_an_edge_node_identity() -> None:
     output = {"payload": "sparkplug", "sparkplug": {"edge_node_id": "rx"}}
     streams = [{"id": i, "public_keys": ["k.pub"], "output": output} for i in (1, 2)]
+    receiver = {"listen": "192.0.2.1"}
     with pytest.raises(ConfigError, match="edge_node_id"):
-        validate(RxConfig, {"streams": streams}, "rx.toml")
+        validate(RxConfig, {"receiver": receiver, "streams": streams}, "rx.toml")
     streams[1]["output"] = {"payload": "sparkplug", "sparkplug": {"edge_node_id": "rx2"}}
-    assert len(validate(RxConfig, {"streams": streams}, "rx.toml").streams) == 2
+    config = validate(RxConfig, {"receiver": receiver, "streams": streams}, "rx.toml")
+    assert len(config.streams) == 2
