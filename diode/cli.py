@@ -214,6 +214,12 @@ def parser() -> argparse.ArgumentParser:
         help="MQTT broker: 127.0.0.1:1883 if one answers, else an embedded one (default: auto)",
     )
     p.add_argument("--seed", type=int, default=1, help="seed of the relay's losses and the noise")
+    p.add_argument(
+        "--payload",
+        choices=("json", "sparkplug"),
+        default="json",
+        help="what the receiver publishes: JSON per tag, or Sparkplug B 3.0 (spBv1.0/diode/#)",
+    )
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("bench", help="benchmarks, printed as JSON")

@@ -58,6 +58,7 @@ from receiver.link import SD_LISTEN_FDS_START, Drain, kernel_drops, link_socket
 from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
 from receiver.router import Output, Router
+from receiver.sparkplug_node import SparkplugRouting, sparkplug_nodes
 
 log = structlog.get_logger("diode.rx")
 
@@ -140,7 +141,12 @@ class Receiver:
         self.since = time.time()  # when this receiver became the active one
         self._tick = time.monotonic()  # the failover loop's last turn
         self._retired: Counter[str] = Counter()  # counts of the decoders it replaced
-        self.router = self._router(self.output if self.active else NullOutput())
+        # Sparkplug streams publish through an edge node of their own (receiver/sparkplug_node.py).
+        self.sparkplug = sparkplug_nodes(config)
+        self._publisher: Output = (
+            SparkplugRouting(self.output, self.sparkplug, config) if self.sparkplug else self.output
+        )
+        self.router = self._router(self._publisher if self.active else NullOutput())
         passed = False
         if sock is None:
             sock, passed = link_socket(
@@ -239,6 +245,9 @@ class Receiver:
             out[f"mqtt_{key}"] = int(value)
         if self.failover is not None:
             out.update(self.failover.counters)
+        for stream_id, node in self.sparkplug.items():
+            for key, value in node.all_counters().items():
+                out[f"sparkplug_{stream_id}_{key}"] = value
         return out
 
     # -- a pair of receivers (receiver/failover.py) ----------------------------------------
@@ -302,7 +311,7 @@ class Receiver:
         base = merged(self._committed, self.failover.positions())
         shadow = self.router
         self.decoder = Decoder(self._keyring, self._settings, state=base)
-        self.router = self._router(self.output, learned_from=shadow)
+        self.router = self._router(self._publisher, learned_from=shadow)
         self.drain.counters = self.decoder.counters
         self.drain.hold_normally()
         self.drain.rewind()
@@ -347,7 +356,7 @@ class Receiver:
         router = Router(
             {s.id: s.output for s in self.config.streams},
             output,
-            store=self.output if output is self.output else None,
+            store=self.output if output is self._publisher else None,
             receiver_counters=lambda: self.decoder.counters,
         )
         if learned_from is not None:
@@ -430,6 +439,7 @@ class Receiver:
                 group.create_task(self.output.run()),
                 supervise,
                 group.create_task(daemon.watchdog()),
+                *(group.create_task(node.run()) for node in self.sparkplug.values()),
             ]
             if self.failover is not None:
                 tasks.append(group.create_task(self.failover.run()))
@@ -450,6 +460,8 @@ class Receiver:
                 watch.cancel()
             if self._timer is not None:
                 self._timer.cancel()
+            for node in self.sparkplug.values():
+                await node.close()  # NDEATH: the edge node leaves the broker
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.output.close(), 5)
             for task in tasks:

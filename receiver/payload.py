@@ -1,17 +1,19 @@
 """Topics and JSON payloads: what MQTT subscribers see. Pure functions, no I/O.
 
-Per-tag message, on ``topic_template`` (default ``{prefix}/{site}/{device}/{tag}``)::
+Per-tag message, on ``topic_template`` (default ``{prefix}/{site}/{area}/{device}/{tag}``,
+an ISA-95 style Unified Namespace: enterprise (the prefix), site, area and line
+(``areas`` per device; left out when empty), device (the PLC), tag)::
 
     {"value": 21.5, "ts": "2024-05-01T12:00:00.123456Z", "quality": "good", "unit": "degC"}
     {"value": 21.5, "ts": "...", "quality": "stale", "unit": "degC", "reason": "link down"}
 
-Batched message, one per device per block, on ``{prefix}/{site}/{device}``; the
+Batched message, one per device per block, on ``{prefix}/{site}/{area}/{device}``; the
 samples are a list in arrival order, so two values of one tag in one block are
 both kept::
 
     {"device": "plc1", "samples": [{"tag": "temp", "value": 21.5, "ts": "...", ...}, ...]}
 
-Inventory (retained) on ``{prefix}/{site}/{device}/$inventory``, each tag's
+Inventory (retained) on ``{prefix}/{site}/{area}/{device}/$inventory``, each tag's
 metadata (retained) on its value topic plus ``/$meta``, stream status
 (retained) on ``{prefix}/{site}/$status``.
 
@@ -201,7 +203,13 @@ class Topics:
         self.stream = stream
         self.root = f"{stream.prefix}/{stream.site}"
         self._template = stream.topic_template
+        # An empty area leaves its level out, with one of the slashes around it.
+        self._template_no_area = self._template.replace("{area}/", "").replace("/{area}", "")
         self._tags: dict[tuple[str, str], str] = {}
+
+    def area(self, device: str) -> str:
+        """The ISA-95 levels between the site and ``device`` (may be empty)."""
+        return self.stream.areas.get(device, self.stream.default_area)
 
     def tag(self, device: str, name: str) -> str:
         key = (device, name)
@@ -209,9 +217,11 @@ class Topics:
         if topic is None:
             if len(self._tags) > 1_000_000:  # a renamed catalogue must not grow this forever
                 self._tags.clear()
-            topic = self._template.format(
+            area = self.area(device)
+            topic = (self._template if area else self._template_no_area).format(
                 prefix=self.stream.prefix,
                 site=self.stream.site,
+                area=area,
                 device=level(device),
                 tag=level(name),
             )
@@ -219,10 +229,11 @@ class Topics:
         return topic
 
     def device(self, device: str) -> str:
-        return f"{self.root}/{level(device)}"
+        area = self.area(device)
+        return f"{self.root}/{area}/{level(device)}" if area else f"{self.root}/{level(device)}"
 
     def inventory(self, device: str) -> str:
-        return f"{self.root}/{level(device)}/$inventory"
+        return f"{self.device(device)}/$inventory"
 
     def status(self) -> str:
         return f"{self.root}/$status"

@@ -105,6 +105,27 @@ def test_inventory_and_status() -> None:
     assert json.loads(status.payload) == {"link": "up", "age_s": "Infinity", "gaps": [[1, 2]]}
 
 
+def test_the_default_layout_is_an_isa95_namespace_with_areas_from_config() -> None:
+    stream = StreamOutput(
+        prefix="acme",
+        site="lyon",
+        areas={"plc1": "packaging/line2"},
+        default_area="utilities",
+    )
+    topics = Topics(stream)
+    assert topics.tag("plc1", "level") == "acme/lyon/packaging/line2/plc1/level"
+    assert topics.tag("boiler", "temp") == "acme/lyon/utilities/boiler/temp"
+    assert topics.device("plc1") == "acme/lyon/packaging/line2/plc1"
+    assert topics.inventory("plc1") == "acme/lyon/packaging/line2/plc1/$inventory"
+    assert topics.status() == "acme/lyon/$status"
+    # Without areas, the levels the catalogue knows: no empty level in between.
+    plain = Topics(StreamOutput(prefix="acme", site="lyon"))
+    assert plain.tag("plc1", "level") == "acme/lyon/plc1/level"
+    assert plain.device("plc1") == "acme/lyon/plc1"
+    custom = Topics(StreamOutput(topic_template="uns/{site}/{area}/{device}/{tag}"))
+    assert custom.tag("plc1", "level") == "uns/site/plc1/level"
+
+
 @pytest.mark.parametrize(
     ("data", "key"),
     [
@@ -113,7 +134,10 @@ def test_inventory_and_status() -> None:
         ({"topic_template": "{prefix}/+/{tag}"}, ""),
         ({"site": "a#"}, "site"),
         ({"qos": 2}, "qos"),
-        ({"payload": "sparkplug"}, "payload"),
+        ({"payload": "protobuf"}, "payload"),
+        ({"areas": {"plc1": "a/+"}}, "areas"),
+        ({"areas": {"plc1": "a//b"}}, "areas"),
+        ({"default_area": "/x"}, "default_area"),
         ({"colour": "red"}, "colour"),
     ],
 )

@@ -134,6 +134,56 @@ moves a deadband away, and a value turning NaN, or back, is always a change.
 """
 
 
+EXAMPLES = """\
+## Examples: topic layouts and Sparkplug B
+
+### A Unified Namespace (ISA-95) for JSON
+
+The default `topic_template` is `{prefix}/{site}/{area}/{device}/{tag}`: the
+ISA-95 levels enterprise (`prefix`), site, area and line (`areas`, per device
+of the catalogue), then the device (the PLC as the transmitter names it) and
+the tag. The catalogue knows devices and tags only, so area and line come from
+this file; a device without an entry in `areas` takes `default_area`, and an
+empty area leaves its level out (`acme/lyon/plc1/level`).
+
+```toml
+[[streams]]
+id = 1
+public_keys = ["keys/tx.pub"]
+
+[streams.output]
+prefix = "acme"                 # enterprise
+site = "lyon"
+default_area = "utilities"      # devices not listed below
+areas = { plc1 = "packaging/line2", plc2 = "packaging/line3", boiler = "energy/steam" }
+# acme/lyon/packaging/line2/plc1/level      {"value": 2.25, "ts": "...", "quality": "good", ...}
+# acme/lyon/packaging/line2/plc1/$inventory (retained)
+# acme/lyon/$status                         (retained)
+```
+
+Batched payloads use `{prefix}/{site}/{area}/{device}`. Another layout, e.g.
+with a fixed namespace root: `topic_template = "uns/{site}/{area}/{device}/{tag}"`.
+
+### Sparkplug B 3.0
+
+`payload = "sparkplug"` makes the stream an edge node with one device per PLC
+(see docs/OPERATIONS.md for connecting Ignition or another host):
+
+```toml
+[streams.output]
+payload = "sparkplug"
+qos = 0                         # Sparkplug 3.0 sends births and data at QoS 0
+link_timeout_s = 5.0            # no heartbeat this long: DDEATH for every device
+
+[streams.output.sparkplug]
+group_id = "lyon"
+edge_node_id = "diode-rx-1"
+primary_host_id = "scada"       # optional: NBIRTH only while spBv1.0/STATE/scada is online
+# spBv1.0/lyon/NBIRTH/diode-rx-1, spBv1.0/lyon/DBIRTH/diode-rx-1/plc1, .../DDATA/..., ...
+```
+"""
+
+
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -143,8 +193,9 @@ def _type_name(annotation: Any) -> str:
         names = [_type_name(a) for a in args if a is not type(None)]
         optional = type(None) in args
         return " or ".join(names) + (" (optional)" if optional else "")
-    if origin is list:
-        return f"list of {_type_name(args[0])}"
+    if origin in (list, dict):
+        kind = "list" if origin is list else "table"
+        return f"{kind} of {_type_name(args[-1])}"
     if origin is typing.Literal:
         return " or ".join(repr(a) for a in args)
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
@@ -228,6 +279,7 @@ def render() -> str:
         if model is TxConfig:
             rows = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in _VALUE_TYPE_ROWS)
             parts.append(VALUE_TYPES.format(rows=rows))
+    parts.append(EXAMPLES)
     return "\n".join(parts).rstrip() + "\n"
 
 

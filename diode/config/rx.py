@@ -136,6 +136,27 @@ class RxConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _unique_edge_nodes(self) -> RxConfig:
+        # Two edge nodes with one identity would take each other's MQTT session in turn.
+        nodes = [
+            (s.output.sparkplug.group_id, s.output.sparkplug.edge_node_id)
+            for s in self.streams
+            if s.output.payload == "sparkplug"
+        ]
+        dupes = sorted({"/".join(n) for n in nodes if nodes.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"Sparkplug streams need their own group_id/edge_node_id: {', '.join(dupes)} twice"
+            )
+        if nodes and self.failover.peer_status_topic is not None:
+            # The edge node's session (its NBIRTH, its will) would have to move with the
+            # active role; until it does, a standby pair serves JSON streams only.
+            raise ValueError(
+                "failover.peer_status_topic: a standby pair does not serve Sparkplug streams yet"
+            )
+        return self
+
     def resolve(self, path: Path) -> RxConfig:
         """Relative paths are relative to the config file's folder."""
         base = path.parent
