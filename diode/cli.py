@@ -10,7 +10,7 @@ from pathlib import Path
 from diode import __version__
 from diode.config import load, read_toml
 from diode.config.modbus import DEFAULT_MAX_GAP
-from diode.errors import ConfigError, KeyFileError
+from diode.errors import ConfigError, KeyFileError, SettingError
 from diode.keys import write_keypair, write_psk
 
 
@@ -35,15 +35,26 @@ def config_kind(data: dict[str, object]) -> str:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    """Everything the daemon checks at start, except binding its ports (it may be running)."""
+    from diode import startup
     from diode.config.rx import RxConfig
     from diode.config.tx import TxConfig
 
     try:
         kind = config_kind(read_toml(args.file))
-        model = TxConfig if kind == "tx" else RxConfig
-        load(model, args.file)
+        if kind == "tx":
+            from transmitter.app import preflight
+
+            tx = load(TxConfig, args.file).resolve(args.file)
+            preflight(tx, create=False)
+        else:
+            rx = load(RxConfig, args.file).resolve(args.file)
+            startup.check_rx(rx, create=False)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SettingError as exc:
+        print(f"error: {args.file}: {exc}", file=sys.stderr)
         return 2
     print(f"{args.file}: ok ({'transmitter' if kind == 'tx' else 'receiver'} config)")
     return 0
@@ -65,7 +76,7 @@ def _bench(args: argparse.Namespace) -> int:
     from diode import bench
 
     if args.seconds is None:
-        args.seconds = {"codec": 2.0}.get(args.what, 10.0)
+        args.seconds = {"codec": 2.0, "restart": 30.0}.get(args.what, 10.0)
         if args.quick:
             args.seconds = 0.1 if args.what == "codec" else 2.0
     if args.what == "codec":
@@ -105,6 +116,21 @@ def _bench(args: argparse.Namespace) -> int:
         from diode.benchmarks.tags import cost
 
         result = cost(rates=args.rate or (10_000, 50_000), seconds=args.seconds, stall_s=args.stall)
+    elif args.what == "restart":
+        from diode.benchmarks.restart import restart_buffer
+
+        result = restart_buffer(
+            rates=args.rate or (1000, 10_000, 50_000),
+            seconds=args.seconds if not args.quick else 2.0,
+        )
+    elif args.what == "drain":
+        from diode.benchmarks.drain import drain_cost
+
+        result = drain_cost(datagrams=2000 if args.quick else 20_000)
+    elif args.what == "repeat":
+        from diode.benchmarks.restart import repeat_cost
+
+        result = repeat_cost(rates=args.rate or (1000, 10_000), seconds=args.seconds)
     elif args.what == "polling":
         from diode.benchmarks.polling import polling
 
@@ -138,10 +164,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _link_rules(args: argparse.Namespace) -> int:
-    from diode.linkrules import rules
+    from diode.linkrules import DEFAULT_PORT, rules
 
     try:
-        print(rules(args.side, args.interface))
+        print(rules(args.side, args.interface, tuple(args.port or (DEFAULT_PORT,))))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -188,16 +214,25 @@ def parser() -> argparse.ArgumentParser:
         help="MQTT broker: 127.0.0.1:1883 if one answers, else an embedded one (default: auto)",
     )
     p.add_argument("--seed", type=int, default=1, help="seed of the relay's losses and the noise")
+    p.add_argument(
+        "--payload",
+        choices=("json", "sparkplug"),
+        default="json",
+        help="what the receiver publishes: JSON per tag, or Sparkplug B 3.0 (spBv1.0/diode/#)",
+    )
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("bench", help="benchmarks, printed as JSON")
     p.add_argument(
         "what",
-        choices=["codec", "link", "tags", "cost", "polling", "opcua"],
+        choices=["codec", "link", "tags", "cost", "polling", "opcua", "restart", "repeat", "drain"],
         help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
         "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s; "
         "polling: Modbus devices one transmitter core polls at 1 Hz; "
-        "opcua: OPC UA monitored items one transmitter core serves at 1 Hz",
+        "opcua: OPC UA monitored items one transmitter core serves at 1 Hz; "
+        "restart: how long a receiver restart the link socket's buffer covers; "
+        "repeat: the transmitter's CPU and bandwidth with and without repeat_after_s; "
+        "drain: the receiver's journaled drain, CPU per datagram",
     )
     p.add_argument("--seconds", type=float, default=None, help="time per measurement")
     p.add_argument("--quick", action="store_true", help="short runs (tests, smoke checks)")
@@ -208,7 +243,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pydiode", type=Path, default=None, help="link: pydiode's virtualenv")
     p.add_argument("--no-pydiode", action="store_true", help="link: skip the pydiode run")
     p.add_argument("--mode", action="append", help="tags: payload:qos, e.g. per_tag:0 (repeat)")
-    p.add_argument("--rate", type=int, action="append", help="tags/cost: updates/s (repeat)")
+    p.add_argument(
+        "--rate", type=int, action="append", help="tags/cost/restart: updates/s (repeat)"
+    )
     p.add_argument(
         "--stall", type=float, default=0.0, help="cost: seconds the receiver is stopped, 2 s in"
     )
@@ -223,6 +260,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("link-rules", help="print nftables rules that enforce one way")
     p.add_argument("side", choices=["tx", "rx"], help="the host the rules are for")
     p.add_argument("--interface", default="diode0", help="the one-way link's interface")
+    p.add_argument(
+        "--port",
+        type=int,
+        action="append",
+        help="rx: the link port, receiver.port (repeat for several receivers; default 5140)",
+    )
     p.set_defaults(run=_link_rules)
 
     p = sub.add_parser("version", help="print the version")

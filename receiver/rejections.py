@@ -43,7 +43,8 @@ class RejectionMeter:
         if t1 <= t0:
             return {}
         return {
-            reason: round((count - first.get(reason, 0)) / (t1 - t0), 1)
+            # max(0, ...): a decoder replaced (failover) starts its counters again.
+            reason: round(max(0, count - first.get(reason, 0)) / (t1 - t0), 1)
             for reason, count in sorted(last.items())
         }
 

@@ -108,6 +108,9 @@ class _Output:
     def publish_inventory(self, stream: StreamOutput, info: DeviceInfo) -> None:
         pass
 
+    def publish_meta(self, stream: StreamOutput, info: TagInfo) -> None:
+        pass
+
     def publish_status(self, stream: StreamOutput, status: dict[str, Any]) -> None:
         pass
 

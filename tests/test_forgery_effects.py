@@ -42,6 +42,7 @@ class Recorder:
     def __init__(self) -> None:
         self.samples: list[tuple[TagInfo, Sample]] = []
         self.inventory: list[DeviceInfo] = []
+        self.meta: list[TagInfo] = []
         self.status: dict[str, Any] = {}
 
     def publish_samples(
@@ -51,6 +52,9 @@ class Recorder:
 
     def publish_inventory(self, stream: StreamOutput, info: DeviceInfo) -> None:
         self.inventory.append(info)
+
+    def publish_meta(self, stream: StreamOutput, info: TagInfo) -> None:
+        self.meta.append(info)
 
     def publish_status(self, stream: StreamOutput, status: dict[str, Any]) -> None:
         self.status = status
@@ -106,6 +110,7 @@ def _snapshot(decoder: Decoder, router: Router, output: Recorder) -> dict[str, A
     )
     snap["published.samples"] = len(output.samples)
     snap["published.inventory"] = len(output.inventory)
+    snap["published.meta"] = len(output.meta)
     return snap
 
 

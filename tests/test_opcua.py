@@ -7,6 +7,7 @@ import datetime as dt
 import random
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,13 +18,13 @@ from asyncua import ua
 from asyncua.common.subscription import OverflowPolicy
 from asyncua.crypto import cert_gen
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from diode.config import validate
 from diode.config.opcua import OpcuaServer
 from diode.errors import ConfigError, KeyFileError
-from diode.records import DeviceInfo, Quality, Sample, ValueType
+from diode.records import DeviceInfo, Quality, Sample, TagInfo, ValueType
 from tests.support.opcua_server import BUILD_INFO, OpcuaTestServer, node_id
 from transmitter import certs
 from transmitter.opcua import (
@@ -43,9 +44,13 @@ class Collector:
     def __init__(self) -> None:
         self.samples: list[Sample] = []
         self.devices: list[DeviceInfo] = []
+        self.tags: list[TagInfo] = []
 
     def sample(self, sample: Sample) -> None:
         self.samples.append(sample)
+
+    def tag(self, info: TagInfo) -> None:
+        self.tags.append(info)
 
     def device(self, info: DeviceInfo) -> None:
         self.devices.append(info)
@@ -245,8 +250,8 @@ async def test_status_codes_become_quality(server: OpcuaTestServer) -> None:
         assert (bad.value, bad.reason) == (None, "BadSensorFailure")
 
         await sink.until(lambda: sink.of(curve), "array sample")
-        assert sink.of(curve)[0].quality is Quality.BAD
-        assert sink.of(curve)[0].reason == "unsupported type"
+        # An array is a value like any other now (issue 14, item 6): it was BAD before.
+        assert (sink.of(curve)[0].quality, sink.of(curve)[0].value) == (Quality.GOOD, (1.0, 2.0))
         await sink.until(lambda: sink.of(ghost), "unknown node sample")
         assert (sink.of(ghost)[0].quality, sink.of(ghost)[0].reason) == (
             Quality.BAD,
@@ -308,7 +313,11 @@ async def test_sign_and_encrypt_reuses_its_generated_certificate(
     try:
         nodes = [{"name": "level", "node_id": node_id("Level")}]
         cfg = config(
-            srv.endpoint, nodes, security_policy="Basic256Sha256", security_mode="SignAndEncrypt"
+            srv.endpoint,
+            nodes,
+            security_policy="Basic256Sha256",
+            security_mode="SignAndEncrypt",
+            trust_list=str(server_pki[0]),
         )
         level = tag_id("plc", "level")
         for start in (1, 2):
@@ -351,17 +360,190 @@ async def test_username_and_password_from_a_file(tmp_path: Path) -> None:
         wrong.write_text("guess\n")
 
         sink = Collector()
-        cfg = config(srv.endpoint, nodes, username="operator", password_file=str(good))
+        plain = {"allow_password_without_encryption": True}
+        cfg = config(srv.endpoint, nodes, username="operator", password_file=str(good), **plain)
         async with running(cfg, sink):
             await sink.until(last_good(sink, level, 1.5), "value with a user")
 
         sink = Collector()
-        cfg = config(srv.endpoint, nodes, username="operator", password_file=str(wrong))
+        cfg = config(srv.endpoint, nodes, username="operator", password_file=str(wrong), **plain)
         async with running(cfg, sink) as poller:
             await sink.until(lambda: poller.counters["connect_failures"] >= 2, "refusals")
         assert [s.reason for s in sink.samples] == ["disconnected"]  # once, not per attempt
     finally:
         await srv.stop()
+
+
+def make_cert(
+    folder: Path, name: str, *, issuer: tuple[x509.Certificate, Any] | None = None, ca: bool = False
+) -> tuple[Path, Path, x509.Certificate, Any]:
+    """A certificate (DER) and key (PEM) for a test server, self-signed or signed by ``issuer``."""
+    key = cert_gen.generate_private_key()
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[0].subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.UniformResourceIdentifier("urn:freeopcua:python:server"),
+                    x509.DNSName(socket.gethostname()),
+                ]
+            ),
+            critical=False,
+        ).add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=True,
+                key_encipherment=True,
+                data_encipherment=True,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    else:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+    cert_path, key_path = folder / f"{name}.der", folder / f"{name}.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    key_path.write_bytes(cert_gen.dump_private_key_as_pem(key))
+    return cert_path, key_path, cert, key
+
+
+@pytest.fixture(scope="session")
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server certificate it signed, and a stranger's self-signed certificate."""
+    folder = tmp_path_factory.mktemp("other-pki")
+    ca_path, _, ca_cert, ca_key = make_cert(folder, "plant-ca", ca=True)
+    signed, signed_key, _, _ = make_cert(folder, "signed-server", issuer=(ca_cert, ca_key))
+    stranger, _, _, _ = make_cert(folder, "stranger")
+    return {"ca": ca_path, "signed": signed, "signed_key": signed_key, "stranger": stranger}
+
+
+async def secure_run(
+    srv: OpcuaTestServer, tmp_path: Path, **trust: str
+) -> tuple[Collector, OpcuaPoller]:
+    """Run a SignAndEncrypt poller with ``trust`` until a value or three refusals."""
+    cfg = config(
+        srv.endpoint,
+        [{"name": "level", "node_id": node_id("Level")}],
+        security_policy="Basic256Sha256",
+        security_mode="SignAndEncrypt",
+        username="operator",
+        password_file=str(tmp_path / "pw"),
+        **trust,
+    )
+    (tmp_path / "pw").write_text("s3cret\n")
+    sink = Collector()
+    level = tag_id("plc", "level")
+    async with running(cfg, sink, state_dir=tmp_path) as poller:
+        await sink.until(
+            lambda: last_good(sink, level, 1.5)() or poller.counters["server_untrusted"] >= 3,
+            "a value or refusals",
+        )
+    return sink, poller
+
+
+async def test_server_certificate_checked_against_the_trust_list(
+    server_pki: tuple[Path, Path], other_pki: dict[str, Path], tmp_path: Path
+) -> None:
+    srv = OpcuaTestServer(
+        certificate=server_pki[0], private_key=server_pki[1], users={"operator": "s3cret"}
+    )
+    await srv.start()
+    try:
+        level = tag_id("plc", "level")
+        trusted = tmp_path / "trusted"
+        trusted.mkdir()
+        (trusted / "stranger.der").write_bytes(other_pki["stranger"].read_bytes())
+        # A trust list without the server's certificate: refused before the password goes.
+        sink, poller = await secure_run(srv, tmp_path, trust_list=str(trusted))
+        assert poller.counters["server_untrusted"] >= 3
+        assert not any(s.quality is Quality.GOOD for s in sink.of(level))
+        assert poller.counters["connects"] == 0
+        # The same pinned, wrongly: refused too.
+        sink, poller = await secure_run(
+            srv, tmp_path, server_certificate=str(other_pki["stranger"])
+        )
+        assert poller.counters["connects"] == 0
+        assert not any(s.quality is Quality.GOOD for s in sink.of(level))
+        # With the server's certificate in the folder: values flow.
+        (trusted / "server.der").write_bytes(server_pki[0].read_bytes())
+        sink, poller = await secure_run(srv, tmp_path, trust_list=str(trusted))
+        assert poller.counters["server_untrusted"] == 0
+        assert last_good(sink, level, 1.5)()
+        # Pinned, rightly: values flow.
+        sink, poller = await secure_run(srv, tmp_path, server_certificate=str(server_pki[0]))
+        assert poller.counters["server_untrusted"] == 0
+        assert last_good(sink, level, 1.5)()
+    finally:
+        await srv.stop()
+
+
+async def test_a_server_signed_by_a_trusted_ca_is_accepted(
+    other_pki: dict[str, Path], tmp_path: Path
+) -> None:
+    srv = OpcuaTestServer(
+        certificate=other_pki["signed"],
+        private_key=other_pki["signed_key"],
+        users={"operator": "s3cret"},
+    )
+    await srv.start()
+    try:
+        sink, poller = await secure_run(srv, tmp_path, trust_list=str(other_pki["ca"]))
+        assert poller.counters["server_untrusted"] == 0
+        assert last_good(sink, tag_id("plc", "level"), 1.5)()
+    finally:
+        await srv.stop()
+
+
+def test_why_untrusted_checks_validity_and_issuer(other_pki: dict[str, Path]) -> None:
+    ca, signed, stranger = (
+        certs.load_trust_list(other_pki[k])[0] for k in ("ca", "signed", "stranger")
+    )
+    now = dt.datetime.now(dt.UTC)
+    assert certs.why_untrusted(signed, [ca], now) is None
+    assert certs.why_untrusted(stranger, [stranger], now) is None
+    assert "neither" in (certs.why_untrusted(stranger, [ca], now) or "")
+    # a non-CA certificate whose subject happens to be the issuer's is no anchor
+    assert "neither" in (certs.why_untrusted(signed, [stranger], now) or "")
+    later = now + dt.timedelta(days=31)
+    assert "expired" in (certs.why_untrusted(signed, [ca], later) or "")
+    assert "not valid before" in (
+        certs.why_untrusted(signed, [ca], now - dt.timedelta(days=1)) or ""
+    )
+
+
+def test_a_garbled_trust_list_entry_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.der").write_bytes(b"not a certificate")
+    with pytest.raises(KeyFileError, match="not a certificate"):
+        certs.load_trust_list(tmp_path)
 
 
 # -- certificates ---------------------------------------------------------------------
@@ -398,6 +580,12 @@ def _server_dict(**extra: Any) -> dict[str, Any]:
         ({"security_mode": "Sign"}, "does not fit security_policy"),
         ({"password": "x", "username": "u"}, "unknown key"),
         ({"username": "u"}, "username and password_file"),
+        ({"username": "u", "password_file": "/p"}, "allow_password_without_encryption"),
+        (
+            {"security_policy": "Basic256Sha256", "security_mode": "SignAndEncrypt"},
+            "server_certificate \\(pin it\\) or trust_list",
+        ),
+        ({"trust_list": "/etc/diode/trusted"}, "need a security_policy"),
         ({"certificate": "/c.der"}, "certificate and private_key"),
         ({"endpoint": "http://plc"}, "should match pattern"),
         ({"nodes": [{"name": "a", "node_id": "Tank.Level"}]}, "not a NodeId"),
@@ -448,6 +636,7 @@ def test_config_accepts_a_full_server() -> None:
         _server_dict(
             security_policy="Basic256Sha256",
             security_mode="Sign",
+            trust_list="/etc/diode/opcua-trusted",
             username="op",
             password_file="/etc/diode/pw",
             nodes=[
@@ -474,7 +663,10 @@ def test_config_accepts_a_full_server() -> None:
     assert cfg.nodes[1].type is ValueType.INT32
     assert cfg.sampling_ms(cfg.nodes[0]) == 100.0
     assert cfg.queue_for(cfg.nodes[1]) == 10
-    assert cfg.missing_files() == [("password_file", Path("/etc/diode/pw"))]
+    assert cfg.missing_files() == [
+        ("password_file", Path("/etc/diode/pw")),
+        ("trust_list", Path("/etc/diode/opcua-trusted")),
+    ]
 
 
 # -- pure conversions -----------------------------------------------------------------
@@ -486,14 +678,31 @@ def test_config_accepts_a_full_server() -> None:
         (True, (True, "")),
         (-3, (-3, "")),
         (2**64 - 1, (2**64 - 1, "")),
-        (2**64, (None, "unsupported type")),
+        (2**64, (None, "unsupported type: integer out of the 64-bit range")),
         (1.25, (1.25, "")),
         ("x", ("x", "")),
         (None, (None, "")),
-        (ua.LocalizedText("hello"), ("hello", "")),
-        (dt.datetime(2024, 1, 2, tzinfo=dt.UTC), ("2024-01-02T00:00:00+00:00", "")),
-        ([1, 2], (None, "unsupported type")),
-        (b"\x00", (None, "unsupported type")),
+        (ua.LocalizedText("hello"), (("hello", ""), "")),
+        (ua.LocalizedText("Hallo", "de-DE"), (("Hallo", "de-DE"), "")),
+        (dt.datetime(2024, 1, 2, tzinfo=dt.UTC), ("2024-01-02T00:00:00.000000Z", "")),
+        (dt.datetime(9999, 12, 31, 23, 59, 59), ("9999-12-31T23:59:59.000000Z", "")),
+        ([1, 2], ((1, 2), "")),
+        ([[1.5], [2.5]], (((1.5,), (2.5,)), "")),
+        ([ua.LocalizedText("a", "en")], ((("a", "en"),), "")),
+        (b"\x00", (b"\x00", "")),
+        (
+            ua.StatusCode(ua.StatusCodes.BadSensorFailure),
+            ((ua.StatusCodes.BadSensorFailure, "BadSensorFailure"), ""),
+        ),
+        (ua.NodeId("Tank.Level", 2), ("ns=2;s=Tank.Level", "")),
+        (ua.QualifiedName("Name", 3), ("3:Name", "")),
+        (
+            uuid.UUID("72962b91-fa75-4ae6-8d28-b404dc7daf63"),
+            ("72962b91-fa75-4ae6-8d28-b404dc7daf63", ""),
+        ),
+        ([1, 2**70], (None, "unsupported type: integer out of the 64-bit range")),
+        (ua.ExtensionObject(), (None, "unsupported type ExtensionObject")),
+        (object(), (None, "unsupported type object")),
     ],
 )
 def test_plain_value(raw: Any, expected: tuple[Any, str]) -> None:

@@ -6,12 +6,13 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from diode.config import IpAddress, Section
+from diode.config import IpAddress, Section, checked
 from diode.config.link import LinkSettings
 from diode.config.modbus import ModbusSection
 from diode.config.opcua import OpcuaServer
 from diode.config.synthetic import SyntheticSource
 from diode.errors import ConfigError
+from diode.keys import check_secret_file, load_psk, load_signing_key
 
 
 class TxLink(LinkSettings):
@@ -25,6 +26,14 @@ class TxLink(LinkSettings):
     )
     queue_datagrams: int = Field(
         65536, ge=64, le=10_000_000, description="datagrams the sender may hold before dropping"
+    )
+    repeat_after_s: float = Field(
+        0.0,
+        ge=0.0,
+        le=60.0,
+        description="time diversity: every datagram is sent again this much later, paced with "
+        "the rest (twice the bandwidth); an outage of the receiver or the link shorter than this "
+        "loses nothing if the receiver's reorder_timeout_s is longer; 0 = off",
     )
 
 
@@ -119,7 +128,13 @@ class TxConfig(Section):
             server.model_copy(
                 update={
                     key: base / getattr(server, key)
-                    for key in ("certificate", "private_key", "server_certificate", "password_file")
+                    for key in (
+                        "certificate",
+                        "private_key",
+                        "server_certificate",
+                        "trust_list",
+                        "password_file",
+                    )
                     if getattr(server, key) is not None
                 }
                 | ({"cert_dir": base / server.cert_dir} if server.cert_dir else {})
@@ -134,6 +149,7 @@ class TxConfig(Section):
         )
 
     def check_files(self, path: Path) -> None:
+        """What the transmitter will read at start: present, private enough, and keys that parse."""
         resolved = self.resolve(path)
         section = resolved.transmitter
         files: list[tuple[str, Path | None]] = [
@@ -145,3 +161,9 @@ class TxConfig(Section):
         for key, file in files:
             if file is not None and not file.is_file():
                 raise ConfigError(str(path), key, f"no such file: {file}")
+        checked(path, "transmitter.private_key", load_signing_key, section.private_key)
+        if section.psk_file is not None:
+            checked(path, "transmitter.psk_file", load_psk, section.psk_file)
+        for i, server in enumerate(resolved.opcua.servers):
+            for key, secret in server.secret_files():
+                checked(path, f"opcua.servers[{i}].{key}", check_secret_file, secret)
