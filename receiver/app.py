@@ -42,7 +42,7 @@ import structlog
 from diode import daemon, startup
 from diode.config import load
 from diode.config.rx import RxConfig
-from diode.decoder import Decoder, DecoderSettings, Gap
+from diode.decoder import Decoder, DecoderSettings, Gap, LinkProfile
 from diode.errors import DiodeError, FrameError, SettingError
 from diode.keys import Keyring, TrustedKey, load_psk, load_public_key
 from diode.replay import StreamState, pack_states, unpack_states
@@ -57,6 +57,7 @@ from receiver.failover import (
 from receiver.link import SD_LISTEN_FDS_START, Drain, kernel_drops, link_socket
 from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
+from receiver.rejections import RejectionMeter
 from receiver.router import Output, Router
 from receiver.sparkplug_node import SparkplugRouting, sparkplug_nodes
 
@@ -128,9 +129,26 @@ class Receiver:
         self._settings = DecoderSettings(
             reorder_timeout_s=section.reorder_timeout_s,
             max_assembly_bytes=int(section.max_assembly_mb * 1024 * 1024),
+            verify_budget_per_s=section.verify_budget_per_s,
+            max_start_age_s=section.max_start_age_s,
+            clock_skew_s=section.clock_skew_s,
         )
+        self._profiles = {
+            s.id: LinkProfile.of(s.link.datagram_size, s.link.fec)
+            for s in config.streams
+            if s.link is not None
+        }
+        for stream in config.streams:
+            if stream.link is None and stream.psk_file is None:
+                log.warning(
+                    "stream has neither a link secret nor a link profile: forged datagrams "
+                    "of any shape cost assembly memory and rebuilds",
+                    stream=stream.id,
+                    fix="set psk_file, or copy the transmitter's [link] into [streams.link]",
+                )
+        self.rejections = RejectionMeter()
         saved = load_positions(self.output)
-        self.decoder = Decoder(self._keyring, self._settings, state=saved)
+        self.decoder = self._decoder(saved)
         # A pair of receivers (receiver/failover.py): this one starts as the standby.
         self.failover = (
             Failover(config.mqtt, config.failover, was_active=self.output.saved(ROLE) == ACTIVE)
@@ -231,9 +249,18 @@ class Receiver:
             self._after(now)
             self.router.tick(now)
             self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)
+            self.decoder.wall_offset_s = time.time() - now  # follows wall-clock steps
+            self._watch_rejections(now)
             if now - last_status >= STATUS_PERIOD_S:
                 self.router.publish_all_status(now)
                 last_status = now
+
+    def _watch_rejections(self, now: float) -> None:
+        self.rejections.update(self.decoder.counters, now)
+        self.router.rejected = self.rejections.status()
+        warning = self.rejections.warning(now)
+        if warning is not None:
+            log.warning("datagrams rejected", **warning)
 
     def counters(self) -> dict[str, int]:
         if self.active:
@@ -310,7 +337,7 @@ class Receiver:
         assert self.failover is not None
         base = merged(self._committed, self.failover.positions())
         shadow = self.router
-        self.decoder = Decoder(self._keyring, self._settings, state=base)
+        self.decoder = self._decoder(base)
         self.router = self._router(self._publisher, learned_from=shadow)
         self.drain.counters = self.decoder.counters
         self.drain.hold_normally()
@@ -333,7 +360,7 @@ class Receiver:
         assert self.failover is not None
         self._retired.update(self.decoder.counters)
         learned = self.router
-        self.decoder = Decoder(self._keyring, self._settings, state=dict(self._committed))
+        self.decoder = self._decoder(dict(self._committed))
         self.router = self._router(NullOutput(), learned_from=learned)
         self.drain.counters = self.decoder.counters
         self.drain.hold_longer(self.failover.takeover_after_s + 2.0)
@@ -344,6 +371,12 @@ class Receiver:
         self.failover.counters["failover_stepdowns"] += 1
         self.failover.counters["failover_active"] = 0
         log.warning("failover: stepping down", reason=reason)
+
+    def _decoder(self, state: dict[int, StreamState]) -> Decoder:
+        """A decoder with this receiver's keys, settings, link profiles and wall clock."""
+        decoder = Decoder(self._keyring, self._settings, state=state, profiles=self._profiles)
+        decoder.wall_offset_s = time.time() - time.monotonic()
+        return decoder
 
     def _router(self, output: Output, *, learned_from: Router | None = None) -> Router:
         """A router for ``output`` that knows the catalogue another one learned.

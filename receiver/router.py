@@ -167,6 +167,7 @@ class StreamView:
             "samples_published": 0,
             "samples_repeated": 0,
             "records_lost": 0,
+            "records_lost_estimated": 0,
             "gaps": 0,
             "pending_dropped": 0,
             "blocks_rebuilt": 0,
@@ -185,6 +186,8 @@ class Router:
     ) -> None:
         self.streams = {sid: StreamView(sid, out) for sid, out in streams.items()}
         self._output = output
+        # Datagrams the receiver rejected, by reason, with rates (set by the shell).
+        self.rejected: dict[str, Any] = {}
         self._store = store
         self._receiver_counters = receiver_counters
         self._changes = StateChanges()
@@ -402,7 +405,8 @@ class Router:
         return out
 
     def _gap(self, view: StreamView, gap: Gap) -> None:
-        view.counters["records_lost"] += gap.records_lost
+        # An estimate (the tail of an ended epoch) never mixes with exact counts.
+        view.counters["records_lost" if gap.exact else "records_lost_estimated"] += gap.records_lost
         view.counters["gaps"] += 1
         entry = {
             "epoch": gap.epoch,
@@ -472,6 +476,7 @@ class Router:
             "counters": dict(view.counters),
             "transmitter": dict(view.heartbeat.counters) if view.heartbeat else {},
             "recent_gaps": list(view.gaps),
+            "rejected": self.rejected,
         }
         if self._receiver_counters is not None:
             # Receiver-wide: a rejected datagram names no stream it can be trusted for.

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 
 from diode.config import IpAddress, Section, checked
+from diode.config.link import FecSettings
 from diode.config.mqtt import MqttBroker, StreamOutput, _check_topic_part
 from diode.config.tx import LogSettings
 from diode.errors import ConfigError
@@ -53,6 +54,23 @@ class ReceiverSection(Section):
     max_assembly_mb: float = Field(
         64.0, gt=0.0, le=4096.0, description="memory for blocks being rebuilt, at most"
     )
+    verify_budget_per_s: float = Field(
+        200.0,
+        gt=0.0,
+        le=100_000.0,
+        description="signature verifies per second for blocks outside a stream's window "
+        "(a new epoch, a stream not followed yet, far-ahead blocks)",
+    )
+    max_start_age_s: float = Field(
+        10.0,
+        gt=0.0,
+        le=86400.0,
+        description="with no saved position, an epoch older than this (plus clock_skew_s) "
+        "needs a fresh heartbeat before anything of it is published",
+    )
+    clock_skew_s: float = Field(
+        5.0, ge=0.0, le=3600.0, description="allowed difference between tx and rx wall clocks"
+    )
     metrics_address: IpAddress = Field("127.0.0.1", description="Prometheus metrics address")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port; 0 = off")
 
@@ -89,6 +107,17 @@ class FailoverSection(Section):
         return None if value is None else _check_topic_part(value, "peer_status_topic")
 
 
+class StreamLink(Section):
+    """``[streams.link]``: the transmitter's datagram size and FEC (copy them from its
+    ``[link]``); every datagram of another shape is dropped before it costs memory
+    or a Reed-Solomon decode. Without this section any shape is assembled."""
+
+    datagram_size: int = Field(
+        1472, ge=256, le=65507, description="UDP payload bytes of every datagram"
+    )
+    fec: FecSettings = Field(default_factory=FecSettings)
+
+
 class StreamConfig(Section):
     """``[[streams]]``: one transmitter, its keys and where its values go."""
 
@@ -96,7 +125,12 @@ class StreamConfig(Section):
     public_keys: list[Annotated[Path, Field(strict=False)]] = Field(
         min_length=1, description="accepted public keys (two during a rotation)"
     )
-    psk_file: Path | None = Field(None, description="link secret, if encrypted", strict=False)
+    psk_file: Path | None = Field(
+        None,
+        description="link secret: encrypts blocks and gates every datagram with a link tag",
+        strict=False,
+    )
+    link: StreamLink | None = Field(None, description="the stream's link profile")
     output: StreamOutput = Field(default_factory=StreamOutput)
 
 

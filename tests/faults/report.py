@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.faults import restarts, scenarios
+from tests.faults import attack, restarts, scenarios
 from tests.faults.harness import os_info
 from tests.support.mosquitto import Mosquitto
 
@@ -35,7 +35,8 @@ RUNS: list[tuple[str, Any, dict[str, Any]]] = [
     ("corruption", scenarios.corruption, {}),
     ("replay", scenarios.replay, {}),
     ("forgery", scenarios.forgery, {}),
-    ("flood", scenarios.flood, {}),
+    ("flood_secret", attack.scenario, {"gated": True}),
+    ("flood_no_secret", attack.scenario, {"gated": False}),
     ("broker_outage", scenarios.broker_outage, {}),
     ("receiver_kill", scenarios.receiver_kill, {}),
     ("transmitter_kill", scenarios.transmitter_kill, {}),
