@@ -25,6 +25,7 @@ from typing import Any
 import msgpack
 
 from diode.errors import FrameError
+from diode.files import FILE_KINDS, FileChunk, FileManifest, file_from_list, file_to_list
 
 Value = bool | int | float | str | None
 
@@ -106,7 +107,8 @@ class DeviceInfo:
     identity: Mapping[str, str] = field(default_factory=dict)
 
 
-Record = Sample | TagInfo | Heartbeat | DeviceInfo
+# The file lane's records (kinds 16, 17) are defined in diode/files.py.
+Record = Sample | TagInfo | Heartbeat | DeviceInfo | FileManifest | FileChunk
 
 
 def _to_list(record: Record) -> list[Any]:
@@ -141,6 +143,8 @@ def _to_list(record: Record) -> list[Any]:
                 record.endpoint,
                 dict(record.identity),
             ]
+        case FileManifest() | FileChunk():
+            return file_to_list(record)
 
 
 _packer = msgpack.Packer(use_bin_type=True, strict_types=False)
@@ -225,6 +229,8 @@ def _from_list(item: object) -> Record:
     if item[0] == Kind.SAMPLE and (sample := _sample(item)) is not None:
         return sample
     kind, *rest = item
+    if kind in FILE_KINDS:
+        return file_from_list(kind, rest)
     try:
         match kind, len(rest):
             case Kind.SAMPLE, 5:

@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import Field, model_validator
 
 from diode.config import IpAddress, Section
+from diode.config.files import FilesOutput
 from diode.config.mqtt import MqttBroker, StreamOutput
 from diode.config.tx import LogSettings
 from diode.errors import ConfigError
@@ -46,6 +47,9 @@ class StreamConfig(Section):
     )
     psk_file: Path | None = Field(None, description="link secret, if encrypted", strict=False)
     output: StreamOutput = Field(default_factory=StreamOutput)
+    files: FilesOutput | None = Field(
+        None, description="a file lane: its files are written here (announced on MQTT)"
+    )
 
 
 class RxConfig(Section):
@@ -73,6 +77,9 @@ class RxConfig(Section):
                 update={
                     "public_keys": [base / k for k in s.public_keys],
                     "psk_file": base / s.psk_file if s.psk_file else None,
+                    "files": s.files.model_copy(update={"directory": base / s.files.directory})
+                    if s.files
+                    else None,
                 }
             )
             for s in self.streams

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from diode.config import IpAddress, Section
+from diode.config.files import FileLane, FilesWatch
 from diode.config.link import LinkSettings
 from diode.config.modbus import ModbusSection
 from diode.config.opcua import OpcuaServer
@@ -92,7 +93,21 @@ class TxConfig(Section):
     modbus: ModbusSection = Field(default_factory=ModbusSection)
     opcua: OpcuaSection = Field(default_factory=OpcuaSection)
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
+    file_lane: FileLane | None = None
+    files: list[FilesWatch] = Field(default_factory=list)
     log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _files_need_a_lane(self) -> TxConfig:
+        if self.files and self.file_lane is None:
+            raise ValueError("[[files]] needs a [file_lane] (its stream id and key)")
+        if self.file_lane is not None and self.file_lane.stream_id == self.transmitter.stream_id:
+            raise ValueError("file_lane.stream_id must differ from transmitter.stream_id")
+        folders = [str(f.directory) for f in self.files]
+        dupes = sorted({d for d in folders if folders.count(d) > 1})
+        if dupes:
+            raise ValueError(f"each [[files]] directory may be watched once: {dupes}")
+        return self
 
     @model_validator(mode="after")
     def _devices_unique_across_protocols(self) -> TxConfig:
@@ -126,10 +141,17 @@ class TxConfig(Section):
             )
             for server in self.opcua.servers
         ]
+        lane = self.file_lane
         return self.model_copy(
             update={
                 "transmitter": section.model_copy(update=updates),
                 "opcua": self.opcua.model_copy(update={"servers": servers}),
+                "file_lane": lane.model_copy(update={"private_key": base / lane.private_key})
+                if lane
+                else None,
+                "files": [
+                    f.model_copy(update={"directory": base / f.directory}) for f in self.files
+                ],
             }
         )
 
@@ -140,6 +162,8 @@ class TxConfig(Section):
             ("transmitter.private_key", section.private_key),
             ("transmitter.psk_file", section.psk_file),
         ]
+        if resolved.file_lane is not None:
+            files.append(("file_lane.private_key", resolved.file_lane.private_key))
         for i, server in enumerate(resolved.opcua.servers):
             files.extend((f"opcua.servers[{i}].{key}", f) for key, f in server.missing_files())
         for key, file in files:
