@@ -32,6 +32,7 @@ from diode.decoder import Decoder, DecoderSettings
 from diode.errors import FrameError, LinkError
 from diode.keys import Keyring, TrustedKey, load_psk, load_public_key
 from diode.replay import StreamState, pack_states, unpack_states
+from receiver.files import FileReceiver
 from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
 from receiver.router import Router
@@ -130,6 +131,10 @@ class Receiver:
             state=load_positions(self.output),
         )
         self.router = Router({s.id: s.output for s in config.streams}, self.output)
+        self._stream_outputs = {s.id: s.output for s in config.streams}
+        self.files = FileReceiver(
+            {s.id: s.files for s in config.streams if s.files is not None}, self._announce_file
+        )
         self.sock = sock or open_link_socket(section.listen, section.port, section.rcvbuf_bytes)
         self.metrics = Metrics(self) if section.metrics_port else None
         self._timer: asyncio.TimerHandle | None = None
@@ -155,6 +160,7 @@ class Receiver:
         decoder = self.decoder
         events = decoder.events()
         if events:
+            self.files.handle(events, now)
             self.router.handle(events, now)
         if decoder.state_changed:
             # The messages and the positions that cover them reach the disk in one
@@ -162,6 +168,9 @@ class Receiver:
             # moment loses nothing unreported and takes no replayed block twice.
             self.output.commit({POSITIONS: pack_states(decoder.positions())})
         self._arm()
+
+    def _announce_file(self, stream_id: int, result: dict[str, object]) -> None:
+        self.output.publish_file(self._stream_outputs[stream_id], dict(result))
 
     def _arm(self) -> None:
         deadline = self.decoder.deadline()
@@ -189,6 +198,7 @@ class Receiver:
             self.decoder.poll(now)
             self._after(now)
             self.router.tick(now)
+            self.files.tick(now)
             self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)
             if now - last_status >= STATUS_PERIOD_S:
                 self.router.publish_all_status(now)
@@ -198,6 +208,7 @@ class Receiver:
         out = dict(self.decoder.counters)
         for key, value in self.output.counters.items():
             out[f"mqtt_{key}"] = int(value)
+        out.update(self.files.counters)
         return out
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -210,6 +221,7 @@ class Receiver:
         )
         if self.metrics is not None:
             self.metrics.serve(section.metrics_address, section.metrics_port)
+        self.files.resume(time.monotonic())
         async with asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(self.output.run()),
@@ -222,6 +234,8 @@ class Receiver:
             await stop.wait()
             daemon.sd_notify("STOPPING=1")
             loop.remove_reader(self.sock)
+            await self.files.wait_idle()
+            self.files.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.output.close(), 5)
             for task in tasks:

@@ -104,6 +104,7 @@ from receiver.payload import (
     Message,
     Topics,
     encode,
+    file_message,
     inventory_message,
     rfc3339,
     sample_messages,
@@ -274,6 +275,10 @@ class MqttOutput:
     def publish_status(self, stream: StreamOutput, status: dict[str, Any]) -> None:
         """Retained ``{prefix}/{site}/$status``: the dict as the router built it."""
         self._submit([status_message(self._topics_of(stream), status)])
+
+    def publish_file(self, stream: StreamOutput, result: dict[str, Any]) -> None:
+        """``{prefix}/{site}/$files``: one file received or failed (receiver/files.py)."""
+        self._submit([file_message(self._topics_of(stream), result)])
 
     @property
     def backlog(self) -> int:

@@ -36,6 +36,7 @@ from diode.errors import DiodeError
 from diode.keys import SigningKey, load_psk, load_signing_key
 from diode.records import Heartbeat, TagInfo
 from diode.replay import next_epoch
+from transmitter.files import FileLane, LaneQueue
 from transmitter.modbus import ModbusPoller
 from transmitter.opcua import OpcuaPoller
 from transmitter.outbox import Outbox
@@ -88,6 +89,7 @@ class Transmitter:
         psk: bytes | None = None,
         epoch: int | None = None,
         sock: socket.socket | None = None,
+        file_key: SigningKey | None = None,
     ) -> None:
         self.config = config
         section = config.transmitter
@@ -120,11 +122,30 @@ class Transmitter:
         self.encoder = Encoder(
             link=config.link, key=key, stream_id=section.stream_id, epoch=self.epoch, psk=psk
         )
-        self.queue = SendQueue(
-            capacity=config.link.queue_datagrams, interleave=config.link.interleave
-        )
+        self.files: FileLane | None = None
+        if config.file_lane is None:
+            self.queue = SendQueue(
+                capacity=config.link.queue_datagrams, interleave=config.link.interleave
+            )
+        else:
+            self.queue = lanes = LaneQueue(
+                capacity=config.link.queue_datagrams,
+                interleave=config.link.interleave,
+                file_capacity=config.link.queue_datagrams,
+            )
         self.sock = sock or deaf_udp_socket(config.link)
         self.sender = PacedSender(config.link, self.queue, self.sock)
+        if config.file_lane is not None:
+            self.files = FileLane(
+                config.file_lane,
+                config.files,
+                link=config.link,
+                key=file_key or load_signing_key(config.file_lane.private_key),
+                epoch=self.epoch,
+                queue=lanes.files,
+                notify=self.sender.notify,
+                psk=psk,
+            )
         self._wake = asyncio.Event()
         self._started = time.monotonic()
         self._drops_logged_at = float("-inf")
@@ -155,6 +176,8 @@ class Transmitter:
         for poller in self.pollers:
             for name, value in poller.counters.items():
                 out[f"poll_{name}"] = out.get(f"poll_{name}", 0) + value
+        if self.files is not None:
+            out.update(self.files.counters)
         return out
 
     # -- the tasks ----------------------------------------------------------------------
@@ -238,6 +261,8 @@ class Transmitter:
 
     def heartbeat(self) -> None:
         self.outbox.put(Heartbeat(ts_ns=time.time_ns(), counters=self.counters()))
+        if self.files is not None:
+            self.files.heartbeat()
 
     async def run(self, stop: asyncio.Event) -> None:
         section = self.config.transmitter
@@ -262,6 +287,8 @@ class Transmitter:
                 group.create_task(self._sliced(section.integrity_period_s, self.outbox.refresh)),
                 group.create_task(daemon.watchdog()),
             ]
+            if self.files is not None:
+                helpers.append(group.create_task(self.files.run()))
             daemon.sd_notify("READY=1")
             self.ready.set()
             await stop.wait()
