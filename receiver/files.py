@@ -203,11 +203,18 @@ class FileReceiver:
             if manifest.final and not inc.chunks.complete and not inc.verifying:
                 self._save_map(inc)
                 self._report(inc, "incomplete", now, missing=inc.chunks.missing())
-        elif manifest.file_id in lane.finished:
-            if not manifest.final:  # (a final one closes the round that just finished it)
-                self.counters["file_repeats_ignored"] += 1
-        else:
+        elif manifest.file_id not in lane.finished:
             self._start(lane, manifest, now)
+        elif lane.finished[manifest.file_id] == "error":
+            # An OS error is tried again in the next round (the disk may have room by
+            # then), not at every manifest of this one.
+            if manifest.final:
+                lane.finished[manifest.file_id] = "retry"
+        elif lane.finished[manifest.file_id] == "retry":
+            del lane.finished[manifest.file_id]
+            self._start(lane, manifest, now)
+        elif not manifest.final:  # (a final one closes the round that just finished it)
+            self.counters["file_repeats_ignored"] += 1
 
     def _start(self, lane: _Lane, manifest: FileManifest, now: float) -> None:
         """A new file: refuse it, or open its part file."""
@@ -269,7 +276,7 @@ class FileReceiver:
     def _os_error(
         self, lane: _Lane, manifest: FileManifest, exc: OSError, fields: dict[str, Any]
     ) -> None:
-        # Not remembered: a repetition tries again (the disk may have room by then).
+        self._remember(lane, manifest.file_id, "error")
         code = errno.errorcode.get(exc.errno or 0, "EIO")
         log.warning("file not written", name=manifest.name, error=code, detail=str(exc))
         self.counters["files_error"] += 1
