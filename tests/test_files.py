@@ -339,6 +339,7 @@ async def test_receiver_restarted_mid_file_resumes_and_completes(
         await plant.start_rx()
         assert plant.rx is not None
         assert plant.rx.counters()["files_resumed"] == 1
+
         def finished() -> list[str]:
             return [r["result"] for r in _results(subscriber).get("historian export.csv", [])]
 
