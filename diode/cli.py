@@ -61,6 +61,35 @@ def _rx(args: argparse.Namespace) -> int:
     return rx_main(["--config", str(args.config)])
 
 
+def _send_file(args: argparse.Namespace) -> int:
+    from diode.config.tx import TxConfig
+    from transmitter.files import place_file
+
+    try:
+        config = load(TxConfig, args.config).resolve(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not config.files:
+        print(f"error: {args.config}: no [[files]] folder to send through", file=sys.stderr)
+        return 2
+    if not 0 <= args.folder < len(config.files):
+        print(
+            f"error: --folder {args.folder}: {args.config} has {len(config.files)} [[files]] "
+            "folder(s), numbered from 0",
+            file=sys.stderr,
+        )
+        return 2
+    watch = config.files[args.folder]
+    try:
+        placed = place_file(args.path, watch, args.name, replace=args.replace)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.path} -> {placed}: the running transmitter sends it from there")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from diode import bench
 
@@ -153,6 +182,20 @@ def _version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_send_file(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "send-file", help="hand a file to the running transmitter (through its watched folder)"
+    )
+    p.add_argument("path", type=Path, help="the file to send")
+    p.add_argument("--config", type=Path, default=Path("/etc/diode/tx.toml"))
+    p.add_argument("--folder", type=int, default=0, help="which [[files]] folder (default: 0)")
+    p.add_argument("--name", default=None, help="name on the far side (default: the file's)")
+    p.add_argument(
+        "--replace", action="store_true", help="replace a file of that name still in the folder"
+    )
+    p.set_defaults(run=_send_file)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="diode", description="A software-defined unidirectional gateway (data diode)."
@@ -177,6 +220,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.set_defaults(run=_check_config)
 
+    _add_send_file(sub)
+
     p = sub.add_parser("demo", help="a whole plant on this machine, with a live view")
     p.add_argument("--loss", type=float, default=0.0, help="share of datagrams to drop (0-1)")
     p.add_argument("--duration", type=float, default=None, help="stop after S seconds")
@@ -188,6 +233,9 @@ def parser() -> argparse.ArgumentParser:
         help="MQTT broker: 127.0.0.1:1883 if one answers, else an embedded one (default: auto)",
     )
     p.add_argument("--seed", type=int, default=1, help="seed of the relay's losses and the noise")
+    p.add_argument(
+        "--files", action="store_true", help="also drop files into a watched folder and check them"
+    )
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("bench", help="benchmarks, printed as JSON")

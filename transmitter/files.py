@@ -433,3 +433,42 @@ def _hash_fd(fd: int) -> bytes:
             return digest.digest()
         digest.update(data)
         offset += len(data)
+
+
+def place_file(
+    source: Path, watch: FilesWatch, name: str | None = None, *, replace: bool = False
+) -> Path:
+    """Put a copy of ``source`` into ``watch``'s folder the way the watcher expects a finished file.
+
+    The copy is streamed (never whole in memory) into a hidden temporary name in
+    the watched folder, which the watcher ignores, with the source's mtime, then
+    fsynced and renamed into place: the file appears complete under either
+    ``complete_when`` rule. This is what ``diode send-file`` does; the running
+    transmitter sends the file from there like any other.
+    """
+    final = watch.directory / (name or source.name)
+    if final.parent != watch.directory and not watch.recursive:
+        raise ValueError(f"{final} is in a sub-folder of a folder watched without recursive")
+    if final.name.startswith(".") or not fnmatch.fnmatchcase(final.name, watch.pattern):
+        raise ValueError(
+            f"{final.name!r} does not match the folder's pattern {watch.pattern!r} "
+            "(or is hidden): the transmitter would never send it"
+        )
+    if final.exists() and not replace:
+        raise FileExistsError(f"{final} exists (waiting to be sent, or kept after sending)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.diode-send")
+    try:
+        with source.open("rb") as src, tmp.open("wb") as dst:
+            while data := src.read(HASH_READ):
+                dst.write(data)
+            dst.flush()
+            os.fsync(dst.fileno())
+        st = source.stat()
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        tmp.replace(final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return final
