@@ -153,6 +153,18 @@ def _bench(args: argparse.Namespace) -> int:
             seconds=args.seconds,
             warmup_s=1.0 if args.quick else 3.0,
         )
+    elif args.what == "files":
+        from diode.benchmarks.files import files
+        from diode.benchmarks.link import DEFAULT_PYDIODE_VENV
+
+        result = files(
+            size_mb=20.0 if args.quick else args.size_mb,
+            big_gb=0.2 if args.quick else args.big_gb,
+            rate_mbps=args.rate_mbps,
+            seconds=args.seconds,
+            share=args.share,
+            pydiode=None if args.no_pydiode else (args.pydiode or DEFAULT_PYDIODE_VENV),
+        )
     else:
         print(f"error: unknown benchmark {args.what!r}", file=sys.stderr)
         return 2
@@ -194,6 +206,42 @@ def _add_send_file(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--replace", action="store_true", help="replace a file of that name still in the folder"
     )
     p.set_defaults(run=_send_file)
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("bench", help="benchmarks, printed as JSON")
+    p.add_argument(
+        "what",
+        choices=["codec", "link", "tags", "cost", "polling", "opcua", "files"],
+        help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
+        "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s; "
+        "polling: Modbus devices one transmitter core polls at 1 Hz; "
+        "opcua: OPC UA monitored items one transmitter core serves at 1 Hz; "
+        "files: file goodput vs pydiode, RSS and tag latency while a file flows",
+    )
+    p.add_argument("--seconds", type=float, default=None, help="time per measurement")
+    p.add_argument("--quick", action="store_true", help="short runs (tests, smoke checks)")
+    p.add_argument("--rate-mbps", type=float, default=1000.0, help="link: pacing cap")
+    p.add_argument("--repair-ratio", type=float, help="link: FEC repair symbols per source")
+    p.add_argument("--repair-burst", type=int, help="link: FEC repair symbols per block")
+    p.add_argument("--loss", type=float, action="append", help="link: injected loss (repeat)")
+    p.add_argument("--pydiode", type=Path, default=None, help="link: pydiode's virtualenv")
+    p.add_argument("--no-pydiode", action="store_true", help="link: skip the pydiode run")
+    p.add_argument("--mode", action="append", help="tags: payload:qos, e.g. per_tag:0 (repeat)")
+    p.add_argument("--rate", type=int, action="append", help="tags/cost: updates/s (repeat)")
+    p.add_argument(
+        "--stall", type=float, default=0.0, help="cost: seconds the receiver is stopped, 2 s in"
+    )
+    p.add_argument("--devices", type=int, action="append", help="polling: device count (repeat)")
+    p.add_argument(
+        "--max-gap", type=int, default=DEFAULT_MAX_GAP, help="polling: the devices' max_gap"
+    )
+    p.add_argument("--items", type=int, action="append", help="opcua: monitored items (repeat)")
+    p.add_argument("--size-mb", type=float, default=200.0, help="files: goodput file size")
+    p.add_argument("--big-gb", type=float, default=2.0, help="files: sparse file beside tags")
+    p.add_argument("--share", type=float, default=1.0, help="files: the file lane's share")
+    p.add_argument("--max-p99-ms", type=float, default=100.0, help="tags: latency that breaks")
+    p.set_defaults(run=_bench)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -238,35 +286,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_demo)
 
-    p = sub.add_parser("bench", help="benchmarks, printed as JSON")
-    p.add_argument(
-        "what",
-        choices=["codec", "link", "tags", "cost", "polling", "opcua"],
-        help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
-        "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s; "
-        "polling: Modbus devices one transmitter core polls at 1 Hz; "
-        "opcua: OPC UA monitored items one transmitter core serves at 1 Hz",
-    )
-    p.add_argument("--seconds", type=float, default=None, help="time per measurement")
-    p.add_argument("--quick", action="store_true", help="short runs (tests, smoke checks)")
-    p.add_argument("--rate-mbps", type=float, default=1000.0, help="link: pacing cap")
-    p.add_argument("--repair-ratio", type=float, help="link: FEC repair symbols per source")
-    p.add_argument("--repair-burst", type=int, help="link: FEC repair symbols per block")
-    p.add_argument("--loss", type=float, action="append", help="link: injected loss (repeat)")
-    p.add_argument("--pydiode", type=Path, default=None, help="link: pydiode's virtualenv")
-    p.add_argument("--no-pydiode", action="store_true", help="link: skip the pydiode run")
-    p.add_argument("--mode", action="append", help="tags: payload:qos, e.g. per_tag:0 (repeat)")
-    p.add_argument("--rate", type=int, action="append", help="tags/cost: updates/s (repeat)")
-    p.add_argument(
-        "--stall", type=float, default=0.0, help="cost: seconds the receiver is stopped, 2 s in"
-    )
-    p.add_argument("--devices", type=int, action="append", help="polling: device count (repeat)")
-    p.add_argument(
-        "--max-gap", type=int, default=DEFAULT_MAX_GAP, help="polling: the devices' max_gap"
-    )
-    p.add_argument("--items", type=int, action="append", help="opcua: monitored items (repeat)")
-    p.add_argument("--max-p99-ms", type=float, default=100.0, help="tags: latency that breaks")
-    p.set_defaults(run=_bench)
+    _add_bench(sub)
 
     p = sub.add_parser("link-rules", help="print nftables rules that enforce one way")
     p.add_argument("side", choices=["tx", "rx"], help="the host the rules are for")
