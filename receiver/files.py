@@ -80,6 +80,7 @@ class _Incoming:
     last_seen: float
     unsaved: int = 0
     verifying: bool = False
+    reported_have: int = -1  # chunks present when "incomplete" was last announced
 
 
 @dataclass(slots=True)
@@ -200,7 +201,15 @@ class FileReceiver:
         inc = lane.incoming.get(manifest.file_id)
         if inc is not None:
             inc.last_seen = now
-            if manifest.final and not inc.chunks.complete and not inc.verifying:
+            # Once per round: a final manifest repeated with the heartbeats (or a round
+            # that brought nothing new) does not announce the same state again.
+            if (
+                manifest.final
+                and not inc.chunks.complete
+                and not inc.verifying
+                and inc.chunks.have != inc.reported_have
+            ):
+                inc.reported_have = inc.chunks.have
                 self._save_map(inc)
                 self._report(inc, "incomplete", now, missing=inc.chunks.missing())
         elif manifest.file_id not in lane.finished:
@@ -211,8 +220,9 @@ class FileReceiver:
             if manifest.final:
                 lane.finished[manifest.file_id] = "retry"
         elif lane.finished[manifest.file_id] == "retry":
-            del lane.finished[manifest.file_id]
-            self._start(lane, manifest, now)
+            if not manifest.final:  # a new round begins (a final is the old one's echo)
+                del lane.finished[manifest.file_id]
+                self._start(lane, manifest, now)
         elif not manifest.final:  # (a final one closes the round that just finished it)
             self.counters["file_repeats_ignored"] += 1
 

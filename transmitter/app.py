@@ -288,7 +288,8 @@ class Transmitter:
                 group.create_task(daemon.watchdog()),
             ]
             if self.files is not None:
-                helpers.append(group.create_task(self.files.run()))
+                # Stopped with the pollers: a file not sent whole is sent again next run.
+                pollers.append(group.create_task(self.files.run()))
             daemon.sd_notify("READY=1")
             self.ready.set()
             await stop.wait()

@@ -57,6 +57,7 @@ log = structlog.get_logger("diode.tx.files")
 HASH_READ = 1 << 20
 SENT_DIR = "sent"
 RETRY_S = 5.0
+FINAL_REPEATS = 3  # heartbeats that carry the last final manifest again
 
 
 class LaneQueue(SendQueue):
@@ -243,6 +244,9 @@ class FileLane:
         self.watchers = [Watcher(w, self._enqueue) for w in watches]
         self._by_watch = {id(w.watch): w for w in self.watchers}
         self._jobs: deque[tuple[FilesWatch, Path]] = deque()
+        self._final: FileManifest | None = None
+        self._final_repeats = 0
+        self._sending = False  # a file is on its way: its final manifest is not repeated
         self._job_ready = asyncio.Event()
         self.counters = {
             "files_sent": 0,
@@ -305,8 +309,23 @@ class FileLane:
         await self._admit(await asyncio.to_thread(self._encode, record))
 
     def heartbeat(self) -> None:
-        """The lane's own heartbeat: the receiver sees the lane up, and its tail losses early."""
-        blocks = self._encode(Heartbeat(ts_ns=time.time_ns(), counters=dict(self.counters)))
+        """The lane's own heartbeat: the receiver sees the lane up, and its tail losses early.
+
+        The last file's final manifest rides along with the next few heartbeats:
+        if the one after its last chunk was lost (a lost tail is invisible until
+        something follows), the receiver still learns that the round ended and
+        reports what is missing, instead of waiting for the expiry.
+        """
+        records: list[Record] = [Heartbeat(ts_ns=time.time_ns(), counters=dict(self.counters))]
+        if self._final is not None and self._final_repeats > 0 and not self._sending:
+            records.append(self._final)
+            self._final_repeats -= 1
+        with self._encoding:
+            now = time.monotonic()
+            for record in records:
+                self.encoder.add(record, now)
+            self.encoder.flush()
+            blocks = self.encoder.take()
         for block in blocks:
             self._queue.push(block)
         self._notify()
@@ -337,6 +356,11 @@ class FileLane:
                 self.counters["files_changed"] += 1
                 return False
             started = time.monotonic()
+            if self._final is not None and self._final_repeats > 0:
+                # The previous file's end once more (its heartbeat repeats are skipped
+                # while files follow each other).
+                await self._send_record(self._final)
+                self._final_repeats = 0
             for round_ in range(watch.repeat):
                 digest = hashlib.sha256()
                 await self._send_record(manifest)
@@ -349,17 +373,17 @@ class FileLane:
                     await self._admit(blocks)
                     self.counters["file_chunks_sent"] += 1
                     self.counters["file_bytes_sent"] += manifest.chunk_length(index)
-                await self._send_record(
-                    FileManifest(
-                        file_id=manifest.file_id,
-                        name=manifest.name,
-                        size=manifest.size,
-                        mtime_ns=manifest.mtime_ns,
-                        sha256=manifest.sha256,
-                        chunk_size=manifest.chunk_size,
-                        final=True,
-                    )
+                final = FileManifest(
+                    file_id=manifest.file_id,
+                    name=manifest.name,
+                    size=manifest.size,
+                    mtime_ns=manifest.mtime_ns,
+                    sha256=manifest.sha256,
+                    chunk_size=manifest.chunk_size,
+                    final=True,
                 )
+                await self._send_record(final)
+                self._final, self._final_repeats = final, FINAL_REPEATS
                 if digest.digest() != manifest.sha256:
                     # Written to while being sent: the receiver's SHA-256 check refuses
                     # what it got; the file is sent again once it is quiet.
@@ -414,7 +438,12 @@ class FileLane:
                     if owner:
                         owner.retry(path)
                     continue
-                if await self.send_file(watch, path):
+                self._sending = True
+                try:
+                    sent = await self.send_file(watch, path)
+                finally:
+                    self._sending = False
+                if sent:
                     self._after_send(watch, path)
                     if owner:
                         owner.done(
