@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -364,15 +365,7 @@ class FileLane:
             for round_ in range(watch.repeat):
                 digest = hashlib.sha256()
                 await self._send_record(manifest)
-                for index in range(manifest.chunks):
-                    if index and index % MANIFEST_EVERY == 0:
-                        await self._send_record(manifest)
-                    blocks = await asyncio.to_thread(
-                        self._read_and_encode, fd, manifest, index, digest
-                    )
-                    await self._admit(blocks)
-                    self.counters["file_chunks_sent"] += 1
-                    self.counters["file_bytes_sent"] += manifest.chunk_length(index)
+                await self._send_chunks(fd, manifest, digest)
                 final = FileManifest(
                     file_id=manifest.file_id,
                     name=manifest.name,
@@ -406,6 +399,31 @@ class FileLane:
             return True
         finally:
             os.close(fd)
+
+    async def _send_chunks(self, fd: int, manifest: FileManifest, digest: Any) -> None:
+        """Every chunk in order; the next one is read and encoded while this one waits."""
+
+        def encode(index: int) -> asyncio.Future[list[EncodedBlock]]:
+            return asyncio.ensure_future(
+                asyncio.to_thread(self._read_and_encode, fd, manifest, index, digest)
+            )
+
+        ahead = encode(0) if manifest.chunks else None
+        try:
+            for index in range(manifest.chunks):
+                assert ahead is not None
+                blocks = await ahead
+                ahead = encode(index + 1) if index + 1 < manifest.chunks else None
+                if index and index % MANIFEST_EVERY == 0:
+                    await self._send_record(manifest)
+                await self._admit(blocks)
+                self.counters["file_chunks_sent"] += 1
+                self.counters["file_bytes_sent"] += manifest.chunk_length(index)
+        finally:
+            if ahead is not None:
+                # Not cancelled: the worker thread must finish its read before fd is closed.
+                with contextlib.suppress(Exception):
+                    await ahead
 
     def _after_send(self, watch: FilesWatch, path: Path) -> None:
         try:
