@@ -48,7 +48,10 @@ class FilePlant(Plant):
         data["file_lane"] = {
             "stream_id": LANE,
             "private_key": str(self.keys() / "files.key"),
-            "share": 0.5,
+            # 50 Mb/s at the plant's 200: the in-process relay shares one event loop with
+            # both daemons and reads one datagram per turn of it; faster, on a busy host,
+            # its socket overflows and the test would measure the relay.
+            "share": 0.25,
             **self.lane_overrides,
         }
         data["files"] = [

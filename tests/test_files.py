@@ -456,6 +456,7 @@ async def test_a_64_mib_sparse_file_arrives_whole(
         tmp_path,
         mosquitto.port,
         link_overrides={"rate_mbps": 400.0},
+        lane_overrides={"share": 0.25},
         files_overrides={"repeat": 2},  # a busy CI host may overflow the receiver's socket
     )
     try:

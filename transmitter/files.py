@@ -248,6 +248,8 @@ class FileLane:
         self._final: FileManifest | None = None
         self._final_repeats = 0
         self._sending = False  # a file is on its way: its final manifest is not repeated
+        self._heartbeat_due = False
+        self._in_chunks = False
         self._job_ready = asyncio.Event()
         self.counters = {
             "files_sent": 0,
@@ -299,9 +301,11 @@ class FileLane:
                     break
                 # Tag values took the link, or the share is used up: wait a block's time.
                 await asyncio.sleep(max(wait, size * self._wire / self._bytes_per_s / 4, 0.0005))
-            self._next_at = max(self._next_at, time.monotonic()) + size * self._wire / (
-                self._bytes_per_s
-            )
+            interval = size * self._wire / self._bytes_per_s
+            # A late wake-up (a busy host oversleeps) is made up for, up to the queued
+            # blocks' worth: the share is a rate, not a sleep after every block.
+            late_credit = self.lane.queue_blocks * interval
+            self._next_at = max(self._next_at, time.monotonic() - late_credit) + interval
             self._queue.push(block)
             self.counters["file_blocks"] += 1
             self._notify()
@@ -317,6 +321,11 @@ class FileLane:
         something follows), the receiver still learns that the round ended and
         reports what is missing, instead of waiting for the expiry.
         """
+        if self._in_chunks:
+            # In line with the chunks (see _send_chunks): a heartbeat pushed past blocks
+            # still waiting for admission could make the receiver give them up as late.
+            self._heartbeat_due = True
+            return
         records: list[Record] = [Heartbeat(ts_ns=time.time_ns(), counters=dict(self.counters))]
         if self._final is not None and self._final_repeats > 0 and not self._sending:
             records.append(self._final)
@@ -409,6 +418,7 @@ class FileLane:
             )
 
         ahead = encode(0) if manifest.chunks else None
+        self._in_chunks = True
         try:
             for index in range(manifest.chunks):
                 assert ahead is not None
@@ -417,13 +427,21 @@ class FileLane:
                 if index and index % MANIFEST_EVERY == 0:
                     await self._send_record(manifest)
                 await self._admit(blocks)
+                if self._heartbeat_due:
+                    self._heartbeat_due = False
+                    beat = Heartbeat(ts_ns=time.time_ns(), counters=dict(self.counters))
+                    await self._send_record(beat)
                 self.counters["file_chunks_sent"] += 1
                 self.counters["file_bytes_sent"] += manifest.chunk_length(index)
         finally:
+            self._in_chunks = False
             if ahead is not None:
                 # Not cancelled: the worker thread must finish its read before fd is closed.
                 with contextlib.suppress(Exception):
                     await ahead
+            if self._heartbeat_due:
+                self._heartbeat_due = False
+                self.heartbeat()
 
     def _after_send(self, watch: FilesWatch, path: Path) -> None:
         try:
