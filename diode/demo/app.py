@@ -486,7 +486,7 @@ async def run(options: Options) -> int:
                 await stack.aclose()  # stop every part: transmitter first
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    snap = demo.snapshot()
+        snap = demo.snapshot()  # (--files compares what arrived in the temporary folder)
     if options.json:
         print(json.dumps(snap.summary()))
     else:
