@@ -520,3 +520,31 @@ async def test_offsets_past_4_gib_land_where_they_belong(tmp_path: Path) -> None
     assert expired["chunks_missing"] == manifest.chunks - 2
     assert expired["missing_chunks"][:2] == [[0, middle - 1], [middle + 1, last - 1]]
     assert list(target.iterdir()) == []
+
+
+async def test_after_a_disk_full_error_the_next_round_tries_again(
+    tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber, small_disk: Path
+) -> None:
+    plant = FilePlant(
+        tmp_path,
+        mosquitto.port,
+        lane_overrides={"share": 0.005},  # 1 Mb/s: each round of 300 kB takes seconds
+        files_overrides={"repeat": 2},
+    )
+    try:
+        blocker = small_disk / "blocker"
+        blocker.write_bytes(b"\x00" * 900_000)  # of the tmpfs's 1 MiB
+        await _plant(plant)
+        data = os.urandom(300_000)
+        drop_file(plant.ot, "alarm log.csv", data, MTIME)
+
+        def results() -> list[str]:
+            return [r["result"] for r in _results(subscriber).get("alarm log.csv", [])]
+
+        await wait_until(lambda: results() == ["error"], within=30, step=0.01)
+        blocker.unlink()  # room again before the second round
+        await wait_until(lambda: results()[-1:] == ["ok"], within=60)
+        assert results() == ["error", "ok"]  # one error per round, not one per manifest
+        assert (small_disk / "alarm log.csv").read_bytes() == data
+    finally:
+        await plant.close()

@@ -71,7 +71,10 @@ class LaneQueue(SendQueue):
 
     def __init__(self, *, capacity: int, interleave: int, file_capacity: int) -> None:
         super().__init__(capacity=capacity, interleave=interleave)
-        self.files = SendQueue(capacity=file_capacity, interleave=interleave)
+        # Not interleaved: file blocks complete in sequence order, so at a slow lane a
+        # small block (a heartbeat) never completes before a large one sent with it.
+        # A chunk's block has 24 repair symbols of its own against a burst.
+        self.files = SendQueue(capacity=file_capacity, interleave=1)
 
     def __len__(self) -> int:
         return super().__len__() + len(self.files)
@@ -410,7 +413,14 @@ class FileLane:
             os.close(fd)
 
     async def _send_chunks(self, fd: int, manifest: FileManifest, digest: Any) -> None:
-        """Every chunk in order; the next one is read and encoded while this one waits."""
+        """Every chunk in order; the next one is read and encoded while this one waits.
+
+        Blocks are admitted in the order their sequence numbers were given: a
+        manifest or heartbeat due is encoded after the chunk in hand and before
+        the next chunk's encoding starts. A block overtaken by a later one for
+        longer than the receiver's reorder timeout is declared lost there (at a
+        slow lane, one block takes longer than that to send).
+        """
 
         def encode(index: int) -> asyncio.Future[list[EncodedBlock]]:
             return asyncio.ensure_future(
@@ -423,14 +433,18 @@ class FileLane:
             for index in range(manifest.chunks):
                 assert ahead is not None
                 blocks = await ahead
-                ahead = encode(index + 1) if index + 1 < manifest.chunks else None
-                if index and index % MANIFEST_EVERY == 0:
-                    await self._send_record(manifest)
-                await self._admit(blocks)
+                ahead = None
+                extra: list[Record] = []
+                if (index + 1) % MANIFEST_EVERY == 0 and index + 1 < manifest.chunks:
+                    extra.append(manifest)
                 if self._heartbeat_due:
                     self._heartbeat_due = False
-                    beat = Heartbeat(ts_ns=time.time_ns(), counters=dict(self.counters))
-                    await self._send_record(beat)
+                    extra.append(Heartbeat(ts_ns=time.time_ns(), counters=dict(self.counters)))
+                for record in extra:
+                    blocks += await asyncio.to_thread(self._encode, record)
+                if index + 1 < manifest.chunks:
+                    ahead = encode(index + 1)
+                await self._admit(blocks)
                 self.counters["file_chunks_sent"] += 1
                 self.counters["file_bytes_sent"] += manifest.chunk_length(index)
         finally:
