@@ -28,7 +28,10 @@ class FileLane(Section):
         description="share of link.rate_mbps files may use; tag values always go first",
     )
     queue_blocks: int = Field(
-        4, ge=1, le=64, description="file blocks queued for the pacer at once (interleaved)"
+        4,
+        ge=1,
+        le=64,
+        description="file blocks queued for the pacer at once, behind the tag values",
     )
 
 
