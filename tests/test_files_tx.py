@@ -182,3 +182,14 @@ def test_demo_with_files() -> None:
     assert files["dropped"] >= 3
     assert files["ok"] >= 2
     assert files["identical"] == files["ok"]
+
+
+def test_the_file_lane_needs_a_key_of_its_own(tmp_path: Path) -> None:
+    config = _tx_toml(tmp_path, "")
+    config.write_text(config.read_text().replace("keys/files.key", "keys/tx.key"))
+    done = subprocess.run(
+        [*diode_command(), "check-config", str(config)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2
+    assert "file_lane.private_key" in done.stderr
+    assert "its own" in done.stderr
