@@ -451,7 +451,7 @@ async def test_a_64_mib_sparse_file_arrives_whole(
     tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber
 ) -> None:
     # 64 MiB in CI (about 1 500 chunks, 84 000 datagrams); the 2 GB run is in
-    # `diode bench files` (docs/BENCHMARKS.md §6), offsets past 4 GiB in the next test.
+    # `diode bench files` (docs/BENCHMARKS.md §7), offsets past 4 GiB in the next test.
     plant = FilePlant(
         tmp_path,
         mosquitto.port,
