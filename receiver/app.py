@@ -138,14 +138,6 @@ class Receiver:
             for s in config.streams
             if s.link is not None
         }
-        for stream in config.streams:
-            if stream.link is None and stream.psk_file is None:
-                log.warning(
-                    "stream has neither a link secret nor a link profile: forged datagrams "
-                    "of any shape cost assembly memory and rebuilds",
-                    stream=stream.id,
-                    fix="set psk_file, or copy the transmitter's [link] into [streams.link]",
-                )
         self.rejections = RejectionMeter()
         saved = load_positions(self.output)
         self.decoder = self._decoder(saved)
@@ -466,6 +458,14 @@ class Receiver:
             streams=[s.id for s in self.config.streams],
             **self._config_file(),
         )
+        for stream in self.config.streams:
+            if stream.link is None and stream.psk_file is None:
+                log.warning(
+                    "stream has neither a link secret nor a link profile: forged datagrams "
+                    "of any shape cost assembly memory and rebuilds",
+                    stream=stream.id,
+                    fix="set psk_file, or copy the transmitter's [link] into [streams.link]",
+                )
         async with asyncio.TaskGroup() as group:
             supervise = group.create_task(self._supervise())
             tasks = [
