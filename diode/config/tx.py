@@ -30,7 +30,9 @@ class TxLink(LinkSettings):
     repeat_after_s: float = Field(
         0.0,
         ge=0.0,
-        le=60.0,
+        # The receiver waits for a missing block at most reorder_timeout_s <= 10 s: a
+        # repeat later than that could never fill a hole.
+        le=9.0,
         description="time diversity: every datagram is sent again this much later, paced with "
         "the rest (twice the bandwidth); an outage of the receiver or the link shorter than this "
         "loses nothing if the receiver's reorder_timeout_s is longer; 0 = off",
