@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CORE = ["wire", "fec", "keys", "aead", "replay", "encoder", "decoder", "records"]
+CORE = ["wire", "fec", "keys", "aead", "replay", "encoder", "decoder", "records", "syslog"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
