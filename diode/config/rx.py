@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from diode.config import IpAddress, Section
 from diode.config.mqtt import MqttBroker, StreamOutput
+from diode.config.syslog import SocSection
 from diode.config.tx import LogSettings
 from diode.errors import ConfigError
 
@@ -54,6 +55,7 @@ class RxConfig(Section):
     receiver: ReceiverSection = Field(default_factory=ReceiverSection)
     mqtt: MqttBroker = Field(default_factory=MqttBroker)
     streams: list[StreamConfig] = Field(min_length=1)
+    soc: SocSection = Field(default_factory=SocSection)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")
@@ -84,7 +86,11 @@ class RxConfig(Section):
                 if getattr(self.mqtt, key) is not None
             }
         )
-        return self.model_copy(update={"receiver": receiver, "streams": streams, "mqtt": mqtt})
+        files = {k: base / f for k, f in self.soc.files() if f is not None}
+        soc = self.soc.model_copy(update=files)
+        return self.model_copy(
+            update={"receiver": receiver, "streams": streams, "mqtt": mqtt, "soc": soc}
+        )
 
     def check_files(self, path: Path) -> None:
         resolved = self.resolve(path)
@@ -92,6 +98,9 @@ class RxConfig(Section):
             file = getattr(resolved.mqtt, name)
             if file is not None and not file.is_file():
                 raise ConfigError(str(path), f"mqtt.{name}", f"no such file: {file}")
+        for soc_key, soc_file in resolved.soc.files():
+            if soc_file is not None and not soc_file.is_file():
+                raise ConfigError(str(path), f"soc.{soc_key}", f"no such file: {soc_file}")
         for i, stream in enumerate(resolved.streams):
             for j, key in enumerate(stream.public_keys):
                 if not key.is_file():
