@@ -48,11 +48,17 @@ class Outbox:
         deadbands: dict[int, float],
         limit: int,
         on_queue: Callable[[], None] = lambda: None,
+        on_device: Callable[[DeviceInfo], None] | None = None,
+        on_quality: Callable[[Sample | None, Sample], None] | None = None,
     ) -> None:
         self._catalogue = catalogue
         self._deadbands = deadbands
         self._limit = limit
         self._on_queue = on_queue
+        # Observers (the security monitor): every device record; every change of a
+        # tag's quality or reason, which is rare, so the hot path pays one comparison.
+        self.on_device = on_device
+        self.on_quality = on_quality
         self._queue: deque[Record] = deque()
         self._last: dict[int, Sample] = {}
         self._announced: set[int] = set()
@@ -73,6 +79,10 @@ class Outbox:
         self.counters["samples_in"] += 1
         last = self._last.get(sample.tag_id)
         self._last[sample.tag_id] = sample
+        if self.on_quality is not None and (
+            last is None or last.quality is not sample.quality or last.reason != sample.reason
+        ):
+            self.on_quality(last, sample)
         if last is not None and not changed(last, sample, self._deadbands.get(sample.tag_id, 0.0)):
             self.counters["samples_suppressed"] += 1
             return
@@ -82,6 +92,8 @@ class Outbox:
             self.counters["samples_queued"] += 1
 
     def device(self, info: DeviceInfo) -> None:
+        if self.on_device is not None:
+            self.on_device(info)
         self._devices[info.device] = info
         self._put(info)
 
