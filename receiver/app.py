@@ -35,6 +35,7 @@ from diode.replay import StreamState, pack_states, unpack_states
 from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
 from receiver.router import Router
+from receiver.soc import Soc
 
 log = structlog.get_logger("diode.rx")
 
@@ -130,6 +131,9 @@ class Receiver:
             state=load_positions(self.output),
         )
         self.router = Router({s.id: s.output for s in config.streams}, self.output)
+        self.soc = Soc(
+            config.soc, {s.id: s.output for s in config.streams}, self.output, section.state_dir
+        )
         self.sock = sock or open_link_socket(section.listen, section.port, section.rcvbuf_bytes)
         self.metrics = Metrics(self) if section.metrics_port else None
         self._timer: asyncio.TimerHandle | None = None
@@ -156,6 +160,8 @@ class Receiver:
         events = decoder.events()
         if events:
             self.router.handle(events, now)
+            # Log records reach the SOC spool before the positions that cover them commit.
+            self.soc.handle(events, now)
         if decoder.state_changed:
             # The messages and the positions that cover them reach the disk in one
             # transaction, before anything is published: a receiver killed at any
@@ -189,6 +195,12 @@ class Receiver:
             self.decoder.poll(now)
             self._after(now)
             self.router.tick(now)
+            self.soc.tick(
+                now,
+                decoder_counters=self.decoder.counters,
+                links={sid: view.link_up for sid, view in self.router.streams.items()},
+                output_counters=self.output.counters,
+            )
             self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)
             if now - last_status >= STATUS_PERIOD_S:
                 self.router.publish_all_status(now)
@@ -198,6 +210,7 @@ class Receiver:
         out = dict(self.decoder.counters)
         for key, value in self.output.counters.items():
             out[f"mqtt_{key}"] = int(value)
+        out.update(self.soc.counters)
         return out
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -215,6 +228,7 @@ class Receiver:
                 group.create_task(self.output.run()),
                 group.create_task(self._supervise()),
                 group.create_task(daemon.watchdog()),
+                group.create_task(self.soc.run()),
             ]
             loop.add_reader(self.sock, self._readable)
             daemon.sd_notify("READY=1")
@@ -222,6 +236,7 @@ class Receiver:
             await stop.wait()
             daemon.sd_notify("STOPPING=1")
             loop.remove_reader(self.sock)
+            self.soc.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.output.close(), 5)
             for task in tasks:
