@@ -236,11 +236,11 @@ class Receiver:
             await stop.wait()
             daemon.sd_notify("STOPPING=1")
             loop.remove_reader(self.sock)
-            self.soc.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.output.close(), 5)
             for task in tasks:
                 task.cancel()
+        self.soc.close()
         if self.metrics is not None:
             self.metrics.close()
         self.sock.close()

@@ -86,6 +86,8 @@ class Plant:
     link_overrides: dict[str, Any] = field(default_factory=dict)
     output_overrides: dict[str, Any] = field(default_factory=dict)
     rx_overrides: dict[str, Any] = field(default_factory=dict)
+    tx_sections: dict[str, Any] = field(default_factory=dict)  # extra top-level sections
+    rx_sections: dict[str, Any] = field(default_factory=dict)
     plc: ModbusSimServer | None = None
     relay: Relay | None = None
     tx: Transmitter | None = None
@@ -139,6 +141,7 @@ class Plant:
                     }
                 ]
             },
+            **self.tx_sections,
         }
         return validate(TxConfig, data, "tx.toml")
 
@@ -164,6 +167,7 @@ class Plant:
                     "output": {"prefix": "diode", "site": "test", **self.output_overrides},
                 }
             ],
+            **self.rx_sections,
         }
         return validate(RxConfig, data, "rx.toml")
 

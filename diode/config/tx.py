@@ -101,9 +101,9 @@ class TxConfig(Section):
         # Property 1: nothing may listen on the link. A syslog listener on the link's
         # own source address would be one, whatever its port.
         for listener in self.syslog.listeners:
-            if listener.address in (self.link.source, self.link.destination):
+            if listener.address == self.link.source:
                 raise ValueError(
-                    f"syslog listener {listener.address} is an address of the link: "
+                    f"syslog listener {listener.address} is the link's source address: "
                     "syslog may only be received on OT addresses"
                 )
         return self
