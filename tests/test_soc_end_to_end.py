@@ -64,11 +64,18 @@ def syslog_sections(udp: int, tcp: int, collector: int, **syslog: Any) -> dict[s
     }
 
 
+@dataclass
+class SocPlant(Plant):
+    udp_port: int = 0
+    tcp_port: int = 0
+
+
 @pytest.fixture
-async def plant(tmp_path: Path, mosquitto: Mosquitto, collector: Rsyslog) -> AsyncIterator[Plant]:
-    plant = Plant(tmp_path, mosquitto.port)
-    plant.udp_port = free_port(socket.SOCK_DGRAM)
-    plant.tcp_port = free_port()
+async def plant(
+    tmp_path: Path, mosquitto: Mosquitto, collector: Rsyslog
+) -> AsyncIterator[SocPlant]:
+    plant = SocPlant(tmp_path, mosquitto.port)
+    plant.udp_port, plant.tcp_port = free_port(socket.SOCK_DGRAM), free_port()
     sections = syslog_sections(plant.udp_port, plant.tcp_port, collector.port)
     plant.tx_sections, plant.rx_sections = sections["tx"], sections["rx"]
     await plant.start_plc()
