@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import time
 from collections.abc import Sequence
@@ -53,6 +54,7 @@ from receiver.spool import Spool
 log = structlog.get_logger("diode.rx.soc")
 
 READ_BATCH = 1024
+SEND_BUFFER = 256 * 1024
 FORGED = ("unknown_key", "wrong_stream", "bad_block", "bad_signature", "bad_decrypt")
 REPLAYED = ("replay",)
 MALFORMED = ("short", "bad_magic", "bad_version", "bad_checksum", "malformed", "bad_record")
@@ -370,7 +372,7 @@ class Soc:
         while True:
             writer: asyncio.StreamWriter | None = None
             try:
-                reader, writer = await asyncio.wait_for(
+                reader, connected = await asyncio.wait_for(
                     asyncio.open_connection(
                         section.collector_host,
                         section.collector_port,
@@ -379,9 +381,15 @@ class Soc:
                     ),
                     10,
                 )
+                writer = connected
+                sock = connected.get_extra_info("socket")
+                if sock is not None:
+                    # Bound what is in flight: what a collector that dies takes with it
+                    # unread (plain TCP has no acknowledgement of messages).
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
                 self.counters["soc_collector_connects"] += 1
                 log.info("collector connected", host=section.collector_host)
-                await self._forward(reader, writer)  # returns only by raising
+                await self._forward(reader, connected)  # returns only by raising
             except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
                 self.counters["soc_collector_errors"] += 1
                 log.warning("collector unavailable", error=str(exc) or repr(exc))
@@ -393,12 +401,9 @@ class Soc:
                     writer.transport.abort()
             await asyncio.sleep(section.reconnect_s)
 
-    async def _forward(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter | None
-    ) -> None:
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         spool = self._spool
         assert spool is not None
-        assert writer is not None
         cursor = -1
         while True:
             if reader.at_eof():
