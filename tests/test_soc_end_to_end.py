@@ -8,6 +8,7 @@ real rsyslog started by the test as the collector, a real mosquitto.
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from tests.e2e import Subscriber, wait_until
 from tests.support.relay import Faults
@@ -132,3 +133,46 @@ async def test_a_lost_block_is_a_reported_gap_of_exactly_its_messages(
     assert max(found.values()) == 1
     assert not any(i.startswith("id-b-") for i in found)
     assert lost_reported(collector) == 300
+
+
+async def test_allow_list_and_rate_limit_drop_and_count(
+    soc_plant: SocPlant, collector: Rsyslog
+) -> None:
+    """A source off the list is refused; a chatty one is cut to its rate; both counted."""
+    soc_plant.tx_sections["syslog"].update(rate_per_source=20.0, burst_per_source=50.0)
+    await soc_plant.start_relay()
+    rx = await soc_plant.start_rx()
+    tx = await soc_plant.start_tx()
+    # 127.0.0.2 is a loopback address too, but not on the allow-list.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.2", 0))
+        for i in range(30):
+            s.sendto(f"<13>1 - - - - - - id-denied-{i}".encode(), ("127.0.0.1", soc_plant.udp_port))
+    with socket.create_connection(
+        ("127.0.0.1", soc_plant.tcp_port), source_address=("127.0.0.2", 0)
+    ):
+        pass
+    chatty = [f"id-chatty-{i}" for i in range(1000)]
+    await asyncio.get_running_loop().run_in_executor(
+        None, python_5424_tcp, soc_plant.tcp_port, chatty
+    )
+    counters = tx.syslog.counters
+    await wait_until(lambda: counters["syslog_denied"] == 30, within=10)
+    await wait_until(
+        lambda: counters["syslog_received"] + counters["syslog_rate_dropped"] == 1000, within=10
+    )
+    assert counters["syslog_connections_refused"] == 1
+    # The burst and about a second of the rate got through; the rest was cut.
+    assert 50 <= counters["syslog_received"] < 200
+    await wait_until(lambda: len(ids_at(collector)) == counters["syslog_received"], within=20)
+    assert not any(i.startswith("id-denied") for i in ids_at(collector))
+    # The counts ride on the heartbeat to the IT side.
+    view = rx.router.streams[11]
+    await wait_until(
+        lambda: (
+            view.heartbeat is not None
+            and view.heartbeat.counters.get("syslog_rate_dropped")
+            == counters["syslog_rate_dropped"]
+        ),
+        within=10,
+    )
