@@ -105,6 +105,14 @@ def _bench(args: argparse.Namespace) -> int:
         from diode.benchmarks.tags import cost
 
         result = cost(rates=args.rate or (10_000, 50_000), seconds=args.seconds, stall_s=args.stall)
+    elif args.what == "syslog":
+        from diode.benchmarks.syslog import syslog
+
+        result = syslog(
+            rate=(args.rate or [20_000])[0],
+            values_hz=args.values_hz,
+            seconds=args.seconds or 10.0,
+        )
     elif args.what == "polling":
         from diode.benchmarks.polling import polling
 
@@ -193,11 +201,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks, printed as JSON")
     p.add_argument(
         "what",
-        choices=["codec", "link", "tags", "cost", "polling", "opcua"],
+        choices=["codec", "link", "tags", "cost", "polling", "opcua", "syslog"],
         help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
         "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s; "
         "polling: Modbus devices one transmitter core polls at 1 Hz; "
-        "opcua: OPC UA monitored items one transmitter core serves at 1 Hz",
+        "opcua: OPC UA monitored items one transmitter core serves at 1 Hz; "
+        "syslog: syslog messages/s to a collector with values flowing",
     )
     p.add_argument("--seconds", type=float, default=None, help="time per measurement")
     p.add_argument("--quick", action="store_true", help="short runs (tests, smoke checks)")
@@ -208,7 +217,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pydiode", type=Path, default=None, help="link: pydiode's virtualenv")
     p.add_argument("--no-pydiode", action="store_true", help="link: skip the pydiode run")
     p.add_argument("--mode", action="append", help="tags: payload:qos, e.g. per_tag:0 (repeat)")
-    p.add_argument("--rate", type=int, action="append", help="tags/cost: updates/s (repeat)")
+    p.add_argument(
+        "--rate",
+        type=int,
+        action="append",
+        help="tags/cost: updates/s (repeat); syslog: messages/s",
+    )
     p.add_argument(
         "--stall", type=float, default=0.0, help="cost: seconds the receiver is stopped, 2 s in"
     )
@@ -217,6 +231,9 @@ def parser() -> argparse.ArgumentParser:
         "--max-gap", type=int, default=DEFAULT_MAX_GAP, help="polling: the devices' max_gap"
     )
     p.add_argument("--items", type=int, action="append", help="opcua: monitored items (repeat)")
+    p.add_argument(
+        "--values-hz", type=int, default=10_000, help="syslog: value updates/s alongside"
+    )
     p.add_argument("--max-p99-ms", type=float, default=100.0, help="tags: latency that breaks")
     p.set_defaults(run=_bench)
 

@@ -16,6 +16,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from asyncua import ua
+from asyncua.crypto import cert_gen
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
 from diode.config.link import LinkSettings
 from diode.encoder import Encoder
 from diode.keys import SigningKey
@@ -23,6 +29,7 @@ from diode.records import Heartbeat
 from tests.e2e import STREAM, Subscriber, wait_until
 from tests.support.modbus_server import ModbusSimServer
 from tests.support.net import free_port
+from tests.support.opcua_server import OpcuaTestServer, node_id
 from tests.support.rsyslog import Rsyslog
 from tests.support.soc import (
     EVENTS,
@@ -342,3 +349,83 @@ allow = ["10.0.0.0/8"]
         assert needle in done.stderr
         assert "syslog" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def server_certificate(folder: Path) -> tuple[Path, Path]:
+    """A fresh self-signed OPC UA server certificate and key (a reinstalled server)."""
+    key = cert_gen.generate_private_key()
+    cert = cert_gen.generate_self_signed_app_certificate(
+        key,
+        "diode test server",
+        {},
+        [
+            x509.UniformResourceIdentifier("urn:freeopcua:python:server"),
+            x509.DNSName(socket.gethostname()),
+        ],
+        extended=[ExtendedKeyUsageOID.SERVER_AUTH],
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "server.der", folder / "server.pem"
+    paths[0].write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    paths[1].write_bytes(cert_gen.dump_private_key_as_pem(key))
+    return paths
+
+
+async def test_opcua_certificate_change_and_security_downgrade(
+    tmp_path: Path, soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
+    first = server_certificate(tmp_path / "pki-a")
+    secure = [ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt]
+    server = OpcuaTestServer(certificate=first[0], private_key=first[1], policies=secure)
+    await server.start()
+    soc_plant.tx_sections["opcua"] = {
+        "servers": [
+            {
+                "name": "scada1",
+                "endpoint": server.endpoint,
+                "security_policy": "Basic256Sha256",
+                "security_mode": "SignAndEncrypt",
+                "reconnect_initial_s": 0.2,
+                "reconnect_max_s": 1.0,
+                "nodes": [{"name": "level", "node_id": node_id("Level")}],
+            }
+        ]
+    }
+
+    def recorded(device: str) -> list[dict[str, str]]:
+        found = events_at(collector, "device-identity-recorded")
+        return [e for e in found if e["device"] == device]
+
+    try:
+        await soc_plant.start_relay()
+        await soc_plant.start_rx()
+        await soc_plant.start_tx()
+        await wait_until(lambda: recorded("scada1"), within=30)
+        assert "server_certificate_sha256=" in recorded("scada1")[0]["identity"]
+        # The same server, now also offering an unsecured endpoint: a downgrade.
+        await server.stop()
+        server.policies = [*secure, ua.SecurityPolicyType.NoSecurity]
+        await server.start()
+        await wait_until(lambda: events_at(collector, "opcua-security-downgrade"), within=30)
+        (downgrade,) = events_at(collector, "opcua-security-downgrade")
+        assert downgrade["device"] == "scada1"
+        assert "None/None" in downgrade["new"]
+        assert "None/None" not in downgrade["old"]
+        # A reinstalled server: another certificate on the same endpoint.
+        await server.stop()
+        second = server_certificate(tmp_path / "pki-b")
+        server.certificate, server.private_key = second
+        await server.start()
+
+        def cert_changed() -> list[dict[str, str]]:
+            return [
+                e
+                for e in events_at(collector, "device-identity-changed")
+                if "server_certificate_sha256" in e["changed"].split(",")
+            ]
+
+        await wait_until(cert_changed, within=30)
+        assert cert_changed()[0]["device"] == "scada1"
+        await wait_until(lambda: mqtt_events(events, "opcua-security-downgrade"), within=10)
+    finally:
+        await server.stop()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import random
 import socket
@@ -431,6 +432,7 @@ class OpcuaPoller:
             value, problem = plain_value(dv.Value.Value if dv.Value is not None else None)
             if not problem and value is not None and quality_of(dv.StatusCode)[0] is Quality.GOOD:
                 identity[key] = str(value)
+        identity.update(await self._endpoint_identity(client))
         self._sink.device(
             DeviceInfo(
                 device=self._server.name,
@@ -439,6 +441,37 @@ class OpcuaPoller:
                 identity=identity,
             )
         )
+
+    async def _endpoint_identity(self, client: Client) -> dict[str, str]:
+        """The server's certificate and the security it offers, for the SOC (issue 19).
+
+        A changed certificate is a swapped or reinstalled server; an endpoint
+        weaker than before (a None one appearing) is a security downgrade.
+        """
+        try:
+            endpoints = await client.get_endpoints()
+        except Exception as exc:  # a server that will not say: no identity, never a failure
+            self._log.info("opcua.endpoints_unread", error=repr(exc))
+            return {}
+        found: dict[str, str] = {}
+        certificates = sorted(
+            {
+                hashlib.sha256(e.ServerCertificate).hexdigest()
+                for e in endpoints
+                if e.ServerCertificate
+            }
+        )
+        if certificates:
+            found["server_certificate_sha256"] = ",".join(certificates)
+        offered = sorted(
+            {
+                f"{e.SecurityPolicyUri.rsplit('#', 1)[-1]}/{e.SecurityMode.name.rstrip('_')}"
+                for e in endpoints
+            }
+        )
+        if offered:
+            found["endpoints_security"] = " ".join(offered)
+        return found
 
     async def _refine_types(self, client: Client) -> None:
         """Set unconfigured value types from the nodes' DataType attribute."""

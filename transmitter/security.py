@@ -12,6 +12,9 @@ numbered, counted and delivered like any syslog message. Sources:
   "timeout" and back to GOOD;
 - a burst of Modbus exception responses (``modbus-exception-burst``): at least
   ``exception_burst`` in ``EXCEPTION_WINDOW_S``, then quiet until the next window;
+- an OPC UA server offering weaker security than when last seen (an endpoint
+  with a weaker policy or mode: ``opcua-security-downgrade``, critical); its
+  certificate is part of its identity, so a new one is an identity change;
 - the daemon starting and stopping (``daemon-start`` / ``daemon-stop``).
 """
 
@@ -35,6 +38,18 @@ GONE_REASONS = frozenset({"disconnected", "timeout"})
 CRITICAL, WARNING, NOTICE, INFO = 2, 4, 5, 6
 
 Raise = Callable[[str, int, str, dict[str, str]], None]
+
+
+_MODE_RANK = {"None": 0, "Sign": 1, "SignAndEncrypt": 2}
+
+
+def weakest(endpoints: str) -> int:
+    """The rank of the weakest of ``Policy/Mode`` endpoints (a None policy is 0)."""
+    ranks = []
+    for endpoint in endpoints.split():
+        policy, _, mode = endpoint.partition("/")
+        ranks.append(0 if policy == "None" else _MODE_RANK.get(mode, 0))
+    return min(ranks, default=0)
 
 
 def _fingerprint(identity: Mapping[str, str]) -> str:
@@ -102,6 +117,7 @@ class SecurityMonitor:
                 {"device": info.device, "identity": _fingerprint(identity)},
             )
             return
+        self._downgrade(info.device, known, identity)
         changed = sorted(
             k for k in known.keys() | identity.keys() if known.get(k) != identity.get(k)
         )
@@ -118,6 +134,18 @@ class SecurityMonitor:
                 "new": _fingerprint(identity),
             },
         )
+
+    def _downgrade(self, device: str, known: dict[str, str], identity: dict[str, str]) -> None:
+        before, now = known.get("endpoints_security"), identity.get("endpoints_security")
+        if before is None or now is None:
+            return
+        if weakest(now) < weakest(before):
+            self._raise(
+                "opcua-security-downgrade",
+                CRITICAL,
+                f"{device}: the server now offers weaker security: {now} (was {before})",
+                {"device": device, "old": before, "new": now},
+            )
 
     def quality_changed(self, old: Sample | None, new: Sample) -> None:
         """A tag's quality or reason changed (rare: the outbox calls only then)."""
