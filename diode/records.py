@@ -163,8 +163,10 @@ class LogRecord:
 def _too_long(record: LogRecord) -> str | None:
     for name, limit in LOG_LIMITS.items():
         value = getattr(record, name)
-        size = len(value) if isinstance(value, bytes) else len(value.encode())
-        if size > limit:
+        # A str of n characters is at most 4n bytes of UTF-8: encode only when it matters.
+        if len(value) > limit or (
+            type(value) is str and len(value) * 4 > limit and len(value.encode()) > limit
+        ):
             return name
     return None
 

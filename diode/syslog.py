@@ -387,6 +387,8 @@ def rfc3339_us(ts_ns: int) -> str:
 
 def sd_escape(value: str) -> str:
     """A PARAM-VALUE of RFC 5424 section 6.3.3: ``"``, ``\\`` and ``]`` escaped."""
+    if '"' not in value and "\\" not in value and "]" not in value:
+        return value
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
 
 
@@ -396,6 +398,8 @@ _SD_NAME_UNSAFE = re.compile(r"[^!#-<>-\\^-~]")  # printable ASCII except = ] " 
 def sd_element(sd_id: str, params: dict[str, str]) -> str:
     body = "".join(
         f' {_SD_NAME_UNSAFE.sub("_", name)[:32]}="{sd_escape(value)}"'
+        if _SD_NAME_UNSAFE.search(name) or len(name) > 32 or not name
+        else f' {name}="{sd_escape(value)}"'
         for name, value in params.items()
     )
     return f"[{sd_id}{body}]"
@@ -414,10 +418,16 @@ def parse_sd(sd: str) -> dict[str, dict[str, str]]:
     return out
 
 
+_NOT_PRINTABLE = re.compile(r"[^!-~]")
+
+
 def _header(text: str, limit: int) -> str:
     """A header field for output: printable US-ASCII, no space, within its bound, else ``-``."""
-    clean = re.sub(r"[^!-~]", "_", text)[:limit]
-    return clean or "-"
+    if not text:
+        return "-"
+    if len(text) <= limit and text.isascii() and text.isprintable() and " " not in text:
+        return text  # the usual case: what the parser kept is already clean
+    return _NOT_PRINTABLE.sub("_", text)[:limit] or "-"
 
 
 def diode_params(record: LogRecord, *, stream_id: int, epoch: int) -> dict[str, str]:
@@ -474,10 +484,11 @@ def to_ecs(record: LogRecord, *, site: str, stream_id: int, epoch: int) -> dict[
     """
     pri = record.pri if record.pri != PRI_NONE else DEFAULT_PRI
     facility, severity = divmod(pri, 8)
-    structured = parse_sd(record.sd)
+    structured = parse_sd(record.sd) if record.sd else {}
     own = record.format == LogFormat.EVENT
+    stamp = rfc3339_us(record.ts_ns)
     doc: dict[str, Any] = {
-        "@timestamp": rfc3339_us(record.ts_ns),
+        "@timestamp": stamp,
         "message": record.msg.decode("utf-8", "replace"),
         "ecs": {"version": "8.11.0"},
         "event": {
@@ -486,7 +497,7 @@ def to_ecs(record: LogRecord, *, site: str, stream_id: int, epoch: int) -> dict[
             "module": "diode",
             "sequence": record.seq,
             "severity": severity,
-            "created": rfc3339_us(record.ts_ns),
+            "created": stamp,
         },
         "log": {
             "syslog": {

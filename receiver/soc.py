@@ -97,6 +97,7 @@ class Soc:
             else None
         )
         self._batch: list[Message] = []
+        self._documents: dict[int, tuple[StreamOutput, list[bytes]]] = {}  # id(output) ->
         self._wake = asyncio.Event()
         self._run_epoch = time.time_ns() // 1_000_000  # numbers the receiver's own events
         self._own_seq = 0
@@ -254,7 +255,10 @@ class Soc:
             self._batch.append(Message("", octet_counted(line), 0, False))
         if self.section.mqtt_events:
             doc = to_ecs(record, site=output.site, stream_id=stream_id, epoch=epoch)
-            self._events.publish_events(output, [orjson.dumps(doc)])
+            entry = self._documents.get(id(output))
+            if entry is None:
+                entry = self._documents[id(output)] = (output, [])
+            entry[1].append(orjson.dumps(doc))
 
     def tick(
         self,
@@ -332,7 +336,14 @@ class Soc:
     # -- the collector -------------------------------------------------------------------------
 
     def commit(self) -> None:
-        """The collector's messages on disk (called before the positions are committed)."""
+        """The collector's messages on disk (called before the positions are committed).
+
+        The MQTT documents go to the MQTT output here too, in one call per site,
+        so they join the same commit as the positions.
+        """
+        documents, self._documents = self._documents, {}
+        for output, payloads in documents.values():
+            self._events.publish_events(output, payloads)
         if self._spool is None or not self._batch:
             return
         batch, self._batch = self._batch, []
