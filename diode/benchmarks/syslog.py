@@ -26,12 +26,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from diode.benchmarks import harness as h
 from diode.benchmarks.collector import Rsyslog
+from diode.records import decode_records, encode_record
+from diode.syslog import Deframer, octet_counted, parse_syslog, render_5424, to_ecs
 
 SENDER = r"""
 import socket, sys, time
@@ -208,12 +213,52 @@ def run(*, rate: int, values_hz: int, seconds: float = 10.0) -> dict[str, Any]:
     }
 
 
+def core(count: int = 20_000) -> dict[str, float]:
+    """CPU per message of the sans-I/O steps, in one process (not skewed by a busy host)."""
+    messages = [
+        b"<134>1 2026-12-06T12:00:00.000Z hmi-7 scada 42 AUDIT - operator action %d" % i
+        for i in range(count)
+    ]
+    stream = b"".join(octet_counted(m) for m in messages)
+    out: dict[str, float] = {}
+
+    def timed(name: str, step: Callable[[], object]) -> Any:
+        start = time.process_time()
+        result = step()
+        out[name] = round((time.process_time() - start) / count * 1e6, 2)
+        return result
+
+    deframer = Deframer()
+    framed = timed(
+        "tx_deframe_us",
+        lambda: [
+            m for i in range(0, len(stream), 65536) for m in deframer.feed(stream[i : i + 65536])
+        ],
+    )
+    records = timed(
+        "tx_parse_us",
+        lambda: [
+            parse_syslog(m).record(seq=i, ts_ns=i, source="10.0.0.1") for i, m in enumerate(framed)
+        ],
+    )
+    encoded = timed("tx_encode_us", lambda: [encode_record(r) for r in records])
+    payload, per = b"".join(encoded[:300]), 300
+    timed("rx_decode_us", lambda: [decode_records(payload, per) for _ in range(count // per)])
+    timed("rx_rfc5424_us", lambda: [render_5424(r, stream_id=1, epoch=1) for r in records])
+    timed(
+        "rx_ecs_json_us",
+        lambda: [orjson.dumps(to_ecs(r, site="s", stream_id=1, epoch=1)) for r in records],
+    )
+    return out
+
+
 def syslog(*, rate: int = 20_000, values_hz: int = 10_000, seconds: float = 10.0) -> dict[str, Any]:
     """Values alone, then values with syslog: throughput, latency, and what syslog costs."""
+    steps = core()
     base = run(rate=0, values_hz=values_hz, seconds=seconds)
     load = run(rate=rate, values_hz=values_hz, seconds=seconds)
     per = load["sent"] / load["seconds"] if load["sent"] else 0.0
     for side in ("tx", "rx"):
         extra = load[f"{side}_cpu_share"] - base[f"{side}_cpu_share"]
         load[f"{side}_us_per_msg"] = round(extra / per * 1e6, 2) if per else None
-    return {"values_only": base, "with_syslog": load}
+    return {"core_cpu_per_message": steps, "values_only": base, "with_syslog": load}
