@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -221,11 +223,18 @@ def _udp_queue_of(sock: socket.socket) -> tuple[int, int]:
 
 
 def _listening_tcp_ports() -> set[int]:
+    """The TCP ports this process listens on (others' sockets on a shared host do not count)."""
+    ours = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                ours.add(target[len("socket:[") : -1])
     ports = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if fields[3] == "0A":  # LISTEN
+            if fields[3] == "0A" and fields[9] in ours:  # LISTEN, and its inode is one of ours
                 ports.add(int(fields[1].split(":")[1], 16))
     return ports
 
