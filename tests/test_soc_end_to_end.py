@@ -8,7 +8,10 @@ real rsyslog started by the test as the collector, a real mosquitto.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
+from pathlib import Path
 
 from tests.e2e import Subscriber, wait_until
 from tests.support.relay import Faults
@@ -176,3 +179,40 @@ async def test_allow_list_and_rate_limit_drop_and_count(
         ),
         within=10,
     )
+
+
+def _our_sockets(table: str, state: str | None) -> set[tuple[str, int]]:
+    """(address, port) of this process's sockets in /proc/net/``table`` (IPv4)."""
+    ours = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                ours.add(target[len("socket:[") : -1])
+    found = set()
+    for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in ours and (state is None or fields[3] == state):
+            address, port = fields[1].split(":")
+            ip = ".".join(str(b) for b in reversed(bytes.fromhex(address)))
+            found.add((ip, int(port, 16)))
+    return found
+
+
+async def test_syslog_listens_only_on_the_ot_addresses_given(soc_plant: SocPlant) -> None:
+    """Property 1 with syslog on: the only new sockets are the configured OT ones."""
+    ot = "127.0.0.2"  # the OT address; the link leaves from 127.0.0.1
+    soc_plant.link_overrides["source"] = "127.0.0.1"
+    for listener in soc_plant.tx_sections["syslog"]["listeners"]:
+        listener["address"] = ot
+    soc_plant.tx_sections["syslog"]["allow"] = ["127.0.0.0/8"]
+    await soc_plant.start_relay()
+    await soc_plant.start_rx()
+    tcp_before, udp_before = _our_sockets("tcp", "0A"), _our_sockets("udp", None)
+    tx = await soc_plant.start_tx()
+    tcp = _our_sockets("tcp", "0A") - tcp_before
+    udp = _our_sockets("udp", None) - udp_before
+    assert tcp == {(ot, soc_plant.tcp_port)}
+    link = tx.sock.getsockname()
+    assert udp == {(ot, soc_plant.udp_port), (link[0], link[1])}
+    assert link[0] == "127.0.0.1"
