@@ -28,6 +28,7 @@ from diode.keys import SigningKey
 from diode.records import Heartbeat
 from tests.e2e import STREAM, Subscriber, wait_until
 from tests.support.modbus_server import ModbusSimServer
+from tests.support.mosquitto import Mosquitto
 from tests.support.net import free_port
 from tests.support.opcua_server import OpcuaTestServer, node_id
 from tests.support.rsyslog import Rsyslog
@@ -429,3 +430,26 @@ async def test_opcua_certificate_change_and_security_downgrade(
         await wait_until(lambda: mqtt_events(events, "opcua-security-downgrade"), within=10)
     finally:
         await server.stop()
+
+
+async def test_mqtt_spool_overflow_reaches_the_collector(
+    soc_plant: SocPlant, collector: Rsyslog, mosquitto: Mosquitto
+) -> None:
+    """The broker is away and the spool is full: the values dropped are an event at the SOC."""
+    soc_plant.rx_sections["mqtt"] = {
+        "host": "127.0.0.1",
+        "port": mosquitto.port,
+        "client_id": "diode-rx-test",
+        "spool_path": str(soc_plant.tmp / "rx-state" / "spool.sqlite"),
+        "spool_max_records": 50,
+    }
+    mosquitto.stop()
+    await soc_plant.start_relay()
+    await soc_plant.start_rx()
+    await soc_plant.start_tx()
+    assert soc_plant.plc is not None
+    for value in range(200):
+        soc_plant.plc.set_registers(1, "holding_register", 10, [0, value])
+        await asyncio.sleep(0.01)
+    await wait_until(lambda: events_at(collector, "mqtt-spool-overflow"), within=20)
+    assert int(events_at(collector, "mqtt-spool-overflow")[0]["count"]) > 0
