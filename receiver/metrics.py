@@ -31,7 +31,7 @@ class _ReceiverCollector(Collector):
         for name, value in sorted(counters.items()):
             if name.startswith("rejected_"):
                 rejected.add_metric([name.removeprefix("rejected_")], value)
-            elif name in ("mqtt_connected", "mqtt_spool_depth"):
+            elif name in ("mqtt_connected", "mqtt_spool_depth", "soc_spool_depth"):
                 yield GaugeMetricFamily(f"diode_rx_{name}", name.replace("_", " "), value=value)
             else:
                 yield CounterMetricFamily(f"diode_rx_{name}", name.replace("_", " "), value=value)
