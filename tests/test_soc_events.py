@@ -453,3 +453,14 @@ async def test_mqtt_spool_overflow_reaches_the_collector(
         await asyncio.sleep(0.01)
     await wait_until(lambda: events_at(collector, "mqtt-spool-overflow"), within=20)
     assert int(events_at(collector, "mqtt-spool-overflow")[0]["count"]) > 0
+
+
+async def test_a_config_reload_is_an_event(soc_plant: SocPlant, collector: Rsyslog) -> None:
+    """The hook the SIGHUP reload calls (the reload itself is another change's)."""
+    await soc_plant.start_relay()
+    await soc_plant.start_rx()
+    tx = await soc_plant.start_tx()
+    tx.config_reloaded(["modbus.devices[0].poll_interval_s", "syslog.allow"])
+    await wait_until(lambda: events_at(collector, "config-reloaded"), within=20)
+    (event,) = events_at(collector, "config-reloaded")
+    assert event["changed"] == "modbus.devices[0].poll_interval_s,syslog.allow"

@@ -268,6 +268,19 @@ class Transmitter:
                 action, severity, message, {"stream": str(self.config.transmitter.stream_id)}
             )
 
+    def config_reloaded(self, changed: list[str]) -> None:
+        """Say to the SOC that the configuration was reloaded, and which keys changed.
+
+        For the reload path (SIGHUP) to call once a new config is in force.
+        """
+        if self.security is not None:
+            self.syslog.event(
+                "config-reloaded",
+                5,
+                f"diode-tx configuration reloaded: {', '.join(changed) or 'no key changed'}",
+                {"stream": str(self.config.transmitter.stream_id), "changed": ",".join(changed)},
+            )
+
     def _watch_exceptions(self) -> None:
         if self.security is None:
             return
