@@ -19,7 +19,7 @@ from typing import TypeVar
 import structlog
 
 from diode.config import Section, load
-from diode.errors import ConfigError, KeyFileError, LinkError
+from diode.errors import ConfigError, KeyFileError, LinkError, ListenError
 
 C = TypeVar("C", bound=Section)
 
@@ -100,7 +100,7 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
 
     try:
         asyncio.run(_outer())
-    except (KeyFileError, LinkError) as exc:
+    except (KeyFileError, LinkError, ListenError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -44,6 +44,12 @@ class LinkError(DiodeError):
     reason = "link"
 
 
+class ListenError(DiodeError):
+    """A socket the daemon must listen on (syslog from the OT side) cannot be opened."""
+
+    reason = "listen"
+
+
 class FrameError(DiodeError):
     """A datagram or block that was rejected; ``reason`` is the counter it bumps."""
 

@@ -24,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from diode.config.link import LinkSettings
 from diode.encoder import Encoder
-from diode.keys import SigningKey
+from diode.keys import SigningKey, write_keypair
 from diode.records import Heartbeat
 from tests.e2e import STREAM, Subscriber, wait_until
 from tests.support.modbus_server import ModbusSimServer
@@ -464,3 +464,34 @@ async def test_a_config_reload_is_an_event(soc_plant: SocPlant, collector: Rsysl
     await wait_until(lambda: events_at(collector, "config-reloaded"), within=20)
     (event,) = events_at(collector, "config-reloaded")
     assert event["changed"] == "modbus.devices[0].poll_interval_s,syslog.allow"
+
+
+def test_a_listener_that_cannot_bind_stops_the_daemon_with_one_line(tmp_path: Path) -> None:
+    write_keypair(tmp_path, "tx")
+    path = tmp_path / "tx.toml"
+    path.write_text(
+        f"""
+[transmitter]
+stream_id = 1
+private_key = "tx.key"
+state_dir = "{tmp_path / "state"}"
+[link]
+destination = "127.0.0.1"
+port = {free_port(socket.SOCK_DGRAM)}
+[syslog]
+allow = ["10.0.0.0/8"]
+[[syslog.listeners]]
+address = "192.0.2.1"
+port = 5514
+"""
+    )
+    done = subprocess.run(
+        [str(Path(__file__).parent.parent / ".venv/bin/diode-tx"), "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "cannot listen for syslog on 192.0.2.1:5514/udp" in done.stderr
+    assert "Traceback" not in done.stderr

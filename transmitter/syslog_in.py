@@ -36,7 +36,7 @@ import structlog
 from diode.config.link import IPV4_UDP_OVERHEAD, LinkSettings
 from diode.config.syslog import SyslogListener, SyslogSection
 from diode.encoder import Encoder
-from diode.errors import DiodeError, FrameError
+from diode.errors import DiodeError, FrameError, ListenError
 from diode.records import LogFormat, LogRecord
 from diode.syslog import Deframer, SourceLimiter, TokenBucket, event_record, parse_syslog
 from diode.wire import BLOCK_OVERHEAD, symbol_size
@@ -280,10 +280,9 @@ class SyslogIn:
                 await self._open(listener)
             except (OSError, ssl.SSLError) as exc:
                 self.close()
-                raise DiodeError(
+                raise ListenError(
                     f"cannot listen for syslog on {listener.address}:{listener.port}"
-                    f"/{listener.protocol}: {exc}",
-                    reason="syslog_listen",
+                    f"/{listener.protocol}: {exc}"
                 ) from exc
 
     async def _open(self, listener: SyslogListener) -> None:
