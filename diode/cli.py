@@ -10,7 +10,7 @@ from pathlib import Path
 from diode import __version__
 from diode.config import load, read_toml
 from diode.config.modbus import DEFAULT_MAX_GAP
-from diode.errors import ConfigError, KeyFileError
+from diode.errors import ConfigError, KeyFileError, SettingError
 from diode.keys import write_keypair, write_psk
 
 
@@ -35,15 +35,26 @@ def config_kind(data: dict[str, object]) -> str:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    """Everything the daemon checks at start, except binding its ports (it may be running)."""
+    from diode import startup
     from diode.config.rx import RxConfig
     from diode.config.tx import TxConfig
 
     try:
         kind = config_kind(read_toml(args.file))
-        model = TxConfig if kind == "tx" else RxConfig
-        load(model, args.file)
+        if kind == "tx":
+            from transmitter.app import preflight
+
+            tx = load(TxConfig, args.file).resolve(args.file)
+            preflight(tx, create=False)
+        else:
+            rx = load(RxConfig, args.file).resolve(args.file)
+            startup.check_rx(rx, create=False)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SettingError as exc:
+        print(f"error: {args.file}: {exc}", file=sys.stderr)
         return 2
     print(f"{args.file}: ok ({'transmitter' if kind == 'tx' else 'receiver'} config)")
     return 0
@@ -146,10 +157,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _link_rules(args: argparse.Namespace) -> int:
-    from diode.linkrules import rules
+    from diode.linkrules import DEFAULT_PORT, rules
 
     try:
-        print(rules(args.side, args.interface))
+        print(rules(args.side, args.interface, tuple(args.port or (DEFAULT_PORT,))))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -240,6 +251,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("link-rules", help="print nftables rules that enforce one way")
     p.add_argument("side", choices=["tx", "rx"], help="the host the rules are for")
     p.add_argument("--interface", default="diode0", help="the one-way link's interface")
+    p.add_argument(
+        "--port",
+        type=int,
+        action="append",
+        help="rx: the link port, receiver.port (repeat for several receivers; default 5140)",
+    )
     p.set_defaults(run=_link_rules)
 
     p = sub.add_parser("version", help="print the version")

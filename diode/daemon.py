@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -19,7 +20,7 @@ from typing import TypeVar
 import structlog
 
 from diode.config import Section, load
-from diode.errors import ConfigError, KeyFileError, LinkError, ListenError
+from diode.errors import ConfigError, DiodeError, KeyFileError, LinkError, SettingError
 
 C = TypeVar("C", bound=Section)
 
@@ -45,10 +46,78 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # asyncua logs a traceback at every lost connection; our poller reports the loss once.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    # The libraries' own warnings (asyncua, pymodbus, paho, Python's warnings) are
+    # not silenced: they become structlog events like ours, one line each, rate-limited.
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, LibraryLogs):
+            root.removeHandler(handler)
+    root.addHandler(LibraryLogs())
+    root.setLevel(logging.WARNING)
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(logging.NOTSET)  # inherit WARNING from the root
+    logging.captureWarnings(True)
+
+
+LIBRARIES = ("asyncua", "pymodbus", "paho", "aiomqtt")
+LIBRARY_LOG_INTERVAL_S = 10.0
+LIBRARY_LOG_KINDS = 1000  # distinct messages remembered for the rate limit, at most
+LIBRARY_LOG_BUDGET = 20  # lines per library per interval, whatever their messages
+
+
+class LibraryLogs(logging.Handler):
+    """Records from the stdlib ``logging`` tree, as structlog events, rate-limited per message.
+
+    asyncua logs a traceback at every lost connection and pymodbus a line at
+    every failed retry: each message (by its template, not its arguments) is
+    passed on at most once per ``interval_s``, with the count of the ones held
+    back since, and an exception becomes its ``repr`` instead of a traceback, so
+    the log stays one JSON object per line. Messages formatted before logging
+    (each one different) are bounded too: a library gets ``LIBRARY_LOG_BUDGET``
+    lines per interval.
+    """
+
+    def __init__(
+        self,
+        interval_s: float = LIBRARY_LOG_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(level=logging.WARNING)
+        self._interval_s = interval_s
+        self._clock = clock
+        self._last: dict[tuple[str, str], float] = {}
+        self._held: dict[tuple[str, str], int] = {}
+        self._spent: dict[str, tuple[float, int]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kind = (record.name, str(record.msg))
+        now = self._clock()
+        last = self._last.get(kind)
+        library = record.name.split(".")[0]
+        started, spent = self._spent.get(library, (now, 0))
+        if now - started >= self._interval_s:
+            started, spent = now, 0
+        if (last is not None and now - last < self._interval_s) or spent >= LIBRARY_LOG_BUDGET:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return
+        self._spent[library] = (started, spent + 1)
+        if len(self._last) >= LIBRARY_LOG_KINDS:
+            self._last.clear()
+        self._last[kind] = now
+        fields: dict[str, object] = {"logger": record.name}
+        held = self._held.pop(kind, 0)
+        if held:
+            fields["suppressed"] = held
+        if record.exc_info and record.exc_info[1] is not None:
+            fields["error"] = repr(record.exc_info[1])
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        try:
+            structlog.get_logger("diode.library").log(record.levelno, message, **fields)
+        except Exception:  # a log line must never take the daemon down
+            self.handleError(record)
 
 
 def sd_notify(message: str) -> bool:
@@ -88,8 +157,24 @@ def load_config(model: type[C], path: Path) -> C:
     return resolve(path) if resolve is not None else config
 
 
-def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
-    """Run a daemon's main coroutine; SIGTERM and SIGINT set the stop event it watches."""
+def start_failure(exc: BaseException) -> DiodeError | None:
+    """The start-up error a user can fix, even from inside a task group's exception group."""
+    if isinstance(exc, SettingError | KeyFileError | LinkError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = start_failure(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def run(main: Callable[[asyncio.Event], Awaitable[None]], config: Path | None = None) -> int:
+    """Run a daemon's main coroutine; SIGTERM and SIGINT set the stop event it watches.
+
+    A setting this host cannot honour (a port in use, a missing interface) ends
+    the run with one line naming the config file and the key, and status 2.
+    """
 
     async def _outer() -> None:
         stop = asyncio.Event()
@@ -100,7 +185,11 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
 
     try:
         asyncio.run(_outer())
-    except (KeyFileError, LinkError, ListenError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (DiodeError, BaseExceptionGroup) as exc:
+        failure = start_failure(exc)
+        if failure is None:
+            raise
+        where = f"{config}: " if config is not None and isinstance(failure, SettingError) else ""
+        print(f"error: {where}{failure}", file=sys.stderr)
         return 2
     return 0

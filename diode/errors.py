@@ -44,13 +44,23 @@ class LinkError(DiodeError):
     reason = "link"
 
 
-class ListenError(DiodeError):
-    """A socket the daemon must listen on (syslog from the OT side) cannot be opened."""
-
-    reason = "listen"
-
-
 class FrameError(DiodeError):
     """A datagram or block that was rejected; ``reason`` is the counter it bumps."""
 
     reason = "malformed"
+
+
+class SettingError(DiodeError):
+    """A setting that is valid on paper but cannot be used on this host at start.
+
+    A port already in use, an address that is not this host's, a state_dir that
+    is a file, a folder the daemon may not write: the daemons print it as one
+    line naming the config file and the key, and exit with status 2.
+    """
+
+    reason = "setting"
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.detail = message
+        super().__init__(f"{key}: {message}")

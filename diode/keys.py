@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +73,16 @@ class Keyring:
             self.add(key)
 
     def add(self, key: TrustedKey) -> None:
-        self._keys[key_id(key.public)] = key
+        kid = key_id(key.public)
+        held = self._keys.get(kid)
+        if held is not None and held.stream_id != key.stream_id:
+            # A key speaks for one stream: under two, its datagrams would be
+            # attributed to whichever stream was listed last.
+            raise KeyFileError(
+                f"key id {kid.hex()} is listed for streams {held.stream_id} and {key.stream_id}",
+                reason="key_shared",
+            )
+        self._keys[kid] = key
 
     def get(self, kid: bytes) -> TrustedKey | None:
         return self._keys.get(kid)
@@ -117,16 +127,64 @@ def write_psk(path: Path) -> None:
         out.write(os.urandom(PSK_SIZE).hex() + "\n")
 
 
+def secret_file_problem(path: Path) -> str | None:
+    """Why a secret file (private key, link secret, password) is too open, or None.
+
+    As ssh does for private keys: nobody but its owner may read a secret. One
+    layout is accepted besides 0600/0400, the one the systemd units use: a file
+    owned by root, readable by the service's own group (``root:diode 0640``),
+    where root alone decides who is in that group. Nothing may be readable or
+    writable by others, ever.
+    """
+    try:
+        info = path.stat()
+    except OSError:
+        return None  # a missing or unreadable file is reported by whoever reads it
+    mode = stat.S_IMODE(info.st_mode)
+    fix = f"chmod 600 {path}, or chown root:diode and chmod 640 (docs/OPERATIONS.md)"
+    if mode & 0o007:
+        return f"{path}: permissions {mode:04o} are too open: others can read it; {fix}"
+    if mode & 0o070 and not _service_group_layout(info.st_uid, info.st_gid):
+        return (
+            f"{path}: permissions {mode:04o} are too open: group {info.st_gid} can read it; {fix}"
+        )
+    return None
+
+
+def _service_group_layout(uid: int, gid: int) -> bool:
+    """root:GROUP, GROUP not root's, and the daemon is root or in GROUP."""
+    if uid != 0 or gid == 0:
+        return False
+    return os.geteuid() == 0 or gid in {os.getegid(), *os.getgroups()}
+
+
+def check_secret_file(path: Path) -> None:
+    """Refuse a secret file that others (or a foreign group) can read: see secret_file_problem."""
+    problem = secret_file_problem(path)
+    if problem is not None:
+        raise KeyFileError(problem, reason="key_permissions")
+
+
 def _read(path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot read key file: {exc.strerror}") from None
+    if not data.strip():
+        raise KeyFileError(f"{path}: the key file is empty")
+    return data
 
 
 def load_signing_key(path: Path) -> SigningKey:
+    """The transmitter's private key; refused when others can read it, or when it is not one."""
+    data = _read(path)
+    if b"PUBLIC KEY-----" in data:
+        raise KeyFileError(
+            f"{path}: this is a public key (.pub); private_key needs the private half (.key)"
+        )
+    check_secret_file(path)
     try:
-        key = serialization.load_pem_private_key(_read(path), password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise KeyFileError(f"{path}: not a PEM private key: {exc}") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -135,8 +193,15 @@ def load_signing_key(path: Path) -> SigningKey:
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
+    data = _read(path)
+    if b"PRIVATE KEY-----" in data:
+        # The receiver must never hold the private key: stolen from the IT side,
+        # it would forge OT data.
+        raise KeyFileError(
+            f"{path}: this is a private key; the receiver takes the public key (.pub) only"
+        )
     try:
-        key = serialization.load_pem_public_key(_read(path))
+        key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
         raise KeyFileError(f"{path}: not a PEM public key: {exc}") from None
     if not isinstance(key, Ed25519PublicKey):
@@ -145,6 +210,8 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def load_psk(path: Path) -> bytes:
+    """The link secret; refused when others can read it, or when it is not 32 bytes in hex."""
+    check_secret_file(path)
     text = _read(path).decode("ascii", "replace").strip()
     try:
         psk = bytes.fromhex(text)

@@ -13,13 +13,18 @@ from the IT side back into the OT side:
   itself: ICMP port unreachable when the receiver is down, IPv6 neighbour
   and router solicitations, MLD reports. ARP is not seen by ``inet`` tables,
   so an ``arp`` table drops ARP replies and requests leaving on the link.
+  On the way in (``input``), the link port is accepted on the link interface
+  only and dropped on every other one (loopback included), so a host on the
+  IT side cannot reach the receiver's port at all; and nothing but the link
+  port is accepted from the link interface.
 
 Because the receiver never answers ARP, the transmitter needs a static
 neighbour entry for the receiver's address (``ip neigh replace RX_IP lladdr
 RX_MAC dev IF nud permanent``); see docs/OPERATIONS.md.
 
 Each ruleset replaces the tables of the same name atomically, so loading it
-twice gives the same result: ``diode link-rules rx --interface eth1 | nft -f -``.
+twice gives the same result:
+``diode link-rules rx --interface eth1 --port 5140 | nft -f -``.
 Raw packet sockets (AF_PACKET) are not seen by these hooks: the daemons open
 none, and the physical cut is what covers the rest.
 
@@ -33,17 +38,20 @@ import re
 TABLE = "diode_oneway"
 ARP_TABLE = "diode_oneway_arp"
 SIDES = ("tx", "rx")
+DEFAULT_PORT = 5140
 
 # Linux interface names: at most IFNAMSIZ - 1 = 15 bytes, no slash, no space.
 # Kept to a safe alphabet because the name is pasted into the ruleset.
-_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+IFNAME_PATTERN = r"^[A-Za-z0-9_.:@-]{1,15}$"
+_IFNAME = re.compile(IFNAME_PATTERN)
 
 
-def _header(side: str, interface: str) -> list[str]:
+def _header(side: str, interface: str, ports: tuple[int, ...]) -> list[str]:
     host = "transmitter (OT side)" if side == "tx" else "receiver (IT side)"
+    port_args = "".join(f" --port {p}" for p in ports) if side == "rx" else ""
     return [
         f"# diode: one-way rules for the {host}, link interface {interface}.",
-        f"# Load with: diode link-rules {side} --interface {interface} | nft -f -",
+        f"# Load with: diode link-rules {side} --interface {interface}{port_args} | nft -f -",
         "# The add/delete pairs make loading idempotent: the tables are replaced",
         "# atomically in one transaction, never duplicated.",
         f"add table inet {TABLE}",
@@ -88,11 +96,23 @@ def _tx(interface: str) -> list[str]:
     ]
 
 
-def _rx(interface: str) -> list[str]:
+def _rx(interface: str, ports: tuple[int, ...]) -> list[str]:
     name = f'"{interface}"'
+    port_set = "{ " + ", ".join(str(p) for p in ports) + " }"
     return [
-        "# IPv4 and IPv6 on the link: nothing goes out.",
+        "# IPv4 and IPv6 on the link: nothing goes out; the link port is the link's only.",
         f"table inet {TABLE} {{",
+        "    # The link port takes datagrams from the link interface only: dropped on",
+        "    # every other interface (loopback too), so no host on the IT side can reach",
+        "    # it. And from the link, nothing is accepted but the link port.",
+        "    chain input {",
+        "        type filter hook input priority raw; policy accept;",
+        f"        iifname {name} udp dport {port_set} accept"
+        ' comment "the diode datagrams, from the link"',
+        f'        iifname {name} counter drop comment "nothing else is received from the link"',
+        f'        udp dport {port_set} counter drop comment "the link port answers the link only"',
+        "    }",
+        "",
         "    # The receiver never sends on the link. This also silences what the kernel",
         "    # would send by itself: ICMP port unreachable while diode-rx is down, TCP",
         "    # resets, IPv6 neighbour/router solicitations, DAD and MLD reports.",
@@ -123,12 +143,13 @@ def _rx(interface: str) -> list[str]:
     ]
 
 
-def rules(side: str, interface: str) -> str:
+def rules(side: str, interface: str, ports: tuple[int, ...] = (DEFAULT_PORT,)) -> str:
     """The nftables ruleset (for ``nft -f -``) enforcing one way on ``side``'s host.
 
     ``side`` is ``"tx"`` (drop everything arriving on ``interface``) or ``"rx"``
-    (drop everything leaving on it). Raises ValueError for another side or an
-    interface name that is not a plain Linux interface name.
+    (drop everything leaving on it, and take the link ``ports`` from it only).
+    Raises ValueError for another side, an interface name that is not a plain
+    Linux interface name, or a port outside 1-65535.
     """
     if side not in SIDES:
         raise ValueError(f"side must be 'tx' or 'rx', got {side!r}")
@@ -136,5 +157,8 @@ def rules(side: str, interface: str) -> str:
         raise ValueError(
             f"not an interface name: {interface!r} (1-15 characters: letters, digits, _ . : @ -)"
         )
-    body = _tx(interface) if side == "tx" else _rx(interface)
-    return "\n".join([*_header(side, interface), *body]) + "\n"
+    if not ports or any(not 1 <= p <= 65535 for p in ports):
+        raise ValueError(f"ports must be 1-65535, got {list(ports)}")
+    ports = tuple(sorted(set(ports)))
+    body = _tx(interface) if side == "tx" else _rx(interface, ports)
+    return "\n".join([*_header(side, interface, ports), *body]) + "\n"

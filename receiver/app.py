@@ -21,15 +21,16 @@ import asyncio
 import contextlib
 import os
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
 import structlog
 
-from diode import daemon
+from diode import daemon, startup
 from diode.config.rx import RxConfig
 from diode.decoder import Decoder, DecoderSettings
-from diode.errors import FrameError, LinkError
+from diode.errors import FrameError, SettingError
 from diode.keys import Keyring, TrustedKey, load_psk, load_public_key
 from diode.replay import StreamState, pack_states, unpack_states
 from receiver.metrics import Metrics
@@ -65,17 +66,31 @@ def size_receive_buffer(sock: socket.socket, wanted: int, *, force: bool = True)
     return granted
 
 
-def open_link_socket(listen: str, port: int, rcvbuf: int) -> socket.socket:
-    """Bind the link socket with the receive buffer asked for (read back, warned if capped)."""
+def open_link_socket(
+    listen: str, port: int, rcvbuf: int, interface: str | None = None
+) -> socket.socket:
+    """Bind the link socket with the receive buffer asked for (read back, warned if capped).
+
+    With ``interface`` the socket takes datagrams arriving on that interface only
+    (SO_BINDTODEVICE): a host on the IT side that can route to ``listen`` still
+    cannot reach the port. A failure names the setting to change (SettingError).
+    """
     family = socket.AF_INET6 if ":" in listen else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         size_receive_buffer(sock, rcvbuf)
+        if interface is not None:
+            startup.bind_to_device(sock, interface, "receiver.interface")
         sock.bind((listen, port))
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise LinkError(f"cannot listen on {listen}:{port}: {exc}") from exc
+        raise startup.bind_error(
+            exc, address_key="receiver.listen", port_key="receiver.port", address=listen, port=port
+        ) from None
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -121,7 +136,12 @@ class Receiver:
                 TrustedKey(stream_id=stream.id, public=load_public_key(path), psk=psk)
                 for path in stream.public_keys
             )
-        self.output = MqttOutput(config.mqtt)
+        try:
+            self.output = MqttOutput(config.mqtt)
+        except sqlite3.Error as exc:  # a file that is not our spool, or a damaged one
+            raise SettingError(
+                "mqtt.spool_path", f"{config.mqtt.spool_path} is not a usable spool: {exc}"
+            ) from None
         self.decoder = Decoder(
             Keyring(keys),
             DecoderSettings(
@@ -134,7 +154,9 @@ class Receiver:
         self.soc = Soc(
             config.soc, {s.id: s.output for s in config.streams}, self.output, section.state_dir
         )
-        self.sock = sock or open_link_socket(section.listen, section.port, section.rcvbuf_bytes)
+        self.sock = sock or open_link_socket(
+            section.listen, section.port, section.rcvbuf_bytes, section.interface
+        )
         self.metrics = Metrics(self) if section.metrics_port else None
         self._timer: asyncio.TimerHandle | None = None
         self.ready = asyncio.Event()
@@ -216,13 +238,23 @@ class Receiver:
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         section = self.config.receiver
+        if self.metrics is not None:
+            try:
+                self.metrics.serve(section.metrics_address, section.metrics_port)
+            except OSError as exc:
+                raise startup.bind_error(
+                    exc,
+                    address_key="receiver.metrics_address",
+                    port_key="receiver.metrics_port",
+                    address=section.metrics_address,
+                    port=section.metrics_port,
+                ) from None
         log.info(
             "receiver starting",
             listen=f"{section.listen}:{self.sock.getsockname()[1]}",
+            interface=section.interface,
             streams=[s.id for s in self.config.streams],
         )
-        if self.metrics is not None:
-            self.metrics.serve(section.metrics_address, section.metrics_port)
         async with asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(self.output.run()),
@@ -255,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon.setup_logging(config.log.level, config.log.format)
 
     async def _main(stop: asyncio.Event) -> None:
+        startup.check_rx(config, create=True)
         await Receiver(config).run(stop)
 
-    return daemon.run(_main)
+    return daemon.run(_main, args.config)

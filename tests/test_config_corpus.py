@@ -2,13 +2,20 @@
 
 The corpus covers wrong types, unknown keys and sections, missing keys and
 files, impossible FEC/MTU settings, bad addresses, key files that are not
-keys, an empty file, invalid TOML and binary garbage. ``tx_*`` files go to
-diode-tx, ``rx_*`` to diode-rx, run exactly as systemd runs them. A traceback
-on stderr fails the test: an operator must get a sentence, not a stack.
+keys (garbage, empty, the wrong half), secrets others can read, one key under
+two streams, paths that are files where a folder is needed, addresses that
+are not this host's, an empty file, invalid TOML and binary garbage. ``tx_*``
+files go to diode-tx, ``rx_*`` to diode-rx, run exactly as systemd runs them;
+``diode check-config`` must find the same problem in each. A traceback on
+stderr fails the test: an operator must get a sentence, not a stack.
+
+Git keeps no file modes, so the corpus runs from a copy where every key and
+secret is 0600, except the ``*.open.*`` ones, which stay readable by all.
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,14 +73,50 @@ EXPECTED = {
     "rx_metrics_port_big.toml": "receiver.metrics_port",
     "rx_reconnect_backwards.toml": "reconnect_max_s must be >= reconnect_initial_s",
     "tx_no_such_file.toml": "cannot read the file",
+    "tx_key_is_public.toml": "good.pub: this is a public key (.pub)",
+    "tx_key_empty.toml": "empty.key: the key file is empty",
+    "tx_key_too_open.toml": "transmitter.private_key: good.open.key: permissions 0644 are too open",
+    "tx_psk_too_open.toml": "transmitter.psk_file: link.open.psk: permissions 0644 are too open",
+    "tx_state_dir_file.toml": "transmitter.state_dir: good.pub is a file, not a folder",
+    "tx_source_not_local.toml": "link.source: 192.0.2.77 is not an address of this host",
+    "tx_opcua_password_plain.toml": "allow_password_without_encryption = true",
+    "tx_opcua_secure_unpinned.toml": "set server_certificate (pin it) or trust_list",
+    "tx_opcua_trust_garbage.toml": "trust_list: garbage.key: not a certificate for the trust list",
+    "tx_opcua_trust_empty.toml": "trust_list: . holds no certificate: it trusts nothing",
+    "rx_listen_missing.toml": "receiver.listen: required key is missing",
+    "rx_listen_wildcard.toml": "takes datagrams from every interface",
+    "rx_listen_not_local.toml": "receiver.listen: 192.0.2.77 is not an address of this host",
+    "rx_interface_missing.toml": "receiver.interface: no interface named 'nosuch0'",
+    "rx_interface_bad_name.toml": "receiver.interface: String should match pattern",
+    "rx_metrics_address_not_local.toml": "receiver.metrics_address: 192.0.2.77 is not an address",
+    "rx_state_dir_file.toml": "receiver.state_dir: good.pub is a file, not a folder",
+    "rx_spool_path_folder.toml": "mqtt.spool_path: /tmp is a folder, not a file",
+    "rx_mqtt_ca_garbage.toml": "mqtt.ca_file: garbage.key: not a CA bundle",
+    "rx_mqtt_client_cert_garbage.toml": "mqtt.certfile: good.pub with good.key: not a certificate",
+    "rx_spool_garbage.toml": "mqtt.spool_path: garbage.key is not a usable spool",
+    "rx_pubkey_is_private.toml": "good.key: this is a private key; the receiver takes the public",
+    "rx_same_key_two_streams.toml": "streams[1].public_keys[0]: good-copy.pub is the same key as",
+    "rx_psk_too_open.toml": "streams[0].psk_file: link.open.psk: permissions 0644 are too open",
+    "rx_site_slash.toml": "streams[0].output.site: site is one topic level",
 }
 
 
-def run_daemon(name: str) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The corpus with the file modes git cannot keep: secrets 0600 unless named *.open.*."""
+    folder = tmp_path_factory.mktemp("corpus") / "bad"
+    shutil.copytree(BAD, folder)
+    for path in folder.iterdir():
+        secret = path.suffix in (".key", ".psk")
+        path.chmod(0o644 if not secret or ".open." in path.name else 0o600)
+    return folder
+
+
+def run_daemon(name: str, folder: Path) -> subprocess.CompletedProcess[str]:
     daemon = "diode-tx" if name.startswith("tx_") else "diode-rx"
     return subprocess.run(
         [str(BIN / daemon), "--config", name],
-        cwd=BAD,
+        cwd=folder,
         capture_output=True,
         text=True,
         timeout=60,
@@ -87,9 +130,7 @@ def test_the_corpus_is_large_and_every_file_has_an_expectation() -> None:
     assert corpus == set(EXPECTED) - {"tx_no_such_file.toml"}
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_a_bad_config_exits_2_naming_the_problem(name: str) -> None:
-    result = run_daemon(name)
+def one_error_line(result: subprocess.CompletedProcess[str], name: str) -> str:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -97,3 +138,22 @@ def test_a_bad_config_exits_2_naming_the_problem(name: str) -> None:
     assert lines[0].startswith("error: ")
     assert EXPECTED[name] in lines[0]
     assert ".toml" in lines[0] or ".key" in lines[0]  # the file is named
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_a_bad_config_exits_2_naming_the_problem(name: str, corpus: Path) -> None:
+    one_error_line(run_daemon(name, corpus), name)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_check_config_finds_what_the_daemon_refuses(name: str, corpus: Path) -> None:
+    result = subprocess.run(
+        [str(BIN / "diode"), "check-config", name],
+        cwd=corpus,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    one_error_line(result, name)

@@ -3,7 +3,10 @@
 The last tests build two network namespaces joined by a veth pair, load the
 rules the way docs/OPERATIONS.md says, and send real datagrams: what the
 rules must stop does not arrive, and the transmitter reaches the receiver
-only through a static neighbour entry, as on a real one-way link.
+only through a static neighbour entry, as on a real one-way link. A third
+namespace plays a host on the IT side, routed to the receiver: it must not
+reach the link port, neither through the rules nor through a receiver socket
+pinned to the link interface (``receiver.interface``).
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import textwrap
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from diode.cli import main
+from diode.keys import write_keypair
 from diode.linkrules import ARP_TABLE, TABLE, rules
 
 NFT_PACKAGE = "nftables"
@@ -72,11 +77,28 @@ def test_receiver_drops_everything_leaving_on_the_link_arp_included() -> None:
     text = rules("rx", "eth1")
     assert "hook output" in text
     assert "hook forward" in text
-    assert "hook input" not in text  # the receiver must receive
     arp = text[text.index(f"table arp {ARP_TABLE}") :]
     assert "hook output" in arp
     assert 'oifname "eth1" counter drop' in arp
-    assert len(rule_lines(text)) == 4
+    assert len(rule_lines(text)) == 6
+
+
+def test_receiver_takes_the_link_port_from_the_link_only() -> None:
+    text = rules("rx", "eth1", (5141, 5140))
+    chain = text[text.index("chain input") : text.index("chain output")]
+    lines = [line.strip() for line in chain.splitlines()]
+    accept = next(i for i, line in enumerate(lines) if " accept comment" in line)
+    assert lines[accept].startswith('iifname "eth1" udp dport { 5140, 5141 } accept')
+    # after the accept: the rest of the link dropped, then the port everywhere else
+    assert lines[accept + 1].startswith('iifname "eth1" counter drop')
+    assert lines[accept + 2].startswith("udp dport { 5140, 5141 } counter drop")
+    assert "--port 5140 --port 5141" in text
+
+
+@pytest.mark.parametrize("ports", [(), (0,), (65536,)])
+def test_rejects_a_bad_port(ports: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="ports"):
+        rules("rx", "eth1", ports)
 
 
 @pytest.mark.parametrize("side", ["tx", "rx"])
@@ -112,6 +134,8 @@ def test_rejects_a_bad_side_or_interface(side: str, interface: str) -> None:
 def test_cli_prints_the_rules(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["link-rules", "rx", "--interface", "enp3s0"]) == 0
     assert capsys.readouterr().out == rules("rx", "enp3s0") + "\n"
+    assert main(["link-rules", "rx", "--interface", "enp3s0", "--port", "6000"]) == 0
+    assert capsys.readouterr().out == rules("rx", "enp3s0", (6000,)) + "\n"
 
 
 # -- nft's own check ---------------------------------------------------------------------
@@ -307,3 +331,116 @@ def test_loading_twice_keeps_one_copy_and_unloading_restores(link: Link) -> None
     assert link.run(link.rx, link.nft, "-s", "list", "ruleset") == first
     link.unload(link.rx)
     assert TABLE not in link.run(link.rx, link.nft, "-s", "list", "ruleset")
+
+
+# -- an IT-side host routed to the receiver -------------------------------------------
+
+IT_IP, RX_IT_IP = "198.51.100.1", "198.51.100.2"
+
+PINNED = textwrap.dedent(
+    """
+    import socket, sys
+    sys.path.insert(0, sys.argv[5])
+    from receiver.app import open_link_socket
+    s = open_link_socket(sys.argv[1], int(sys.argv[2]), 65536, sys.argv[3] or None)
+    s.setblocking(True)
+    s.settimeout(float(sys.argv[4]))
+    print("listening", flush=True)
+    try:
+        print(s.recv(2048).decode(), flush=True)
+    except TimeoutError:
+        print("nothing", flush=True)
+    """
+)
+
+
+@pytest.fixture
+def it_host(link: Link) -> Iterator[str]:
+    """A third namespace on the receiver's IT side, with a route to the link's addresses."""
+    tag = uuid.uuid4().hex[:6]
+    ns, it_if, rx_it_if = f"dit{tag}", f"di{tag}", f"dj{tag}"
+    try:
+        _ip("netns", "add", ns)
+        _ip("link", "add", it_if, "type", "veth", "peer", "name", rx_it_if)
+        _ip("link", "set", it_if, "netns", ns)
+        _ip("link", "set", rx_it_if, "netns", link.rx)
+        _ip("-n", ns, "addr", "add", f"{IT_IP}/24", "dev", it_if)
+        _ip("-n", link.rx, "addr", "add", f"{RX_IT_IP}/24", "dev", rx_it_if)
+        _ip("-n", ns, "link", "set", it_if, "up")
+        _ip("-n", link.rx, "link", "set", rx_it_if, "up")
+        _ip("-n", ns, "route", "add", "192.0.2.0/24", "via", RX_IT_IP)
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+def pinned_receiver_gets(link: Link, src: str, interface: str, text: str) -> bool:
+    """Send ``text`` from ``src`` to the link port, read by the receiver's own socket code."""
+    root = str(Path(__file__).resolve().parent.parent)
+    args = [RX_IP, str(PORT), interface, "2", root]
+    listener = subprocess.Popen(
+        ["ip", "netns", "exec", link.rx, sys.executable, "-c", PINNED, *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert listener.stdout is not None
+    assert listener.stdout.readline().strip() == "listening"
+    link.run(src, sys.executable, "-c", SEND, RX_IP, str(PORT), text)
+    out, _ = listener.communicate(timeout=10)
+    return out.strip() == text
+
+
+@pytest.mark.netns
+def test_an_it_host_reaches_the_link_port_without_the_rules(link: Link, it_host: str) -> None:
+    # The control: routed to the receiver, the IT host reaches the link port.
+    assert link.datagram_arrives(it_host, link.rx, RX_IP, "from the IT side")
+
+
+@pytest.mark.netns
+def test_receiver_rules_keep_the_link_port_for_the_link(link: Link, it_host: str) -> None:
+    link.load(link.rx, "rx")
+    link.static_neighbour(link.tx, link.tx_if, RX_IP, link.mac(link.rx, link.rx_if))
+    before = link.counter(link.rx, "inet", TABLE, "input")
+    assert not link.datagram_arrives(it_host, link.rx, RX_IP, "from the IT side")
+    assert not link.datagram_arrives(link.rx, link.rx, RX_IP, "from this host")  # loopback
+    assert link.counter(link.rx, "inet", TABLE, "input") > before
+    assert link.datagram_arrives(link.tx, link.rx, RX_IP, "from the link")
+
+
+@pytest.mark.netns
+def test_a_receiver_pinned_to_the_link_interface_hears_the_link_only(
+    link: Link, it_host: str
+) -> None:
+    # No rules at all: SO_BINDTODEVICE alone keeps the IT host out.
+    link.static_neighbour(link.tx, link.tx_if, RX_IP, link.mac(link.rx, link.rx_if))
+    assert pinned_receiver_gets(link, it_host, "", "unpinned, from the IT side")  # control
+    assert not pinned_receiver_gets(link, it_host, link.rx_if, "pinned, from the IT side")
+    assert pinned_receiver_gets(link, link.tx, link.rx_if, "pinned, from the link")
+
+
+@pytest.mark.netns
+def test_check_config_finds_a_listen_address_that_is_not_on_the_pinned_interface(
+    link: Link, it_host: str, tmp_path: Path
+) -> None:
+    write_keypair(tmp_path, "tx")
+
+    def check(listen: str) -> subprocess.CompletedProcess[str]:
+        config = tmp_path / "rx.toml"
+        config.write_text(
+            f'[receiver]\nlisten = "{listen}"\ninterface = "{link.rx_if}"\n'
+            f'state_dir = "{tmp_path}/state"\n\n'
+            '[[streams]]\nid = 1\npublic_keys = ["tx.pub"]\n'
+        )
+        diode = str(Path(sys.executable).parent / "diode")
+        return subprocess.run(
+            ["ip", "netns", "exec", link.rx, diode, "check-config", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    assert check(RX_IP).returncode == 0
+    # the IT-side address: valid on this host, but pinned to the link nothing would arrive
+    wrong = check(RX_IT_IP)
+    assert wrong.returncode == 2
+    assert f"receiver.listen: {RX_IT_IP} is not an address of interface" in wrong.stderr

@@ -2,8 +2,9 @@
 
 OT namespace: a Modbus PLC simulator and diode-tx, the link interface
 dropping everything arriving, a static neighbour entry for the receiver (no
-ARP reply can come back). IT namespace: diode-rx, mosquitto and a subscriber,
-the link interface dropping everything leaving. Values flow end to end, and
+ARP reply can come back). IT namespace: diode-rx pinned to the link interface
+(``receiver.interface``), mosquitto and a subscriber, the link interface
+dropping everything leaving and the link port taken from the link only. Values flow end to end, and
 the interface counters prove nothing crossed the link the other way.
 """
 
@@ -87,13 +88,14 @@ def tx_config(tmp: Path) -> Path:
     return path
 
 
-def rx_config(tmp: Path) -> Path:
+def rx_config(tmp: Path, interface: str) -> Path:
     path = tmp / "rx.toml"
     path.write_text(
         textwrap.dedent(
             f"""
             [receiver]
             listen = "{RX_IP}"
+            interface = "{interface}"
             port = {LINK_PORT}
             state_dir = "rx-state"
 
@@ -183,7 +185,11 @@ def test_values_flow_end_to_end_with_the_way_back_closed(
         link.rx, "mosquitto_sub", "-p", str(BROKER_PORT), "-t", "diode/#", "-v", cwd=tmp_path
     )
     processes.start(
-        link.rx, str(BIN / "diode-rx"), "--config", str(rx_config(tmp_path)), cwd=tmp_path
+        link.rx,
+        str(BIN / "diode-rx"),
+        "--config",
+        str(rx_config(tmp_path, link.rx_if)),
+        cwd=tmp_path,
     )
     plc = processes.start(link.tx, sys.executable, "-c", PLC, cwd=tmp_path)
     assert plc.stdout is not None

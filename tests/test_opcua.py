@@ -17,7 +17,7 @@ from asyncua import ua
 from asyncua.common.subscription import OverflowPolicy
 from asyncua.crypto import cert_gen
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from diode.config import validate
@@ -309,7 +309,11 @@ async def test_sign_and_encrypt_reuses_its_generated_certificate(
     try:
         nodes = [{"name": "level", "node_id": node_id("Level")}]
         cfg = config(
-            srv.endpoint, nodes, security_policy="Basic256Sha256", security_mode="SignAndEncrypt"
+            srv.endpoint,
+            nodes,
+            security_policy="Basic256Sha256",
+            security_mode="SignAndEncrypt",
+            trust_list=str(server_pki[0]),
         )
         level = tag_id("plc", "level")
         for start in (1, 2):
@@ -352,17 +356,190 @@ async def test_username_and_password_from_a_file(tmp_path: Path) -> None:
         wrong.write_text("guess\n")
 
         sink = Collector()
-        cfg = config(srv.endpoint, nodes, username="operator", password_file=str(good))
+        plain = {"allow_password_without_encryption": True}
+        cfg = config(srv.endpoint, nodes, username="operator", password_file=str(good), **plain)
         async with running(cfg, sink):
             await sink.until(last_good(sink, level, 1.5), "value with a user")
 
         sink = Collector()
-        cfg = config(srv.endpoint, nodes, username="operator", password_file=str(wrong))
+        cfg = config(srv.endpoint, nodes, username="operator", password_file=str(wrong), **plain)
         async with running(cfg, sink) as poller:
             await sink.until(lambda: poller.counters["connect_failures"] >= 2, "refusals")
         assert [s.reason for s in sink.samples] == ["disconnected"]  # once, not per attempt
     finally:
         await srv.stop()
+
+
+def make_cert(
+    folder: Path, name: str, *, issuer: tuple[x509.Certificate, Any] | None = None, ca: bool = False
+) -> tuple[Path, Path, x509.Certificate, Any]:
+    """A certificate (DER) and key (PEM) for a test server, self-signed or signed by ``issuer``."""
+    key = cert_gen.generate_private_key()
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[0].subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.UniformResourceIdentifier("urn:freeopcua:python:server"),
+                    x509.DNSName(socket.gethostname()),
+                ]
+            ),
+            critical=False,
+        ).add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=True,
+                key_encipherment=True,
+                data_encipherment=True,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    else:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+    cert_path, key_path = folder / f"{name}.der", folder / f"{name}.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    key_path.write_bytes(cert_gen.dump_private_key_as_pem(key))
+    return cert_path, key_path, cert, key
+
+
+@pytest.fixture(scope="session")
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server certificate it signed, and a stranger's self-signed certificate."""
+    folder = tmp_path_factory.mktemp("other-pki")
+    ca_path, _, ca_cert, ca_key = make_cert(folder, "plant-ca", ca=True)
+    signed, signed_key, _, _ = make_cert(folder, "signed-server", issuer=(ca_cert, ca_key))
+    stranger, _, _, _ = make_cert(folder, "stranger")
+    return {"ca": ca_path, "signed": signed, "signed_key": signed_key, "stranger": stranger}
+
+
+async def secure_run(
+    srv: OpcuaTestServer, tmp_path: Path, **trust: str
+) -> tuple[Collector, OpcuaPoller]:
+    """Run a SignAndEncrypt poller with ``trust`` until a value or three refusals."""
+    cfg = config(
+        srv.endpoint,
+        [{"name": "level", "node_id": node_id("Level")}],
+        security_policy="Basic256Sha256",
+        security_mode="SignAndEncrypt",
+        username="operator",
+        password_file=str(tmp_path / "pw"),
+        **trust,
+    )
+    (tmp_path / "pw").write_text("s3cret\n")
+    sink = Collector()
+    level = tag_id("plc", "level")
+    async with running(cfg, sink, state_dir=tmp_path) as poller:
+        await sink.until(
+            lambda: last_good(sink, level, 1.5)() or poller.counters["server_untrusted"] >= 3,
+            "a value or refusals",
+        )
+    return sink, poller
+
+
+async def test_server_certificate_checked_against_the_trust_list(
+    server_pki: tuple[Path, Path], other_pki: dict[str, Path], tmp_path: Path
+) -> None:
+    srv = OpcuaTestServer(
+        certificate=server_pki[0], private_key=server_pki[1], users={"operator": "s3cret"}
+    )
+    await srv.start()
+    try:
+        level = tag_id("plc", "level")
+        trusted = tmp_path / "trusted"
+        trusted.mkdir()
+        (trusted / "stranger.der").write_bytes(other_pki["stranger"].read_bytes())
+        # A trust list without the server's certificate: refused before the password goes.
+        sink, poller = await secure_run(srv, tmp_path, trust_list=str(trusted))
+        assert poller.counters["server_untrusted"] >= 3
+        assert not any(s.quality is Quality.GOOD for s in sink.of(level))
+        assert poller.counters["connects"] == 0
+        # The same pinned, wrongly: refused too.
+        sink, poller = await secure_run(
+            srv, tmp_path, server_certificate=str(other_pki["stranger"])
+        )
+        assert poller.counters["connects"] == 0
+        assert not any(s.quality is Quality.GOOD for s in sink.of(level))
+        # With the server's certificate in the folder: values flow.
+        (trusted / "server.der").write_bytes(server_pki[0].read_bytes())
+        sink, poller = await secure_run(srv, tmp_path, trust_list=str(trusted))
+        assert poller.counters["server_untrusted"] == 0
+        assert last_good(sink, level, 1.5)()
+        # Pinned, rightly: values flow.
+        sink, poller = await secure_run(srv, tmp_path, server_certificate=str(server_pki[0]))
+        assert poller.counters["server_untrusted"] == 0
+        assert last_good(sink, level, 1.5)()
+    finally:
+        await srv.stop()
+
+
+async def test_a_server_signed_by_a_trusted_ca_is_accepted(
+    other_pki: dict[str, Path], tmp_path: Path
+) -> None:
+    srv = OpcuaTestServer(
+        certificate=other_pki["signed"],
+        private_key=other_pki["signed_key"],
+        users={"operator": "s3cret"},
+    )
+    await srv.start()
+    try:
+        sink, poller = await secure_run(srv, tmp_path, trust_list=str(other_pki["ca"]))
+        assert poller.counters["server_untrusted"] == 0
+        assert last_good(sink, tag_id("plc", "level"), 1.5)()
+    finally:
+        await srv.stop()
+
+
+def test_why_untrusted_checks_validity_and_issuer(other_pki: dict[str, Path]) -> None:
+    ca, signed, stranger = (
+        certs.load_trust_list(other_pki[k])[0] for k in ("ca", "signed", "stranger")
+    )
+    now = dt.datetime.now(dt.UTC)
+    assert certs.why_untrusted(signed, [ca], now) is None
+    assert certs.why_untrusted(stranger, [stranger], now) is None
+    assert "neither" in (certs.why_untrusted(stranger, [ca], now) or "")
+    # a non-CA certificate whose subject happens to be the issuer's is no anchor
+    assert "neither" in (certs.why_untrusted(signed, [stranger], now) or "")
+    later = now + dt.timedelta(days=31)
+    assert "expired" in (certs.why_untrusted(signed, [ca], later) or "")
+    assert "not valid before" in (
+        certs.why_untrusted(signed, [ca], now - dt.timedelta(days=1)) or ""
+    )
+
+
+def test_a_garbled_trust_list_entry_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.der").write_bytes(b"not a certificate")
+    with pytest.raises(KeyFileError, match="not a certificate"):
+        certs.load_trust_list(tmp_path)
 
 
 # -- certificates ---------------------------------------------------------------------
@@ -399,6 +576,12 @@ def _server_dict(**extra: Any) -> dict[str, Any]:
         ({"security_mode": "Sign"}, "does not fit security_policy"),
         ({"password": "x", "username": "u"}, "unknown key"),
         ({"username": "u"}, "username and password_file"),
+        ({"username": "u", "password_file": "/p"}, "allow_password_without_encryption"),
+        (
+            {"security_policy": "Basic256Sha256", "security_mode": "SignAndEncrypt"},
+            "server_certificate \\(pin it\\) or trust_list",
+        ),
+        ({"trust_list": "/etc/diode/trusted"}, "need a security_policy"),
         ({"certificate": "/c.der"}, "certificate and private_key"),
         ({"endpoint": "http://plc"}, "should match pattern"),
         ({"nodes": [{"name": "a", "node_id": "Tank.Level"}]}, "not a NodeId"),
@@ -449,6 +632,7 @@ def test_config_accepts_a_full_server() -> None:
         _server_dict(
             security_policy="Basic256Sha256",
             security_mode="Sign",
+            trust_list="/etc/diode/opcua-trusted",
             username="op",
             password_file="/etc/diode/pw",
             nodes=[
@@ -475,7 +659,10 @@ def test_config_accepts_a_full_server() -> None:
     assert cfg.nodes[1].type is ValueType.INT32
     assert cfg.sampling_ms(cfg.nodes[0]) == 100.0
     assert cfg.queue_for(cfg.nodes[1]) == 10
-    assert cfg.missing_files() == [("password_file", Path("/etc/diode/pw"))]
+    assert cfg.missing_files() == [
+        ("password_file", Path("/etc/diode/pw")),
+        ("trust_list", Path("/etc/diode/opcua-trusted")),
+    ]
 
 
 # -- pure conversions -----------------------------------------------------------------

@@ -493,5 +493,5 @@ port = 5514
         check=False,
     )
     assert done.returncode == 2, done.stderr
-    assert "cannot listen for syslog on 192.0.2.1:5514/udp" in done.stderr
+    assert "syslog.listeners[0].address: 192.0.2.1 is not an address of this host" in done.stderr
     assert "Traceback" not in done.stderr

@@ -433,13 +433,11 @@ def rx_example(tmp_path: Path, port: int, broker: int, metrics: int) -> Path:
         "rx.toml",
         {
             'listen = "192.168.77.2"': 'listen = "127.0.0.1"',
+            'interface = "eth1"': 'interface = "lo"',
             "port = 5140": f"port = {port}",
             'state_dir = "/var/lib/diode-rx"': f'state_dir = "{tmp_path}/rx-state"',
             "metrics_port = 9640": f"metrics_port = {metrics}",
             "port = 1883": f"port = {broker}",
-            'spool_path = "/var/lib/diode-rx/mqtt-spool.sqlite3"': (
-                f'spool_path = "{tmp_path}/rx-state/mqtt-spool.sqlite3"'
-            ),
             'public_keys = ["/etc/diode/tx.pub"]': f'public_keys = ["{tmp_path}/tx.pub"]',
             '# psk_file = "/etc/diode/tx.psk"': f'psk_file = "{tmp_path}/tx.psk"',
         },

@@ -29,13 +29,14 @@ from typing import Protocol
 
 import structlog
 
-from diode import daemon
+from diode import daemon, startup
 from diode.config.tx import TxConfig
 from diode.encoder import Encoder, SendQueue
-from diode.errors import DiodeError
+from diode.errors import DiodeError, KeyFileError, SettingError
 from diode.keys import SigningKey, load_psk, load_signing_key
 from diode.records import Heartbeat, TagInfo
 from diode.replay import next_epoch
+from transmitter import certs
 from transmitter.modbus import ModbusPoller
 from transmitter.opcua import OpcuaPoller
 from transmitter.outbox import Outbox
@@ -344,6 +345,29 @@ class Transmitter:
         log.info("transmitter stopped", **self.counters())
 
 
+def preflight(config: TxConfig, *, create: bool) -> None:
+    """What the transmitter checks before it starts (``diode check-config`` runs it too).
+
+    The host checks of :mod:`diode.startup`, and the OPC UA certificate files,
+    which the pollers would otherwise only meet at each connect, failing
+    forever instead of once with a line naming the setting.
+    """
+    startup.check_tx(config, create=create)
+    for i, server in enumerate(config.opcua.servers):
+        for key in ("server_certificate", "trust_list", "certificate"):
+            path: Path | None = getattr(server, key)
+            if path is None:
+                continue
+            try:
+                found = certs.load_trust_list(path)
+            except KeyFileError as exc:
+                raise SettingError(f"opcua.servers[{i}].{key}", str(exc)) from None
+            if not found:
+                raise SettingError(
+                    f"opcua.servers[{i}].{key}", f"{path} holds no certificate: it trusts nothing"
+                )
+
+
 def build(config: TxConfig) -> Transmitter:
     section = config.transmitter
     key = load_signing_key(section.private_key)
@@ -359,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon.setup_logging(config.log.level, config.log.format)
 
     async def _main(stop: asyncio.Event) -> None:
+        preflight(config, create=True)
         await build(config).run(stop)
 
-    return daemon.run(_main)
+    return daemon.run(_main, args.config)

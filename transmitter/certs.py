@@ -1,6 +1,11 @@
-"""The OPC UA client certificate: generated once, then reused on every start.
+"""OPC UA certificates: the client's, generated once and then reused; the server's, checked.
 
-A certificate regenerated at each start has to be re-trusted on every server
+The server's certificate is checked against a trust list (or one pinned
+certificate) before the session carries a password or a value: see
+:func:`why_untrusted`. Without that check, whoever answers at the endpoint's
+address would be handed the session and the user's password.
+
+A client certificate regenerated at each start has to be re-trusted on every server
 at each start (the friction users of other gateways report). So the pair is
 created only when neither file exists, written atomically (key first, 0600),
 and never replaced automatically afterwards: if only one half is found, or the
@@ -17,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -143,3 +149,74 @@ def application_uri_of(cert_path: Path) -> str | None:
 def expires_at(cert_path: Path) -> datetime:
     """When the certificate stops being valid."""
     return _load(cert_path).not_valid_after_utc
+
+
+# -- the server's certificate ------------------------------------------------------
+
+TRUSTED_SUFFIXES = (".der", ".pem", ".crt", ".cer")
+
+
+def load_trust_list(location: Path) -> list[x509.Certificate]:
+    """The certificates of a trust list: a folder of files, or one file (PEM may hold several).
+
+    Blocking: call it in a thread from async code. An unreadable or garbled
+    file is an error (a trust list that silently lost an entry refuses a server
+    for no visible reason).
+    """
+    files = (
+        sorted(p for p in location.iterdir() if p.suffix.lower() in TRUSTED_SUFFIXES)
+        if location.is_dir()
+        else [location]
+    )
+    found: list[x509.Certificate] = []
+    for path in files:
+        try:
+            data = path.read_bytes()
+            if data.lstrip().startswith(b"-----"):
+                found.extend(x509.load_pem_x509_certificates(data))
+            else:
+                found.append(x509.load_der_x509_certificate(data))
+        except (OSError, ValueError) as exc:
+            raise KeyFileError(
+                f"{path}: not a certificate for the trust list: {exc}", reason="opcua_trust"
+            ) from None
+    return found
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the DER certificate, as OPC UA tools and browsers show it."""
+    return cert.fingerprint(hashes.SHA256()).hex(":")
+
+
+def why_untrusted(
+    cert: x509.Certificate, anchors: list[x509.Certificate], now: datetime
+) -> str | None:
+    """Why ``cert`` must not be trusted, or None when it may.
+
+    Trusted means: within its validity period, and either one of ``anchors``
+    itself (a trusted or pinned server certificate) or signed directly by one
+    of them that is a CA. Intermediate CAs are not followed: put the issuing
+    CA itself in the trust list.
+    """
+    if now < cert.not_valid_before_utc:
+        return f"not valid before {cert.not_valid_before_utc:%Y-%m-%d}"
+    if now > cert.not_valid_after_utc:
+        return f"expired on {cert.not_valid_after_utc:%Y-%m-%d}"
+    for anchor in anchors:
+        if anchor == cert:
+            return None
+        if anchor.subject != cert.issuer or not _is_ca(anchor):
+            continue
+        try:
+            cert.verify_directly_issued_by(anchor)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return None
+    return "neither in the trust list nor signed by a CA in it"
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False

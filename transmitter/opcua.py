@@ -27,7 +27,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,10 +42,13 @@ from asyncua.common.subscription import (
     StatusChangeEvent,
     Subscription,
 )
+from asyncua.common.utils import ServiceError
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
+from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaStatusCodeError
+from cryptography import x509
 
 from diode.config.opcua import OpcuaNode, OpcuaServer
 from diode.records import INT64_MIN, UINT64_MAX, DeviceInfo, Quality, Sample, TagInfo, Value
@@ -112,6 +115,10 @@ _BUILD_INFO: dict[str, int] = {
     "build_number": ObjectIds.Server_ServerStatus_BuildInfo_BuildNumber,
     "product_uri": ObjectIds.Server_ServerStatus_BuildInfo_ProductUri,
 }
+
+
+class ServerUntrusted(Exception):
+    """The server's certificate is not in the trust list (nor signed by a CA in it)."""
 
 
 class _SessionLost(Exception):
@@ -257,6 +264,7 @@ class OpcuaPoller:
                 "read_errors",
                 "poll_overruns",
                 "notifications_dropped",
+                "server_untrusted",
             ),
             0,
         )
@@ -386,14 +394,48 @@ class OpcuaPoller:
         if uri:
             client.application_uri = uri
         mode = getattr(ua.MessageSecurityMode, server.security_mode)
-        pinned = str(server.server_certificate) if server.server_certificate else None
+        location = server.server_certificate or server.trust_list
+        if location is None:  # the config refuses this; a model built in code may not
+            raise ValueError("security is on but neither server_certificate nor trust_list is set")
+        anchors = await asyncio.to_thread(certs.load_trust_list, location)
+        # set_security reads the server's certificate from an unsecured GetEndpoints:
+        # it proves nothing until checked, so it is checked here, before the secure
+        # channel opens, and again at CreateSession (the certificate the session
+        # proves it holds), before ActivateSession sends the password.
         await client.set_security(
-            SecurityPolicyBasic256Sha256,
-            certificate=str(cert),
-            private_key=str(key),
-            server_certificate=pinned,
-            mode=mode,
+            SecurityPolicyBasic256Sha256, certificate=str(cert), private_key=str(key), mode=mode
         )
+        offered = client.security_policy.peer_certificate
+        if offered is None:
+            raise ServerUntrusted("the endpoint offered no server certificate")
+        self._check_server(x509.load_der_x509_certificate(offered), anchors)
+        client.certificate_validator = self._validator(anchors)
+
+    def _check_server(self, cert: x509.Certificate, anchors: list[x509.Certificate]) -> None:
+        why = certs.why_untrusted(cert, anchors, datetime.now(UTC))
+        if why is None:
+            return
+        self.counters["server_untrusted"] += 1
+        # Once per session attempt: the reconnect backoff bounds the rate.
+        self._log.error(
+            "opcua.server_untrusted",
+            why=why,
+            subject=cert.subject.rfc4514_string(),
+            sha256=certs.fingerprint(cert),
+            fix="if this is the server, add its certificate (or its CA) to trust_list",
+        )
+        raise ServerUntrusted(why)
+
+    def _validator(
+        self, anchors: list[x509.Certificate]
+    ) -> Callable[[x509.Certificate, ua.ApplicationDescription], Awaitable[None]]:
+        async def validate(cert: x509.Certificate, _app: ua.ApplicationDescription) -> None:
+            try:
+                self._check_server(cert, anchors)
+            except ServerUntrusted:
+                raise ServiceError(StatusCodes.BadCertificateUntrusted) from None
+
+        return validate
 
     async def _close(self, client: Client) -> None:
         # A polite CloseSession, but never one that holds up a shutdown or a rebuild:

@@ -33,10 +33,11 @@ from collections.abc import Callable
 
 import structlog
 
+from diode import startup
 from diode.config.link import IPV4_UDP_OVERHEAD, LinkSettings
 from diode.config.syslog import SyslogListener, SyslogSection
 from diode.encoder import Encoder
-from diode.errors import DiodeError, FrameError, ListenError
+from diode.errors import DiodeError, FrameError, SettingError
 from diode.records import LogFormat, LogRecord
 from diode.syslog import Deframer, SourceLimiter, TokenBucket, event_record, parse_syslog
 from diode.wire import BLOCK_OVERHEAD, symbol_size
@@ -275,14 +276,21 @@ class SyslogIn:
 
     async def start(self) -> None:
         """Open every listener; a listener that cannot open is an error (exit, not half up)."""
-        for listener in self.section.listeners:
+        for i, listener in enumerate(self.section.listeners):
+            key = f"syslog.listeners[{i}]"
             try:
                 await self._open(listener)
-            except (OSError, ssl.SSLError) as exc:
+            except ssl.SSLError as exc:
                 self.close()
-                raise ListenError(
-                    f"cannot listen for syslog on {listener.address}:{listener.port}"
-                    f"/{listener.protocol}: {exc}"
+                raise SettingError("syslog.certfile", f"cannot use the TLS files: {exc}") from exc
+            except OSError as exc:
+                self.close()
+                raise startup.bind_error(
+                    exc,
+                    address_key=f"{key}.address",
+                    port_key=f"{key}.port",
+                    address=listener.address,
+                    port=listener.port,
                 ) from exc
 
     async def _open(self, listener: SyslogListener) -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
-from diode.errors import ConfigError
+from diode.errors import ConfigError, KeyFileError
 
 
 class Section(BaseModel):
@@ -26,6 +27,7 @@ class Section(BaseModel):
 
 
 M = TypeVar("M", bound=Section)
+T = TypeVar("T")
 
 
 def _ip_literal(value: str) -> str:
@@ -108,3 +110,11 @@ def load(model: type[M], path: Path) -> M:
     if check is not None:
         check(path)
     return config
+
+
+def checked(path: Path, key: str, check: Callable[[Path], T], file: Path) -> T:
+    """``check(file)``, its KeyFileError becoming a ConfigError naming the config file and key."""
+    try:
+        return check(file)
+    except KeyFileError as exc:
+        raise ConfigError(str(path), key, str(exc)) from None

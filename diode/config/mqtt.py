@@ -68,7 +68,7 @@ class MqttBroker(Section):
     spool_path: Path = Field(
         Path("/var/lib/diode-rx/mqtt-spool.sqlite3"),
         description="SQLite file holding every message until the broker has it, "
-        "and the stream positions",
+        "and the stream positions; default: mqtt-spool.sqlite3 in receiver.state_dir",
         strict=False,
     )
     spool_max_records: int = Field(
@@ -128,6 +128,14 @@ class StreamOutput(Section):
     @classmethod
     def _part(cls, value: str) -> str:
         return _check_topic_part(value, "prefix and site")
+
+    @field_validator("site")
+    @classmethod
+    def _one_level(cls, value: str) -> str:
+        # Consumers subscribe by depth (prefix/site/+/+); a slash would add a level.
+        if "/" in value:
+            raise ValueError(f"site is one topic level: no / (got {value!r})")
+        return value
 
     @field_validator("topic_template")
     @classmethod

@@ -124,11 +124,24 @@ class OpcuaServer(Section):
         description="where the generated client certificate is kept; the state dir if unset",
     )
     server_certificate: Path | None = Field(
-        None, strict=False, description="pin this server certificate instead of the endpoint's"
+        None,
+        strict=False,
+        description="pin the server: only this certificate is accepted (DER or PEM)",
+    )
+    trust_list: Path | None = Field(
+        None,
+        strict=False,
+        description="folder (or file) of trusted server or CA certificates (DER or PEM); "
+        "the server's certificate must be one of them or be signed by one",
     )
     username: str | None = Field(None, min_length=1, max_length=256, description="user name")
     password_file: Path | None = Field(
         None, strict=False, description="file holding the password (first line); never inline"
+    )
+    allow_password_without_encryption: bool = Field(
+        False,
+        description='send the password with security_mode "None", where anyone on the OT '
+        "network can read it (refused unless true)",
     )
     timeout_s: float = Field(5.0, gt=0.0, le=120.0, description="per-request timeout")
     reconnect_initial_s: float = Field(
@@ -167,6 +180,26 @@ class OpcuaServer(Section):
             raise ValueError("certificate and private_key must be given together")
         if (self.username is None) != (self.password_file is None):
             raise ValueError("username and password_file must be given together")
+        if (
+            self.username is not None
+            and self.security_mode == "None"
+            and not self.allow_password_without_encryption
+        ):
+            raise ValueError(
+                'a password with security_mode "None" crosses the OT network in clear: use '
+                '"SignAndEncrypt", or set allow_password_without_encryption = true'
+            )
+        if self.secure and self.server_certificate is None and self.trust_list is None:
+            # Without either, the certificate the endpoint offers is trusted blindly:
+            # anyone answering at the endpoint's address would get the session.
+            raise ValueError(
+                "a secure session needs the server's certificate checked: set "
+                "server_certificate (pin it) or trust_list (trusted server or CA certificates)"
+            )
+        if not self.secure and (self.server_certificate or self.trust_list):
+            raise ValueError(
+                'server_certificate and trust_list need a security_policy other than "None"'
+            )
         if self.reconnect_max_s < self.reconnect_initial_s:
             raise ValueError("reconnect_max_s must be at least reconnect_initial_s")
         if self.watchdog_s * 1000.0 < 2 * self.publishing_interval_ms:
@@ -202,4 +235,14 @@ class OpcuaServer(Section):
             path: Path | None = getattr(self, key)
             if path is not None and not path.is_file():
                 found.append((key, path))
+        if self.trust_list is not None and not self.trust_list.exists():
+            found.append(("trust_list", self.trust_list))
         return found
+
+    def secret_files(self) -> list[tuple[str, Path]]:
+        """``(key, path)`` of each configured file only its owner may read."""
+        return [
+            (key, path)
+            for key in ("private_key", "password_file")
+            if (path := getattr(self, key)) is not None
+        ]

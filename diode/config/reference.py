@@ -27,10 +27,15 @@ One TOML file per daemon: `/etc/diode/tx.toml` for the transmitter,
 `/etc/diode/rx.toml` for the receiver. Commented examples are in
 `systemd/examples/`. Both files are validated at start and by
 `diode check-config FILE`: an unknown key, a wrong type, a value out of range,
-inconsistent settings (datagram size against the MTU, FEC parameters) or a
-missing key file is an error naming the file and the key; the daemon exits with
-status 2 and prints no traceback. Types are strict: `port = "502"` is a string,
-not a port. Relative paths are relative to the config file's folder.
+inconsistent settings (datagram size against the MTU, FEC parameters), a
+missing, empty or garbled key file, the wrong half of a key pair, a secret
+(private key, link secret, password, client key) that others can read, one
+public key under two streams, a folder that is a file or cannot be written, or
+an address that is not this host's is an error naming the file and the key;
+the daemon exits with status 2 and prints no traceback (so does a port already
+in use at start). Types are strict: `port = "502"` is a string, not a port.
+Relative paths are relative to the config file's folder. Everything a daemon
+writes goes under its `state_dir` unless a path is set explicitly.
 A section written `a.b[]` is an array of tables: `[[a.b]]` in TOML.
 
 This page is generated from the code (`python -m diode.config.reference`).

@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
-from diode.config import IpAddress, Section
+from diode.config import IpAddress, Section, checked
 from diode.config.mqtt import MqttBroker, StreamOutput
 from diode.config.syslog import SocSection
 from diode.config.tx import LogSettings
 from diode.errors import ConfigError
+from diode.keys import check_secret_file, key_id, load_psk, load_public_key
+from diode.linkrules import IFNAME_PATTERN
+
+SPOOL_NAME = "mqtt-spool.sqlite3"
+DEFAULT_STATE_DIR = "/var/lib/diode-rx"
 
 
 class ReceiverSection(Section):
     """``[receiver]``: where the link arrives, and what the receiver keeps."""
 
-    listen: IpAddress = Field("0.0.0.0", description="IP address of the one-way link's interface")  # noqa: S104
+    listen: IpAddress = Field(
+        description="IP address of the one-way link's interface (required: never every interface)"
+    )
+    interface: str | None = Field(
+        None,
+        pattern=IFNAME_PATTERN,
+        description="the one-way link's interface: the socket takes datagrams from it only "
+        "(SO_BINDTODEVICE)",
+    )
     port: int = Field(5140, ge=1, le=65535, description="UDP port the transmitters send to")
     rcvbuf_bytes: int = Field(
         32 * 1024 * 1024,
@@ -26,7 +40,9 @@ class ReceiverSection(Section):
         description="socket receive buffer; a full buffer is the main cause of loss",
     )
     state_dir: Path = Field(
-        Path("/var/lib/diode-rx"), description="stream positions and the spool", strict=False
+        Path(DEFAULT_STATE_DIR),
+        description="everything the receiver writes: the spool and the stream positions",
+        strict=False,
     )
     reorder_timeout_s: float = Field(
         0.2, gt=0.0, le=10.0, description="how long a later block waits for a missing one"
@@ -36,6 +52,16 @@ class ReceiverSection(Section):
     )
     metrics_address: IpAddress = Field("127.0.0.1", description="Prometheus metrics address")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port; 0 = off")
+
+    @model_validator(mode="after")
+    def _pinned_to_the_link(self) -> ReceiverSection:
+        if ipaddress.ip_address(self.listen).is_unspecified and self.interface is None:
+            # Every interface would let any IT-side host reach the link port.
+            raise ValueError(
+                f"listen = {self.listen!r} takes datagrams from every interface: give the "
+                "link interface's address, or set interface to pin the socket to the link"
+            )
+        return self
 
 
 class StreamConfig(Section):
@@ -52,11 +78,25 @@ class StreamConfig(Section):
 class RxConfig(Section):
     """The whole receiver config."""
 
-    receiver: ReceiverSection = Field(default_factory=ReceiverSection)
+    receiver: ReceiverSection
     mqtt: MqttBroker = Field(default_factory=MqttBroker)
     streams: list[StreamConfig] = Field(min_length=1)
     soc: SocSection = Field(default_factory=SocSection)
     log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spool_follows_state_dir(cls, data: Any) -> Any:
+        """Everything the receiver writes goes under its state_dir unless a path is given."""
+        if not isinstance(data, dict):
+            return data
+        receiver, mqtt = data.get("receiver"), data.get("mqtt", {})
+        if not isinstance(receiver, dict) or not isinstance(mqtt, dict) or "spool_path" in mqtt:
+            return data
+        state_dir = receiver.get("state_dir", DEFAULT_STATE_DIR)
+        if not isinstance(state_dir, str | Path):
+            return data  # the type error is reported on receiver.state_dir
+        return {**data, "mqtt": {**mqtt, "spool_path": str(Path(state_dir) / SPOOL_NAME)}}
 
     @model_validator(mode="after")
     def _unique_streams(self) -> RxConfig:
@@ -93,21 +133,36 @@ class RxConfig(Section):
         )
 
     def check_files(self, path: Path) -> None:
+        """What the receiver will read at start: present, private enough, and keys that parse."""
         resolved = self.resolve(path)
         for name in ("ca_file", "certfile", "keyfile", "password_file"):
             file = getattr(resolved.mqtt, name)
             if file is not None and not file.is_file():
                 raise ConfigError(str(path), f"mqtt.{name}", f"no such file: {file}")
+            if file is not None and name in ("keyfile", "password_file"):
+                checked(path, f"mqtt.{name}", check_secret_file, file)
         for soc_key, soc_file in resolved.soc.files():
             if soc_file is not None and not soc_file.is_file():
                 raise ConfigError(str(path), f"soc.{soc_key}", f"no such file: {soc_file}")
+        owners: dict[bytes, tuple[str, int]] = {}
         for i, stream in enumerate(resolved.streams):
             for j, key in enumerate(stream.public_keys):
+                where = f"streams[{i}].public_keys[{j}]"
                 if not key.is_file():
-                    raise ConfigError(
-                        str(path), f"streams[{i}].public_keys[{j}]", f"no such file: {key}"
+                    raise ConfigError(str(path), where, f"no such file: {key}")
+                kid = key_id(checked(path, where, load_public_key, key))
+                if kid in owners:
+                    first, stream_of_first = owners[kid]
+                    why = (
+                        "listed twice"
+                        if stream_of_first == i
+                        else "a key speaks for one stream only (its datagrams would be "
+                        "credited to either)"
                     )
-            if stream.psk_file is not None and not stream.psk_file.is_file():
-                raise ConfigError(
-                    str(path), f"streams[{i}].psk_file", f"no such file: {stream.psk_file}"
-                )
+                    raise ConfigError(str(path), where, f"{key} is the same key as {first}: {why}")
+                owners[kid] = (where, i)
+            if stream.psk_file is not None:
+                where = f"streams[{i}].psk_file"
+                if not stream.psk_file.is_file():
+                    raise ConfigError(str(path), where, f"no such file: {stream.psk_file}")
+                checked(path, where, load_psk, stream.psk_file)

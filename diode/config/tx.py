@@ -6,13 +6,14 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from diode.config import IpAddress, Section
+from diode.config import IpAddress, Section, checked
 from diode.config.link import LinkSettings
 from diode.config.modbus import ModbusSection
 from diode.config.opcua import OpcuaServer
 from diode.config.synthetic import SyntheticSource
 from diode.config.syslog import SyslogSection
 from diode.errors import ConfigError
+from diode.keys import check_secret_file, load_psk, load_signing_key
 
 
 class TxLink(LinkSettings):
@@ -133,7 +134,13 @@ class TxConfig(Section):
             server.model_copy(
                 update={
                     key: base / getattr(server, key)
-                    for key in ("certificate", "private_key", "server_certificate", "password_file")
+                    for key in (
+                        "certificate",
+                        "private_key",
+                        "server_certificate",
+                        "trust_list",
+                        "password_file",
+                    )
                     if getattr(server, key) is not None
                 }
                 | ({"cert_dir": base / server.cert_dir} if server.cert_dir else {})
@@ -152,6 +159,7 @@ class TxConfig(Section):
         )
 
     def check_files(self, path: Path) -> None:
+        """What the transmitter will read at start: present, private enough, and keys that parse."""
         resolved = self.resolve(path)
         section = resolved.transmitter
         files: list[tuple[str, Path | None]] = [
@@ -164,3 +172,9 @@ class TxConfig(Section):
         for key, file in files:
             if file is not None and not file.is_file():
                 raise ConfigError(str(path), key, f"no such file: {file}")
+        checked(path, "transmitter.private_key", load_signing_key, section.private_key)
+        if section.psk_file is not None:
+            checked(path, "transmitter.psk_file", load_psk, section.psk_file)
+        for i, server in enumerate(resolved.opcua.servers):
+            for key, secret in server.secret_files():
+                checked(path, f"opcua.servers[{i}].{key}", check_secret_file, secret)
