@@ -376,6 +376,12 @@ async def test_opcua_certificate_change_and_security_downgrade(
     tmp_path: Path, soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
 ) -> None:
     first = server_certificate(tmp_path / "pki-a")
+    second = server_certificate(tmp_path / "pki-b")
+    # Both are trusted (two servers of the plant's own CA, say): the swap still shows.
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    for i, (cert, _key) in enumerate((first, second)):
+        (trust / f"server{i}.der").write_bytes(cert.read_bytes())
     secure = [ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt]
     server = OpcuaTestServer(certificate=first[0], private_key=first[1], policies=secure)
     await server.start()
@@ -386,6 +392,7 @@ async def test_opcua_certificate_change_and_security_downgrade(
                 "endpoint": server.endpoint,
                 "security_policy": "Basic256Sha256",
                 "security_mode": "SignAndEncrypt",
+                "trust_list": str(trust),
                 "reconnect_initial_s": 0.2,
                 "reconnect_max_s": 1.0,
                 "nodes": [{"name": "level", "node_id": node_id("Level")}],
@@ -414,7 +421,6 @@ async def test_opcua_certificate_change_and_security_downgrade(
         assert "None/None" not in downgrade["old"]
         # A reinstalled server: another certificate on the same endpoint.
         await server.stop()
-        second = server_certificate(tmp_path / "pki-b")
         server.certificate, server.private_key = second
         await server.start()
 
