@@ -72,11 +72,11 @@ def _rx(args: argparse.Namespace) -> int:
     return rx_main(["--config", str(args.config)])
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one branch per benchmark
     from diode import bench
 
     if args.seconds is None:
-        args.seconds = {"codec": 2.0}.get(args.what, 10.0)
+        args.seconds = {"codec": 2.0, "restart": 30.0}.get(args.what, 10.0)
         if args.quick:
             args.seconds = 0.1 if args.what == "codec" else 2.0
     if args.what == "codec":
@@ -124,6 +124,21 @@ def _bench(args: argparse.Namespace) -> int:
             values_hz=args.values_hz,
             seconds=args.seconds or 10.0,
         )
+    elif args.what == "restart":
+        from diode.benchmarks.restart import restart_buffer
+
+        result = restart_buffer(
+            rates=args.rate or (1000, 10_000, 50_000),
+            seconds=args.seconds if not args.quick else 2.0,
+        )
+    elif args.what == "drain":
+        from diode.benchmarks.drain import drain_cost
+
+        result = drain_cost(datagrams=2000 if args.quick else 20_000)
+    elif args.what == "repeat":
+        from diode.benchmarks.restart import repeat_cost
+
+        result = repeat_cost(rates=args.rate or (1000, 10_000), seconds=args.seconds)
     elif args.what == "polling":
         from diode.benchmarks.polling import polling
 
@@ -207,16 +222,36 @@ def parser() -> argparse.ArgumentParser:
         help="MQTT broker: 127.0.0.1:1883 if one answers, else an embedded one (default: auto)",
     )
     p.add_argument("--seed", type=int, default=1, help="seed of the relay's losses and the noise")
+    p.add_argument(
+        "--payload",
+        choices=("json", "sparkplug"),
+        default="json",
+        help="what the receiver publishes: JSON per tag, or Sparkplug B 3.0 (spBv1.0/diode/#)",
+    )
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("bench", help="benchmarks, printed as JSON")
     p.add_argument(
         "what",
-        choices=["codec", "link", "tags", "cost", "polling", "opcua", "syslog"],
+        choices=[
+            "codec",
+            "link",
+            "tags",
+            "cost",
+            "polling",
+            "opcua",
+            "restart",
+            "repeat",
+            "drain",
+            "syslog",
+        ],
         help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
         "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s; "
         "polling: Modbus devices one transmitter core polls at 1 Hz; "
         "opcua: OPC UA monitored items one transmitter core serves at 1 Hz; "
+        "restart: how long a receiver restart the link socket's buffer covers; "
+        "repeat: the transmitter's CPU and bandwidth with and without repeat_after_s; "
+        "drain: the receiver's journaled drain, CPU per datagram; "
         "syslog: syslog messages/s to a collector with values flowing",
     )
     p.add_argument("--seconds", type=float, default=None, help="time per measurement")
@@ -232,7 +267,7 @@ def parser() -> argparse.ArgumentParser:
         "--rate",
         type=int,
         action="append",
-        help="tags/cost: updates/s (repeat); syslog: messages/s",
+        help="tags/cost/restart: updates/s (repeat); syslog: messages/s",
     )
     p.add_argument(
         "--stall", type=float, default=0.0, help="cost: seconds the receiver is stopped, 2 s in"

@@ -5,7 +5,8 @@ would not fit in ``k`` symbols (a flood fills whole blocks) or when its first
 record has waited ``linger_ms`` (a trickle still leaves within milliseconds);
 the shell calls :meth:`Encoder.poll` at :meth:`Encoder.deadline`. A closed
 block is signed once, split into k' source symbols, given FEC repair and
-framed into n' equal datagrams.
+framed into n' equal datagrams (each ending with a link tag when the stream
+has a link secret).
 
 ``SendQueue`` holds framed blocks for the paced sender, bounded in datagrams,
 and hands datagrams out round-robin across up to ``interleave`` blocks, so a
@@ -31,6 +32,7 @@ from diode.wire import (
     FLAG_ENCRYPTED,
     BlockHeader,
     DatagramHeader,
+    gate_key,
     pack_block_datagrams,
     pack_block_header,
     symbol_size,
@@ -63,7 +65,10 @@ class Encoder:
         self._stream_id = stream_id
         self._epoch = epoch
         self._psk = psk
-        self._symbol = symbol_size(link.datagram_size)
+        # A link secret also gates every datagram (wire version 2): a link tag the
+        # receiver checks before anything else.
+        self._gate = gate_key(psk, stream_id) if psk else None
+        self._symbol = symbol_size(link.datagram_size, gated=psk is not None)
         self._linger_s = link.linger_ms / 1000
         self.capacity = link.fec.k * self._symbol - BLOCK_OVERHEAD - (AEAD_TAG_SIZE if psk else 0)
         self._parts: list[bytes] = []
@@ -171,6 +176,7 @@ class Encoder:
                     records=count,
                 ),
                 symbols,
+                self._gate,
             )
         )
         self._closed.append(EncodedBlock(seq=self._seq, records=count, datagrams=datagrams))

@@ -87,6 +87,10 @@ class Keyring:
     def get(self, kid: bytes) -> TrustedKey | None:
         return self._keys.get(kid)
 
+    def trusted(self) -> list[TrustedKey]:
+        """Every trusted key, in the order added."""
+        return list(self._keys.values())
+
     def __len__(self) -> int:
         return len(self._keys)
 

@@ -4,6 +4,15 @@ A block's payload is a sequence of msgpack arrays, one per record, each
 starting with its kind::
 
     Sample      [0, tag_id, ts_ns, quality, value, reason]
+
+A value is nil, a bool, an int (int64 or uint64 range), a float64, a str, a
+bin (an OPC UA ByteString) or an array of values (an OPC UA array, or the
+parts of one composite value: a LocalizedText is ``[text, locale]``, a
+StatusCode ``[code, name]``). The catalogue's value type says how to read it:
+it names the type of the value, or of each element when the value is an
+array. The encoder writes one form of each (bin for bytes, float64 for every
+float, arrays for sequences); decoding checks every field's type, and every
+element of an array.
     TagInfo     [1, tag_id, name, device, value_type, unit, source, description]
     Heartbeat   [2, ts_ns, {counter: int}]
     DeviceInfo  [3, device, protocol, endpoint, {key: str}]
@@ -12,7 +21,15 @@ starting with its kind::
 
 msgpack is used because it is fast (about 11 us to pack 50 samples here), has
 no way to name code to run (never pickle on a wire), and keeps bool, int up to
-64 bits, float64, str and nil apart, which is every PLC value type we carry.
+64 bits, float64, str, bin, array and nil apart, which is every PLC value type
+we carry.
+
+What a PLC hands the transmitter is checked before it is encoded
+(:func:`unrepresentable`): a timestamp outside int64 nanoseconds (OPC UA
+allows years up to 9999; msgpack cannot pack past 2554, and the receiver reads
+no further than 2262), an int past 64 bits, a string that is not valid
+Unicode, an array nested too deep: such a value becomes a BAD sample with the
+reason, never a crash nor a block the receiver must reject whole.
 Decoding checks every field's type: a well-signed block from a buggy
 transmitter still gives a FrameError, never a wrong-typed record.
 """
@@ -26,12 +43,15 @@ from typing import Any
 
 import msgpack
 
-from diode.errors import FrameError
+from diode.errors import DiodeError, FrameError
 
-Value = bool | int | float | str | None
+Value = bool | int | float | str | bytes | tuple["Value", ...] | None
 
 INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
 UINT64_MAX = 2**64 - 1
+# Arrays of arrays: OPC UA matrices. Deeper than this is a value we do not carry.
+DEPTH_MAX = 8
 
 
 class Quality(enum.IntEnum):
@@ -45,9 +65,11 @@ class Quality(enum.IntEnum):
 
 
 class ValueType(enum.StrEnum):
-    """The PLC value types a tag can have."""
+    """The PLC value types a tag can have (of each element, when the value is an array)."""
 
     BOOL = "bool"
+    INT8 = "int8"
+    UINT8 = "uint8"
     INT16 = "int16"
     UINT16 = "uint16"
     INT32 = "int32"
@@ -57,6 +79,13 @@ class ValueType(enum.StrEnum):
     FLOAT32 = "float32"
     FLOAT64 = "float64"
     STRING = "string"
+    BYTESTRING = "bytestring"  # bin on the wire, base64 in JSON
+    DATETIME = "datetime"  # RFC 3339 text (OPC UA dates reach 9999, past int64 ns)
+    LOCALIZED_TEXT = "localized_text"  # [text, locale]
+    GUID = "guid"  # text, 8-4-4-4-12 lower-case hex
+    NODE_ID = "node_id"  # text, OPC UA string form ("ns=2;s=Tank.Level")
+    QUALIFIED_NAME = "qualified_name"  # text, "2:Name"
+    STATUS_CODE = "status_code"  # [code, name]
 
 
 class Kind(enum.IntEnum):
@@ -238,8 +267,52 @@ _packer = msgpack.Packer(use_bin_type=True, strict_types=False)
 
 
 def encode_record(record: Record) -> bytes:
-    """The one encoding of a record."""
-    return _packer.pack(_to_list(record))
+    """The one encoding of a record; a record msgpack cannot carry is a DiodeError.
+
+    The transmitter checks samples first (:func:`unrepresentable`); this is the
+    backstop that keeps anything it missed from escaping as another exception.
+    """
+    try:
+        return _packer.pack(_to_list(record))
+    except Exception as exc:  # OverflowError, UnicodeEncodeError, TypeError, ValueError...
+        raise DiodeError(f"record cannot be encoded: {exc!r}", reason="unencodable") from exc
+
+
+def _bad_value(value: object, depth: int = 0) -> str:  # noqa: PLR0911 - one return per kind
+    """Why ``value`` cannot travel as a sample's value, or ``""``."""
+    kind = type(value)
+    if value is None or kind is bool or kind is float or kind is bytes:
+        return ""
+    if kind is int:
+        return "" if INT64_MIN <= value <= UINT64_MAX else "integer out of the 64-bit range"  # type: ignore[operator]  # an int, by the check above
+    if kind is str:
+        try:
+            value.encode()  # type: ignore[attr-defined]  # a str, by the check above
+        except UnicodeEncodeError:
+            return "text is not valid Unicode"
+        return ""
+    if kind is tuple or kind is list:
+        if depth >= DEPTH_MAX:
+            return f"array nested deeper than {DEPTH_MAX}"
+        for item in value:  # type: ignore[attr-defined]  # a sequence, by the check above
+            if problem := _bad_value(item, depth + 1):
+                return problem
+        return ""
+    return f"unsupported value type {kind.__name__}"
+
+
+def unrepresentable(sample: Sample) -> str:
+    """Why ``sample`` cannot be encoded or read back as it is, or ``""`` if it can.
+
+    The hot path (a float, int, bool or nil with a sane timestamp) costs a few
+    type checks.
+    """
+    ts = sample.ts_ns
+    if type(ts) is not int or not INT64_MIN <= ts <= INT64_MAX:
+        return "timestamp out of range"
+    if type(sample.reason) is not str or _bad_value(sample.reason):
+        return "reason is not valid text"
+    return _bad_value(sample.value)
 
 
 def encode_records(records: Iterable[Record]) -> bytes:
@@ -258,13 +331,13 @@ def _str(value: object, what: str) -> str:
     return value
 
 
-def _value(value: object) -> Value:
-    if value is None or type(value) in (bool, str):
+def _value(value: object, depth: int = 0) -> Value:
+    if value is None or type(value) in (bool, str, bytes, float):
         return value  # type: ignore[return-value]  # narrowed by the type() check above
     if type(value) is int:
         return _int(value, INT64_MIN, UINT64_MAX, "value")
-    if type(value) is float:
-        return value
+    if type(value) is list and depth < DEPTH_MAX:
+        return tuple(_value(v, depth + 1) for v in value)
     raise FrameError("record value of an unsupported type", reason="bad_record")
 
 
@@ -282,7 +355,7 @@ def _int_map(value: object, what: str) -> dict[str, int]:
 
 _QUALITIES = tuple(Quality)
 _UINT32_MAX = 2**32 - 1
-_INT64_MAX = 2**63 - 1
+_INT64_MAX = INT64_MAX
 
 
 def _sample(item: list[Any]) -> Sample | None:
@@ -299,7 +372,7 @@ def _sample(item: list[Any]) -> Sample | None:
         and 0 <= quality <= 3
         and type(reason) is str
         and (
-            type(value) in (float, bool, str)
+            type(value) in (float, bool, str, bytes)
             or value is None
             or (type(value) is int and INT64_MIN <= value <= UINT64_MAX)
         )

@@ -6,7 +6,7 @@ payload) and carries one FEC symbol of one block::
      0                   1                   2                   3
      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
     +-------------------------------+---------------+---------------+
-    |          magic 0xD10D         |  version = 1  |     flags     |   0
+    |          magic 0xD10D         |  version 1/2  |     flags     |   0
     +-------------------------------+---------------+---------------+
     |                           stream id                           |   4
     +---------------------------------------------------------------+
@@ -24,10 +24,22 @@ payload) and carries one FEC symbol of one block::
     +---------------------------------------------------------------+
     |          CRC-32 of bytes 0..43 and of the symbol              |  44
     +---------------------------------------------------------------+
-    |              symbol (datagram size - 48 bytes)                |  48
+    |              symbol (datagram size - 48 bytes,                |  48
+    |                      or - 64 bytes in version 2)              |
+    +---------------------------------------------------------------+
+    |   version 2 only: link tag, keyed BLAKE2b-128 of every byte   | size - 16
+    |   before it, under the stream's gate key (16 bytes)           |
     +---------------------------------------------------------------+
 
-Nothing in the datagram header is trusted: the CRC only sorts out datagrams
+Version 1 is the ungated datagram (no link secret); version 2 is the gated
+one, sent by a transmitter with a link secret: its last 16 bytes are a MAC
+(the *link tag*) under a gate key derived from the link secret, checked
+before anything else (see ``diode.protocol.gate``). A receiver accepts on a
+stream exactly the version its config implies: a stream with a secret takes
+only version 2, a stream without one only version 1, so a forger cannot
+skip the gate by sending the other version.
+
+Nothing in a version 1 header is trusted: the CRC only sorts out datagrams
 damaged on the way before they can spoil a Reed-Solomon decode. Trust comes
 from the block, which the k source symbols carry (zero-padded to k symbols)::
 
@@ -58,6 +70,7 @@ encoding of each datagram: reserved bits and bytes are zero, padding is zero.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from collections.abc import Sequence
@@ -66,7 +79,9 @@ from dataclasses import dataclass
 from diode.errors import FrameError
 
 MAGIC = 0xD10D
-VERSION = 1
+VERSION = 1  # the ungated datagram, and the block layout
+VERSION_GATED = 2  # the datagram ends with a link tag
+LINK_TAG_SIZE = 16
 
 # Datagram header: magic, version, flags, stream, key id, epoch, seq,
 # symbol index, k, n, reserved, block length, records, crc.
@@ -123,15 +138,31 @@ class BlockHeader:
     payload_length: int
 
 
-def symbol_size(datagram_size: int) -> int:
-    return datagram_size - HEADER_SIZE
+# The first bytes of every datagram: enough to find the stream's gate.
+DATAGRAM_PREFIX = struct.Struct(">HBBI")
 
 
-def pack_datagram(header: DatagramHeader, symbol: bytes) -> bytes:
-    """Header, then the symbol, with the CRC over both."""
+def symbol_size(datagram_size: int, *, gated: bool = False) -> int:
+    return datagram_size - HEADER_SIZE - (LINK_TAG_SIZE if gated else 0)
+
+
+def link_tag(gate_key: bytes, data: bytes | memoryview) -> bytes:
+    """The MAC a gated datagram ends with: keyed BLAKE2b-128 of everything before it."""
+    return hashlib.blake2b(data, key=gate_key, digest_size=LINK_TAG_SIZE).digest()
+
+
+def gate_key(psk: bytes, stream_id: int) -> bytes:
+    """The key of a stream's link tags, derived from its link secret (domain-separated)."""
+    return hashlib.blake2b(
+        stream_id.to_bytes(4, "big"), key=psk, digest_size=32, person=b"diode-gate-v2"
+    ).digest()
+
+
+def pack_datagram(header: DatagramHeader, symbol: bytes, gate: bytes | None = None) -> bytes:
+    """Header, then the symbol, with the CRC over both; with a gate key, the link tag after."""
     head = DATAGRAM_HEADER.pack(
         MAGIC,
-        VERSION,
+        VERSION if gate is None else VERSION_GATED,
         header.flags,
         header.stream_id,
         header.key_id,
@@ -146,7 +177,8 @@ def pack_datagram(header: DatagramHeader, symbol: bytes) -> bytes:
         0,
     )
     crc = zlib.crc32(symbol, zlib.crc32(memoryview(head)[:CRC_OFFSET]))
-    return b"".join((head[:CRC_OFFSET], crc.to_bytes(4, "big"), symbol))
+    datagram = b"".join((head[:CRC_OFFSET], crc.to_bytes(4, "big"), symbol))
+    return datagram if gate is None else datagram + link_tag(gate, datagram)
 
 
 # The same layout split at the symbol index: what is fixed for a block, what is not.
@@ -155,15 +187,18 @@ _DATAGRAM_VARYING = struct.Struct(">BBBBII")
 assert _DATAGRAM_FIXED.size + _DATAGRAM_VARYING.size == CRC_OFFSET
 
 
-def pack_block_datagrams(header: DatagramHeader, symbols: Sequence[bytes]) -> list[bytes]:
+def pack_block_datagrams(
+    header: DatagramHeader, symbols: Sequence[bytes], gate: bytes | None = None
+) -> list[bytes]:
     """The datagrams of one block: ``header`` with index 0, 1, ... in front of each symbol.
 
     Byte for byte what :func:`pack_datagram` gives for each index (the golden
     vectors check both), with the block's fixed header bytes packed and
     CRC-summed once instead of once per datagram.
     """
+    version = VERSION if gate is None else VERSION_GATED
     fixed = _DATAGRAM_FIXED.pack(
-        MAGIC, VERSION, header.flags, header.stream_id, header.key_id, header.epoch, header.seq
+        MAGIC, version, header.flags, header.stream_id, header.key_id, header.epoch, header.seq
     )
     fixed_crc = zlib.crc32(fixed)
     varying = _DATAGRAM_VARYING.pack
@@ -172,12 +207,25 @@ def pack_block_datagrams(header: DatagramHeader, symbols: Sequence[bytes]) -> li
     for index, symbol in enumerate(symbols):
         tail = varying(index, k, n, 0, length, records)
         crc = zlib.crc32(symbol, zlib.crc32(tail, fixed_crc))
-        out.append(b"".join((fixed, tail, crc.to_bytes(4, "big"), symbol)))
+        datagram = b"".join((fixed, tail, crc.to_bytes(4, "big"), symbol))
+        out.append(datagram if gate is None else datagram + link_tag(gate, datagram))
     return out
 
 
-def parse_datagram(data: bytes) -> tuple[DatagramHeader, bytes]:
-    """Check a datagram's framing and CRC; any defect is a FrameError naming its counter."""
+def crc_ok(data: bytes, version: int) -> bool:
+    """Does the CRC field match (bytes 0..43, then the symbol, without a link tag)?"""
+    view = memoryview(data)
+    end = len(data) - (LINK_TAG_SIZE if version == VERSION_GATED else 0)
+    crc = zlib.crc32(view[HEADER_SIZE:end], zlib.crc32(view[:CRC_OFFSET]))
+    return crc == int.from_bytes(view[CRC_OFFSET:HEADER_SIZE], "big")
+
+
+def parse_datagram(data: bytes, *, check_crc: bool = True) -> tuple[DatagramHeader, bytes]:
+    """Check a datagram's framing and CRC; any defect is a FrameError naming its counter.
+
+    A version 2 datagram's link tag is not checked here (the gate does that,
+    first): it is only cut off the symbol.
+    """
     if len(data) <= HEADER_SIZE:
         raise FrameError("datagram shorter than its header", reason="short")
     (
@@ -198,11 +246,14 @@ def parse_datagram(data: bytes) -> tuple[DatagramHeader, bytes]:
     ) = DATAGRAM_HEADER.unpack_from(data)
     if magic != MAGIC:
         raise FrameError("not a diode datagram", reason="bad_magic")
-    if version != VERSION:
-        raise FrameError(f"unsupported version {version}", reason="bad_version")
     view = memoryview(data)
-    symbol = view[HEADER_SIZE:]
-    if zlib.crc32(symbol, zlib.crc32(view[:CRC_OFFSET])) != crc:
+    if version == VERSION:
+        symbol = view[HEADER_SIZE:]
+    elif version == VERSION_GATED and len(data) > HEADER_SIZE + LINK_TAG_SIZE:
+        symbol = view[HEADER_SIZE:-LINK_TAG_SIZE]
+    else:
+        raise FrameError(f"unsupported version {version}", reason="bad_version")
+    if check_crc and zlib.crc32(symbol, zlib.crc32(view[:CRC_OFFSET])) != crc:
         raise FrameError("CRC mismatch", reason="bad_checksum")
     if (
         flags & ~KNOWN_FLAGS
@@ -210,6 +261,8 @@ def parse_datagram(data: bytes) -> tuple[DatagramHeader, bytes]:
         or not 1 <= k <= n
         or index >= n
         or not BLOCK_OVERHEAD < block_length <= k * len(symbol)
+        # One valid encoding: k is the fewest symbols that hold the block.
+        or block_length <= (k - 1) * len(symbol)
     ):
         raise FrameError("inconsistent datagram header", reason="malformed")
     header = DatagramHeader(

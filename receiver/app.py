@@ -12,6 +12,14 @@ The pipeline, stage by stage, with the queue between each pair::
 The socket is drained in a tight loop whenever it is readable: a full
 socket queue is the main cause of loss on a one-way link. The receiver never
 sends anything towards the transmitter: the link socket is only read.
+
+Restarts lose nothing (receiver/link.py): the socket may be passed in by
+systemd (``diode-rx.socket``) and outlive the process, and a datagram leaves
+its queue only once the positions committed with its records cover it.
+SIGHUP checks the config and, if it is good, executes the receiver again in
+this process with the socket passed on (:func:`reexec`). With ``[failover]``
+the receiver is one of a pair (receiver/failover.py): while standby its router
+publishes nowhere and the drain follows the active receiver's positions.
 """
 
 from __future__ import annotations
@@ -19,96 +27,50 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import os
+import signal
 import socket
 import sqlite3
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import structlog
 
 from diode import daemon, startup
+from diode.config import load
 from diode.config.rx import RxConfig
-from diode.decoder import Decoder, DecoderSettings
-from diode.errors import FrameError, SettingError
+from diode.decoder import Decoder, DecoderSettings, Gap, LinkProfile
+from diode.errors import DiodeError, FrameError, SettingError
 from diode.keys import Keyring, TrustedKey, load_psk, load_public_key
 from diode.replay import StreamState, pack_states, unpack_states
+from receiver.failover import (
+    ANNOUNCE_S,
+    Failover,
+    NullOutput,
+    announcement_topic,
+    merged,
+    pack_positions,
+)
+from receiver.link import SD_LISTEN_FDS_START, Drain, kernel_drops, link_socket
 from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
-from receiver.router import Router
+from receiver.rejections import RejectionMeter
+from receiver.router import Output, Router
 from receiver.soc import Soc
+from receiver.sparkplug_node import SparkplugRouting, sparkplug_nodes
 
 log = structlog.get_logger("diode.rx")
 
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; not exported by Python 3.11
 DRAIN_BUDGET = 1024  # datagrams per reader callback: bounds what a catch-up holds at once
 STATUS_PERIOD_S = 5.0
 
 
-def size_receive_buffer(sock: socket.socket, wanted: int, *, force: bool = True) -> int:
-    """Ask for ``wanted`` bytes of receive buffer, read back what was granted, warn if capped."""
-    forced = False
-    if force:
-        # Root (CAP_NET_ADMIN) may go past net.core.rmem_max; others get an EPERM.
-        with contextlib.suppress(PermissionError):
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, wanted)
-            forced = True
-    if not forced:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
-    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux reports double
-    if granted < wanted:
-        log.warning(
-            "receive buffer capped by the kernel",
-            asked=wanted,
-            granted=granted,
-            fix=f"sysctl -w net.core.rmem_max={wanted} (systemd/99-diode-rx.conf)",
-        )
-    return granted
-
-
-def open_link_socket(
-    listen: str, port: int, rcvbuf: int, interface: str | None = None
-) -> socket.socket:
-    """Bind the link socket with the receive buffer asked for (read back, warned if capped).
-
-    With ``interface`` the socket takes datagrams arriving on that interface only
-    (SO_BINDTODEVICE): a host on the IT side that can route to ``listen`` still
-    cannot reach the port. A failure names the setting to change (SettingError).
-    """
-    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        size_receive_buffer(sock, rcvbuf)
-        if interface is not None:
-            startup.bind_to_device(sock, interface, "receiver.interface")
-        sock.bind((listen, port))
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise startup.bind_error(
-            exc, address_key="receiver.listen", port_key="receiver.port", address=listen, port=port
-        ) from None
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def kernel_drops(sock: socket.socket) -> int:
-    """Datagrams the kernel dropped for this socket (its queue was full)."""
-    try:
-        inode = os.fstat(sock.fileno()).st_ino
-        for table in ("/proc/net/udp", "/proc/net/udp6"):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                if int(fields[9]) == inode:
-                    return int(fields[12])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 POSITIONS = "positions"
+ROLE = "failover_role"  # in a pair: what this receiver was when it last committed
+ACTIVE, STANDBY = b"active", b"standby"
 
 
 def load_positions(output: MqttOutput) -> dict[int, StreamState]:
@@ -125,61 +87,133 @@ def load_positions(output: MqttOutput) -> dict[int, StreamState]:
         return {}
 
 
+def keyring(config: RxConfig) -> Keyring:
+    """Every stream's accepted keys, read from their files (a bad file raises KeyFileError)."""
+    keys: list[TrustedKey] = []
+    for stream in config.streams:
+        psk = load_psk(stream.psk_file) if stream.psk_file else None
+        keys.extend(
+            TrustedKey(stream_id=stream.id, public=load_public_key(path), psk=psk)
+            for path in stream.public_keys
+        )
+    return Keyring(keys)
+
+
+def validated(path: Path) -> RxConfig:
+    """The config at ``path`` checked as a start would check it: schema, files, keys, and
+    what this host can tell before binding (startup.check_rx)."""
+    config = load(RxConfig, path).resolve(path)
+    config.check_files(path)
+    keyring(config)
+    startup.check_rx(config, create=True)
+    return config
+
+
 class Receiver:
-    def __init__(self, config: RxConfig, *, sock: socket.socket | None = None) -> None:
+    def __init__(
+        self,
+        config: RxConfig,
+        *,
+        sock: socket.socket | None = None,
+        config_path: Path | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path
         section = config.receiver
-        keys: list[TrustedKey] = []
-        for stream in config.streams:
-            psk = load_psk(stream.psk_file) if stream.psk_file else None
-            keys.extend(
-                TrustedKey(stream_id=stream.id, public=load_public_key(path), psk=psk)
-                for path in stream.public_keys
-            )
         try:
             self.output = MqttOutput(config.mqtt)
         except sqlite3.Error as exc:  # a file that is not our spool, or a damaged one
             raise SettingError(
                 "mqtt.spool_path", f"{config.mqtt.spool_path} is not a usable spool: {exc}"
             ) from None
-        self.decoder = Decoder(
-            Keyring(keys),
-            DecoderSettings(
-                reorder_timeout_s=section.reorder_timeout_s,
-                max_assembly_bytes=int(section.max_assembly_mb * 1024 * 1024),
-            ),
-            state=load_positions(self.output),
+        self._keyring = keyring(config)
+        self._settings = DecoderSettings(
+            reorder_timeout_s=section.reorder_timeout_s,
+            max_assembly_bytes=int(section.max_assembly_mb * 1024 * 1024),
+            verify_budget_per_s=section.verify_budget_per_s,
+            max_start_age_s=section.max_start_age_s,
+            clock_skew_s=section.clock_skew_s,
         )
-        self.router = Router({s.id: s.output for s in config.streams}, self.output)
+        self._profiles = {
+            s.id: LinkProfile.of(s.link.datagram_size, s.link.fec)
+            for s in config.streams
+            if s.link is not None
+        }
+        for stream in config.streams:
+            if stream.link is None and stream.psk_file is None:
+                log.warning(
+                    "stream has neither a link secret nor a link profile: forged datagrams "
+                    "of any shape cost assembly memory and rebuilds",
+                    stream=stream.id,
+                    fix="set psk_file, or copy the transmitter's [link] into [streams.link]",
+                )
+        self.rejections = RejectionMeter()
+        saved = load_positions(self.output)
+        self.decoder = self._decoder(saved)
+        # A pair of receivers (receiver/failover.py): this one starts as the standby.
+        self.failover = (
+            Failover(config.mqtt, config.failover, was_active=self.output.saved(ROLE) == ACTIVE)
+            if config.failover.peer_status_topic is not None
+            else None
+        )
+        self.active = self.failover is None
+        self.since = time.time()  # when this receiver became the active one
+        self._tick = time.monotonic()  # the failover loop's last turn
+        self._retired: Counter[str] = Counter()  # counts of the decoders it replaced
+        # Sparkplug streams publish through an edge node of their own (receiver/sparkplug_node.py).
+        self.sparkplug = sparkplug_nodes(config)
+        self._publisher: Output = (
+            SparkplugRouting(self.output, self.sparkplug, config) if self.sparkplug else self.output
+        )
+        self.router = self._router(self._publisher if self.active else NullOutput())
         self.soc = Soc(
             config.soc, {s.id: s.output for s in config.streams}, self.output, section.state_dir
         )
-        self.sock = sock or open_link_socket(
-            section.listen, section.port, section.rcvbuf_bytes, section.interface
+        passed = False
+        if sock is None:
+            sock, passed = link_socket(
+                section.listen, section.port, section.rcvbuf_bytes, section.interface
+            )
+        self.sock = sock
+        # The positions last committed with the messages they cover: what the drain may
+        # take out of the kernel's queue (receiver/link.py).
+        self._committed = self.decoder.positions()
+        self.drain = Drain(
+            sock, {s.id for s in config.streams}, journal=True, counters=self.decoder.counters
         )
+        if self.failover is not None:
+            self.drain.hold_longer(config.failover.takeover_after_s + 2.0)
+            self.output.commit({ROLE: STANDBY})
+        self.passed_socket = passed
         self.metrics = Metrics(self) if section.metrics_port else None
         self._timer: asyncio.TimerHandle | None = None
         self.ready = asyncio.Event()
+        self.handover = False  # set by a reload: the socket goes to the next process
 
     # -- the receive path -------------------------------------------------------------
 
     def _readable(self) -> None:
-        sock, decoder = self.sock, self.decoder
         now = time.monotonic()
-        for _ in range(DRAIN_BUDGET):
-            try:
-                datagram = sock.recv(65535)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                decoder.counters["socket_errors"] += 1
-                break
-            decoder.receive(datagram, now)
+        if self.failover is not None and self.active:
+            self._check_not_frozen(now)
+        receive = self.decoder.receive
+        for datagram in self.drain.read(DRAIN_BUDGET, now):
+            receive(datagram, now)
         self._after(now)
 
     def _after(self, now: float) -> None:
         decoder = self.decoder
         events = decoder.events()
+        if not self.active:
+            # A standby's router only learns (the catalogue, the link): its gaps are not
+            # losses, the active receiver's positions are the ones that count.
+            events = [e for e in events if not isinstance(e, Gap)]
+            if events:
+                self.router.handle(events, now)
+            decoder.positions()  # nothing of its own to save
+            self.drain.release(self._committed, now)
+            self._arm()
+            return
         if events:
             self.router.handle(events, now)
             # Log records reach the SOC spool before the positions that cover them commit.
@@ -188,7 +222,10 @@ class Receiver:
             # The messages and the positions that cover them reach the disk in one
             # transaction, before anything is published: a receiver killed at any
             # moment loses nothing unreported and takes no replayed block twice.
-            self.output.commit({POSITIONS: pack_states(decoder.positions())})
+            self._committed = decoder.positions()
+            self.output.commit({POSITIONS: pack_states(self._committed)})
+        # Only now may the datagrams those positions cover leave the kernel's queue.
+        self.drain.release(self._committed, now)
         self._arm()
 
     def _arm(self) -> None:
@@ -217,23 +254,208 @@ class Receiver:
             self.decoder.poll(now)
             self._after(now)
             self.router.tick(now)
-            self.soc.tick(
-                now,
-                decoder_counters=self.decoder.counters,
-                links={sid: view.link_up for sid, view in self.router.streams.items()},
-                output_counters=self.output.counters,
-            )
+            if self.active:  # a standby's view is not the SOC's: the active one reports
+                self.soc.tick(
+                    now,
+                    decoder_counters=self.decoder.counters,
+                    links={sid: view.link_up for sid, view in self.router.streams.items()},
+                    output_counters=self.output.counters,
+                )
             self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)
+            self.decoder.wall_offset_s = time.time() - now  # follows wall-clock steps
+            self._watch_rejections(now)
             if now - last_status >= STATUS_PERIOD_S:
                 self.router.publish_all_status(now)
                 last_status = now
 
+    def _watch_rejections(self, now: float) -> None:
+        self.rejections.update(self.decoder.counters, now)
+        self.router.rejected = self.rejections.status()
+        warning = self.rejections.warning(now)
+        if warning is not None:
+            log.warning("datagrams rejected", **warning)
+
     def counters(self) -> dict[str, int]:
-        out = dict(self.decoder.counters)
+        if self.active:
+            out = dict(self._retired + self.decoder.counters)
+        else:
+            out = dict(self._retired)
+            out.update({f"standby_{k}": v for k, v in self.decoder.counters.items()})
         for key, value in self.output.counters.items():
             out[f"mqtt_{key}"] = int(value)
         out.update(self.soc.counters)
+        if self.failover is not None:
+            out.update(self.failover.counters)
+        for stream_id, node in self.sparkplug.items():
+            for key, value in node.all_counters().items():
+                out[f"sparkplug_{stream_id}_{key}"] = value
         return out
+
+    # -- a pair of receivers (receiver/failover.py) ----------------------------------------
+
+    def _check_not_frozen(self, now: float) -> None:
+        """An active receiver that has not run for takeover_after_s (frozen, a suspended VM)
+        steps down before it reads anything: the standby has taken over by then, and would
+        otherwise see everything this one held published a second time."""
+        assert self.failover is not None
+        stalled = now - self._tick
+        if stalled > self.failover.takeover_after_s:
+            self._step_down(f"step down: did not run for {stalled:.1f} s")
+        self._tick = now
+
+    def _apply_rule(self) -> None:
+        assert self.failover is not None
+        decision = self.failover.decide(time.monotonic(), active=self.active, since=self.since)
+        if decision is not None and decision.startswith("take over"):
+            self._take_over(decision)
+        elif decision is not None:
+            self._step_down(decision)
+
+    async def _failover_loop(self, failover: Failover) -> None:
+        announced = saved = 0.0
+        failover.on_news = self._apply_rule
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            if self.active:
+                self._check_not_frozen(now)
+            self._tick = now
+            self._apply_rule()
+            if self.active:
+                if now - announced >= ANNOUNCE_S:
+                    self._announce()
+                    announced = now
+                continue
+            # Standby: the active receiver's published positions are ours.
+            positions = merged(self._committed, failover.positions())
+            if positions != self._committed:
+                self._committed = positions
+                if now - saved >= ANNOUNCE_S:
+                    self.output.commit({POSITIONS: pack_states(positions)})
+                    saved = now
+
+    def _announce(self) -> None:
+        """The positions of the last commit, through the spool: after what they cover."""
+        self.output.publish_message(
+            announcement_topic(self.config.mqtt.status_topic),
+            {
+                "name": self.config.mqtt.client_id,
+                "since": self.since,
+                "positions": pack_positions(self._committed),
+                "ts": time.time(),
+            },
+        )
+
+    def _take_over(self, reason: str) -> None:
+        """Publish from the last published positions on, reading the socket's queue again."""
+        assert self.failover is not None
+        base = merged(self._committed, self.failover.positions())
+        shadow = self.router
+        self.decoder = self._decoder(base)
+        self.router = self._router(self._publisher, learned_from=shadow)
+        self.drain.counters = self.decoder.counters
+        self.drain.hold_normally()
+        self.drain.rewind()
+        self.output.commit({POSITIONS: pack_states(base), ROLE: ACTIVE})
+        self.active = True
+        self.since = time.time()
+        self.failover.claiming = self.since
+        self.failover.counters["failover_takeovers"] += 1
+        self.failover.counters["failover_active"] = 1
+        log.warning(
+            "failover: taking over",
+            reason=reason,
+            positions={sid: [p.epoch, p.next_seq] for sid, p in base.items()},
+        )
+        self._announce()
+
+    def _step_down(self, reason: str) -> None:
+        """Another receiver claimed later: stop publishing (the spool still drains)."""
+        assert self.failover is not None
+        self._retired.update(self.decoder.counters)
+        learned = self.router
+        self.decoder = self._decoder(dict(self._committed))
+        self.router = self._router(NullOutput(), learned_from=learned)
+        self.drain.counters = self.decoder.counters
+        self.drain.hold_longer(self.failover.takeover_after_s + 2.0)
+        self.output.commit({ROLE: STANDBY})
+        self.active = False
+        self.failover.claiming = None
+        self.failover.standby_since = time.monotonic()
+        self.failover.counters["failover_stepdowns"] += 1
+        self.failover.counters["failover_active"] = 0
+        log.warning("failover: stepping down", reason=reason)
+
+    def _decoder(self, state: dict[int, StreamState]) -> Decoder:
+        """A decoder with this receiver's keys, settings, link profiles and wall clock."""
+        decoder = Decoder(self._keyring, self._settings, state=state, profiles=self._profiles)
+        decoder.wall_offset_s = time.time() - time.monotonic()
+        return decoder
+
+    def _router(self, output: Output, *, learned_from: Router | None = None) -> Router:
+        """A router for ``output`` that knows the catalogue another one learned.
+
+        Only the router that publishes keeps its state in the spool (and starts from
+        what the spool kept): a standby's last values are what it saw, not what was
+        published, and taken for published they would hide the active receiver's
+        unpublished tail as repeats after a take-over.
+        """
+        router = Router(
+            {s.id: s.output for s in self.config.streams},
+            output,
+            store=self.output if output is self._publisher else None,
+            receiver_counters=lambda: self.decoder.counters,
+        )
+        if learned_from is not None:
+            for sid, view in router.streams.items():
+                view.catalogue.update(learned_from.streams[sid].catalogue)
+        return router
+
+    # -- reload (SIGHUP) -----------------------------------------------------------------
+
+    def _config_file(self) -> dict[str, str]:
+        """Which file this receiver runs, and a digest of it: what a reload changed shows."""
+        if self.config_path is None:
+            return {}
+        try:
+            digest = hashlib.sha256(self.config_path.read_bytes()).hexdigest()[:16]
+        except OSError:
+            digest = "unreadable"
+        return {"config": str(self.config_path), "config_sha256": digest}
+
+    def reload(self, stop: asyncio.Event) -> None:
+        """SIGHUP: check the config file; if it is good, hand the socket to a new process.
+
+        A config that fails is logged and the running one kept. A good one stops this
+        process as SIGTERM would (output flushed, positions committed) but keeps the
+        link socket open; :func:`main` then executes the receiver again in this same
+        process (same pid for systemd), passing the socket as LISTEN_FDS does. The
+        kernel queues what arrives meanwhile, and nothing uncommitted left its queue.
+        """
+        if self.config_path is None:
+            log.warning("reload asked, but no config file to read: ignored")
+            return
+        refused = None
+        try:
+            validated(self.config_path)
+        except DiodeError as exc:
+            refused = str(exc)
+        if refused is not None:
+            log.error(
+                "config reload refused, the running config is kept",
+                config=str(self.config_path),
+                error=refused,
+            )
+            return
+        log.info(
+            "config reload: handing the link socket to a new process",
+            pending=self.drain.pending,
+        )
+        daemon.sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        self.handover = True
+        stop.set()
+
+    # -- life cycle ------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -249,25 +471,45 @@ class Receiver:
                     address=section.metrics_address,
                     port=section.metrics_port,
                 ) from None
+        address = self.sock.getsockname()
         log.info(
             "receiver starting",
-            listen=f"{section.listen}:{self.sock.getsockname()[1]}",
+            listen=f"{address[0]}:{address[1]}",
             interface=section.interface,
+            socket="passed in" if self.passed_socket else "opened",
             streams=[s.id for s in self.config.streams],
+            **self._config_file(),
         )
         async with asyncio.TaskGroup() as group:
+            supervise = group.create_task(self._supervise())
             tasks = [
                 group.create_task(self.output.run()),
-                group.create_task(self._supervise()),
+                supervise,
                 group.create_task(daemon.watchdog()),
                 group.create_task(self.soc.run()),
+                *(group.create_task(node.run()) for node in self.sparkplug.values()),
             ]
+            if self.failover is not None:
+                tasks.append(group.create_task(self.failover.run()))
+                watch = group.create_task(self._failover_loop(self.failover))
+                tasks.append(watch)
             loop.add_reader(self.sock, self._readable)
             daemon.sd_notify("READY=1")
             self.ready.set()
             await stop.wait()
-            daemon.sd_notify("STOPPING=1")
+            if not self.handover:
+                daemon.sd_notify("STOPPING=1")
+            # Nothing decodes or commits past this point, so nothing more leaves the
+            # kernel's queue: what is uncommitted stays there for the next process.
             loop.remove_reader(self.sock)
+            self.router.save(time.monotonic())  # the last values, with the final commit
+            supervise.cancel()
+            if self.failover is not None:
+                watch.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+            for node in self.sparkplug.values():
+                await node.close()  # NDEATH: the edge node leaves the broker
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.output.close(), 5)
             for task in tasks:
@@ -275,19 +517,55 @@ class Receiver:
         self.soc.close()
         if self.metrics is not None:
             self.metrics.close()
-        self.sock.close()
-        log.info("receiver stopped", **self.counters())
+        if not self.handover:
+            self.sock.close()
+        log.info("receiver stopped", handover=self.handover, **self.counters())
+
+
+def reexec(sock: socket.socket) -> None:
+    """Execute this receiver again in this process, the link socket passed as fd 3.
+
+    ``sys.orig_argv`` is the interpreter's own command line, so the same program
+    starts with the same arguments; the pid stays, so systemd sees no new process.
+    Returns only if the exec failed.
+    """
+    fd = sock.detach()
+    if fd != SD_LISTEN_FDS_START:
+        os.dup2(fd, SD_LISTEN_FDS_START, inheritable=True)
+        os.close(fd)
+    else:
+        os.set_inheritable(fd, True)
+    env = dict(os.environ, LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # kept across exec until the new loop runs
+    failed = ""
+    try:
+        # The interpreter's own command line, run again: no shell, nothing user-supplied.
+        os.execve(sys.executable, sys.orig_argv, env)  # noqa: S606
+    except OSError as exc:
+        failed = str(exc)
+    log.error("re-executing the receiver failed", error=failed, argv=sys.orig_argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diode-rx", description="the receiver (IT side)")
     parser.add_argument("--config", type=Path, default=Path("/etc/diode/rx.toml"))
     args = parser.parse_args(argv)
+    # Until the event loop takes SIGHUP over, a reload must not kill the receiver.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = daemon.load_config(RxConfig, args.config)
     daemon.setup_logging(config.log.level, config.log.format)
+    handover: list[socket.socket] = []
 
     async def _main(stop: asyncio.Event) -> None:
         startup.check_rx(config, create=True)
-        await Receiver(config).run(stop)
+        receiver = Receiver(config, config_path=args.config)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, receiver.reload, stop)
+        await receiver.run(stop)
+        if receiver.handover:
+            handover.append(receiver.sock)
 
-    return daemon.run(_main, args.config)
+    code = daemon.run(_main, args.config)
+    if handover:
+        reexec(handover[0])
+        return 1
+    return code

@@ -1,8 +1,11 @@
 """Benchmark of the MQTT output against a real broker, counted by ``mosquitto_sub``.
 
 ``python -m receiver.bench_mqtt [n]`` starts a mosquitto on a free loopback port
-(tests/support) and prints msgs/s for each method. ``bench_publish`` is the
-entry point ``diode bench`` will call with a broker already running.
+(tests/support) and prints msgs/s for each method; ``python -m
+receiver.bench_mqtt sparkplug [n] [rounds]`` compares batched JSON with
+Sparkplug DDATA (samples/s and this process's CPU per sample) at QoS 0 and 1.
+``bench_publish`` is the entry point ``diode bench`` will call with a broker
+already running.
 
 The subscriber is ``mosquitto_sub`` in a child process (C, so it is not the
 bottleneck), reading the messages' topics on a pipe; the time is from the
@@ -113,7 +116,7 @@ async def bench_publish(
     counter = asyncio.create_task(_count(proc, ready, len(messages)))
     try:
         await _wait_subscribed(port, ready)
-        start = time.monotonic()
+        start, cpu = time.monotonic(), time.process_time()
         if method == "output":
             await _via_output(host, port, stream, items)
         elif method == "aiomqtt_await":
@@ -124,6 +127,7 @@ async def bench_publish(
         else:
             raise ValueError(f"unknown method {method!r}")
         end = await asyncio.wait_for(counter, 120)
+        cpu = time.process_time() - cpu
     finally:
         counter.cancel()
         proc.terminate()
@@ -138,6 +142,7 @@ async def bench_publish(
         "seconds": round(seconds, 3),
         "msgs_per_s": round(len(messages) / seconds),
         "samples_per_s": round(n / seconds),
+        "cpu_us_per_metric": round(cpu / n * 1e6, 2),
     }
     print(result)
     return result
@@ -164,6 +169,74 @@ async def _via_output(host: str, port: int, stream: StreamOutput, items: list[An
             print("note: spooled", output.counters["spooled"])
 
 
+async def bench_sparkplug(
+    port: int, n: int, qos: int, *, host: str = "127.0.0.1"
+) -> dict[str, Any]:
+    """``n`` samples through a Sparkplug edge node (receiver/sparkplug_node.py) into the broker.
+
+    Counted as :func:`bench_publish` counts: ``mosquitto_sub`` in a child process,
+    from the first call to the last message received. The messages expected are
+    those a sans-I/O EdgeNode makes of the same samples (births, then DDATA).
+    ``cpu_us_per_metric`` is this process's CPU time (the node, protobuf, paho),
+    not the broker's or the subscriber's.
+    """
+    from diode.config.sparkplug import SparkplugSettings  # noqa: PLC0415
+    from receiver.sparkplug import EdgeNode  # noqa: PLC0415
+    from receiver.sparkplug_node import SparkplugNode  # noqa: PLC0415
+
+    group = f"run{time.monotonic_ns()}"
+    stream = StreamOutput(
+        qos=1 if qos else 0,
+        payload="sparkplug",
+        sparkplug=SparkplugSettings(group_id=group, edge_node_id="bench"),
+    )
+    items = _items(n)
+    dry = EdgeNode(stream.sparkplug, qos=qos, bd_seq=0)
+    expected = len(dry.on_connect(0)) + sum(
+        len(dry.samples(items[i : i + BLOCK], 0)) for i in range(0, n, BLOCK)
+    )
+    proc, ready = await _subscriber(port, f"spBv1.0/{group}/#")
+    counter = asyncio.create_task(_count(proc, ready, expected))
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = MqttBroker(host=host, port=port, client_id=f"bench-spb-{group}")
+        node = SparkplugNode(broker, 1, stream, Path(tmp))
+        task = asyncio.create_task(node.run())
+        try:
+            await _wait_subscribed(port, ready)
+            while not node.machine.publishing:  # noqa: ASYNC110 - the node exposes its state
+                await asyncio.sleep(0.01)
+            start, cpu = time.monotonic(), time.process_time()
+            client = node._client
+            for i in range(0, n, BLOCK):
+                node.publish_samples(items[i : i + BLOCK])
+                # paho queues what the socket does not take yet: keep that short.
+                while client is not None and len(client._out_packet) > 2000:  # noqa: ASYNC110
+                    await asyncio.sleep(0.001)
+                await asyncio.sleep(0)
+            end = await asyncio.wait_for(counter, 120)
+            cpu = time.process_time() - cpu
+        finally:
+            counter.cancel()
+            proc.terminate()
+            await proc.wait()
+            await node.close()
+            task.cancel()
+    seconds = end - start
+    result = {
+        "method": "sparkplug_node",
+        "qos": qos,
+        "payload": "sparkplug",
+        "samples": n,
+        "messages": expected,
+        "seconds": round(seconds, 3),
+        "msgs_per_s": round(expected / seconds),
+        "samples_per_s": round(n / seconds),
+        "cpu_us_per_metric": round(cpu / n * 1e6, 2),
+    }
+    print(result)
+    return result
+
+
 async def _main(n: int) -> None:
     from tests.support.mosquitto import Mosquitto  # noqa: PLC0415 - dev-only helper
 
@@ -177,10 +250,31 @@ async def _main(n: int) -> None:
                     await bench_publish(broker.port, count, qos, False, method=method)
             for qos in (0, 1):
                 await bench_publish(broker.port, n * 3, qos, True)
+                await bench_sparkplug(broker.port, n * 3, qos)
+        finally:
+            broker.stop()
+
+
+async def _sparkplug_main(n: int, rounds: int) -> None:
+    """Batched JSON against Sparkplug DDATA, QoS 0 and 1, alternating, same broker."""
+    from tests.support.mosquitto import Mosquitto  # noqa: PLC0415 - dev-only helper
+
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = Mosquitto(Path(tmp))
+        broker.start()
+        try:
+            for _ in range(rounds):
+                for qos in (0, 1):
+                    await bench_publish(broker.port, n, qos, True)
+                    await bench_sparkplug(broker.port, n, qos)
         finally:
             broker.stop()
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    asyncio.run(_main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000))
+    if len(sys.argv) > 1 and sys.argv[1] == "sparkplug":
+        count = int(sys.argv[2]) if len(sys.argv) > 2 else 300_000
+        asyncio.run(_sparkplug_main(count, int(sys.argv[3]) if len(sys.argv) > 3 else 2))
+    else:
+        asyncio.run(_main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000))

@@ -31,15 +31,29 @@ class _ReceiverCollector(Collector):
         for name, value in sorted(counters.items()):
             if name.startswith("rejected_"):
                 rejected.add_metric([name.removeprefix("rejected_")], value)
-            elif name in ("mqtt_connected", "mqtt_spool_depth", "soc_spool_depth"):
+            elif name in (
+                "mqtt_connected",
+                "mqtt_spool_depth",
+                "failover_active",
+                "soc_spool_depth",
+            ) or name.endswith(
+                ("_history_depth", "_bd_seq")  # a Sparkplug node's (sparkplug_<stream>_...)
+            ):
                 yield GaugeMetricFamily(f"diode_rx_{name}", name.replace("_", " "), value=value)
             else:
                 yield CounterMetricFamily(f"diode_rx_{name}", name.replace("_", " "), value=value)
         yield rejected
         link = GaugeMetricFamily("diode_rx_link_up", "link up, per stream", labels=["stream"])
+        pending = GaugeMetricFamily(
+            "diode_rx_samples_pending",
+            "samples waiting for their catalogue entry, per stream",
+            labels=["stream"],
+        )
         for view in self._receiver.router.streams.values():
             link.add_metric([str(view.stream_id)], 1.0 if view.link_up else 0.0)
+            pending.add_metric([str(view.stream_id)], float(len(view.pending)))
         yield link
+        yield pending
 
 
 class Metrics:

@@ -74,29 +74,52 @@ PUBACK from three system calls and a turn of the event loop to a share of one.
 
 paho does not honour the broker's Receive Maximum (a broker with the default
 20 would disconnect us for sending more); the window is the smaller of
-``max_inflight`` and the Receive Maximum from CONNACK.
+``max_inflight`` and the Receive Maximum from CONNACK, and never so large that
+packet identifiers run out: ours come from paho's own generator, skipping any
+still in use by paho (the receiver status) or by us (:data:`MAX_WINDOW`).
+
+A message that cannot be put in a PUBLISH packet (a topic over 65 535 bytes,
+empty, not UTF-8, or with ``+``, ``#`` or NUL, which a broker answers by
+closing the connection) is refused when it is handed over, before the spool,
+and again when read from a spool written by an earlier version: counted
+(``unencodable``) and logged, rate-limited, never retried.
+
+The output leans on private members of paho and aiomqtt, for the measured
+reasons above. The versions are pinned in pyproject.toml, and
+:func:`check_internals` (at start) and :meth:`MqttOutput._client` (at each
+connection) check that each member is there and does what the output needs
+(a packet queued is written, a PUBACK read reaches our handler with its id,
+message ids count up): an upgrade that breaks one fails loudly at start
+(:class:`MqttInternalsError`) instead of stalling the window silently.
+paho's and aiomqtt's own log lines reach the root logger, which
+diode/daemon.py hands to structlog (JSON in production, rate-limited), not as
+plain text into the JSON log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _package_version
 from typing import Any, Literal
 
 import aiomqtt
 import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from diode.config.mqtt import MqttBroker, StreamOutput
+from diode.errors import DiodeError
 from diode.records import DeviceInfo, Sample, TagInfo
 from receiver import mqtt_packets
 from receiver.payload import (
@@ -105,11 +128,12 @@ from receiver.payload import (
     Topics,
     encode,
     inventory_message,
+    meta_message,
     rfc3339,
     sample_messages,
     status_message,
 )
-from receiver.spool import Spool
+from receiver.spool import Spool, StateChanges
 
 POLL_S = 0.0005  # closing only: how often the drain looks for acknowledgements
 READ_SIZE = 65536  # bytes the broker connection reads at once
@@ -119,7 +143,28 @@ DELETE_BATCH = 4000  # delivered messages deleted in one transaction
 DRAIN_GRACE_S = 2.0
 DROP_LOG_INTERVAL_S = 10.0
 OUT_OF_BAND = 4  # window slots kept for the receiver status messages
+MAX_MID = 65535  # packet identifiers are 1..65535 (MQTT section 2.2.1)
+MAX_WINDOW = MAX_MID - 256  # ids left free for paho's own QoS 1 messages (the status)
 CURSOR_START = -(2**62)  # below any message id
+GOOD_TOPICS_MAX = 1_000_000  # topics checked once; forgotten when there are more
+
+# The private members of paho (and aiomqtt) the output relies on: see check_internals.
+PAHO_INTERNALS = (
+    "_packet_queue",
+    "_mid_generate",
+    "_in_packet",
+    "_handle_pubackcomp",
+    "_sock_recv",
+    "_sock",
+    "_out_messages",
+)
+AIOMQTT_INTERNALS = ("_client", "_on_connect")
+
+
+class MqttInternalsError(DiodeError):
+    """The installed paho / aiomqtt lack a private member the output uses, or it changed."""
+
+    reason = "mqtt_internals"
 
 
 class _PackedProperties(Properties):
@@ -200,6 +245,104 @@ class _BufferedReads:
         return rc
 
 
+def install_puback(client: paho.Client, on_ack: Callable[[int, int], bool]) -> None:
+    """Read PUBACKs before paho's handler: ``on_ack(mid, reason)`` True means ours, handled.
+
+    paho does not know the messages the pump wrote, so it would ignore their
+    PUBACKs; its own (the receiver status) still go to its handler.
+    """
+    handle = client._handle_pubackcomp
+
+    def on_puback(command: _AckCommand) -> MQTTErrorCode:
+        if command == "PUBACK":
+            mid, reason = mqtt_packets.puback(client._in_packet["packet"])
+            if on_ack(mid, reason):
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return handle(command)
+
+    client._handle_pubackcomp = on_puback  # type: ignore[method-assign,assignment]  # see above
+
+
+def _version(package: str) -> str:
+    try:
+        return _package_version(package)
+    except PackageNotFoundError:
+        return "?"
+
+
+@functools.cache  # once per process; a failure is not cached, it ends the receiver
+def check_internals() -> None:
+    """Check that paho's private members the output uses are there and behave; raise if not.
+
+    Run on a paho client over a socket pair, no broker: a PUBLISH queued with
+    ``_packet_queue`` must reach the socket and complete its info; a PUBACK
+    written to the socket must reach :func:`install_puback`'s hook through
+    ``_in_packet`` and the buffered ``_sock_recv``; ``_mid_generate`` must count up.
+    """
+    problems: list[str] = []
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    missing = [name for name in PAHO_INTERNALS if not hasattr(client, name)]
+    if missing:
+        problems.append(f"paho.Client lacks {', '.join(missing)}")
+    else:
+        ours, theirs = socket.socketpair()
+        try:
+            ours.setblocking(False)
+            theirs.settimeout(1.0)
+            client._sock = ours
+            first, second = client._mid_generate(), client._mid_generate()
+            counts_up = isinstance(first, int) and second == first % MAX_MID + 1
+            if not (counts_up and 1 <= first <= MAX_MID):
+                problems.append(f"_mid_generate gave {first!r}, {second!r}")
+            wake = asyncio.Event()
+            written = _Pending(wake)
+            packet = mqtt_packets.publish(b"diode/check", b"{}", qos=0, retain=False)
+            client._packet_queue(mqtt_packets.PUBLISH, packet, 0, 0, written)  # type: ignore[arg-type]  # duck-typed MQTTMessageInfo
+            if theirs.recv(len(packet) + 16) != packet or not written.done:
+                problems.append("_packet_queue did not write the packet and complete it")
+            acks: list[tuple[int, int]] = []
+
+            def on_ack(mid: int, reason: int) -> bool:
+                acks.append((mid, reason))
+                return True
+
+            install_puback(client, on_ack)
+            _BufferedReads(client)
+            theirs.sendall(b"\x40\x03\x12\x34\x87")  # PUBACK, id 0x1234, reason 0x87
+            client.loop_read()
+            if acks != [(0x1234, 0x87)]:
+                problems.append(f"a PUBACK read gave {acks!r} to the handler, not [(4660, 135)]")
+        except Exception as exc:  # any failure here is the finding
+            problems.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            client._sock = None
+            ours.close()
+            theirs.close()
+    if problems:
+        raise MqttInternalsError(
+            "the installed paho-mqtt / aiomqtt do not behave as the MQTT output needs "
+            f"(paho-mqtt {_version('paho-mqtt')}, aiomqtt {_version('aiomqtt')}; "
+            "the versions checked are pinned in pyproject.toml): " + "; ".join(problems)
+        )
+
+
+def _free_mid(
+    generate: Callable[[], int], ours: Mapping[int, object], theirs: Mapping[int, object]
+) -> int:
+    """The next packet identifier of ``generate`` that is in neither ``ours`` nor ``theirs``.
+
+    A window near 65 535 wraps the counter onto identifiers still in flight;
+    two messages in flight under one identifier would leave one of them
+    waiting for an acknowledgement that never comes. The window is kept
+    below :data:`MAX_WINDOW`, so a free identifier always exists.
+    """
+    for _ in range(MAX_MID):
+        mid = generate()
+        if mid not in ours and mid not in theirs:
+            return mid
+    raise MqttInternalsError("no free MQTT packet identifier: every one is in flight")
+
+
 @dataclass(slots=True)
 class _Sent:
     """Spooled messages handed to paho, waiting for one completion; the last one's id."""
@@ -208,6 +351,7 @@ class _Sent:
     count: int
     last_id: int
     expired: int = 0  # messages whose expiry ran out in the spool: dropped, not sent
+    unsendable: int = 0  # messages that cannot be put in a PUBLISH: dropped, not sent
 
 
 class MqttOutput:
@@ -218,10 +362,15 @@ class MqttOutput:
     """
 
     def __init__(self, broker: MqttBroker, *, log: Any = None) -> None:
+        check_internals()
         self._broker = broker
         self._log = log if log is not None else structlog.get_logger("diode.rx.mqtt")
         self._spool = Spool(broker.spool_path, broker.spool_max_records)
         self._batch: list[Message] = []
+        self._state = StateChanges()
+        self._good_topics: set[str] = set()
+        self._unencodable_pending = 0
+        self._unencodable_logged_at = float("-inf")
         self._commit_soon: asyncio.Handle | None = None
         self._inflight: deque[_Sent] = deque()
         self._inflight_messages = 0
@@ -230,7 +379,7 @@ class MqttOutput:
         self._done_count = 0  # messages it has that are still in the spool
         self._backlog_at_connect = 0
         self._cursor = CURSOR_START
-        self._window = broker.max_inflight
+        self._window = min(broker.max_inflight, MAX_WINDOW)
         self._topics: dict[int, Topics] = {}
         self._properties: dict[int | None, _PackedProperties] = {}
         self._refused_pending = 0
@@ -251,6 +400,7 @@ class MqttOutput:
             "spool_dropped": 0,
             "spool_expired": 0,
             "refused": 0,
+            "unencodable": 0,
             "connected": 0,
             "reconnects": 0,
             "dropped_closed": 0,
@@ -271,6 +421,10 @@ class MqttOutput:
         """Retained ``{prefix}/{site}/{device}/$inventory``."""
         self._submit([inventory_message(self._topics_of(stream), info)])
 
+    def publish_meta(self, stream: StreamOutput, info: TagInfo) -> None:
+        """Retained ``{tag topic}/$meta``: what the catalogue says of the tag."""
+        self._submit([meta_message(self._topics_of(stream), info)])
+
     def publish_status(self, stream: StreamOutput, status: dict[str, Any]) -> None:
         """Retained ``{prefix}/{site}/$status``: the dict as the router built it."""
         self._submit([status_message(self._topics_of(stream), status)])
@@ -279,6 +433,27 @@ class MqttOutput:
         """``{prefix}/{site}/$events``: log records and security events as ECS JSON (QoS 1)."""
         topic = f"{self._topics_of(stream).root}/$events"
         self._submit([Message(topic, payload, 1, False) for payload in payloads])
+
+    def persist(self, changes: StateChanges) -> None:
+        """Keep the router's ``changes`` with the next commit (one transaction with it)."""
+        if self._closed:
+            return
+        self._state.merge(changes)
+        if self._commit_soon is None:
+            self._commit_soon = asyncio.get_running_loop().call_soon(self.commit)
+
+    def saved_state(self) -> list[tuple[int, int, int, bytes]]:
+        """The router's state as the last commit left it."""
+        return self._spool.state()
+
+    def publish_message(
+        self, topic: str, obj: object, *, qos: int = 1, retain: bool = True
+    ) -> None:
+        """Any JSON message, in the spool's order: after every message handed over before it.
+
+        The failover announcement (receiver/failover.py) relies on that order.
+        """
+        self._submit([Message(topic, encode(obj), qos, retain)])
 
     @property
     def backlog(self) -> int:
@@ -294,11 +469,12 @@ class MqttOutput:
         if self._commit_soon is not None:
             self._commit_soon.cancel()
             self._commit_soon = None
-        if self._closed or not (self._batch or meta):
+        if self._closed or not (self._batch or meta or self._state):
             return
         batch, self._batch = self._batch, []
+        state, self._state = self._state, StateChanges()
         now = time.time()
-        dropped = self._spool.append(batch, now, meta)
+        dropped = self._spool.append(batch, now, meta, state)
         self.counters["spooled"] += len(batch)
         self.counters["spool_depth"] = len(self._spool)
         if dropped:
@@ -380,9 +556,40 @@ class MqttOutput:
                 self._log.warning("mqtt output closed: messages dropped from now on")
             self.counters["dropped_closed"] += len(messages)
             return
+        good = self._good_topics
+        for m in messages:
+            if m.topic not in good:
+                messages = [m for m in messages if self._encodable(m)]
+                break
         self._batch.extend(messages)
         if self._commit_soon is None:
             self._commit_soon = asyncio.get_running_loop().call_soon(self.commit)
+
+    def _encodable(self, m: Message) -> bool:
+        """Can ``m`` be sent at all? If not: counted, logged (rate-limited), never retried."""
+        if m.topic in self._good_topics:
+            return True
+        problem = mqtt_packets.topic_problem(m.topic)
+        if problem is None:
+            if len(self._good_topics) >= GOOD_TOPICS_MAX:
+                self._good_topics.clear()
+            self._good_topics.add(m.topic)
+            return True
+        self.counters["unencodable"] += 1
+        self._unencodable_pending += 1
+        now = time.monotonic()
+        if now - self._unencodable_logged_at >= DROP_LOG_INTERVAL_S:
+            self._log.warning(
+                "mqtt message refused: it cannot be published",
+                problem=problem,
+                topic_start=m.topic[:80],
+                topic_bytes=len(m.topic.encode(errors="replace")),
+                refused=self._unencodable_pending,
+                refused_total=self.counters["unencodable"],
+            )
+            self._unencodable_pending = 0
+            self._unencodable_logged_at = now
+        return False
 
     def _flush_drop_log(self, *, force: bool = False) -> None:
         if not self._drop_pending:
@@ -415,19 +622,20 @@ class MqttOutput:
     def _release(self) -> None:
         """Forget, in order, what the broker has (QoS 1: acknowledged; QoS 0: written)."""
         inflight = self._inflight
-        done = refused = expired = 0
+        done = refused = expired = unsendable = 0
         last_id: int | None = None
         while inflight and inflight[0].pending.done:
             sent = inflight.popleft()
             done += sent.count
             expired += sent.expired
+            unsendable += sent.unsendable
             last_id = sent.last_id
             if sent.pending.reason >= REFUSED:
                 refused += 1
                 self._refused(sent.pending.reason)
         if done:
             self._inflight_messages -= done
-            self.counters["published"] += done - refused - expired
+            self.counters["published"] += done - refused - expired - unsendable
             self.counters["spool_expired"] += expired
         if last_id is not None:
             self._done_id = last_id
@@ -482,17 +690,20 @@ class MqttOutput:
         if not messages:
             return False
         # QoS 0 messages are done when paho has written the whole run to the socket;
-        # each QoS 1 message when its PUBACK comes (see _puback).
+        # each QoS 1 message when its PUBACK comes (see _on_ack).
         written = _Pending(self._wake)
         packets: list[bytes] = []
         inflight, acks, props = self._inflight, self._acks, self._props_packed
         run: _Sent | None = None
         for message_id, m in messages:
             expired = m.expiry_s is not None and m.expiry_s <= 0
+            # Spooled by an earlier version that let an unencodable topic in: dropped
+            # in its turn (and counted as such), as an expired message is.
+            unsendable = not expired and not self._encodable(m)
             mid = 0
-            if m.qos and not expired:
+            if m.qos and not expired and not unsendable:
                 pending = _Pending(self._wake)
-                mid = client._mid_generate()
+                mid = self._mid(client)
                 acks[mid] = pending
                 inflight.append(_Sent(pending, 1, message_id))
                 run = None
@@ -506,6 +717,9 @@ class MqttOutput:
                 run.last_id = message_id
                 if expired:
                     run.expired += 1
+                    continue
+                if unsendable:
+                    run.unsendable += 1
                     continue
             packets.append(
                 mqtt_packets.publish(
@@ -526,26 +740,18 @@ class MqttOutput:
             written._set_as_published()  # only expired messages: nothing to write
         return True
 
-    def _puback(self, client: paho.Client) -> Callable[[_AckCommand], MQTTErrorCode]:
-        """paho's PUBACK handler, with the acknowledgements of our own messages read first.
+    def _mid(self, client: paho.Client) -> int:
+        """A packet identifier neither we nor paho (the receiver status) have in flight."""
+        return _free_mid(client._mid_generate, self._acks, client._out_messages)
 
-        paho does not know the messages _fill wrote, so it would ignore their
-        PUBACKs; its own (the receiver status) still go to its handler.
-        """
-        handle = client._handle_pubackcomp
-
-        def on_puback(command: _AckCommand) -> MQTTErrorCode:
-            if command == "PUBACK":
-                mid, reason = mqtt_packets.puback(client._in_packet["packet"])
-                pending = self._acks.pop(mid, None)
-                if pending is not None:
-                    pending.reason = reason
-                    pending.done = True
-                    self._wake.set()
-                    return MQTTErrorCode.MQTT_ERR_SUCCESS
-            return handle(command)
-
-        return on_puback
+    def _on_ack(self, mid: int, reason: int) -> bool:
+        pending = self._acks.pop(mid, None)
+        if pending is None:
+            return False  # one of paho's own
+        pending.reason = reason
+        pending.done = True
+        self._wake.set()
+        return True
 
     async def _pump(self, client: paho.Client) -> None:
         # Driven by events only: a commit, a write done, an acknowledgement all set _wake.
@@ -608,21 +814,32 @@ class MqttOutput:
                 properties=self._props(None),
             ),
         )
-        inner = client._client
+        missing = [name for name in AIOMQTT_INTERNALS if not hasattr(client, name)]
+        inner = getattr(client, "_client", None)
+        if missing or not isinstance(inner, paho.Client) or inner.on_connect != client._on_connect:
+            raise MqttInternalsError(
+                f"aiomqtt {_version('aiomqtt')} does not keep a paho client in _client with "
+                f"_on_connect as its on_connect (missing: {', '.join(missing) or 'none'}); "
+                "the versions checked are pinned in pyproject.toml"
+            )
         inner.on_publish = None  # see the module docstring: per-write callbacks cost ~17 us
 
         def on_connect(
             c: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any = None
         ) -> None:
             receive_maximum = getattr(properties, "ReceiveMaximum", None)
-            window = broker.max_inflight
+            window = min(broker.max_inflight, MAX_WINDOW)
             if isinstance(receive_maximum, int):
                 window = min(window, max(1, receive_maximum - OUT_OF_BAND))
             self._window = window
             client._on_connect(c, userdata, flags, reason, properties)
 
         inner.on_connect = on_connect
-        inner._handle_pubackcomp = self._puback(inner)  # type: ignore[method-assign,assignment]  # see _puback
+        # paho's own publishes (the receiver status) skip the identifiers the pump
+        # has in flight, as the pump's skip paho's.
+        generate = inner._mid_generate
+        inner._mid_generate = lambda: _free_mid(generate, self._acks, inner._out_messages)  # type: ignore[method-assign]  # see _free_mid
+        install_puback(inner, self._on_ack)
         _BufferedReads(inner)
         return client
 

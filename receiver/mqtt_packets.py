@@ -29,6 +29,8 @@ import struct
 
 PUBLISH = 0x30
 MAX_REMAINING_LENGTH = 268_435_455  # four bytes of variable byte integer
+MAX_TOPIC_BYTES = 65_535  # a UTF-8 string's u16 length (MQTT section 1.5.4)
+_NOT_IN_TOPIC = ("+", "#", "\0")  # wildcards (section 4.7.1) and U+0000 (section 1.5.4)
 NO_PROPERTIES = b"\x00"
 _U16 = struct.Struct("!H")
 
@@ -47,6 +49,27 @@ def remaining_length(n: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+def topic_problem(topic: str) -> str | None:
+    """Why ``topic`` cannot be the topic of a PUBLISH packet, or None when it can.
+
+    A broker closes the connection on a PUBLISH with a wildcard, NUL or an
+    empty topic, and a topic over 65 535 bytes does not fit its length field:
+    sent, each would come back from the spool after every reconnect.
+    """
+    if not topic:
+        return "empty topic"
+    try:
+        size = len(topic.encode())
+    except UnicodeEncodeError:
+        return "topic is not valid UTF-8"
+    if size > MAX_TOPIC_BYTES:
+        return f"topic of {size} bytes, over {MAX_TOPIC_BYTES}"
+    for bad in _NOT_IN_TOPIC:
+        if bad in topic:
+            return f"topic contains {bad!r}"
+    return None
 
 
 def publish(

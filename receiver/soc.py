@@ -312,7 +312,9 @@ class Soc:
             deltas = {}
             for reason in reasons:
                 total = counters.get(f"rejected_{reason}", 0)
-                delta = total - self._rejected_at.get(reason, 0)
+                before = self._rejected_at.get(reason, 0)
+                # A decoder replaced (failover, restart) starts its counters again at 0.
+                delta = total - before if total >= before else total
                 self._rejected_at[reason] = total
                 if delta:
                     deltas[reason] = delta

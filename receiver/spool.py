@@ -23,7 +23,11 @@ what the old one left, and a spool of the one-row-per-message layout of
 earlier versions is converted when it is opened.
 
 A ``meta`` table beside it holds the receiver's stream positions, written in
-the same transaction as the messages they cover.
+the same transaction as the messages they cover, and a ``state`` table what
+the router learned and must not forget across a restart (the catalogue, the
+epoch, the samples waiting for their catalogue entry, the last values): rows
+``(stream, kind, key) -> value`` the router encodes, changed by a
+:class:`StateChanges` in that same transaction (receiver/router.py).
 
 Each row keeps the wall-clock time it was spooled, so a message's MQTT 5
 expiry counts the time spent here: :meth:`Spool.read` returns what is left of
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
@@ -58,6 +63,13 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS state (
+    stream INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    key INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (stream, kind, key)
+) WITHOUT ROWID;
 """
 
 _Row = tuple[int, int, int, float, bytes]  # id, count, skip, spooled_at, messages
@@ -69,6 +81,49 @@ def _pack(messages: Sequence[Message]) -> bytes:
 
 def _unpack(blob: bytes) -> list[Message]:
     return list(map(Message._make, msgpack.unpackb(blob, use_list=False, raw=False)))
+
+
+StateKey = tuple[int, int, int]  # stream, kind, key
+
+
+@dataclass(slots=True)
+class StateChanges:
+    """Changes to the ``state`` table, applied in order: ``clear``, ``delete``, ``put``.
+
+    Built up between two commits: :meth:`clear_stream` drops what was queued
+    for that stream before it, a delete cancels a queued put and a put a
+    queued delete, so applying the three sets in that order gives the result
+    of the calls in the order they were made.
+    """
+
+    clear: set[int] = field(default_factory=set)
+    delete: set[StateKey] = field(default_factory=set)
+    put: dict[StateKey, bytes] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.clear or self.delete or self.put)
+
+    def set(self, key: StateKey, value: bytes) -> None:
+        self.delete.discard(key)
+        self.put[key] = value
+
+    def remove(self, key: StateKey) -> None:
+        self.put.pop(key, None)
+        self.delete.add(key)
+
+    def clear_stream(self, stream: int) -> None:
+        self.clear.add(stream)
+        self.delete = {k for k in self.delete if k[0] != stream}
+        self.put = {k: v for k, v in self.put.items() if k[0] != stream}
+
+    def merge(self, later: StateChanges) -> None:
+        """Add ``later``'s changes after these."""
+        for stream in later.clear:
+            self.clear_stream(stream)
+        for key in later.delete:
+            self.remove(key)
+        for key, value in later.put.items():
+            self.set(key, value)
 
 
 class Spool:
@@ -92,17 +147,23 @@ class Spool:
         return self._count
 
     def append(
-        self, messages: Sequence[Message], now: float, meta: Mapping[str, bytes] | None = None
+        self,
+        messages: Sequence[Message],
+        now: float,
+        meta: Mapping[str, bytes] | None = None,
+        state: StateChanges | None = None,
     ) -> int:
-        """Add ``messages`` after every row, and set ``meta``, in one transaction.
+        """Add ``messages`` after every row, set ``meta``, change ``state``, in one transaction.
 
         Returns the number of oldest messages dropped to fit. Whatever ``meta``
-        says (the receiver's stream positions) is on disk exactly when the
-        messages are.
+        and ``state`` say (the receiver's stream positions, what the router
+        learned) is on disk exactly when the messages are.
         """
-        if not messages and not meta:
+        if not messages and not meta and not state:
             return 0
         with self._transaction():
+            if state:
+                self._change_state(state)
             if meta:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items()
@@ -120,6 +181,22 @@ class Spool:
             )
             self._count += len(messages)
             return self._trim()
+
+    def state(self) -> list[tuple[int, int, int, bytes]]:
+        """Every ``(stream, kind, key, value)`` of the state table, in key order."""
+        rows = self._db.execute(
+            "SELECT stream, kind, key, value FROM state ORDER BY stream, kind, key"
+        )
+        return [(s, k, i, bytes(v)) for s, k, i, v in rows]
+
+    def _change_state(self, state: StateChanges) -> None:
+        db = self._db
+        db.executemany("DELETE FROM state WHERE stream = ?", ((s,) for s in state.clear))
+        db.executemany("DELETE FROM state WHERE stream = ? AND kind = ? AND key = ?", state.delete)
+        db.executemany(
+            "INSERT OR REPLACE INTO state (stream, kind, key, value) VALUES (?, ?, ?, ?)",
+            ((s, k, i, v) for (s, k, i), v in state.put.items()),
+        )
 
     def meta(self, key: str) -> bytes | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -86,6 +86,9 @@ class Plant:
     link_overrides: dict[str, Any] = field(default_factory=dict)
     output_overrides: dict[str, Any] = field(default_factory=dict)
     rx_overrides: dict[str, Any] = field(default_factory=dict)
+    # The Modbus tags of plc1 (None: a float, a counter and a coil) and other sources.
+    tags: list[dict[str, Any]] | None = None
+    sources: dict[str, Any] = field(default_factory=dict)
     tx_sections: dict[str, Any] = field(default_factory=dict)  # extra top-level sections
     rx_sections: dict[str, Any] = field(default_factory=dict)
     plc: ModbusSimServer | None = None
@@ -109,7 +112,7 @@ class Plant:
     def tx_config(self) -> TxConfig:
         assert self.plc is not None
         assert self.relay is not None
-        tags = [
+        tags = self.tags or [
             {"name": "level", "table": "holding_register", "address": 0, "type": "float32"},
             {"name": "count", "table": "holding_register", "address": 10, "type": "uint32"},
             {"name": "pump", "table": "coil", "address": 0, "type": "bool"},
@@ -141,6 +144,7 @@ class Plant:
                     }
                 ]
             },
+            **self.sources,
             **self.tx_sections,
         }
         return validate(TxConfig, data, "tx.toml")

@@ -104,3 +104,34 @@ def test_cost_with_the_receiver_stalled_loses_nothing() -> None:
     assert run["lost"] == 0
     # Updates made while the receiver was stopped waited for it: the stall happened.
     assert run["latency_ms"]["max"] >= 900
+
+
+def test_restart_reports_how_long_the_socket_buffer_covers() -> None:
+    report = bench("restart", "--quick", "--rate", "10000")
+    (run,) = report["runs"]
+    assert run["buffer_limit_bytes"] >= 2 * 32 * 1024 * 1024  # ReceiveBuffer=32M, doubled
+    assert run["fill_bytes_per_s"] > 0
+    # Quick: the buffer does not fill in 2 s; the cover is the limit over the fill rate.
+    assert run["first_drop_s"] is None
+    assert run["covers_s"] == round(run["buffer_limit_bytes"] / run["fill_bytes_per_s"], 1)
+
+
+def test_repeat_reports_what_time_diversity_costs() -> None:
+    report = bench("repeat", "--quick", "--rate", "2000")
+    off, on = report["runs"]
+    assert off["repeat_after_s"] == 0.0
+    assert off["repeats_sent"] == 0
+    assert on["repeat_after_s"] > 0
+    assert on["repeats_sent"] > 0
+    assert on["repeats_dropped"] == 0
+    # Every datagram twice, once the repeats run: about double the datagrams on the wire.
+    assert 1.6 < on["datagrams_per_s"] / off["datagrams_per_s"] < 2.4
+    assert on["tx_cpu_percent"] > 0
+    assert off["tx_cpu_percent"] > 0
+
+
+def test_drain_reports_the_journal_cost_per_datagram() -> None:
+    report = bench("drain", "--quick")
+    cost = report["us_per_datagram"]
+    assert cost["plain"] > 0
+    assert cost["journal"] > cost["plain"]  # a second system call per datagram

@@ -7,8 +7,15 @@ import contextlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diode.errors import FrameError
-from diode.records import Quality, Record, Sample, decode_records, encode_records
+from diode.errors import DiodeError, FrameError
+from diode.records import (
+    Quality,
+    Record,
+    Sample,
+    decode_records,
+    encode_records,
+    unrepresentable,
+)
 from diode.replay import StreamState, pack_states, unpack_states
 from diode.wire import parse_block, parse_datagram
 from tests.core_support import (
@@ -21,13 +28,16 @@ from tests.core_support import (
     with_valid_crc,
 )
 
-values = st.one_of(
+scalars = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-(2**63), 2**64 - 1),
     st.floats(allow_nan=False),
     st.text(max_size=40),
+    st.binary(max_size=20),
 )
+# Arrays (OPC UA arrays and matrices, LocalizedText pairs) as tuples, a few levels deep.
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4).map(tuple), max_leaves=12)
 sample_lists = st.lists(
     st.builds(
         Sample,
@@ -45,6 +55,29 @@ sample_lists = st.lists(
 @given(sample_lists)
 def test_records_round_trip(records: list[Record]) -> None:
     assert decode_records(encode_records(records), len(records)) == records
+
+
+@given(
+    st.integers(-(2**70), 2**70),
+    st.recursive(
+        st.one_of(
+            scalars,
+            st.integers(-(2**70), 2**70),
+            st.text(alphabet=st.characters(codec=None), max_size=5),  # surrogates too
+        ),
+        lambda inner: st.lists(inner, max_size=3).map(tuple),
+        max_leaves=20,
+    ),
+)
+def test_a_sample_either_round_trips_or_says_why_it_cannot(ts_ns: int, value: object) -> None:
+    sample = Sample(tag_id=1, ts_ns=ts_ns, value=value)  # type: ignore[arg-type]
+    problem = unrepresentable(sample)
+    if problem:
+        with contextlib.suppress(DiodeError):  # may still encode; the receiver would refuse it
+            decode_records(encode_records([sample]), 1)
+            raise AssertionError(f"{problem}, yet it round-trips")
+        return
+    assert decode_records(encode_records([sample]), 1) == [sample]
 
 
 @given(sample_lists, st.integers(2, 12), st.data())

@@ -7,10 +7,11 @@ import random
 import pytest
 
 from diode.decoder import Decoder, Delivered, EpochStarted
-from diode.keys import SigningKey
+from diode.keys import Keyring, SigningKey, TrustedKey
 from diode.replay import pack_states, unpack_states
 from tests.core_support import (
     EPOCH,
+    STREAM,
     delivered,
     encode_blocks,
     feed,
@@ -62,11 +63,25 @@ def test_valid_key_id_with_a_bad_signature_is_rejected() -> None:
 
 
 def test_key_of_another_stream_is_rejected() -> None:
-    key = fixed_key()
-    decoder = Decoder(keyring(key, stream=8))
-    (block,) = encode_blocks(samples(5), key=key)
+    key, other = fixed_key(1), fixed_key(2)
+    decoder = Decoder(
+        Keyring(
+            [
+                TrustedKey(stream_id=8, public=key.private.public_key()),
+                TrustedKey(stream_id=STREAM, public=other.private.public_key()),
+            ]
+        )
+    )
+    (block,) = encode_blocks(samples(5), key=key)  # stream 7, signed by stream 8's key
     assert delivered(feed(decoder, block)) == []
     assert rejected(decoder) == {"rejected_wrong_stream": len(block)}
+
+
+def test_a_stream_nobody_configured_is_rejected_at_the_gate() -> None:
+    decoder = Decoder(keyring(fixed_key(), stream=8))
+    (block,) = encode_blocks(samples(5))
+    assert delivered(feed(decoder, block)) == []
+    assert rejected(decoder) == {"rejected_unknown_stream": len(block)}
 
 
 def test_bit_flips_are_caught_by_the_crc_and_the_block_still_rebuilds() -> None:
@@ -183,13 +198,16 @@ def test_encrypted_stream_round_trips_and_rejects_plaintext_and_wrong_secret() -
     assert b"tag" not in b"".join(sealed)
     assert delivered(feed(new_decoder(psk=psk), sealed)) == records
 
+    # A wrong secret fails the link tag of every datagram, before any other work.
     wrong = new_decoder(psk=bytes(32))
     assert delivered(feed(wrong, sealed)) == []
-    assert rejected(wrong)["rejected_bad_decrypt"] == 1
+    assert rejected(wrong) == {"rejected_bad_tag": len(sealed)}
 
+    # Ungated (version 1) datagrams on a stream with a secret never pass the gate.
     plain = new_decoder(psk=psk)
-    assert delivered(feed(plain, encode_blocks(records)[0])) == []
-    assert rejected(plain)["rejected_not_encrypted"] == 1
+    (unsealed,) = encode_blocks(records)
+    assert delivered(feed(plain, unsealed)) == []
+    assert rejected(plain) == {"rejected_ungated": len(unsealed)}
 
 
 def test_a_flood_of_forged_symbols_stays_within_the_memory_bound() -> None:

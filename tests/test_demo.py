@@ -86,6 +86,14 @@ def test_demo_with_the_embedded_broker() -> None:
     check_summary(summary)
 
 
+@pytest.mark.slow
+def test_demo_speaking_sparkplug() -> None:
+    # The embedded broker, so the run does not depend on what the machine has; the
+    # view reads the tags back from the DBIRTH and DDATA the edge node published.
+    summary, _ = run_demo("--broker", "embedded", "--payload", "sparkplug")
+    check_summary(summary)
+
+
 def test_demo_refuses_a_bad_loss_share() -> None:
     done = subprocess.run(
         [*diode_command(), "demo", "--loss", "1.5", "--duration", "1"],

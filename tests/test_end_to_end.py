@@ -162,6 +162,11 @@ async def test_inventory_and_metrics(plant: Plant, subscriber: Subscriber) -> No
     await wait_until(lambda: subscriber.on("diode/test/plc1/$inventory"))
     inventory = subscriber.on("diode/test/plc1/$inventory")[-1]
     assert inventory["protocol"] == "modbus"
+    # Issue 14 item 7: the catalogue's metadata, retained beside each value.
+    await wait_until(lambda: subscriber.on("diode/test/plc1/level/$meta"))
+    meta = subscriber.on("diode/test/plc1/level/$meta")[-1]
+    assert (meta["device"], meta["tag"], meta["value_type"]) == ("plc1", "level", "float32")
+    assert meta["source"], meta  # where the transmitter reads it
     await wait_until(lambda: subscriber.on(COUNT))
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
@@ -171,5 +176,7 @@ async def test_inventory_and_metrics(plant: Plant, subscriber: Subscriber) -> No
         "diode_rx_records_delivered_total",
         "diode_rx_mqtt_connected",
         'diode_rx_link_up{stream="11"} 1.0',
+        'diode_rx_samples_pending{stream="11"} 0.0',
+        "diode_rx_mqtt_unencodable_total 0.0",
     ):
         assert metric in text, metric

@@ -65,7 +65,9 @@ async def test_forged_datagrams_publish_nothing(tmp_path: Path, mosquitto: Mosqu
 async def test_flood_keeps_memory_bounded_and_stream_flowing(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    await scenarios.flood(tmp_path, mosquitto)
+    from tests.faults import attack
+
+    await attack.scenario(tmp_path, mosquitto, gated=False, flood_s=10.0)
 
 
 @pytest.mark.slow
@@ -104,6 +106,9 @@ class _Output:
         self.samples.extend(items)
 
     def publish_inventory(self, stream: StreamOutput, info: DeviceInfo) -> None:
+        pass
+
+    def publish_meta(self, stream: StreamOutput, info: TagInfo) -> None:
         pass
 
     def publish_status(self, stream: StreamOutput, status: dict[str, Any]) -> None:
@@ -181,3 +186,67 @@ async def test_receiver_killed_while_publishing_loses_nothing_unreported(
     same transaction as the position that covers it, before it is published.
     """
     await scenarios.receiver_kill_publishing(tmp_path, mosquitto)
+
+
+# --- 7. floods of forged datagrams (tests/faults/attack.py; the long run is in RELIABILITY.md) --
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["link secret", "no secret"])
+async def test_short_floods_of_every_forgery_publish_nothing_and_lose_nothing_unreported(
+    tmp_path: Path, mosquitto: Mosquitto, gated: bool
+) -> None:
+    """CI's short version: every kind for 1.5 s, one after another, in one plant."""
+    from tests.faults import attack
+
+    result, figures = await attack.flood(tmp_path, mosquitto, gated=gated, flood_s=1.5)
+    assert [f.kind for f in figures] == list(attack.KINDS)
+    assert all(f.sent > 0 for f in figures)
+    assert all(f.received > 0 for f in figures), "the floods reached the receiver"
+    # exact_accounting inside flood() checked every record lost is reported, and only those.
+    assert result.published > 0
+
+
+async def test_a_fresh_receiver_publishes_nothing_of_an_old_capture(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Issue 13: no saved position, an authentic capture seconds old: nothing published.
+
+    ``max_start_age_s = 1`` and ``clock_skew_s = 0`` stand in for the defaults
+    (10 + 5 s), so the capture needs to be only a few seconds old.
+    """
+    import shutil
+
+    from tests.faults.harness import Plant, Subscriber, rejected, wait_until
+
+    plant = Plant(
+        tmp_path,
+        mosquitto,
+        scenarios.COUNTER,
+        receiver={"max_start_age_s": 1.0, "clock_skew_s": 0.0},
+        capture=True,
+    )
+    sub = Subscriber(mosquitto.port)
+    try:
+        relay = await plant.start_relay()
+        await plant.start_rx()
+        await plant.start_tx()
+        await wait_until(lambda: sub.count_good() > 100, what="the live stream")
+        await plant.stop_tx()
+        await plant.stop_rx()
+        capture = list(relay.capture)
+        await asyncio.sleep(2.5)  # the capture is now older than 1 s + 0 s
+        shutil.rmtree(tmp_path / "rx-state")  # a fresh receiver: no saved position
+        published = sub.count_good()
+        await plant.start_rx()
+        for datagram in capture:
+            relay.send(datagram)
+        await wait_until(
+            lambda: rejected(plant.rx_counters(), ("stale",)) > 0, what="stale blocks counted"
+        )
+        await asyncio.sleep(1.0)
+        counters = plant.rx_counters()
+        assert counters.get("records_delivered", 0) == 0
+        assert sub.count_good() == published, "an old capture was published"
+    finally:
+        sub.close()
+        await plant.close()

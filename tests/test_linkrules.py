@@ -341,7 +341,7 @@ PINNED = textwrap.dedent(
     """
     import socket, sys
     sys.path.insert(0, sys.argv[5])
-    from receiver.app import open_link_socket
+    from receiver.link import open_link_socket
     s = open_link_socket(sys.argv[1], int(sys.argv[2]), 65536, sys.argv[3] or None)
     s.setblocking(True)
     s.settimeout(float(sys.argv[4]))

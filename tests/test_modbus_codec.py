@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diode.config.modbus import ByteOrder
+from diode.config.modbus import ByteOrder, Encoding, Half
 from diode.records import ValueType
 from transmitter.modbus_codec import CodecError, decode, encode, reader, scaled
 
@@ -236,3 +236,58 @@ def test_reader_agrees_with_decode(registers: list[int], skip: int, order: ByteO
         assert reader(V.BOOL, bit=bit)(data, 2 * skip) == decode(registers[:1], V.BOOL, bit=bit)
     text = reader(V.STRING, order, length=len(registers))(data, 2 * skip)
     assert text == decode(registers, V.STRING, order)
+
+
+# -- 8-bit halves and string encodings (issue 14, item 6) ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "byte", "register", "value"),
+    [
+        (V.UINT8, Half.HIGH, 0xFE01, 0xFE),
+        (V.UINT8, Half.LOW, 0xFE01, 0x01),
+        (V.INT8, Half.HIGH, 0xFE01, -2),
+        (V.INT8, Half.LOW, 0x01FE, -2),
+        (V.INT8, Half.LOW, 0xFF7F, 127),
+        (V.INT8, Half.HIGH, 0x8000, -128),
+    ],
+)
+def test_8_bit_halves_of_a_register(kind: ValueType, byte: Half, register: int, value: int) -> None:
+    assert decode([register], kind, byte=byte) == value
+    assert reader(kind, byte=byte)(b"\x00\x00" + register.to_bytes(2, "big"), 2) == value
+    # Encoding sets only that half; decoding it back gives the value.
+    assert decode(encode(value, kind, byte=byte), kind, byte=byte) == value
+
+
+def test_both_halves_of_one_register_are_independent() -> None:
+    register = encode(-5, V.INT8, byte=Half.HIGH)[0] | encode(200, V.UINT8, byte=Half.LOW)[0]
+    assert decode([register], V.INT8, byte=Half.HIGH) == -5
+    assert decode([register], V.UINT8, byte=Half.LOW) == 200
+
+
+def test_a_string_ends_at_its_first_nul() -> None:
+    # Before: every NUL was removed, so the garbage after the terminator joined the text.
+    assert decode([0x4142, 0x0043, 0x4400], V.STRING) == "AB"
+    assert reader(V.STRING, length=3)(_wire([0x4142, 0x0043, 0x4400]), 0) == "AB"
+
+
+@pytest.mark.parametrize("order", list(ByteOrder))
+def test_utf8_string_in_every_byte_order(order: ByteOrder) -> None:
+    text = "Grüße 1°C"  # 12 bytes in UTF-8
+    registers = encode(text, V.STRING, order, length=8, encoding=Encoding.UTF8)
+    assert decode(registers, V.STRING, order, encoding=Encoding.UTF8) == text
+    assert reader(V.STRING, order, length=8, encoding=Encoding.UTF8)(_wire(registers), 0) == text
+    # The same bytes read as Latin-1 are other characters: the encoding matters.
+    assert decode(registers, V.STRING, order, encoding=Encoding.LATIN1) != text
+
+
+def test_bytes_that_are_not_text_in_the_encoding_are_an_error_not_a_guess() -> None:
+    high = [0x41E9, 0x0000]  # "A" then 0xE9: Latin-1 "é", not ASCII, not UTF-8
+    assert decode(high, V.STRING, encoding=Encoding.LATIN1) == "Aé"
+    for encoding in (Encoding.ASCII, Encoding.UTF8):
+        with pytest.raises(CodecError, match=f"not {encoding} text"):
+            decode(high, V.STRING, encoding=encoding)
+        with pytest.raises(CodecError):
+            reader(V.STRING, length=2, encoding=encoding)(_wire(high), 0)
+    with pytest.raises(CodecError):
+        encode("é", V.STRING, length=2, encoding=Encoding.ASCII)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diode.config import validate
-from diode.config.modbus import ModbusDevice, ModbusSection, ModbusTag, Table
+from diode.config.modbus import Encoding, Half, ModbusDevice, ModbusSection, ModbusTag, Table
 from diode.errors import ConfigError
 from diode.records import ValueType
 from transmitter.modbus_plan import (
@@ -235,6 +235,22 @@ def one_tag(**fields: Any) -> dict[str, Any]:
         (one_tag(table="input_register", address=0, type="int16", bit=3), "only for bool"),
         (one_tag(table="coil", address=0, type="bool", scale=2.0), "scale and offset"),
         (one_tag(table="coil", address=0, type="nope"), "Input should be"),
+        (one_tag(table="holding_register", address=0, type="int8"), 'byte = "high" or "low"'),
+        (one_tag(table="holding_register", address=0, type="int16", byte="low"), "only for int8"),
+        (
+            one_tag(table="holding_register", address=0, type="uint8", byte="high", order="BADC"),
+            "order does not apply",
+        ),
+        (one_tag(table="holding_register", address=0, type="uint8", byte="middle"), "byte"),
+        (
+            one_tag(table="holding_register", address=0, type="int16", encoding="utf-8"),
+            "encoding is only for string",
+        ),
+        (
+            one_tag(table="holding_register", address=0, type="string", length=2, encoding="utf8"),
+            "encoding",
+        ),
+        (one_tag(table="holding_register", address=0, type="bytestring"), "not a Modbus value"),
         (device(name="bad name"), "should match pattern"),
         (device(port="502"), "valid integer"),
         (device(backoff_initial_s=60.0), "exceeds backoff_max_s"),
@@ -282,6 +298,27 @@ def test_config_defaults_and_enums_from_strings() -> None:
     assert t.type is ValueType.FLOAT32
     assert t.order == "CDAB"
     assert t.width == 2
+
+
+def test_8_bit_halves_and_string_encodings_are_accepted() -> None:
+    tags = [
+        {"name": "hi", "table": "holding_register", "address": 0, "type": "int8", "byte": "high"},
+        {"name": "lo", "table": "holding_register", "address": 0, "type": "uint8", "byte": "low"},
+        {"name": "s", "table": "input_register", "address": 1, "type": "string", "length": 4},
+        {
+            "name": "u",
+            "table": "input_register",
+            "address": 5,
+            "type": "string",
+            "length": 4,
+            "encoding": "utf-8",
+            "order": "BADC",
+        },
+    ]
+    section = validate(ModbusSection, {"devices": [device(units=[{"id": 1, "tags": tags}])]}, "x")
+    hi, lo, s, u = section.devices[0].units[0].tags
+    assert (hi.byte, lo.byte, hi.width) == (Half.HIGH, Half.LOW, 1)
+    assert (s.encoding, u.encoding) == (Encoding.LATIN1, Encoding.UTF8)
 
 
 def test_duplicate_device_names() -> None:

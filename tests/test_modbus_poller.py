@@ -14,7 +14,7 @@ import pytest
 import structlog.testing
 
 from diode.config.modbus import ByteOrder, ModbusDevice
-from diode.records import DeviceInfo, Quality, Sample, ValueType
+from diode.records import DeviceInfo, Quality, Sample, TagInfo, ValueType
 from tests.support.modbus_server import ModbusSimServer
 from transmitter.modbus import ModbusPoller, phase_of
 from transmitter.modbus_codec import encode
@@ -27,6 +27,9 @@ class ListSink:
 
     def sample(self, sample: Sample) -> None:
         self.samples.append(sample)
+
+    def tag(self, info: TagInfo) -> None:
+        raise AssertionError("a Modbus tag's type is never learnt: it is configured")
 
     def device(self, info: DeviceInfo) -> None:
         self.devices.append(info)
@@ -492,3 +495,70 @@ def test_phases_are_stable_and_spread() -> None:
     assert all(0 <= p < 1 for p in phases)
     tenths = [sum(1 for p in phases if k / 10 <= p < (k + 1) / 10) for k in range(10)]
     assert max(tenths) < 40, tenths  # 20 each if even
+
+
+# -- issue 14, item 11: device state changes are logged, rate-limited ------------------
+
+
+def _states(logs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [
+        (e["event"], e.get("cause", ""))
+        for e in logs
+        if e["event"] in ("modbus.device_down", "modbus.device_up")
+    ]
+
+
+async def test_timeouts_disconnects_and_recoveries_are_logged_once_each(
+    server: ModbusSimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("transmitter.modbus.STATE_LOG_INTERVAL_S", 0.0)
+    h = Harness(make_device(server.port, [{"id": 1, "tags": [hr("a", 0, "uint16")]},
+                                          {"id": 2, "tags": [hr("b", 0, "uint16")]}]))  # fmt: skip
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            await h.poller.poll_once()
+        assert _states(logs) == []  # a healthy device logs nothing per cycle
+        server.dead.add(2)
+        for _ in range(3):
+            await h.poller.poll_once()
+        server.dead.clear()
+        await h.poller.poll_once()
+        await server.stop()
+        for _ in range(3):
+            await h.poller.poll_once()
+            await asyncio.sleep(0.25)  # past the reconnect backoff
+        await server.start()
+        await h.until(lambda: h.has("a", lambda s: s.quality is Quality.GOOD and s.ts_ns > 0))
+        for _ in range(20):
+            await h.poller.poll_once()
+            if _states(logs)[-1:] == [("modbus.device_up", "")] and len(_states(logs)) == 4:
+                break
+            await asyncio.sleep(0.1)
+    assert _states(logs) == [
+        ("modbus.device_down", "timeout"),
+        ("modbus.device_up", ""),
+        ("modbus.device_down", "disconnected"),
+        ("modbus.device_up", ""),
+    ]
+    down = next(e for e in logs if e["event"] == "modbus.device_down")
+    assert (down["units"], down["device"]) == ([2], "plc")
+
+
+async def test_a_flapping_device_is_logged_at_most_once_per_interval(
+    server: ModbusSimServer,
+) -> None:
+    h = Harness(make_device(server.port, [{"id": 1, "tags": [hr("a", 0, "uint16")]},
+                                          {"id": 2, "tags": [hr("b", 0, "uint16")]}]))  # fmt: skip
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(4):  # down, up, down, up... within one interval
+            server.dead.add(2)
+            await h.poller.poll_once()
+            server.dead.clear()
+            await h.poller.poll_once()
+    assert _states(logs) == [("modbus.device_down", "timeout")]
+    # The interval over, the state it settled in is logged, with the changes not logged.
+    h.poller._state_logged_at -= 60.0
+    with structlog.testing.capture_logs() as logs:
+        await h.poller.poll_once()
+    assert _states(logs) == [("modbus.device_up", "")]
+    assert logs[0]["changes_unlogged"] == 6  # down and up three times in between

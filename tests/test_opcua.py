@@ -7,6 +7,7 @@ import datetime as dt
 import random
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from diode.config import validate
 from diode.config.opcua import OpcuaServer
 from diode.errors import ConfigError, KeyFileError
-from diode.records import DeviceInfo, Quality, Sample, ValueType
+from diode.records import DeviceInfo, Quality, Sample, TagInfo, ValueType
 from tests.support.opcua_server import BUILD_INFO, OpcuaTestServer, node_id
 from transmitter import certs
 from transmitter.opcua import (
@@ -43,9 +44,13 @@ class Collector:
     def __init__(self) -> None:
         self.samples: list[Sample] = []
         self.devices: list[DeviceInfo] = []
+        self.tags: list[TagInfo] = []
 
     def sample(self, sample: Sample) -> None:
         self.samples.append(sample)
+
+    def tag(self, info: TagInfo) -> None:
+        self.tags.append(info)
 
     def device(self, info: DeviceInfo) -> None:
         self.devices.append(info)
@@ -246,8 +251,8 @@ async def test_status_codes_become_quality(server: OpcuaTestServer) -> None:
         assert (bad.value, bad.reason) == (None, "BadSensorFailure")
 
         await sink.until(lambda: sink.of(curve), "array sample")
-        assert sink.of(curve)[0].quality is Quality.BAD
-        assert sink.of(curve)[0].reason == "unsupported type"
+        # An array is a value like any other now (issue 14, item 6): it was BAD before.
+        assert (sink.of(curve)[0].quality, sink.of(curve)[0].value) == (Quality.GOOD, (1.0, 2.0))
         await sink.until(lambda: sink.of(ghost), "unknown node sample")
         assert (sink.of(ghost)[0].quality, sink.of(ghost)[0].reason) == (
             Quality.BAD,
@@ -674,14 +679,31 @@ def test_config_accepts_a_full_server() -> None:
         (True, (True, "")),
         (-3, (-3, "")),
         (2**64 - 1, (2**64 - 1, "")),
-        (2**64, (None, "unsupported type")),
+        (2**64, (None, "unsupported type: integer out of the 64-bit range")),
         (1.25, (1.25, "")),
         ("x", ("x", "")),
         (None, (None, "")),
-        (ua.LocalizedText("hello"), ("hello", "")),
-        (dt.datetime(2024, 1, 2, tzinfo=dt.UTC), ("2024-01-02T00:00:00+00:00", "")),
-        ([1, 2], (None, "unsupported type")),
-        (b"\x00", (None, "unsupported type")),
+        (ua.LocalizedText("hello"), (("hello", ""), "")),
+        (ua.LocalizedText("Hallo", "de-DE"), (("Hallo", "de-DE"), "")),
+        (dt.datetime(2024, 1, 2, tzinfo=dt.UTC), ("2024-01-02T00:00:00.000000Z", "")),
+        (dt.datetime(9999, 12, 31, 23, 59, 59), ("9999-12-31T23:59:59.000000Z", "")),
+        ([1, 2], ((1, 2), "")),
+        ([[1.5], [2.5]], (((1.5,), (2.5,)), "")),
+        ([ua.LocalizedText("a", "en")], ((("a", "en"),), "")),
+        (b"\x00", (b"\x00", "")),
+        (
+            ua.StatusCode(ua.StatusCodes.BadSensorFailure),
+            ((ua.StatusCodes.BadSensorFailure, "BadSensorFailure"), ""),
+        ),
+        (ua.NodeId("Tank.Level", 2), ("ns=2;s=Tank.Level", "")),
+        (ua.QualifiedName("Name", 3), ("3:Name", "")),
+        (
+            uuid.UUID("72962b91-fa75-4ae6-8d28-b404dc7daf63"),
+            ("72962b91-fa75-4ae6-8d28-b404dc7daf63", ""),
+        ),
+        ([1, 2**70], (None, "unsupported type: integer out of the 64-bit range")),
+        (ua.ExtensionObject(), (None, "unsupported type ExtensionObject")),
+        (object(), (None, "unsupported type object")),
     ],
 )
 def test_plain_value(raw: Any, expected: tuple[Any, str]) -> None:

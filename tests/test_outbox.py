@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from diode.records import DeviceInfo, Quality, Sample, TagInfo, ValueType
+import pytest
+
+from diode.errors import DiodeError
+from diode.records import (
+    DeviceInfo,
+    Quality,
+    Sample,
+    TagInfo,
+    ValueType,
+    decode_records,
+    encode_record,
+    encode_records,
+)
 from transmitter.outbox import Outbox, changed
 
 TAGS = [
@@ -63,3 +75,90 @@ def test_a_full_outbox_drops_and_counts() -> None:
         box.sample(Sample(tag_id=1, ts_ns=i, value=float(i)))
     assert len(box) == 5
     assert box.counters["records_dropped"] == 6  # the catalogue entry took one place
+
+
+# -- issue 14, item 1: the deadband against the last value sent ------------------------
+
+
+def test_a_ramp_under_the_deadband_is_reported_within_one_deadband() -> None:
+    """0.0, 0.1 ... 4.9 with deadband 0.5: the old outbox sent 0.0 only (each step < 0.5)."""
+    box = outbox({1: 0.5})
+    sent: list[float] = []
+    for step in range(50):
+        truth = step / 10
+        box.sample(Sample(tag_id=1, ts_ns=step, value=truth))
+        sent.extend(r.value for r in drain(box) if isinstance(r, Sample))  # type: ignore[misc]
+        assert abs(sent[-1] - truth) <= 0.5, (step, sent[-1])
+    assert len(sent) > 5
+
+
+def test_nan_transitions_are_reported_and_nan_repeats_are_not() -> None:
+    box = outbox({1: 0.5})
+    nan, inf = float("nan"), float("inf")
+    for i, v in enumerate([1.0, nan, nan, 1.0, 1.1, inf, inf, -inf, 2.0]):
+        box.sample(Sample(tag_id=1, ts_ns=i, value=v))
+    values = [r.value for r in drain(box) if isinstance(r, Sample)]
+    assert [repr(v) for v in values] == ["1.0", "nan", "1.0", "inf", "-inf", "2.0"]
+
+
+def test_an_array_is_sent_when_it_changes_nan_elements_included() -> None:
+    box = outbox()
+    nan = float("nan")
+    for i, v in enumerate([(1.0, nan), (1.0, float("nan")), (2.0, nan), (2.0, nan)]):
+        box.sample(Sample(tag_id=1, ts_ns=i, value=v))
+    assert [repr(r.value) for r in drain(box) if isinstance(r, Sample)] == [
+        "(1.0, nan)",
+        "(2.0, nan)",
+    ]
+
+
+def test_a_refresh_moves_the_deadband_reference() -> None:
+    box = outbox({1: 0.5})
+    box.sample(Sample(tag_id=1, ts_ns=1, value=0.0))
+    box.sample(Sample(tag_id=1, ts_ns=2, value=0.4))  # suppressed
+    box.refresh()  # the receiver now has 0.4
+    box.sample(Sample(tag_id=1, ts_ns=3, value=0.8))  # 0.4 from what it has: suppressed
+    assert [r.value for r in drain(box) if isinstance(r, Sample)] == [0.0, 0.4]
+
+
+# -- issue 14, item 2: a value that cannot travel costs only itself -------------------
+
+
+@pytest.mark.parametrize(
+    ("ts_ns", "value", "problem"),
+    [
+        (2**63, 1.0, "timestamp out of range"),  # year 2262..2554: the receiver would reject
+        (2**64 + 5, 1.0, "timestamp out of range"),  # past 2554: msgpack raised OverflowError
+        (1, 2**64, "integer out of the 64-bit range"),
+        (1, -(2**63) - 1, "integer out of the 64-bit range"),
+        (1, "bad \udcff surrogate", "text is not valid Unicode"),
+        (1, (1.0, (2, 2**70)), "integer out of the 64-bit range"),
+        (1, ((((((((((1,),),),),),),),),),), "nested deeper"),
+        (1, object(), "unsupported value type object"),
+    ],
+)
+def test_an_unrepresentable_sample_becomes_bad_and_costs_nothing_else(
+    ts_ns: int, value: object, problem: str
+) -> None:
+    box = Outbox(catalogue=lambda: TAGS, deadbands={}, limit=100, now_ns=lambda: 777)
+    box.sample(Sample(tag_id=1, ts_ns=1, value=1.5))
+    box.sample(Sample(tag_id=2, ts_ns=ts_ns, value=value))  # type: ignore[arg-type]
+    box.sample(Sample(tag_id=3, ts_ns=1, value=2.5))
+    records = drain(box)
+    # Every record of the batch encodes, and decodes back as one block would.
+    payload = encode_records(records)  # type: ignore[arg-type]
+    assert decode_records(payload, len(records)) == records
+    samples = {r.tag_id: r for r in records if isinstance(r, Sample)}
+    assert samples[1].value == 1.5
+    assert samples[3].value == 2.5
+    bad = samples[2]
+    assert (bad.quality, bad.value, bad.ts_ns) == (Quality.BAD, None, 777)
+    assert problem in bad.reason
+    assert box.counters["samples_unrepresentable"] == 1
+
+
+def test_the_encoder_backstop_raises_a_diode_error_never_overflow() -> None:
+    """Before: msgpack's OverflowError escaped the transmitter's DiodeError handling."""
+    with pytest.raises(DiodeError, match="cannot be encoded") as caught:
+        encode_record(Sample(tag_id=1, ts_ns=2**64, value=1.0))
+    assert caught.value.reason == "unencodable"

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+import struct
 import tracemalloc
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from diode.config import validate
 from diode.config.mqtt import MqttBroker, StreamOutput
@@ -101,6 +105,27 @@ def test_inventory_and_status() -> None:
     assert json.loads(status.payload) == {"link": "up", "age_s": "Infinity", "gaps": [[1, 2]]}
 
 
+def test_the_default_layout_is_an_isa95_namespace_with_areas_from_config() -> None:
+    stream = StreamOutput(
+        prefix="acme",
+        site="lyon",
+        areas={"plc1": "packaging/line2"},
+        default_area="utilities",
+    )
+    topics = Topics(stream)
+    assert topics.tag("plc1", "level") == "acme/lyon/packaging/line2/plc1/level"
+    assert topics.tag("boiler", "temp") == "acme/lyon/utilities/boiler/temp"
+    assert topics.device("plc1") == "acme/lyon/packaging/line2/plc1"
+    assert topics.inventory("plc1") == "acme/lyon/packaging/line2/plc1/$inventory"
+    assert topics.status() == "acme/lyon/$status"
+    # Without areas, the levels the catalogue knows: no empty level in between.
+    plain = Topics(StreamOutput(prefix="acme", site="lyon"))
+    assert plain.tag("plc1", "level") == "acme/lyon/plc1/level"
+    assert plain.device("plc1") == "acme/lyon/plc1"
+    custom = Topics(StreamOutput(topic_template="uns/{site}/{area}/{device}/{tag}"))
+    assert custom.tag("plc1", "level") == "uns/site/plc1/level"
+
+
 @pytest.mark.parametrize(
     ("data", "key"),
     [
@@ -109,7 +134,10 @@ def test_inventory_and_status() -> None:
         ({"topic_template": "{prefix}/+/{tag}"}, ""),
         ({"site": "a#"}, "site"),
         ({"qos": 2}, "qos"),
-        ({"payload": "sparkplug"}, "payload"),
+        ({"payload": "protobuf"}, "payload"),
+        ({"areas": {"plc1": "a/+"}}, "areas"),
+        ({"areas": {"plc1": "a//b"}}, "areas"),
+        ({"default_area": "/x"}, "default_area"),
         ({"colour": "red"}, "colour"),
     ],
 )
@@ -139,3 +167,84 @@ def test_a_payload_holds_about_its_own_size() -> None:
         tracemalloc.stop()
     assert len(kept) == 1000
     assert held < 1000 * 256, f"{held / 1000:.0f} bytes per {len(kept[0])}-byte payload"
+
+
+# -- issue 14, items 5 and 6: every value as the PLC holds it ---------------------------
+
+
+def _published(value_type: ValueType, value: object) -> tuple[bytes, object]:
+    tag = TagInfo(tag_id=1, name="t", device="d", value_type=value_type)
+    sample = Sample(tag_id=1, ts_ns=0, value=value)  # type: ignore[arg-type]
+    (message,) = sample_messages(Topics(StreamOutput()), [(tag, sample)])
+    raw = message.payload.split(b'"value":', 1)[1].rsplit(b',"ts"', 1)[0]
+    return raw, json.loads(message.payload)["value"]
+
+
+def _f32(x: float) -> float:
+    return float(struct.unpack("<f", struct.pack("<f", x))[0])
+
+
+def test_float32_is_published_as_the_plc_shows_it() -> None:
+    """The demo published 12.470000267028809 and 2.919461250305176 (float64 noise)."""
+    assert _published(ValueType.FLOAT32, _f32(12.47))[0] == b"12.47"
+    assert _published(ValueType.FLOAT32, _f32(2.9194613))[0] == b"2.9194613"
+    assert _published(ValueType.FLOAT32, _f32(0.1))[0] == b"0.1"
+    assert _published(ValueType.FLOAT32, _f32(-1e-30))[0] == b"-1e-30"
+    # Zero keeps its sign, also after a +0.0 was published (the formatter caches values).
+    assert _published(ValueType.FLOAT32, 0.0)[0] == b"0.0"
+    assert _published(ValueType.FLOAT32, -0.0)[0] == b"-0.0"
+    assert _published(ValueType.FLOAT32, _f32(12.47))[0] == b"12.47"  # a cached value
+    # A float64 keeps every digit it has.
+    assert _published(ValueType.FLOAT64, 0.1 + 0.2)[0] == b"0.30000000000000004"
+    # A value that is not a float32 (scaled) is never rounded to one.
+    assert _published(ValueType.FLOAT32, 0.1)[0] == b"0.1"
+    assert _published(ValueType.FLOAT32, 1 / 3)[1] == 1 / 3
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_float32_text_is_the_shortest_that_reads_back(bits: int) -> None:
+    (x,) = struct.unpack("<f", struct.pack("<I", bits))
+    raw, value = _published(ValueType.FLOAT32, x)
+    if not math.isfinite(x):
+        assert value in ("NaN", "Infinity", "-Infinity")
+        return
+    assert _f32(float(raw)) == x  # reads back to the same float32, bit for bit
+    digits = len(raw.decode().lstrip("-").split("e")[0].replace(".", "").strip("0"))
+    shorter = f"{x:.{max(digits - 1, 1)}g}"
+    assert digits <= 1 or _f32(float(shorter)) != x, (raw, shorter)
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_float64_is_published_in_full(x: float) -> None:
+    raw, value = _published(ValueType.FLOAT64, x)
+    assert float(raw) == x
+    assert value == x
+
+
+@pytest.mark.parametrize(
+    ("value_type", "value", "expected"),
+    [
+        (ValueType.BYTESTRING, b"\x00\x01\xfe\xff", "AAH+/w=="),
+        (ValueType.BYTESTRING, b"", ""),
+        (ValueType.LOCALIZED_TEXT, ("Hallo", "de-DE"), {"text": "Hallo", "locale": "de-DE"}),
+        (
+            ValueType.LOCALIZED_TEXT,
+            (("a", "en"), ("b", "fr")),
+            [{"text": "a", "locale": "en"}, {"text": "b", "locale": "fr"}],
+        ),
+        (ValueType.LOCALIZED_TEXT, (), []),
+        (
+            ValueType.STATUS_CODE,
+            (0x808D0000, "BadSensorFailure"),
+            {"code": 0x808D0000, "name": "BadSensorFailure"},
+        ),
+        (ValueType.DATETIME, "2600-01-01T00:00:00.000000Z", "2600-01-01T00:00:00.000000Z"),
+        (ValueType.FLOAT32, (_f32(1.1), _f32(2.2)), [1.1, 2.2]),
+        (ValueType.FLOAT64, ((1.5, float("nan")), (3.0, 4.0)), [[1.5, "NaN"], [3.0, 4.0]]),
+        (ValueType.BYTESTRING, (b"a", b"bc"), ["YQ==", "YmM="]),
+        (ValueType.INT32, (1, -2, 3), [1, -2, 3]),
+        (ValueType.STRING, ("x", None), ["x", None]),
+    ],
+)
+def test_plant_types_as_json(value_type: ValueType, value: object, expected: object) -> None:
+    assert _published(value_type, value)[1] == expected

@@ -1,13 +1,35 @@
-"""The receiver's end of the link: buffer sizing, kernel drops, and a receive-only socket."""
+"""The receiver's end of the link: buffer sizing, kernel drops, the socket systemd passes,
+and the drain that leaves every uncommitted datagram in the kernel's queue."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
 
-from receiver.app import kernel_drops, open_link_socket, size_receive_buffer
+from diode.errors import LinkError
+from diode.replay import StreamState
+from diode.wire import DatagramHeader, pack_datagram
+from receiver.link import (
+    HOLD_S,
+    SO_RCVBUFFORCE,
+    Drain,
+    kernel_drops,
+    open_link_socket,
+    passed_socket,
+    size_receive_buffer,
+)
+from tests.support.net import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_a_capped_buffer_is_read_back_and_the_sysctl_named() -> None:
@@ -35,3 +57,181 @@ def test_kernel_drops_are_counted_when_the_queue_overflows() -> None:
             for _ in range(200):
                 source.sendto(b"x" * 1400, sink.getsockname())
         assert kernel_drops(sink) > 0
+
+
+# --- the socket passed in (LISTEN_FDS) --------------------------------------------------
+
+ACTIVATE = shutil.which("systemd-socket-activate")
+needs_activate = pytest.mark.skipif(
+    ACTIVATE is None, reason="systemd-socket-activate is not installed (apt-get install systemd)"
+)
+SHOW_PASSED = (
+    "from receiver.link import passed_socket\n"
+    "import os, socket\n"
+    "s = passed_socket()\n"
+    "print(s.getsockname()[1], s.type == socket.SOCK_DGRAM, 'LISTEN_FDS' in os.environ)\n"
+    "print(s.recv(100))\n"
+)
+
+
+def _activated(code: str, *, datagram: bool = True) -> tuple[int, str, str, int]:
+    """Run ``python -c code`` under systemd-socket-activate, woken by one datagram."""
+    assert ACTIVATE is not None
+    kind = socket.SOCK_DGRAM if datagram else socket.SOCK_STREAM
+    port = free_port(kind)
+    argv = [ACTIVATE, *(["--datagram"] if datagram else []), "-l", f"127.0.0.1:{port}"]
+    proc = subprocess.Popen(
+        [*argv, sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stderr is not None
+        listening = proc.stderr.readline()  # "Listening on 127.0.0.1:PORT as 3."
+        assert "Listening on" in listening, listening
+        if datagram:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"wake", ("127.0.0.1", port))
+        else:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err, port
+
+
+@needs_activate
+def test_the_socket_systemd_passes_is_adopted_and_keeps_what_was_queued() -> None:
+    code, out, err, port = _activated(SHOW_PASSED)
+    assert code == 0, err
+    first, second = out.splitlines()
+    # The port systemd bound, a datagram socket, the variables gone from the environment.
+    assert first == f"{port} True False"
+    assert second == "b'wake'"  # the datagram that woke it waited in the queue
+
+
+@needs_activate
+def test_a_stream_socket_passed_in_is_refused_with_the_setting_named() -> None:
+    code, _, err, _ = _activated(SHOW_PASSED, datagram=False)
+    assert code != 0
+    assert "ListenDatagram=" in err
+
+
+def test_listen_fds_for_another_process_or_several_sockets() -> None:
+    assert passed_socket({"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "1"}) is None
+    assert passed_socket({}) is None
+    with pytest.raises(LinkError, match="exactly one socket"):
+        passed_socket({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2"})
+    with pytest.raises(LinkError, match="not numbers"):
+        passed_socket({"LISTEN_PID": "x", "LISTEN_FDS": "1"})
+
+
+def test_a_buffer_set_larger_by_systemd_is_not_shrunk() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 * 1024 * 1024)  # as root
+        assert size_receive_buffer(sock, 1024 * 1024, force=False) >= 16 * 1024 * 1024
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2 >= 16 * 1024 * 1024
+
+
+# --- the drain: the kernel queue as the journal -------------------------------------------
+
+STREAM = 7
+
+
+def _datagram(seq: int, *, stream: int = STREAM, epoch: int = 5, index: int = 0) -> bytes:
+    header = DatagramHeader(
+        flags=0,
+        stream_id=stream,
+        key_id=b"k" * 8,
+        epoch=epoch,
+        seq=seq,
+        index=index,
+        k=2,
+        n=3,
+        block_length=100,
+        records=1,
+    )
+    return pack_datagram(header, b"s" * 64)
+
+
+@pytest.fixture
+def link() -> Iterator[tuple[socket.socket, socket.socket]]:
+    sink = open_link_socket("127.0.0.1", 0, 1024 * 1024)
+    source = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    source.connect(sink.getsockname())
+    yield sink, source
+    sink.close()
+    source.close()
+
+
+def _queued(sink: socket.socket) -> list[bytes]:
+    """Everything still in the kernel's queue, read by a fresh reader (a new process)."""
+    reader = Drain(socket.socket(fileno=os.dup(sink.fileno())), {STREAM}, journal=True,
+                   counters=Counter())  # fmt: skip
+    try:
+        return reader.read(1000, 0.0)
+    finally:
+        reader.sock.close()
+
+
+def test_nothing_uncommitted_leaves_the_kernel_queue(
+    link: tuple[socket.socket, socket.socket],
+) -> None:
+    sink, source = link
+    sent = [_datagram(seq, index=i) for seq in range(4) for i in range(2)]
+    for d in sent:
+        source.send(d)
+    drain = Drain(sink, {STREAM}, journal=True, counters=Counter())
+    assert drain.read(100, 0.0) == sent
+    # Nothing committed yet: a process killed now leaves all of it queued.
+    assert drain.release({}, 0.1) == 0
+    assert _queued(sink) == sent
+    # Blocks 0 and 1 committed: their datagrams leave, blocks 2 and 3 stay.
+    assert drain.release({STREAM: StreamState(epoch=5, next_seq=2, next_record=2)}, 0.2) == 4
+    assert _queued(sink) == sent[4:]
+    assert drain.pending == 4
+    # The reader's own peek offset is still right: new datagrams come next, not old ones.
+    source.send(_datagram(4))
+    assert drain.read(100, 0.3) == [_datagram(4)]
+
+
+def test_garbage_other_streams_and_older_epochs_never_wait(
+    link: tuple[socket.socket, socket.socket],
+) -> None:
+    sink, source = link
+    for d in (b"x", _datagram(0, stream=99), _datagram(9, epoch=4), _datagram(0)):
+        source.send(d)
+    drain = Drain(sink, {STREAM}, journal=True, counters=Counter())
+    assert len(drain.read(100, 0.0)) == 4
+    assert drain.release({STREAM: StreamState(epoch=5, next_seq=0, next_record=0)}, 0.0) == 3
+    assert _queued(sink) == [_datagram(0)]
+
+
+def test_a_datagram_nothing_will_cover_cannot_pin_the_queue(
+    link: tuple[socket.socket, socket.socket],
+) -> None:
+    sink, source = link
+    forged, real = _datagram(10**9), _datagram(0)
+    source.send(forged)
+    source.send(real)
+    counters: Counter[str] = Counter()
+    drain = Drain(sink, {STREAM}, journal=True, counters=counters)
+    drain.read(100, 100.0)
+    covered = {STREAM: StreamState(epoch=5, next_seq=1, next_record=1)}
+    assert drain.release(covered, 100.0 + HOLD_S / 2) == 0  # the forgery heads the queue
+    assert drain.release(covered, 100.0 + HOLD_S + 0.01) == 2
+    assert counters["link_released_uncommitted"] == 1
+    assert _queued(sink) == []
+
+
+def test_without_the_journal_datagrams_are_taken_at_once(
+    link: tuple[socket.socket, socket.socket],
+) -> None:
+    sink, source = link
+    source.send(_datagram(0))
+    drain = Drain(sink, {STREAM}, journal=False, counters=Counter())
+    assert drain.read(100, 0.0) == [_datagram(0)]
+    assert _queued(sink) == []

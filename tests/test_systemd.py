@@ -49,6 +49,8 @@ MAX_EXPOSURE = 2.0
 PLAIN = ["diode-tx.service", "diode-rx.service"]
 TEMPLATES = ["diode-tx@.service", "diode-rx@.service"]
 ALL_UNITS = PLAIN + TEMPLATES
+SOCKET = "diode-rx.socket"
+ACTIVATE = shutil.which("systemd-socket-activate")
 # What an operator adds with `systemctl edit`: the PLCs, the far end, the broker.
 OPERATOR_DROP_IN = "IPAddressAllow=10.10.1.0/24 192.168.77.1 192.168.77.2\n"
 
@@ -138,6 +140,28 @@ def test_template_is_the_plain_unit_with_the_instance_in_paths(side: str) -> Non
     assert one(template, "Service.StateDirectory") == f"diode-{side}/%i"
 
 
+def test_socket_unit_matches_the_example_and_holds_the_buffer() -> None:
+    """diode-rx.socket binds what examples/rx.toml listens on, on the link interface."""
+    import tomllib
+
+    from diode.config.rx import ReceiverSection
+
+    s = unit_settings(UNITS / SOCKET)
+    example_rx = tomllib.loads((EXAMPLES / "rx.toml").read_text())["receiver"]
+    assert one(s, "Socket.ListenDatagram") == f"{example_rx['listen']}:{example_rx['port']}"
+    assert one(s, "Socket.BindToDevice") == example_rx["interface"] == "eth1"
+    assert "eth1" in (ROOT / "docs" / "OPERATIONS.md").read_text()
+    size = one(s, "Socket.ReceiveBuffer")
+    assert size.endswith("M")
+    default_rcvbuf = ReceiverSection.model_fields["rcvbuf_bytes"].default
+    assert int(size[:-1]) * 1024 * 1024 >= default_rcvbuf == example_rx["rcvbuf_bytes"]
+    assert one(s, "Socket.IPAddressDeny") == "any"
+    assert one(s, "Install.WantedBy") == "sockets.target"
+    # The plain service is the one it activates (same name), and it can be reloaded.
+    for unit in ("diode-rx.service", "diode-rx@.service"):
+        assert one(unit_settings(UNITS / unit), "Service.ExecReload") == "kill -HUP $MAINPID"
+
+
 def test_sysctl_drop_in_lets_the_receiver_have_its_buffer() -> None:
     from diode.config.rx import ReceiverSection
 
@@ -191,16 +215,22 @@ def scratch_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(STOCK_UNITS, root / "usr/lib/systemd/system", symlinks=True)
     units = root / "etc/systemd/system"
     units.mkdir(parents=True)
-    for unit in ALL_UNITS:
+    for unit in [*ALL_UNITS, SOCKET]:
         shutil.copy(UNITS / unit, units / unit)
     bin_dir = root / "usr/bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     for name in ("diode-tx", "diode-rx"):
         shutil.copy(VENV_BIN / name, bin_dir / name)
+    # ExecReload's kill; /bin is /usr/bin on merged-/usr systems, a folder of its own elsewhere.
+    kill = shutil.which("kill") or "/bin/kill"
+    for folder in ("bin", "usr/bin"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        if not (root / folder / "kill").exists():
+            shutil.copy(kill, root / folder / "kill")
     return root
 
 
-@pytest.mark.parametrize("unit", ["diode-tx.service", "diode-rx.service", *TEMPLATES])
+@pytest.mark.parametrize("unit", ["diode-tx.service", "diode-rx.service", *TEMPLATES, SOCKET])
 def test_systemd_analyze_verify_accepts_the_unit(scratch_root: Path, unit: str) -> None:
     assert ANALYZE is not None
     name = unit.replace("@.", "@site1.")
@@ -576,3 +606,82 @@ def test_bad_config_exits_2_with_one_line_naming_file_and_key(
     assert key in lines[0]
     assert "Traceback" not in err
     assert notify.messages == []  # never said READY
+
+
+def socket_activated(unit_socket: Path, port: int, argv: list[str]) -> list[str]:
+    """``systemd-socket-activate`` standing in for the socket unit: its ListenDatagram=,
+    address and port swapped for loopback and a free port."""
+    assert ACTIVATE is not None
+    listen = one(unit_settings(unit_socket), "Socket.ListenDatagram")
+    assert re.fullmatch(r"[0-9.]+:\d+", listen), listen
+    # It passes on only a few variables of its own; systemd would set these two.
+    keep = ["--setenv=NOTIFY_SOCKET", "--setenv=WATCHDOG_USEC"]
+    return [ACTIVATE, "--datagram", *keep, "-l", f"127.0.0.1:{port}", *argv]
+
+
+@pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-activate is not installed")
+def test_receiver_exec_start_takes_the_socket_unit_socket_and_reloads_on_it(
+    tmp_path: Path, notify: NotifySocket, mosquitto: Mosquitto
+) -> None:
+    """ExecStart= under the socket (systemd-socket-activate executes it on the first
+    datagram: same pid), then ExecReload='s SIGHUP: RELOADING=1, READY=1 again from
+    the same pid, the socket passed on; a config that fails is refused, the receiver runs on."""
+    metrics, port = free_port(), free_port(socket.SOCK_DGRAM)
+    config = rx_example(tmp_path, port, mosquitto.port, metrics)
+    argv = socket_activated(UNITS / SOCKET, port, resolved_exec_start("diode-rx.service", config))
+    proc = spawn(argv, notify, tmp_path)
+    try:
+        assert proc.stderr is not None
+        assert "Listening on" in proc.stderr.readline()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as link:
+            link.sendto(b"first", ("127.0.0.1", port))
+        assert notify.wait_for("READY=1", within=20) == proc.pid
+        # The datagram that woke it was queued in the socket and read by the receiver.
+        assert wait_scrape(metrics, 'diode_rx_datagrams_rejected_total{reason="short"}') == 1.0
+        proc.send_signal(signal.SIGHUP)  # ExecReload=
+        assert notify.wait_for("RELOADING=1", within=10) == proc.pid
+        notify.messages.clear()
+        assert notify.wait_for("READY=1", within=20) == proc.pid
+        # A broken config: refused, logged; the running receiver is kept.
+        good = config.read_text()
+        config.write_text(good.replace(f"port = {port}", f'port = "{port}"'))
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert proc.poll() is None
+        # Still reading the same socket (the new process's counters start at 0).
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as link:
+            link.sendto(b"again", ("127.0.0.1", port))
+        assert wait_scrape(metrics, 'diode_rx_datagrams_rejected_total{reason="short"}') == 1.0
+    finally:
+        code, err = stop(proc) if proc.poll() is None else (proc.returncode, "")
+    assert code == 0, err
+    starts = [line for line in err.splitlines() if '"receiver starting"' in line]
+    assert len(starts) == 2
+    assert all('"socket": "passed in"' in line for line in starts), starts
+    (refused,) = [line for line in err.splitlines() if "config reload refused" in line]
+    assert str(config) in refused
+    assert "receiver.port" in refused
+    assert "Traceback" not in err
+
+
+def wait_scrape(port: int, name: str, within: float = 5.0) -> float:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return scrape(port, name)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def scrape(port: int, name: str) -> float:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        text = b""
+        while chunk := conn.recv(65536):
+            text += chunk
+    for line in text.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in the metrics")

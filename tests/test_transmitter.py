@@ -396,3 +396,148 @@ async def test_a_link_too_slow_drops_whole_blocks_counts_them_and_never_blocks_a
         within=5,
     )
     assert link.decoder.counters["records_lost"] == counters["records_dropped_link"]
+
+
+async def test_a_value_that_cannot_travel_costs_only_itself(tmp_path: Path) -> None:
+    """Issue 14, item 2: OPC UA timestamps past 2262 and 2554, and a value over a block.
+
+    Before, a SourceTimestamp in 2600 made msgpack raise OverflowError outside
+    the DiodeError handling (the task group died, and the restarted daemon met
+    the same value), and one in 2300 made the whole signed block fail record
+    decoding at the receiver, losing every other record in it.
+    """
+    import datetime as dt
+
+    from tests.support.opcua_server import OpcuaTestServer, node_id
+
+    server = OpcuaTestServer()
+    await server.start()
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    nodes = [
+        {"name": name, "node_id": node_id(name), "mode": "poll", "poll_interval_s": 0.1}
+        for name in ("Level", "Count", "Label", "Temp", "Text")
+    ]
+    opcua = {"servers": [{"name": "line1", "endpoint": server.endpoint, "nodes": nodes}]}
+    tx = Transmitter(config(tmp_path, link.port, opcua=opcua), key=key)
+    stop, task = await run_tx(tx)
+    try:
+        await link.wait_for(lambda: all(link.samples(i) for i in (1, 2, 3, 4)))
+        await server.set("Level", 7.5, source_ts=dt.datetime(2600, 1, 1, tzinfo=dt.UTC))
+        await server.set("Count", 9, source_ts=dt.datetime(2300, 1, 1, tzinfo=dt.UTC))
+        await server.set("Label", "x" * 200_000)  # larger than any block
+        # Bytes that are not UTF-8: asyncua hands them over as lone surrogates, which
+        # msgpack refused with UnicodeEncodeError, outside the DiodeError handling.
+        await server.set("Text", "bad \udcff text")
+        await server.set("Temp", 21.5)
+        await link.wait_for(lambda: any(s.value == 21.5 for s in link.samples(4)))
+
+        def bad(tag_id: int, words: str) -> bool:
+            return any(s.quality is Quality.BAD and words in s.reason for s in link.samples(tag_id))
+
+        await link.wait_for(lambda: bad(1, "timestamp out of range"))
+        await link.wait_for(lambda: bad(2, "timestamp out of range"))
+        await link.wait_for(lambda: bad(3, "record_too_large"))
+        await link.wait_for(lambda: bad(5, "text is not valid Unicode"))
+        assert not task.done(), "the transmitter is still running"
+        assert link.decoder.counters["rejected_bad_record"] == 0  # no block was lost for it
+        assert link.decoder.counters["records_lost"] == 0
+        # Back to a sane timestamp: the value is good again.
+        await server.set("Level", 8.5)
+        await link.wait_for(
+            lambda: any(s.value == 8.5 and s.quality is Quality.GOOD for s in link.samples(1))
+        )
+        assert tx.counters()["samples_unrepresentable"] >= 3
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await server.stop()
+
+
+# --- time diversity: [link] repeat_after_s ---------------------------------------------------
+
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; not exported by Python 3.11
+
+
+async def test_every_datagram_is_sent_again_repeat_after_s_later(tmp_path: Path) -> None:
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    after = 0.4
+    synthetic = {"sources": [{"name": "gen", "tags": 10, "rate_hz": 2000.0}]}
+    tx = Transmitter(
+        config(tmp_path, link.port, link={"repeat_after_s": after}, synthetic=synthetic), key=key
+    )
+    arrivals: dict[bytes, list[float]] = {}
+    # The kernel's arrival time of each datagram, not when this loop got to read it.
+    link.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+
+    def take() -> None:
+        while True:
+            try:
+                datagram, ancdata, _, _ = link.sock.recvmsg(65535, socket.CMSG_SPACE(16))
+            except BlockingIOError:
+                return
+            ((_, _, stamp),) = ancdata
+            sec, nsec = struct.unpack("qq", stamp[:16])
+            arrivals.setdefault(datagram, []).append(sec + nsec / 1e9)
+
+    stop, task = await run_tx(tx)
+    for _ in range(50):
+        await asyncio.sleep(0.02)
+        take()
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    take()
+    counters = tx.counters()
+    # Stopped 1 s in: what was sent in the last 0.4 s had no time for its second copy.
+    twice = [times for times in arrivals.values() if len(times) == 2]
+    once = [times for times in arrivals.values() if len(times) == 1]
+    assert not [t for t in arrivals.values() if len(t) > 2]
+    assert len(twice) == counters["repeats_sent"] > 0
+    assert counters["datagrams_sent"] == len(twice) * 2 + len(once)
+    assert counters["repeats_dropped"] == 0
+    gaps = sorted(second - first for first, second in twice)
+    assert gaps[0] >= after - 0.002, gaps[:5]  # never early (the pacer's clock vs the kernel's)
+    # Late, not much later: paced with the rest on an idle link.
+    assert gaps[len(gaps) // 2] < after + 0.2, gaps[len(gaps) // 2]
+    # The receiver takes the copies as duplicates: every record once, in order.
+    for datagram in sorted(arrivals, key=lambda d: arrivals[d][0]):
+        for _ in arrivals[datagram]:
+            link.decoder.receive(datagram, 0.0)
+    link.decoder.poll(1e9)
+    delivered = [e for e in link.decoder.events() if isinstance(e, Delivered)]
+    assert [e.seq for e in delivered] == sorted({e.seq for e in delivered})
+    assert link.decoder.counters["rejected_late"] >= len(twice) - len(delivered) * 2
+
+
+async def test_repeats_never_delay_new_datagrams_and_their_overflow_is_counted(
+    tmp_path: Path,
+) -> None:
+    """A link with room for the traffic once but not twice: new data first, repeats dropped."""
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    synthetic = {"sources": [{"name": "gen", "tags": 50, "rate_hz": 20000.0}]}
+    tx = Transmitter(
+        config(
+            tmp_path,
+            link.port,
+            link={"rate_mbps": 5.0, "repeat_after_s": 0.2},
+            synthetic=synthetic,
+        ),
+        key=key,
+    )
+    stop, task = await run_tx(tx)
+    for _ in range(75):
+        await asyncio.sleep(0.02)
+        link.drain()
+    bound = tx.sender.repeats.max_bytes if tx.sender.repeats else 0
+    held = tx.sender.repeats.bytes if tx.sender.repeats else 0
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    counters = tx.counters()
+    assert bound == int(5e6 / 8 * 0.2)  # what the link carries in repeat_after_s
+    assert held <= bound
+    assert counters["repeats_dropped"] > 0
+    # The first copies went out at the link's rate, as without repeats: no block dropped
+    # for the repeats' sake beyond what the rate alone costs (the link is the limit).
+    assert counters["datagrams_sent"] - counters["repeats_sent"] > counters["repeats_sent"]

@@ -89,7 +89,7 @@ def test_every_datagram_is_padded_to_the_configured_size() -> None:
         (lambda d: d[:HEADER_SIZE], "short"),
         (lambda d: b"", "short"),
         (lambda d: b"\x00\x00" + d[2:], "bad_magic"),
-        (lambda d: d[:2] + b"\x02" + d[3:], "bad_version"),
+        (lambda d: d[:2] + b"\x03" + d[3:], "bad_version"),
         (lambda d: d[:100] + bytes([d[100] ^ 0x10]) + d[101:], "bad_checksum"),
         (lambda d: d[:10] + bytes([d[10] ^ 1]) + d[11:], "bad_checksum"),
     ],
@@ -120,7 +120,7 @@ def test_pack_block_datagrams_is_pack_datagram_for_each_index() -> None:
 
     fields = {
         "flags": 1, "stream_id": 7, "key_id": b"abcdefgh", "epoch": 2**40 + 3, "seq": 42,
-        "k": 3, "n": 9, "block_length": 2000, "records": 17,
+        "k": 3, "n": 9, "block_length": 3000, "records": 17,
     }  # fmt: skip
     symbols = [bytes([i]) * 1424 for i in range(9)]
     block = pack_block_datagrams(DatagramHeader(index=0, **fields), symbols)

@@ -13,6 +13,15 @@ Every queue is bounded and a full one drops and counts (the heartbeat carries
 the counts): the pollers never wait for the link. Nothing here listens or
 reads from the link. SIGTERM stops the pollers, closes the open block and
 sends what is queued within a grace period.
+
+SIGHUP re-reads the config file and applies its sources (``[modbus]``,
+``[opcua]``, ``[synthetic]``): a device whose settings did not change keeps
+its poller and its connections (no PLC sees a reconnect for a reload); a
+changed one is restarted, a removed one stopped, a new one started; the
+catalogue goes out at once. Tag ids stay those of the (device, tag) names, so
+the receiver's streams carry on. A file that fails validation is logged and
+the running config kept. ``[transmitter]``, ``[link]`` and ``[log]`` (keys,
+epoch, stream, sockets) need a restart: a change there is logged and not applied.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -30,11 +40,15 @@ from typing import Protocol
 import structlog
 
 from diode import daemon, startup
+from diode.config import load
+from diode.config.modbus import ModbusDevice
+from diode.config.opcua import OpcuaServer
+from diode.config.synthetic import SyntheticSource
 from diode.config.tx import TxConfig
 from diode.encoder import Encoder, SendQueue
 from diode.errors import DiodeError, KeyFileError, SettingError
 from diode.keys import SigningKey, load_psk, load_signing_key
-from diode.records import Heartbeat, TagInfo
+from diode.records import Heartbeat, Quality, Record, Sample, TagInfo
 from diode.replay import next_epoch
 from transmitter import certs
 from transmitter.modbus import ModbusPoller
@@ -53,6 +67,7 @@ DROP_LOG_INTERVAL_S = 5.0
 # The integrity refresh goes out a tenth at a time. (The catalogue carousel stays whole:
 # its records make no MQTT messages, and a receiver that starts late needs every name.)
 PERIODIC_SLICES = 10
+REMOVED = "removed from the transmitter's config"
 
 
 class Poller(Protocol):
@@ -61,6 +76,18 @@ class Poller(Protocol):
     counters: dict[str, int]
 
     async def run(self) -> None: ...
+
+
+Source = ModbusDevice | OpcuaServer | SyntheticSource
+
+
+def sources_of(config: TxConfig) -> dict[tuple[str, str], Source]:
+    """Every polled source of a config, by (kind, device name)."""
+    out: dict[tuple[str, str], Source] = {}
+    out.update((("modbus", d.name), d) for d in config.modbus.devices)
+    out.update((("opcua", s.name), s) for s in config.opcua.servers)
+    out.update((("synthetic", s.name), s) for s in config.synthetic.sources)
+    return out
 
 
 def take_epoch(state_dir: Path, now_ms: int) -> int:
@@ -91,8 +118,10 @@ class Transmitter:
         psk: bytes | None = None,
         epoch: int | None = None,
         sock: socket.socket | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
+        self.config_path = config_path  # re-read on request_reload() (SIGHUP)
         section = config.transmitter
         self.epoch = (
             epoch
@@ -100,11 +129,10 @@ class Transmitter:
             else take_epoch(section.state_dir, time.time_ns() // 1_000_000)
         )
         self._ids: dict[tuple[str, str], int] = {}
-        self.pollers: list[Poller] = []
-        deadbands: dict[int, float] = {}
+        self._deadbands: dict[int, float] = {}
         self.outbox = Outbox(
             catalogue=self._catalogue,
-            deadbands=deadbands,
+            deadbands=self._deadbands,
             limit=section.queue_records,
             on_queue=self._records_waiting,
         )
@@ -125,18 +153,15 @@ class Transmitter:
             )
             self.outbox.on_device = self.security.device
             self.outbox.on_quality = self.security.quality_changed
-        for device in config.modbus.devices:
-            self.pollers.append(ModbusPoller(device, tag_id=self._tag_id, sink=self.outbox))
-        for server in config.opcua.servers:
-            self.pollers.append(
-                OpcuaPoller(
-                    server, tag_id=self._tag_id, sink=self.outbox, state_dir=section.state_dir
-                )
-            )
-        for source in config.synthetic.sources:
-            self.pollers.append(SyntheticPoller(source, tag_id=self._tag_id, sink=self.outbox))
-        for poller in self.pollers:
-            deadbands.update(poller.deadbands)
+        # The pollers by source, with the config each was built from.
+        self._sources: dict[tuple[str, str], tuple[Source, Poller]] = {}
+        for name, source in sources_of(config).items():
+            self._sources[name] = (source, self._poller(source))
+        self._update_deadbands()
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._reload_wanted = asyncio.Event()
+        self.reloads = {"applied": 0, "failed": 0}
         self.encoder = Encoder(
             link=config.link, key=key, stream_id=section.stream_id, epoch=self.epoch, psk=psk
         )
@@ -148,7 +173,120 @@ class Transmitter:
         self._wake = asyncio.Event()
         self._started = time.monotonic()
         self._drops_logged_at = float("-inf")
+        self._refused_logged_at = float("-inf")
         self.ready = asyncio.Event()
+
+    @property
+    def pollers(self) -> list[Poller]:
+        return [poller for _, poller in self._sources.values()]
+
+    def _poller(self, source: Source) -> Poller:
+        if isinstance(source, ModbusDevice):
+            return ModbusPoller(source, tag_id=self._tag_id, sink=self.outbox)
+        if isinstance(source, OpcuaServer):
+            return OpcuaPoller(
+                source,
+                tag_id=self._tag_id,
+                sink=self.outbox,
+                state_dir=self.config.transmitter.state_dir,
+            )
+        return SyntheticPoller(source, tag_id=self._tag_id, sink=self.outbox)
+
+    def _update_deadbands(self) -> None:
+        self._deadbands.clear()
+        for poller in self.pollers:
+            self._deadbands.update(poller.deadbands)
+
+    # -- SIGHUP: the sources re-read ------------------------------------------------
+
+    def request_reload(self) -> None:
+        """Re-read the config file soon (the SIGHUP handler; safe from a signal)."""
+        self._reload_wanted.set()
+
+    async def _reloads(self, path: Path) -> None:
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            await self.reload(path)
+
+    async def reload(self, path: Path) -> bool:
+        """Apply the sources of the config at ``path``; keep the running one if it is bad."""
+        try:
+            config = await asyncio.to_thread(load, TxConfig, path)
+            config = config.resolve(path)
+            # What a start checks (OPC UA certificates and password files, paths).
+            await asyncio.to_thread(preflight, config, create=False)
+        except Exception as exc:  # a reload must never take the transmitter down
+            self.reloads["failed"] += 1
+            # One line naming the file and the key: a traceback would bury it.
+            log.error("config reload failed: the running config is kept", error=str(exc))  # noqa: TRY400
+            if self.security is not None:
+                self.syslog.event(
+                    "config-reload-failed",
+                    4,
+                    f"diode-tx configuration reload refused, running config kept: {exc}",
+                    {"error": str(exc)[:500]},
+                )
+            return False
+        kept = [
+            name
+            for name in ("transmitter", "link", "log")
+            if getattr(config, name) != getattr(self.config, name)
+        ]
+        if kept:
+            log.warning(
+                "config reload: these sections change only at a restart, not applied",
+                sections=kept,
+            )
+        await self._apply(sources_of(config))
+        self.config = config.model_copy(
+            update={name: getattr(self.config, name) for name in ("transmitter", "link", "log")}
+        )
+        self.reloads["applied"] += 1
+        return True
+
+    async def _apply(self, wanted: dict[tuple[str, str], Source]) -> None:
+        """Stop removed and changed sources' pollers, start changed and new ones."""
+        running = self._sources
+        before = {tag.tag_id for tag in self._catalogue()}
+        removed = [key for key in running if key not in wanted]
+        changed = [key for key in running if key in wanted and wanted[key] != running[key][0]]
+        added = [key for key in wanted if key not in running]
+        for key in (*removed, *changed):
+            task = self._tasks.pop(key, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            del running[key]
+        for key in (*changed, *added):
+            running[key] = (wanted[key], self._poller(wanted[key]))
+        self._update_deadbands()
+        after = {tag.tag_id for tag in self._catalogue()}
+        # A tag no longer polled must not stay "good" at its last value on MQTT.
+        now = time.time_ns()
+        for tag_id in sorted(before - after):
+            self.outbox.sample(
+                Sample(tag_id=tag_id, ts_ns=now, value=None, quality=Quality.BAD, reason=REMOVED)
+            )
+        self.outbox.keep_only(after)
+        self.outbox.carousel()  # new and changed tags are named before their first value
+        if self._group is not None:
+            for key in (*changed, *added):
+                self._tasks[key] = self._group.create_task(running[key][1].run())
+        log.info(
+            "config reloaded",
+            added=[name for _, name in added],
+            changed=[name for _, name in changed],
+            removed=[name for _, name in removed],
+            unchanged=len(running) - len(changed) - len(added),
+            tags=sum(len(p.catalogue) for p in self.pollers),
+        )
+        self.config_reloaded(
+            [f"added {kind} {name}" for kind, name in added]
+            + [f"changed {kind} {name}" for kind, name in changed]
+            + [f"removed {kind} {name}" for kind, name in removed]
+        )
 
     # -- tag ids and the catalogue ---------------------------------------------
 
@@ -173,6 +311,8 @@ class Transmitter:
         out["queue_datagrams"] = len(self.queue)
         out["tags"] = len(self._ids)
         out["uptime_s"] = int(time.monotonic() - self._started)
+        out["config_reloads"] = self.reloads["applied"]
+        out["config_reload_failures"] = self.reloads["failed"]
         for poller in self.pollers:
             for name, value in poller.counters.items():
                 out[f"poll_{name}"] = out.get(f"poll_{name}", 0) + value
@@ -192,11 +332,11 @@ class Transmitter:
         encoder, outbox = self.encoder, self.outbox
         now = time.monotonic()
         for _ in range(min(limit, len(outbox))):
+            record = outbox.pop()
             try:
-                encoder.add(outbox.pop(), now)
+                encoder.add(record, now)
             except DiodeError as exc:
-                log.warning("record dropped", reason=exc.reason, detail=str(exc))
-                outbox.counters["records_dropped"] += 1
+                self._unencodable(record, exc, now)
             if encoder.blocks_ready:
                 break
         if not len(outbox) and not encoder.blocks_ready:
@@ -204,6 +344,21 @@ class Transmitter:
             self.syslog.lane.frame(encoder, now)
         encoder.poll(now)
         self._ship()
+
+    def _unencodable(self, record: Record, exc: DiodeError, now: float) -> None:
+        """A record the encoder refused: a sample becomes BAD saying why; anything else is dropped.
+
+        The outbox already replaces what it knows cannot travel; this catches
+        the rest (a value too large for a block), so that it costs that value only.
+        """
+        now_log = time.monotonic()
+        if now_log - self._refused_logged_at >= DROP_LOG_INTERVAL_S:
+            self._refused_logged_at = now_log
+            log.warning("record refused by the encoder", reason=exc.reason, detail=str(exc)[:200])
+        if isinstance(record, Sample) and record.value is not None:
+            self.encoder.add(self.outbox.unrepresentable(record, exc.reason), now)
+            return
+        self.outbox.counters["records_dropped"] += 1
 
     async def _framer(self) -> None:
         """Outbox -> Encoder -> SendQueue, closing blocks on size or linger."""
@@ -270,10 +425,7 @@ class Transmitter:
             )
 
     def config_reloaded(self, changed: list[str]) -> None:
-        """Say to the SOC that the configuration was reloaded, and which keys changed.
-
-        For the reload path (SIGHUP) to call once a new config is in force.
-        """
+        """Say to the SOC that the configuration was reloaded, and what changed (SIGHUP)."""
         if self.security is not None:
             self.syslog.event(
                 "config-reloaded",
@@ -309,7 +461,10 @@ class Transmitter:
         self.outbox.carousel()
         self.heartbeat()
         async with asyncio.TaskGroup() as group:
-            pollers = [group.create_task(p.run()) for p in self.pollers]
+            self._group = group
+            self._tasks = {
+                key: group.create_task(poller.run()) for key, (_, poller) in self._sources.items()
+            }
             helpers = [
                 group.create_task(self._framer()),
                 group.create_task(self.sender.run()),
@@ -319,11 +474,15 @@ class Transmitter:
                 group.create_task(daemon.watchdog()),
                 group.create_task(self._every(1.0, self._watch_exceptions)),
             ]
+            if self.config_path is not None:
+                helpers.append(group.create_task(self._reloads(self.config_path)))
             daemon.sd_notify("READY=1")
             self.ready.set()
             await stop.wait()
             daemon.sd_notify("STOPPING=1")
-            for task in pollers:
+            if self.config_path is not None:
+                helpers[-1].cancel()  # no reload starts pollers during the shutdown
+            for task in self._tasks.values():
                 task.cancel()
             self.syslog.close()
             self._event("daemon-stop", 5, "diode-tx stopping")
@@ -368,11 +527,11 @@ def preflight(config: TxConfig, *, create: bool) -> None:
                 )
 
 
-def build(config: TxConfig) -> Transmitter:
+def build(config: TxConfig, config_path: Path | None = None) -> Transmitter:
     section = config.transmitter
     key = load_signing_key(section.private_key)
     psk = load_psk(section.psk_file) if section.psk_file else None
-    return Transmitter(config, key=key, psk=psk)
+    return Transmitter(config, key=key, psk=psk, config_path=config_path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
 
     async def _main(stop: asyncio.Event) -> None:
         preflight(config, create=True)
-        await build(config).run(stop)
+        transmitter = build(config, args.config)
+        # SIGHUP re-reads the config (before: it terminated the daemon).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, transmitter.request_reload)
+        await transmitter.run(stop)
 
     return daemon.run(_main, args.config)

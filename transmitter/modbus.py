@@ -21,6 +21,13 @@ What the field taught (FIELD.md) and how it is handled here:
   while every cycle still reports each tag BAD "disconnected", so the receiver
   always sees an honest quality.
 - Every sample's ts_ns is taken when its read completed.
+- The device's state is logged when it changes, not per cycle: a device that
+  stops answering (``modbus.device_down``, cause ``disconnected`` or
+  ``timeout`` with the units that timed out) and its recovery
+  (``modbus.device_up``, with how long it was down). A flapping device is
+  logged at most once per ``STATE_LOG_INTERVAL_S``; the changes in between are
+  counted in the next line (``changes_unlogged``), and the state it settles in
+  is always logged.
 - Devices do not all fire at the same instant: after the first poll (at once,
   so values come quickly after a start) each device keeps its own phase within
   the interval, from a hash of its name (stable across restarts). Polled
@@ -98,6 +105,8 @@ IDENTITY_NAMES = {
     5: "model_name",
     6: "user_application_name",
 }
+STATE_LOG_INTERVAL_S = 10.0
+OK = "ok"
 _NEVER_CLOSE = 2**31  # pymodbus closes a connection after N unanswered requests: not its call
 
 log = structlog.get_logger(__name__)
@@ -277,7 +286,14 @@ class ModbusPoller:
                 ident = tag_id(device.name, tag.name)
                 self._ids[tag.name] = ident
                 if not tag.table.is_bits:
-                    read = reader(tag.type, tag.order, bit=tag.bit, length=tag.length)
+                    read = reader(
+                        tag.type,
+                        tag.order,
+                        bit=tag.bit,
+                        length=tag.length,
+                        byte=tag.byte,
+                        encoding=tag.encoding,
+                    )
                     if tag.scale != 1.0 or tag.offset != 0.0:
                         read = _scaling(read, tag.scale, tag.offset)
                     self._readers[tag.name] = read
@@ -294,6 +310,12 @@ class ModbusPoller:
                     )
                 )
         self._links = [_Link(device, self.counters) for _ in range(device.max_in_flight)]
+        # The state last logged (cause, units), when, and the changes not logged since.
+        self._state: tuple[str, tuple[int, ...]] = (OK, ())
+        self._state_since = time.monotonic()
+        self._state_logged_at = float("-inf")
+        self._changes_unlogged = 0
+        self._seen_state: tuple[str, tuple[int, ...]] = (OK, ())
 
     @property
     def endpoint(self) -> str:
@@ -336,12 +358,54 @@ class ModbusPoller:
         links = [link for link in self._links if await link.ensure()]
         if not links:
             self._bad(self.plan, "disconnected")
+            self._report("disconnected", ())
             return
         watchdog = asyncio.create_task(self._watchdog(links))
         try:
-            await self._cycle(links)
+            dead = await self._cycle(links)
         finally:
             watchdog.cancel()
+        if all(link.client is None for link in links):
+            self._report("disconnected", ())
+        elif dead:
+            self._report("timeout", tuple(sorted(dead)))
+        else:
+            self._report(OK, ())
+
+    def _report(self, cause: str, units: tuple[int, ...]) -> None:
+        """Log the device's state when it changes, at most once per STATE_LOG_INTERVAL_S."""
+        state = (cause, units)
+        if state != self._seen_state:
+            self._seen_state = state
+            self._changes_unlogged += 1
+        if state == self._state:
+            return
+        now = time.monotonic()
+        if now - self._state_logged_at < STATE_LOG_INTERVAL_S:
+            return  # logged when the interval is over, if the state still differs then
+        unlogged = self._changes_unlogged - 1
+        fields: dict[str, Any] = {"device": self.device.name, "endpoint": self.endpoint}
+        if unlogged:
+            fields["changes_unlogged"] = unlogged
+        if cause == OK:
+            log.info(
+                "modbus.device_up",
+                down_s=round(now - self._state_since, 1),
+                **fields,
+            )
+        else:
+            log.warning(
+                "modbus.device_down",
+                cause=cause,
+                units=list(units),
+                timeout_s=self.device.timeout_s,
+                **fields,
+            )
+        if (cause == OK) != (self._state[0] == OK):
+            self._state_since = now
+        self._state = state
+        self._state_logged_at = now
+        self._changes_unlogged = 0
 
     async def _watchdog(self, links: list[_Link]) -> None:
         """Cut a request that pymodbus does not end by itself within twice its timeout.
@@ -360,7 +424,8 @@ class ModbusPoller:
                     link.stuck = True  # once: the waiter uncancels exactly one cancel
                     waiter.cancel()
 
-    async def _cycle(self, links: list[_Link]) -> None:
+    async def _cycle(self, links: list[_Link]) -> set[int]:
+        """One cycle's requests over ``links``; returns the units that timed out."""
         fresh = next((link for link in links if link.fresh), None)
         if fresh is not None and self.device.read_identity:
             await self._read_identity(fresh)
@@ -374,6 +439,7 @@ class ModbusPoller:
             for link in links:
                 group.create_task(self._lane(link, queue, dead))
         self._bad(queue, "disconnected")  # left over when every link was lost
+        return dead
 
     async def _lane(self, link: _Link, queue: deque[ReadRequest], dead: set[int]) -> None:
         pause = self.device.request_pause_s

@@ -13,9 +13,14 @@ A value's bytes are named from the most significant: ``A B C D`` for 32 bits,
     BADC    B A   D C       bytes swapped       BA   DC   FE   HG
     DCBA    D C   B A       little-endian       HG   FE   DC   BA
 
-A 16-bit value is ``AB`` (orders ABCD, CDAB) or ``BA`` (BADC, DCBA). A string
-keeps its registers in address order and uses the byte part of the order only:
-the first character is the high byte (``AB..``) or the low byte (``BA..``).
+A 16-bit value is ``AB`` (orders ABCD, CDAB) or ``BA`` (BADC, DCBA). An 8-bit
+value (int8, uint8) is the register's high or low byte as it came off the
+wire. A string keeps its registers in address order and uses the byte part of
+the order only: the first character is the high byte (``AB..``) or the low
+byte (``BA..``). It ends at its first NUL (C strings; what follows is padding
+or garbage), trailing spaces are dropped (the other padding), and its bytes are
+read in the tag's encoding: bytes that are not valid text in it are an error
+(a BAD value with the reason), never text made up by replacement.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import operator
 import struct
 from collections.abc import Callable, Sequence
 
-from diode.config.modbus import ByteOrder, width_of
+from diode.config.modbus import ByteOrder, Encoding, Half, width_of
 from diode.records import ValueType
 
 Decoded = bool | int | float | str
@@ -40,6 +45,7 @@ _STRUCT = {
     ValueType.UINT64: ">Q",
     ValueType.FLOAT64: ">d",
 }
+_HALVES = {ValueType.INT8: ">b", ValueType.UINT8: ">B"}
 _BYTE_SWAPPED = (ByteOrder.BADC, ByteOrder.DCBA)
 _WORD_SWAPPED = (ByteOrder.CDAB, ByteOrder.DCBA)
 
@@ -79,17 +85,28 @@ def _to_canonical(data: bytes, order: ByteOrder, *, words: bool = True) -> bytes
     return data
 
 
+def _text(data: bytes, encoding: Encoding) -> str:
+    """A string's bytes (in character order) as text: up to the first NUL, no trailing spaces."""
+    try:
+        return data.split(b"\x00", 1)[0].decode(encoding).rstrip(" ")
+    except UnicodeDecodeError as exc:
+        raise CodecError(f"not {encoding} text: {exc.reason} at byte {exc.start}") from None
+
+
 def decode(
     registers: Sequence[int],
     value_type: ValueType,
     order: ByteOrder = ByteOrder.ABCD,
     *,
     bit: int | None = None,
+    byte: Half | None = None,
+    encoding: Encoding = Encoding.LATIN1,
 ) -> Decoded:
     """The value held by ``registers`` (exactly as many as the type spans).
 
     A bool is bit ``bit`` (0 = least significant) of the one register, read as
-    it came off the wire. A string is stripped of NULs and trailing spaces.
+    it came off the wire; an int8 or uint8 its ``byte`` half. A string ends at
+    its first NUL and loses its trailing spaces.
     """
     expected = len(registers) if value_type is ValueType.STRING else width_of(value_type)
     if len(registers) != expected or not registers:
@@ -99,9 +116,14 @@ def decode(
         if bit is None or not 0 <= bit <= 15:
             raise CodecError("a bool in a register needs a bit 0..15")
         return bool(registers[0] >> bit & 1)
+    if value_type in _HALVES:
+        if byte is None:
+            raise CodecError(f"an {value_type} needs byte = high or low")
+        half = data[0:1] if byte is Half.HIGH else data[1:2]
+        small: int = struct.unpack(_HALVES[value_type], half)[0]
+        return small
     if value_type is ValueType.STRING:
-        text = _to_canonical(data, order, words=False)
-        return text.replace(b"\x00", b"").decode("latin-1").rstrip(" ")
+        return _text(_to_canonical(data, order, words=False), encoding)
     value: int | float = struct.unpack(_STRUCT[value_type], _to_canonical(data, order))[0]
     return value
 
@@ -116,6 +138,8 @@ def reader(
     *,
     bit: int | None = None,
     length: int | None = None,
+    byte: Half | None = None,
+    encoding: Encoding = Encoding.LATIN1,
 ) -> Reader:
     """:func:`decode` prepared once for one tag: ``read(data, at)`` is its value.
 
@@ -146,9 +170,20 @@ def reader(
             text = data[at : at + size]
             if swap:
                 text = _swap_bytes(text)
-            return text.replace(b"\x00", b"").decode("latin-1").rstrip(" ")
+            return _text(text, encoding)
 
         return read_string
+    if value_type in _HALVES:
+        if byte is None:
+            raise CodecError(f"an {value_type} needs byte = high or low")
+        index = 0 if byte is Half.HIGH else 1
+        signed = value_type is ValueType.INT8
+
+        def read_half(data: bytes, at: int) -> Decoded:
+            small = data[at + index]
+            return small - 256 if signed and small > 127 else small
+
+        return read_half
     fmt = _STRUCT[value_type]
     size = 2 * width_of(value_type)
     # Where each big-endian value byte lies on the wire: the order's transform
@@ -177,20 +212,34 @@ def encode(
     *,
     bit: int | None = None,
     length: int | None = None,
+    byte: Half | None = None,
+    encoding: Encoding = Encoding.LATIN1,
 ) -> list[int]:
     """Registers holding ``value``: the inverse of :func:`decode`.
 
-    A bool gives one register with only ``bit`` set (or none); a string is
-    NUL-padded to ``length`` registers.
+    A bool gives one register with only ``bit`` set (or none), an int8 or
+    uint8 one with only its ``byte`` half set; a string is NUL-padded to
+    ``length`` registers.
     """
     if value_type is ValueType.BOOL:
         if bit is None or not 0 <= bit <= 15:
             raise CodecError("a bool in a register needs a bit 0..15")
         return [int(bool(value)) << bit]
+    if value_type in _HALVES:
+        if byte is None or isinstance(value, str | bool | float):
+            raise CodecError(f"an {value_type} needs an int value and byte = high or low")
+        try:
+            small = struct.pack(_HALVES[value_type], value)[0]
+        except struct.error as exc:
+            raise CodecError(f"{value!r} does not fit {value_type}: {exc}") from exc
+        return [small << 8 if byte is Half.HIGH else small]
     if value_type is ValueType.STRING:
         if not isinstance(value, str) or length is None:
             raise CodecError("a string needs a str value and a length")
-        data = value.encode("latin-1")
+        try:
+            data = value.encode(encoding)
+        except UnicodeEncodeError as exc:
+            raise CodecError(f"{value!r} is not {encoding} text") from exc
         if len(data) > 2 * length:
             raise CodecError(f"{len(data)} bytes do not fit {length} registers")
         data = data.ljust(2 * length, b"\x00")

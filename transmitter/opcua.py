@@ -51,7 +51,16 @@ from asyncua.ua.uaerrors import UaStatusCodeError
 from cryptography import x509
 
 from diode.config.opcua import OpcuaNode, OpcuaServer
-from diode.records import INT64_MIN, UINT64_MAX, DeviceInfo, Quality, Sample, TagInfo, Value
+from diode.records import (
+    DEPTH_MAX,
+    INT64_MIN,
+    UINT64_MAX,
+    DeviceInfo,
+    Quality,
+    Sample,
+    TagInfo,
+    Value,
+)
 from diode.records import ValueType as VT
 from transmitter import certs
 from transmitter.sink import SampleSink
@@ -87,10 +96,11 @@ class _CountedSubscription(Subscription):
 
 
 # OPC UA Part 6 5.1.2 built-in DataType NodeIds (namespace 0) -> our value types.
+# An array node (ValueRank >= 0) has its elements' type; its value is an array.
 _BUILTIN_TYPES: dict[int, VT] = {
     1: VT.BOOL,
-    2: VT.INT16,  # SByte
-    3: VT.UINT16,  # Byte
+    2: VT.INT8,  # SByte
+    3: VT.UINT8,  # Byte
     4: VT.INT16,
     5: VT.UINT16,
     6: VT.INT32,
@@ -100,11 +110,15 @@ _BUILTIN_TYPES: dict[int, VT] = {
     10: VT.FLOAT32,
     11: VT.FLOAT64,
     12: VT.STRING,
-    13: VT.STRING,  # DateTime, sent as ISO 8601
-    14: VT.STRING,  # Guid
-    17: VT.STRING,  # NodeId
-    20: VT.STRING,  # QualifiedName
-    21: VT.STRING,  # LocalizedText
+    13: VT.DATETIME,
+    14: VT.GUID,
+    15: VT.BYTESTRING,
+    16: VT.STRING,  # XmlElement, as its text
+    17: VT.NODE_ID,
+    18: VT.NODE_ID,  # ExpandedNodeId
+    19: VT.STATUS_CODE,
+    20: VT.QUALIFIED_NAME,
+    21: VT.LOCALIZED_TEXT,
     29: VT.INT32,  # Enumeration
 }
 
@@ -154,24 +168,54 @@ class Backoff:
         return max(base * (1.0 + spread), self.initial_s / 10.0)
 
 
-def plain_value(value: object) -> tuple[Value, str]:  # noqa: PLR0911 - one return per kind
-    """A Variant's Python value as one we carry, or ``(None, reason)`` if we cannot."""
-    if value is None or isinstance(value, bool | str | float):
-        return value, ""
+def rfc3339(ts: datetime) -> str:
+    """An OPC UA DateTime (always UTC) as RFC 3339 text with microseconds."""
+    if ts.tzinfo is not None:
+        ts = ts.astimezone(UTC)
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _plain(value: object, depth: int) -> Value:  # noqa: PLR0911 - one return per kind
+    """One Variant value (or array element) in its wire form; ValueError if there is none."""
+    if value is None or isinstance(value, bool | str | float | bytes):
+        return value
     if isinstance(value, int):  # also IntEnum values of enumerations
         if INT64_MIN <= value <= UINT64_MAX:
-            return int(value), ""
-        return None, UNSUPPORTED
+            return int(value)
+        raise ValueError("integer out of the 64-bit range")
+    if isinstance(value, list | tuple):
+        if depth >= DEPTH_MAX:
+            raise ValueError("array nested too deep")
+        return tuple(_plain(item, depth + 1) for item in value)
     if isinstance(value, datetime):
-        return value.isoformat(), ""
+        return rfc3339(value)
     if isinstance(value, ua.LocalizedText):
-        return value.Text or "", ""
-    if isinstance(value, ua.QualifiedName | ua.NodeId):
-        return value.to_string(), ""
+        return (value.Text or "", value.Locale or "")
+    if isinstance(value, ua.StatusCode):
+        return (int(value.value), value.name)
+    if isinstance(value, ua.QualifiedName | ua.NodeId):  # ExpandedNodeId is a NodeId
+        return value.to_string()
     if isinstance(value, uuid.UUID):
-        return str(value), ""
-    # Arrays, ByteStrings, structures: no faithful scalar form on our wire.
-    return None, UNSUPPORTED
+        return str(value)
+    if isinstance(value, ua.Variant):  # an element of an array of Variants
+        return _plain(value.Value, depth)
+    raise ValueError(f"{UNSUPPORTED} {type(value).__name__}")
+
+
+def plain_value(value: object) -> tuple[Value, str]:
+    """A Variant's Python value as one we carry, or ``(None, reason)`` if we cannot.
+
+    Scalars and arrays (as tuples, nested for matrices) of every built-in type
+    but structures: ByteString as bytes, DateTime as RFC 3339 text,
+    LocalizedText as ``(text, locale)``, StatusCode as ``(code, name)``, Guid,
+    NodeId and QualifiedName as their text. Nothing a server sends raises:
+    what has no faithful form here is ``(None, reason)``, costing that value only.
+    """
+    try:
+        return _plain(value, 0), ""
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        reason = str(exc)
+        return None, reason if reason.startswith(UNSUPPORTED) else f"{UNSUPPORTED}: {reason}"
 
 
 def _epoch_ns(ts: datetime | None) -> int | None:
@@ -473,7 +517,10 @@ class OpcuaPoller:
         for key, dv in zip(keys, values, strict=True):
             value, problem = plain_value(dv.Value.Value if dv.Value is not None else None)
             if not problem and value is not None and quality_of(dv.StatusCode)[0] is Quality.GOOD:
-                identity[key] = str(value)
+                # Text from the server may hold bytes that are not UTF-8 (asyncua keeps
+                # them as lone surrogates, which no record can carry): replaced, as
+                # this is a label, not a value.
+                identity[key] = str(value).encode("utf-8", "replace").decode("utf-8")
         identity.update(await self._endpoint_identity(client))
         self._sink.device(
             DeviceInfo(
@@ -532,7 +579,7 @@ class OpcuaPoller:
             found = _BUILTIN_TYPES.get(data_type.Identifier)
             if found is not None and found != self.catalogue[i].value_type:
                 old = self.catalogue[i]
-                self.catalogue[i] = TagInfo(
+                self.catalogue[i] = new = TagInfo(
                     tag_id=old.tag_id,
                     name=old.name,
                     device=old.device,
@@ -541,6 +588,7 @@ class OpcuaPoller:
                     source=old.source,
                     description=old.description,
                 )
+                self._sink.tag(new)
 
     # -- subscriptions ------------------------------------------------------
 
@@ -725,13 +773,27 @@ class OpcuaPoller:
     # -- conversion -----------------------------------------------------------
 
     def _sample(self, tag_id: int, dv: ua.DataValue | None) -> Sample:
+        """A DataValue as a sample; whatever is wrong with it costs this one value only.
+
+        A timestamp the wire cannot carry is left for the outbox to judge
+        (``records.unrepresentable``), which reports the value BAD with the reason.
+        """
         now = self._now_ns()
         if dv is None:
             return Sample(
                 tag_id=tag_id, ts_ns=now, value=None, quality=Quality.BAD, reason="no value"
             )
-        ts = _epoch_ns(dv.SourceTimestamp) or _epoch_ns(dv.ServerTimestamp) or now
-        quality, reason = quality_of(dv.StatusCode)
+        try:
+            ts = _epoch_ns(dv.SourceTimestamp) or _epoch_ns(dv.ServerTimestamp) or now
+            quality, reason = quality_of(dv.StatusCode)
+        except Exception as exc:  # a server's odd DataValue must never end the session
+            return Sample(
+                tag_id=tag_id,
+                ts_ns=now,
+                value=None,
+                quality=Quality.BAD,
+                reason=f"bad DataValue: {exc!r}",
+            )
         value, problem = plain_value(dv.Value.Value if dv.Value is not None else None)
         if problem:
             quality, reason = Quality.BAD, problem

@@ -1,11 +1,17 @@
 """What the transmitter decides to send, sans I/O: report by exception, refresh, carousel.
 
 The pollers hand every sample to :class:`Outbox` (it is their ``SampleSink``).
-A sample is queued when its value moved beyond the tag's deadband or its
-quality changed; every tag's last sample is queued again each integrity
-period, and every catalogue entry and device record each catalogue period,
-so a receiver that starts late converges by itself. A tag's catalogue entry
-is always queued before its first sample.
+A sample is queued when its value moved beyond the tag's deadband from the
+last value *sent* (not the last one polled: a slow ramp under the deadband
+would otherwise never be reported, each step being smaller than it) or its
+quality changed; a value turning NaN, or back, is a change. A sample whose
+value or timestamp cannot travel (``records.unrepresentable``: a timestamp
+past 2262, an int past 64 bits, invalid Unicode) is replaced by a BAD sample
+of that tag saying why, stamped now: it costs that value only, never the
+transmitter nor the other records of its block. Every tag's last sample is
+queued again each integrity period, and every catalogue entry and device
+record each catalogue period, so a receiver that starts late converges by
+itself. A tag's catalogue entry is always queued before its first sample.
 
 The queue is bounded: when the link cannot keep up, the newest records are
 dropped and counted (the heartbeat carries the counts); a poller is never
@@ -14,28 +20,37 @@ made to wait.
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from diode.records import DeviceInfo, Record, Sample, TagInfo
+from diode.records import DeviceInfo, Quality, Record, Sample, TagInfo, unrepresentable
 
 
-def changed(old: Sample, new: Sample, deadband: float) -> bool:
-    """Did a tag's value or quality change enough to be reported?"""
+def changed(old: Sample, new: Sample, deadband: float) -> bool:  # noqa: PLR0911 - one per kind
+    """Did a tag's value or quality change enough to be reported?
+
+    ``old`` is the last sample sent. NaN to a number and back is a change, NaN
+    to NaN is not; an infinity is a change from anything but itself.
+    """
     if old.quality != new.quality or old.reason != new.reason:
         return True
     a, b = old.value, new.value
-    numeric = (int, float)
-    if (
-        isinstance(a, numeric)
-        and isinstance(b, numeric)
-        and not isinstance(a, bool)
-        and not isinstance(b, bool)
-    ):
-        if deadband > 0:
-            return abs(b - a) > deadband
-        return a != b or type(a) is not type(b)
-    return a != b or type(a) is not type(b)
+    if type(a) is not type(b):
+        return True
+    if type(a) is float:
+        a_nan, b_nan = math.isnan(a), math.isnan(b)  # type: ignore[arg-type]  # same type
+        if a_nan or b_nan:
+            return a_nan != b_nan
+        if a == b:
+            return False  # also inf == inf, whose difference would be NaN
+        return abs(b - a) > deadband if deadband > 0 else True  # type: ignore[operator]
+    if type(a) is int and deadband > 0:
+        return abs(b - a) > deadband  # type: ignore[operator]  # both ints
+    if type(a) is tuple:  # an array: NaN elements equal themselves here too
+        return a != b and repr(a) != repr(b)
+    return a != b
 
 
 class Outbox:
@@ -48,6 +63,7 @@ class Outbox:
         deadbands: dict[int, float],
         limit: int,
         on_queue: Callable[[], None] = lambda: None,
+        now_ns: Callable[[], int] = time.time_ns,
         on_device: Callable[[DeviceInfo], None] | None = None,
         on_quality: Callable[[Sample | None, Sample], None] | None = None,
     ) -> None:
@@ -55,12 +71,14 @@ class Outbox:
         self._deadbands = deadbands
         self._limit = limit
         self._on_queue = on_queue
+        self._now_ns = now_ns
         # Observers (the security monitor): every device record; every change of a
         # tag's quality or reason, which is rare, so the hot path pays one comparison.
         self.on_device = on_device
         self.on_quality = on_quality
         self._queue: deque[Record] = deque()
-        self._last: dict[int, Sample] = {}
+        self._last: dict[int, Sample] = {}  # the last polled, for the integrity refresh
+        self._sent: dict[int, Sample] = {}  # the last queued, for the deadband
         self._announced: set[int] = set()
         self._devices: dict[str, DeviceInfo] = {}
         self.counters = {
@@ -68,6 +86,7 @@ class Outbox:
             "samples_queued": 0,
             "samples_suppressed": 0,
             "records_dropped": 0,
+            "samples_unrepresentable": 0,
         }
 
     def __len__(self) -> int:
@@ -77,19 +96,44 @@ class Outbox:
 
     def sample(self, sample: Sample) -> None:
         self.counters["samples_in"] += 1
+        if problem := unrepresentable(sample):
+            sample = self.unrepresentable(sample, problem)
         last = self._last.get(sample.tag_id)
         self._last[sample.tag_id] = sample
         if self.on_quality is not None and (
             last is None or last.quality is not sample.quality or last.reason != sample.reason
         ):
             self.on_quality(last, sample)
-        if last is not None and not changed(last, sample, self._deadbands.get(sample.tag_id, 0.0)):
+        sent = self._sent.get(sample.tag_id)
+        if sent is not None and not changed(sent, sample, self._deadbands.get(sample.tag_id, 0.0)):
             self.counters["samples_suppressed"] += 1
             return
         if sample.tag_id not in self._announced:
             self._announce(sample.tag_id)
         if self._put(sample):
+            self._sent[sample.tag_id] = sample
             self.counters["samples_queued"] += 1
+
+    def unrepresentable(self, sample: Sample, problem: str) -> Sample:
+        """The BAD sample, stamped now, that stands for one that cannot travel."""
+        self.counters["samples_unrepresentable"] += 1
+        return Sample(
+            tag_id=sample.tag_id,
+            ts_ns=self._now_ns(),
+            value=None,
+            quality=Quality.BAD,
+            reason=f"unrepresentable: {problem}",
+        )
+
+    def tag(self, info: TagInfo) -> None:
+        """A catalogue entry that changed: queued now, so the values after it are read by it.
+
+        An OPC UA node's type is learnt after connecting; a Float published as
+        the catalogue's default float64 until the next carousel would carry
+        float64 noise.
+        """
+        self._announced.add(info.tag_id)
+        self._put(info)
 
     def device(self, info: DeviceInfo) -> None:
         if self.on_device is not None:
@@ -108,7 +152,15 @@ class Outbox:
         """
         for tag_id, sample in self._last.items():
             if tag_id % parts == part and self._put(sample):
+                self._sent[tag_id] = sample
                 self.counters["samples_queued"] += 1
+
+    def keep_only(self, tag_ids: set[int]) -> None:
+        """Forget the tags not in ``tag_ids`` (a reload removed them): no more refreshes."""
+        for table in (self._last, self._sent):
+            for tag_id in [t for t in table if t not in tag_ids]:
+                del table[tag_id]
+        self._announced &= tag_ids
 
     def carousel(self, part: int = 0, parts: int = 1) -> None:
         """Catalogue: the entries of the tags in slice ``part``, and (slice 0) every device."""

@@ -9,6 +9,17 @@ is the smallest the kernel allows. Nothing here calls recv.
 Pacing is a token bucket on ``time.monotonic()``: the rate counts IPv4 and
 UDP headers, and a bucket of a few milliseconds absorbs the event loop's
 timer granularity without bursting more than that onto the wire.
+
+**Time diversity** (``[link] repeat_after_s``, off by default): every datagram
+sent is kept and sent once more ``repeat_after_s`` later, through the same
+bucket. New datagrams go first; a repeat uses the capacity they leave, so
+repeats never delay the first copy. The repeat queue holds at most what the
+link can carry in ``repeat_after_s`` (``rate_mbps`` x ``repeat_after_s``); when
+repeats fall further behind than that (the link is too slow for twice the
+traffic), the oldest are dropped and counted (``repeats_dropped``). The
+receiver takes a repeat like any duplicate: a datagram of a block already
+rebuilt is dropped (``rejected_late``), one of a block it lost completes it.
+Nothing comes back from the receiver, so nothing there can slow this down.
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ import ctypes
 import socket
 import struct
 import time
+from collections import deque
+from typing import Literal
 
 from diode.config.link import IPV4_UDP_OVERHEAD
 from diode.config.tx import TxLink
@@ -57,6 +70,45 @@ def deaf_udp_socket(link: TxLink) -> socket.socket:
     return sock
 
 
+class RepeatQueue:
+    """Datagrams sent once, each waiting for its second sending; bounded in bytes."""
+
+    def __init__(self, after_s: float, max_bytes: int, counters: dict[str, int]) -> None:
+        self.after_s = after_s
+        self.max_bytes = max_bytes
+        self._queue: deque[tuple[float, bytes]] = deque()
+        self.bytes = 0
+        self._counters = counters
+        counters.update(repeats_sent=0, repeats_dropped=0)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, datagram: bytes, now: float) -> None:
+        self._queue.append((now + self.after_s, datagram))
+        self.bytes += len(datagram)
+        while self.bytes > self.max_bytes:
+            _, old = self._queue.popleft()
+            self.bytes -= len(old)
+            self._counters["repeats_dropped"] += 1
+
+    def due(self, now: float) -> bytes | None:
+        """The oldest datagram whose time has come, taken off the queue."""
+        if not self._queue or self._queue[0][0] > now:
+            return None
+        _, datagram = self._queue.popleft()
+        self.bytes -= len(datagram)
+        return datagram
+
+    def put_back(self, datagram: bytes, now: float) -> None:
+        """A repeat the socket could not take: first in line again."""
+        self._queue.appendleft((now, datagram))
+        self.bytes += len(datagram)
+
+    def next_due(self) -> float | None:
+        return self._queue[0][0] if self._queue else None
+
+
 class PacedSender:
     """Drains a SendQueue onto the wire at ``rate_mbps``; counts what it sent and failed."""
 
@@ -69,6 +121,15 @@ class PacedSender:
         self._burst = max(self._wire * 4, self._bytes_per_s * 0.004)
         self._wake = asyncio.Event()
         self.counters = {"datagrams_sent": 0, "bytes_sent": 0, "send_errors": 0}
+        self.repeats = (
+            RepeatQueue(
+                link.repeat_after_s,
+                int(self._bytes_per_s * link.repeat_after_s),
+                self.counters,
+            )
+            if link.repeat_after_s > 0
+            else None
+        )
 
     def notify(self) -> None:
         """New blocks are queued."""
@@ -78,9 +139,8 @@ class PacedSender:
         tokens = self._burst
         last = time.monotonic()
         while True:
-            if not len(self._queue):
-                self._wake.clear()
-                await self._wake.wait()
+            if not len(self._queue) and not self._repeat_due(last):
+                await self._idle()
                 last = time.monotonic()
                 tokens = max(tokens, self._wire)
             now = time.monotonic()
@@ -90,31 +150,72 @@ class PacedSender:
                 await asyncio.sleep((self._wire - tokens) / self._bytes_per_s)
                 continue
             while tokens >= self._wire:
-                datagram = self._queue.pop()
-                if datagram is None:
-                    break
-                if not self._send(datagram):
+                outcome = self._send_next(now)
+                if outcome == "full":
                     await asyncio.sleep(0.001)  # the socket buffer is full: let it drain
+                    break
+                if outcome == "none":
                     break
                 tokens -= self._wire
             await asyncio.sleep(0)
 
-    def _send(self, datagram: bytes) -> bool:
+    def _repeat_due(self, now: float) -> bool:
+        due = self.repeats.next_due() if self.repeats is not None else None
+        return due is not None and due <= now
+
+    async def _idle(self) -> None:
+        """Wait for new blocks, or for the next repeat to fall due."""
+        self._wake.clear()
+        due = self.repeats.next_due() if self.repeats is not None else None
+        if due is None:
+            await self._wake.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(due - time.monotonic(), 0.0)):
+                await self._wake.wait()
+
+    def _send_next(self, now: float) -> Literal["sent", "full", "none"]:
+        """One datagram: a new one first, else a repeat that is due."""
+        repeats = self.repeats
+        datagram = self._queue.pop()
+        if datagram is not None:
+            sent = self._send(datagram)
+            if sent is None:
+                self._queue.requeue(datagram)
+                return "full"
+            if sent and repeats is not None:
+                repeats.add(datagram, now)
+            return "sent"
+        datagram = repeats.due(now) if repeats is not None else None
+        if repeats is None or datagram is None:
+            return "none"
+        sent = self._send(datagram)
+        if sent is None:
+            repeats.put_back(datagram, now)
+            return "full"
+        if sent:
+            self.counters["repeats_sent"] += 1
+        return "sent"
+
+    def _send(self, datagram: bytes) -> bool | None:
+        """True: sent; False: failed and counted; None: the socket buffer is full."""
         try:
             self._sock.sendto(datagram, self._address)
         except BlockingIOError:
-            self._queue.requeue(datagram)
-            return False
+            return None
         except OSError:
             # No route, interface down: count it and go on; the receiver reports the gap.
             self.counters["send_errors"] += 1
-            return True
+            return False
         self.counters["datagrams_sent"] += 1
         self.counters["bytes_sent"] += len(datagram)
         return True
 
     async def drain(self, grace_s: float) -> None:
-        """Wait until the queue is empty or the grace period ends (shutdown)."""
+        """Wait until the queue is empty or the grace period ends (shutdown).
+
+        Repeats still waiting are not sent: the receiver had every datagram once.
+        """
         deadline = time.monotonic() + grace_s
         while len(self._queue) and time.monotonic() < deadline:
             self._wake.set()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from diode.records import DeviceInfo, Sample
+from diode.records import DeviceInfo, Sample, TagInfo
 
 
 class SampleSink(Protocol):
@@ -13,3 +13,6 @@ class SampleSink(Protocol):
 
     def device(self, info: DeviceInfo) -> None:
         """Take a device's inventory record."""
+
+    def tag(self, info: TagInfo) -> None:
+        """Take a catalogue entry that changed (a type learnt from the server): sent at once."""

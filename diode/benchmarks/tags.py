@@ -16,6 +16,11 @@ message with its receipt time (``%U``) to a file, parsed after the run.
 
 ``tags`` raises the rate per payload mode until a run loses an update or its
 p99 latency passes ``max_p99_ms``; ``cost`` runs per-tag QoS 0 at 10k and 50k.
+
+Sparkplug (``sparkplug:0``, ``sparkplug:1``): the subscriber takes
+``spBv1.0/#`` with hex payloads (``%x``), the births give the aliases, and
+every DBIRTH and DDATA metric is an update, historical ones included
+(Sparkplug timestamps are in milliseconds: latencies are accurate to 1 ms).
 """
 
 from __future__ import annotations
@@ -41,15 +46,17 @@ DEFAULT_SWEEPS: dict[str, tuple[int, ...]] = {
     "per_tag:0": (10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000),
     "per_tag:1": (5_000, 10_000, 20_000, 30_000, 40_000),
     "batched:0": (50_000, 100_000, 200_000, 250_000, 300_000),
+    "sparkplug:0": (50_000, 100_000, 200_000, 250_000, 300_000),
 }
 
 
 class _Subscriber:
-    def __init__(self, port: int, qos: int, path: Path) -> None:
+    def __init__(self, port: int, qos: int, path: Path, *, sparkplug: bool = False) -> None:
         self.path = path
+        topic, fmt = ("spBv1.0/#", "%U %t %x") if sparkplug else ("bench/#", "%U %t %p")
         self.proc = subprocess.Popen(  # noqa: S603
-            ["mosquitto_sub", "-p", str(port), "-t", "bench/#", "-q", str(qos),  # noqa: S607
-             "-F", "%U %t %p"],
+            ["mosquitto_sub", "-p", str(port), "-t", topic, "-t", PROBE,  # noqa: S607
+             "-q", str(qos), "-F", fmt],
             stdout=path.open("wb"),
         )  # fmt: skip
         deadline = time.monotonic() + 10
@@ -95,6 +102,35 @@ def _ts_s(ts: str) -> float:
         base = datetime.fromisoformat(head + "+00:00").timestamp()
         _seconds_cache[head] = base
     return base + int(frac) / 1e6
+
+
+def parse_sparkplug(path: Path) -> tuple[int, list[float]]:
+    """As :func:`parse`, for Sparkplug B: aliases from the births, every metric an update."""
+    from receiver.sparkplug_payload import decode, value_of  # noqa: PLC0415 - sparkplug runs only
+
+    seen: set[tuple[str, object]] = set()
+    latencies: list[float] = []
+    names: dict[int, tuple[str, int]] = {}
+    with path.open("rb") as f:
+        for raw in f:
+            stamp, topic, hexed = raw.decode(errors="replace").rstrip("\n").split(" ", 2)
+            parts = topic.split("/")
+            if len(parts) != 5 or parts[2] not in ("DBIRTH", "DDATA"):
+                continue
+            received = float(stamp)
+            for metric in decode(bytes.fromhex(hexed)).metrics:
+                if parts[2] == "DBIRTH":
+                    names[metric.alias] = (f"{parts[4]}/{metric.name}", metric.datatype)
+                known = names.get(metric.alias)
+                if known is None:
+                    continue
+                # Historical metrics are updates too (values older than a birth that
+                # carried a later one): delivered, so counted.
+                key = (known[0], value_of(metric, known[1]))
+                if key not in seen:
+                    seen.add(key)
+                    latencies.append((received - metric.timestamp / 1000) * 1000)
+    return len(seen), latencies
 
 
 def parse(path: Path) -> tuple[int, list[float]]:
@@ -160,8 +196,12 @@ def run(
         private, public = h.keys(work)
         port, metrics = h.free_udp_port(), h.free_port()
         broker = h.Broker(work)
+        sparkplug = payload == "sparkplug"
+        output: dict[str, Any] = {"payload": payload, "qos": qos}
+        if sparkplug:
+            output["sparkplug"] = {"group_id": "bench", "edge_node_id": "rx"}
         with h.stopping(broker):
-            sub = _Subscriber(broker.port, qos, work / "sub.txt")
+            sub = _Subscriber(broker.port, qos, work / "sub.txt", sparkplug=sparkplug)
             try:
                 rx = h.Daemon.rx(
                     h.rx_config(
@@ -170,7 +210,7 @@ def run(
                         port=port,
                         broker_port=broker.port,
                         metrics_port=metrics,
-                        output={"payload": payload, "qos": qos},
+                        output=output,
                     )
                 )
                 with h.stopping(rx):
@@ -216,7 +256,7 @@ def run(
                 sub.stop()
             stopped = tx.log_events("transmitter stopped")
             generated = int(stopped[-1]["poll_generated"]) if stopped else -1
-            received, latencies = parse(sub.path)
+            received, latencies = (parse_sparkplug if sparkplug else parse)(sub.path)
     updates = rate_hz * (t1 - t0)
     return {
         "rate_hz": rate_hz,

@@ -54,6 +54,21 @@ class Table(enum.StrEnum):
         return self in (Table.COIL, Table.DISCRETE_INPUT)
 
 
+class Half(enum.StrEnum):
+    """Which byte of a register an 8-bit value is: as it comes off the wire, high first."""
+
+    HIGH = "high"
+    LOW = "low"
+
+
+class Encoding(enum.StrEnum):
+    """How a string's bytes are read as text."""
+
+    ASCII = "ascii"
+    UTF8 = "utf-8"
+    LATIN1 = "latin-1"
+
+
 class ByteOrder(enum.StrEnum):
     """How a multi-byte value lies in its registers, value bytes named A (most significant) on.
 
@@ -74,9 +89,13 @@ class ByteOrder(enum.StrEnum):
 TableField = Annotated[Table, Field(strict=False)]
 OrderField = Annotated[ByteOrder, Field(strict=False)]
 TypeField = Annotated[ValueType, Field(strict=False)]
+HalfField = Annotated[Half, Field(strict=False)]
+EncodingField = Annotated[Encoding, Field(strict=False)]
 
 _REGISTERS = {
     ValueType.BOOL: 1,
+    ValueType.INT8: 1,
+    ValueType.UINT8: 1,
     ValueType.INT16: 1,
     ValueType.UINT16: 1,
     ValueType.INT32: 2,
@@ -108,13 +127,28 @@ class ModbusTag(Section):
     address: int = Field(
         ge=0, le=ADDRESS_MAX + 1, description="first address, in the device's address_base"
     )
-    type: TypeField = Field(description="value type: bool, int16 ... float64, string")
-    order: OrderField = Field(ByteOrder.ABCD, description="byte/word order: ABCD DCBA BADC CDAB")
+    type: TypeField = Field(
+        description="value type: bool, int8, uint8, int16, uint16, int32, uint32, int64, "
+        "uint64, float32, float64, string"
+    )
+    order: OrderField = Field(
+        ByteOrder.ABCD,
+        description="byte/word order: ABCD DCBA BADC CDAB; for a string only the byte "
+        "part counts (BADC, DCBA: first character in the low byte)",
+    )
     bit: int | None = Field(
         None, ge=0, le=15, description="for a bool in a register: bit 0 (LSB) to 15"
     )
+    byte: HalfField | None = Field(
+        None, description="for an int8 or uint8: the register's high or low byte"
+    )
     length: int | None = Field(
         None, ge=1, le=STRING_REGISTERS_MAX, description="for a string: registers it spans"
+    )
+    encoding: EncodingField = Field(
+        Encoding.LATIN1,
+        description="for a string: ascii, utf-8 or latin-1; it ends at the first NUL, "
+        "trailing spaces are dropped, bytes that are not valid text make the value BAD",
     )
     scale: float = Field(1.0, description="value = raw * scale + offset (numbers only)")
     offset: float = Field(0.0, description="value = raw * scale + offset (numbers only)")
@@ -129,9 +163,24 @@ class ModbusTag(Section):
         """Registers (or bits) this tag occupies."""
         return width_of(self.type, self.length)
 
+    def _check_halves_and_text(self) -> None:
+        kind = self.type
+        if kind not in _REGISTERS and kind is not ValueType.STRING:
+            raise ValueError(f"{kind} is not a Modbus value type")
+        half = kind in (ValueType.INT8, ValueType.UINT8)
+        if half and self.byte is None:
+            raise ValueError(f'an {kind} is half a register: set byte = "high" or "low"')
+        if not half and self.byte is not None:
+            raise ValueError(f"byte is only for int8 and uint8 tags, not {kind}")
+        if half and self.order is not ByteOrder.ABCD:
+            raise ValueError('order does not apply to an 8-bit value: byte = "high" or "low"')
+        if kind is not ValueType.STRING and "encoding" in self.model_fields_set:
+            raise ValueError(f"encoding is only for string tags, not {kind}")
+
     @model_validator(mode="after")
     def _consistent(self) -> ModbusTag:
         kind = self.type
+        self._check_halves_and_text()
         if self.table.is_bits:
             if kind is not ValueType.BOOL:
                 raise ValueError(f"a {self.table} holds single bits: its type must be bool")

@@ -14,8 +14,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from diode.config import Section
+from diode.config.sparkplug import SparkplugSettings
 
-TEMPLATE_FIELDS = frozenset({"prefix", "site", "device", "tag"})
+TEMPLATE_FIELDS = frozenset({"prefix", "site", "area", "device", "tag"})
 
 
 def _check_topic_part(value: str, what: str) -> str:
@@ -63,7 +64,8 @@ class MqttBroker(Section):
         ge=1,
         le=65535,
         description="messages written but not yet acknowledged, at most "
-        "(lowered to the broker's Receive Maximum when it announces one)",
+        "(lowered to the broker's Receive Maximum when it announces one, "
+        "and to 65279 so packet ids never run out)",
     )
     spool_path: Path = Field(
         Path("/var/lib/diode-rx/mqtt-spool.sqlite3"),
@@ -109,17 +111,30 @@ class StreamOutput(Section):
     prefix: str = Field("diode", description="first topic level(s)")
     site: str = Field("site", description="site name, the level after the prefix")
     topic_template: str = Field(
-        "{prefix}/{site}/{device}/{tag}",
-        description="per-tag topic; fields {prefix} {site} {device} {tag}",
+        "{prefix}/{site}/{area}/{device}/{tag}",
+        description="per-tag topic; fields {prefix} {site} {area} {device} {tag}; "
+        "an empty {area} and its slash are left out (the ISA-95 layout in the examples below); "
+        "the tag's metadata is retained on it + /$meta",
+    )
+    areas: dict[str, str] = Field(
+        default_factory=dict,
+        description="ISA-95 levels between the site and a device, by catalogue device name "
+        '(e.g. plc1 = "packaging/line2"); the {area} of the topics',
+    )
+    default_area: str = Field(
+        "", description="the {area} of a device not in areas; empty leaves the level out"
     )
     qos: Literal[0, 1] = Field(1, description="QoS of value messages (0 or 1)")
     retain: bool = Field(True, description="retain value messages (last value per topic)")
     message_expiry_s: int | None = Field(
         None, ge=1, le=2**32 - 1, description="MQTT 5 message expiry of value messages"
     )
-    payload: Literal["per_tag", "batched"] = Field(
-        "per_tag", description="one message per sample, or one per device per block"
+    payload: Literal["per_tag", "batched", "sparkplug"] = Field(
+        "per_tag",
+        description="one JSON message per sample, one per device per block, or Sparkplug B 3.0 "
+        "(an edge node, see output.sparkplug)",
     )
+    sparkplug: SparkplugSettings = Field(default_factory=SparkplugSettings)
     link_timeout_s: float = Field(
         5.0, gt=0.0, le=3600.0, description="no heartbeat for this long: link down, values stale"
     )
@@ -128,6 +143,18 @@ class StreamOutput(Section):
     @classmethod
     def _part(cls, value: str) -> str:
         return _check_topic_part(value, "prefix and site")
+
+    @field_validator("areas")
+    @classmethod
+    def _areas(cls, value: dict[str, str]) -> dict[str, str]:
+        for device, area in value.items():
+            _check_topic_part(area, f"areas.{device}")
+        return value
+
+    @field_validator("default_area")
+    @classmethod
+    def _default_area(cls, value: str) -> str:
+        return value and _check_topic_part(value, "default_area")
 
     @field_validator("site")
     @classmethod
@@ -152,6 +179,6 @@ class StreamOutput(Section):
             )
         if "tag" not in names:
             raise ValueError("topic_template must contain {tag}: each tag needs its own topic")
-        sample = value.format(prefix="p", site="s", device="d", tag="t")
+        sample = value.format(prefix="p", site="s", area="a", device="d", tag="t")
         _check_topic_part(sample, "topic_template")
         return value

@@ -70,7 +70,10 @@ class OpcuaNode(Section):
     unit: str = Field("", max_length=64, description="engineering unit, for the catalogue")
     description: str = Field("", max_length=512, description="free text, for the catalogue")
     type: ValueType | None = Field(
-        None, strict=False, description="value type; inferred from the node's DataType if unset"
+        None,
+        strict=False,
+        description="value type (of each element, for an array node); inferred from the "
+        "node's DataType if unset; see Value types below",
     )
     deadband: float = Field(
         0.0, ge=0.0, description="sender-side absolute deadband applied by the transmitter"

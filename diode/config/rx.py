@@ -6,10 +6,11 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from diode.config import IpAddress, Section, checked
-from diode.config.mqtt import MqttBroker, StreamOutput
+from diode.config.link import FecSettings
+from diode.config.mqtt import MqttBroker, StreamOutput, _check_topic_part
 from diode.config.syslog import SocSection
 from diode.config.tx import LogSettings
 from diode.errors import ConfigError
@@ -45,10 +46,31 @@ class ReceiverSection(Section):
         strict=False,
     )
     reorder_timeout_s: float = Field(
-        0.2, gt=0.0, le=10.0, description="how long a later block waits for a missing one"
+        0.2,
+        gt=0.0,
+        le=10.0,
+        description="how long a later block waits for a missing one; with the transmitter's "
+        "repeat_after_s set, longer than that (repeat_after_s + 1)",
     )
     max_assembly_mb: float = Field(
         64.0, gt=0.0, le=4096.0, description="memory for blocks being rebuilt, at most"
+    )
+    verify_budget_per_s: float = Field(
+        200.0,
+        gt=0.0,
+        le=100_000.0,
+        description="signature verifies per second for blocks outside a stream's window "
+        "(a new epoch, a stream not followed yet, far-ahead blocks)",
+    )
+    max_start_age_s: float = Field(
+        10.0,
+        gt=0.0,
+        le=86400.0,
+        description="with no saved position, an epoch older than this (plus clock_skew_s) "
+        "needs a fresh heartbeat before anything of it is published",
+    )
+    clock_skew_s: float = Field(
+        5.0, ge=0.0, le=3600.0, description="allowed difference between tx and rx wall clocks"
     )
     metrics_address: IpAddress = Field("127.0.0.1", description="Prometheus metrics address")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port; 0 = off")
@@ -64,6 +86,39 @@ class ReceiverSection(Section):
         return self
 
 
+class FailoverSection(Section):
+    """``[failover]``: a pair of receivers fed the same datagrams; one publishes at a time."""
+
+    peer_status_topic: str | None = Field(
+        None,
+        description="the other receiver's [mqtt] status_topic; set: this receiver is one of a "
+        "pair and starts as the standby (docs/OPERATIONS.md, the hand-over rule); unset: off",
+    )
+    takeover_after_s: float = Field(
+        3.0,
+        ge=1.0,
+        le=60.0,
+        description="a standby takes over when it has heard nothing from the active one for "
+        "this long (at once when the active one's status goes offline)",
+    )
+
+    @field_validator("peer_status_topic")
+    @classmethod
+    def _topic(cls, value: str | None) -> str | None:
+        return None if value is None else _check_topic_part(value, "peer_status_topic")
+
+
+class StreamLink(Section):
+    """``[streams.link]``: the transmitter's datagram size and FEC (copy them from its
+    ``[link]``); every datagram of another shape is dropped before it costs memory
+    or a Reed-Solomon decode. Without this section any shape is assembled."""
+
+    datagram_size: int = Field(
+        1472, ge=256, le=65507, description="UDP payload bytes of every datagram"
+    )
+    fec: FecSettings = Field(default_factory=FecSettings)
+
+
 class StreamConfig(Section):
     """``[[streams]]``: one transmitter, its keys and where its values go."""
 
@@ -71,7 +126,12 @@ class StreamConfig(Section):
     public_keys: list[Annotated[Path, Field(strict=False)]] = Field(
         min_length=1, description="accepted public keys (two during a rotation)"
     )
-    psk_file: Path | None = Field(None, description="link secret, if encrypted", strict=False)
+    psk_file: Path | None = Field(
+        None,
+        description="link secret: encrypts blocks and gates every datagram with a link tag",
+        strict=False,
+    )
+    link: StreamLink | None = Field(None, description="the stream's link profile")
     output: StreamOutput = Field(default_factory=StreamOutput)
 
 
@@ -82,6 +142,7 @@ class RxConfig(Section):
     mqtt: MqttBroker = Field(default_factory=MqttBroker)
     streams: list[StreamConfig] = Field(min_length=1)
     soc: SocSection = Field(default_factory=SocSection)
+    failover: FailoverSection = Field(default_factory=FailoverSection)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="before")
@@ -104,6 +165,32 @@ class RxConfig(Section):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"stream ids must be unique: {dupes}")
+        if self.failover.peer_status_topic == self.mqtt.status_topic:
+            raise ValueError(
+                "failover.peer_status_topic is this receiver's own mqtt.status_topic: "
+                "each receiver of a pair needs its own"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _unique_edge_nodes(self) -> RxConfig:
+        # Two edge nodes with one identity would take each other's MQTT session in turn.
+        nodes = [
+            (s.output.sparkplug.group_id, s.output.sparkplug.edge_node_id)
+            for s in self.streams
+            if s.output.payload == "sparkplug"
+        ]
+        dupes = sorted({"/".join(n) for n in nodes if nodes.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"Sparkplug streams need their own group_id/edge_node_id: {', '.join(dupes)} twice"
+            )
+        if nodes and self.failover.peer_status_topic is not None:
+            # The edge node's session (its NBIRTH, its will) would have to move with the
+            # active role; until it does, a standby pair serves JSON streams only.
+            raise ValueError(
+                "failover.peer_status_topic: a standby pair does not serve Sparkplug streams yet"
+            )
         return self
 
     def resolve(self, path: Path) -> RxConfig:

@@ -28,6 +28,14 @@ class TxLink(LinkSettings):
     queue_datagrams: int = Field(
         65536, ge=64, le=10_000_000, description="datagrams the sender may hold before dropping"
     )
+    repeat_after_s: float = Field(
+        0.0,
+        ge=0.0,
+        le=60.0,
+        description="time diversity: every datagram is sent again this much later, paced with "
+        "the rest (twice the bandwidth); an outage of the receiver or the link shorter than this "
+        "loses nothing if the receiver's reorder_timeout_s is longer; 0 = off",
+    )
 
 
 class TransmitterSection(Section):

@@ -42,6 +42,7 @@ from diode.demo.broker import EmbeddedBroker, Watcher, probe
 from diode.demo.plant import ModbusPlc, OpcuaPlc
 from diode.demo.process import Process
 from diode.demo.relay import Faults, Relay
+from diode.demo.sparkplug import SparkplugReader
 from diode.demo.view import (
     LogTail,
     Snapshot,
@@ -99,6 +100,7 @@ class Options:
     json: bool = False
     broker: str = "auto"  # auto | embedded | HOST:PORT
     seed: int = 1
+    payload: str = "json"  # json | sparkplug
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -108,6 +110,7 @@ class Options:
             json=bool(args.json),
             broker=str(getattr(args, "broker", "auto")),
             seed=int(getattr(args, "seed", 1)),
+            payload=str(getattr(args, "payload", "json")),
         )
         if not 0.0 <= options.loss < 1.0:
             raise ValueError(f"--loss is a share of datagrams, 0 to below 1 (got {options.loss})")
@@ -115,6 +118,8 @@ class Options:
             raise ValueError(f"--duration must be positive (got {options.duration_s})")
         if options.broker not in ("auto", "embedded"):
             host_port(options.broker)
+        if options.payload not in ("json", "sparkplug"):
+            raise ValueError(f"--payload is json or sparkplug (got {options.payload!r})")
         return options
 
 
@@ -197,6 +202,9 @@ class Demo:
             port=self.broker_addr[1],
             topic_filter=f"{PREFIX}/{SITE}/#",
             client_id=f"diode-demo-watch-{os.getpid()}",
+            sparkplug=(
+                SparkplugReader(f"{PREFIX}/{SITE}") if self.options.payload == "sparkplug" else None
+            ),
         )
         await self._background("subscriber", watcher.run(), watcher.subscribed)
         self.watcher = watcher
@@ -274,11 +282,21 @@ class Demo:
                 {
                     "id": STREAM_ID,
                     "public_keys": [keys / "demo.pub"],
-                    "output": {"prefix": PREFIX, "site": SITE},
+                    "output": {"prefix": PREFIX, "site": SITE, **self._payload_output()},
                 }
             ],
         }
         return validate(RxConfig, data, "demo receiver")
+
+    def _payload_output(self) -> dict[str, Any]:
+        if self.options.payload != "sparkplug":
+            return {}
+        # Sparkplug B 3.0 sends births and data at QoS 0; an edge node per stream.
+        return {
+            "payload": "sparkplug",
+            "qos": 0,
+            "sparkplug": {"group_id": "diode", "edge_node_id": f"demo-{os.getpid()}"},
+        }
 
     async def _daemon(
         self, name: str, daemon: Transmitter | Receiver, *, settle_s: float = 0.0

@@ -22,6 +22,7 @@ from typing import Any
 import aiomqtt
 
 from diode.demo.plant import free_port
+from diode.demo.sparkplug import SparkplugReader
 
 PROBE_TIMEOUT_S = 1.0
 CONNACK = 0x20
@@ -121,6 +122,7 @@ class Watcher:
     messages: int = 0
     retained_skipped: int = 0
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
+    sparkplug: SparkplugReader | None = None  # also read Sparkplug B (spBv1.0/#) as tag values
 
     async def run(self) -> None:
         client = aiomqtt.Client(
@@ -132,6 +134,8 @@ class Watcher:
         )
         async with client:
             await client.subscribe(self.topic_filter, qos=1)
+            if self.sparkplug is not None:
+                await client.subscribe("spBv1.0/#", qos=0)
             self.subscribed.set()
             async for message in client.messages:
                 self._take(str(message.topic), message.payload, message.retain)
@@ -144,13 +148,19 @@ class Watcher:
         if retain:
             self.retained_skipped += 1
             return
-        payload: dict[str, Any] | str
+        if self.sparkplug is not None and topic.startswith("spBv1.0/"):
+            data = bytes(raw) if isinstance(raw, bytes | bytearray) else b""
+            for tag_topic, value in self.sparkplug.take(topic, data):
+                self._keep(tag_topic, value)
+            return
         text = raw.decode(errors="replace") if isinstance(raw, bytes | bytearray) else str(raw)
         try:
             decoded = json.loads(text)
         except ValueError:
             decoded = text
-        payload = decoded if isinstance(decoded, dict) else text
+        self._keep(topic, decoded if isinstance(decoded, dict) else text)
+
+    def _keep(self, topic: str, payload: dict[str, Any] | str) -> None:
         self.messages += 1
         seen = self.topics.get(topic)
         count = seen.count + 1 if seen is not None else 1

@@ -337,7 +337,17 @@ def metrics(port: int) -> dict[str, int]:
     return out
 
 
-BAD_DATAGRAM_REASONS = ("short", "bad_magic", "bad_version", "bad_checksum", "malformed")
+BAD_DATAGRAM_REASONS = (
+    "short",
+    "bad_magic",
+    "bad_version",
+    "bad_checksum",
+    "malformed",
+    "unknown_stream",  # a bit flip in the stream id (the gate looks it up first)
+    "bad_shape",
+    "bad_tag",
+    "ungated",
+)
 
 
 def rejected(counters: dict[str, int], reasons: tuple[str, ...] | None = None) -> int:
@@ -361,6 +371,7 @@ class Plant:
     receiver: dict[str, Any] = field(default_factory=dict)
     mqtt: dict[str, Any] = field(default_factory=dict)
     output: dict[str, Any] = field(default_factory=dict)
+    stream: dict[str, Any] = field(default_factory=dict)  # more keys of [[streams]] in rx.toml
     plc: dict[str, Any] = field(default_factory=dict)  # [modbus] / [opcua] sections of tx
     capture: bool = False
     relay: Relay | None = None
@@ -435,6 +446,7 @@ class Plant:
                     "id": STREAM,
                     "public_keys": [str(self.keys / "tx.pub")],
                     "output": {"prefix": "diode", "site": "test", **self.output},
+                    **self.stream,
                 }
             ],
             "log": {"level": "info", "format": "json"},

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.faults import scenarios
+from tests.faults import attack, restarts, scenarios
 from tests.faults.harness import os_info
 from tests.support.mosquitto import Mosquitto
 
@@ -35,11 +35,21 @@ RUNS: list[tuple[str, Any, dict[str, Any]]] = [
     ("corruption", scenarios.corruption, {}),
     ("replay", scenarios.replay, {}),
     ("forgery", scenarios.forgery, {}),
-    ("flood", scenarios.flood, {}),
+    ("flood_secret", attack.scenario, {"gated": True}),
+    ("flood_no_secret", attack.scenario, {"gated": False}),
     ("broker_outage", scenarios.broker_outage, {}),
     ("receiver_kill", scenarios.receiver_kill, {}),
     ("transmitter_kill", scenarios.transmitter_kill, {}),
     ("plc_faults", scenarios.plc_faults, {}),
+    ("activated_1k", restarts.socket_activated_restarts, {"rate": 1000}),
+    ("activated_10k", restarts.socket_activated_restarts, {"rate": 10_000}),
+    ("diversity_receiver", restarts.time_diversity, {"fault": "receiver"}),
+    ("diversity_link", restarts.time_diversity, {"fault": "link"}),
+    ("reload", restarts.reload_under_load, {"rate": 10_000}),
+    ("standby", restarts.standby_takes_over, {}),
+    ("standby_10k", restarts.standby_takes_over, {"rate": 10_000}),
+    ("both_killed", restarts.both_killed, {}),
+    ("frozen", restarts.active_frozen, {}),
 ]
 
 
@@ -114,20 +124,67 @@ def notes(results: list[scenarios.Result]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _kept(doc: str, names: set[str]) -> tuple[list[str], list[str], str, str]:
+    """The rows and notes of the current page whose scenarios are not in ``names``,
+    its fuzzing paragraph and its "Last run" line."""
+    rows = [
+        line
+        for line in doc.splitlines()
+        if line.startswith("| ")
+        and not line.startswith("| scenario |")
+        and line.split(" | ")[0][2:] not in names
+    ]
+    kept_notes = [
+        line
+        for line in doc.splitlines()
+        if line.startswith("- **") and line[4:].split("** (seed")[0] not in names
+    ]
+    fuzzing = re.search(r"## Fuzzing the receiver core\n\n(.*?)\n\n", doc, re.DOTALL)
+    last = re.search(r"Last run: (.*?)\.\n", doc, re.DOTALL)
+    return (
+        rows,
+        kept_notes,
+        fuzzing[1] if fuzzing else "",
+        last[1].replace("\n", " ") if last else "",
+    )
+
+
+def _order(line: str) -> tuple[int, str]:
+    """Rows in scenario order: by the number that starts the name (9b after 9)."""
+    m = re.match(r"(?:\| |- \*\*)(\d+)(\w?)\.", line)
+    return (int(m[1]), m[2]) if m else (1000, "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.faults.report")
     parser.add_argument("--fuzz-s", type=int, default=60)
-    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="run these scenarios (names in RUNS) and replace only their rows and notes",
+    )
     args = parser.parse_args(argv)
     runs = [r for r in RUNS if args.only is None or r[0] in args.only]
     results = [asyncio.run(run_one(*r)) for r in runs]
-    fuzzing = fuzz(args.fuzz_s) if args.fuzz_s > 0 else "not run (--fuzz-s 0)."
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{os_info()}, {when}"
+    rows, note_lines = table(results).splitlines()[2:], notes(results).splitlines()
+    if args.only is not None and DOC.exists():
+        # A partial run: every other scenario keeps its row, its note and its date.
+        old_rows, old_notes, old_fuzz, last = _kept(DOC.read_text(), {r.scenario for r in results})
+        rows = sorted(old_rows + rows, key=_order)
+        note_lines = sorted(old_notes + note_lines, key=_order)
+        fuzzing = fuzz(args.fuzz_s) if args.fuzz_s > 0 else old_fuzz
+        machine = f"{last}; scenarios {', '.join(args.only)} rerun {when}"
+    else:
+        fuzzing = fuzz(args.fuzz_s) if args.fuzz_s > 0 else "not run (--fuzz-s 0)."
+    head = table([]).splitlines()[:2]
     text = (ROOT / "tests" / "faults" / "RELIABILITY.template.md").read_text()
     text = text.format(
-        machine=f"{os_info()}, {when}",
-        table=table(results),
-        notes=notes(results),
+        machine=machine,
+        table="\n".join(head + rows) + "\n",
+        notes="\n".join(note_lines) + "\n",
         fuzz=fuzzing,
     )
     DOC.write_text(text)

@@ -21,6 +21,7 @@ a client presented.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,48 @@ VARIABLES: dict[str, tuple[Any, ua.VariantType]] = {
     "Label": ("idle", ua.VariantType.String),
     "Curve": ([1.0, 2.0], ua.VariantType.Double),
 }
+# Every built-in type a plant's server is likely to hold, arrays included, with
+# values at their edges: the end-to-end fidelity test reads them all.
+PLANT_TYPES: dict[str, tuple[Any, ua.VariantType]] = {
+    "SByte": (-128, ua.VariantType.SByte),
+    "Byte": (255, ua.VariantType.Byte),
+    "Int16": (-32768, ua.VariantType.Int16),
+    "UInt16": (65535, ua.VariantType.UInt16),
+    "Int32": (-(2**31), ua.VariantType.Int32),
+    "UInt32": (2**32 - 1, ua.VariantType.UInt32),
+    "Int64": (-(2**63), ua.VariantType.Int64),
+    "UInt64": (2**64 - 1, ua.VariantType.UInt64),
+    "Float": (12.47, ua.VariantType.Float),  # held as the float32 nearest 12.47
+    "FloatTiny": (2.9194613, ua.VariantType.Float),
+    "Double": (0.1 + 0.2, ua.VariantType.Double),
+    "Text": ("Grüße, 温度 \x00 end", ua.VariantType.String),
+    "Bytes": (b"\x00\x01\xfe\xff diode", ua.VariantType.ByteString),
+    "When": (dt.datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=dt.UTC), ua.VariantType.DateTime),
+    "Greeting": (ua.LocalizedText("Hallo", "de-DE"), ua.VariantType.LocalizedText),
+    "Id": (uuid.UUID("72962b91-fa75-4ae6-8d28-b404dc7daf63"), ua.VariantType.Guid),
+    "Ref": (ua.NodeId("Tank.Level", 2), ua.VariantType.NodeId),
+    "Code": (ua.StatusCode(ua.StatusCodes.BadSensorFailure), ua.VariantType.StatusCode),
+    "QName": (ua.QualifiedName("Name", 2), ua.VariantType.QualifiedName),
+    "Floats": ([1.1, -2.5, 3.4028234663852886e38], ua.VariantType.Float),
+    "Doubles": ([0.1, -1e-300, 1.7976931348623157e308], ua.VariantType.Double),
+    "Ints": ([1, -2, 2**31 - 1], ua.VariantType.Int32),
+    "Words": (["x", "", "ü"], ua.VariantType.String),
+    "Blobs": ([b"a", b"", b"\xff"], ua.VariantType.ByteString),
+    "Texts": (
+        [ua.LocalizedText("one", "en"), ua.LocalizedText("un", "fr")],
+        ua.VariantType.LocalizedText,
+    ),
+    "Dates": (
+        [
+            dt.datetime(2000, 1, 1, tzinfo=dt.UTC),
+            dt.datetime(2099, 12, 31, 23, 59, 59, tzinfo=dt.UTC),
+        ],
+        ua.VariantType.DateTime,
+    ),
+    "Flags": ([True, False, True], ua.VariantType.Boolean),
+    "Matrix": ([[1, 2, 3], [4, 5, 6]], ua.VariantType.Int32),
+}
+VARIABLES.update(PLANT_TYPES)
 BUILD_INFO = {
     "product_uri": "urn:diode:test:plc",
     "manufacturer_name": "Diode Test Works",
@@ -48,6 +91,13 @@ BUILD_INFO = {
     "software_version": "1.2.3",
     "build_number": "42",
 }
+
+
+def variant(value: Any, vtype: ua.VariantType) -> ua.Variant:
+    """A Variant; a list of lists is a matrix (its Dimensions set)."""
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        return ua.Variant(value, vtype, Dimensions=[len(value), len(value[0])])
+    return ua.Variant(value, vtype)
 
 
 def node_id(name: str) -> str:
@@ -133,7 +183,7 @@ class OpcuaTestServer:
         self._nodes = {}
         for name, (initial, vtype) in VARIABLES.items():
             self._nodes[name] = await plant.add_variable(
-                ua.NodeId(f"Plant.{name}", idx), name, ua.Variant(initial, vtype)
+                ua.NodeId(f"Plant.{name}", idx), name, variant(initial, vtype)
             )
         await server.start()
         self._server = server
@@ -158,9 +208,9 @@ class OpcuaTestServer:
         """Write a value (with a status and a source timestamp); returns the timestamp used."""
         ts = source_ts or dt.datetime.now(dt.UTC)
         vtype = VARIABLES[name][1]
-        variant = ua.Variant(value, vtype) if value is not None else ua.Variant()
+        value_variant = variant(value, vtype) if value is not None else ua.Variant()
         await self._nodes[name].write_value(
-            ua.DataValue(variant, StatusCode=ua.StatusCode(status), SourceTimestamp=ts)
+            ua.DataValue(value_variant, StatusCode=ua.StatusCode(status), SourceTimestamp=ts)
         )
         return ts
 

@@ -1,0 +1,138 @@
+"""The assembly table: the symbols of blocks being rebuilt, with a memory bound that holds.
+
+An assembly gathers the symbols of one block until k of them are there. Its
+key is the datagram header without the symbol index and the CRC, so symbols
+join only an assembly whose every header field agrees.
+
+The bound counts what an assembly really costs in the Python heap, not just
+its symbol bytes: the assembly object, its symbol dict, its key, the table's
+entry, and each symbol's ``bytes`` object (constants measured with
+tracemalloc, checked by tests/test_assembly.py). When the count passes
+``max_bytes`` the oldest assemblies go first: those holding a single symbol
+(what a flood of unique forged datagrams creates) before those with two or
+more, each group oldest first. Every eviction and expiry is counted.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+from diode.errors import FrameError
+
+# What one assembly costs beyond its symbols' payload bytes: the object, its
+# symbol dict, its key (a 45-byte ``bytes``), and its OrderedDict entry.
+ASSEMBLY_OVERHEAD = 560
+# What one symbol costs beyond its payload bytes: the ``bytes`` object and its dict slot.
+SYMBOL_OVERHEAD = 64
+
+# The key: datagram bytes 0..32 and 33..44 (all but the index and the CRC), symbol length.
+_KEY = struct.Struct(">HBBI8sQQBBBIIH")
+
+
+def assembly_key(datagram: bytes, symbol_length: int) -> bytes:
+    return datagram[:32] + datagram[33:44] + symbol_length.to_bytes(2, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockId:
+    """Where an assembly's block claims to sit (unauthenticated), and its record hint."""
+
+    stream_id: int
+    epoch: int
+    seq: int
+    records: int
+
+
+def block_id(key: bytes) -> BlockId:
+    fields = _KEY.unpack(key)
+    return BlockId(stream_id=fields[3], epoch=fields[5], seq=fields[6], records=fields[11])
+
+
+@dataclass(slots=True)
+class Assembly:
+    key: bytes
+    created: float
+    symbols: dict[int, bytes] = field(default_factory=dict)
+    cost: int = ASSEMBLY_OVERHEAD
+
+
+class AssemblyTable:
+    """Blocks being rebuilt; ``add`` hands back an assembly once it holds k symbols."""
+
+    def __init__(self, counters: Counter[str], *, max_bytes: int, timeout_s: float) -> None:
+        self._counters = counters
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        # Two FIFOs: probation (one symbol so far) and established (two or more).
+        self._probation: OrderedDict[bytes, Assembly] = OrderedDict()
+        self._established: OrderedDict[bytes, Assembly] = OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._probation) + len(self._established)
+
+    def add(self, key: bytes, index: int, k: int, symbol: bytes, now: float) -> Assembly | None:
+        """Add one symbol; returns the complete assembly (out of the table) at the k-th."""
+        assembly = self._established.get(key)
+        if assembly is None:
+            assembly = self._probation.get(key)
+            if assembly is None:
+                if k == 1:  # complete at once: never enters the table
+                    return Assembly(key, now, {index: symbol})
+                assembly = Assembly(key, now)
+                self._probation[key] = assembly
+                self.bytes += ASSEMBLY_OVERHEAD
+            elif index not in assembly.symbols:
+                del self._probation[key]  # a second symbol: promoted
+                self._established[key] = assembly
+        if index in assembly.symbols:
+            raise FrameError("symbol already received", reason="duplicate")
+        assembly.symbols[index] = symbol
+        cost = len(symbol) + SYMBOL_OVERHEAD
+        assembly.cost += cost
+        self.bytes += cost
+        if len(assembly.symbols) >= k:
+            self._remove(assembly)
+            return assembly
+        self._evict()
+        return None
+
+    def _remove(self, assembly: Assembly) -> None:
+        if self._established.pop(assembly.key, None) is None:
+            self._probation.pop(assembly.key, None)
+        self.bytes -= assembly.cost
+
+    def _evict(self) -> None:
+        while self.bytes > self.max_bytes:
+            fifo = self._probation or self._established
+            if not fifo:
+                return
+            _, victim = fifo.popitem(last=False)
+            self.bytes -= victim.cost
+            self._counters["assemblies_evicted"] += 1
+
+    def expire(self, now: float) -> None:
+        """Drop assemblies older than ``timeout_s`` (their block's loss is declared later)."""
+        limit = now - self.timeout_s
+        for fifo in (self._probation, self._established):
+            while fifo and next(iter(fifo.values())).created <= limit:
+                _, old = fifo.popitem(last=False)
+                self.bytes -= old.cost
+                self._counters["assemblies_expired"] += 1
+
+    def deadline(self) -> float | None:
+        times = [next(iter(f.values())).created for f in (self._probation, self._established) if f]
+        return min(times) + self.timeout_s if times else None
+
+    def take_epoch(self, stream_id: int, epoch: int) -> list[BlockId]:
+        """Remove every assembly of one stream's epoch; what they claimed to be."""
+        taken = []
+        for fifo in (self._probation, self._established):
+            for key in list(fifo):
+                claimed = block_id(key)
+                if claimed.stream_id == stream_id and claimed.epoch == epoch:
+                    self.bytes -= fifo.pop(key).cost
+                    taken.append(claimed)
+        return taken

@@ -1,0 +1,283 @@
+"""The receiver's half of the protocol, sans I/O: datagrams in, authentic records out.
+
+``Decoder.receive(datagram, now)`` never raises: every datagram either joins
+a block being rebuilt or bumps exactly one ``rejected_<reason>`` counter.
+The path of a datagram, one piece per job::
+
+    Gate.admit            link tag | framing, CRC, link profile, key id
+    StreamSequencer.check already delivered, or an epoch older than followed?
+    AssemblyTable.add     k symbols yet? (memory bounded, oldest evicted)
+    StreamSequencer.turn  the next block: verify now; ahead in the window: WaitingRoom
+                          until its turn; outside the window: VerifyBudget.take
+    BlockAuthenticator    rebuild, signed header, Ed25519, decrypt, records
+    StreamSequencer.accept  epochs, freshness, order, gaps -> events
+
+Counters come in two families. *Intake* counters (``datagrams``,
+``symbols``, ``assemblies_*``, ``rejected_*``) count what arrived, so a
+forger moves them by definition; they are how an attack is seen. *Stream*
+counters (``blocks_*``, ``records_*``) are moved by authentic blocks only:
+no field of an unauthenticated datagram reaches them.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from diode.errors import FrameError
+from diode.keys import Keyring
+from diode.protocol.assembly import AssemblyTable, assembly_key
+from diode.protocol.authenticator import BlockAuthenticator
+from diode.protocol.budget import VerifyBudget
+from diode.protocol.events import Delivered, EpochStarted, Event, Gap
+from diode.protocol.gate import Gate, LinkProfile
+from diode.protocol.sequencer import SequencerSettings, StreamSequencer
+from diode.protocol.waiting import Candidate, WaitingRoom, candidate_cost
+from diode.replay import StreamState
+
+__all__ = [
+    "Decoder",
+    "DecoderSettings",
+    "Delivered",
+    "EpochStarted",
+    "Event",
+    "Gap",
+    "LinkProfile",
+]
+
+_STREAM = struct.Struct(">I")
+_EPOCH_SEQ = struct.Struct(">QQ")
+
+# Blocks this far behind a stream's position are "late"; further back, replays.
+RECENT_BLOCKS = 4096
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecoderSettings:
+    reorder_timeout_s: float = 0.2
+    assembly_timeout_s: float = 5.0
+    max_assembly_bytes: int = 32 * 1024 * 1024
+    max_held_blocks: int = 4096
+    window_blocks: int = RECENT_BLOCKS
+    verify_budget_per_s: float = 200.0
+    remembered_failures: int = 32768
+    max_start_age_s: float = 10.0
+    clock_skew_s: float = 5.0
+
+
+class Decoder:
+    """Rebuilds, authenticates and orders the blocks of every stream in the keyring.
+
+    ``profiles`` (stream id -> :class:`LinkProfile`) turns on the shape check.
+    ``wall_offset_s``, when set by the shell, makes ``now + wall_offset_s`` the
+    wall clock (Unix seconds) that freshness on a fresh start is judged by.
+    """
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        settings: DecoderSettings | None = None,
+        state: dict[int, StreamState] | None = None,
+        profiles: Mapping[int, LinkProfile] | None = None,
+    ) -> None:
+        self.settings = settings = settings or DecoderSettings()
+        self.counters: Counter[str] = Counter()
+        self._events: list[Event] = []
+        self.wall_offset_s: float | None = None
+        self._quiet_until: dict[int, float] = {}  # no overdue round before (per stream)
+        self._stuck_at: dict[int, int] = {}  # next seq when an overdue round found nothing
+        self._gate = Gate(keyring, profiles)
+        # The memory bound covers both: 3/4 for assemblies, 1/4 for blocks waiting their turn.
+        self._table = AssemblyTable(
+            self.counters,
+            max_bytes=settings.max_assembly_bytes * 3 // 4,
+            timeout_s=settings.assembly_timeout_s,
+        )
+        self._room = WaitingRoom(self.counters, max_bytes=settings.max_assembly_bytes // 4)
+        self._budget = VerifyBudget(settings.verify_budget_per_s)
+        self._authenticator = BlockAuthenticator(
+            self.counters, remember=settings.remembered_failures
+        )
+        self._sequencer = StreamSequencer(
+            SequencerSettings(
+                reorder_timeout_s=settings.reorder_timeout_s,
+                max_held_blocks=settings.max_held_blocks,
+                window_blocks=settings.window_blocks,
+                max_start_age_s=settings.max_start_age_s,
+                clock_skew_s=settings.clock_skew_s,
+            ),
+            self.counters,
+            self._events,
+            state,
+        )
+
+    # -- the public surface ---------------------------------------------------
+
+    def receive(self, datagram: bytes, now: float) -> None:
+        """Take one datagram. Never raises: a bad one bumps one counter and is dropped."""
+        counters = self.counters
+        counters["datagrams"] += 1
+        # The cheap checks first, without exceptions: this is what a flood pays.
+        reason = self._gate.screen(datagram)
+        if reason is None:
+            stream_id = _STREAM.unpack_from(datagram, 4)[0]
+            epoch, seq = _EPOCH_SEQ.unpack_from(datagram, 16)
+            reason = self._sequencer.screen(stream_id, epoch, seq)
+            if (
+                reason is None
+                and self._sequencer.turn(stream_id, epoch, seq) == "budget"
+                and not self._budget.available(now)
+            ):
+                reason = "rejected_verify_budget"  # outside the window, no verify left
+        if reason is not None:
+            counters[reason] += 1
+            return
+        try:
+            self._receive(datagram, now)
+        except FrameError as exc:
+            counters["rejected_" + exc.reason] += 1
+
+    def _receive(self, datagram: bytes, now: float) -> None:
+        header, symbol, trusted = self._gate.admit(datagram)
+        key = assembly_key(datagram, len(symbol))
+        assembly = self._table.add(key, header.index, header.k, symbol, now)
+        self.counters["symbols"] += 1
+        if assembly is None:
+            return
+        stream_id = header.stream_id
+        candidate = Candidate(
+            key=key,
+            header=header,
+            symbols=assembly.symbols,
+            trusted=trusted,
+            at=now,
+            cost=candidate_cost(assembly.symbols),
+        )
+        turn = self._sequencer.turn(stream_id, header.epoch, header.seq)
+        if turn == "wait" and not (self._stuck(stream_id) and self._budget.take(now)):
+            self._room.put(stream_id, header.epoch, candidate)
+            return
+        if turn == "budget" and not self._budget.take(now):
+            raise FrameError("out of the window and over budget", reason="verify_budget")
+        try:
+            self._verify(candidate, now)
+        finally:
+            self._serve(stream_id, now)
+
+    def _verify(self, candidate: Candidate, now: float, arrived: float | None = None) -> None:
+        header = candidate.header
+        block = self._authenticator.open(
+            candidate.key, header, candidate.symbols, candidate.trusted
+        )
+        wall = None if self.wall_offset_s is None else now + self.wall_offset_s
+        self._sequencer.accept(
+            header.stream_id, block, now, wall_s=wall, tail=self._table.take_epoch, arrived=arrived
+        )
+
+    def _serve(self, stream_id: int, now: float) -> None:
+        """Verify the blocks whose turn came, newest candidate first, until one is authentic."""
+        room = self._room
+        while True:
+            following = self._sequencer.next_block(stream_id)
+            if following is None:
+                return
+            epoch, next_seq = following
+            room.discard_below(stream_id, next_seq)
+            candidates = room.take(stream_id, next_seq)
+            if not candidates:
+                return
+            self._first_authentic(candidates, epoch, now)
+
+    def _first_authentic(self, candidates: list[Candidate], epoch: int, now: float) -> bool:
+        for i, candidate in enumerate(candidates):
+            if candidate.header.epoch != epoch:
+                self.counters["rejected_late"] += 1
+                continue
+            try:
+                self._verify(candidate, now, arrived=candidate.at)
+            except FrameError as exc:
+                self.counters["rejected_" + exc.reason] += 1
+                continue
+            self.counters["rejected_late"] += len(candidates) - i - 1
+            return True
+        return False
+
+    def poll(self, now: float) -> None:
+        """Run the timers: expire stale assemblies, declare overdue blocks lost."""
+        self._table.expire(now)
+        self._sequencer.advance_all(now)
+        for stream_id in self._room.streams():
+            self._overdue(stream_id, now)
+
+    def _overdue(self, stream_id: int, now: float) -> None:
+        """The next block is overdue: try the lowest waiting one, so that a lost block is
+        declared as it would be without the waiting room. Goes on while that finds
+        authentic blocks; a sequence number with only forgeries ends this round, and
+        the next round waits a reorder timeout (a forged spray keeps the lowest waiting
+        seq always "overdue": this caps what it costs at 2 verifies per timeout)."""
+        if now < self._quiet_until.get(stream_id, 0.0):
+            return
+        while True:
+            lowest = self._room.lowest(stream_id)
+            following = self._sequencer.next_block(stream_id)
+            if lowest is None or following is None:
+                return
+            if now - lowest[1] < self.settings.reorder_timeout_s:
+                return
+            found = self._first_authentic(self._room.take(stream_id, lowest[0]), following[0], now)
+            self._sequencer.advance_all(now)
+            self._serve(stream_id, now)
+            if not found:
+                self._quiet_until[stream_id] = now + self.settings.reorder_timeout_s
+                self._stuck_at[stream_id] = following[1]
+                return
+
+    def _stuck(self, stream_id: int) -> bool:
+        """Is the stream's next block overdue with only forgeries waiting in its place?
+
+        Then the real blocks after it may have been pushed out of the waiting room
+        (a spray of forged candidates, 2 per seq), and waiting for their turn could
+        wait forever. Until the position moves, complete blocks ahead are verified as
+        they come, within the verify budget: the first authentic one lets the
+        sequencer declare the gap and the stream flows again.
+        """
+        stuck_at = self._stuck_at.get(stream_id)
+        if stuck_at is None:
+            return False
+        following = self._sequencer.next_block(stream_id)
+        if following is None or following[1] != stuck_at:
+            del self._stuck_at[stream_id]
+            return False
+        return True
+
+    def deadline(self) -> float | None:
+        """When :meth:`poll` must run next, or None if nothing is waiting."""
+        times = [t for t in (self._sequencer.deadline(), self._table.deadline()) if t is not None]
+        for stream_id in self._room.streams():
+            lowest = self._room.lowest(stream_id)
+            if lowest is not None:
+                due = lowest[1] + self.settings.reorder_timeout_s
+                times.append(max(due, self._quiet_until.get(stream_id, 0.0)))
+        return min(times, default=None)
+
+    def events(self) -> list[Event]:
+        """The events since the last call, in order."""
+        events = self._events[:]
+        self._events.clear()  # the sequencer keeps appending to this same list
+        return events
+
+    @property
+    def state_changed(self) -> bool:
+        """Whether positions moved since :meth:`positions` was last called."""
+        return self._sequencer.state_changed
+
+    def positions(self) -> dict[int, StreamState]:
+        """Each stream's position, to persist before delivered records are handed on."""
+        return self._sequencer.positions()
+
+    @property
+    def assembly_bytes(self) -> int:
+        """What blocks being rebuilt or waiting their turn cost, as counted against the bound."""
+        return self._table.bytes + self._room.bytes

@@ -1,0 +1,136 @@
+"""The waiting room: complete blocks ahead of their turn, not verified until it comes.
+
+Blocks are delivered in sequence order, so verifying block X before block
+X-1 is delivered gains nothing. A complete block in the stream's window but
+ahead of the next expected one waits here; when its turn comes, the
+candidates for that sequence number are verified newest first and the first
+authentic one ends the search: the others, and any that arrive later, are
+discarded as late without a verify. A forger spraying the window with valid-
+looking blocks therefore costs at most ``per_seq`` (2) verifies per real
+block, not one per forged block. (A real block usually comes after its turn:
+blocks arrive in order; one that completes early waits a few milliseconds,
+so keeping the 2 newest candidates per sequence number keeps it.)
+
+If the next block does not come (lost beyond repair), the lowest waiting
+sequence number is verified once its first candidate has waited the reorder
+timeout, so loss is declared as before; a round that finds only forgeries
+delays the next by a reorder timeout (``Decoder._overdue``).
+
+Bounded: at most ``per_seq`` candidates per sequence number (the newest are
+kept: the real block arrives about when its turn comes) and at most
+``max_bytes`` in all, counted as the assembly table counts; when full, the
+candidates furthest ahead go first (``rejected_waiting_full``).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from dataclasses import dataclass
+
+from diode.keys import TrustedKey
+from diode.protocol.assembly import ASSEMBLY_OVERHEAD, SYMBOL_OVERHEAD
+from diode.wire import DatagramHeader
+
+
+@dataclass(slots=True, kw_only=True)
+class Candidate:
+    """A complete block, not verified yet."""
+
+    key: bytes
+    header: DatagramHeader
+    symbols: dict[int, bytes]
+    trusted: TrustedKey
+    at: float
+    cost: int
+
+
+def candidate_cost(symbols: dict[int, bytes]) -> int:
+    return ASSEMBLY_OVERHEAD + sum(len(s) + SYMBOL_OVERHEAD for s in symbols.values())
+
+
+class WaitingRoom:
+    def __init__(self, counters: Counter[str], *, max_bytes: int, per_seq: int = 2) -> None:
+        self._counters = counters
+        self.max_bytes = max_bytes
+        self.per_seq = per_seq
+        # stream -> epoch it waits for -> seq -> candidates, oldest first
+        self._streams: dict[int, dict[int, list[Candidate]]] = {}
+        self._epochs: dict[int, int] = {}
+        # Per stream, a max-heap (negated) of waiting seqs, stale entries skipped lazily.
+        self._ahead: dict[int, list[int]] = {}
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return sum(len(c) for s in self._streams.values() for c in s.values())
+
+    def put(self, stream_id: int, epoch: int, candidate: Candidate) -> None:
+        if self._epochs.get(stream_id) != epoch:
+            self.clear(stream_id)
+            self._epochs[stream_id] = epoch
+        seqs = self._streams.setdefault(stream_id, {})
+        seq = candidate.header.seq
+        waiting = seqs.get(seq)
+        if waiting is None:
+            waiting = seqs[seq] = []
+            heapq.heappush(self._ahead.setdefault(stream_id, []), -seq)
+        elif any(c.key == candidate.key for c in waiting):
+            # Another k symbols of a block already waiting (the same header): the
+            # surplus of a healthy block, like a late symbol. Not kept, not an attack.
+            self._counters["rejected_duplicate"] += 1
+            return
+        waiting.append(candidate)
+        self.bytes += candidate.cost
+        if len(waiting) > self.per_seq:
+            self._drop(waiting.pop(0))
+        ahead = self._ahead[stream_id]
+        while self.bytes > self.max_bytes and ahead:
+            furthest = -ahead[0]
+            if furthest not in seqs:
+                heapq.heappop(ahead)  # taken or discarded already
+                continue
+            self._drop(seqs[furthest].pop(0))
+            if not seqs[furthest]:
+                del seqs[furthest]
+                heapq.heappop(ahead)
+
+    def _drop(self, candidate: Candidate) -> None:
+        self.bytes -= candidate.cost
+        self._counters["rejected_waiting_full"] += 1
+
+    def take(self, stream_id: int, seq: int) -> list[Candidate]:
+        """The candidates for one sequence number, newest first (out of the room)."""
+        seqs = self._streams.get(stream_id)
+        if not seqs or seq not in seqs:
+            return []
+        taken = seqs.pop(seq)
+        self.bytes -= sum(c.cost for c in taken)
+        taken.reverse()
+        return taken
+
+    def lowest(self, stream_id: int) -> tuple[int, float] | None:
+        """The lowest waiting sequence number and when its first candidate arrived."""
+        seqs = self._streams.get(stream_id)
+        if not seqs:
+            return None
+        seq = min(seqs)
+        return seq, seqs[seq][0].at
+
+    def discard_below(self, stream_id: int, seq: int) -> None:
+        """Candidates whose turn passed (their block was delivered or declared lost)."""
+        seqs = self._streams.get(stream_id)
+        if not seqs:
+            return
+        for old in [s for s in seqs if s < seq]:
+            gone = seqs.pop(old)
+            self.bytes -= sum(c.cost for c in gone)
+            self._counters["rejected_late"] += len(gone)
+
+    def clear(self, stream_id: int) -> None:
+        self._ahead.pop(stream_id, None)
+        for candidates in self._streams.pop(stream_id, {}).values():
+            self.bytes -= sum(c.cost for c in candidates)
+            self._counters["rejected_late"] += len(candidates)
+
+    def streams(self) -> list[int]:
+        return [s for s, seqs in self._streams.items() if seqs]

@@ -1,0 +1,146 @@
+"""The gate: link tags (wire version 2), the link profile, and what each rejection costs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from diode.config.link import FecSettings, LinkSettings
+from diode.decoder import Decoder, LinkProfile
+from diode.records import Heartbeat, Sample
+from diode.wire import HEADER_SIZE, LINK_TAG_SIZE, VERSION_GATED, parse_datagram
+from tests.core_support import (
+    STREAM,
+    delivered,
+    encode_blocks,
+    feed,
+    fixed_key,
+    keyring,
+    new_decoder,
+    samples,
+    small_link,
+    with_valid_crc,
+)
+
+VECTOR_V2 = Path(__file__).parent / "vectors" / "block-v2.json"
+PSK = bytes(range(32))
+RECORDS = [
+    Sample(tag_id=1, ts_ns=1_700_000_000_123_456_789, value=2.5),
+    Heartbeat(ts_ns=1_700_000_001_000_000_000, counters={"sent": 12}),
+]
+
+
+def _gated() -> list[bytes]:
+    (block,) = encode_blocks(RECORDS, psk=PSK)
+    return block
+
+
+def rejected(decoder: Decoder) -> dict[str, int]:
+    return {k: v for k, v in decoder.counters.items() if k.startswith("rejected_")}
+
+
+def test_gated_golden_vector_encodes_to_the_stored_bytes() -> None:
+    stored = json.loads(VECTOR_V2.read_text())
+    assert [d.hex() for d in _gated()] == stored["datagrams"]
+
+
+def test_gated_golden_vector_decodes_to_the_records() -> None:
+    stored = [bytes.fromhex(h) for h in json.loads(VECTOR_V2.read_text())["datagrams"]]
+    assert delivered(feed(new_decoder(psk=PSK), stored)) == RECORDS
+
+
+def test_a_gated_datagram_is_version_2_and_ends_with_its_tag() -> None:
+    datagrams = _gated()
+    assert {d[2] for d in datagrams} == {VERSION_GATED}
+    assert {len(d) for d in datagrams} == {256}
+    header, symbol = parse_datagram(datagrams[0])
+    assert len(symbol) == 256 - HEADER_SIZE - LINK_TAG_SIZE
+    assert header.flags == 1  # a link secret also encrypts
+
+
+@pytest.mark.parametrize("offset", [0, 3, 10, 30, 47, 48, 150, 239, 240, 255])
+def test_any_changed_byte_fails_the_tag_before_any_other_work(offset: int) -> None:
+    """A forger without the secret: even with a fixed-up CRC, one MAC and one counter."""
+    datagram = bytearray(_gated()[0])
+    datagram[offset] ^= 0x01
+    forged = bytes(datagram)
+    if HEADER_SIZE <= offset < 256 - LINK_TAG_SIZE:
+        forged = with_valid_crc(forged, offset, forged[offset : offset + 1])
+    decoder = new_decoder(psk=PSK)
+    decoder.receive(forged, 0.0)
+    counts = dict(decoder.counters)
+    assert counts.pop("datagrams") == 1
+    reason = "rejected_bad_magic" if offset == 0 else "rejected_bad_tag"
+    assert counts == {reason: 1}, "nothing but one rejection counter moved"
+
+
+def test_a_stream_with_a_secret_takes_no_ungated_datagram_and_vice_versa() -> None:
+    (plain,) = encode_blocks(samples(5))
+    gated = new_decoder(psk=PSK)
+    feed(gated, plain)
+    assert rejected(gated) == {"rejected_ungated": len(plain)}
+    ungated = new_decoder()
+    feed(ungated, _gated())
+    assert rejected(ungated) == {"rejected_bad_version": len(_gated())}
+
+
+def test_the_link_tag_key_is_not_the_secret_and_differs_per_stream() -> None:
+    from diode.wire import gate_key
+
+    assert gate_key(PSK, 1) != gate_key(PSK, 2)
+    assert PSK not in (gate_key(PSK, 1), gate_key(PSK, 2))
+
+
+# -- the link profile -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        small_link(),
+        small_link(k=4, ratio=0.0, burst=1),
+        LinkSettings(),
+        LinkSettings(datagram_size=512, fec=FecSettings(k=8, repair_ratio=1 / 3, repair_burst=2)),
+    ],
+)
+def test_everything_an_encoder_sends_fits_its_profile(link: LinkSettings) -> None:
+    profile = LinkProfile.of(link.datagram_size, link.fec)
+    decoder = Decoder(keyring(fixed_key()), profiles={STREAM: profile})
+    records = samples(400)
+    blocks = encode_blocks(records, link=link, per_block=7)
+    assert {len(b) for b in blocks} != {1} or link.fec.repair_for(1) == 0
+    events = feed(decoder, [d for b in blocks for d in b])
+    assert delivered(events) == records
+    assert set(rejected(decoder)) <= {"rejected_late"}
+
+
+def _with_k(datagram: bytes, *, k: int, n: int) -> bytes:
+    """A consistent header of another k and n (block length to match), CRC fixed."""
+    length = (k - 1) * (len(datagram) - HEADER_SIZE) + 1
+    return with_valid_crc(datagram, 33, bytes([k, n, 0]) + length.to_bytes(4, "big"))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda d: d[:-1], "rejected_bad_shape"),  # one byte short
+        (lambda d: d + b"\0", "rejected_bad_shape"),  # one byte long
+        (lambda d: with_valid_crc(d, 34, bytes([d[34] + 1])), "rejected_bad_shape"),  # n + 1
+        (lambda d: _with_k(d, k=9, n=14), "rejected_bad_shape"),  # k above the profile's 8
+        (lambda d: _with_k(d, k=2, n=5), "rejected_bad_shape"),  # k = 2 takes n = 4 here
+    ],
+)
+def test_a_datagram_of_another_shape_is_dropped_before_assembly(
+    mutate: object, reason: str
+) -> None:
+    link = small_link()
+    (block,) = encode_blocks(samples(3), link=link)
+    decoder = Decoder(
+        keyring(fixed_key()), profiles={STREAM: LinkProfile.of(link.datagram_size, link.fec)}
+    )
+    decoder.receive(mutate(block[0]), 0.0)  # type: ignore[operator]
+    counts = dict(decoder.counters)
+    assert counts == {"datagrams": 1, reason: 1}
+    assert decoder.assembly_bytes == 0
