@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +132,10 @@ async def test_modbus_exception_burst(soc_plant: SocPlant, collector: Rsyslog) -
 
 def forged_datagrams(blocks: int) -> list[bytes]:
     """Well-formed, signed by a key the receiver does not trust, claiming its stream."""
+    # A current epoch: an old one would be turned away as a replay before its key is read.
+    epoch = time.time_ns() // 1_000_000
     encoder = Encoder(
-        link=LinkSettings(), key=SigningKey.generate(), stream_id=STREAM, epoch=1, psk=None
+        link=LinkSettings(), key=SigningKey.generate(), stream_id=STREAM, epoch=epoch, psk=None
     )
     for i in range(blocks):
         encoder.add(Heartbeat(ts_ns=i, counters={}), 0.0)
