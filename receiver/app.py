@@ -59,6 +59,7 @@ from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
 from receiver.rejections import RejectionMeter
 from receiver.router import Output, Router
+from receiver.soc import Soc
 from receiver.sparkplug_node import SparkplugRouting, sparkplug_nodes
 
 log = structlog.get_logger("diode.rx")
@@ -157,6 +158,9 @@ class Receiver:
             SparkplugRouting(self.output, self.sparkplug, config) if self.sparkplug else self.output
         )
         self.router = self._router(self._publisher if self.active else NullOutput())
+        self.soc = Soc(
+            config.soc, {s.id: s.output for s in config.streams}, self.output, section.state_dir
+        )
         passed = False
         if sock is None:
             sock, passed = link_socket(
@@ -204,6 +208,8 @@ class Receiver:
             return
         if events:
             self.router.handle(events, now)
+            # Log records reach the SOC spool before the positions that cover them commit.
+            self.soc.handle(events, now)
         if decoder.state_changed:
             # The messages and the positions that cover them reach the disk in one
             # transaction, before anything is published: a receiver killed at any
@@ -240,6 +246,13 @@ class Receiver:
             self.decoder.poll(now)
             self._after(now)
             self.router.tick(now)
+            if self.active:  # a standby's view is not the SOC's: the active one reports
+                self.soc.tick(
+                    now,
+                    decoder_counters=self.decoder.counters,
+                    links={sid: view.link_up for sid, view in self.router.streams.items()},
+                    output_counters=self.output.counters,
+                )
             self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)
             self.decoder.wall_offset_s = time.time() - now  # follows wall-clock steps
             self._watch_rejections(now)
@@ -262,6 +275,7 @@ class Receiver:
             out.update({f"standby_{k}": v for k, v in self.decoder.counters.items()})
         for key, value in self.output.counters.items():
             out[f"mqtt_{key}"] = int(value)
+        out.update(self.soc.counters)
         if self.failover is not None:
             out.update(self.failover.counters)
         for stream_id, node in self.sparkplug.items():
@@ -472,6 +486,7 @@ class Receiver:
                 group.create_task(self.output.run()),
                 supervise,
                 group.create_task(daemon.watchdog()),
+                group.create_task(self.soc.run()),
                 *(group.create_task(node.run()) for node in self.sparkplug.values()),
             ]
             if self.failover is not None:
@@ -499,6 +514,7 @@ class Receiver:
                 await asyncio.wait_for(self.output.close(), 5)
             for task in tasks:
                 task.cancel()
+        self.soc.close()
         if self.metrics is not None:
             self.metrics.close()
         if not self.handover:

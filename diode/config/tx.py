@@ -11,6 +11,7 @@ from diode.config.link import LinkSettings
 from diode.config.modbus import ModbusSection
 from diode.config.opcua import OpcuaServer
 from diode.config.synthetic import SyntheticSource
+from diode.config.syslog import SyslogSection
 from diode.errors import ConfigError
 from diode.keys import check_secret_file, load_psk, load_signing_key
 
@@ -103,7 +104,20 @@ class TxConfig(Section):
     modbus: ModbusSection = Field(default_factory=ModbusSection)
     opcua: OpcuaSection = Field(default_factory=OpcuaSection)
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
+    syslog: SyslogSection = Field(default_factory=SyslogSection)
     log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _syslog_not_on_the_link(self) -> TxConfig:
+        # Property 1: nothing may listen on the link. A syslog listener on the link's
+        # own source address would be one, whatever its port.
+        for listener in self.syslog.listeners:
+            if listener.address == self.link.source:
+                raise ValueError(
+                    f"syslog listener {listener.address} is the link's source address: "
+                    "syslog may only be received on OT addresses"
+                )
+        return self
 
     @model_validator(mode="after")
     def _devices_unique_across_protocols(self) -> TxConfig:
@@ -143,10 +157,14 @@ class TxConfig(Section):
             )
             for server in self.opcua.servers
         ]
+        syslog = self.syslog.model_copy(
+            update={k: base / f for k, f in self.syslog.files() if f is not None}
+        )
         return self.model_copy(
             update={
                 "transmitter": section.model_copy(update=updates),
                 "opcua": self.opcua.model_copy(update={"servers": servers}),
+                "syslog": syslog,
             }
         )
 
@@ -158,6 +176,7 @@ class TxConfig(Section):
             ("transmitter.private_key", section.private_key),
             ("transmitter.psk_file", section.psk_file),
         ]
+        files.extend((f"syslog.{key}", f) for key, f in resolved.syslog.files())
         for i, server in enumerate(resolved.opcua.servers):
             files.extend((f"opcua.servers[{i}].{key}", f) for key, f in server.missing_files())
         for key, file in files:
