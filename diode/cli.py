@@ -72,7 +72,36 @@ def _rx(args: argparse.Namespace) -> int:
     return rx_main(["--config", str(args.config)])
 
 
-def _bench(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one branch per benchmark
+def _send_file(args: argparse.Namespace) -> int:
+    from diode.config.tx import TxConfig
+    from transmitter.files import place_file
+
+    try:
+        config = load(TxConfig, args.config).resolve(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not config.files:
+        print(f"error: {args.config}: no [[files]] folder to send through", file=sys.stderr)
+        return 2
+    if not 0 <= args.folder < len(config.files):
+        print(
+            f"error: --folder {args.folder}: {args.config} has {len(config.files)} [[files]] "
+            "folder(s), numbered from 0",
+            file=sys.stderr,
+        )
+        return 2
+    watch = config.files[args.folder]
+    try:
+        placed = place_file(args.path, watch, args.name, replace=args.replace)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.path} -> {placed}: the running transmitter sends it from there")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:  # noqa: PLR0912 (one flat branch per benchmark)
     from diode import bench
 
     if args.seconds is None:
@@ -158,6 +187,18 @@ def _bench(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one branch per b
             seconds=args.seconds,
             warmup_s=1.0 if args.quick else 3.0,
         )
+    elif args.what == "files":
+        from diode.benchmarks.files import files
+        from diode.benchmarks.link import DEFAULT_PYDIODE_VENV
+
+        result = files(
+            size_mb=20.0 if args.quick else args.size_mb,
+            big_gb=0.2 if args.quick else args.big_gb,
+            rate_mbps=args.rate_mbps,
+            seconds=args.seconds,
+            share=args.share,
+            pydiode=None if args.no_pydiode else (args.pydiode or DEFAULT_PYDIODE_VENV),
+        )
     else:
         print(f"error: unknown benchmark {args.what!r}", file=sys.stderr)
         return 2
@@ -187,49 +228,21 @@ def _version(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
-        prog="diode", description="A software-defined unidirectional gateway (data diode)."
+def _add_send_file(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "send-file", help="hand a file to the running transmitter (through its watched folder)"
     )
-    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("keygen", help="write an Ed25519 key pair and print its key id")
-    p.add_argument("dir", type=Path, help="folder for NAME.key (0600) and NAME.pub")
-    p.add_argument("--name", default="diode", help="file name stem (default: diode)")
-    p.add_argument("--psk", action="store_true", help="also write a link secret NAME.psk")
-    p.set_defaults(run=_keygen)
-
-    p = sub.add_parser("tx", help="run the transmitter (OT side)")
+    p.add_argument("path", type=Path, help="the file to send")
     p.add_argument("--config", type=Path, default=Path("/etc/diode/tx.toml"))
-    p.set_defaults(run=_tx)
-
-    p = sub.add_parser("rx", help="run the receiver (IT side)")
-    p.add_argument("--config", type=Path, default=Path("/etc/diode/rx.toml"))
-    p.set_defaults(run=_rx)
-
-    p = sub.add_parser("check-config", help="validate a config file without starting anything")
-    p.add_argument("file", type=Path)
-    p.set_defaults(run=_check_config)
-
-    p = sub.add_parser("demo", help="a whole plant on this machine, with a live view")
-    p.add_argument("--loss", type=float, default=0.0, help="share of datagrams to drop (0-1)")
-    p.add_argument("--duration", type=float, default=None, help="stop after S seconds")
-    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.add_argument("--folder", type=int, default=0, help="which [[files]] folder (default: 0)")
+    p.add_argument("--name", default=None, help="name on the far side (default: the file's)")
     p.add_argument(
-        "--broker",
-        default="auto",
-        metavar="auto|embedded|HOST:PORT",
-        help="MQTT broker: 127.0.0.1:1883 if one answers, else an embedded one (default: auto)",
+        "--replace", action="store_true", help="replace a file of that name still in the folder"
     )
-    p.add_argument("--seed", type=int, default=1, help="seed of the relay's losses and the noise")
-    p.add_argument(
-        "--payload",
-        choices=("json", "sparkplug"),
-        default="json",
-        help="what the receiver publishes: JSON per tag, or Sparkplug B 3.0 (spBv1.0/diode/#)",
-    )
-    p.set_defaults(run=_demo)
+    p.set_defaults(run=_send_file)
 
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="benchmarks, printed as JSON")
     p.add_argument(
         "what",
@@ -243,6 +256,7 @@ def parser() -> argparse.ArgumentParser:
             "restart",
             "repeat",
             "drain",
+            "files",
             "syslog",
         ],
         help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
@@ -252,6 +266,7 @@ def parser() -> argparse.ArgumentParser:
         "restart: how long a receiver restart the link socket's buffer covers; "
         "repeat: the transmitter's CPU and bandwidth with and without repeat_after_s; "
         "drain: the receiver's journaled drain, CPU per datagram; "
+        "files: file goodput vs pydiode, RSS and tag latency while a file flows; "
         "syslog: syslog messages/s to a collector with values flowing",
     )
     p.add_argument("--seconds", type=float, default=None, help="time per measurement")
@@ -277,11 +292,65 @@ def parser() -> argparse.ArgumentParser:
         "--max-gap", type=int, default=DEFAULT_MAX_GAP, help="polling: the devices' max_gap"
     )
     p.add_argument("--items", type=int, action="append", help="opcua: monitored items (repeat)")
+    p.add_argument("--size-mb", type=float, default=200.0, help="files: goodput file size")
+    p.add_argument("--big-gb", type=float, default=2.0, help="files: sparse file beside tags")
+    p.add_argument("--share", type=float, default=1.0, help="files: the file lane's share")
     p.add_argument(
         "--values-hz", type=int, default=10_000, help="syslog: value updates/s alongside"
     )
     p.add_argument("--max-p99-ms", type=float, default=100.0, help="tags: latency that breaks")
     p.set_defaults(run=_bench)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="diode", description="A software-defined unidirectional gateway (data diode)."
+    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("keygen", help="write an Ed25519 key pair and print its key id")
+    p.add_argument("dir", type=Path, help="folder for NAME.key (0600) and NAME.pub")
+    p.add_argument("--name", default="diode", help="file name stem (default: diode)")
+    p.add_argument("--psk", action="store_true", help="also write a link secret NAME.psk")
+    p.set_defaults(run=_keygen)
+
+    p = sub.add_parser("tx", help="run the transmitter (OT side)")
+    p.add_argument("--config", type=Path, default=Path("/etc/diode/tx.toml"))
+    p.set_defaults(run=_tx)
+
+    p = sub.add_parser("rx", help="run the receiver (IT side)")
+    p.add_argument("--config", type=Path, default=Path("/etc/diode/rx.toml"))
+    p.set_defaults(run=_rx)
+
+    p = sub.add_parser("check-config", help="validate a config file without starting anything")
+    p.add_argument("file", type=Path)
+    p.set_defaults(run=_check_config)
+
+    _add_send_file(sub)
+
+    p = sub.add_parser("demo", help="a whole plant on this machine, with a live view")
+    p.add_argument("--loss", type=float, default=0.0, help="share of datagrams to drop (0-1)")
+    p.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.add_argument(
+        "--broker",
+        default="auto",
+        metavar="auto|embedded|HOST:PORT",
+        help="MQTT broker: 127.0.0.1:1883 if one answers, else an embedded one (default: auto)",
+    )
+    p.add_argument("--seed", type=int, default=1, help="seed of the relay's losses and the noise")
+    p.add_argument(
+        "--files", action="store_true", help="also drop files into a watched folder and check them"
+    )
+    p.add_argument(
+        "--payload",
+        choices=("json", "sparkplug"),
+        default="json",
+        help="what the receiver publishes: JSON per tag, or Sparkplug B 3.0 (spBv1.0/diode/#)",
+    )
+    p.set_defaults(run=_demo)
+
+    _add_bench(sub)
 
     p = sub.add_parser("link-rules", help="print nftables rules that enforce one way")
     p.add_argument("side", choices=["tx", "rx"], help="the host the rules are for")

@@ -44,6 +44,7 @@ from typing import Any
 import msgpack
 
 from diode.errors import DiodeError, FrameError
+from diode.files import FILE_KINDS, FileChunk, FileManifest, file_from_list, file_to_list
 
 Value = bool | int | float | str | bytes | tuple["Value", ...] | None
 
@@ -210,7 +211,8 @@ def check_log_record(record: LogRecord) -> None:
         raise ValueError(f"log field {name} longer than {LOG_LIMITS[name]} bytes")
 
 
-Record = Sample | TagInfo | Heartbeat | DeviceInfo | LogRecord
+# The file lane's records (kinds 16, 17) are defined in diode/files.py.
+Record = Sample | TagInfo | Heartbeat | DeviceInfo | LogRecord | FileManifest | FileChunk
 
 
 def _to_list(record: Record) -> list[Any]:
@@ -261,6 +263,8 @@ def _to_list(record: Record) -> list[Any]:
                 record.sd,
                 record.msg,
             ]
+        case FileManifest() | FileChunk():
+            return file_to_list(record)
 
 
 _packer = msgpack.Packer(use_bin_type=True, strict_types=False)
@@ -403,12 +407,14 @@ def _log(rest: list[Any]) -> LogRecord:
     )
 
 
-def _from_list(item: object) -> Record:
+def _from_list(item: object) -> Record:  # noqa: PLR0911 (one return per record kind)
     if not isinstance(item, list) or not item:
         raise FrameError("record is not a non-empty array", reason="bad_record")
     if item[0] == Kind.SAMPLE and (sample := _sample(item)) is not None:
         return sample
     kind, *rest = item
+    if kind in FILE_KINDS:
+        return file_from_list(kind, rest)
     try:
         match kind, len(rest):
             case Kind.SAMPLE, 5:

@@ -54,6 +54,7 @@ from receiver.failover import (
     merged,
     pack_positions,
 )
+from receiver.files import FileReceiver
 from receiver.link import SD_LISTEN_FDS_START, Drain, kernel_drops, link_socket
 from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
@@ -134,6 +135,10 @@ class Receiver:
             max_start_age_s=section.max_start_age_s,
             clock_skew_s=section.clock_skew_s,
         )
+        self._stream_outputs = {s.id: s.output for s in config.streams}
+        self.files = FileReceiver(
+            {s.id: s.files for s in config.streams if s.files is not None}, self._announce_file
+        )
         self._profiles = {
             s.id: LinkProfile.of(s.link.datagram_size, s.link.fec)
             for s in config.streams
@@ -207,6 +212,7 @@ class Receiver:
             self._arm()
             return
         if events:
+            self.files.handle(events, now)
             self.router.handle(events, now)
             # Log records reach the SOC spool before the positions that cover them commit.
             self.soc.handle(events, now)
@@ -219,6 +225,9 @@ class Receiver:
         # Only now may the datagrams those positions cover leave the kernel's queue.
         self.drain.release(self._committed, now)
         self._arm()
+
+    def _announce_file(self, stream_id: int, result: dict[str, object]) -> None:
+        self.output.publish_file(self._stream_outputs[stream_id], dict(result))
 
     def _arm(self) -> None:
         deadline = self.decoder.deadline()
@@ -253,6 +262,7 @@ class Receiver:
                     links={sid: view.link_up for sid, view in self.router.streams.items()},
                     output_counters=self.output.counters,
                 )
+            self.files.tick(now)
             self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)
             self.decoder.wall_offset_s = time.time() - now  # follows wall-clock steps
             self._watch_rejections(now)
@@ -281,6 +291,7 @@ class Receiver:
         for stream_id, node in self.sparkplug.items():
             for key, value in node.all_counters().items():
                 out[f"sparkplug_{stream_id}_{key}"] = value
+        out.update(self.files.counters)
         return out
 
     # -- a pair of receivers (receiver/failover.py) ----------------------------------------
@@ -480,6 +491,7 @@ class Receiver:
                     stream=stream.id,
                     fix="set psk_file, or copy the transmitter's [link] into [streams.link]",
                 )
+        self.files.resume(time.monotonic())
         async with asyncio.TaskGroup() as group:
             supervise = group.create_task(self._supervise())
             tasks = [
@@ -502,6 +514,8 @@ class Receiver:
             # Nothing decodes or commits past this point, so nothing more leaves the
             # kernel's queue: what is uncommitted stays there for the next process.
             loop.remove_reader(self.sock)
+            await self.files.wait_idle()
+            self.files.close()
             self.router.save(time.monotonic())  # the last values, with the final commit
             supervise.cancel()
             if self.failover is not None:

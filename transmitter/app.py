@@ -51,6 +51,7 @@ from diode.keys import SigningKey, load_psk, load_signing_key
 from diode.records import Heartbeat, Quality, Record, Sample, TagInfo
 from diode.replay import next_epoch
 from transmitter import certs
+from transmitter.files import FileLane, LaneQueue
 from transmitter.modbus import ModbusPoller
 from transmitter.opcua import OpcuaPoller
 from transmitter.outbox import Outbox
@@ -119,6 +120,7 @@ class Transmitter:
         epoch: int | None = None,
         sock: socket.socket | None = None,
         config_path: Path | None = None,
+        file_key: SigningKey | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path  # re-read on request_reload() (SIGHUP)
@@ -165,11 +167,30 @@ class Transmitter:
         self.encoder = Encoder(
             link=config.link, key=key, stream_id=section.stream_id, epoch=self.epoch, psk=psk
         )
-        self.queue = SendQueue(
-            capacity=config.link.queue_datagrams, interleave=config.link.interleave
-        )
+        self.files: FileLane | None = None
+        if config.file_lane is None:
+            self.queue = SendQueue(
+                capacity=config.link.queue_datagrams, interleave=config.link.interleave
+            )
+        else:
+            self.queue = lanes = LaneQueue(
+                capacity=config.link.queue_datagrams,
+                interleave=config.link.interleave,
+                file_capacity=config.link.queue_datagrams,
+            )
         self.sock = sock or deaf_udp_socket(config.link)
         self.sender = PacedSender(config.link, self.queue, self.sock)
+        if config.file_lane is not None:
+            self.files = FileLane(
+                config.file_lane,
+                config.files,
+                link=config.link,
+                key=file_key or load_signing_key(config.file_lane.private_key),
+                epoch=self.epoch,
+                queue=lanes.files,
+                notify=self.sender.notify,
+                psk=psk,
+            )
         self._wake = asyncio.Event()
         self._started = time.monotonic()
         self._drops_logged_at = float("-inf")
@@ -316,6 +337,8 @@ class Transmitter:
         for poller in self.pollers:
             for name, value in poller.counters.items():
                 out[f"poll_{name}"] = out.get(f"poll_{name}", 0) + value
+        if self.files is not None:
+            out.update(self.files.counters)
         return out
 
     # -- the tasks ----------------------------------------------------------------------
@@ -444,6 +467,8 @@ class Transmitter:
 
     def heartbeat(self) -> None:
         self.outbox.put(Heartbeat(ts_ns=time.time_ns(), counters=self.counters()))
+        if self.files is not None:
+            self.files.heartbeat()
 
     async def run(self, stop: asyncio.Event) -> None:
         section = self.config.transmitter
@@ -474,6 +499,8 @@ class Transmitter:
                 group.create_task(daemon.watchdog()),
                 group.create_task(self._every(1.0, self._watch_exceptions)),
             ]
+            # Stopped with the pollers: a file not sent whole is sent again next run.
+            files_task = group.create_task(self.files.run()) if self.files is not None else None
             if self.config_path is not None:
                 helpers.append(group.create_task(self._reloads(self.config_path)))
             daemon.sd_notify("READY=1")
@@ -484,6 +511,8 @@ class Transmitter:
                 helpers[-1].cancel()  # no reload starts pollers during the shutdown
             for task in self._tasks.values():
                 task.cancel()
+            if files_task is not None:
+                files_task.cancel()
             self.syslog.close()
             self._event("daemon-stop", 5, "diode-tx stopping")
             self.syslog.lane.frame_all(self.encoder, time.monotonic())

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 
 from diode.config import IpAddress, Section, checked
+from diode.config.files import FilesOutput
 from diode.config.link import FecSettings
 from diode.config.mqtt import MqttBroker, StreamOutput, _check_topic_part
 from diode.config.syslog import SocSection
@@ -133,6 +134,9 @@ class StreamConfig(Section):
     )
     link: StreamLink | None = Field(None, description="the stream's link profile")
     output: StreamOutput = Field(default_factory=StreamOutput)
+    files: FilesOutput | None = Field(
+        None, description="a file lane: its files are written here (announced on MQTT)"
+    )
 
 
 class RxConfig(Section):
@@ -202,6 +206,9 @@ class RxConfig(Section):
                 update={
                     "public_keys": [base / k for k in s.public_keys],
                     "psk_file": base / s.psk_file if s.psk_file else None,
+                    "files": s.files.model_copy(update={"directory": base / s.files.directory})
+                    if s.files
+                    else None,
                 }
             )
             for s in self.streams
