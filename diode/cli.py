@@ -145,6 +145,14 @@ def _bench(args: argparse.Namespace) -> int:  # noqa: PLR0912 (one flat branch p
         from diode.benchmarks.tags import cost
 
         result = cost(rates=args.rate or (10_000, 50_000), seconds=args.seconds, stall_s=args.stall)
+    elif args.what == "syslog":
+        from diode.benchmarks.syslog import syslog
+
+        result = syslog(
+            rate=(args.rate or [20_000])[0],
+            values_hz=args.values_hz,
+            seconds=args.seconds or 10.0,
+        )
     elif args.what == "restart":
         from diode.benchmarks.restart import restart_buffer
 
@@ -249,6 +257,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "repeat",
             "drain",
             "files",
+            "syslog",
         ],
         help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
         "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s; "
@@ -257,7 +266,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "restart: how long a receiver restart the link socket's buffer covers; "
         "repeat: the transmitter's CPU and bandwidth with and without repeat_after_s; "
         "drain: the receiver's journaled drain, CPU per datagram; "
-        "files: file goodput vs pydiode, RSS and tag latency while a file flows",
+        "files: file goodput vs pydiode, RSS and tag latency while a file flows; "
+        "syslog: syslog messages/s to a collector with values flowing",
     )
     p.add_argument("--seconds", type=float, default=None, help="time per measurement")
     p.add_argument("--quick", action="store_true", help="short runs (tests, smoke checks)")
@@ -269,7 +279,10 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--no-pydiode", action="store_true", help="link: skip the pydiode run")
     p.add_argument("--mode", action="append", help="tags: payload:qos, e.g. per_tag:0 (repeat)")
     p.add_argument(
-        "--rate", type=int, action="append", help="tags/cost/restart: updates/s (repeat)"
+        "--rate",
+        type=int,
+        action="append",
+        help="tags/cost/restart: updates/s (repeat); syslog: messages/s",
     )
     p.add_argument(
         "--stall", type=float, default=0.0, help="cost: seconds the receiver is stopped, 2 s in"
@@ -282,6 +295,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--size-mb", type=float, default=200.0, help="files: goodput file size")
     p.add_argument("--big-gb", type=float, default=2.0, help="files: sparse file beside tags")
     p.add_argument("--share", type=float, default=1.0, help="files: the file lane's share")
+    p.add_argument(
+        "--values-hz", type=int, default=10_000, help="syslog: value updates/s alongside"
+    )
     p.add_argument("--max-p99-ms", type=float, default=100.0, help="tags: latency that breaks")
     p.set_defaults(run=_bench)
 

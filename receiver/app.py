@@ -60,6 +60,7 @@ from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
 from receiver.rejections import RejectionMeter
 from receiver.router import Output, Router
+from receiver.soc import Soc
 from receiver.sparkplug_node import SparkplugRouting, sparkplug_nodes
 
 log = structlog.get_logger("diode.rx")
@@ -143,14 +144,6 @@ class Receiver:
             for s in config.streams
             if s.link is not None
         }
-        for stream in config.streams:
-            if stream.link is None and stream.psk_file is None:
-                log.warning(
-                    "stream has neither a link secret nor a link profile: forged datagrams "
-                    "of any shape cost assembly memory and rebuilds",
-                    stream=stream.id,
-                    fix="set psk_file, or copy the transmitter's [link] into [streams.link]",
-                )
         self.rejections = RejectionMeter()
         saved = load_positions(self.output)
         self.decoder = self._decoder(saved)
@@ -170,6 +163,9 @@ class Receiver:
             SparkplugRouting(self.output, self.sparkplug, config) if self.sparkplug else self.output
         )
         self.router = self._router(self._publisher if self.active else NullOutput())
+        self.soc = Soc(
+            config.soc, {s.id: s.output for s in config.streams}, self.output, section.state_dir
+        )
         passed = False
         if sock is None:
             sock, passed = link_socket(
@@ -218,6 +214,8 @@ class Receiver:
         if events:
             self.files.handle(events, now)
             self.router.handle(events, now)
+            # Log records reach the SOC spool before the positions that cover them commit.
+            self.soc.handle(events, now)
         if decoder.state_changed:
             # The messages and the positions that cover them reach the disk in one
             # transaction, before anything is published: a receiver killed at any
@@ -257,6 +255,13 @@ class Receiver:
             self.decoder.poll(now)
             self._after(now)
             self.router.tick(now)
+            if self.active:  # a standby's view is not the SOC's: the active one reports
+                self.soc.tick(
+                    now,
+                    decoder_counters=self.decoder.counters,
+                    links={sid: view.link_up for sid, view in self.router.streams.items()},
+                    output_counters=self.output.counters,
+                )
             self.files.tick(now)
             self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)
             self.decoder.wall_offset_s = time.time() - now  # follows wall-clock steps
@@ -280,6 +285,7 @@ class Receiver:
             out.update({f"standby_{k}": v for k, v in self.decoder.counters.items()})
         for key, value in self.output.counters.items():
             out[f"mqtt_{key}"] = int(value)
+        out.update(self.soc.counters)
         if self.failover is not None:
             out.update(self.failover.counters)
         for stream_id, node in self.sparkplug.items():
@@ -477,6 +483,14 @@ class Receiver:
             streams=[s.id for s in self.config.streams],
             **self._config_file(),
         )
+        for stream in self.config.streams:
+            if stream.link is None and stream.psk_file is None:
+                log.warning(
+                    "stream has neither a link secret nor a link profile: forged datagrams "
+                    "of any shape cost assembly memory and rebuilds",
+                    stream=stream.id,
+                    fix="set psk_file, or copy the transmitter's [link] into [streams.link]",
+                )
         self.files.resume(time.monotonic())
         async with asyncio.TaskGroup() as group:
             supervise = group.create_task(self._supervise())
@@ -484,6 +498,7 @@ class Receiver:
                 group.create_task(self.output.run()),
                 supervise,
                 group.create_task(daemon.watchdog()),
+                group.create_task(self.soc.run()),
                 *(group.create_task(node.run()) for node in self.sparkplug.values()),
             ]
             if self.failover is not None:
@@ -513,6 +528,7 @@ class Receiver:
                 await asyncio.wait_for(self.output.close(), 5)
             for task in tasks:
                 task.cancel()
+        self.soc.close()
         if self.metrics is not None:
             self.metrics.close()
         if not self.handover:

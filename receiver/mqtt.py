@@ -430,6 +430,11 @@ class MqttOutput:
         """Retained ``{prefix}/{site}/$status``: the dict as the router built it."""
         self._submit([status_message(self._topics_of(stream), status)])
 
+    def publish_events(self, stream: StreamOutput, payloads: Sequence[bytes]) -> None:
+        """``{prefix}/{site}/$events``: log records and security events as ECS JSON (QoS 1)."""
+        topic = f"{self._topics_of(stream).root}/$events"
+        self._submit([Message(topic, payload, 1, False) for payload in payloads])
+
     def publish_file(self, stream: StreamOutput, result: dict[str, Any]) -> None:
         """``{prefix}/{site}/$files``: one file received or failed (receiver/files.py)."""
         self._submit([file_message(self._topics_of(stream), result)])

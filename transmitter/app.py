@@ -55,8 +55,10 @@ from transmitter.files import FileLane, LaneQueue
 from transmitter.modbus import ModbusPoller
 from transmitter.opcua import OpcuaPoller
 from transmitter.outbox import Outbox
+from transmitter.security import SecurityMonitor
 from transmitter.sender import PacedSender, deaf_udp_socket
 from transmitter.synthetic import SyntheticPoller
+from transmitter.syslog_in import SyslogIn
 
 log = structlog.get_logger("diode.tx")
 
@@ -136,6 +138,23 @@ class Transmitter:
             limit=section.queue_records,
             on_queue=self._records_waiting,
         )
+        # Syslog from OT devices and our own security events: the log lane (issue 19).
+        self.syslog = SyslogIn(
+            config.syslog,
+            link=config.link,
+            rate_mbps=config.link.rate_mbps,
+            on_queue=self._records_waiting,
+        )
+        self.security: SecurityMonitor | None = None
+        if config.syslog.security_events:
+            self.security = SecurityMonitor(
+                state_dir=section.state_dir,
+                raise_event=self.syslog.event,
+                catalogue=self._catalogue,
+                exception_burst=config.syslog.exception_burst,
+            )
+            self.outbox.on_device = self.security.device
+            self.outbox.on_quality = self.security.quality_changed
         # The pollers by source, with the config each was built from.
         self._sources: dict[tuple[str, str], tuple[Source, Poller]] = {}
         for name, source in sources_of(config).items():
@@ -222,6 +241,13 @@ class Transmitter:
             self.reloads["failed"] += 1
             # One line naming the file and the key: a traceback would bury it.
             log.error("config reload failed: the running config is kept", error=str(exc))  # noqa: TRY400
+            if self.security is not None:
+                self.syslog.event(
+                    "config-reload-failed",
+                    4,
+                    f"diode-tx configuration reload refused, running config kept: {exc}",
+                    {"error": str(exc)[:500]},
+                )
             return False
         kept = [
             name
@@ -277,6 +303,11 @@ class Transmitter:
             unchanged=len(running) - len(changed) - len(added),
             tags=sum(len(p.catalogue) for p in self.pollers),
         )
+        self.config_reloaded(
+            [f"added {kind} {name}" for kind, name in added]
+            + [f"changed {kind} {name}" for kind, name in changed]
+            + [f"removed {kind} {name}" for kind, name in removed]
+        )
 
     # -- tag ids and the catalogue ---------------------------------------------
 
@@ -295,6 +326,7 @@ class Transmitter:
     def counters(self) -> dict[str, int]:
         out = dict(self.outbox.counters)
         out.update(self.sender.counters)
+        out.update(self.syslog.counters_all())
         out["blocks_dropped"] = self.queue.blocks_dropped
         out["records_dropped_link"] = self.queue.records_dropped
         out["queue_datagrams"] = len(self.queue)
@@ -330,6 +362,9 @@ class Transmitter:
                 self._unencodable(record, exc, now)
             if encoder.blocks_ready:
                 break
+        if not len(outbox) and not encoder.blocks_ready:
+            # The log lane after telemetry, within its share of the link.
+            self.syslog.lane.frame(encoder, now)
         encoder.poll(now)
         self._ship()
 
@@ -353,11 +388,14 @@ class Transmitter:
         encoder, outbox = self.encoder, self.outbox
         while True:
             self._frame(FRAMER_CHUNK)
-            if len(outbox):
+            lane = self.syslog.lane
+            if len(outbox) or lane.ready(time.monotonic()):
                 await asyncio.sleep(0)
                 continue
             self._wake.clear()
-            deadline = encoder.deadline()
+            deadline = min(
+                (d for d in (encoder.deadline(), lane.deadline()) if d is not None), default=None
+            )
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
@@ -403,6 +441,30 @@ class Transmitter:
             await asyncio.sleep(period_s)
             action()
 
+    def _event(self, action: str, severity: int, message: str) -> None:
+        if self.security is not None:
+            self.syslog.event(
+                action, severity, message, {"stream": str(self.config.transmitter.stream_id)}
+            )
+
+    def config_reloaded(self, changed: list[str]) -> None:
+        """Say to the SOC that the configuration was reloaded, and what changed (SIGHUP)."""
+        if self.security is not None:
+            self.syslog.event(
+                "config-reloaded",
+                5,
+                f"diode-tx configuration reloaded: {', '.join(changed) or 'no key changed'}",
+                {"stream": str(self.config.transmitter.stream_id), "changed": ",".join(changed)},
+            )
+
+    def _watch_exceptions(self) -> None:
+        if self.security is None:
+            return
+        now = time.monotonic()
+        for poller in self.pollers:
+            if isinstance(poller, ModbusPoller):
+                self.security.exceptions(poller.device.name, poller.counters["errors"], now)
+
     def heartbeat(self) -> None:
         self.outbox.put(Heartbeat(ts_ns=time.time_ns(), counters=self.counters()))
         if self.files is not None:
@@ -418,6 +480,8 @@ class Transmitter:
             rate_mbps=self.config.link.rate_mbps,
             tags=sum(len(p.catalogue) for p in self.pollers),
         )
+        await self.syslog.start()
+        self._event("daemon-start", 5, f"diode-tx started, epoch {self.epoch}")
         # Catalogue first: every tag is named before its first sample.
         self.outbox.carousel()
         self.heartbeat()
@@ -433,6 +497,7 @@ class Transmitter:
                 group.create_task(self._every(section.catalogue_period_s, self.outbox.carousel)),
                 group.create_task(self._sliced(section.integrity_period_s, self.outbox.refresh)),
                 group.create_task(daemon.watchdog()),
+                group.create_task(self._every(1.0, self._watch_exceptions)),
             ]
             # Stopped with the pollers: a file not sent whole is sent again next run.
             files_task = group.create_task(self.files.run()) if self.files is not None else None
@@ -448,6 +513,9 @@ class Transmitter:
                 task.cancel()
             if files_task is not None:
                 files_task.cancel()
+            self.syslog.close()
+            self._event("daemon-stop", 5, "diode-tx stopping")
+            self.syslog.lane.frame_all(self.encoder, time.monotonic())
             self.heartbeat()
             # Everything the pollers handed over gets a record number now, so the
             # receiver can account for it even if the grace period runs out.

@@ -12,6 +12,7 @@ from diode.config.link import LinkSettings
 from diode.config.modbus import ModbusSection
 from diode.config.opcua import OpcuaServer
 from diode.config.synthetic import SyntheticSource
+from diode.config.syslog import SyslogSection
 from diode.errors import ConfigError
 from diode.keys import check_secret_file, load_psk, load_signing_key
 
@@ -31,7 +32,9 @@ class TxLink(LinkSettings):
     repeat_after_s: float = Field(
         0.0,
         ge=0.0,
-        le=60.0,
+        # The receiver waits for a missing block at most reorder_timeout_s <= 10 s: a
+        # repeat later than that could never fill a hole.
+        le=9.0,
         description="time diversity: every datagram is sent again this much later, paced with "
         "the rest (twice the bandwidth); an outage of the receiver or the link shorter than this "
         "loses nothing if the receiver's reorder_timeout_s is longer; 0 = off",
@@ -102,9 +105,22 @@ class TxConfig(Section):
     modbus: ModbusSection = Field(default_factory=ModbusSection)
     opcua: OpcuaSection = Field(default_factory=OpcuaSection)
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
+    syslog: SyslogSection = Field(default_factory=SyslogSection)
     file_lane: FileLane | None = None
     files: list[FilesWatch] = Field(default_factory=list)
     log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _syslog_not_on_the_link(self) -> TxConfig:
+        # Property 1: nothing may listen on the link. A syslog listener on the link's
+        # own source address would be one, whatever its port.
+        for listener in self.syslog.listeners:
+            if listener.address == self.link.source:
+                raise ValueError(
+                    f"syslog listener {listener.address} is the link's source address: "
+                    "syslog may only be received on OT addresses"
+                )
+        return self
 
     @model_validator(mode="after")
     def _files_need_a_lane(self) -> TxConfig:
@@ -156,11 +172,15 @@ class TxConfig(Section):
             )
             for server in self.opcua.servers
         ]
+        syslog = self.syslog.model_copy(
+            update={k: base / f for k, f in self.syslog.files() if f is not None}
+        )
         lane = self.file_lane
         return self.model_copy(
             update={
                 "transmitter": section.model_copy(update=updates),
                 "opcua": self.opcua.model_copy(update={"servers": servers}),
+                "syslog": syslog,
                 "file_lane": lane.model_copy(update={"private_key": base / lane.private_key})
                 if lane
                 else None,
@@ -178,6 +198,7 @@ class TxConfig(Section):
             ("transmitter.private_key", section.private_key),
             ("transmitter.psk_file", section.psk_file),
         ]
+        files.extend((f"syslog.{key}", f) for key, f in resolved.syslog.files())
         if resolved.file_lane is not None:
             files.append(("file_lane.private_key", resolved.file_lane.private_key))
         for i, server in enumerate(resolved.opcua.servers):
