@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# mosquitto is the broker the integration tests start on a free port.
+# mosquitto is the broker the integration tests start on a free port; rsyslog is the
+# SOC collector they start the same way (no system service: their own config, a free port).
 system-deps:
 	@if ! command -v mosquitto >/dev/null 2>&1 && ! test -x /usr/sbin/mosquitto; then \
 		if [ "$$(id -u)" = 0 ]; then \
@@ -21,6 +22,14 @@ system-deps:
 			echo "mosquitto is missing: install it (apt-get install mosquitto mosquitto-clients)" >&2; exit 1; \
 		fi; \
 	fi
+	@if ! command -v rsyslogd >/dev/null 2>&1 && ! test -x /usr/sbin/rsyslogd; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rsyslog; \
+		else \
+			echo "rsyslog is missing: install it (apt-get install rsyslog)" >&2; exit 1; \
+		fi; \
+	fi
+	@command -v logger >/dev/null 2>&1 || { echo "logger is missing: install util-linux (bsdutils)" >&2; exit 1; }
 
 demo: $(STAMP)
 	$(BIN)/diode demo $(ARGS)

@@ -72,7 +72,36 @@ def _rx(args: argparse.Namespace) -> int:
     return rx_main(["--config", str(args.config)])
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _send_file(args: argparse.Namespace) -> int:
+    from diode.config.tx import TxConfig
+    from transmitter.files import place_file
+
+    try:
+        config = load(TxConfig, args.config).resolve(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not config.files:
+        print(f"error: {args.config}: no [[files]] folder to send through", file=sys.stderr)
+        return 2
+    if not 0 <= args.folder < len(config.files):
+        print(
+            f"error: --folder {args.folder}: {args.config} has {len(config.files)} [[files]] "
+            "folder(s), numbered from 0",
+            file=sys.stderr,
+        )
+        return 2
+    watch = config.files[args.folder]
+    try:
+        placed = place_file(args.path, watch, args.name, replace=args.replace)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.path} -> {placed}: the running transmitter sends it from there")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:  # noqa: PLR0912 (one flat branch per benchmark)
     from diode import bench
 
     if args.seconds is None:
@@ -116,6 +145,14 @@ def _bench(args: argparse.Namespace) -> int:
         from diode.benchmarks.tags import cost
 
         result = cost(rates=args.rate or (10_000, 50_000), seconds=args.seconds, stall_s=args.stall)
+    elif args.what == "syslog":
+        from diode.benchmarks.syslog import syslog
+
+        result = syslog(
+            rate=(args.rate or [20_000])[0],
+            values_hz=args.values_hz,
+            seconds=args.seconds or 10.0,
+        )
     elif args.what == "restart":
         from diode.benchmarks.restart import restart_buffer
 
@@ -150,6 +187,18 @@ def _bench(args: argparse.Namespace) -> int:
             seconds=args.seconds,
             warmup_s=1.0 if args.quick else 3.0,
         )
+    elif args.what == "files":
+        from diode.benchmarks.files import files
+        from diode.benchmarks.link import DEFAULT_PYDIODE_VENV
+
+        result = files(
+            size_mb=20.0 if args.quick else args.size_mb,
+            big_gb=0.2 if args.quick else args.big_gb,
+            rate_mbps=args.rate_mbps,
+            seconds=args.seconds,
+            share=args.share,
+            pydiode=None if args.no_pydiode else (args.pydiode or DEFAULT_PYDIODE_VENV),
+        )
     else:
         print(f"error: unknown benchmark {args.what!r}", file=sys.stderr)
         return 2
@@ -179,6 +228,80 @@ def _version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_send_file(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "send-file", help="hand a file to the running transmitter (through its watched folder)"
+    )
+    p.add_argument("path", type=Path, help="the file to send")
+    p.add_argument("--config", type=Path, default=Path("/etc/diode/tx.toml"))
+    p.add_argument("--folder", type=int, default=0, help="which [[files]] folder (default: 0)")
+    p.add_argument("--name", default=None, help="name on the far side (default: the file's)")
+    p.add_argument(
+        "--replace", action="store_true", help="replace a file of that name still in the folder"
+    )
+    p.set_defaults(run=_send_file)
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("bench", help="benchmarks, printed as JSON")
+    p.add_argument(
+        "what",
+        choices=[
+            "codec",
+            "link",
+            "tags",
+            "cost",
+            "polling",
+            "opcua",
+            "restart",
+            "repeat",
+            "drain",
+            "files",
+            "syslog",
+        ],
+        help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
+        "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s; "
+        "polling: Modbus devices one transmitter core polls at 1 Hz; "
+        "opcua: OPC UA monitored items one transmitter core serves at 1 Hz; "
+        "restart: how long a receiver restart the link socket's buffer covers; "
+        "repeat: the transmitter's CPU and bandwidth with and without repeat_after_s; "
+        "drain: the receiver's journaled drain, CPU per datagram; "
+        "files: file goodput vs pydiode, RSS and tag latency while a file flows; "
+        "syslog: syslog messages/s to a collector with values flowing",
+    )
+    p.add_argument("--seconds", type=float, default=None, help="time per measurement")
+    p.add_argument("--quick", action="store_true", help="short runs (tests, smoke checks)")
+    p.add_argument("--rate-mbps", type=float, default=1000.0, help="link: pacing cap")
+    p.add_argument("--repair-ratio", type=float, help="link: FEC repair symbols per source")
+    p.add_argument("--repair-burst", type=int, help="link: FEC repair symbols per block")
+    p.add_argument("--loss", type=float, action="append", help="link: injected loss (repeat)")
+    p.add_argument("--pydiode", type=Path, default=None, help="link: pydiode's virtualenv")
+    p.add_argument("--no-pydiode", action="store_true", help="link: skip the pydiode run")
+    p.add_argument("--mode", action="append", help="tags: payload:qos, e.g. per_tag:0 (repeat)")
+    p.add_argument(
+        "--rate",
+        type=int,
+        action="append",
+        help="tags/cost/restart: updates/s (repeat); syslog: messages/s",
+    )
+    p.add_argument(
+        "--stall", type=float, default=0.0, help="cost: seconds the receiver is stopped, 2 s in"
+    )
+    p.add_argument("--devices", type=int, action="append", help="polling: device count (repeat)")
+    p.add_argument(
+        "--max-gap", type=int, default=DEFAULT_MAX_GAP, help="polling: the devices' max_gap"
+    )
+    p.add_argument("--items", type=int, action="append", help="opcua: monitored items (repeat)")
+    p.add_argument("--size-mb", type=float, default=200.0, help="files: goodput file size")
+    p.add_argument("--big-gb", type=float, default=2.0, help="files: sparse file beside tags")
+    p.add_argument("--share", type=float, default=1.0, help="files: the file lane's share")
+    p.add_argument(
+        "--values-hz", type=int, default=10_000, help="syslog: value updates/s alongside"
+    )
+    p.add_argument("--max-p99-ms", type=float, default=100.0, help="tags: latency that breaks")
+    p.set_defaults(run=_bench)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="diode", description="A software-defined unidirectional gateway (data diode)."
@@ -203,6 +326,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.set_defaults(run=_check_config)
 
+    _add_send_file(sub)
+
     p = sub.add_parser("demo", help="a whole plant on this machine, with a live view")
     p.add_argument("--loss", type=float, default=0.0, help="share of datagrams to drop (0-1)")
     p.add_argument("--duration", type=float, default=None, help="stop after S seconds")
@@ -215,6 +340,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=1, help="seed of the relay's losses and the noise")
     p.add_argument(
+        "--files", action="store_true", help="also drop files into a watched folder and check them"
+    )
+    p.add_argument(
         "--payload",
         choices=("json", "sparkplug"),
         default="json",
@@ -222,40 +350,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_demo)
 
-    p = sub.add_parser("bench", help="benchmarks, printed as JSON")
-    p.add_argument(
-        "what",
-        choices=["codec", "link", "tags", "cost", "polling", "opcua", "restart", "repeat", "drain"],
-        help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
-        "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s; "
-        "polling: Modbus devices one transmitter core polls at 1 Hz; "
-        "opcua: OPC UA monitored items one transmitter core serves at 1 Hz; "
-        "restart: how long a receiver restart the link socket's buffer covers; "
-        "repeat: the transmitter's CPU and bandwidth with and without repeat_after_s; "
-        "drain: the receiver's journaled drain, CPU per datagram",
-    )
-    p.add_argument("--seconds", type=float, default=None, help="time per measurement")
-    p.add_argument("--quick", action="store_true", help="short runs (tests, smoke checks)")
-    p.add_argument("--rate-mbps", type=float, default=1000.0, help="link: pacing cap")
-    p.add_argument("--repair-ratio", type=float, help="link: FEC repair symbols per source")
-    p.add_argument("--repair-burst", type=int, help="link: FEC repair symbols per block")
-    p.add_argument("--loss", type=float, action="append", help="link: injected loss (repeat)")
-    p.add_argument("--pydiode", type=Path, default=None, help="link: pydiode's virtualenv")
-    p.add_argument("--no-pydiode", action="store_true", help="link: skip the pydiode run")
-    p.add_argument("--mode", action="append", help="tags: payload:qos, e.g. per_tag:0 (repeat)")
-    p.add_argument(
-        "--rate", type=int, action="append", help="tags/cost/restart: updates/s (repeat)"
-    )
-    p.add_argument(
-        "--stall", type=float, default=0.0, help="cost: seconds the receiver is stopped, 2 s in"
-    )
-    p.add_argument("--devices", type=int, action="append", help="polling: device count (repeat)")
-    p.add_argument(
-        "--max-gap", type=int, default=DEFAULT_MAX_GAP, help="polling: the devices' max_gap"
-    )
-    p.add_argument("--items", type=int, action="append", help="opcua: monitored items (repeat)")
-    p.add_argument("--max-p99-ms", type=float, default=100.0, help="tags: latency that breaks")
-    p.set_defaults(run=_bench)
+    _add_bench(sub)
 
     p = sub.add_parser("link-rules", help="print nftables rules that enforce one way")
     p.add_argument("side", choices=["tx", "rx"], help="the host the rules are for")

@@ -16,6 +16,8 @@ element of an array.
     TagInfo     [1, tag_id, name, device, value_type, unit, source, description]
     Heartbeat   [2, ts_ns, {counter: int}]
     DeviceInfo  [3, device, protocol, endpoint, {key: str}]
+    LogRecord   [5, seq, ts_ns, source, format, pri, timestamp, hostname,
+                 app_name, procid, msgid, structured_data, msg (bin)]
 
 msgpack is used because it is fast (about 11 us to pack 50 samples here), has
 no way to name code to run (never pickle on a wire), and keeps bool, int up to
@@ -42,6 +44,7 @@ from typing import Any
 import msgpack
 
 from diode.errors import DiodeError, FrameError
+from diode.files import FILE_KINDS, FileChunk, FileManifest, file_from_list, file_to_list
 
 Value = bool | int | float | str | bytes | tuple["Value", ...] | None
 
@@ -91,6 +94,7 @@ class Kind(enum.IntEnum):
     TAG = 1
     HEARTBEAT = 2
     DEVICE = 3
+    LOG = 5  # a syslog message or a security event: its own lane (diode/syslog.py)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,7 +139,80 @@ class DeviceInfo:
     identity: Mapping[str, str] = field(default_factory=dict)
 
 
-Record = Sample | TagInfo | Heartbeat | DeviceInfo
+class LogFormat(enum.IntEnum):
+    """What a log record's fields came from."""
+
+    RFC5424 = 0
+    RFC3164 = 1
+    RAW = 2  # not parseable as syslog: ``msg`` holds the bytes as received
+    EVENT = 3  # a security event of diode's own
+
+
+# Bounds of a log record's fields (RFC 5424 section 6 for the header fields).
+LOG_LIMITS = {
+    "source": 64,
+    "timestamp": 64,
+    "hostname": 255,
+    "app_name": 48,
+    "procid": 128,
+    "msgid": 32,
+    "sd": 8192,
+    "msg": 16384,
+}
+PRI_NONE = -1
+PRI_MAX = 191
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogRecord:
+    """One syslog message from the OT side, or one security event of diode's own.
+
+    ``seq`` numbers the log lane inside an epoch (0, 1, 2 ...), apart from the
+    record numbers of the block: the receiver counts a missing ``seq`` as an
+    exact number of log messages lost. Header fields are as in RFC 5424 with
+    its nil value ``-`` stored as ``""``; ``pri`` is -1 when the message had none.
+    """
+
+    seq: int
+    ts_ns: int
+    source: str
+    format: LogFormat
+    pri: int = PRI_NONE
+    timestamp: str = ""
+    hostname: str = ""
+    app_name: str = ""
+    procid: str = ""
+    msgid: str = ""
+    sd: str = ""
+    msg: bytes = b""
+
+    def __post_init__(self) -> None:
+        check_log_record(self)
+
+
+def _too_long(record: LogRecord) -> str | None:
+    for name, limit in LOG_LIMITS.items():
+        value = getattr(record, name)
+        # A str of n characters is at most 4n bytes of UTF-8: encode only when it matters.
+        if len(value) > limit or (
+            type(value) is str and len(value) * 4 > limit and len(value.encode()) > limit
+        ):
+            return name
+    return None
+
+
+def check_log_record(record: LogRecord) -> None:
+    """Every field in bounds, or a ValueError naming the field."""
+    if not 0 <= record.seq <= UINT64_MAX:
+        raise ValueError("log seq out of range")
+    if not PRI_NONE <= record.pri <= PRI_MAX:
+        raise ValueError("log pri out of range")
+    if (name := _too_long(record)) is not None:
+        raise ValueError(f"log field {name} longer than {LOG_LIMITS[name]} bytes")
+
+
+# The file lane's records (kinds 16, 17) are defined in diode/files.py.
+Record = Sample | TagInfo | Heartbeat | DeviceInfo | LogRecord | FileManifest | FileChunk
 
 
 def _to_list(record: Record) -> list[Any]:
@@ -170,6 +247,24 @@ def _to_list(record: Record) -> list[Any]:
                 record.endpoint,
                 dict(record.identity),
             ]
+        case LogRecord():
+            return [
+                Kind.LOG,
+                record.seq,
+                record.ts_ns,
+                record.source,
+                int(record.format),
+                record.pri,
+                record.timestamp,
+                record.hostname,
+                record.app_name,
+                record.procid,
+                record.msgid,
+                record.sd,
+                record.msg,
+            ]
+        case FileManifest() | FileChunk():
+            return file_to_list(record)
 
 
 _packer = msgpack.Packer(use_bin_type=True, strict_types=False)
@@ -292,12 +387,34 @@ def _sample(item: list[Any]) -> Sample | None:
     return None
 
 
-def _from_list(item: object) -> Record:
+def _log(rest: list[Any]) -> LogRecord:
+    seq, ts_ns, source, fmt, pri, timestamp, hostname, app_name, procid, msgid, sd, msg = rest
+    if type(msg) is not bytes:
+        raise FrameError("record field msg is not bin", reason="bad_record")
+    return LogRecord(
+        seq=_int(seq, 0, UINT64_MAX, "seq"),
+        ts_ns=_int(ts_ns, INT64_MIN, _INT64_MAX, "ts_ns"),
+        source=_str(source, "source"),
+        format=LogFormat(_int(fmt, 0, 255, "format")),
+        pri=_int(pri, PRI_NONE, PRI_MAX, "pri"),
+        timestamp=_str(timestamp, "timestamp"),
+        hostname=_str(hostname, "hostname"),
+        app_name=_str(app_name, "app_name"),
+        procid=_str(procid, "procid"),
+        msgid=_str(msgid, "msgid"),
+        sd=_str(sd, "sd"),
+        msg=msg,
+    )
+
+
+def _from_list(item: object) -> Record:  # noqa: PLR0911 (one return per record kind)
     if not isinstance(item, list) or not item:
         raise FrameError("record is not a non-empty array", reason="bad_record")
     if item[0] == Kind.SAMPLE and (sample := _sample(item)) is not None:
         return sample
     kind, *rest = item
+    if kind in FILE_KINDS:
+        return file_from_list(kind, rest)
     try:
         match kind, len(rest):
             case Kind.SAMPLE, 5:
@@ -334,7 +451,9 @@ def _from_list(item: object) -> Record:
                     endpoint=_str(endpoint, "endpoint"),
                     identity=_str_map(identity, "identity"),
                 )
-    except ValueError as exc:  # an enum value we do not know
+            case Kind.LOG, 12:
+                return _log(rest)
+    except ValueError as exc:  # an enum value we do not know, a log field out of bounds
         raise FrameError(f"record field has an unknown value: {exc}", reason="bad_record") from exc
     raise FrameError("record of an unknown kind or shape", reason="bad_record")
 

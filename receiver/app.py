@@ -54,11 +54,13 @@ from receiver.failover import (
     merged,
     pack_positions,
 )
+from receiver.files import FileReceiver
 from receiver.link import SD_LISTEN_FDS_START, Drain, kernel_drops, link_socket
 from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
 from receiver.rejections import RejectionMeter
 from receiver.router import Output, Router
+from receiver.soc import Soc
 from receiver.sparkplug_node import SparkplugRouting, sparkplug_nodes
 
 log = structlog.get_logger("diode.rx")
@@ -133,6 +135,10 @@ class Receiver:
             max_start_age_s=section.max_start_age_s,
             clock_skew_s=section.clock_skew_s,
         )
+        self._stream_outputs = {s.id: s.output for s in config.streams}
+        self.files = FileReceiver(
+            {s.id: s.files for s in config.streams if s.files is not None}, self._announce_file
+        )
         self._profiles = {
             s.id: LinkProfile.of(s.link.datagram_size, s.link.fec)
             for s in config.streams
@@ -157,6 +163,9 @@ class Receiver:
             SparkplugRouting(self.output, self.sparkplug, config) if self.sparkplug else self.output
         )
         self.router = self._router(self._publisher if self.active else NullOutput())
+        self.soc = Soc(
+            config.soc, {s.id: s.output for s in config.streams}, self.output, section.state_dir
+        )
         passed = False
         if sock is None:
             sock, passed = link_socket(
@@ -203,7 +212,10 @@ class Receiver:
             self._arm()
             return
         if events:
+            self.files.handle(events, now)
             self.router.handle(events, now)
+            # Log records reach the SOC spool before the positions that cover them commit.
+            self.soc.handle(events, now)
         if decoder.state_changed:
             # The messages and the positions that cover them reach the disk in one
             # transaction, before anything is published: a receiver killed at any
@@ -213,6 +225,9 @@ class Receiver:
         # Only now may the datagrams those positions cover leave the kernel's queue.
         self.drain.release(self._committed, now)
         self._arm()
+
+    def _announce_file(self, stream_id: int, result: dict[str, object]) -> None:
+        self.output.publish_file(self._stream_outputs[stream_id], dict(result))
 
     def _arm(self) -> None:
         deadline = self.decoder.deadline()
@@ -240,6 +255,14 @@ class Receiver:
             self.decoder.poll(now)
             self._after(now)
             self.router.tick(now)
+            if self.active:  # a standby's view is not the SOC's: the active one reports
+                self.soc.tick(
+                    now,
+                    decoder_counters=self.decoder.counters,
+                    links={sid: view.link_up for sid, view in self.router.streams.items()},
+                    output_counters=self.output.counters,
+                )
+            self.files.tick(now)
             self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)
             self.decoder.wall_offset_s = time.time() - now  # follows wall-clock steps
             self._watch_rejections(now)
@@ -262,11 +285,13 @@ class Receiver:
             out.update({f"standby_{k}": v for k, v in self.decoder.counters.items()})
         for key, value in self.output.counters.items():
             out[f"mqtt_{key}"] = int(value)
+        out.update(self.soc.counters)
         if self.failover is not None:
             out.update(self.failover.counters)
         for stream_id, node in self.sparkplug.items():
             for key, value in node.all_counters().items():
                 out[f"sparkplug_{stream_id}_{key}"] = value
+        out.update(self.files.counters)
         return out
 
     # -- a pair of receivers (receiver/failover.py) ----------------------------------------
@@ -470,12 +495,14 @@ class Receiver:
             **self._config_file(),
         )
         self._warn_unprotected_streams()
+        self.files.resume(time.monotonic())
         async with asyncio.TaskGroup() as group:
             supervise = group.create_task(self._supervise())
             tasks = [
                 group.create_task(self.output.run()),
                 supervise,
                 group.create_task(daemon.watchdog()),
+                group.create_task(self.soc.run()),
                 *(group.create_task(node.run()) for node in self.sparkplug.values()),
             ]
             if self.failover is not None:
@@ -491,6 +518,8 @@ class Receiver:
             # Nothing decodes or commits past this point, so nothing more leaves the
             # kernel's queue: what is uncommitted stays there for the next process.
             loop.remove_reader(self.sock)
+            await self.files.wait_idle()
+            self.files.close()
             self.router.save(time.monotonic())  # the last values, with the final commit
             supervise.cancel()
             if self.failover is not None:
@@ -503,6 +532,7 @@ class Receiver:
                 await asyncio.wait_for(self.output.close(), 5)
             for task in tasks:
                 task.cancel()
+        self.soc.close()
         if self.metrics is not None:
             self.metrics.close()
         if not self.handover:

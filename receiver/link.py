@@ -215,6 +215,12 @@ def kernel_drops(sock: socket.socket) -> int:
 # --- the drain ----------------------------------------------------------------------------
 
 
+# The receive buffer a queued datagram costs beyond its payload (its skb; about 768 bytes
+# on x86-64 for a small datagram, rounded up): held datagrams are counted at that price, so
+# a flood of tiny forged datagrams cannot fill the socket's queue while they are held.
+SKB_OVERHEAD = 1024
+
+
 class Drain:
     """Reads the link socket; with ``journal``, leaves uncommitted datagrams in the kernel.
 
@@ -267,8 +273,11 @@ class Drain:
             pending = self._pending
             for datagram in out:
                 where = _WHERE.unpack_from(datagram) if len(datagram) >= _WHERE.size else _GARBAGE
-                pending.append((*where, len(datagram), now))
-                self._pending_bytes += len(datagram)
+                # What the kernel charges the buffer for it, not its length: a small
+                # datagram's skb costs about a kilobyte of the receive buffer.
+                charged = len(datagram) + SKB_OVERHEAD
+                pending.append((*where, charged, now))
+                self._pending_bytes += charged
         return out
 
     def release(self, positions: Mapping[int, StreamState], now: float) -> int:

@@ -31,7 +31,12 @@ class _ReceiverCollector(Collector):
         for name, value in sorted(counters.items()):
             if name.startswith("rejected_"):
                 rejected.add_metric([name.removeprefix("rejected_")], value)
-            elif name in ("mqtt_connected", "mqtt_spool_depth", "failover_active") or name.endswith(
+            elif name in (
+                "mqtt_connected",
+                "mqtt_spool_depth",
+                "failover_active",
+                "soc_spool_depth",
+            ) or name.endswith(
                 ("_history_depth", "_bd_seq")  # a Sparkplug node's (sparkplug_<stream>_...)
             ):
                 yield GaugeMetricFamily(f"diode_rx_{name}", name.replace("_", " "), value=value)

@@ -127,6 +127,7 @@ from receiver.payload import (
     Message,
     Topics,
     encode,
+    file_message,
     inventory_message,
     meta_message,
     rfc3339,
@@ -428,6 +429,15 @@ class MqttOutput:
     def publish_status(self, stream: StreamOutput, status: dict[str, Any]) -> None:
         """Retained ``{prefix}/{site}/$status``: the dict as the router built it."""
         self._submit([status_message(self._topics_of(stream), status)])
+
+    def publish_events(self, stream: StreamOutput, payloads: Sequence[bytes]) -> None:
+        """``{prefix}/{site}/$events``: log records and security events as ECS JSON (QoS 1)."""
+        topic = f"{self._topics_of(stream).root}/$events"
+        self._submit([Message(topic, payload, 1, False) for payload in payloads])
+
+    def publish_file(self, stream: StreamOutput, result: dict[str, Any]) -> None:
+        """``{prefix}/{site}/$files``: one file received or failed (receiver/files.py)."""
+        self._submit([file_message(self._topics_of(stream), result)])
 
     def persist(self, changes: StateChanges) -> None:
         """Keep the router's ``changes`` with the next commit (one transaction with it)."""

@@ -238,6 +238,9 @@ class Topics:
     def status(self) -> str:
         return f"{self.root}/$status"
 
+    def files(self) -> str:
+        return f"{self.root}/$files"
+
 
 def sample_messages(topics: Topics, items: Sequence[tuple[TagInfo, Sample]]) -> list[Message]:
     """The value messages of ``items`` for the stream's payload mode, in order."""
@@ -311,3 +314,8 @@ def _plain(obj: object) -> object:
 def status_message(topics: Topics, status: dict[str, Any]) -> Message:
     """Retained, QoS 1: the stream's status as the receiver reports it."""
     return Message(topics.status(), encode(_plain(status)), 1, True)
+
+
+def file_message(topics: Topics, result: dict[str, Any]) -> Message:
+    """QoS 1, not retained: one received (or failed) file, as ``receiver/files.py`` reports it."""
+    return Message(topics.files(), encode(result), 1, False)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.mosquitto import Mosquitto
+from tests.support.soc import collector, events, soc_plant  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

@@ -89,6 +89,8 @@ class Plant:
     # The Modbus tags of plc1 (None: a float, a counter and a coil) and other sources.
     tags: list[dict[str, Any]] | None = None
     sources: dict[str, Any] = field(default_factory=dict)
+    tx_sections: dict[str, Any] = field(default_factory=dict)  # extra top-level sections
+    rx_sections: dict[str, Any] = field(default_factory=dict)
     plc: ModbusSimServer | None = None
     relay: Relay | None = None
     tx: Transmitter | None = None
@@ -143,6 +145,7 @@ class Plant:
                 ]
             },
             **self.sources,
+            **self.tx_sections,
         }
         return validate(TxConfig, data, "tx.toml")
 
@@ -168,6 +171,7 @@ class Plant:
                     "output": {"prefix": "diode", "site": "test", **self.output_overrides},
                 }
             ],
+            **self.rx_sections,
         }
         return validate(RxConfig, data, "rx.toml")
 

@@ -16,6 +16,7 @@ CORE = [
     "encoder",
     "decoder",
     "records",
+    "syslog",
     *(
         f"protocol.{name}"
         for name in (

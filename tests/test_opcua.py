@@ -183,7 +183,8 @@ async def test_subscribed_values_arrive_with_source_timestamps(server: OpcuaTest
         assert info.unit == "m"
         assert info.device == "plc"
         assert sink.devices[0].protocol == "opcua"
-        assert sink.devices[0].identity == BUILD_INFO
+        # BuildInfo, and the security the endpoints offer (no certificate: an unsecured server).
+        assert sink.devices[0].identity == {**BUILD_INFO, "endpoints_security": "None/None"}
         assert poller.counters["connects"] == 1
 
 

@@ -227,6 +227,23 @@ def test_a_datagram_nothing_will_cover_cannot_pin_the_queue(
     assert _queued(sink) == []
 
 
+def test_held_datagrams_are_charged_what_the_kernel_charges_not_their_length(
+    link: tuple[socket.socket, socket.socket],
+) -> None:
+    """Tiny forged datagrams each cost the receive buffer about a kilobyte: held at their
+    length, a flood of them filled the socket's queue before the limit released any, and
+    the real stream was dropped by the kernel (the short no-secret flood, after the merge
+    of the journal)."""
+    sink, source = link
+    drain = Drain(sink, {STREAM}, journal=True, counters=Counter())
+    tiny = [_datagram(10**9 + i)[:49] for i in range(drain.limit // 1024 + 8)]
+    for d in tiny:
+        source.send(d)
+    assert len(drain.read(len(tiny), 0.0)) == len(tiny)
+    # Nothing covers them and nothing is overdue; only the limit can release them, and does.
+    assert drain.release({}, 0.0) > 0
+
+
 def test_without_the_journal_datagrams_are_taken_at_once(
     link: tuple[socket.socket, socket.socket],
 ) -> None:

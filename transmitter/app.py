@@ -51,11 +51,14 @@ from diode.keys import SigningKey, load_psk, load_signing_key
 from diode.records import Heartbeat, Quality, Record, Sample, TagInfo
 from diode.replay import next_epoch
 from transmitter import certs
+from transmitter.files import FileLane, LaneQueue
 from transmitter.modbus import ModbusPoller
 from transmitter.opcua import OpcuaPoller
 from transmitter.outbox import Outbox
+from transmitter.security import SecurityMonitor
 from transmitter.sender import PacedSender, deaf_udp_socket
 from transmitter.synthetic import SyntheticPoller
+from transmitter.syslog_in import SyslogIn
 
 log = structlog.get_logger("diode.tx")
 
@@ -117,6 +120,7 @@ class Transmitter:
         epoch: int | None = None,
         sock: socket.socket | None = None,
         config_path: Path | None = None,
+        file_key: SigningKey | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path  # re-read on request_reload() (SIGHUP)
@@ -134,6 +138,23 @@ class Transmitter:
             limit=section.queue_records,
             on_queue=self._records_waiting,
         )
+        # Syslog from OT devices and our own security events: the log lane (issue 19).
+        self.syslog = SyslogIn(
+            config.syslog,
+            link=config.link,
+            rate_mbps=config.link.rate_mbps,
+            on_queue=self._records_waiting,
+        )
+        self.security: SecurityMonitor | None = None
+        if config.syslog.security_events:
+            self.security = SecurityMonitor(
+                state_dir=section.state_dir,
+                raise_event=self.syslog.event,
+                catalogue=self._catalogue,
+                exception_burst=config.syslog.exception_burst,
+            )
+            self.outbox.on_device = self.security.device
+            self.outbox.on_quality = self.security.quality_changed
         # The pollers by source, with the config each was built from.
         self._sources: dict[tuple[str, str], tuple[Source, Poller]] = {}
         for name, source in sources_of(config).items():
@@ -146,11 +167,30 @@ class Transmitter:
         self.encoder = Encoder(
             link=config.link, key=key, stream_id=section.stream_id, epoch=self.epoch, psk=psk
         )
-        self.queue = SendQueue(
-            capacity=config.link.queue_datagrams, interleave=config.link.interleave
-        )
+        self.files: FileLane | None = None
+        if config.file_lane is None:
+            self.queue = SendQueue(
+                capacity=config.link.queue_datagrams, interleave=config.link.interleave
+            )
+        else:
+            self.queue = lanes = LaneQueue(
+                capacity=config.link.queue_datagrams,
+                interleave=config.link.interleave,
+                file_capacity=config.link.queue_datagrams,
+            )
         self.sock = sock or deaf_udp_socket(config.link)
         self.sender = PacedSender(config.link, self.queue, self.sock)
+        if config.file_lane is not None:
+            self.files = FileLane(
+                config.file_lane,
+                config.files,
+                link=config.link,
+                key=file_key or load_signing_key(config.file_lane.private_key),
+                epoch=self.epoch,
+                queue=lanes.files,
+                notify=self.sender.notify,
+                psk=psk,
+            )
         self._wake = asyncio.Event()
         self._started = time.monotonic()
         self._drops_logged_at = float("-inf")
@@ -201,6 +241,13 @@ class Transmitter:
             self.reloads["failed"] += 1
             # One line naming the file and the key: a traceback would bury it.
             log.error("config reload failed: the running config is kept", error=str(exc))  # noqa: TRY400
+            if self.security is not None:
+                self.syslog.event(
+                    "config-reload-failed",
+                    4,
+                    f"diode-tx configuration reload refused, running config kept: {exc}",
+                    {"error": str(exc)[:500]},
+                )
             return False
         kept = [
             name
@@ -256,6 +303,11 @@ class Transmitter:
             unchanged=len(running) - len(changed) - len(added),
             tags=sum(len(p.catalogue) for p in self.pollers),
         )
+        self.config_reloaded(
+            [f"added {kind} {name}" for kind, name in added]
+            + [f"changed {kind} {name}" for kind, name in changed]
+            + [f"removed {kind} {name}" for kind, name in removed]
+        )
 
     # -- tag ids and the catalogue ---------------------------------------------
 
@@ -274,6 +326,7 @@ class Transmitter:
     def counters(self) -> dict[str, int]:
         out = dict(self.outbox.counters)
         out.update(self.sender.counters)
+        out.update(self.syslog.counters_all())
         out["blocks_dropped"] = self.queue.blocks_dropped
         out["records_dropped_link"] = self.queue.records_dropped
         out["queue_datagrams"] = len(self.queue)
@@ -284,6 +337,8 @@ class Transmitter:
         for poller in self.pollers:
             for name, value in poller.counters.items():
                 out[f"poll_{name}"] = out.get(f"poll_{name}", 0) + value
+        if self.files is not None:
+            out.update(self.files.counters)
         return out
 
     # -- the tasks ----------------------------------------------------------------------
@@ -307,6 +362,9 @@ class Transmitter:
                 self._unencodable(record, exc, now)
             if encoder.blocks_ready:
                 break
+        if not len(outbox) and not encoder.blocks_ready:
+            # The log lane after telemetry, within its share of the link.
+            self.syslog.lane.frame(encoder, now)
         encoder.poll(now)
         self._ship()
 
@@ -330,11 +388,14 @@ class Transmitter:
         encoder, outbox = self.encoder, self.outbox
         while True:
             self._frame(FRAMER_CHUNK)
-            if len(outbox):
+            lane = self.syslog.lane
+            if len(outbox) or lane.ready(time.monotonic()):
                 await asyncio.sleep(0)
                 continue
             self._wake.clear()
-            deadline = encoder.deadline()
+            deadline = min(
+                (d for d in (encoder.deadline(), lane.deadline()) if d is not None), default=None
+            )
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
@@ -380,8 +441,34 @@ class Transmitter:
             await asyncio.sleep(period_s)
             action()
 
+    def _event(self, action: str, severity: int, message: str) -> None:
+        if self.security is not None:
+            self.syslog.event(
+                action, severity, message, {"stream": str(self.config.transmitter.stream_id)}
+            )
+
+    def config_reloaded(self, changed: list[str]) -> None:
+        """Say to the SOC that the configuration was reloaded, and what changed (SIGHUP)."""
+        if self.security is not None:
+            self.syslog.event(
+                "config-reloaded",
+                5,
+                f"diode-tx configuration reloaded: {', '.join(changed) or 'no key changed'}",
+                {"stream": str(self.config.transmitter.stream_id), "changed": ",".join(changed)},
+            )
+
+    def _watch_exceptions(self) -> None:
+        if self.security is None:
+            return
+        now = time.monotonic()
+        for poller in self.pollers:
+            if isinstance(poller, ModbusPoller):
+                self.security.exceptions(poller.device.name, poller.counters["errors"], now)
+
     def heartbeat(self) -> None:
         self.outbox.put(Heartbeat(ts_ns=time.time_ns(), counters=self.counters()))
+        if self.files is not None:
+            self.files.heartbeat()
 
     async def run(self, stop: asyncio.Event) -> None:
         section = self.config.transmitter
@@ -393,6 +480,8 @@ class Transmitter:
             rate_mbps=self.config.link.rate_mbps,
             tags=sum(len(p.catalogue) for p in self.pollers),
         )
+        await self.syslog.start()
+        self._event("daemon-start", 5, f"diode-tx started, epoch {self.epoch}")
         # Catalogue first: every tag is named before its first sample.
         self.outbox.carousel()
         self.heartbeat()
@@ -408,7 +497,10 @@ class Transmitter:
                 group.create_task(self._every(section.catalogue_period_s, self.outbox.carousel)),
                 group.create_task(self._sliced(section.integrity_period_s, self.outbox.refresh)),
                 group.create_task(daemon.watchdog()),
+                group.create_task(self._every(1.0, self._watch_exceptions)),
             ]
+            # Stopped with the pollers: a file not sent whole is sent again next run.
+            files_task = group.create_task(self.files.run()) if self.files is not None else None
             if self.config_path is not None:
                 helpers.append(group.create_task(self._reloads(self.config_path)))
             daemon.sd_notify("READY=1")
@@ -419,6 +511,11 @@ class Transmitter:
                 helpers[-1].cancel()  # no reload starts pollers during the shutdown
             for task in self._tasks.values():
                 task.cancel()
+            if files_task is not None:
+                files_task.cancel()
+            self.syslog.close()
+            self._event("daemon-stop", 5, "diode-tx stopping")
+            self.syslog.lane.frame_all(self.encoder, time.monotonic())
             self.heartbeat()
             # Everything the pollers handed over gets a record number now, so the
             # receiver can account for it even if the grace period runs out.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import random
 import socket
@@ -520,6 +521,7 @@ class OpcuaPoller:
                 # them as lone surrogates, which no record can carry): replaced, as
                 # this is a label, not a value.
                 identity[key] = str(value).encode("utf-8", "replace").decode("utf-8")
+        identity.update(await self._endpoint_identity(client))
         self._sink.device(
             DeviceInfo(
                 device=self._server.name,
@@ -528,6 +530,37 @@ class OpcuaPoller:
                 identity=identity,
             )
         )
+
+    async def _endpoint_identity(self, client: Client) -> dict[str, str]:
+        """The server's certificate and the security it offers, for the SOC (issue 19).
+
+        A changed certificate is a swapped or reinstalled server; an endpoint
+        weaker than before (a None one appearing) is a security downgrade.
+        """
+        try:
+            endpoints = await client.get_endpoints()
+        except Exception as exc:  # a server that will not say: no identity, never a failure
+            self._log.info("opcua.endpoints_unread", error=repr(exc))
+            return {}
+        found: dict[str, str] = {}
+        certificates = sorted(
+            {
+                hashlib.sha256(e.ServerCertificate).hexdigest()
+                for e in endpoints
+                if e.ServerCertificate
+            }
+        )
+        if certificates:
+            found["server_certificate_sha256"] = ",".join(certificates)
+        offered = sorted(
+            {
+                f"{e.SecurityPolicyUri.rsplit('#', 1)[-1]}/{e.SecurityMode.name.rstrip('_')}"
+                for e in endpoints
+            }
+        )
+        if offered:
+            found["endpoints_security"] = " ".join(offered)
+        return found
 
     async def _refine_types(self, client: Client) -> None:
         """Set unconfigured value types from the nodes' DataType attribute."""

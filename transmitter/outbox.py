@@ -64,12 +64,18 @@ class Outbox:
         limit: int,
         on_queue: Callable[[], None] = lambda: None,
         now_ns: Callable[[], int] = time.time_ns,
+        on_device: Callable[[DeviceInfo], None] | None = None,
+        on_quality: Callable[[Sample | None, Sample], None] | None = None,
     ) -> None:
         self._catalogue = catalogue
         self._deadbands = deadbands
         self._limit = limit
         self._on_queue = on_queue
         self._now_ns = now_ns
+        # Observers (the security monitor): every device record; every change of a
+        # tag's quality or reason, which is rare, so the hot path pays one comparison.
+        self.on_device = on_device
+        self.on_quality = on_quality
         self._queue: deque[Record] = deque()
         self._last: dict[int, Sample] = {}  # the last polled, for the integrity refresh
         self._sent: dict[int, Sample] = {}  # the last queued, for the deadband
@@ -92,7 +98,12 @@ class Outbox:
         self.counters["samples_in"] += 1
         if problem := unrepresentable(sample):
             sample = self.unrepresentable(sample, problem)
+        last = self._last.get(sample.tag_id)
         self._last[sample.tag_id] = sample
+        if self.on_quality is not None and (
+            last is None or last.quality is not sample.quality or last.reason != sample.reason
+        ):
+            self.on_quality(last, sample)
         sent = self._sent.get(sample.tag_id)
         if sent is not None and not changed(sent, sample, self._deadbands.get(sample.tag_id, 0.0)):
             self.counters["samples_suppressed"] += 1
@@ -125,6 +136,8 @@ class Outbox:
         self._put(info)
 
     def device(self, info: DeviceInfo) -> None:
+        if self.on_device is not None:
+            self.on_device(info)
         self._devices[info.device] = info
         self._put(info)
 

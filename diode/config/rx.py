@@ -9,8 +9,10 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 
 from diode.config import IpAddress, Section, checked
+from diode.config.files import FilesOutput
 from diode.config.link import FecSettings
 from diode.config.mqtt import MqttBroker, StreamOutput, _check_topic_part
+from diode.config.syslog import SocSection
 from diode.config.tx import LogSettings
 from diode.errors import ConfigError
 from diode.keys import check_secret_file, key_id, load_psk, load_public_key
@@ -132,6 +134,9 @@ class StreamConfig(Section):
     )
     link: StreamLink | None = Field(None, description="the stream's link profile")
     output: StreamOutput = Field(default_factory=StreamOutput)
+    files: FilesOutput | None = Field(
+        None, description="a file lane: its files are written here (announced on MQTT)"
+    )
 
 
 class RxConfig(Section):
@@ -140,6 +145,7 @@ class RxConfig(Section):
     receiver: ReceiverSection
     mqtt: MqttBroker = Field(default_factory=MqttBroker)
     streams: list[StreamConfig] = Field(min_length=1)
+    soc: SocSection = Field(default_factory=SocSection)
     failover: FailoverSection = Field(default_factory=FailoverSection)
     log: LogSettings = Field(default_factory=LogSettings)
 
@@ -200,6 +206,9 @@ class RxConfig(Section):
                 update={
                     "public_keys": [base / k for k in s.public_keys],
                     "psk_file": base / s.psk_file if s.psk_file else None,
+                    "files": s.files.model_copy(update={"directory": base / s.files.directory})
+                    if s.files
+                    else None,
                 }
             )
             for s in self.streams
@@ -211,7 +220,11 @@ class RxConfig(Section):
                 if getattr(self.mqtt, key) is not None
             }
         )
-        return self.model_copy(update={"receiver": receiver, "streams": streams, "mqtt": mqtt})
+        files = {k: base / f for k, f in self.soc.files() if f is not None}
+        soc = self.soc.model_copy(update=files)
+        return self.model_copy(
+            update={"receiver": receiver, "streams": streams, "mqtt": mqtt, "soc": soc}
+        )
 
     def check_files(self, path: Path) -> None:
         """What the receiver will read at start: present, private enough, and keys that parse."""
@@ -222,6 +235,9 @@ class RxConfig(Section):
                 raise ConfigError(str(path), f"mqtt.{name}", f"no such file: {file}")
             if file is not None and name in ("keyfile", "password_file"):
                 checked(path, f"mqtt.{name}", check_secret_file, file)
+        for soc_key, soc_file in resolved.soc.files():
+            if soc_file is not None and not soc_file.is_file():
+                raise ConfigError(str(path), f"soc.{soc_key}", f"no such file: {soc_file}")
         owners: dict[bytes, tuple[str, int]] = {}
         for i, stream in enumerate(resolved.streams):
             for j, key in enumerate(stream.public_keys):

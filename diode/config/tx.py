@@ -7,10 +7,12 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from diode.config import IpAddress, Section, checked
+from diode.config.files import FileLane, FilesWatch
 from diode.config.link import LinkSettings
 from diode.config.modbus import ModbusSection
 from diode.config.opcua import OpcuaServer
 from diode.config.synthetic import SyntheticSource
+from diode.config.syslog import SyslogSection
 from diode.errors import ConfigError
 from diode.keys import check_secret_file, load_psk, load_signing_key
 
@@ -103,7 +105,34 @@ class TxConfig(Section):
     modbus: ModbusSection = Field(default_factory=ModbusSection)
     opcua: OpcuaSection = Field(default_factory=OpcuaSection)
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
+    syslog: SyslogSection = Field(default_factory=SyslogSection)
+    file_lane: FileLane | None = None
+    files: list[FilesWatch] = Field(default_factory=list)
     log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _syslog_not_on_the_link(self) -> TxConfig:
+        # Property 1: nothing may listen on the link. A syslog listener on the link's
+        # own source address would be one, whatever its port.
+        for listener in self.syslog.listeners:
+            if listener.address == self.link.source:
+                raise ValueError(
+                    f"syslog listener {listener.address} is the link's source address: "
+                    "syslog may only be received on OT addresses"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _files_need_a_lane(self) -> TxConfig:
+        if self.files and self.file_lane is None:
+            raise ValueError("[[files]] needs a [file_lane] (its stream id and key)")
+        if self.file_lane is not None and self.file_lane.stream_id == self.transmitter.stream_id:
+            raise ValueError("file_lane.stream_id must differ from transmitter.stream_id")
+        folders = [str(f.directory) for f in self.files]
+        dupes = sorted({d for d in folders if folders.count(d) > 1})
+        if dupes:
+            raise ValueError(f"each [[files]] directory may be watched once: {dupes}")
+        return self
 
     @model_validator(mode="after")
     def _devices_unique_across_protocols(self) -> TxConfig:
@@ -143,10 +172,21 @@ class TxConfig(Section):
             )
             for server in self.opcua.servers
         ]
+        syslog = self.syslog.model_copy(
+            update={k: base / f for k, f in self.syslog.files() if f is not None}
+        )
+        lane = self.file_lane
         return self.model_copy(
             update={
                 "transmitter": section.model_copy(update=updates),
                 "opcua": self.opcua.model_copy(update={"servers": servers}),
+                "syslog": syslog,
+                "file_lane": lane.model_copy(update={"private_key": base / lane.private_key})
+                if lane
+                else None,
+                "files": [
+                    f.model_copy(update={"directory": base / f.directory}) for f in self.files
+                ],
             }
         )
 
@@ -158,12 +198,26 @@ class TxConfig(Section):
             ("transmitter.private_key", section.private_key),
             ("transmitter.psk_file", section.psk_file),
         ]
+        files.extend((f"syslog.{key}", f) for key, f in resolved.syslog.files())
+        if resolved.file_lane is not None:
+            files.append(("file_lane.private_key", resolved.file_lane.private_key))
         for i, server in enumerate(resolved.opcua.servers):
             files.extend((f"opcua.servers[{i}].{key}", f) for key, f in server.missing_files())
         for key, file in files:
             if file is not None and not file.is_file():
                 raise ConfigError(str(path), key, f"no such file: {file}")
-        checked(path, "transmitter.private_key", load_signing_key, section.private_key)
+        tx_key = checked(path, "transmitter.private_key", load_signing_key, section.private_key)
+        if resolved.file_lane is not None:
+            lane_key = checked(
+                path, "file_lane.private_key", load_signing_key, resolved.file_lane.private_key
+            )
+            if lane_key.key_id == tx_key.key_id:
+                raise ConfigError(
+                    str(path),
+                    "file_lane.private_key",
+                    "the file lane needs a key of its own (a key speaks for one stream): "
+                    "diode keygen DIR --name files",
+                )
         if section.psk_file is not None:
             checked(path, "transmitter.psk_file", load_psk, section.psk_file)
         for i, server in enumerate(resolved.opcua.servers):

@@ -39,6 +39,7 @@ from diode.config import validate
 from diode.config.rx import RxConfig
 from diode.config.tx import TxConfig
 from diode.demo.broker import EmbeddedBroker, Watcher, probe
+from diode.demo.files import FILE_EVERY_S, DemoFiles
 from diode.demo.plant import ModbusPlc, OpcuaPlc
 from diode.demo.process import Process
 from diode.demo.relay import Faults, Relay
@@ -101,6 +102,7 @@ class Options:
     broker: str = "auto"  # auto | embedded | HOST:PORT
     seed: int = 1
     payload: str = "json"  # json | sparkplug
+    files: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -111,6 +113,7 @@ class Options:
             broker=str(getattr(args, "broker", "auto")),
             seed=int(getattr(args, "seed", 1)),
             payload=str(getattr(args, "payload", "json")),
+            files=bool(getattr(args, "files", False)),
         )
         if not 0.0 <= options.loss < 1.0:
             raise ValueError(f"--loss is a share of datagrams, 0 to below 1 (got {options.loss})")
@@ -162,6 +165,7 @@ class Demo:
         self.errors: list[str] = []  # what went wrong while stopping
         self.started = time.monotonic()
         self.stopped_at: float | None = None
+        self.files = DemoFiles(workdir) if options.files else None
 
     # -- starting ----------------------------------------------------------------------
 
@@ -212,6 +216,8 @@ class Demo:
     async def _start_link(self, plc: ModbusPlc, opcua: OpcuaPlc) -> None:
         keys = self.workdir / "keys"
         write_keypair(keys, "demo")
+        if self.files is not None:
+            write_keypair(keys, "files")
         sock = link_socket()
         rx_port: int = sock.getsockname()[1]
         self.rx = Receiver(self.rx_config(keys, rx_port), sock=sock)
@@ -226,6 +232,11 @@ class Demo:
         config = self.tx_config(keys, relay.port, plc, opcua)
         self.tx = Transmitter(config, key=load_signing_key(config.transmitter.private_key))
         await self._daemon("transmitter", self.tx, settle_s=SETTLE_S)
+        if self.files is not None:
+            ready = asyncio.Event()
+            await self._background(
+                "file dropper", self.files.drop_every(FILE_EVERY_S, ready), ready
+            )
 
     def tx_config(self, keys: Path, port: int, plc: ModbusPlc, opcua: OpcuaPlc) -> TxConfig:
         data = {
@@ -261,6 +272,8 @@ class Demo:
                 ]
             },
         }
+        if self.files is not None:
+            data |= self.files.tx_sections(keys)
         return validate(TxConfig, data, "demo transmitter")
 
     def rx_config(self, keys: Path, port: int) -> RxConfig:
@@ -286,6 +299,8 @@ class Demo:
                 }
             ],
         }
+        if self.files is not None:
+            data["streams"] = [*data["streams"], self.files.rx_stream(keys, PREFIX, SITE)]
         return validate(RxConfig, data, "demo receiver")
 
     def _payload_output(self) -> dict[str, Any]:
@@ -407,6 +422,7 @@ class Demo:
             published=published,
             tags=rows,
             expected_tags=len(TAG_TOPICS),
+            files=None if self.files is None else self.files.figures(tx, rx),
         )
 
 
@@ -488,7 +504,7 @@ async def run(options: Options) -> int:
                 await stack.aclose()  # stop every part: transmitter first
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    snap = demo.snapshot()
+        snap = demo.snapshot()  # (--files compares what arrived in the temporary folder)
     if options.json:
         print(json.dumps(snap.summary()))
     else:

@@ -56,6 +56,7 @@ class Snapshot:
     published: int  # messages the subscriber received on tag topics
     tags: list[TagRow]
     expected_tags: int
+    files: dict[str, int] | None = None  # --files: dropped, sent, ok, identical, ...
 
     @property
     def rejected_total(self) -> int:
@@ -86,7 +87,7 @@ class Snapshot:
                 row.topic: {"value": row.value, "quality": row.quality, "messages": row.messages}
                 for row in self.tags
             },
-        }
+        } | ({"files": dict(self.files)} if self.files is not None else {})
 
 
 # -- formatting ------------------------------------------------------------------------
@@ -125,6 +126,11 @@ def progress_line(snap: Snapshot) -> str:
         f"rebuilt {snap.blocks_rebuilt}  lost {snap.records_lost}  "
         f"rejected {snap.rejected_total}  published {snap.published}  "
         f"tags {len(snap.tags)}/{snap.expected_tags}"
+        + (
+            "  files " + " ".join(f"{k} {v}" for k, v in snap.files.items())
+            if snap.files is not None
+            else ""
+        )
     )
 
 

@@ -131,8 +131,10 @@ class OpcuaTestServer:
         certificate: Path | None = None,
         private_key: Path | None = None,
         users: dict[str, str] | None = None,
+        policies: list[ua.SecurityPolicyType] | None = None,
     ) -> None:
         self.port = port or free_port()
+        self.policies = policies  # what a secure server offers; None: Sign and SignAndEncrypt
         self.certificate = certificate
         self.private_key = private_key
         self.users = users
@@ -157,7 +159,8 @@ class OpcuaTestServer:
             await server.load_certificate(str(self.certificate))
             await server.load_private_key(str(self.private_key))
             server.set_security_policy(
-                [
+                self.policies
+                or [
                     ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
                     ua.SecurityPolicyType.Basic256Sha256_Sign,
                 ]

@@ -1,0 +1,361 @@
+"""``diode bench files``: file goodput beside pydiode, RSS and telemetry latency with a file.
+
+Two runs, each with both daemons as child processes on loopback, 1472-byte
+datagrams, the default FEC, ``rate_mbps`` (1000) as the cap:
+
+- **goodput**: a file of ``size_mb`` random bytes is renamed into the watched
+  folder of a transmitter whose file lane has the whole link (share 1.0); the
+  time runs from the rename until the receiver renamed the verified file into
+  place. Goodput = file bytes x 8 / that time. pydiode 1.0 (redundancy 2, its
+  default) then carries the same number of bytes at the same cap, once with
+  its default 64 KB datagrams and once patched to 1472-byte ones.
+- **beside telemetry**: a synthetic source generates ``telemetry_hz`` tag
+  updates/s into MQTT (per tag, QoS 0; ``mosquitto_sub`` stamps each
+  arrival). ``seconds`` without a file, then a sparse file of ``big_gb`` is
+  dropped (the lane at share 1.0) and ``seconds`` more are measured while it
+  flows; the p99 latency of each window, the file's goodput, and the peak RSS
+  (VmHWM) of both daemons over the whole transfer.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from diode.benchmarks import harness as h
+from diode.benchmarks.link import DEFAULT_PYDIODE_VENV, pydiode_venv
+from diode.benchmarks.tags import _pct, _Subscriber, parse
+from diode.keys import write_keypair
+
+LANE = 2
+_PYDIODE_1472 = (
+    "import sys, pydiode.common as c, pydiode.send as s, pydiode.pydiode as p\n"
+    "c.UDP_MAX_BYTES = 1472; c.MAX_PAYLOAD = 1472 - c.PACKET_HEADER.size\n"
+    "for m in (s, p):\n"
+    "    for n in ('UDP_MAX_BYTES', 'MAX_PAYLOAD'):\n"
+    "        if hasattr(m, n): setattr(m, n, getattr(c, n))\n"
+    "sys.argv[0] = 'pydiode'; sys.exit(p.main())\n"
+)
+
+
+def _configs(
+    work: Path,
+    *,
+    port: int,
+    broker_port: int,
+    metrics: int,
+    rate_mbps: float,
+    telemetry_hz: int,
+    share: float,
+) -> tuple[Path, Path]:
+    tx_key, tx_pub = h.keys(work)
+    lane_key, lane_pub, _ = write_keypair(work, "files")
+    tx: dict[str, Any] = {
+        "transmitter": {
+            "stream_id": h.STREAM,
+            "private_key": tx_key,
+            "state_dir": work / "tx-state",
+        },
+        "link": {"destination": "127.0.0.1", "port": port, "rate_mbps": rate_mbps},
+        "file_lane": {"stream_id": LANE, "private_key": lane_key, "share": share},
+        "files": [{"directory": work / "ot", "complete_when": "renamed", "poll_s": 0.05}],
+        "log": {"level": "info", "format": "json"},
+    }
+    if telemetry_hz:
+        tx["synthetic"] = {
+            "sources": [{"name": "plc0", "tags": 100, "rate_hz": telemetry_hz, "batch_ms": 5.0}]
+        }
+    rx = {
+        "receiver": {
+            "listen": "127.0.0.1",
+            "port": port,
+            "state_dir": work / "rx-state",
+            "metrics_port": metrics,
+        },
+        "mqtt": {
+            "host": "127.0.0.1",
+            "port": broker_port,
+            "client_id": "diode-bench-rx",
+            "spool_path": work / "rx-state" / "spool.sqlite3",
+        },
+        "streams": [
+            {"id": h.STREAM, "public_keys": [tx_pub], "output": {"prefix": "bench", "site": "s"}},
+            {
+                "id": LANE,
+                "public_keys": [lane_pub],
+                "output": {"prefix": "bench", "site": "s"},
+                "files": {"directory": work / "it"},
+            },
+        ],
+        "log": {"level": "info", "format": "json"},
+    }
+    (work / "ot").mkdir()
+    tx_path, rx_path = work / "tx.toml", work / "rx.toml"
+    tx_path.write_text(h.to_toml(tx))
+    rx_path.write_text(h.to_toml(rx))
+    return tx_path, rx_path
+
+
+def _write_random(path: Path, nbytes: int) -> None:
+    with path.open("wb") as f:
+        left = nbytes
+        while left:
+            chunk = os.urandom(min(left, 1 << 20))
+            f.write(chunk)
+            left -= len(chunk)
+
+
+def _write_sparse(path: Path, nbytes: int) -> None:
+    """Mostly a hole, with 1 MiB of random data every 256 MiB so it is not all zeros."""
+    with path.open("wb") as f:
+        f.truncate(nbytes)
+        for offset in range(0, nbytes - (1 << 20), 256 << 20):
+            f.seek(offset)
+            f.write(os.urandom(1 << 20))
+
+
+def _drop(work: Path, source: Path) -> tuple[Path, float]:
+    """Rename ``source`` into the watched folder; (where it will arrive, when)."""
+    target = work / "it" / source.name
+    start = time.monotonic()
+    source.replace(work / "ot" / source.name)
+    return target, start
+
+
+def _wait_arrival(target: Path, rx: h.Daemon, tx: h.Daemon, timeout_s: float) -> tuple[float, str]:
+    """(when, result): the file in place (``ok``), or the receiver's verdict on it."""
+    deadline = time.monotonic() + timeout_s
+    looked = time.monotonic()
+    while not target.exists():
+        rx.check()
+        tx.check()
+        now = time.monotonic()
+        if now > deadline:
+            return now, "timeout"
+        if now - looked > 0.5:
+            looked = now
+            failed = rx.log_events("file not received")
+            if failed:
+                return now, str(failed[-1].get("result"))
+        time.sleep(0.01)
+    return time.monotonic(), "ok"
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def diode_goodput(*, size_mb: float, rate_mbps: float, share: float = 1.0) -> dict[str, Any]:
+    nbytes = int(size_mb * 1e6)
+    with tempfile.TemporaryDirectory(prefix="diode-bench-files-") as tmp:
+        work = Path(tmp)
+        port, metrics = h.free_udp_port(), h.free_port()
+        broker = h.Broker(work)
+        with h.stopping(broker):
+            tx_conf, rx_conf = _configs(
+                work, port=port, broker_port=broker.port, metrics=metrics,
+                rate_mbps=rate_mbps, telemetry_hz=0, share=share,
+            )  # fmt: skip
+            source = work / "payload.bin"
+            _write_random(source, nbytes)
+            rx = h.Daemon.rx(rx_conf)
+            with h.stopping(rx):
+                h.wait_metrics(metrics, rx)
+                tx = h.Daemon.tx(tx_conf)
+                with h.stopping(tx):
+                    time.sleep(1.0)
+                    load = _load()
+                    c0 = (tx.cpu_s(), rx.cpu_s())
+                    target, start = _drop(work, source)
+                    end, result = _wait_arrival(target, rx, tx, 600)
+                    c1 = (tx.cpu_s(), rx.cpu_s())
+                    hwm = (tx.hwm_mb(), rx.hwm_mb())
+                    intact = result == "ok" and _same(work / "ot" / source.name, target)
+                    m = h.rx_metrics(metrics)
+    elapsed = end - start
+    return {
+        "bytes": nbytes,
+        "seconds": round(elapsed, 2),
+        "goodput_mbps": round(nbytes * 8 / elapsed / 1e6, 1) if result == "ok" else 0.0,
+        "result": result,
+        "intact": intact,
+        "records_lost": int(m.get("records_lost", 0)),
+        "kernel_drops": int(m.get("kernel_drops", 0)),
+        "tx_cpu_share": round((c1[0] - c0[0]) / elapsed, 2),
+        "rx_cpu_share": round((c1[1] - c0[1]) / elapsed, 2),
+        "tx_rss_peak_mb": round(hwm[0], 1),
+        "rx_rss_peak_mb": round(hwm[1], 1),
+        "load_before": load,
+        "load_after": _load(),
+    }
+
+
+def _same(a: Path, b: Path) -> bool:
+    done = subprocess.run(["cmp", "-s", str(a), str(b)], check=False)  # noqa: S603, S607
+    return done.returncode == 0
+
+
+def pydiode_goodput(exe: Path, *, nbytes: int, rate_mbps: float, small: bool) -> dict[str, Any]:
+    """pydiode send | receive over loopback; ``small``: patched to 1472-byte datagrams."""
+    port = h.free_udp_port()
+    python = exe.parent / "python"
+    prefix = [str(python), "-c", _PYDIODE_1472] if small else [str(exe)]
+    with tempfile.TemporaryDirectory(prefix="diode-bench-pydiode-") as tmp:
+        src, dst = Path(tmp) / "in", Path(tmp) / "out"
+        _write_random(src, nbytes)
+        with dst.open("wb") as out:
+            receiver = subprocess.Popen(  # noqa: S603
+                [*prefix, "receive", "127.0.0.1", "--port", str(port)], stdout=out
+            )
+            time.sleep(0.5)
+            load = _load()
+            start = time.monotonic()
+            with src.open("rb") as inp:
+                subprocess.run(  # noqa: S603
+                    [*prefix, "send", "127.0.0.1", "127.0.0.1", "--port", str(port),
+                     "--max-bitrate", str(int(rate_mbps * 1e6))],
+                    stdin=inp,
+                    check=True,
+                )  # fmt: skip
+            try:
+                receiver.wait(timeout=max(60.0, nbytes * 8 / 20e6))
+            except subprocess.TimeoutExpired:
+                receiver.kill()
+                receiver.wait()
+            elapsed = time.monotonic() - start
+        intact = _same(src, dst)
+    return {
+        "datagram_bytes": 1472 if small else 65507,
+        "bytes": nbytes,
+        "seconds": round(elapsed, 2),
+        "goodput_mbps": round(nbytes * 8 / elapsed / 1e6, 1),
+        "intact": intact,
+        "load_before": load,
+    }
+
+
+def beside_telemetry(
+    *, big_gb: float, rate_mbps: float, telemetry_hz: int, seconds: float, share: float = 1.0
+) -> dict[str, Any]:
+    nbytes = int(big_gb * 1e9)
+    with tempfile.TemporaryDirectory(prefix="diode-bench-files-") as tmp:
+        work = Path(tmp)
+        port, metrics = h.free_udp_port(), h.free_port()
+        broker = h.Broker(work)
+        with h.stopping(broker):
+            sub = _Subscriber(broker.port, 0, work / "sub.txt")
+            try:
+                tx_conf, rx_conf = _configs(
+                    work, port=port, broker_port=broker.port, metrics=metrics,
+                    rate_mbps=rate_mbps, telemetry_hz=telemetry_hz, share=share,
+                )  # fmt: skip
+                source = work / "big.bin"
+                _write_sparse(source, nbytes)
+                rx = h.Daemon.rx(rx_conf)
+                with h.stopping(rx):
+                    h.wait_metrics(metrics, rx)
+                    tx = h.Daemon.tx(tx_conf)
+                    with h.stopping(tx):
+                        time.sleep(2.0)  # the first deliveries, the catalogue
+                        quiet = (time.time(), time.time() + seconds)
+                        load_quiet = _load()
+                        time.sleep(seconds)
+                        target, start = _drop(work, source)
+                        flowing = (time.time() + 0.5, time.time() + 0.5 + seconds)
+                        time.sleep(seconds + 0.5)
+                        load_flowing = _load()
+                        end, result = _wait_arrival(target, rx, tx, 1800)
+                        hwm = (tx.hwm_mb(), rx.hwm_mb())
+                        size = target.stat().st_size if result == "ok" else 0
+                        m = h.rx_metrics(metrics)
+                sub.settle()
+            finally:
+                sub.stop()
+            latencies = _by_window(sub.path, [quiet, flowing])
+    elapsed = end - start
+    return {
+        "telemetry_hz": telemetry_hz,
+        "file_bytes": nbytes,
+        "file_result": result,
+        "file_arrived_bytes": size,
+        "file_seconds": round(elapsed, 1),
+        "file_goodput_mbps": round(nbytes * 8 / elapsed / 1e6, 1) if result == "ok" else 0.0,
+        "file_still_flowing_at_window_end": elapsed > seconds + 0.5,
+        "records_lost": int(m.get("records_lost", 0)),
+        "kernel_drops": int(m.get("kernel_drops", 0)),
+        "latency_ms_without_file": _summary(latencies[0]),
+        "latency_ms_with_file": _summary(latencies[1]),
+        "tx_rss_peak_mb": round(hwm[0], 1),
+        "rx_rss_peak_mb": round(hwm[1], 1),
+        "load_without_file": load_quiet,
+        "load_with_file": load_flowing,
+    }
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {
+        "updates": len(values),
+        "p50": _pct(values, 0.5),
+        "p99": _pct(values, 0.99),
+        "max": round(max(values), 2) if values else 0.0,
+    }
+
+
+def _by_window(path: Path, windows: list[tuple[float, float]]) -> list[list[float]]:
+    """Latencies of updates that arrived inside each (start, end) wall-clock window."""
+    out: list[list[float]] = [[] for _ in windows]
+    lines = path.read_bytes().splitlines()
+    for i, (start, end) in enumerate(windows):
+        part = path.with_suffix(f".{i}")
+        part.write_bytes(
+            b"".join(line + b"\n" for line in lines if start <= float(line.split(b" ", 1)[0]) < end)
+        )
+        _, out[i] = parse(part)
+    return out
+
+
+def files(
+    *,
+    size_mb: float = 200.0,
+    big_gb: float = 2.0,
+    rate_mbps: float = 1000.0,
+    telemetry_hz: int = 1000,
+    seconds: float = 10.0,
+    share: float = 1.0,
+    pydiode: Path | None = DEFAULT_PYDIODE_VENV,
+) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "settings": {
+            "rate_mbps": rate_mbps,
+            "datagram_size": 1472,
+            "fec": "default (k 32, repair 0.25 + 16)",
+            "file_lane_share": share,
+            "cpus": os.cpu_count(),
+        },
+        "diode": diode_goodput(size_mb=size_mb, rate_mbps=rate_mbps, share=share),
+    }
+    if pydiode is not None:
+        exe = pydiode_venv(pydiode)
+        nbytes = int(size_mb * 1e6)
+        report["pydiode_64k"] = pydiode_goodput(
+            exe, nbytes=nbytes, rate_mbps=rate_mbps, small=False
+        )
+        report["pydiode_1472"] = pydiode_goodput(
+            exe, nbytes=nbytes, rate_mbps=rate_mbps, small=True
+        )
+        ours = report["diode"]["goodput_mbps"]
+        report["ratio_vs_pydiode_1472"] = round(ours / report["pydiode_1472"]["goodput_mbps"], 2)
+        report["ratio_vs_pydiode_64k"] = round(ours / report["pydiode_64k"]["goodput_mbps"], 2)
+    if big_gb > 0:
+        report["beside_telemetry"] = beside_telemetry(
+            big_gb=big_gb,
+            rate_mbps=rate_mbps,
+            telemetry_hz=telemetry_hz,
+            seconds=seconds,
+            share=share,
+        )
+    return report

@@ -1,0 +1,440 @@
+"""Out to the SOC, on the IT side: syslog and security events to a collector and to MQTT.
+
+The pipeline, stage by stage, with the queue between each pair::
+
+    Decoder events --> Soc.handle --+--> render_5424 --> SOC spool --> forwarder --> collector
+    (Delivered, Gap,   (lane seq,   |    (RFC 5424)      (SQLite,      (TCP or TLS,  (rsyslog ...)
+     EpochStarted)      gaps)       |                     bounded)      octet counted)
+                                    +--> to_ecs --> MqttOutput.publish_events
+                                                    --> {prefix}/{site}/$events
+    Soc.tick (0.5 s): the receiver's own events (rejected datagrams, link, spools) --^
+
+The SOC spool is committed before the stream positions that cover its messages.
+
+**Nothing the collector does reaches telemetry.** Messages for the collector
+wait in a spool of their own (the same :class:`~receiver.spool.Spool` the MQTT
+output uses, in another file); the forwarder is one task that alone waits for
+the collector's TCP window. A collector that is down or slow only makes that
+spool grow; past ``spool_max_messages`` the oldest go, counted and reported
+(an event on MQTT). A message leaves the spool once the kernel took all of it
+(``drain``): what a collector loses after that, in its own socket buffer when
+it crashes, TCP cannot say (RELP could; rsyslog's plain TCP input has no
+acknowledgement).
+
+**Exact loss accounting.** Each log record carries its lane sequence number.
+The receiver expects them in order (blocks are delivered in order); a jump is
+``log-messages-lost`` with the exact count and range. The transmitter's
+heartbeat carries ``log_seq_framed`` (every record numbered below it is in a
+block sent before the heartbeat), which closes a gap at the tail of a burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+import structlog
+
+from diode.config.mqtt import StreamOutput
+from diode.config.syslog import SocSection
+from diode.decoder import Delivered, EpochStarted, Event, Gap
+from diode.records import Heartbeat, LogRecord
+from diode.syslog import event_record, octet_counted, render_5424, to_ecs
+from receiver.payload import Message
+from receiver.spool import Spool
+
+log = structlog.get_logger("diode.rx.soc")
+
+READ_BATCH = 1024
+SEND_BUFFER = 256 * 1024
+FORGED = ("unknown_key", "wrong_stream", "bad_block", "bad_signature", "bad_decrypt")
+REPLAYED = ("replay",)
+MALFORMED = ("short", "bad_magic", "bad_version", "bad_checksum", "malformed", "bad_record")
+CRITICAL, WARNING, NOTICE, INFO = 2, 4, 5, 6
+
+
+class Events(Protocol):
+    def publish_events(self, stream: StreamOutput, payloads: Sequence[bytes]) -> None: ...
+
+
+@dataclass(slots=True)
+class _Lane:
+    """One stream's log lane as the receiver sees it."""
+
+    output: StreamOutput
+    epoch: int | None = None
+    expected: int | None = None  # the next lane sequence number
+    link_up: bool = False
+    counters: dict[str, int] = field(
+        default_factory=lambda: {"logs": 0, "logs_lost": 0, "log_gaps": 0}
+    )
+
+
+class Soc:
+    """The receiver's SOC feed: collector forwarding, MQTT events, and its own events."""
+
+    def __init__(
+        self,
+        section: SocSection,
+        streams: dict[int, StreamOutput],
+        events: Events,
+        state_dir: Path,
+    ) -> None:
+        self.section = section
+        self._events = events
+        self._lanes = {sid: _Lane(out) for sid, out in streams.items()}
+        self._spool = (
+            Spool(state_dir / "soc-spool.sqlite", section.spool_max_messages)
+            if section.collector_host
+            else None
+        )
+        self._batch: list[Message] = []
+        self._documents: dict[int, tuple[StreamOutput, list[bytes]]] = {}  # id(output) ->
+        self._wake = asyncio.Event()
+        self._run_epoch = time.time_ns() // 1_000_000  # numbers the receiver's own events
+        self._own_seq = 0
+        self._rejected_at: dict[str, int] = {}
+        self._rejected_since = 0.0
+        self._seen: dict[str, int] = {}
+        self.counters = {
+            "soc_logs": 0,
+            "soc_logs_lost": 0,
+            "soc_log_gaps": 0,
+            "soc_events": 0,
+            "soc_forwarded": 0,
+            "soc_spool_depth": len(self._spool) if self._spool else 0,
+            "soc_spool_dropped": 0,
+            "soc_collector_connects": 0,
+            "soc_collector_errors": 0,
+        }
+
+    # -- from the decoder (synchronous, in the receive path) ---------------------------------
+
+    def handle(self, events: Sequence[Event], now: float) -> None:
+        for event in events:
+            lane = self._lanes.get(event.stream_id)
+            if lane is None:
+                continue
+            match event:
+                case Delivered():
+                    for record in event.records:
+                        if type(record) is LogRecord:
+                            self._log(event.stream_id, lane, event.epoch, record)
+                        elif type(record) is Heartbeat:
+                            self._heartbeat(event.stream_id, lane, event.epoch, record)
+                case Gap():
+                    self._own(
+                        "records-lost",
+                        WARNING,
+                        f"stream {event.stream_id}: {event.records_lost} records lost in blocks "
+                        f"{event.first_seq}..{event.last_seq} of epoch {event.epoch}"
+                        + ("" if event.exact else " (count from unsigned hints)"),
+                        {
+                            "stream": str(event.stream_id),
+                            "epoch": str(event.epoch),
+                            "first_block": str(event.first_seq),
+                            "last_block": str(event.last_seq),
+                            "records_lost": str(event.records_lost),
+                            "exact": str(event.exact).lower(),
+                        },
+                        stream_id=event.stream_id,
+                    )
+                case EpochStarted():
+                    lane.epoch, lane.expected = event.epoch, None
+                    if event.previous is not None:
+                        self._own(
+                            "epoch-changed",
+                            NOTICE,
+                            f"stream {event.stream_id}: transmitter restarted "
+                            f"(epoch {event.previous} -> {event.epoch})",
+                            {
+                                "stream": str(event.stream_id),
+                                "epoch": str(event.epoch),
+                                "previous": str(event.previous),
+                            },
+                            stream_id=event.stream_id,
+                        )
+        self.commit()
+
+    def _log(self, stream_id: int, lane: _Lane, epoch: int, record: LogRecord) -> None:
+        if lane.epoch != epoch:
+            lane.epoch, lane.expected = epoch, None
+        if lane.expected is not None and record.seq > lane.expected:
+            self._lost(stream_id, lane, epoch, lane.expected, record.seq - 1)
+        if lane.expected is None or record.seq >= lane.expected:
+            lane.expected = record.seq + 1
+        lane.counters["logs"] += 1
+        self.counters["soc_logs"] += 1
+        self._emit(record, stream_id, epoch, lane.output)
+
+    def _heartbeat(self, stream_id: int, lane: _Lane, epoch: int, beat: Heartbeat) -> None:
+        framed = beat.counters.get("log_seq_framed")
+        if framed is None or lane.epoch != epoch:
+            return
+        if lane.expected is None:
+            lane.expected = framed  # joined mid-epoch: count from here
+        elif framed > lane.expected:
+            self._lost(stream_id, lane, epoch, lane.expected, framed - 1)
+            lane.expected = framed
+
+    def _lost(self, stream_id: int, lane: _Lane, epoch: int, first: int, last: int) -> None:
+        count = last - first + 1
+        lane.counters["logs_lost"] += count
+        lane.counters["log_gaps"] += 1
+        self.counters["soc_logs_lost"] += count
+        self.counters["soc_log_gaps"] += 1
+        self._own(
+            "log-messages-lost",
+            WARNING,
+            f"stream {stream_id}: {count} log messages lost on the link "
+            f"(lane seq {first}..{last}, epoch {epoch})",
+            {
+                "stream": str(stream_id),
+                "epoch": str(epoch),
+                "first_seq": str(first),
+                "last_seq": str(last),
+                "lost": str(count),
+            },
+            stream_id=stream_id,
+        )
+
+    # -- the receiver's own events ------------------------------------------------------------
+
+    def _own(
+        self,
+        action: str,
+        severity: int,
+        message: str,
+        params: dict[str, str],
+        *,
+        stream_id: int | None = None,
+    ) -> None:
+        log.info("security event", action=action, severity=severity, detail=message)
+        record = event_record(
+            seq=self._own_seq,
+            ts_ns=time.time_ns(),
+            source="diode-rx",
+            app_name="diode-rx",
+            action=action,
+            severity=severity,
+            message=message,
+            params=params,
+        )
+        self._own_seq += 1
+        self.counters["soc_events"] += 1
+        if stream_id is not None and stream_id in self._lanes:
+            targets = [(stream_id, self._lanes[stream_id].output)]
+        else:
+            roots: dict[str, tuple[int, StreamOutput]] = {}
+            for sid, lane in self._lanes.items():
+                roots.setdefault(f"{lane.output.prefix}/{lane.output.site}", (sid, lane.output))
+            targets = list(roots.values())
+        for index, (sid, output) in enumerate(targets):
+            # To the collector once; to MQTT under each site it concerns.
+            self._emit(record, sid, self._run_epoch, output, collector=index == 0)
+
+    def _emit(
+        self,
+        record: LogRecord,
+        stream_id: int,
+        epoch: int,
+        output: StreamOutput,
+        *,
+        collector: bool = True,
+    ) -> None:
+        if self._spool is not None and collector:
+            line = render_5424(record, stream_id=stream_id, epoch=epoch)
+            self._batch.append(Message("", octet_counted(line), 0, False))
+        if self.section.mqtt_events:
+            doc = to_ecs(record, site=output.site, stream_id=stream_id, epoch=epoch)
+            entry = self._documents.get(id(output))
+            if entry is None:
+                entry = self._documents[id(output)] = (output, [])
+            entry[1].append(orjson.dumps(doc))
+
+    def tick(
+        self,
+        now: float,
+        *,
+        decoder_counters: dict[str, int],
+        links: dict[int, bool],
+        output_counters: dict[str, int],
+    ) -> None:
+        """Periodic: rejected datagrams as rates, link state, spools overflowing."""
+        for sid, up in links.items():
+            lane = self._lanes.get(sid)
+            if lane is not None and up != lane.link_up:
+                lane.link_up = up
+                self._own(
+                    "link-up" if up else "link-down",
+                    NOTICE if up else WARNING,
+                    f"stream {sid}: link {'up' if up else 'down (no heartbeat)'}",
+                    {"stream": str(sid)},
+                    stream_id=sid,
+                )
+        self._rejections(now, decoder_counters)
+        for key, action in (("spool_dropped", "mqtt-spool-overflow"), ("refused", "mqtt-refused")):
+            self._delta_event(key, action, output_counters.get(key, 0))
+        self._delta_event(
+            "soc_spool_dropped", "soc-spool-overflow", self.counters["soc_spool_dropped"]
+        )
+        self.commit()
+
+    def _delta_event(self, key: str, action: str, total: int) -> None:
+        before = self._seen.get(key, 0)
+        self._seen[key] = total
+        if total > before:
+            self._own(
+                action,
+                WARNING,
+                f"{total - before} messages ({key.replace('_', ' ')}), {total} in all",
+                {"count": str(total - before), "total": str(total)},
+            )
+
+    def _rejections(self, now: float, counters: dict[str, int]) -> None:
+        if now - self._rejected_since < self.section.rejected_report_s:
+            return
+        period = now - self._rejected_since if self._rejected_since else None
+        self._rejected_since = now
+        for kind, reasons, severity in (
+            ("forged", FORGED, WARNING),
+            ("replayed", REPLAYED, WARNING),
+            ("malformed", MALFORMED, NOTICE),
+        ):
+            deltas = {}
+            for reason in reasons:
+                total = counters.get(f"rejected_{reason}", 0)
+                before = self._rejected_at.get(reason, 0)
+                # A decoder replaced (failover, restart) starts its counters again at 0.
+                delta = total - before if total >= before else total
+                self._rejected_at[reason] = total
+                if delta:
+                    deltas[reason] = delta
+            if not deltas or period is None:
+                continue  # the first call only takes the counters as they are
+            count = sum(deltas.values())
+            self._own(
+                f"datagrams-{kind}",
+                severity,
+                f"{count} {kind} datagrams rejected in {period:.0f} s "
+                f"({count / period:.1f}/s): "
+                + ", ".join(f"{r} {n}" for r, n in sorted(deltas.items())),
+                {
+                    "count": str(count),
+                    "period_s": f"{period:.1f}",
+                    "rate_per_s": f"{count / period:.2f}",
+                    **{r: str(n) for r, n in deltas.items()},
+                },
+            )
+
+    # -- the collector -------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """The collector's messages on disk (called before the positions are committed).
+
+        The MQTT documents go to the MQTT output here too, in one call per site,
+        so they join the same commit as the positions.
+        """
+        documents, self._documents = self._documents, {}
+        for output, payloads in documents.values():
+            self._events.publish_events(output, payloads)
+        if self._spool is None or not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        dropped = self._spool.append(batch, time.time())
+        if dropped:
+            self.counters["soc_spool_dropped"] += dropped
+            log.warning("soc spool full, oldest messages dropped", dropped=dropped)
+        self.counters["soc_spool_depth"] = len(self._spool)
+        self._wake.set()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            **self.counters,
+            "lanes": {sid: dict(lane.counters) for sid, lane in self._lanes.items()},
+        }
+
+    def _context(self) -> ssl.SSLContext | None:
+        section = self.section
+        if not section.tls:
+            return None
+        context = ssl.create_default_context(
+            cafile=str(section.ca_file) if section.ca_file else None
+        )
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if section.certfile and section.keyfile:
+            context.load_cert_chain(section.certfile, section.keyfile)
+        if section.server_name is None:
+            context.check_hostname = False  # the collector is named by address: trust the CA
+        return context
+
+    async def run(self) -> None:
+        """Forward the spool to the collector, reconnecting, until cancelled."""
+        if self._spool is None:
+            return
+        section = self.section
+        context = self._context()
+        while True:
+            writer: asyncio.StreamWriter | None = None
+            try:
+                reader, connected = await asyncio.wait_for(
+                    asyncio.open_connection(
+                        section.collector_host,
+                        section.collector_port,
+                        ssl=context,
+                        server_hostname=section.server_name if context else None,
+                    ),
+                    10,
+                )
+                writer = connected
+                sock = connected.get_extra_info("socket")
+                if sock is not None:
+                    # Bound what is in flight: what a collector that dies takes with it
+                    # unread (plain TCP has no acknowledgement of messages).
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+                self.counters["soc_collector_connects"] += 1
+                log.info("collector connected", host=section.collector_host)
+                await self._forward(reader, connected)  # returns only by raising
+            except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+                self.counters["soc_collector_errors"] += 1
+                log.warning("collector unavailable", error=str(exc) or repr(exc))
+            finally:
+                if writer is not None:
+                    # Abort, not close: a stalled collector would hold a graceful close
+                    # (and a shutdown) forever. What was not acknowledged as written
+                    # is still in the spool and goes again on the next connection.
+                    writer.transport.abort()
+            await asyncio.sleep(section.reconnect_s)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        spool = self._spool
+        assert spool is not None
+        cursor = -1
+        while True:
+            if reader.at_eof():
+                raise ConnectionError("collector closed the connection")
+            last, items = spool.read(cursor, READ_BATCH, time.time())
+            if not items:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                continue
+            writer.write(b"".join(m.payload for _, m in items))
+            await writer.drain()  # the collector's back-pressure stops here, and only here
+            spool.delete_through(last)
+            cursor = last
+            self.counters["soc_forwarded"] += len(items)
+            self.counters["soc_spool_depth"] = len(spool)
+
+    def close(self) -> None:
+        self.commit()
+        if self._spool is not None:
+            self._spool.close()

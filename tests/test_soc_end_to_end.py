@@ -1,0 +1,218 @@
+"""Syslog from the OT side to a real rsyslog collector and to MQTT, through the diode.
+
+Real parts: util-linux ``logger`` and a Python RFC 5424 sender on the OT side,
+the transmitter and receiver daemons' classes, a fault relay on real UDP, a
+real rsyslog started by the test as the collector, a real mosquitto.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from pathlib import Path
+
+from tests.e2e import Subscriber, wait_until
+from tests.support.relay import Faults
+from tests.support.rsyslog import Rsyslog
+from tests.support.soc import (
+    EVENTS,
+    SocPlant,
+    ids_at,
+    logger,
+    lost_reported,
+    python_5424_tcp,
+    python_udp,
+)
+
+
+async def test_syslog_reaches_the_collector_exactly_once_or_in_a_reported_gap(
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
+    soc_plant.faults = Faults(loss=0.05, burst_every_s=0.5, burst_len=10, seed=7)
+    await soc_plant.start_relay()
+    await soc_plant.start_rx()
+    tx = await soc_plant.start_tx()
+    udp, tcp = soc_plant.udp_port, soc_plant.tcp_port
+    sent: list[str] = []
+
+    def batch(name: str, n: int) -> list[str]:
+        out = [f"id-{name}-{i}" for i in range(n)]
+        sent.extend(out)
+        return out
+
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(
+        None,
+        logger,
+        [
+            "--server",
+            "127.0.0.1",
+            "--port",
+            str(tcp),
+            "--tcp",
+            "--octet-count",
+            "--rfc5424",
+            "-t",
+            "plc-eng",
+        ],
+        batch("logger5424tcp", 400),
+    )
+    await loop.run_in_executor(
+        None,
+        logger,
+        ["--server", "127.0.0.1", "--port", str(tcp), "--tcp", "--rfc3164", "-t", "switch"],
+        batch("logger3164tcp", 400),
+    )
+    await loop.run_in_executor(
+        None,
+        logger,
+        ["--server", "127.0.0.1", "--port", str(udp), "--udp", "--rfc5424", "-t", "hmi"],
+        batch("logger5424udp", 200),
+    )
+    await loop.run_in_executor(None, python_5424_tcp, tcp, batch("py5424", 1000))
+    await loop.run_in_executor(None, python_udp, udp, batch("pyudp", 200))
+
+    def accounted() -> bool:
+        return sum(ids_at(collector).values()) + lost_reported(collector) >= len(sent)
+
+    await wait_until(accounted, within=60)
+    found = ids_at(collector)
+    assert set(found) <= set(sent)
+    assert max(found.values()) == 1, "a message reached the collector twice"
+    assert len(found) + lost_reported(collector) == len(sent)
+    counters = tx.counters()
+    assert counters["syslog_received"] == len(sent)
+    assert counters["syslog_denied"] == counters["syslog_rate_dropped"] == 0
+    assert soc_plant.relay is not None
+    assert soc_plant.relay.stats.dropped > 0, "the relay lost nothing: the test proves nothing"
+    # The same messages as ECS documents on MQTT.
+    await wait_until(
+        lambda: (
+            sum(1 for m in events.on(EVENTS) if m.get("event", {}).get("dataset") == "diode.syslog")
+            >= len(found)
+        ),
+        within=30,
+    )
+    docs = [m for m in events.on(EVENTS) if m["event"]["dataset"] == "diode.syslog"]
+    py = next(d for d in docs if d["message"].endswith("id-py5424-0"))
+    assert py["log"]["syslog"]["hostname"] == "hmi-7"
+    assert py["log"]["syslog"]["appname"] == "scada"
+    assert py["log"]["syslog"]["msgid"] == "AUDIT"
+    assert py["log"]["syslog"]["severity"]["name"] == "informational"
+    assert py["log"]["syslog"]["structured_data"]["op@32473"] == {"user": "eng"}
+    assert py["source"]["ip"] == "127.0.0.1"
+    fw = next(d for d in docs if d["message"].endswith("id-pyudp-0"))
+    assert fw["log"]["syslog"]["hostname"] == "fw01"
+    assert fw["diode"]["format"] == "rfc3164"
+
+
+async def test_a_lost_block_is_a_reported_gap_of_exactly_its_messages(
+    soc_plant: SocPlant, collector: Rsyslog
+) -> None:
+    """Loss beyond FEC (the relay drops everything for a while): counted, never silent."""
+    await soc_plant.start_relay()
+    await soc_plant.start_rx()
+    await soc_plant.start_tx()
+    tcp = soc_plant.tcp_port
+    loop = asyncio.get_running_loop()
+    before = [f"id-a-{i}" for i in range(50)]
+    await loop.run_in_executor(None, python_5424_tcp, tcp, before)
+    await wait_until(lambda: sum(ids_at(collector).values()) == 50, within=30)
+    assert soc_plant.relay is not None
+    soc_plant.relay.faults.loss = 1.0
+    during = [f"id-b-{i}" for i in range(300)]
+    await loop.run_in_executor(None, python_5424_tcp, tcp, during)
+    await asyncio.sleep(1.0)
+    soc_plant.relay.faults.loss = 0.0
+    after = [f"id-c-{i}" for i in range(50)]
+    await loop.run_in_executor(None, python_5424_tcp, tcp, after)
+    total = 400
+    await wait_until(
+        lambda: sum(ids_at(collector).values()) + lost_reported(collector) == total, within=30
+    )
+    found = ids_at(collector)
+    assert max(found.values()) == 1
+    assert not any(i.startswith("id-b-") for i in found)
+    assert lost_reported(collector) == 300
+
+
+async def test_allow_list_and_rate_limit_drop_and_count(
+    soc_plant: SocPlant, collector: Rsyslog
+) -> None:
+    """A source off the list is refused; a chatty one is cut to its rate; both counted."""
+    soc_plant.tx_sections["syslog"].update(rate_per_source=20.0, burst_per_source=50.0)
+    await soc_plant.start_relay()
+    rx = await soc_plant.start_rx()
+    tx = await soc_plant.start_tx()
+    # 127.0.0.2 is a loopback address too, but not on the allow-list.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.2", 0))
+        for i in range(30):
+            s.sendto(f"<13>1 - - - - - - id-denied-{i}".encode(), ("127.0.0.1", soc_plant.udp_port))
+    with socket.create_connection(
+        ("127.0.0.1", soc_plant.tcp_port), source_address=("127.0.0.2", 0)
+    ):
+        pass
+    chatty = [f"id-chatty-{i}" for i in range(1000)]
+    await asyncio.get_running_loop().run_in_executor(
+        None, python_5424_tcp, soc_plant.tcp_port, chatty
+    )
+    counters = tx.syslog.counters
+    await wait_until(lambda: counters["syslog_denied"] == 30, within=10)
+    await wait_until(
+        lambda: counters["syslog_received"] + counters["syslog_rate_dropped"] == 1000, within=10
+    )
+    assert counters["syslog_connections_refused"] == 1
+    # The burst and about a second of the rate got through; the rest was cut.
+    assert 50 <= counters["syslog_received"] < 200
+    await wait_until(lambda: len(ids_at(collector)) == counters["syslog_received"], within=20)
+    assert not any(i.startswith("id-denied") for i in ids_at(collector))
+    # The counts ride on the heartbeat to the IT side.
+    view = rx.router.streams[11]
+    await wait_until(
+        lambda: (
+            view.heartbeat is not None
+            and view.heartbeat.counters.get("syslog_rate_dropped")
+            == counters["syslog_rate_dropped"]
+        ),
+        within=10,
+    )
+
+
+def _our_sockets(table: str, state: str | None) -> set[tuple[str, int]]:
+    """(address, port) of this process's sockets in /proc/net/``table`` (IPv4)."""
+    ours = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                ours.add(target[len("socket:[") : -1])
+    found = set()
+    for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in ours and (state is None or fields[3] == state):
+            address, port = fields[1].split(":")
+            ip = ".".join(str(b) for b in reversed(bytes.fromhex(address)))
+            found.add((ip, int(port, 16)))
+    return found
+
+
+async def test_syslog_listens_only_on_the_ot_addresses_given(soc_plant: SocPlant) -> None:
+    """Property 1 with syslog on: the only new sockets are the configured OT ones."""
+    ot = "127.0.0.2"  # the OT address; the link leaves from 127.0.0.1
+    soc_plant.link_overrides["source"] = "127.0.0.1"
+    for listener in soc_plant.tx_sections["syslog"]["listeners"]:
+        listener["address"] = ot
+    soc_plant.tx_sections["syslog"]["allow"] = ["127.0.0.0/8"]
+    await soc_plant.start_relay()
+    await soc_plant.start_rx()
+    tcp_before, udp_before = _our_sockets("tcp", "0A"), _our_sockets("udp", None)
+    tx = await soc_plant.start_tx()
+    tcp = _our_sockets("tcp", "0A") - tcp_before
+    udp = _our_sockets("udp", None) - udp_before
+    assert tcp == {(ot, soc_plant.tcp_port)}
+    link = tx.sock.getsockname()
+    assert udp == {(ot, soc_plant.udp_port), (link[0], link[1])}
+    assert link[0] == "127.0.0.1"

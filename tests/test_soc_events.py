@@ -1,0 +1,506 @@
+"""Security events of diode's own, driven by the real simulators, read at the collector and on MQTT.
+
+Each test provokes the thing itself (a PLC swapped for another, a flood of
+forged datagrams, a replay of an old epoch, a PLC answering every read with an
+exception, a collector that stops reading) and reads the event where a SOC
+would: the rsyslog collector the test started, and ``{prefix}/{site}/$events``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from asyncua import ua
+from asyncua.crypto import cert_gen
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from diode.config.link import LinkSettings
+from diode.encoder import Encoder
+from diode.keys import SigningKey, write_keypair
+from diode.records import Heartbeat
+from tests.e2e import STREAM, Subscriber, wait_until
+from tests.support.modbus_server import ModbusSimServer
+from tests.support.mosquitto import Mosquitto
+from tests.support.net import free_port
+from tests.support.opcua_server import OpcuaTestServer, node_id
+from tests.support.rsyslog import Rsyslog
+from tests.support.soc import (
+    EVENTS,
+    SocPlant,
+    ids_at,
+    lost_reported,
+    python_5424_tcp,
+)
+from tests.test_mqtt_tls import make_pki
+
+SD = "diode@32473"
+
+
+def events_at(collector: Rsyslog, action: str) -> list[dict[str, str]]:
+    """The SD parameters of every event ``action`` the collector received."""
+    out = []
+    for line in collector.lines():
+        parts = line.split(b" ", 6)
+        if len(parts) > 5 and parts[5] == action.encode():
+            from diode.syslog import parse_sd, parse_syslog
+
+            out.append(parse_sd(parse_syslog(line).sd).get(SD, {}))
+    return out
+
+
+def mqtt_events(events: Subscriber, action: str) -> list[dict[str, Any]]:
+    return [m for m in events.on(EVENTS) if m.get("event", {}).get("action") == action]
+
+
+async def test_a_swapped_plc_is_a_critical_event(
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
+    assert soc_plant.plc is not None
+    await soc_plant.plc.stop()
+    port = soc_plant.plc.port
+    soc_plant.plc = ModbusSimServer(port=port, identity={0: "Acme", 1: "PLC-100", 2: "2.1.0"})
+    await soc_plant.plc.start()
+    await soc_plant.start_relay()
+    await soc_plant.start_rx()
+    await soc_plant.start_tx()
+    await wait_until(lambda: events_at(collector, "device-identity-recorded"), within=20)
+    assert not events_at(collector, "device-identity-changed")
+    # The PLC goes away and another answers on its address: reflashed firmware.
+    await soc_plant.plc.stop()
+    await wait_until(lambda: events_at(collector, "device-disappeared"), within=20)
+    soc_plant.plc = ModbusSimServer(port=port, identity={0: "Acme", 1: "PLC-100", 2: "6.6.6"})
+    await soc_plant.plc.start()
+    await wait_until(lambda: events_at(collector, "device-identity-changed"), within=30)
+    (changed,) = events_at(collector, "device-identity-changed")
+    assert changed["device"] == "plc1"
+    assert changed["changed"] == "revision"
+    assert "revision=2.1.0" in changed["old"]
+    assert "revision=6.6.6" in changed["new"]
+    await wait_until(lambda: events_at(collector, "device-appeared"), within=20)
+    await wait_until(lambda: mqtt_events(events, "device-identity-changed"), within=20)
+    (doc,) = mqtt_events(events, "device-identity-changed")
+    assert doc["event"]["kind"] == "alert"
+    assert doc["log"]["syslog"]["severity"]["name"] == "critical"
+    assert doc["labels"]["device"] == "plc1"
+
+
+async def test_the_identity_is_remembered_across_a_restart(
+    soc_plant: SocPlant, collector: Rsyslog
+) -> None:
+    assert soc_plant.plc is not None
+    await soc_plant.plc.stop()
+    port = soc_plant.plc.port
+    soc_plant.plc = ModbusSimServer(port=port, identity={0: "Acme", 1: "PLC-100", 2: "2.1.0"})
+    await soc_plant.plc.start()
+    await soc_plant.start_relay()
+    await soc_plant.start_rx()
+    await soc_plant.start_tx()
+    await wait_until(lambda: events_at(collector, "device-identity-recorded"), within=20)
+    await soc_plant.stop("tx")
+    await soc_plant.plc.stop()
+    soc_plant.plc = ModbusSimServer(port=port, identity={0: "Other", 1: "PLC-100", 2: "2.1.0"})
+    await soc_plant.plc.start()
+    await soc_plant.start_tx()
+    await wait_until(lambda: events_at(collector, "device-identity-changed"), within=30)
+    assert events_at(collector, "device-identity-changed")[0]["changed"] == "vendor_name"
+    await wait_until(lambda: events_at(collector, "epoch-changed"), within=20)
+    assert events_at(collector, "daemon-stop")
+    assert len(events_at(collector, "daemon-start")) == 2
+
+
+async def test_modbus_exception_burst(soc_plant: SocPlant, collector: Rsyslog) -> None:
+    soc_plant.tx_sections["syslog"]["exception_burst"] = 5
+    await soc_plant.start_relay()
+    await soc_plant.start_rx()
+    await soc_plant.start_tx()
+    assert soc_plant.plc is not None
+    soc_plant.plc.exception[1] = 4  # every read: server device failure
+    await wait_until(lambda: events_at(collector, "modbus-exception-burst"), within=30)
+    event = events_at(collector, "modbus-exception-burst")[0]
+    assert event["device"] == "plc1"
+    assert int(event["exceptions"]) >= 5
+
+
+def forged_datagrams(blocks: int) -> list[bytes]:
+    """Well-formed, signed by a key the receiver does not trust, claiming its stream."""
+    # A current epoch: an old one would be turned away as a replay before its key is read.
+    epoch = time.time_ns() // 1_000_000
+    encoder = Encoder(
+        link=LinkSettings(), key=SigningKey.generate(), stream_id=STREAM, epoch=epoch, psk=None
+    )
+    for i in range(blocks):
+        encoder.add(Heartbeat(ts_ns=i, counters={}), 0.0)
+        encoder.flush()
+    return [d for block in encoder.take() for d in block.datagrams]
+
+
+async def test_forged_and_replayed_datagrams_are_reported_as_rates(
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
+    soc_plant.rx_sections["soc"]["rejected_report_s"] = 1.0
+    await soc_plant.start_relay()
+    rx = await soc_plant.start_rx()
+    await soc_plant.start_tx()
+    await wait_until(lambda: events_at(collector, "link-up"), within=20)
+    forged = forged_datagrams(50)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for datagram in forged:
+            s.sendto(datagram, ("127.0.0.1", soc_plant.rx_port))
+            await asyncio.sleep(0)
+    await wait_until(lambda: events_at(collector, "datagrams-forged"), within=20)
+    total = sum(int(e["count"]) for e in events_at(collector, "datagrams-forged"))
+    await wait_until(
+        lambda: (
+            sum(int(e["count"]) for e in events_at(collector, "datagrams-forged"))
+            == rx.decoder.counters["rejected_unknown_key"]
+        ),
+        within=10,
+    )
+    total = sum(int(e["count"]) for e in events_at(collector, "datagrams-forged"))
+    assert total == len(forged)
+    assert float(events_at(collector, "datagrams-forged")[0]["rate_per_s"]) > 0
+    # A capture of the first run, replayed after the transmitter restarted.
+    assert soc_plant.relay is not None
+    captured = list(soc_plant.relay.capture)
+    await soc_plant.stop("tx")
+    await soc_plant.start_tx()
+    await wait_until(lambda: events_at(collector, "epoch-changed"), within=20)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for datagram in captured[:200]:
+            s.sendto(datagram, ("127.0.0.1", soc_plant.rx_port))
+            await asyncio.sleep(0)
+    await wait_until(lambda: events_at(collector, "datagrams-replayed"), within=20)
+    assert int(events_at(collector, "datagrams-replayed")[0]["replay"]) > 0
+    await wait_until(lambda: mqtt_events(events, "datagrams-forged"), within=10)
+
+
+async def test_link_down_and_up(soc_plant: SocPlant, collector: Rsyslog) -> None:
+    soc_plant.output_overrides["link_timeout_s"] = 1.0
+    await soc_plant.start_relay()
+    await soc_plant.start_rx()
+    await soc_plant.start_tx()
+    await wait_until(lambda: events_at(collector, "link-up"), within=20)
+    assert soc_plant.relay is not None
+    soc_plant.relay.faults.loss = 1.0
+    await wait_until(lambda: events_at(collector, "link-down"), within=20)
+    soc_plant.relay.faults.loss = 0.0
+    await wait_until(lambda: len(events_at(collector, "link-up")) == 2, within=20)
+    await wait_until(lambda: events_at(collector, "records-lost"), within=20)
+
+
+class StallingProxy:
+    """A TCP proxy in front of the collector that stops reading while ``paused`` is set."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.listener = socket.socket()
+        # A small window, set before listen() so the connection is born with it.
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.paused = threading.Event()
+        self.accepted = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        self.accepted.set()
+        with conn, socket.create_connection(("127.0.0.1", self.target)) as out:
+            while True:
+                while self.paused.is_set():
+                    threading.Event().wait(0.01)
+                data = conn.recv(65536)
+                if not data:
+                    return
+                out.sendall(data)
+
+
+async def test_a_stalled_collector_never_slows_telemetry(
+    soc_plant: SocPlant, collector: Rsyslog
+) -> None:
+    """The collector stops reading; the TCP window fills; values still flow; then all arrive."""
+    proxy = StallingProxy(collector.port)
+    proxy.paused.set()
+    soc_plant.rx_sections["soc"]["collector_port"] = proxy.port
+    await soc_plant.start_relay()
+    rx = await soc_plant.start_rx()
+    await soc_plant.start_tx()
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, proxy.accepted.wait, 10)
+    ids = [f"id-s-{i}-" + "x" * 2000 for i in range(3000)]
+    await loop.run_in_executor(None, python_5424_tcp, soc_plant.tcp_port, ids)
+    counters = rx.soc.counters
+    # Every message arrived or was reported lost (a busy host may overflow a socket).
+    await wait_until(lambda: counters["soc_logs"] + counters["soc_logs_lost"] >= 3000, within=60)
+    assert counters["soc_spool_depth"] > 500, "the collector was not stalled"
+    # Values still arrive at once while the forwarder waits on the full window.
+    assert soc_plant.plc is not None
+    count_topic = "diode/test/plc1/count"
+    values = Subscriber(soc_plant.broker_port, count_topic)
+    try:
+        for value in (111, 222, 333):
+            soc_plant.plc.set_registers(1, "holding_register", 10, [0, value])
+            await wait_until(
+                lambda v=value: any(m.get("value") == v for m in values.on(count_topic)),
+                within=5,
+            )
+    finally:
+        values.close()
+    assert counters["soc_spool_depth"] > 500, "the collector was not stalled"
+    proxy.paused.clear()
+    await wait_until(lambda: len(ids_at(collector)) + counters["soc_logs_lost"] == 3000, within=60)
+    assert max(ids_at(collector).values()) == 1
+    assert lost_reported(collector) == counters["soc_logs_lost"]
+
+
+async def test_collector_down_then_back_loses_nothing(
+    soc_plant: SocPlant, collector: Rsyslog
+) -> None:
+    await soc_plant.start_relay()
+    rx = await soc_plant.start_rx()
+    await soc_plant.start_tx()
+    await wait_until(lambda: events_at(collector, "link-up"), within=20)
+    collector.stop()
+    loop = asyncio.get_running_loop()
+    ids = [f"id-d-{i}" for i in range(500)]
+    await loop.run_in_executor(None, python_5424_tcp, soc_plant.tcp_port, ids)
+    await wait_until(lambda: rx.soc.counters["soc_logs"] >= 500, within=20)
+    await wait_until(lambda: rx.soc.counters["soc_collector_errors"] > 0, within=20)
+    collector.start()
+    await wait_until(lambda: len(ids_at(collector)) == 500, within=30)
+    assert max(ids_at(collector).values()) == 1
+
+
+async def test_tls_in_and_out(tmp_path: Path, soc_plant: SocPlant) -> None:
+    """A TLS syslog sender on the OT side; TLS to the collector.
+
+    The collector here is a Python ssl server: the distribution's rsyslog has
+    TLS only with its separate gnutls/openssl driver package.
+    """
+    ca, cert, key = make_pki(tmp_path)
+    soc_plant.tx_sections["syslog"]["listeners"].append(
+        {"address": "127.0.0.1", "port": free_port(), "protocol": "tls"}
+    )
+    soc_plant.tx_sections["syslog"]["certfile"] = str(cert)
+    soc_plant.tx_sections["syslog"]["keyfile"] = str(key)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    got = bytearray()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            while data := tls.recv(65536):
+                got.extend(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    soc_plant.rx_sections["soc"].update(
+        collector_port=listener.getsockname()[1], tls=True, ca_file=str(ca)
+    )
+    await soc_plant.start_relay()
+    await soc_plant.start_rx()
+    tx = await soc_plant.start_tx()
+    tls_port = next(port for _, port, proto in tx.syslog.bound if proto == "tls")
+    client_ctx = ssl.create_default_context(cafile=str(ca))
+
+    def send() -> None:
+        with (
+            socket.create_connection(("127.0.0.1", tls_port)) as raw,
+            client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(b"27 <13>1 - - - - - - id-tls-1\n<13>id-tls-2\n")
+
+    await asyncio.get_running_loop().run_in_executor(None, send)
+    await wait_until(lambda: b"id-tls-1" in got and b"id-tls-2" in got, within=20)
+    listener.close()
+
+
+def test_check_config_refuses_a_listener_on_the_link(tmp_path: Path) -> None:
+    (tmp_path / "tx.key").write_text("unused")
+    base = """
+[transmitter]
+stream_id = 1
+private_key = "tx.key"
+[link]
+destination = "192.168.77.2"
+source = "192.168.77.1"
+[syslog]
+allow = ["10.0.0.0/8"]
+"""
+    for address, needle in (("192.168.77.1", "link's source"), ("0.0.0.0", "wildcard")):
+        path = tmp_path / "tx.toml"
+        path.write_text(base + f'[[syslog.listeners]]\naddress = "{address}"\n')
+        done = subprocess.run(
+            [str(Path(__file__).parent.parent / ".venv/bin/diode"), "check-config", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert needle in done.stderr
+        assert "syslog" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def server_certificate(folder: Path) -> tuple[Path, Path]:
+    """A fresh self-signed OPC UA server certificate and key (a reinstalled server)."""
+    key = cert_gen.generate_private_key()
+    cert = cert_gen.generate_self_signed_app_certificate(
+        key,
+        "diode test server",
+        {},
+        [
+            x509.UniformResourceIdentifier("urn:freeopcua:python:server"),
+            x509.DNSName(socket.gethostname()),
+        ],
+        extended=[ExtendedKeyUsageOID.SERVER_AUTH],
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "server.der", folder / "server.pem"
+    paths[0].write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    paths[1].write_bytes(cert_gen.dump_private_key_as_pem(key))
+    return paths
+
+
+async def test_opcua_certificate_change_and_security_downgrade(
+    tmp_path: Path, soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
+    first = server_certificate(tmp_path / "pki-a")
+    second = server_certificate(tmp_path / "pki-b")
+    # Both are trusted (two servers of the plant's own CA, say): the swap still shows.
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    for i, (cert, _key) in enumerate((first, second)):
+        (trust / f"server{i}.der").write_bytes(cert.read_bytes())
+    secure = [ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt]
+    server = OpcuaTestServer(certificate=first[0], private_key=first[1], policies=secure)
+    await server.start()
+    soc_plant.tx_sections["opcua"] = {
+        "servers": [
+            {
+                "name": "scada1",
+                "endpoint": server.endpoint,
+                "security_policy": "Basic256Sha256",
+                "security_mode": "SignAndEncrypt",
+                "trust_list": str(trust),
+                "reconnect_initial_s": 0.2,
+                "reconnect_max_s": 1.0,
+                "nodes": [{"name": "level", "node_id": node_id("Level")}],
+            }
+        ]
+    }
+
+    def recorded(device: str) -> list[dict[str, str]]:
+        found = events_at(collector, "device-identity-recorded")
+        return [e for e in found if e["device"] == device]
+
+    try:
+        await soc_plant.start_relay()
+        await soc_plant.start_rx()
+        await soc_plant.start_tx()
+        await wait_until(lambda: recorded("scada1"), within=30)
+        assert "server_certificate_sha256=" in recorded("scada1")[0]["identity"]
+        # The same server, now also offering an unsecured endpoint: a downgrade.
+        await server.stop()
+        server.policies = [*secure, ua.SecurityPolicyType.NoSecurity]
+        await server.start()
+        await wait_until(lambda: events_at(collector, "opcua-security-downgrade"), within=30)
+        (downgrade,) = events_at(collector, "opcua-security-downgrade")
+        assert downgrade["device"] == "scada1"
+        assert "None/None" in downgrade["new"]
+        assert "None/None" not in downgrade["old"]
+        # A reinstalled server: another certificate on the same endpoint.
+        await server.stop()
+        server.certificate, server.private_key = second
+        await server.start()
+
+        def cert_changed() -> list[dict[str, str]]:
+            return [
+                e
+                for e in events_at(collector, "device-identity-changed")
+                if "server_certificate_sha256" in e["changed"].split(",")
+            ]
+
+        await wait_until(cert_changed, within=30)
+        assert cert_changed()[0]["device"] == "scada1"
+        await wait_until(lambda: mqtt_events(events, "opcua-security-downgrade"), within=10)
+    finally:
+        await server.stop()
+
+
+async def test_mqtt_spool_overflow_reaches_the_collector(
+    soc_plant: SocPlant, collector: Rsyslog, mosquitto: Mosquitto
+) -> None:
+    """The broker is away and the spool is full: the values dropped are an event at the SOC."""
+    soc_plant.rx_sections["mqtt"] = {
+        "host": "127.0.0.1",
+        "port": mosquitto.port,
+        "client_id": "diode-rx-test",
+        "spool_path": str(soc_plant.tmp / "rx-state" / "spool.sqlite"),
+        "spool_max_records": 50,
+    }
+    mosquitto.stop()
+    await soc_plant.start_relay()
+    await soc_plant.start_rx()
+    await soc_plant.start_tx()
+    assert soc_plant.plc is not None
+    for value in range(200):
+        soc_plant.plc.set_registers(1, "holding_register", 10, [0, value])
+        await asyncio.sleep(0.01)
+    await wait_until(lambda: events_at(collector, "mqtt-spool-overflow"), within=20)
+    assert int(events_at(collector, "mqtt-spool-overflow")[0]["count"]) > 0
+
+
+async def test_a_config_reload_is_an_event(soc_plant: SocPlant, collector: Rsyslog) -> None:
+    """The hook the SIGHUP reload calls (the reload itself is another change's)."""
+    await soc_plant.start_relay()
+    await soc_plant.start_rx()
+    tx = await soc_plant.start_tx()
+    tx.config_reloaded(["modbus.devices[0].poll_interval_s", "syslog.allow"])
+    await wait_until(lambda: events_at(collector, "config-reloaded"), within=20)
+    (event,) = events_at(collector, "config-reloaded")
+    assert event["changed"] == "modbus.devices[0].poll_interval_s,syslog.allow"
+
+
+def test_a_listener_that_cannot_bind_stops_the_daemon_with_one_line(tmp_path: Path) -> None:
+    write_keypair(tmp_path, "tx")
+    path = tmp_path / "tx.toml"
+    path.write_text(
+        f"""
+[transmitter]
+stream_id = 1
+private_key = "tx.key"
+state_dir = "{tmp_path / "state"}"
+[link]
+destination = "127.0.0.1"
+port = {free_port(socket.SOCK_DGRAM)}
+[syslog]
+allow = ["10.0.0.0/8"]
+[[syslog.listeners]]
+address = "192.0.2.1"
+port = 5514
+"""
+    )
+    done = subprocess.run(
+        [str(Path(__file__).parent.parent / ".venv/bin/diode-tx"), "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "syslog.listeners[0].address: 192.0.2.1 is not an address of this host" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,360 @@
+"""Syslog in, on the OT side: listeners, allow-list, per-source rate limit, the log lane.
+
+The pipeline, stage by stage::
+
+    OT devices --UDP/TCP/TLS--> listeners (OT addresses only) --> allow-list --> rate limit
+        --> parse_syslog --> LogLane (bounded deque, lane seq) --(framer, within its
+        share of the link, after telemetry)--> Encoder --> SendQueue --> link
+
+Property 1 is untouched: these sockets listen on OT addresses given in the
+config (a wildcard or a link address is refused when the config loads); the
+link socket is still never read. Property 5: a chatty or hostile source costs
+a dictionary lookup and a token; it cannot delay telemetry, because the lane
+is framed only when the telemetry outbox is empty and only within
+``link_share`` of the link's rate.
+
+Loss accounting: every message that enters the lane gets the next lane
+sequence number; one that does not (not allowed, over its rate, lane full) is
+counted here and the counts ride on every heartbeat. Once numbered, a message
+is either delivered or inside a gap the receiver counts exactly
+(``log_seq_framed`` on the heartbeat closes a gap at the tail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+
+import structlog
+
+from diode import startup
+from diode.config.link import IPV4_UDP_OVERHEAD, LinkSettings
+from diode.config.syslog import SyslogListener, SyslogSection
+from diode.encoder import Encoder
+from diode.errors import DiodeError, FrameError, SettingError
+from diode.records import LogFormat, LogRecord
+from diode.syslog import Deframer, SourceLimiter, TokenBucket, event_record, parse_syslog
+from diode.wire import BLOCK_OVERHEAD, symbol_size
+
+log = structlog.get_logger("diode.tx.syslog")
+
+UDP_RCVBUF = 4 * 1024 * 1024
+READ_CHUNK = 65536
+FRAME_CHUNK = 2048
+RECORD_OVERHEAD = 48  # msgpack array, seq, ts, numbers: a bound on what a record adds
+ALLOW_CACHE = 4096
+
+
+def lane_bytes_per_s(link: LinkSettings, rate_mbps: float, share: float) -> float:
+    """Record bytes per second that fill ``share`` of the link once FEC and headers are paid."""
+    symbol = symbol_size(link.datagram_size)
+    k = link.fec.k
+    n = k + link.fec.repair_for(k)
+    efficiency = (k * symbol - BLOCK_OVERHEAD) / (n * (link.datagram_size + IPV4_UDP_OVERHEAD))
+    return share * rate_mbps * 1e6 / 8 * efficiency
+
+
+def _size(record: LogRecord) -> int:
+    return (
+        RECORD_OVERHEAD
+        + len(record.msg)
+        + len(record.sd)
+        + len(record.source)
+        + len(record.hostname)
+        + len(record.app_name)
+        + len(record.timestamp)
+    )
+
+
+class LogLane:
+    """Numbered log records waiting for their share of the link; sans I/O but for ``now``."""
+
+    def __init__(
+        self,
+        *,
+        limit: int,
+        bytes_per_s: float,
+        now: float,
+        on_queue: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._limit = limit
+        self._queue: deque[LogRecord] = deque()
+        self._next_seq = 0
+        self._bucket = TokenBucket(bytes_per_s, max(bytes_per_s * 0.05, 65536.0), now)
+        self._on_queue = on_queue
+        self.counters = {
+            "log_queued": 0,
+            "log_framed": 0,
+            "log_dropped_full": 0,
+            "log_seq_framed": 0,  # every record numbered below this is in a block
+            "log_queue": 0,
+        }
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def put(self, make: Callable[[int], LogRecord]) -> bool:
+        """Number and queue the record ``make(seq)`` builds; False (counted) when full."""
+        if len(self._queue) >= self._limit:
+            self.counters["log_dropped_full"] += 1
+            return False
+        self._queue.append(make(self._next_seq))
+        self._next_seq += 1
+        self.counters["log_queued"] += 1
+        self._on_queue()
+        return True
+
+    def ready(self, now: float) -> bool:
+        """A record waits and its share of the link has room for it."""
+        return bool(self._queue) and self._bucket.ready_at(_size(self._queue[0])) <= now
+
+    def deadline(self) -> float | None:
+        """When the next waiting record may go, or None when none waits."""
+        return self._bucket.ready_at(_size(self._queue[0])) if self._queue else None
+
+    def frame(self, encoder: Encoder, now: float, limit: int = FRAME_CHUNK) -> None:
+        """Move records into the encoder within the lane's share; stop when a block closes."""
+        queue, bucket = self._queue, self._bucket
+        for _ in range(min(limit, len(queue))):
+            record = queue[0]
+            if not bucket.take(now, _size(record)):
+                break
+            queue.popleft()
+            try:
+                encoder.add(record, now)
+            except DiodeError as exc:  # cannot happen within LOG_LIMITS at sane settings
+                log.warning("log record dropped", reason=exc.reason, seq=record.seq)
+            self.counters["log_framed"] += 1
+            self.counters["log_seq_framed"] = record.seq + 1
+            if encoder.blocks_ready:
+                break
+        self.counters["log_queue"] = len(queue)
+
+    def frame_all(self, encoder: Encoder, now: float) -> None:
+        """Everything waiting into the encoder, share or not (shutdown)."""
+        while self._queue:
+            record = self._queue.popleft()
+            with contextlib.suppress(DiodeError):
+                encoder.add(record, now)
+            self.counters["log_framed"] += 1
+            self.counters["log_seq_framed"] = record.seq + 1
+        self.counters["log_queue"] = 0
+
+
+class Allowed:
+    """The allow-list: addresses and networks, with a bounded cache of verdicts."""
+
+    def __init__(self, networks: list[str]) -> None:
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+        self._cache: dict[str, bool] = {}
+
+    def __call__(self, source: str) -> bool:
+        verdict = self._cache.get(source)
+        if verdict is None:
+            try:
+                address = ipaddress.ip_address(source)
+            except ValueError:
+                verdict = False
+            else:
+                if address.version == 6 and address.ipv4_mapped is not None:
+                    address = address.ipv4_mapped
+                verdict = any(address in net for net in self._networks)
+            if len(self._cache) >= ALLOW_CACHE:
+                self._cache.clear()
+            self._cache[source] = verdict
+        return verdict
+
+
+class _UdpIn(asyncio.DatagramProtocol):
+    def __init__(self, ingest: Callable[[bytes, str, str], None]) -> None:
+        self._ingest = ingest
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        self._ingest(data, str(addr[0]), "udp")
+
+
+class SyslogIn:
+    """The listeners and the lane of one transmitter."""
+
+    def __init__(
+        self,
+        section: SyslogSection,
+        *,
+        link: LinkSettings,
+        rate_mbps: float,
+        on_queue: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.section = section
+        now = time.monotonic()
+        self.lane = LogLane(
+            limit=section.queue_messages,
+            bytes_per_s=lane_bytes_per_s(link, rate_mbps, section.link_share),
+            now=now,
+            on_queue=on_queue,
+        )
+        self._allowed = Allowed(section.allow)
+        self._limiter = SourceLimiter(section.rate_per_source, section.burst_per_source)
+        self._servers: list[asyncio.Server] = []
+        self._transports: list[asyncio.BaseTransport] = []
+        self._connections = 0
+        self.bound: list[tuple[str, int, str]] = []  # address, port, protocol once listening
+        self.counters = {
+            "syslog_received": 0,
+            "syslog_denied": 0,
+            "syslog_rate_dropped": 0,
+            "syslog_truncated": 0,
+            "syslog_raw": 0,
+            "syslog_framing_errors": 0,
+            "syslog_connections": 0,
+            "syslog_connections_refused": 0,
+        }
+
+    def counters_all(self) -> dict[str, int]:
+        return self.counters | self.lane.counters
+
+    # -- the one entry of every message ------------------------------------------------
+
+    def ingest(self, data: bytes, source: str, transport: str) -> None:
+        counters = self.counters
+        if not self._allowed(source):
+            counters["syslog_denied"] += 1
+            return
+        if not self._limiter.allow(source, time.monotonic()):
+            counters["syslog_rate_dropped"] += 1
+            return
+        counters["syslog_received"] += 1
+        parsed = parse_syslog(data)
+        if parsed.truncated:
+            counters["syslog_truncated"] += 1
+        if parsed.format == LogFormat.RAW:
+            counters["syslog_raw"] += 1
+        ts_ns = time.time_ns()
+        self.lane.put(lambda seq: parsed.record(seq=seq, ts_ns=ts_ns, source=source))
+
+    def event(
+        self, action: str, severity: int, message: str, params: dict[str, str] | None = None
+    ) -> None:
+        """A security event of the transmitter's own, on the same lane (counted alike)."""
+        log.info("security event", action=action, severity=severity, detail=message)
+        ts_ns = time.time_ns()
+        self.lane.put(
+            lambda seq: event_record(
+                seq=seq,
+                ts_ns=ts_ns,
+                source="diode-tx",
+                app_name="diode-tx",
+                action=action,
+                severity=severity,
+                message=message,
+                params=params,
+            )
+        )
+
+    def rate_dropped(self) -> dict[str, int]:
+        """Per source, messages lost to the rate limit so far."""
+        return dict(self._limiter.dropped)
+
+    # -- sockets ---------------------------------------------------------------------------
+
+    def _tls_context(self) -> ssl.SSLContext:
+        section = self.section
+        assert section.certfile is not None
+        assert section.keyfile is not None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(section.certfile, section.keyfile)
+        if section.client_ca_file is not None:
+            context.load_verify_locations(section.client_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    async def start(self) -> None:
+        """Open every listener; a listener that cannot open is an error (exit, not half up)."""
+        for i, listener in enumerate(self.section.listeners):
+            key = f"syslog.listeners[{i}]"
+            try:
+                await self._open(listener)
+            except ssl.SSLError as exc:
+                self.close()
+                raise SettingError("syslog.certfile", f"cannot use the TLS files: {exc}") from exc
+            except OSError as exc:
+                self.close()
+                raise startup.bind_error(
+                    exc,
+                    address_key=f"{key}.address",
+                    port_key=f"{key}.port",
+                    address=listener.address,
+                    port=listener.port,
+                ) from exc
+
+    async def _open(self, listener: SyslogListener) -> None:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
+        if listener.protocol == "udp":
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+                sock.bind((listener.address, listener.port))
+            except OSError:
+                sock.close()
+                raise
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpIn(self.ingest), sock=sock
+            )
+            self._transports.append(transport)
+            port = sock.getsockname()[1]
+        else:
+            context = self._tls_context() if listener.protocol == "tls" else None
+            server = await asyncio.start_server(
+                lambda r, w: self._connection(r, w, listener.protocol),
+                host=listener.address,
+                port=listener.port,
+                ssl=context,
+                reuse_address=True,
+            )
+            self._servers.append(server)
+            port = server.sockets[0].getsockname()[1]
+        self.bound.append((listener.address, port, listener.protocol))
+        log.info("syslog listening", address=listener.address, port=port, proto=listener.protocol)
+
+    async def _connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, transport: str
+    ) -> None:
+        peer = writer.get_extra_info("peername")
+        source = str(peer[0]) if peer else ""
+        if not self._allowed(source) or self._connections >= self.section.max_connections:
+            self.counters["syslog_connections_refused"] += 1
+            writer.close()
+            return
+        self._connections += 1
+        self.counters["syslog_connections"] += 1
+        deframer = Deframer()
+        try:
+            while data := await reader.read(READ_CHUNK):
+                for message in deframer.feed(data):
+                    self.ingest(message, source, transport)
+        except FrameError as exc:
+            self.counters["syslog_framing_errors"] += 1
+            log.warning("syslog connection closed: framing", source=source, detail=str(exc))
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass  # the sender went away; what it sent whole was taken
+        finally:
+            self.counters["syslog_truncated"] += deframer.truncated
+            self._connections -= 1
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def close(self) -> None:
+        for transport in self._transports:
+            transport.close()
+        for server in self._servers:
+            server.close()
+        self._transports.clear()
+        self._servers.clear()
