@@ -416,6 +416,17 @@ class Receiver:
 
     # -- reload (SIGHUP) -----------------------------------------------------------------
 
+    def _warn_unprotected_streams(self) -> None:
+        """Said once the receiver is up: a start that fails says one line, the reason."""
+        for stream in self.config.streams:
+            if stream.link is None and stream.psk_file is None:
+                log.warning(
+                    "stream has neither a link secret nor a link profile: forged datagrams "
+                    "of any shape cost assembly memory and rebuilds",
+                    stream=stream.id,
+                    fix="set psk_file, or copy the transmitter's [link] into [streams.link]",
+                )
+
     def _config_file(self) -> dict[str, str]:
         """Which file this receiver runs, and a digest of it: what a reload changed shows."""
         if self.config_path is None:
@@ -483,14 +494,7 @@ class Receiver:
             streams=[s.id for s in self.config.streams],
             **self._config_file(),
         )
-        for stream in self.config.streams:
-            if stream.link is None and stream.psk_file is None:
-                log.warning(
-                    "stream has neither a link secret nor a link profile: forged datagrams "
-                    "of any shape cost assembly memory and rebuilds",
-                    stream=stream.id,
-                    fix="set psk_file, or copy the transmitter's [link] into [streams.link]",
-                )
+        self._warn_unprotected_streams()
         self.files.resume(time.monotonic())
         async with asyncio.TaskGroup() as group:
             supervise = group.create_task(self._supervise())
