@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ import structlog
 from diode.config.mqtt import MqttBroker
 from diode.config.rx import FailoverSection
 from diode.replay import StreamState
+from receiver.mqtt import broker_credentials
 
 log = structlog.get_logger("diode.rx.failover")
 
@@ -220,14 +220,7 @@ class Failover:
 
     def _client(self) -> aiomqtt.Client:
         broker = self._broker
-        tls: ssl.SSLContext | None = None
-        if broker.tls:
-            tls = ssl.create_default_context(cafile=str(broker.ca_file) if broker.ca_file else None)
-            if broker.certfile is not None:
-                tls.load_cert_chain(broker.certfile, broker.keyfile)
-        password = None
-        if broker.password_file is not None:
-            password = broker.password_file.read_text().rstrip("\r\n")
+        tls, password = broker_credentials(broker)
         return aiomqtt.Client(
             broker.host,
             broker.port,

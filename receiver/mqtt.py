@@ -264,6 +264,20 @@ def install_puback(client: paho.Client, on_ack: Callable[[int, int], bool]) -> N
     client._handle_pubackcomp = on_puback  # type: ignore[method-assign,assignment]  # see above
 
 
+def broker_credentials(broker: MqttBroker) -> tuple[ssl.SSLContext | None, str | None]:
+    """The TLS context and password of every connection this receiver makes to ``broker``
+    (the output's, the failover watch's, each Sparkplug edge node's)."""
+    tls: ssl.SSLContext | None = None
+    if broker.tls:
+        tls = ssl.create_default_context(cafile=str(broker.ca_file) if broker.ca_file else None)
+        if broker.certfile is not None:
+            tls.load_cert_chain(broker.certfile, broker.keyfile)
+    password = None
+    if broker.password_file is not None:
+        password = broker.password_file.read_text().rstrip("\r\n")
+    return tls, password
+
+
 def _version(package: str) -> str:
     try:
         return _package_version(package)
@@ -787,14 +801,7 @@ class MqttOutput:
 
     def _client(self) -> aiomqtt.Client:
         broker = self._broker
-        tls: ssl.SSLContext | None = None
-        if broker.tls:
-            tls = ssl.create_default_context(cafile=str(broker.ca_file) if broker.ca_file else None)
-            if broker.certfile is not None:
-                tls.load_cert_chain(broker.certfile, broker.keyfile)
-        password = None
-        if broker.password_file is not None:
-            password = broker.password_file.read_text().rstrip("\r\n")
+        tls, password = broker_credentials(broker)
         client = aiomqtt.Client(
             broker.host,
             broker.port,

@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import ssl
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +51,7 @@ from diode.config.mqtt import MqttBroker, StreamOutput
 from diode.config.rx import RxConfig
 from diode.errors import FrameError
 from diode.records import DeviceInfo, Sample, TagInfo, decode_records, encode_records
+from receiver.mqtt import broker_credentials
 from receiver.payload import Message
 from receiver.sparkplug import SEQ_MODULO, EdgeNode, Publish
 from receiver.spool import Spool
@@ -187,14 +187,7 @@ class SparkplugNode:
 
     def _connection(self, bd_seq: int) -> aiomqtt.Client:
         broker = self.broker
-        tls: ssl.SSLContext | None = None
-        if broker.tls:
-            tls = ssl.create_default_context(cafile=str(broker.ca_file) if broker.ca_file else None)
-            if broker.certfile is not None:
-                tls.load_cert_chain(broker.certfile, broker.keyfile)
-        password = None
-        if broker.password_file is not None:
-            password = broker.password_file.read_text().rstrip("\r\n")
+        tls, password = broker_credentials(broker)
         v311 = broker.protocol == "3.1.1"
         # Sparkplug 3.0: a clean session (3.1.1 clean session, 5 clean start and no
         # session expiry), the NDEATH as will at QoS 1, not retained.
