@@ -374,9 +374,20 @@ async def test_a_link_too_slow_drops_whole_blocks_counts_them_and_never_blocks_a
     )
     stop, task = await run_tx(tx)
     started = asyncio.get_running_loop().time()
-    for _ in range(75):
+
+    def reported() -> bool:
+        return any(
+            isinstance(r, Heartbeat) and r.counters.get("blocks_dropped", 0) > 0
+            for r in link.records
+        )
+
+    # At least 1.5 s; then until a heartbeat that reports drops gets through (the link
+    # drops the oldest blocks, heartbeats among them, so which one survives is chance).
+    for i in range(500):
         await asyncio.sleep(0.02)
         link.drain()
+        if i >= 75 and reported():
+            break
     elapsed = asyncio.get_running_loop().time() - started
     generated = tx.pollers[0].counters["generated"]
     stop.set()
