@@ -55,7 +55,13 @@ from receiver.failover import (
     pack_positions,
 )
 from receiver.files import FileReceiver
-from receiver.link import SD_LISTEN_FDS_START, Drain, kernel_drops, link_socket
+from receiver.link import (
+    SD_LISTEN_FDS_START,
+    Drain,
+    kernel_drops,
+    link_socket,
+    open_link_socket,
+)
 from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
 from receiver.rejections import RejectionMeter
@@ -66,6 +72,9 @@ from receiver.sparkplug_node import SparkplugRouting, sparkplug_nodes
 log = structlog.get_logger("diode.rx")
 
 DRAIN_BUDGET = 1024  # datagrams per reader callback: bounds what a catch-up holds at once
+# File datagrams per turn, read only once the link socket is empty: a tag datagram that
+# arrives meanwhile waits for at most this many (two blocks' worth at the default FEC).
+FILE_BUDGET = 112
 STATUS_PERIOD_S = 5.0
 
 
@@ -178,8 +187,29 @@ class Receiver:
         self.drain = Drain(
             sock, {s.id for s in config.streams}, journal=True, counters=self.decoder.counters
         )
+        # The file lanes' own socket ([receiver] file_port): a file can only ever fill its
+        # own buffer, and it is read only when the link socket is empty (_readable_files).
+        # Opened here even when the link socket was passed in: what its queue held at a
+        # restart is lost, and the lane's repetition or carousel sends it again.
+        self.file_sock: socket.socket | None = None
+        self.file_drain: Drain | None = None
+        if section.file_port is not None:
+            self.file_sock = open_link_socket(
+                section.listen,
+                section.file_port,
+                section.rcvbuf_bytes,
+                section.interface,
+                port_key="receiver.file_port",
+            )
+            self.file_drain = Drain(
+                self.file_sock,
+                {s.id for s in config.streams},
+                journal=True,
+                counters=self.decoder.counters,
+            )
         if self.failover is not None:
-            self.drain.hold_longer(config.failover.takeover_after_s + 2.0)
+            for drain in self._drains():
+                drain.hold_longer(config.failover.takeover_after_s + 2.0)
             self.output.commit({ROLE: STANDBY})
         self.passed_socket = passed
         self.metrics = Metrics(self) if section.metrics_port else None
@@ -198,6 +228,31 @@ class Receiver:
             receive(datagram, now)
         self._after(now)
 
+    def _readable_files(self) -> None:
+        """The file socket: tag datagrams waiting on the link socket first, then a few files'."""
+        assert self.file_drain is not None
+        now = time.monotonic()
+        receive = self.decoder.receive
+        for datagram in self.drain.read(DRAIN_BUDGET, now):
+            receive(datagram, now)
+        for datagram in self.file_drain.read(FILE_BUDGET, now):
+            receive(datagram, now)
+        self._after(now)
+
+    def _read_sockets(self, loop: asyncio.AbstractEventLoop, *, read: bool) -> None:
+        """Start (or stop) reading the link socket and the file socket."""
+        readers = [(self.sock, self._readable)]
+        if self.file_sock is not None:
+            readers.append((self.file_sock, self._readable_files))
+        for sock, callback in readers:
+            if read:
+                loop.add_reader(sock, callback)
+            else:
+                loop.remove_reader(sock)
+
+    def _drains(self) -> list[Drain]:
+        return [self.drain] if self.file_drain is None else [self.drain, self.file_drain]
+
     def _after(self, now: float) -> None:
         decoder = self.decoder
         events = decoder.events()
@@ -208,7 +263,8 @@ class Receiver:
             if events:
                 self.router.handle(events, now)
             decoder.positions()  # nothing of its own to save
-            self.drain.release(self._committed, now)
+            for drain in self._drains():
+                drain.release(self._committed, now)
             self._arm()
             return
         if events:
@@ -223,7 +279,8 @@ class Receiver:
             self._committed = decoder.positions()
             self.output.commit({POSITIONS: pack_states(self._committed)})
         # Only now may the datagrams those positions cover leave the kernel's queue.
-        self.drain.release(self._committed, now)
+        for drain in self._drains():
+            drain.release(self._committed, now)
         self._arm()
 
     def _announce_file(self, stream_id: int, result: dict[str, object]) -> None:
@@ -264,6 +321,8 @@ class Receiver:
                 )
             self.files.tick(now)
             self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)
+            if self.file_sock is not None:
+                self.decoder.counters["file_kernel_drops"] = kernel_drops(self.file_sock)
             self.decoder.wall_offset_s = time.time() - now  # follows wall-clock steps
             self._watch_rejections(now)
             if now - last_status >= STATUS_PERIOD_S:
@@ -356,9 +415,10 @@ class Receiver:
         shadow = self.router
         self.decoder = self._decoder(base)
         self.router = self._router(self._publisher, learned_from=shadow)
-        self.drain.counters = self.decoder.counters
-        self.drain.hold_normally()
-        self.drain.rewind()
+        for drain in self._drains():
+            drain.counters = self.decoder.counters
+            drain.hold_normally()
+            drain.rewind()
         self.output.commit({POSITIONS: pack_states(base), ROLE: ACTIVE})
         self.active = True
         self.since = time.time()
@@ -379,8 +439,9 @@ class Receiver:
         learned = self.router
         self.decoder = self._decoder(dict(self._committed))
         self.router = self._router(NullOutput(), learned_from=learned)
-        self.drain.counters = self.decoder.counters
-        self.drain.hold_longer(self.failover.takeover_after_s + 2.0)
+        for drain in self._drains():
+            drain.counters = self.decoder.counters
+            drain.hold_longer(self.failover.takeover_after_s + 2.0)
         self.output.commit({ROLE: STANDBY})
         self.active = False
         self.failover.claiming = None
@@ -509,7 +570,7 @@ class Receiver:
                 tasks.append(group.create_task(self.failover.run()))
                 watch = group.create_task(self._failover_loop(self.failover))
                 tasks.append(watch)
-            loop.add_reader(self.sock, self._readable)
+            self._read_sockets(loop, read=True)
             daemon.sd_notify("READY=1")
             self.ready.set()
             await stop.wait()
@@ -517,7 +578,7 @@ class Receiver:
                 daemon.sd_notify("STOPPING=1")
             # Nothing decodes or commits past this point, so nothing more leaves the
             # kernel's queue: what is uncommitted stays there for the next process.
-            loop.remove_reader(self.sock)
+            self._read_sockets(loop, read=False)
             await self.files.wait_idle()
             self.files.close()
             self.router.save(time.monotonic())  # the last values, with the final commit
@@ -537,6 +598,8 @@ class Receiver:
             self.metrics.close()
         if not self.handover:
             self.sock.close()
+        if self.file_sock is not None:
+            self.file_sock.close()
         log.info("receiver stopped", handover=self.handover, **self.counters())
 
 

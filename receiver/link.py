@@ -113,7 +113,12 @@ def _rmem_max() -> int:
 
 
 def open_link_socket(
-    listen: str, port: int, rcvbuf: int, interface: str | None = None
+    listen: str,
+    port: int,
+    rcvbuf: int,
+    interface: str | None = None,
+    *,
+    port_key: str = "receiver.port",
 ) -> socket.socket:
     """Bind the link socket with the receive buffer asked for (read back, warned if capped).
 
@@ -132,7 +137,7 @@ def open_link_socket(
     except OSError as exc:
         sock.close()
         raise startup.bind_error(
-            exc, address_key="receiver.listen", port_key="receiver.port", address=listen, port=port
+            exc, address_key="receiver.listen", port_key=port_key, address=listen, port=port
         ) from None
     except BaseException:
         sock.close()

@@ -25,6 +25,9 @@ class FilePlant(Plant):
     files_overrides: dict[str, Any] = field(default_factory=dict)
     lane_overrides: dict[str, Any] = field(default_factory=dict)
     target_overrides: dict[str, Any] = field(default_factory=dict)
+    # Non-zero: the lane's datagrams go straight to this port of the receiver (its
+    # file_port), past the relay, which then carries tag datagrams only.
+    file_port: int = 0
 
     @property
     def ot(self) -> Path:
@@ -53,6 +56,7 @@ class FilePlant(Plant):
             # load of 10+, its socket (or the receiver's) overflows and the test would
             # measure the host.
             "share": 0.1,
+            **({"port": self.file_port} if self.file_port else {}),
             **self.lane_overrides,
         }
         data["files"] = [
@@ -67,6 +71,8 @@ class FilePlant(Plant):
 
     def rx_config(self) -> RxConfig:
         data = super().rx_config().model_dump(mode="json", exclude_defaults=True)
+        if self.file_port:
+            data["receiver"]["file_port"] = self.file_port
         data["streams"].append(
             {
                 "id": LANE,

@@ -24,9 +24,11 @@ from diode.files import FileChunk, FileManifest, chunk_size_for
 from diode.keys import SigningKey
 from diode.wire import symbol_size
 from receiver.files import FileReceiver
+from receiver.link import kernel_drops
 from tests.e2e import Subscriber, wait_until
-from tests.files_plant import LANE, FilePlant, drop_file
+from tests.files_plant import LANE, STREAM, FilePlant, drop_file
 from tests.support.mosquitto import Mosquitto
+from tests.support.net import free_port
 from tests.support.relay import Faults
 
 FILES_TOPIC = "diode/test/$files"
@@ -110,6 +112,31 @@ async def test_files_of_every_size_arrive_whole_through_loss_and_bursts(
         # Nothing else is left in the target folder: no part files, no chunk maps.
         left = sorted(p.relative_to(plant.it).as_posix() for p in plant.it.rglob("*"))
         assert left == sorted({*contents, "sub dir"})
+    finally:
+        await plant.close()
+
+
+async def test_the_file_lane_on_its_own_port_arrives_on_its_own_socket(
+    tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber
+) -> None:
+    # [file_lane] port and [receiver] file_port: the lane's datagrams go straight to the
+    # receiver's second socket; the relay in front of the link port sees tag datagrams only.
+    plant = FilePlant(tmp_path, mosquitto.port, file_port=free_port(socket.SOCK_DGRAM))
+    try:
+        await _plant(plant)
+        assert plant.rx is not None
+        assert plant.rx.file_sock is not None
+        assert plant.rx.file_sock.getsockname()[1] == plant.file_port
+        data = __import__("random").Random(3).randbytes(300_000)
+        drop_file(plant.ot, "report.csv", data, MTIME)
+        await wait_until(lambda: "report.csv" in _results(subscriber), within=60)
+        (announced,) = _results(subscriber)["report.csv"]
+        assert announced["result"] == "ok"
+        assert (plant.it / "report.csv").read_bytes() == data
+        assert plant.relay is not None
+        streams = {int.from_bytes(d[4:8], "big") for d in plant.relay.capture}
+        assert streams == {STREAM}  # tag datagrams only on the link port
+        assert kernel_drops(plant.rx.file_sock) == 0
     finally:
         await plant.close()
 

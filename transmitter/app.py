@@ -179,7 +179,13 @@ class Transmitter:
                 file_capacity=config.link.queue_datagrams,
             )
         self.sock = sock or deaf_udp_socket(config.link)
-        self.sender = PacedSender(config.link, self.queue, self.sock)
+        lane = config.file_lane
+        self.sender = PacedSender(
+            config.link,
+            self.queue,
+            self.sock,
+            lane_port=(lane.stream_id, lane.port) if lane is not None and lane.port else None,
+        )
         if config.file_lane is not None:
             self.files = FileLane(
                 config.file_lane,

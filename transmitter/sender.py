@@ -41,6 +41,8 @@ from diode.errors import LinkError
 SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
 _BPF_RET_K = 0x06
 _DROP_ALL = struct.pack("HBBI", _BPF_RET_K, 0, 0, 0)  # one instruction: return 0 bytes
+# A datagram's stream id: bytes 4..8 of its header (diode/wire.py).
+_STREAM_ID = struct.Struct(">I")
 
 
 def deaf_udp_socket(link: TxLink) -> socket.socket:
@@ -112,10 +114,21 @@ class RepeatQueue:
 class PacedSender:
     """Drains a SendQueue onto the wire at ``rate_mbps``; counts what it sent and failed."""
 
-    def __init__(self, link: TxLink, queue: SendQueue, sock: socket.socket) -> None:
+    def __init__(
+        self,
+        link: TxLink,
+        queue: SendQueue,
+        sock: socket.socket,
+        *,
+        lane_port: tuple[int, int] | None = None,
+    ) -> None:
         self._queue = queue
         self._sock = sock
         self._address = (link.destination, link.port)
+        # (stream id, port): that stream's datagrams (the file lane's) go to a port of
+        # their own, a socket of their own on the receiver; repeats follow them there.
+        self._lane_stream = _STREAM_ID.pack(lane_port[0]) if lane_port else None
+        self._lane_address = (link.destination, lane_port[1]) if lane_port else self._address
         self._bytes_per_s = link.rate_mbps * 1e6 / 8
         self._wire = link.datagram_size + IPV4_UDP_OVERHEAD
         self._burst = max(self._wire * 4, self._bytes_per_s * 0.004)
@@ -199,8 +212,11 @@ class PacedSender:
 
     def _send(self, datagram: bytes) -> bool | None:
         """True: sent; False: failed and counted; None: the socket buffer is full."""
+        address = self._address
+        if self._lane_stream is not None and datagram[4:8] == self._lane_stream:
+            address = self._lane_address
         try:
-            self._sock.sendto(datagram, self._address)
+            self._sock.sendto(datagram, address)
         except BlockingIOError:
             return None
         except OSError:

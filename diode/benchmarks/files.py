@@ -51,6 +51,7 @@ def _configs(
     rate_mbps: float,
     telemetry_hz: int,
     share: float,
+    file_port: int | None,
 ) -> tuple[Path, Path]:
     tx_key, tx_pub = h.keys(work)
     lane_key, lane_pub, _ = write_keypair(work, "files")
@@ -61,7 +62,12 @@ def _configs(
             "state_dir": work / "tx-state",
         },
         "link": {"destination": "127.0.0.1", "port": port, "rate_mbps": rate_mbps},
-        "file_lane": {"stream_id": LANE, "private_key": lane_key, "share": share},
+        "file_lane": {
+            "stream_id": LANE,
+            "private_key": lane_key,
+            "share": share,
+            **({"port": file_port} if file_port else {}),
+        },
         "files": [{"directory": work / "ot", "complete_when": "renamed", "poll_s": 0.05}],
         "log": {"level": "info", "format": "json"},
     }
@@ -75,6 +81,7 @@ def _configs(
             "port": port,
             "state_dir": work / "rx-state",
             "metrics_port": metrics,
+            **({"file_port": file_port} if file_port else {}),
         },
         "mqtt": {
             "host": "127.0.0.1",
@@ -149,7 +156,9 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def diode_goodput(*, size_mb: float, rate_mbps: float, share: float = 1.0) -> dict[str, Any]:
+def diode_goodput(
+    *, size_mb: float, rate_mbps: float, share: float = 1.0, own_port: bool = True
+) -> dict[str, Any]:
     nbytes = int(size_mb * 1e6)
     with tempfile.TemporaryDirectory(prefix="diode-bench-files-") as tmp:
         work = Path(tmp)
@@ -159,6 +168,7 @@ def diode_goodput(*, size_mb: float, rate_mbps: float, share: float = 1.0) -> di
             tx_conf, rx_conf = _configs(
                 work, port=port, broker_port=broker.port, metrics=metrics,
                 rate_mbps=rate_mbps, telemetry_hz=0, share=share,
+                file_port=h.free_udp_port() if own_port else None,
             )  # fmt: skip
             source = work / "payload.bin"
             _write_random(source, nbytes)
@@ -239,8 +249,17 @@ def pydiode_goodput(exe: Path, *, nbytes: int, rate_mbps: float, small: bool) ->
 
 
 def beside_telemetry(
-    *, big_gb: float, rate_mbps: float, telemetry_hz: int, seconds: float, share: float = 1.0
+    *,
+    big_gb: float,
+    rate_mbps: float,
+    telemetry_hz: int,
+    seconds: float,
+    share: float = 1.0,
+    own_port: bool = True,
+    wait_file: bool = True,
 ) -> dict[str, Any]:
+    """Tag latency without, then with a file flowing; ``wait_file``: until it arrives
+    (its goodput and the peak RSS over the whole transfer), else only the two windows."""
     nbytes = int(big_gb * 1e9)
     with tempfile.TemporaryDirectory(prefix="diode-bench-files-") as tmp:
         work = Path(tmp)
@@ -252,6 +271,7 @@ def beside_telemetry(
                 tx_conf, rx_conf = _configs(
                     work, port=port, broker_port=broker.port, metrics=metrics,
                     rate_mbps=rate_mbps, telemetry_hz=telemetry_hz, share=share,
+                    file_port=h.free_udp_port() if own_port else None,
                 )  # fmt: skip
                 source = work / "big.bin"
                 _write_sparse(source, nbytes)
@@ -268,7 +288,11 @@ def beside_telemetry(
                         flowing = (time.time() + 0.5, time.time() + 0.5 + seconds)
                         time.sleep(seconds + 0.5)
                         load_flowing = _load()
-                        end, result = _wait_arrival(target, rx, tx, 1800)
+                        end, result = (
+                            _wait_arrival(target, rx, tx, 1800)
+                            if wait_file
+                            else (time.monotonic(), "not waited for")
+                        )
                         hwm = (tx.hwm_mb(), rx.hwm_mb())
                         size = target.stat().st_size if result == "ok" else 0
                         m = h.rx_metrics(metrics)
@@ -287,6 +311,8 @@ def beside_telemetry(
         "file_still_flowing_at_window_end": elapsed > seconds + 0.5,
         "records_lost": int(m.get("records_lost", 0)),
         "kernel_drops": int(m.get("kernel_drops", 0)),
+        "file_kernel_drops": int(m.get("file_kernel_drops", 0)),
+        "own_port": own_port,
         "latency_ms_without_file": _summary(latencies[0]),
         "latency_ms_with_file": _summary(latencies[1]),
         "tx_rss_peak_mb": round(hwm[0], 1),

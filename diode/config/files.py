@@ -33,6 +33,13 @@ class FileLane(Section):
         le=64,
         description="file blocks queued for the pacer at once, behind the tag values",
     )
+    port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="UDP port the lane's datagrams go to (the receiver's file_port), so a "
+        "file can only ever fill its own socket there; unset: link.port, beside the tags",
+    )
 
 
 class FilesWatch(Section):

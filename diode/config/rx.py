@@ -35,6 +35,13 @@ class ReceiverSection(Section):
         "(SO_BINDTODEVICE)",
     )
     port: int = Field(5140, ge=1, le=65535, description="UDP port the transmitters send to")
+    file_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="a second UDP port, for file lanes (the transmitter's file_lane.port): "
+        "read only when the link port is empty, so a file never delays or drops a tag value",
+    )
     rcvbuf_bytes: int = Field(
         32 * 1024 * 1024,
         ge=65536,
@@ -84,6 +91,8 @@ class ReceiverSection(Section):
                 f"listen = {self.listen!r} takes datagrams from every interface: give the "
                 "link interface's address, or set interface to pin the socket to the link"
             )
+        if self.file_port is not None and self.file_port == self.port:
+            raise ValueError(f"file_port = {self.file_port} is the link port: give another one")
         return self
 
 
