@@ -8,6 +8,7 @@ kinds ride on it (numbered from 16 so the tag kinds can grow below)::
 
     FileManifest  [16, file_id, name, size, mtime_ns, sha256, chunk_size, final]
     FileChunk     [17, file_id, index, data]
+    FileHoles     [18, file_id, first, count]
 
     file_id     u64   first 8 bytes of SHA-256("diode-file-v1" 0 name 0 size mtime_ns
                       chunk_size sha256): the same file is the same id in every
@@ -21,6 +22,15 @@ kinds ride on it (numbered from 16 so the tag kinds can grow below)::
     index       u32   < chunk_count(size, chunk_size)
     data        bin   exactly chunk_length(manifest, index) bytes (known once the
                       manifest is; checked by the receiver)
+    first       u32   chunks [first, first + count) are zeros: they lie in a hole of
+    count       u32   the sparse source file (count >= 1; the range is checked by the
+                      receiver against the manifest)
+
+A hole costs one small record instead of a block per chunk: a 2 GB sparse
+disk image or backup crosses in the time its data takes. The receiver's part
+file is sparse already (it is truncated to the file's size), so it only marks
+those chunks present; the SHA-256 of the whole file, checked before the
+rename, covers the zeros as it covers the data.
 
 One chunk fills one block (the lane's encoder is flushed after each), so the
 Gap of the lane's stream counts lost chunks exactly. The manifest goes first,
@@ -47,7 +57,8 @@ from diode.errors import DiodeError, FrameError
 
 KIND_FILE_MANIFEST = 16
 KIND_FILE_CHUNK = 17
-FILE_KINDS = (KIND_FILE_MANIFEST, KIND_FILE_CHUNK)
+KIND_FILE_HOLES = 18
+FILE_KINDS = (KIND_FILE_MANIFEST, KIND_FILE_CHUNK, KIND_FILE_HOLES)
 
 SHA256_SIZE = 32
 MAX_NAME_BYTES = 1024
@@ -134,7 +145,16 @@ class FileChunk:
     data: bytes
 
 
-FileRecord = FileManifest | FileChunk
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileHoles:
+    """Chunks [first, first + count) of the file ``file_id`` are all zeros (a hole)."""
+
+    file_id: int
+    first: int
+    count: int
+
+
+FileRecord = FileManifest | FileChunk | FileHoles
 
 
 def file_to_list(record: FileRecord) -> list[Any]:
@@ -149,6 +169,8 @@ def file_to_list(record: FileRecord) -> list[Any]:
             record.chunk_size,
             record.final,
         ]
+    if isinstance(record, FileHoles):
+        return [KIND_FILE_HOLES, record.file_id, record.first, record.count]
     return [KIND_FILE_CHUNK, record.file_id, record.index, record.data]
 
 
@@ -206,6 +228,13 @@ def file_from_list(kind: int, rest: list[Any]) -> FileRecord:
             file_id=_int(file_id, 0, _UINT64_MAX, "file_id"),
             index=_int(index, 0, _UINT32_MAX, "index"),
             data=data,
+        )
+    if kind == KIND_FILE_HOLES and len(rest) == 3:
+        file_id, first, count = rest
+        return FileHoles(
+            file_id=_int(file_id, 0, _UINT64_MAX, "file_id"),
+            first=_int(first, 0, _UINT32_MAX, "first"),
+            count=_int(count, 1, _UINT32_MAX + 1, "count"),
         )
     raise FrameError("file record of an unknown shape", reason="bad_record")
 

@@ -44,7 +44,14 @@ from typing import Any
 import msgpack
 
 from diode.errors import DiodeError, FrameError
-from diode.files import FILE_KINDS, FileChunk, FileManifest, file_from_list, file_to_list
+from diode.files import (
+    FILE_KINDS,
+    FileChunk,
+    FileHoles,
+    FileManifest,
+    file_from_list,
+    file_to_list,
+)
 
 Value = bool | int | float | str | bytes | tuple["Value", ...] | None
 
@@ -212,7 +219,9 @@ def check_log_record(record: LogRecord) -> None:
 
 
 # The file lane's records (kinds 16, 17) are defined in diode/files.py.
-Record = Sample | TagInfo | Heartbeat | DeviceInfo | LogRecord | FileManifest | FileChunk
+Record = (
+    Sample | TagInfo | Heartbeat | DeviceInfo | LogRecord | FileManifest | FileChunk | FileHoles
+)
 
 
 def _to_list(record: Record) -> list[Any]:
@@ -263,7 +272,7 @@ def _to_list(record: Record) -> list[Any]:
                 record.sd,
                 record.msg,
             ]
-        case FileManifest() | FileChunk():
+        case FileManifest() | FileChunk() | FileHoles():
             return file_to_list(record)
 
 

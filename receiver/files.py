@@ -50,6 +50,7 @@ from diode.errors import DiodeError, FrameError
 from diode.files import (
     ChunkMap,
     FileChunk,
+    FileHoles,
     FileManifest,
     FileNameError,
     sanitise_name,
@@ -111,6 +112,7 @@ class FileReceiver:
             "files_bad_sha256": 0,
             "file_bytes_written": 0,
             "file_chunks_written": 0,
+            "file_chunks_holes": 0,
             "file_chunks_duplicate": 0,
             "file_chunks_orphaned": 0,
             "file_chunks_bad": 0,
@@ -179,6 +181,8 @@ class FileReceiver:
                     self._chunk(lane, record, now)
                 elif isinstance(record, FileManifest):
                     self._manifest(lane, record, now)
+                elif isinstance(record, FileHoles):
+                    self._holes(lane, record, now)
 
     def tick(self, now: float) -> None:
         """Expire files that have had no news for ``expire_s``."""
@@ -323,6 +327,26 @@ class FileReceiver:
         self.counters["file_chunks_written"] += 1
         self.counters["file_bytes_written"] += written
         if inc.chunks.complete:
+            self._verify(lane, inc)
+        elif inc.unsaved >= MAP_EVERY:
+            self._save_map(inc)
+
+    def _holes(self, lane: _Lane, holes: FileHoles, now: float) -> None:
+        """Chunks that are zeros: already so in the sparse part file, so only marked present."""
+        inc = lane.incoming.get(holes.file_id)
+        if inc is None or inc.verifying:
+            if inc is None and holes.file_id not in lane.finished:
+                self.counters["file_chunks_orphaned"] += holes.count
+            return
+        inc.last_seen = now
+        if holes.first + holes.count > inc.manifest.chunks:
+            self.counters["file_chunks_bad"] += holes.count
+            return
+        chunks = inc.chunks
+        added = sum(chunks.add(i) for i in range(holes.first, holes.first + holes.count))
+        self.counters["file_chunks_holes"] += added
+        inc.unsaved += added
+        if chunks.complete:
             self._verify(lane, inc)
         elif inc.unsaved >= MAP_EVERY:
             self._save_map(inc)

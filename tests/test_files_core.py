@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from diode.errors import FrameError
 from diode.files import (
     KIND_FILE_CHUNK,
+    KIND_FILE_HOLES,
     KIND_FILE_MANIFEST,
     ChunkMap,
     FileChunk,
+    FileHoles,
     FileManifest,
     FileNameError,
     chunk_count,
@@ -45,6 +47,8 @@ def test_manifest_and_chunk_round_trip() -> None:
     assert decode_records(encode_records([manifest, final, chunk]), 3) == [manifest, final, chunk]
     assert manifest.chunks == 3
     assert [manifest.chunk_length(i) for i in range(3)] == [45_000, 45_000, 10_000]
+    holes = FileHoles(file_id=manifest.file_id, first=1, count=2**32)
+    assert decode_records(encode_records([holes]), 1) == [holes]
 
 
 def _fields(m: FileManifest) -> dict[str, object]:
@@ -122,6 +126,13 @@ def test_every_manifest_field_is_bounds_checked(change: dict[int, object]) -> No
         [KIND_FILE_CHUNK, 1, 0, b"x" * (2**20 + 1)],
         [KIND_FILE_CHUNK, 1, 0],
         [KIND_FILE_CHUNK, 1, 0, b"x", 5],
+        [KIND_FILE_HOLES, 1, 0, 0],
+        [KIND_FILE_HOLES, 1, -1, 1],
+        [KIND_FILE_HOLES, 1, 2**32, 1],
+        [KIND_FILE_HOLES, 1, 0, 2**32 + 1],
+        [KIND_FILE_HOLES, -1, 0, 1],
+        [KIND_FILE_HOLES, 1, 0, True],
+        [KIND_FILE_HOLES, 1, 0],
     ],
 )
 def test_every_chunk_field_is_bounds_checked(item: list[object]) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import os
@@ -49,7 +50,7 @@ from diode.config.files import FilesWatch
 from diode.config.link import IPV4_UDP_OVERHEAD
 from diode.config.tx import TxLink
 from diode.encoder import EncodedBlock, Encoder, SendQueue
-from diode.files import MANIFEST_EVERY, FileChunk, FileManifest, chunk_size_for
+from diode.files import MANIFEST_EVERY, FileChunk, FileHoles, FileManifest, chunk_size_for
 from diode.keys import SigningKey
 from diode.records import Heartbeat, Record
 
@@ -59,6 +60,9 @@ HASH_READ = 1 << 20
 SENT_DIR = "sent"
 RETRY_S = 5.0
 FINAL_REPEATS = 3  # heartbeats that carry the last final manifest again
+# A file goes round the carousel at most this often: a carousel of a few small files
+# does not keep the lane (and both daemons' CPU) busy sending them back to back.
+CAROUSEL_GAP_S = 10.0
 
 
 class LaneQueue(SendQueue):
@@ -85,6 +89,18 @@ class LaneQueue(SendQueue):
 
     def clear(self) -> int:
         return super().clear() + self.files.clear()
+
+
+@dataclass(slots=True, kw_only=True)
+class _OnCarousel:
+    """A file sent whole, sent again while its carousel window lasts."""
+
+    watch: FilesWatch
+    path: Path
+    manifest: FileManifest
+    until: float  # monotonic: when it leaves the carousel
+    last_sent: float
+    resume_at: int = 0  # the chunk a round cut short by a new file goes on from
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +264,7 @@ class FileLane:
         self.watchers = [Watcher(w, self._enqueue) for w in watches]
         self._by_watch = {id(w.watch): w for w in self.watchers}
         self._jobs: deque[tuple[FilesWatch, Path]] = deque()
+        self._carousel: deque[_OnCarousel] = deque()
         self._final: FileManifest | None = None
         self._final_repeats = 0
         self._sending = False  # a file is on its way: its final manifest is not repeated
@@ -260,7 +277,10 @@ class FileLane:
             "files_changed": 0,
             "file_bytes_sent": 0,
             "file_chunks_sent": 0,
+            "file_chunks_holes": 0,
             "file_blocks": 0,
+            "files_carousel_rounds": 0,
+            "files_carousel": 0,
         }
 
     # -- jobs ---------------------------------------------------------------------
@@ -283,13 +303,25 @@ class FileLane:
             return self.encoder.take()
 
     def _read_and_encode(
-        self, fd: int, manifest: FileManifest, index: int, digest: hashlib._Hash
+        self,
+        fd: int,
+        manifest: FileManifest,
+        item: tuple[int, int],
+        digest: hashlib._Hash | None,
     ) -> list[EncodedBlock]:
+        """One chunk read and encoded, or a run of chunks in a hole as one FileHoles."""
+        index, holes = item
+        if holes:
+            if digest is not None:
+                end = min(manifest.size, (index + holes) * manifest.chunk_size)
+                _hash_zeros(digest, end - index * manifest.chunk_size)
+            return self._encode(FileHoles(file_id=manifest.file_id, first=index, count=holes))
         length = manifest.chunk_length(index)
         data = os.pread(fd, length, index * manifest.chunk_size)
         if len(data) != length:
             raise OSError(f"short read at chunk {index}: the file shrank")
-        digest.update(data)
+        if digest is not None:
+            digest.update(data)
         return self._encode(FileChunk(file_id=manifest.file_id, index=index, data=data))
 
     async def _admit(self, blocks: list[EncodedBlock]) -> None:
@@ -345,15 +377,15 @@ class FileLane:
 
     # -- one file -----------------------------------------------------------------------
 
-    async def send_file(self, watch: FilesWatch, path: Path) -> bool:
-        """Send ``path`` ``repeat`` times; True if it went out unchanged."""
+    async def send_file(self, watch: FilesWatch, path: Path) -> FileManifest | None:
+        """Send ``path`` ``repeat`` times; its manifest if it went out unchanged."""
         name = path.relative_to(watch.directory).as_posix()
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except OSError as exc:
             log.warning("cannot open a file to send", path=str(path), error=str(exc))
             self.counters["files_failed"] += 1
-            return False
+            return None
         try:
             before = os.fstat(fd)
             sha = await asyncio.to_thread(_hash_fd, fd)
@@ -367,7 +399,7 @@ class FileLane:
             after = os.fstat(fd)
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
                 self.counters["files_changed"] += 1
-                return False
+                return None
             started = time.monotonic()
             if self._final is not None and self._final_repeats > 0:
                 # The previous file's end once more (its heartbeat repeats are skipped
@@ -376,25 +408,13 @@ class FileLane:
                 self._final_repeats = 0
             for round_ in range(watch.repeat):
                 digest = hashlib.sha256()
-                await self._send_record(manifest)
-                await self._send_chunks(fd, manifest, digest)
-                final = FileManifest(
-                    file_id=manifest.file_id,
-                    name=manifest.name,
-                    size=manifest.size,
-                    mtime_ns=manifest.mtime_ns,
-                    sha256=manifest.sha256,
-                    chunk_size=manifest.chunk_size,
-                    final=True,
-                )
-                await self._send_record(final)
-                self._final, self._final_repeats = final, FINAL_REPEATS
+                await self._round(fd, manifest, digest=digest)
                 if digest.digest() != manifest.sha256:
                     # Written to while being sent: the receiver's SHA-256 check refuses
                     # what it got; the file is sent again once it is quiet.
                     log.warning("file changed while being sent", path=str(path), round=round_)
                     self.counters["files_changed"] += 1
-                    return False
+                    return None
             log.info(
                 "file sent",
                 name=name,
@@ -405,14 +425,47 @@ class FileLane:
         except OSError as exc:
             log.warning("cannot read a file to send", path=str(path), error=str(exc))
             self.counters["files_failed"] += 1
-            return False
+            return None
         else:
             self.counters["files_sent"] += 1
-            return True
+            return manifest
         finally:
             os.close(fd)
 
-    async def _send_chunks(self, fd: int, manifest: FileManifest, digest: Any) -> None:
+    async def _round(
+        self,
+        fd: int,
+        manifest: FileManifest,
+        *,
+        digest: Any = None,
+        start: int = 0,
+        stop_if: Callable[[], bool] | None = None,
+    ) -> int:
+        """The manifest, the chunks from ``start``, the final manifest; where it stopped."""
+        await self._send_record(manifest)
+        stopped = await self._send_chunks(fd, manifest, digest, start=start, stop_if=stop_if)
+        final = FileManifest(
+            file_id=manifest.file_id,
+            name=manifest.name,
+            size=manifest.size,
+            mtime_ns=manifest.mtime_ns,
+            sha256=manifest.sha256,
+            chunk_size=manifest.chunk_size,
+            final=True,
+        )
+        await self._send_record(final)
+        self._final, self._final_repeats = final, FINAL_REPEATS
+        return stopped
+
+    async def _send_chunks(
+        self,
+        fd: int,
+        manifest: FileManifest,
+        digest: Any,
+        *,
+        start: int = 0,
+        stop_if: Callable[[], bool] | None = None,
+    ) -> int:
         """Every chunk in order; the next one is read and encoded while this one waits.
 
         Blocks are admitted in the order their sequence numbers were given: a
@@ -420,33 +473,45 @@ class FileLane:
         the next chunk's encoding starts. A block overtaken by a later one for
         longer than the receiver's reorder timeout is declared lost there (at a
         slow lane, one block takes longer than that to send).
+
+        ``stop_if`` is asked after each chunk (the carousel gives way to a new file);
+        returns the index of the chunk that would have been next.
         """
 
-        def encode(index: int) -> asyncio.Future[list[EncodedBlock]]:
+        items = await asyncio.to_thread(_plan, fd, manifest, start)
+
+        def encode(item: tuple[int, int]) -> asyncio.Future[list[EncodedBlock]]:
             return asyncio.ensure_future(
-                asyncio.to_thread(self._read_and_encode, fd, manifest, index, digest)
+                asyncio.to_thread(self._read_and_encode, fd, manifest, item, digest)
             )
 
-        ahead = encode(0) if manifest.chunks else None
+        ahead = encode(items[0]) if items else None
         self._in_chunks = True
         try:
-            for index in range(manifest.chunks):
+            for n, (index, holes) in enumerate(items):
                 assert ahead is not None
                 blocks = await ahead
                 ahead = None
+                after = index + max(holes, 1)  # the chunk that comes next
                 extra: list[Record] = []
-                if (index + 1) % MANIFEST_EVERY == 0 and index + 1 < manifest.chunks:
+                if (n + 1) % MANIFEST_EVERY == 0 and after < manifest.chunks:
                     extra.append(manifest)
                 if self._heartbeat_due:
                     self._heartbeat_due = False
                     extra.append(Heartbeat(ts_ns=time.time_ns(), counters=dict(self.counters)))
                 for record in extra:
                     blocks += await asyncio.to_thread(self._encode, record)
-                if index + 1 < manifest.chunks:
-                    ahead = encode(index + 1)
+                if n + 1 < len(items):
+                    ahead = encode(items[n + 1])
                 await self._admit(blocks)
-                self.counters["file_chunks_sent"] += 1
-                self.counters["file_bytes_sent"] += manifest.chunk_length(index)
+                if holes:
+                    self.counters["file_chunks_holes"] += holes
+                else:
+                    self.counters["file_chunks_sent"] += 1
+                    self.counters["file_bytes_sent"] += manifest.chunk_length(index)
+                if stop_if is not None and after < manifest.chunks and stop_if():
+                    return after
+            return manifest.chunks
         finally:
             self._in_chunks = False
             if ahead is not None:
@@ -477,30 +542,174 @@ class FileLane:
             for watcher in self.watchers:
                 group.create_task(watcher.run())
             while True:
-                while not self._jobs:
-                    self._job_ready.clear()
-                    await self._job_ready.wait()
-                watch, path = self._jobs.popleft()
-                owner = self._by_watch.get(id(watch))
-                try:
-                    st = path.stat()
-                except OSError:
-                    if owner:
-                        owner.retry(path)
+                # New files first; the carousel only when none waits (see _carousel_round).
+                if self._jobs:
+                    await self._send_new(*self._jobs.popleft())
                     continue
-                self._sending = True
-                try:
-                    sent = await self.send_file(watch, path)
-                finally:
-                    self._sending = False
-                if sent:
-                    self._after_send(watch, path)
-                    if owner:
-                        owner.done(
-                            path, st.st_size, st.st_mtime_ns, kept=watch.after_send == "keep"
-                        )
-                elif owner:
-                    owner.retry(path)
+                entry, wake_at = self._carousel_next(time.monotonic())
+                if entry is not None:
+                    await self._carousel_round(entry)
+                    continue
+                self._job_ready.clear()
+                timeout = None if wake_at is None else max(wake_at - time.monotonic(), 0.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._job_ready.wait(), timeout)
+
+    async def _send_new(self, watch: FilesWatch, path: Path) -> None:
+        owner = self._by_watch.get(id(watch))
+        try:
+            st = os.stat(path)
+        except OSError:
+            if owner:
+                owner.retry(path)
+            return
+        self._sending = True
+        try:
+            manifest = await self.send_file(watch, path)
+        finally:
+            self._sending = False
+        if manifest is None:
+            if owner:
+                owner.retry(path)
+            return
+        if watch.carousel_s > 0:
+            # Kept where it is while on the carousel; after_send when it leaves.
+            now = time.monotonic()
+            self._carousel.append(
+                _OnCarousel(
+                    watch=watch,
+                    path=path,
+                    manifest=manifest,
+                    until=now + watch.carousel_s,
+                    last_sent=now,
+                )
+            )
+            self.counters["files_carousel"] = len(self._carousel)
+            if owner:
+                owner.done(path, st.st_size, st.st_mtime_ns, kept=True)
+            return
+        self._after_send(watch, path)
+        if owner:
+            owner.done(path, st.st_size, st.st_mtime_ns, kept=watch.after_send == "keep")
+
+    # -- the carousel -----------------------------------------------------------------
+
+    def _carousel_next(self, now: float) -> tuple[_OnCarousel | None, float | None]:
+        """The carousel file due now (or None), and when to look again.
+
+        Files whose window is over leave it (their after_send happens then). A
+        round cut short by a new file goes on first; otherwise the file sent
+        longest ago, if that was at least CAROUSEL_GAP_S ago.
+        """
+        for entry in [e for e in self._carousel if e.until <= now]:
+            self._leave_carousel(entry)
+        if not self._carousel:
+            return None, None
+        for entry in self._carousel:
+            if entry.resume_at:
+                return entry, None
+        oldest = min(self._carousel, key=lambda e: e.last_sent)
+        due = oldest.last_sent + CAROUSEL_GAP_S
+        if due <= now:
+            return oldest, None
+        return None, min(due, *(e.until for e in self._carousel))
+
+    def _off_carousel(self, entry: _OnCarousel) -> None:
+        self._carousel.remove(entry)
+        self.counters["files_carousel"] = len(self._carousel)
+
+    def _leave_carousel(self, entry: _OnCarousel) -> None:
+        """Its window is over: off the carousel, and after_send now."""
+        self._off_carousel(entry)
+        if entry.watch.after_send != "keep":
+            self._after_send(entry.watch, entry.path)
+
+    async def _carousel_round(self, entry: _OnCarousel) -> None:
+        """One more round of a carousel file, cut short when a new file waits.
+
+        The file must still be the one that was sent (size and mtime): a changed
+        file leaves the carousel, and its watcher sends it as a new one.
+        """
+        manifest = entry.manifest
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            self._off_carousel(entry)
+            return
+        try:
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != (manifest.size, manifest.mtime_ns):
+                self._off_carousel(entry)
+                return
+            stopped = await self._round(
+                fd, manifest, start=entry.resume_at, stop_if=lambda: bool(self._jobs)
+            )
+        except OSError as exc:
+            log.warning("carousel: cannot read a file", path=str(entry.path), error=str(exc))
+            self._off_carousel(entry)
+            return
+        finally:
+            os.close(fd)
+        entry.resume_at = stopped if stopped < manifest.chunks else 0
+        if not entry.resume_at:
+            entry.last_sent = time.monotonic()
+            self.counters["files_carousel_rounds"] += 1
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (start, end) byte ranges of ``fd`` that hold data; the rest are holes.
+
+    SEEK_DATA and SEEK_HOLE (Linux 3.1+, ext4, xfs, btrfs, tmpfs); a file system
+    without them reports the whole file as data.
+    """
+    seek_data, seek_hole = getattr(os, "SEEK_DATA", None), getattr(os, "SEEK_HOLE", None)
+    if seek_data is None or seek_hole is None:
+        return [(0, size)]
+    extents: list[tuple[int, int]] = []
+    offset = 0
+    try:
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, seek_data)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data past offset: a hole to the end
+                    break
+                raise
+            end = min(os.lseek(fd, start, seek_hole), size)
+            extents.append((start, end))
+            offset = end
+    except OSError:
+        return [(0, size)]
+    return extents
+
+
+def _plan(fd: int, manifest: FileManifest, start: int) -> list[tuple[int, int]]:
+    """What a round sends from chunk ``start``: (index, 0) for a chunk with data, and
+    (first, count) for a run of chunks that lie wholly in holes of the file."""
+    extents = _data_extents(fd, manifest.size)
+    size, chunk = manifest.size, manifest.chunk_size
+    items: list[tuple[int, int]] = []
+    j = 0
+    for index in range(start, manifest.chunks):
+        low, high = index * chunk, min((index + 1) * chunk, size)
+        while j < len(extents) and extents[j][1] <= low:
+            j += 1
+        if j < len(extents) and extents[j][0] < high:
+            items.append((index, 0))
+        elif items and items[-1][1] and items[-1][0] + items[-1][1] == index:
+            items[-1] = (items[-1][0], items[-1][1] + 1)
+        else:
+            items.append((index, 1))
+    return items
+
+
+_ZERO_VIEW = memoryview(bytes(HASH_READ))
+
+
+def _hash_zeros(digest: Any, length: int) -> None:
+    while length > 0:
+        digest.update(_ZERO_VIEW[: min(length, HASH_READ)])
+        length -= HASH_READ
 
 
 def _hash_fd(fd: int) -> bytes:

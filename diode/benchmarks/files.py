@@ -42,7 +42,7 @@ _PYDIODE_1472 = (
 )
 
 
-def _configs(
+def configs(
     work: Path,
     *,
     port: int,
@@ -52,7 +52,10 @@ def _configs(
     telemetry_hz: int,
     share: float,
     file_port: int | None,
+    watch: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
+    """tx.toml and rx.toml in ``work``: a tag stream, a file lane, ``work/ot`` -> ``work/it``;
+    ``watch`` overrides the ``[[files]]`` settings."""
     tx_key, tx_pub = h.keys(work)
     lane_key, lane_pub, _ = write_keypair(work, "files")
     tx: dict[str, Any] = {
@@ -68,7 +71,9 @@ def _configs(
             "share": share,
             **({"port": file_port} if file_port else {}),
         },
-        "files": [{"directory": work / "ot", "complete_when": "renamed", "poll_s": 0.05}],
+        "files": [
+            {"directory": work / "ot", "complete_when": "renamed", "poll_s": 0.05, **(watch or {})}
+        ],
         "log": {"level": "info", "format": "json"},
     }
     if telemetry_hz:
@@ -165,7 +170,7 @@ def diode_goodput(
         port, metrics = h.free_udp_port(), h.free_port()
         broker = h.Broker(work)
         with h.stopping(broker):
-            tx_conf, rx_conf = _configs(
+            tx_conf, rx_conf = configs(
                 work, port=port, broker_port=broker.port, metrics=metrics,
                 rate_mbps=rate_mbps, telemetry_hz=0, share=share,
                 file_port=h.free_udp_port() if own_port else None,
@@ -248,6 +253,57 @@ def pydiode_goodput(exe: Path, *, nbytes: int, rate_mbps: float, small: bool) ->
     }
 
 
+_UDPCAST = """
+set -e
+ip link set lo up
+ip link set lo multicast on
+ip route add 224.0.0.0/4 dev lo
+udp-receiver --interface lo --nokbd --file "$2" --mcast-rdv-address 224.0.0.1 2>"$3.rx" &
+receiver=$!
+sleep 0.5
+start=$(date +%s.%N)
+udp-sender --interface lo --nokbd --file "$1" --async --fec 8x8/128 --max-bitrate "$4" \
+    --autostart 1 --mcast-rdv-address 224.0.0.1 --mcast-data-address 224.0.0.2 2>"$3.tx"
+wait $receiver
+end=$(date +%s.%N)
+echo "$start $end"
+"""
+
+
+def udpcast_goodput(*, nbytes: int, rate_mbps: float) -> dict[str, Any]:
+    """udp-sender --async --fec | udp-receiver (udpcast 20120424), in a network namespace
+    of its own (``unshare -n``: loopback with multicast on and a 224/4 route, which the
+    host's loopback does not have; udpcast sends its data and its one-way "hello" to
+    multicast groups, and over the host's loopback the receiver got 0 bytes).
+
+    1456-byte payloads (udpcast's largest, 1484-byte IP packets), FEC 8x8/128
+    (8 repair per 128 data blocks, its manual's example); the time runs from
+    udp-sender's start (its hello, ``--autostart 1``) to udp-receiver's exit.
+    """
+    with tempfile.TemporaryDirectory(prefix="diode-bench-udpcast-") as tmp:
+        src, dst = Path(tmp) / "in", Path(tmp) / "out"
+        _write_random(src, nbytes)
+        load = _load()
+        done = subprocess.run(  # noqa: S603
+            ["unshare", "-n", "bash", "-c", _UDPCAST, "udpcast",  # noqa: S607
+             str(src), str(dst), str(Path(tmp) / "log"), f"{int(rate_mbps)}m"],
+            capture_output=True, text=True, check=False, timeout=600,
+        )  # fmt: skip
+        if done.returncode != 0:
+            return {"error": (done.stderr or done.stdout)[-500:], "load_before": load}
+        start, end = (float(x) for x in done.stdout.split()[-2:])
+        intact = dst.exists() and _same(src, dst)
+    elapsed = end - start
+    return {
+        "payload_bytes": 1456,
+        "bytes": nbytes,
+        "seconds": round(elapsed, 2),
+        "goodput_mbps": round(nbytes * 8 / elapsed / 1e6, 1) if intact else 0.0,
+        "intact": intact,
+        "load_before": load,
+    }
+
+
 def beside_telemetry(
     *,
     big_gb: float,
@@ -268,7 +324,7 @@ def beside_telemetry(
         with h.stopping(broker):
             sub = _Subscriber(broker.port, 0, work / "sub.txt")
             try:
-                tx_conf, rx_conf = _configs(
+                tx_conf, rx_conf = configs(
                     work, port=port, broker_port=broker.port, metrics=metrics,
                     rate_mbps=rate_mbps, telemetry_hz=telemetry_hz, share=share,
                     file_port=h.free_udp_port() if own_port else None,

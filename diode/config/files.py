@@ -62,6 +62,14 @@ class FilesWatch(Section):
     repeat: int = Field(
         1, ge=1, le=100, description="times each file is sent (for loss beyond the FEC budget)"
     )
+    carousel_s: float = Field(
+        0.0,
+        ge=0.0,
+        le=7 * 86400.0,
+        description="send the files of the last carousel_s again and again while no new file "
+        "waits (3600: the last hour's files), for losses beyond the FEC budget; 0 = off. "
+        "after_send (move, delete) then happens when a file leaves the carousel",
+    )
     poll_s: float = Field(
         1.0, gt=0.0, le=3600.0, description="folder scan period when inotify is not available"
     )
