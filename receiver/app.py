@@ -189,8 +189,10 @@ class Receiver:
         )
         # The file lanes' own socket ([receiver] file_port): a file can only ever fill its
         # own buffer, and it is read only when the link socket is empty (_readable_files).
-        # Opened here even when the link socket was passed in: what its queue held at a
-        # restart is lost, and the lane's repetition or carousel sends it again.
+        # Opened here even when the link socket was passed in, so it dies with the process:
+        # what its queue held at a restart is lost (a gap of the lane, counted), and the
+        # lane's repetition or carousel sends it again. Keeping datagrams in a queue that
+        # does not outlive the process would buy nothing: no journal, one recv each.
         self.file_sock: socket.socket | None = None
         self.file_drain: Drain | None = None
         if section.file_port is not None:
@@ -204,7 +206,7 @@ class Receiver:
             self.file_drain = Drain(
                 self.file_sock,
                 {s.id for s in config.streams},
-                journal=True,
+                journal=False,
                 counters=self.decoder.counters,
             )
         if self.failover is not None:

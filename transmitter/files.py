@@ -251,6 +251,8 @@ class FileLane:
         psk: bytes | None = None,
     ) -> None:
         self.lane = lane
+        if lane.fec is not None:
+            link = link.model_copy(update={"fec": lane.fec})
         self.encoder = Encoder(link=link, key=key, stream_id=lane.stream_id, epoch=epoch, psk=psk)
         self.chunk_size = chunk_size_for(self.encoder.capacity)
         # Chunks are signed and FEC'd in worker threads (zfec and Ed25519 release the

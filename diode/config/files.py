@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from diode.config import Section
+from diode.config.link import FecSettings
 
 
 class FileLane(Section):
@@ -32,6 +33,12 @@ class FileLane(Section):
         ge=1,
         le=64,
         description="file blocks queued for the pacer at once, behind the tag values",
+    )
+    fec: FecSettings | None = Field(
+        None,
+        description="the lane's own FEC (unset: link.fec); larger blocks with less repair "
+        "carry more file per datagram, and repeat or carousel_s cover what it cannot; the "
+        "receiver's [streams.link] of the lane, if set, must say the same",
     )
     port: int | None = Field(
         None,
