@@ -163,10 +163,12 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-# The lane's FEC for files (``--lane-fec files``): 128 source symbols a block (a chunk of
-# 181 KB), 16 + 8 repair: 84 % of the datagrams carry file bytes, against 57 % at the
-# link's default (k 32, 8 + 16 repair); a loss beyond it is the carousel's to cover.
-FILES_FEC = {"k": 128, "repair_ratio": 0.125, "repair_burst": 8}
+# A lane FEC for files: 128 source symbols a block (a chunk of 181 KB), 8 + 4 repair:
+# 91 % of the datagrams carry file bytes, against 57 % at the link's default (k 32,
+# 8 + 16 repair), and the Reed-Solomon encoder, whose cost per byte grows with the repair
+# symbols per block (the transmitter's largest cost, docs/BENCHMARKS.md §7), does half
+# the work; a loss beyond it is the carousel's (or repeat's) to cover.
+FILES_FEC = {"k": 128, "repair_ratio": 0.0625, "repair_burst": 4}
 
 
 def diode_goodput(
@@ -276,7 +278,7 @@ udp-receiver --interface lo --nokbd --file "$2" --mcast-rdv-address 224.0.0.1 2>
 receiver=$!
 sleep 0.5
 start=$(date +%s.%N)
-udp-sender --interface lo --nokbd --file "$1" --async --fec 8x8/128 --max-bitrate "$4" \
+udp-sender --interface lo --nokbd --file "$1" --async --fec "$5" --max-bitrate "$4" \
     --autostart 1 --mcast-rdv-address 224.0.0.1 --mcast-data-address 224.0.0.2 2>"$3.tx"
 wait $receiver
 end=$(date +%s.%N)
@@ -284,14 +286,14 @@ echo "$start $end"
 """
 
 
-def udpcast_goodput(*, nbytes: int, rate_mbps: float) -> dict[str, Any]:
+def udpcast_goodput(*, nbytes: int, rate_mbps: float, fec: str = "8x8/128") -> dict[str, Any]:
     """udp-sender --async --fec | udp-receiver (udpcast 20120424), in a network namespace
     of its own (``unshare -n``: loopback with multicast on and a 224/4 route, which the
     host's loopback does not have; udpcast sends its data and its one-way "hello" to
     multicast groups, and over the host's loopback the receiver got 0 bytes).
 
-    1456-byte payloads (udpcast's largest, 1484-byte IP packets), FEC 8x8/128
-    (8 repair per 128 data blocks, its manual's example); the time runs from
+    1456-byte payloads (udpcast's largest), FEC ``fec`` (8x8/128: 8 stripes, 8 repair
+    per 128 data blocks in each, its manual's example); the time runs from
     udp-sender's start (its hello, ``--autostart 1``) to udp-receiver's exit.
     """
     with tempfile.TemporaryDirectory(prefix="diode-bench-udpcast-") as tmp:
@@ -300,16 +302,22 @@ def udpcast_goodput(*, nbytes: int, rate_mbps: float) -> dict[str, Any]:
         load = _load()
         done = subprocess.run(  # noqa: S603
             ["unshare", "-n", "bash", "-c", _UDPCAST, "udpcast",  # noqa: S607
-             str(src), str(dst), str(Path(tmp) / "log"), f"{int(rate_mbps)}m"],
+             str(src), str(dst), str(Path(tmp) / "log"), f"{int(rate_mbps)}m", fec],
             capture_output=True, text=True, check=False, timeout=600,
         )  # fmt: skip
         if done.returncode != 0:
-            return {"error": (done.stderr or done.stdout)[-500:], "load_before": load}
+            logs = [Path(tmp) / f"log.{side}" for side in ("rx", "tx")]
+            said = " | ".join(p.read_text(errors="replace")[-300:] for p in logs if p.exists())
+            return {
+                "error": f"exit {done.returncode}: {done.stderr[-200:]} {said}",
+                "load_before": load,
+            }
         start, end = (float(x) for x in done.stdout.split()[-2:])
         intact = dst.exists() and _same(src, dst)
     elapsed = end - start
     return {
         "payload_bytes": 1456,
+        "fec": fec,
         "bytes": nbytes,
         "seconds": round(elapsed, 2),
         "goodput_mbps": round(nbytes * 8 / elapsed / 1e6, 1) if intact else 0.0,
