@@ -216,6 +216,7 @@ def diode_goodput(
         "intact": intact,
         "records_lost": int(m.get("records_lost", 0)),
         "kernel_drops": int(m.get("kernel_drops", 0)),
+        "file_kernel_drops": int(m.get("file_kernel_drops", 0)),
         "tx_cpu_share": round((c1[0] - c0[0]) / elapsed, 2),
         "rx_cpu_share": round((c1[1] - c0[1]) / elapsed, 2),
         "tx_rss_peak_mb": round(hwm[0], 1),
@@ -335,9 +336,12 @@ def beside_telemetry(
     share: float = 1.0,
     own_port: bool = True,
     wait_file: bool = True,
+    dense: bool = False,
 ) -> dict[str, Any]:
     """Tag latency without, then with a file flowing; ``wait_file``: until it arrives
-    (its goodput and the peak RSS over the whole transfer), else only the two windows."""
+    (its goodput and the peak RSS over the whole transfer), else only the two windows.
+    ``dense``: random bytes instead of a sparse file, whose holes cross in a few records
+    (FileHoles) and so would not keep the lane busy through the window."""
     nbytes = int(big_gb * 1e9)
     with tempfile.TemporaryDirectory(prefix="diode-bench-files-") as tmp:
         work = Path(tmp)
@@ -352,7 +356,7 @@ def beside_telemetry(
                     file_port=h.free_udp_port() if own_port else None,
                 )  # fmt: skip
                 source = work / "big.bin"
-                _write_sparse(source, nbytes)
+                (_write_random if dense else _write_sparse)(source, nbytes)
                 rx = h.Daemon.rx(rx_conf)
                 with h.stopping(rx):
                     h.wait_metrics(metrics, rx)
