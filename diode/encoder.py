@@ -249,6 +249,11 @@ class SendQueue:
         self._front.append(datagram)
         self._queued += 1
 
+    def requeue_all(self, datagrams: list[bytes]) -> None:
+        """Put back datagrams popped in this order; they go out next, in the same order."""
+        self._front.extendleft(reversed(datagrams))
+        self._queued += len(datagrams)
+
     def pop(self) -> bytes | None:
         """The next datagram to send, or None when the queue is empty."""
         if self._front:
