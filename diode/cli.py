@@ -121,7 +121,7 @@ def _bench(args: argparse.Namespace) -> int:  # noqa: PLR0912 (one flat branch p
             losses=tuple(args.loss or (0.0, 0.01)),
             pydiode_bytes=20_000_000 if args.quick else 200_000_000,
             pydiode=None if args.no_pydiode else (args.pydiode or DEFAULT_PYDIODE_VENV),
-            rounds=args.rounds,
+            rounds=args.rounds or (1 if args.quick else 3),
             sink=args.sink,
             fec=FecSettings.model_validate(
                 {
@@ -279,7 +279,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--loss", type=float, action="append", help="link: injected loss (repeat)")
     p.add_argument("--pydiode", type=Path, default=None, help="link: pydiode's virtualenv")
     p.add_argument("--no-pydiode", action="store_true", help="link: skip the pydiode run")
-    p.add_argument("--rounds", type=int, default=3, help="link: alternating rounds (medians)")
+    p.add_argument(
+        "--rounds", type=int, help="link: alternating rounds, medians reported (3; 1 with --quick)"
+    )
     p.add_argument(
         "--sink", action="store_true", help="link: the transmitter alone, into a datagram counter"
     )

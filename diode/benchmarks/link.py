@@ -3,12 +3,14 @@
 diode-tx (a synthetic source of string samples, paced at ``rate_mbps``)
 sends 1472-byte datagrams to diode-rx on loopback; the receiver publishes
 batched payloads to a local mosquitto nobody subscribes to. An nftables rule
-on the link's port counts the datagrams sent and drops ``loss`` of them.
+on the link's port counts the datagrams that arrive and drops ``loss`` of them
+(on the input hook, with loopback's UDP segmentation offload off for the
+run, so each datagram is counted and may be dropped alone, as on a 1 GbE NIC).
 
 Goodput is the msgpack bytes of the sample records the receiver delivered
 (authenticated, in order) per second of the measurement window, read from
 its ``records_delivered`` counter; the wire rate is what nftables counted
-leaving the transmitter (IPv4 + UDP headers included, as the pacer counts).
+arriving from the transmitter (IPv4 + UDP headers included, as the pacer counts).
 The target efficiency is ``wire rate x k/n`` of a full block.
 
 pydiode (PyPI) is run in the same invocation on the same loopback with its
@@ -135,10 +137,10 @@ def transmitter_alone_run(
         work = Path(tmp)
         private, _ = h.keys(work)
         port = h.free_udp_port()
-        tap = h.LinkTap(port, 0.0)
+        tap = h.LinkTap(port, 0.0, hook="input")
         counter = _Counter(port)
         _pin(counter.proc.pid, RX_CPU)
-        with h.stopping(tap), contextlib.closing(counter):
+        with h.software_segmentation(), h.stopping(tap), contextlib.closing(counter):
             tx = _transmitter(
                 work, private=private, port=port, rate_mbps=rate_mbps, offered=offered,
                 string_bytes=string_bytes, fec=fec,
@@ -182,9 +184,9 @@ def diode_run(
         port, metrics = h.free_udp_port(), h.free_port()
         broker = h.Broker(work)
         _pin(broker.proc.pid, RX_CPU)
-        tap = h.LinkTap(port, loss)
+        tap = h.LinkTap(port, loss, hook="input")
         rx = tx = None
-        with h.stopping(tap, broker):
+        with h.software_segmentation(), h.stopping(tap, broker):
             rx = h.Daemon.rx(
                 h.rx_config(
                     work,
