@@ -110,6 +110,10 @@ def _bench(args: argparse.Namespace) -> int:  # noqa: PLR0912 (one flat branch p
             args.seconds = 0.1 if args.what == "codec" else 2.0
     if args.what == "codec":
         result = bench.codec(seconds=args.seconds)
+    elif args.what == "link-steps":
+        from diode.benchmarks.link_steps import link_steps
+
+        result = link_steps(repeat=20 if args.quick else 300)
     elif args.what == "link":
         from diode.benchmarks.link import DEFAULT_PYDIODE_VENV, link
         from diode.config.link import FecSettings
@@ -251,6 +255,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=[
             "codec",
             "link",
+            "link-steps",
             "tags",
             "cost",
             "polling",
@@ -262,6 +267,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "syslog",
         ],
         help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
+        "link-steps: CPU of each per-block step of the link, old code against new; "
         "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s; "
         "polling: Modbus devices one transmitter core polls at 1 Hz; "
         "opcua: OPC UA monitored items one transmitter core serves at 1 Hz; "
