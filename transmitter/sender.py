@@ -239,7 +239,8 @@ class PacedSender:
                 break
             batch.append(datagram)
         try:
-            self._sock.sendmsg([b"".join(batch)], self._gso_option, 0, self._address)
+            # One buffer per datagram: the kernel gathers them, nothing is copied here.
+            self._sock.sendmsg(batch, self._gso_option, 0, self._address)
         except BlockingIOError:
             self._queue.requeue_all(batch)
             return 0
