@@ -182,9 +182,10 @@ def diode_run(
         work = Path(tmp)
         private, public = h.keys(work)
         port, metrics = h.free_udp_port(), h.free_port()
+        # The tap first: without nft it refuses loss, and nothing is left running.
+        tap = h.LinkTap(port, loss, hook="input")
         broker = h.Broker(work)
         _pin(broker.proc.pid, RX_CPU)
-        tap = h.LinkTap(port, loss, hook="input")
         rx = tx = None
         with h.software_segmentation(), h.stopping(tap, broker):
             rx = h.Daemon.rx(
