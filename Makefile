@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 
 # mosquitto is the broker the integration tests start on a free port; rsyslog is the
 # SOC collector they start the same way (no system service: their own config, a free port).
+# As root, `diode bench link` also uses nftables (counts and drops the link's datagrams) and
+# ethtool (loopback's UDP segmentation offload off for a run, so each datagram drops alone).
 system-deps:
 	@if ! command -v mosquitto >/dev/null 2>&1 && ! test -x /usr/sbin/mosquitto; then \
 		if [ "$$(id -u)" = 0 ]; then \
@@ -30,6 +32,9 @@ system-deps:
 		fi; \
 	fi
 	@command -v logger >/dev/null 2>&1 || { echo "logger is missing: install util-linux (bsdutils)" >&2; exit 1; }
+	@if [ "$$(id -u)" = 0 ] && ! { command -v nft && command -v ethtool; } >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nftables ethtool; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/diode demo $(ARGS)

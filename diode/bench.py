@@ -8,7 +8,7 @@ itself never does. It opens no socket and imports no asyncio.
 :class:`LinkSettings` (1472-byte datagrams, k=32, repair 25 % + 16):
 
 - encode: Sample records through :class:`Encoder` (msgpack, block framing,
-  one Ed25519 signature and one zfec encode per block);
+  one Ed25519 signature and one Reed-Solomon encode per block);
 - decode: the same datagrams, thinned by seeded random loss, through
   :class:`Decoder` (CRC, assembly, Reed-Solomon rebuild, signature check,
   record decoding, ordering and gap accounting).

@@ -110,6 +110,10 @@ def _bench(args: argparse.Namespace) -> int:  # noqa: PLR0912 (one flat branch p
             args.seconds = 0.1 if args.what == "codec" else 2.0
     if args.what == "codec":
         result = bench.codec(seconds=args.seconds)
+    elif args.what == "link-steps":
+        from diode.benchmarks.link_steps import link_steps
+
+        result = link_steps(repeat=20 if args.quick else 300)
     elif args.what == "link":
         from diode.benchmarks.link import DEFAULT_PYDIODE_VENV, link
         from diode.config.link import FecSettings
@@ -121,6 +125,8 @@ def _bench(args: argparse.Namespace) -> int:  # noqa: PLR0912 (one flat branch p
             losses=tuple(args.loss or (0.0, 0.01)),
             pydiode_bytes=20_000_000 if args.quick else 200_000_000,
             pydiode=None if args.no_pydiode else (args.pydiode or DEFAULT_PYDIODE_VENV),
+            rounds=args.rounds or (1 if args.quick else 3),
+            sink=args.sink,
             fec=FecSettings.model_validate(
                 {
                     key: value
@@ -249,6 +255,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=[
             "codec",
             "link",
+            "link-steps",
             "tags",
             "cost",
             "polling",
@@ -260,6 +267,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "syslog",
         ],
         help="codec: the sans-I/O core; link: goodput over loopback vs pydiode; "
+        "link-steps: CPU of each per-block step of the link, old code against new; "
         "tags: updates/s into MQTT per payload mode; cost: CPU, RSS, latency at 10k and 50k/s; "
         "polling: Modbus devices one transmitter core polls at 1 Hz; "
         "opcua: OPC UA monitored items one transmitter core serves at 1 Hz; "
@@ -277,6 +285,12 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--loss", type=float, action="append", help="link: injected loss (repeat)")
     p.add_argument("--pydiode", type=Path, default=None, help="link: pydiode's virtualenv")
     p.add_argument("--no-pydiode", action="store_true", help="link: skip the pydiode run")
+    p.add_argument(
+        "--rounds", type=int, help="link: alternating rounds, medians reported (3; 1 with --quick)"
+    )
+    p.add_argument(
+        "--sink", action="store_true", help="link: the transmitter alone, into a datagram counter"
+    )
     p.add_argument("--mode", action="append", help="tags: payload:qos, e.g. per_tag:0 (repeat)")
     p.add_argument(
         "--rate",

@@ -30,11 +30,14 @@ from diode.wire import (
     AEAD_TAG_SIZE,
     BLOCK_OVERHEAD,
     FLAG_ENCRYPTED,
+    GENERATION,
     BlockHeader,
     DatagramHeader,
+    code_of,
     gate_key,
     pack_block_datagrams,
     pack_block_header,
+    signed_message,
     symbol_size,
 )
 
@@ -59,8 +62,10 @@ class Encoder:
         stream_id: int,
         epoch: int,
         psk: bytes | None = None,
+        generation: int = GENERATION,
     ) -> None:
         self._link = link
+        self._generation = generation
         self._key = key
         self._stream_id = stream_id
         self._epoch = epoch
@@ -147,6 +152,7 @@ class Encoder:
                 first_record=self._next_record,
                 record_count=count,
                 payload_length=payload_length,
+                generation=self._generation,
             )
         )
         if self._psk:
@@ -159,8 +165,8 @@ class Encoder:
                 aad=header,
             )
         signed = header + payload
-        block = signed + self._key.sign(signed)
-        symbols = fec.encode(fec.split(block, k, self._symbol), n)
+        block = signed + self._key.sign(signed_message(self._generation, signed))
+        symbols = fec.encode(fec.split(block, k, self._symbol), n, code_of(self._generation))
         datagrams = tuple(
             pack_block_datagrams(
                 DatagramHeader(
@@ -174,6 +180,7 @@ class Encoder:
                     n=n,
                     block_length=block_length,
                     records=count,
+                    generation=self._generation,
                 ),
                 symbols,
                 self._gate,
@@ -241,6 +248,11 @@ class SendQueue:
         """Put back a datagram the socket could not take; it goes out next."""
         self._front.append(datagram)
         self._queued += 1
+
+    def requeue_all(self, datagrams: list[bytes]) -> None:
+        """Put back datagrams popped in this order; they go out next, in the same order."""
+        self._front.extendleft(reversed(datagrams))
+        self._queued += len(datagrams)
 
     def pop(self) -> bytes | None:
         """The next datagram to send, or None when the queue is empty."""

@@ -6,7 +6,7 @@ payload) and carries one FEC symbol of one block::
      0                   1                   2                   3
      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
     +-------------------------------+---------------+---------------+
-    |          magic 0xD10D         |  version 1/2  |     flags     |   0
+    |          magic 0xD10D         | version 1..4  |     flags     |   0
     +-------------------------------+---------------+---------------+
     |                           stream id                           |   4
     +---------------------------------------------------------------+
@@ -25,26 +25,37 @@ payload) and carries one FEC symbol of one block::
     |          CRC-32 of bytes 0..43 and of the symbol              |  44
     +---------------------------------------------------------------+
     |              symbol (datagram size - 48 bytes,                |  48
-    |                      or - 64 bytes in version 2)              |
+    |                 or - 64 bytes in versions 2 and 4)            |
     +---------------------------------------------------------------+
-    |   version 2 only: link tag, keyed BLAKE2b-128 of every byte   | size - 16
-    |   before it, under the stream's gate key (16 bytes)           |
+    | versions 2 and 4 only: link tag, keyed BLAKE2b-128 of every   | size - 16
+    | byte before it, under the stream's gate key (16 bytes)        |
     +---------------------------------------------------------------+
 
-Version 1 is the ungated datagram (no link secret); version 2 is the gated
-one, sent by a transmitter with a link secret: its last 16 bytes are a MAC
-(the *link tag*) under a gate key derived from the link secret, checked
-before anything else (see ``diode.protocol.gate``). A receiver accepts on a
-stream exactly the version its config implies: a stream with a secret takes
-only version 2, a stream without one only version 1, so a forger cannot
-skip the gate by sending the other version.
+Odd versions are ungated (no link secret); even versions are gated, sent by
+a transmitter with a link secret: their last 16 bytes are a MAC (the *link
+tag*) under a gate key derived from the link secret, checked before anything
+else (see ``diode.protocol.gate``). A receiver accepts on a stream exactly
+the gating its config implies: a stream with a secret takes only versions 2
+and 4, a stream without one only 1 and 3, so a forger cannot skip the gate
+by sending the other kind.
+
+Two *generations* of the wire differ in the erasure code and in what the
+signature covers; a transmitter sends generation 2, a receiver accepts both:
+
+    generation 1: versions 1 and 2, zfec's Rizzo code, Ed25519 over the block
+    generation 2: versions 3 and 4, ISA-L Cauchy Reed-Solomon (``diode.fec``),
+                  Ed25519 over "diode block v2" + SHA-256 of the signed bytes
+
+The signed block header carries its generation (byte 0), so a block is
+rebuilt and checked only as the generation its datagrams and its signature
+both say.
 
 Nothing in a version 1 header is trusted: the CRC only sorts out datagrams
 damaged on the way before they can spoil a Reed-Solomon decode. Trust comes
 from the block, which the k source symbols carry (zero-padded to k symbols)::
 
     +---------------+---------------+---------------+---------------+
-    |  version = 1  |     flags     |       k       |       n       |   0
+    | generation    |     flags     |       k       |       n       |   0
     +---------------+---------------+---------------+---------------+
     |                           stream id                           |   4
     |                       key id (8 bytes)                        |   8
@@ -56,7 +67,8 @@ from the block, which the k source symbols carry (zero-padded to k symbols)::
     +---------------------------------------------------------------+
     |  payload: records (msgpack), or their AEAD ciphertext + tag   |  48
     +---------------------------------------------------------------+
-    |          Ed25519 signature of bytes 0 .. 48+length            |
+    |   Ed25519 signature of bytes 0 .. 48+length (generation 1),   |
+    |   or of "diode block v2" + their SHA-256 (generation 2)       |
     +---------------------------------------------------------------+
 
 The signed header repeats every datagram field that matters, so the receiver
@@ -76,12 +88,20 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from diode import fec
 from diode.errors import FrameError
 
 MAGIC = 0xD10D
-VERSION = 1  # the ungated datagram, and the block layout
-VERSION_GATED = 2  # the datagram ends with a link tag
+VERSION = 1  # generation 1, ungated
+VERSION_GATED = 2  # generation 1, the datagram ends with a link tag
+VERSION_CAUCHY = 3  # generation 2, ungated
+VERSION_CAUCHY_GATED = 4  # generation 2, with a link tag
+GENERATION = 2  # what a transmitter sends
+GENERATIONS = (1, 2)  # what a receiver accepts
 LINK_TAG_SIZE = 16
+# Generation 2 signs a digest: Ed25519 over 45 KB hashes it twice with SHA-512,
+# one SHA-256 pass and a 46-byte message cost less than half (docs/BENCHMARKS.md).
+SIGNED_DIGEST_PREFIX = b"diode block v2"
 
 # Datagram header: magic, version, flags, stream, key id, epoch, seq,
 # symbol index, k, n, reserved, block length, records, crc.
@@ -120,6 +140,7 @@ class DatagramHeader:
     n: int
     block_length: int
     records: int
+    generation: int = GENERATION
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -136,10 +157,32 @@ class BlockHeader:
     first_record: int
     record_count: int
     payload_length: int
+    generation: int = GENERATION
 
 
 # The first bytes of every datagram: enough to find the stream's gate.
 DATAGRAM_PREFIX = struct.Struct(">HBBI")
+
+
+def datagram_version(generation: int, *, gated: bool) -> int:
+    """The version byte of a datagram: 1 and 2 for generation 1, 3 and 4 for generation 2."""
+    return 2 * generation - 1 + gated
+
+
+def is_gated(version: int) -> bool:
+    return version in (VERSION_GATED, VERSION_CAUCHY_GATED)
+
+
+def code_of(generation: int) -> fec.Code:
+    """The erasure code of a wire generation."""
+    return fec.Code.RIZZO if generation == 1 else fec.Code.CAUCHY
+
+
+def signed_message(generation: int, signed: bytes | memoryview) -> bytes:
+    """What the block's Ed25519 signature is over: the signed bytes, or their digest."""
+    if generation == 1:
+        return bytes(signed)
+    return SIGNED_DIGEST_PREFIX + hashlib.sha256(signed).digest()
 
 
 def symbol_size(datagram_size: int, *, gated: bool = False) -> int:
@@ -162,7 +205,7 @@ def pack_datagram(header: DatagramHeader, symbol: bytes, gate: bytes | None = No
     """Header, then the symbol, with the CRC over both; with a gate key, the link tag after."""
     head = DATAGRAM_HEADER.pack(
         MAGIC,
-        VERSION if gate is None else VERSION_GATED,
+        datagram_version(header.generation, gated=gate is not None),
         header.flags,
         header.stream_id,
         header.key_id,
@@ -196,7 +239,7 @@ def pack_block_datagrams(
     vectors check both), with the block's fixed header bytes packed and
     CRC-summed once instead of once per datagram.
     """
-    version = VERSION if gate is None else VERSION_GATED
+    version = datagram_version(header.generation, gated=gate is not None)
     fixed = _DATAGRAM_FIXED.pack(
         MAGIC, version, header.flags, header.stream_id, header.key_id, header.epoch, header.seq
     )
@@ -215,7 +258,7 @@ def pack_block_datagrams(
 def crc_ok(data: bytes, version: int) -> bool:
     """Does the CRC field match (bytes 0..43, then the symbol, without a link tag)?"""
     view = memoryview(data)
-    end = len(data) - (LINK_TAG_SIZE if version == VERSION_GATED else 0)
+    end = len(data) - (LINK_TAG_SIZE if is_gated(version) else 0)
     crc = zlib.crc32(view[HEADER_SIZE:end], zlib.crc32(view[:CRC_OFFSET]))
     return crc == int.from_bytes(view[CRC_OFFSET:HEADER_SIZE], "big")
 
@@ -223,7 +266,7 @@ def crc_ok(data: bytes, version: int) -> bool:
 def parse_datagram(data: bytes, *, check_crc: bool = True) -> tuple[DatagramHeader, bytes]:
     """Check a datagram's framing and CRC; any defect is a FrameError naming its counter.
 
-    A version 2 datagram's link tag is not checked here (the gate does that,
+    A gated datagram's link tag is not checked here (the gate does that,
     first): it is only cut off the symbol.
     """
     if len(data) <= HEADER_SIZE:
@@ -247,9 +290,9 @@ def parse_datagram(data: bytes, *, check_crc: bool = True) -> tuple[DatagramHead
     if magic != MAGIC:
         raise FrameError("not a diode datagram", reason="bad_magic")
     view = memoryview(data)
-    if version == VERSION:
+    if version in (VERSION, VERSION_CAUCHY):
         symbol = view[HEADER_SIZE:]
-    elif version == VERSION_GATED and len(data) > HEADER_SIZE + LINK_TAG_SIZE:
+    elif is_gated(version) and len(data) > HEADER_SIZE + LINK_TAG_SIZE:
         symbol = view[HEADER_SIZE:-LINK_TAG_SIZE]
     else:
         raise FrameError(f"unsupported version {version}", reason="bad_version")
@@ -276,13 +319,14 @@ def parse_datagram(data: bytes, *, check_crc: bool = True) -> tuple[DatagramHead
         n=n,
         block_length=block_length,
         records=records,
+        generation=(version + 1) // 2,
     )
     return header, bytes(symbol)
 
 
 def pack_block_header(header: BlockHeader) -> bytes:
     return BLOCK_HEADER.pack(
-        VERSION,
+        header.generation,
         header.flags,
         header.k,
         header.n,
@@ -313,7 +357,7 @@ def parse_block(block: bytes) -> tuple[BlockHeader, memoryview, memoryview, memo
         record_count,
         payload_length,
     ) = BLOCK_HEADER.unpack_from(block)
-    if version != VERSION or len(block) != BLOCK_OVERHEAD + payload_length:
+    if version not in GENERATIONS or len(block) != BLOCK_OVERHEAD + payload_length:
         raise FrameError("block length does not match its header", reason="malformed")
     header = BlockHeader(
         flags=flags,
@@ -326,6 +370,7 @@ def parse_block(block: bytes) -> tuple[BlockHeader, memoryview, memoryview, memo
         first_record=first_record,
         record_count=record_count,
         payload_length=payload_length,
+        generation=version,
     )
     view = memoryview(block)
     signed_end = BLOCK_HEADER_SIZE + payload_length
@@ -335,7 +380,8 @@ def parse_block(block: bytes) -> tuple[BlockHeader, memoryview, memoryview, memo
 def matches(block: BlockHeader, datagram: DatagramHeader) -> bool:
     """Does a datagram header say what the signed block header says?"""
     return (
-        block.flags == datagram.flags
+        block.generation == datagram.generation
+        and block.flags == datagram.flags
         and block.k == datagram.k
         and block.n == datagram.n
         and block.stream_id == datagram.stream_id

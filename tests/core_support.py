@@ -12,7 +12,7 @@ from diode.decoder import Decoder, DecoderSettings, Delivered, Event, Gap
 from diode.encoder import Encoder
 from diode.keys import Keyring, SigningKey, TrustedKey
 from diode.records import Record, Sample
-from diode.wire import CRC_OFFSET, HEADER_SIZE
+from diode.wire import CRC_OFFSET, GENERATION, HEADER_SIZE
 
 STREAM = 7
 EPOCH = 1_764_000_000_000
@@ -49,10 +49,16 @@ def encode_blocks(
     epoch: int = EPOCH,
     psk: bytes | None = None,
     per_block: int | None = None,
+    generation: int = GENERATION,
 ) -> list[list[bytes]]:
     """Each block's datagrams; ``per_block`` closes a block every so many records."""
     encoder = Encoder(
-        link=link or small_link(), key=key or fixed_key(), stream_id=STREAM, epoch=epoch, psk=psk
+        link=link or small_link(),
+        key=key or fixed_key(),
+        stream_id=STREAM,
+        epoch=epoch,
+        psk=psk,
+        generation=generation,
     )
     for i, record in enumerate(records, 1):
         encoder.add(record, 0.0)

@@ -10,7 +10,7 @@ import pytest
 from diode.config.link import FecSettings, LinkSettings
 from diode.decoder import Decoder, LinkProfile
 from diode.records import Heartbeat, Sample
-from diode.wire import HEADER_SIZE, LINK_TAG_SIZE, VERSION_GATED, parse_datagram
+from diode.wire import HEADER_SIZE, LINK_TAG_SIZE, VERSION_CAUCHY_GATED, parse_datagram
 from tests.core_support import (
     STREAM,
     delivered,
@@ -24,7 +24,9 @@ from tests.core_support import (
     with_valid_crc,
 )
 
-VECTOR_V2 = Path(__file__).parent / "vectors" / "block-v2.json"
+# One golden vector per gated version still accepted: 2 (zfec, generation 1), 4 (Cauchy).
+VECTORS = {2: Path(__file__).parent / "vectors" / "block-v2.json"}
+VECTORS[4] = VECTORS[2].with_name("block-v4.json")
 PSK = bytes(range(32))
 RECORDS = [
     Sample(tag_id=1, ts_ns=1_700_000_000_123_456_789, value=2.5),
@@ -32,8 +34,8 @@ RECORDS = [
 ]
 
 
-def _gated() -> list[bytes]:
-    (block,) = encode_blocks(RECORDS, psk=PSK)
+def _gated(version: int = VERSION_CAUCHY_GATED) -> list[bytes]:
+    (block,) = encode_blocks(RECORDS, psk=PSK, generation=version // 2)
     return block
 
 
@@ -41,19 +43,22 @@ def rejected(decoder: Decoder) -> dict[str, int]:
     return {k: v for k, v in decoder.counters.items() if k.startswith("rejected_")}
 
 
-def test_gated_golden_vector_encodes_to_the_stored_bytes() -> None:
-    stored = json.loads(VECTOR_V2.read_text())
-    assert [d.hex() for d in _gated()] == stored["datagrams"]
+@pytest.mark.parametrize("version", sorted(VECTORS))
+def test_gated_golden_vector_encodes_to_the_stored_bytes(version: int) -> None:
+    stored = json.loads(VECTORS[version].read_text())
+    assert [d.hex() for d in _gated(version)] == stored["datagrams"]
 
 
-def test_gated_golden_vector_decodes_to_the_records() -> None:
-    stored = [bytes.fromhex(h) for h in json.loads(VECTOR_V2.read_text())["datagrams"]]
+@pytest.mark.parametrize("version", sorted(VECTORS))
+def test_gated_golden_vector_decodes_to_the_records(version: int) -> None:
+    stored = [bytes.fromhex(h) for h in json.loads(VECTORS[version].read_text())["datagrams"]]
+    assert {d[2] for d in stored} == {version}
     assert delivered(feed(new_decoder(psk=PSK), stored)) == RECORDS
 
 
-def test_a_gated_datagram_is_version_2_and_ends_with_its_tag() -> None:
+def test_a_gated_datagram_is_version_4_and_ends_with_its_tag() -> None:
     datagrams = _gated()
-    assert {d[2] for d in datagrams} == {VERSION_GATED}
+    assert {d[2] for d in datagrams} == {VERSION_CAUCHY_GATED}
     assert {len(d) for d in datagrams} == {256}
     header, symbol = parse_datagram(datagrams[0])
     assert len(symbol) == 256 - HEADER_SIZE - LINK_TAG_SIZE
@@ -144,3 +149,10 @@ def test_a_datagram_of_another_shape_is_dropped_before_assembly(
     counts = dict(decoder.counters)
     assert counts == {"datagrams": 1, reason: 1}
     assert decoder.assembly_bytes == 0
+
+
+if __name__ == "__main__":  # regenerate the vectors: python -m tests.test_gate
+    for version, path in VECTORS.items():
+        path.write_text(
+            json.dumps({"datagrams": [d.hex() for d in _gated(version)]}, indent=1) + "\n"
+        )

@@ -10,7 +10,7 @@ import pytest
 
 from diode.errors import FrameError
 from diode.records import DeviceInfo, Heartbeat, Quality, Sample, TagInfo, ValueType
-from diode.wire import HEADER_SIZE, MAGIC, parse_datagram
+from diode.wire import HEADER_SIZE, MAGIC, VERSION_CAUCHY, parse_datagram
 from tests.core_support import (
     EPOCH,
     STREAM,
@@ -22,7 +22,9 @@ from tests.core_support import (
     with_valid_crc,
 )
 
-VECTORS = Path(__file__).parent / "vectors" / "block-v1.json"
+# One golden vector per ungated version still accepted: 1 (zfec, generation 1), 3 (Cauchy).
+VECTORS = {1: Path(__file__).parent / "vectors" / "block-v1.json"}
+VECTORS[3] = VECTORS[1].with_name("block-v3.json")
 
 RECORDS = [
     TagInfo(
@@ -44,26 +46,48 @@ RECORDS = [
 ]
 
 
-def _encode() -> list[bytes]:
-    (block,) = encode_blocks(RECORDS)
+def _encode(version: int = VERSION_CAUCHY) -> list[bytes]:
+    (block,) = encode_blocks(RECORDS, generation=(version + 1) // 2)
     return block
 
 
-def test_golden_vector_encodes_to_the_stored_bytes() -> None:
-    stored = json.loads(VECTORS.read_text())
-    assert [d.hex() for d in _encode()] == stored["datagrams"]
+@pytest.mark.parametrize("version", sorted(VECTORS))
+def test_golden_vector_encodes_to_the_stored_bytes(version: int) -> None:
+    stored = json.loads(VECTORS[version].read_text())
+    assert [d.hex() for d in _encode(version)] == stored["datagrams"]
 
 
-def test_golden_vector_decodes_to_the_records() -> None:
-    stored = [bytes.fromhex(h) for h in json.loads(VECTORS.read_text())["datagrams"]]
+@pytest.mark.parametrize("version", sorted(VECTORS))
+def test_golden_vector_decodes_to_the_records(version: int) -> None:
+    stored = [bytes.fromhex(h) for h in json.loads(VECTORS[version].read_text())["datagrams"]]
+    assert {d[2] for d in stored} == {version}
     assert delivered(feed(new_decoder(), stored)) == RECORDS
+
+
+@pytest.mark.parametrize("version", sorted(VECTORS))
+def test_golden_vector_rebuilds_from_its_last_k_symbols(version: int) -> None:
+    """The repair symbols are the stored code's, not just any code's: the block
+    comes back from the last k datagrams alone, all repair."""
+    stored = [bytes.fromhex(h) for h in json.loads(VECTORS[version].read_text())["datagrams"]]
+    k = stored[0][33]
+    assert k <= len(stored) - k, "the last k datagrams are all repair symbols"
+    assert delivered(feed(new_decoder(), stored[-k:])) == RECORDS
+
+
+def test_a_block_is_checked_as_the_generation_its_datagrams_say() -> None:
+    """Datagrams relabelled from one generation to the other rebuild nothing."""
+    for version, other in ((1, 3), (3, 1)):
+        relabelled = [with_valid_crc(d, 2, bytes([other])) for d in _encode(version)]
+        decoder = new_decoder()
+        assert delivered(feed(decoder, relabelled)) == []
+        assert decoder.counters["rejected_bad_block"] == 1
 
 
 def test_header_fields_sit_at_their_documented_offsets() -> None:
     datagrams = _encode()
     first = datagrams[0]
     assert struct.unpack_from(">H", first, 0)[0] == MAGIC
-    assert first[2] == 1  # version
+    assert first[2] == VERSION_CAUCHY  # version
     assert first[3] == 0  # flags
     assert struct.unpack_from(">I", first, 4)[0] == STREAM
     assert first[8:16] == fixed_key().key_id
@@ -89,7 +113,7 @@ def test_every_datagram_is_padded_to_the_configured_size() -> None:
         (lambda d: d[:HEADER_SIZE], "short"),
         (lambda d: b"", "short"),
         (lambda d: b"\x00\x00" + d[2:], "bad_magic"),
-        (lambda d: d[:2] + b"\x03" + d[3:], "bad_version"),
+        (lambda d: d[:2] + b"\x05" + d[3:], "bad_version"),
         (lambda d: d[:100] + bytes([d[100] ^ 0x10]) + d[101:], "bad_checksum"),
         (lambda d: d[:10] + bytes([d[10] ^ 1]) + d[11:], "bad_checksum"),
     ],
@@ -111,8 +135,11 @@ def test_inconsistent_headers_are_malformed_even_with_a_good_crc(offset: int, va
     assert info.value.reason == "malformed"
 
 
-if __name__ == "__main__":  # regenerate the vector: python -m tests.test_wire
-    VECTORS.write_text(json.dumps({"datagrams": [d.hex() for d in _encode()]}, indent=1) + "\n")
+if __name__ == "__main__":  # regenerate the vectors: python -m tests.test_wire
+    for version, path in VECTORS.items():
+        path.write_text(
+            json.dumps({"datagrams": [d.hex() for d in _encode(version)]}, indent=1) + "\n"
+        )
 
 
 def test_pack_block_datagrams_is_pack_datagram_for_each_index() -> None:

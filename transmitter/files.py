@@ -255,8 +255,9 @@ class FileLane:
             link = link.model_copy(update={"fec": lane.fec})
         self.encoder = Encoder(link=link, key=key, stream_id=lane.stream_id, epoch=epoch, psk=psk)
         self.chunk_size = chunk_size_for(self.encoder.capacity)
-        # Chunks are signed and FEC'd in worker threads (zfec and Ed25519 release the
-        # GIL), heartbeats on the event loop: one encoder, so one lock.
+        # Chunks are signed and FEC'd in worker threads (Ed25519 releases the GIL; ISA-L's
+        # encode through pyeclib does not, but costs a tenth of zfec's), heartbeats on the
+        # event loop: one encoder, so one lock.
         self._encoding = threading.Lock()
         self._queue = queue
         self._notify = notify

@@ -10,6 +10,14 @@ Pacing is a token bucket on ``time.monotonic()``: the rate counts IPv4 and
 UDP headers, and a bucket of a few milliseconds absorbs the event loop's
 timer granularity without bursting more than that onto the wire.
 
+**Segmentation offload** (UDP GSO, Linux 4.18+): the datagrams the bucket
+allows at once (at most 64 KiB of them, 44 at 1472 bytes) leave in one
+``sendmsg`` with ``UDP_SEGMENT`` set to the datagram size; the kernel (or
+the NIC) cuts them into the same datagrams ``sendto`` would have sent, for
+about a fifth of the CPU per datagram. If the kernel refuses (an old kernel,
+a device without checksum offload: ``EINVAL``, ``EIO``, ...) the batch goes
+out one ``sendto`` at a time and the sender stays on ``sendto`` (logged once).
+
 **Time diversity** (``[link] repeat_after_s``, off by default): every datagram
 sent is kept and sent once more ``repeat_after_s`` later, through the same
 bucket. New datagrams go first; a repeat uses the capacity they leave, so
@@ -27,18 +35,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import socket
 import struct
 import time
 from collections import deque
 from typing import Literal
 
+import structlog
+
 from diode.config.link import IPV4_UDP_OVERHEAD
 from diode.config.tx import TxLink
 from diode.encoder import SendQueue
 from diode.errors import LinkError
 
+log = structlog.get_logger("diode.tx.sender")
+
 SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # linux/udp.h
+GSO_MAX_BYTES = 65507  # one UDP send, all segments together
+GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS
+# What a kernel or device says when it cannot segment: fall back to sendto.
+_GSO_REFUSED = {errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE}
 _BPF_RET_K = 0x06
 _DROP_ALL = struct.pack("HBBI", _BPF_RET_K, 0, 0, 0)  # one instruction: return 0 bytes
 # A datagram's stream id: bytes 4..8 of its header (diode/wire.py).
@@ -132,6 +150,9 @@ class PacedSender:
         self._bytes_per_s = link.rate_mbps * 1e6 / 8
         self._wire = link.datagram_size + IPV4_UDP_OVERHEAD
         self._burst = max(self._wire * 4, self._bytes_per_s * 0.004)
+        self._segments = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // link.datagram_size)
+        self._gso_option = [(socket.SOL_UDP, UDP_SEGMENT, link.datagram_size.to_bytes(2, "little"))]
+        self.gso = self._segments > 1
         self._wake = asyncio.Event()
         self.counters = {"datagrams_sent": 0, "bytes_sent": 0, "send_errors": 0}
         self.repeats = (
@@ -163,6 +184,10 @@ class PacedSender:
                 await asyncio.sleep((self._wire - tokens) / self._bytes_per_s)
                 continue
             while tokens >= self._wire:
+                sent = self._send_batch(int(tokens // self._wire)) if self.gso else 0
+                if sent:
+                    tokens -= sent * self._wire
+                    continue
                 outcome = self._send_next(now)
                 if outcome == "full":
                     await asyncio.sleep(0.001)  # the socket buffer is full: let it drain
@@ -209,6 +234,45 @@ class PacedSender:
         if sent:
             self.counters["repeats_sent"] += 1
         return "sent"
+
+    def _send_batch(self, allowed: int) -> int:
+        """Up to ``allowed`` new datagrams in one segmented send; how many left.
+
+        0 when fewer than two are queued (one goes by :meth:`_send_next`), when
+        the socket buffer is full (they are put back), or when the kernel refused
+        segmentation (they are put back, and :attr:`gso` is off from now on).
+        """
+        count = min(allowed, self._segments, len(self._queue))
+        if count < 2:
+            return 0
+        batch = []
+        for _ in range(count):
+            datagram = self._queue.pop()
+            if datagram is None:
+                break
+            batch.append(datagram)
+        try:
+            # One buffer per datagram: the kernel gathers them, nothing is copied here.
+            self._sock.sendmsg(batch, self._gso_option, 0, self._address)
+        except BlockingIOError:
+            self._queue.requeue_all(batch)
+            return 0
+        except OSError as exc:
+            if exc.errno not in _GSO_REFUSED:
+                # No route, interface down: counted like sendto's failures.
+                self.counters["send_errors"] += len(batch)
+                return len(batch)
+            self._queue.requeue_all(batch)
+            self.gso = False
+            log.warning("udp segmentation refused: one datagram a call", error=str(exc))
+            return 0
+        self.counters["datagrams_sent"] += len(batch)
+        self.counters["bytes_sent"] += sum(map(len, batch))
+        if self.repeats is not None:
+            now = time.monotonic()
+            for datagram in batch:
+                self.repeats.add(datagram, now)
+        return len(batch)
 
     def _send(self, datagram: bytes) -> bool | None:
         """True: sent; False: failed and counted; None: the socket buffer is full."""

@@ -291,9 +291,14 @@ class Broker:
 
 
 class LinkTap:
-    """nftables on the output hook: counts the link's datagrams and drops a share of them."""
+    """nftables on the output hook: counts the link's datagrams and drops a share of them.
 
-    def __init__(self, port: int, loss: float) -> None:
+    ``hook="input"`` counts and drops where the datagrams arrive instead: the
+    output hook sees a segmented send (UDP GSO) as one packet, the input hook
+    sees each datagram once the kernel has cut it (see ``software_segmentation``).
+    """
+
+    def __init__(self, port: int, loss: float, hook: str = "output") -> None:
         self.table = f"diodebench{port}"
         self.available = shutil.which("nft") is not None and os.geteuid() == 0
         if not self.available:
@@ -303,7 +308,7 @@ class LinkTap:
         per_10k = round(loss * 10_000)
         rules = [
             f"add table inet {self.table}",
-            f"add chain inet {self.table} out {{ type filter hook output priority 0; }}",
+            f"add chain inet {self.table} out {{ type filter hook {hook} priority 0; }}",
             f"add rule inet {self.table} out udp dport {port} counter",
         ]
         if per_10k:
@@ -339,6 +344,30 @@ class LinkTap:
     def close(self) -> None:
         if self.available:
             subprocess.run(["nft", "delete", "table", "inet", self.table], check=False)  # noqa: S603, S607
+
+
+@contextlib.contextmanager
+def software_segmentation() -> Iterator[None]:
+    """Loopback without UDP segmentation offload while the block runs, as most 1 GbE NICs.
+
+    The kernel then cuts a segmented send into its datagrams before the device,
+    so every datagram crosses the receiving stack (and nftables' input hook)
+    alone, as on a real link. Needs ethtool and root; without them, nothing changes.
+    """
+    ethtool = shutil.which("ethtool")
+    if ethtool is None or os.geteuid() != 0:
+        yield
+        return
+    feature = "tx-udp-segmentation"
+    shown = subprocess.run([ethtool, "-k", "lo"], capture_output=True, text=True, check=False)  # noqa: S603
+    was_on = f"{feature}: on" in shown.stdout
+    if was_on:
+        subprocess.run([ethtool, "-K", "lo", feature, "off"], check=True)  # noqa: S603
+    try:
+        yield
+    finally:
+        if was_on:
+            subprocess.run([ethtool, "-K", "lo", feature, "on"], check=False)  # noqa: S603
 
 
 @contextlib.contextmanager

@@ -24,8 +24,10 @@ from diode.wire import (
     FLAG_ENCRYPTED,
     BlockHeader,
     DatagramHeader,
+    code_of,
     matches,
     parse_block,
+    signed_message,
 )
 
 
@@ -70,12 +72,12 @@ class BlockAuthenticator:
     def _open(
         self, header: DatagramHeader, symbols: dict[int, bytes], trusted: TrustedKey
     ) -> AuthenticBlock:
-        padded = fec.decode(symbols, header.k, header.n)
+        padded = fec.decode(symbols, header.k, header.n, code_of(header.generation))
         rebuilt = any(i >= header.k for i in symbols)
         block_header, signed, payload, signature = parse_block(padded[: header.block_length])
         if not matches(block_header, header):
             raise FrameError("signed header differs from the datagrams", reason="bad_block")
-        if not trusted.verify(signature, signed):
+        if not trusted.verify(signature, signed_message(block_header.generation, signed)):
             raise FrameError("signature does not verify", reason="bad_signature")
         # From here on the block is authentic.
         body = bytes(payload)

@@ -39,12 +39,18 @@ from diode.wire import (
     LINK_TAG_SIZE,
     MAGIC,
     VERSION,
+    VERSION_CAUCHY,
+    VERSION_CAUCHY_GATED,
     VERSION_GATED,
     DatagramHeader,
     crc_ok,
     gate_key,
     parse_datagram,
 )
+
+# The versions each kind of stream takes: both wire generations, one gating.
+_GATED = (VERSION_GATED, VERSION_CAUCHY_GATED)
+_UNGATED = (VERSION, VERSION_CAUCHY)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,12 +117,12 @@ class Gate:
         if door.size and len(data) != door.size:
             return "rejected_bad_shape"
         if door.key is not None:
-            if version != VERSION_GATED:
+            if version not in _GATED:
                 return "rejected_ungated"
             tag = blake2b(data[:-LINK_TAG_SIZE], key=door.key, digest_size=LINK_TAG_SIZE)
             if not compare_digest(tag.digest(), data[-LINK_TAG_SIZE:]):
                 return "rejected_bad_tag"
-        elif version != VERSION:
+        elif version not in _UNGATED:
             return "rejected_bad_version"
         # Ungated, before anything reads the header's fields: damage on the way is
         # bad_checksum, not a late or replayed block. (Gated, the tag caught it.)
