@@ -245,15 +245,25 @@ class PacedSender:
         count = min(allowed, self._segments, len(self._queue))
         if count < 2:
             return 0
-        batch = []
-        for _ in range(count):
+        batch: list[bytes] = []
+        address = self._address
+        while len(batch) < count:
             datagram = self._queue.pop()
             if datagram is None:
                 break
+            # One send goes to one port: a file-lane datagram ends a batch of tag
+            # datagrams (and the reverse), and goes first in the next one.
+            if batch and self._destination(datagram) != address:
+                self._queue.requeue_all([datagram])
+                break
+            address = self._destination(datagram)
             batch.append(datagram)
+        if len(batch) < 2:
+            self._queue.requeue_all(batch)
+            return 0
         try:
             # One buffer per datagram: the kernel gathers them, nothing is copied here.
-            self._sock.sendmsg(batch, self._gso_option, 0, self._address)
+            self._sock.sendmsg(batch, self._gso_option, 0, address)
         except BlockingIOError:
             self._queue.requeue_all(batch)
             return 0
@@ -274,13 +284,15 @@ class PacedSender:
                 self.repeats.add(datagram, now)
         return len(batch)
 
+    def _destination(self, datagram: bytes) -> tuple[str, int]:
+        if self._lane_stream is not None and datagram[4:8] == self._lane_stream:
+            return self._lane_address
+        return self._address
+
     def _send(self, datagram: bytes) -> bool | None:
         """True: sent; False: failed and counted; None: the socket buffer is full."""
-        address = self._address
-        if self._lane_stream is not None and datagram[4:8] == self._lane_stream:
-            address = self._lane_address
         try:
-            self._sock.sendto(datagram, address)
+            self._sock.sendto(datagram, self._destination(datagram))
         except BlockingIOError:
             return None
         except OSError:
