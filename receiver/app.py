@@ -193,9 +193,14 @@ class Receiver:
         now = time.monotonic()
         if self.failover is not None and self.active:
             self._check_not_frozen(now)
-        receive = self.decoder.receive
-        for datagram in self.drain.read(DRAIN_BUDGET, now):
-            receive(datagram, now)
+        receive, active = self.decoder.receive, self.active
+
+        def needed(datagram: bytes) -> bool:
+            # What the active decoder rejected nobody needs again; a standby keeps all
+            # that the active receiver's positions do not cover (it may read it again).
+            return receive(datagram, now) or not active
+
+        self.drain.feed(DRAIN_BUDGET, now, needed, self._committed)
         self._after(now)
 
     def _after(self, now: float) -> None:
