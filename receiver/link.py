@@ -28,17 +28,21 @@ again from the head. Blocks already committed that it meets again are
 counted as ``rejected_late`` by the decoder and dropped.
 
 Nothing can pin the queue: a datagram that stays uncovered for ``HOLD_S``
-(a forgery claiming a future block, a block lost beyond the FEC budget the
-decoder has not given up yet), or once the datagrams kept pass an eighth of
-the receive buffer, is released anyway and counted (``link_released_uncommitted``):
+(a block lost beyond the FEC budget the decoder has not given up yet), or
+once the datagrams kept pass an eighth of the receive buffer or ``MAX_HELD``
+datagrams, is released anyway and counted (``link_released_uncommitted``):
 a crash at that moment can lose that much, never the receiver's liveness.
+What the active receiver's decoder rejected (a forgery, a replay, garbage)
+is never kept: it leaves the queue as soon as it is read, when nothing is
+held ahead of it (a standby keeps what the active one has not covered).
 
-The price is a second system call per datagram (the one that takes it off the
-queue) and the bookkeeping: 5.0 against 1.4 us of CPU per datagram for the
-drain alone (``diode bench drain``: ``Drain.read`` and ``release`` over 20 000
-queued datagrams of 1472 bytes, journal on and off, median of 5, load average
-8.5 on this 2-core machine), about 0.2 % of a core at 10 000 updates/s (650 datagrams/s); under
-a flood of forged datagrams it is what the receiver pays per datagram.
+The price: a second system call per datagram (the one that takes it off the
+queue), 2.7 against 1.6 us for a plain ``recv`` at the head of the queue;
+and each peek walks the queue from its head to the peek offset, about 10 ns
+per datagram held ahead (1 000 deep: 9 us a peek). Forgeries held like real
+datagrams once made a flood cost 120-150 us per datagram in the drain; now
+what is held is the real stream's unfinished blocks, a handful
+(docs/RELIABILITY.md, "Floods of forged datagrams").
 """
 
 from __future__ import annotations
@@ -288,7 +292,7 @@ class Drain:
         held ahead of it. Under a flood the queue then stays short, and a peek stays
         cheap: the kernel walks the queue from its head to the peek offset on every
         peek, about 10 ns a datagram (a peek 1 000 datagrams deep costs 9 us, at the
-        head 1.2 us; ``diode bench drain``).
+        head 1.2 us; docs/RELIABILITY.md, "Floods of forged datagrams").
         """
         pending, journal, drop = self._pending, self.journal, self._sink
         for count in range(budget):
