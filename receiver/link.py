@@ -29,8 +29,8 @@ counted as ``rejected_late`` by the decoder and dropped.
 
 Nothing can pin the queue: a datagram that stays uncovered for ``HOLD_S``
 (a block lost beyond the FEC budget the decoder has not given up yet), or
-once the datagrams kept pass an eighth of the receive buffer or ``MAX_HELD``
-datagrams, is released anyway and counted (``link_released_uncommitted``):
+once the datagrams kept pass an eighth of the receive buffer or half of
+``MAX_HELD`` after a commit, is released anyway and counted (``link_released_uncommitted``):
 a crash at that moment can lose that much, never the receiver's liveness.
 What the active receiver's decoder rejected (a forgery, a replay, garbage)
 is never kept: it leaves the queue as soon as it is read, when nothing is
@@ -71,9 +71,10 @@ SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed sockets start at fd 3
 MAX_DATAGRAM = 65535
 # Longest a datagram stays in the queue uncovered (see the module docstring).
 HOLD_S = 2.0
-# Most datagrams held at once by the active receiver: each peek walks the queue
-# from its head, so a deeper journal makes every datagram dearer (see Drain.feed).
-MAX_HELD = 256
+# Most datagrams the active receiver peeks ahead before it commits: each peek walks
+# the queue from its head, so a deeper journal makes every datagram dearer (see
+# Drain.feed). After a commit, what is still uncovered beyond half of it is released.
+MAX_HELD = 512
 # Where a datagram names its block: stream id at 4, epoch at 16, sequence at 24
 # (diode/wire.py, the datagram header); nothing else is read here.
 _WHERE = struct.Struct(">4xI8xQQ")
@@ -313,8 +314,10 @@ class Drain:
             self._keep(datagram, now, None if needed else _GARBAGE)
             if len(pending) == 1 and self._releasable(pending[0], positions):
                 self._drop_head()
-            elif len(pending) > self.depth:
-                self.release(positions, now)
+            elif len(pending) >= self.depth:
+                # Deep enough: the caller commits what was read (and releases it)
+                # before this peeks further. Nothing uncommitted leaves the queue here.
+                return count + 1
         return budget
 
     def release(self, positions: Mapping[int, StreamState], now: float) -> int:
@@ -367,7 +370,7 @@ class Drain:
         return (
             at <= now - self.hold_s
             or self._pending_bytes > self.limit
-            or len(self._pending) > self.depth
+            or len(self._pending) > self.depth // 2
         )
 
     def _drop_head(self) -> bool:
