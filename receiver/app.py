@@ -225,18 +225,26 @@ class Receiver:
         now = time.monotonic()
         if self.failover is not None and self.active:
             self._check_not_frozen(now)
-        receive = self.decoder.receive
-        for datagram in self.drain.read(DRAIN_BUDGET, now):
-            receive(datagram, now)
+        self._feed_link(now)
         self._after(now)
+
+    def _feed_link(self, now: float) -> None:
+        """Decode what the link socket holds, up to a budget."""
+        receive, active = self.decoder.receive, self.active
+
+        def needed(datagram: bytes) -> bool:
+            # What the active decoder rejected nobody needs again; a standby keeps all
+            # that the active receiver's positions do not cover (it may read it again).
+            return receive(datagram, now) or not active
+
+        self.drain.feed(DRAIN_BUDGET, now, needed, self._committed)
 
     def _readable_files(self) -> None:
         """The file socket: tag datagrams waiting on the link socket first, then a few files'."""
         assert self.file_drain is not None
         now = time.monotonic()
+        self._feed_link(now)
         receive = self.decoder.receive
-        for datagram in self.drain.read(DRAIN_BUDGET, now):
-            receive(datagram, now)
         for datagram in self.file_drain.read(FILE_BUDGET, now):
             receive(datagram, now)
         self._after(now)

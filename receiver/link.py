@@ -28,17 +28,21 @@ again from the head. Blocks already committed that it meets again are
 counted as ``rejected_late`` by the decoder and dropped.
 
 Nothing can pin the queue: a datagram that stays uncovered for ``HOLD_S``
-(a forgery claiming a future block, a block lost beyond the FEC budget the
-decoder has not given up yet), or once the datagrams kept pass an eighth of
-the receive buffer, is released anyway and counted (``link_released_uncommitted``):
+(a block lost beyond the FEC budget the decoder has not given up yet), or
+once the datagrams kept pass an eighth of the receive buffer or half of
+``MAX_HELD`` after a commit, is released anyway and counted (``link_released_uncommitted``):
 a crash at that moment can lose that much, never the receiver's liveness.
+What the active receiver's decoder rejected (a forgery, a replay, garbage)
+is never kept: it leaves the queue as soon as it is read, when nothing is
+held ahead of it (a standby keeps what the active one has not covered).
 
-The price is a second system call per datagram (the one that takes it off the
-queue) and the bookkeeping: 5.0 against 1.4 us of CPU per datagram for the
-drain alone (``diode bench drain``: ``Drain.read`` and ``release`` over 20 000
-queued datagrams of 1472 bytes, journal on and off, median of 5, load average
-8.5 on this 2-core machine), about 0.2 % of a core at 10 000 updates/s (650 datagrams/s); under
-a flood of forged datagrams it is what the receiver pays per datagram.
+The price: a second system call per datagram (the one that takes it off the
+queue), 2.7 against 1.6 us for a plain ``recv`` at the head of the queue;
+and each peek walks the queue from its head to the peek offset, about 10 ns
+per datagram held ahead (1 000 deep: 9 us a peek). Forgeries held like real
+datagrams once made a flood cost 120-150 us per datagram in the drain; now
+what is held is the real stream's unfinished blocks, a handful
+(docs/RELIABILITY.md, "Floods of forged datagrams").
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 
 import structlog
@@ -67,6 +71,10 @@ SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed sockets start at fd 3
 MAX_DATAGRAM = 65535
 # Longest a datagram stays in the queue uncovered (see the module docstring).
 HOLD_S = 2.0
+# Most datagrams the active receiver peeks ahead before it commits: each peek walks
+# the queue from its head, so a deeper journal makes every datagram dearer (see
+# Drain.feed). After a commit, what is still uncovered beyond half of it is released.
+MAX_HELD = 512
 # Where a datagram names its block: stream id at 4, epoch at 16, sequence at 24
 # (diode/wire.py, the datagram header); nothing else is read here.
 _WHERE = struct.Struct(">4xI8xQQ")
@@ -252,6 +260,7 @@ class Drain:
         self._sink = bytearray(1)
         self._buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         self.limit = self._buffer // 8
+        self.depth = MAX_HELD
         if journal:
             # The offset belongs to the socket, not the process: a predecessor's is stale.
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
@@ -262,64 +271,135 @@ class Drain:
         return len(self._pending)
 
     def read(self, budget: int, now: float) -> list[bytes]:
-        """Up to ``budget`` datagrams, as many as are there; socket errors are counted."""
-        sock, out = self.sock, []
-        flags = socket.MSG_PEEK if self.journal else 0
+        """Up to ``budget`` datagrams, as many as are there, all kept in the journal until
+        :meth:`release` (a reader that judges nothing itself: the tests, the bench)."""
+        out = []
         for _ in range(budget):
-            try:
-                datagram = sock.recv(MAX_DATAGRAM, flags)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self.counters["socket_errors"] += 1
+            datagram = self._next()
+            if datagram is None:
                 break
             out.append(datagram)
-        if self.journal:
-            pending = self._pending
-            for datagram in out:
-                where = _WHERE.unpack_from(datagram) if len(datagram) >= _WHERE.size else _GARBAGE
-                # What the kernel charges the buffer for it, not its length: a small
-                # datagram's skb costs about a kilobyte of the receive buffer.
-                charged = len(datagram) + SKB_OVERHEAD
-                pending.append((*where, charged, now))
-                self._pending_bytes += charged
+            if self.journal:
+                self._keep(datagram, now)
         return out
+
+    def feed(
+        self,
+        budget: int,
+        now: float,
+        receive: Callable[[bytes], bool],
+        positions: Mapping[int, StreamState],
+    ) -> int:
+        """Hand up to ``budget`` datagrams to ``receive``, one at a time; how many were read.
+
+        ``receive`` says whether the journal must keep the datagram (False: the decoder
+        rejected it, nothing will ever need it). One that is not needed, or that the
+        committed ``positions`` already cover, leaves the queue at once when nothing is
+        held ahead of it. Under a flood the queue then stays short, and a peek stays
+        cheap: the kernel walks the queue from its head to the peek offset on every
+        peek, about 10 ns a datagram (a peek 1 000 datagrams deep costs 9 us, at the
+        head 1.2 us; docs/RELIABILITY.md, "Floods of forged datagrams").
+        """
+        pending, journal, drop = self._pending, self.journal, self._sink
+        for count in range(budget):
+            datagram = self._next()
+            if datagram is None:
+                return count
+            needed = receive(datagram)
+            if not journal:
+                continue
+            if not needed and not pending:
+                # At the head of the queue, and nobody wants it: off it now (what a
+                # flood of forgeries or replays pays, besides the peek and the decoder).
+                try:
+                    self.sock.recv_into(drop, 1, socket.MSG_TRUNC)
+                except (BlockingIOError, InterruptedError):
+                    self._reset()  # a second reader of a shared socket took it
+                continue
+            self._keep(datagram, now, None if needed else _GARBAGE)
+            if len(pending) == 1 and self._releasable(pending[0], positions):
+                self._drop_head()
+            elif len(pending) >= self.depth:
+                # Deep enough: the caller commits what was read (and releases it)
+                # before this peeks further. Nothing uncommitted leaves the queue here.
+                return count + 1
+        return budget
 
     def release(self, positions: Mapping[int, StreamState], now: float) -> int:
         """Take covered datagrams off the head of the queue; how many were taken."""
-        pending, streams, released = self._pending, self._streams, 0
-        oldest = now - self.hold_s
+        pending, released = self._pending, 0
         while pending:
-            stream, epoch, seq, size, at = pending[0]
-            if stream in streams:
-                position = positions.get(stream)
-                covered = position is not None and (
-                    epoch < position.epoch or (epoch == position.epoch and seq < position.next_seq)
-                )
-                if not covered:
-                    if at > oldest and self._pending_bytes <= self.limit:
-                        break
-                    self.counters["link_released_uncommitted"] += 1
-            try:
-                self.sock.recv_into(self._sink, 1, socket.MSG_TRUNC)
-            except (BlockingIOError, InterruptedError):
-                # Someone else took it (a second reader of a shared socket): start afresh.
-                self._reset()
+            if not self._releasable(pending[0], positions):
+                if not self._over(now, pending[0][4]):
+                    break
+                self.counters["link_released_uncommitted"] += 1
+            if not self._drop_head():
                 break
-            pending.popleft()
-            self._pending_bytes -= size
             released += 1
         return released
+
+    def _next(self) -> bytes | None:
+        """The next datagram (peeked when journaling), or None when the queue is empty."""
+        try:
+            return self.sock.recv(MAX_DATAGRAM, socket.MSG_PEEK if self.journal else 0)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            self.counters["socket_errors"] += 1
+            return None
+
+    def _keep(self, datagram: bytes, now: float, where: tuple[int, int, int] | None = None) -> None:
+        """Journal a peeked datagram: the block it names, what it costs the buffer, when."""
+        if where is None:
+            where = _WHERE.unpack_from(datagram) if len(datagram) >= _WHERE.size else _GARBAGE
+        # What the kernel charges the buffer for it, not its length: a small
+        # datagram's skb costs about a kilobyte of the receive buffer.
+        charged = len(datagram) + SKB_OVERHEAD
+        self._pending.append((*where, charged, now))
+        self._pending_bytes += charged
+
+    def _releasable(
+        self, held: tuple[int, int, int, int, float], positions: Mapping[int, StreamState]
+    ) -> bool:
+        """Nothing needs it: garbage, another stream, or a block the positions cover."""
+        stream, epoch, seq = held[0], held[1], held[2]
+        if stream not in self._streams:
+            return True
+        position = positions.get(stream)
+        return position is not None and (
+            epoch < position.epoch or (epoch == position.epoch and seq < position.next_seq)
+        )
+
+    def _over(self, now: float, at: float) -> bool:
+        """Must the head go uncovered? Held too long, or the journal is past its limits."""
+        return (
+            at <= now - self.hold_s
+            or self._pending_bytes > self.limit
+            or len(self._pending) > self.depth // 2
+        )
+
+    def _drop_head(self) -> bool:
+        """Take the datagram at the head of the queue off it (the journal's oldest)."""
+        try:
+            self.sock.recv_into(self._sink, 1, socket.MSG_TRUNC)
+        except (BlockingIOError, InterruptedError):
+            # Someone else took it (a second reader of a shared socket): start afresh.
+            self._reset()
+            return False
+        self._pending_bytes -= self._pending.popleft()[3]
+        return True
 
     def hold_longer(self, hold_s: float) -> None:
         """A standby's drain: it keeps datagrams until the active receiver's positions cover
         them, which can take the whole hand-over time, in up to a quarter of the buffer."""
         self.hold_s = hold_s
         self.limit = self._buffer // 4
+        self.depth = self._buffer  # no count limit: the active receiver's positions decide
 
     def hold_normally(self) -> None:
         self.hold_s = HOLD_S
         self.limit = self._buffer // 8
+        self.depth = MAX_HELD
 
     def rewind(self) -> None:
         """Read again from the head of the queue (a standby taking over)."""

@@ -3,7 +3,9 @@ and the drain that leaves every uncommitted datagram in the kernel's queue."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -15,9 +17,13 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from diode.config import validate
+from diode.config.rx import RxConfig
 from diode.errors import LinkError
+from diode.keys import write_keypair, write_psk
 from diode.replay import StreamState
 from diode.wire import DatagramHeader, pack_datagram
+from receiver.app import Receiver
 from receiver.link import (
     HOLD_S,
     SO_RCVBUFFORCE,
@@ -27,6 +33,7 @@ from receiver.link import (
     passed_socket,
     size_receive_buffer,
 )
+from tests.faults.forgeries import Target, k1
 from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -252,3 +259,45 @@ def test_without_the_journal_datagrams_are_taken_at_once(
     drain = Drain(sink, {STREAM}, journal=False, counters=Counter())
     assert drain.read(100, 0.0) == [_datagram(0)]
     assert _queued(sink) == []
+
+
+# --- the receiver's drain under a flood (issue 13) -----------------------------------------
+
+
+def _gated_receiver(tmp_path: Path) -> tuple[Receiver, bytes]:
+    """A receiver of one stream with a link secret, on a socket of its own; and the key id."""
+    _, public, key_id = write_keypair(tmp_path / "keys", "tx")
+    write_psk(tmp_path / "link.psk")
+    data = {
+        "receiver": {"listen": "127.0.0.1", "port": free_port(kind=2),
+                     "state_dir": str(tmp_path / "rx-state")},
+        "mqtt": {"host": "127.0.0.1", "port": free_port(),
+                 "spool_path": str(tmp_path / "rx-state" / "spool.sqlite")},
+        "streams": [{"id": STREAM, "public_keys": [str(public)],
+                     "psk_file": str(tmp_path / "link.psk"), "output": {"prefix": "diode"}}],
+    }  # fmt: skip
+    return Receiver(validate(RxConfig, data, "rx.toml")), key_id
+
+
+async def test_forged_datagrams_never_wait_in_the_kernel_queue(tmp_path: Path) -> None:
+    """Forgeries that name blocks the stream has not reached (a wrong link tag) were kept
+    in the socket's queue as if they could be the stream's next blocks, until they were
+    2 s old or an eighth of the buffer; every peek walks the queue from its head, so a
+    flood of them made each datagram cost 20 to 57 us of receiver CPU instead of a few.
+    What the decoder rejects leaves the queue as it is read."""
+    receiver, key_id = _gated_receiver(tmp_path)
+    source = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        source.connect(receiver.sock.getsockname())
+        target = Target(stream_id=STREAM, key_id=key_id, epoch=1_700_000_000_000, seq=10,
+                        gated=True, window=1000)  # fmt: skip
+        for datagram in itertools.islice(k1(target, random.Random(1)), 300):
+            source.send(datagram)
+        receiver._readable()
+        assert receiver.decoder.counters["rejected_bad_tag"] == 300
+        assert _queued(receiver.sock) == []
+        assert receiver.drain.pending == 0
+        assert receiver.counters().get("link_released_uncommitted", 0) == 0
+    finally:
+        source.close()
+        receiver.sock.close()

@@ -4,8 +4,10 @@
 a block being rebuilt or bumps exactly one ``rejected_<reason>`` counter.
 The path of a datagram, one piece per job::
 
-    Gate.admit            link tag | framing, CRC, link profile, key id
-    StreamSequencer.check already delivered, or an epoch older than followed?
+    Gate.screen           length, magic, stream, size | CRC (no secret)
+    StreamSequencer.screen already delivered, or an epoch older than followed?
+    Gate.unsealed         the link tag (a secret)
+    Gate.admit            framing, link profile, key id
     AssemblyTable.add     k symbols yet? (memory bounded, oldest evicted)
     StreamSequencer.turn  the next block: verify now; ahead in the window: WaitingRoom
                           until its turn; outside the window: VerifyBudget.take
@@ -115,8 +117,9 @@ class Decoder:
 
     # -- the public surface ---------------------------------------------------
 
-    def receive(self, datagram: bytes, now: float) -> None:
-        """Take one datagram. Never raises: a bad one bumps one counter and is dropped."""
+    def receive(self, datagram: bytes, now: float) -> bool:
+        """Take one datagram; False if it was rejected. Never raises: a bad one bumps
+        one counter and is dropped (and what holds raw datagrams may let it go)."""
         counters = self.counters
         counters["datagrams"] += 1
         # The cheap checks first, without exceptions: this is what a flood pays.
@@ -124,7 +127,9 @@ class Decoder:
         if reason is None:
             stream_id = _STREAM.unpack_from(datagram, 4)[0]
             epoch, seq = _EPOCH_SEQ.unpack_from(datagram, 16)
-            reason = self._sequencer.screen(stream_id, epoch, seq)
+            # The position before the link tag: a replay costs no MAC (it can only be
+            # rejected by these fields; a forgery naming an old block is counted late).
+            reason = self._sequencer.screen(stream_id, epoch, seq) or self._gate.unsealed(datagram)
             if (
                 reason is None
                 and self._sequencer.turn(stream_id, epoch, seq) == "budget"
@@ -133,19 +138,20 @@ class Decoder:
                 reason = "rejected_verify_budget"  # outside the window, no verify left
         if reason is not None:
             counters[reason] += 1
-            return
+            return False
         try:
-            self._receive(datagram, now)
+            return self._receive(datagram, now)
         except FrameError as exc:
             counters["rejected_" + exc.reason] += 1
+            return False
 
-    def _receive(self, datagram: bytes, now: float) -> None:
+    def _receive(self, datagram: bytes, now: float) -> bool:
         header, symbol, trusted = self._gate.admit(datagram)
         key = assembly_key(datagram, len(symbol))
         assembly = self._table.add(key, header.index, header.k, symbol, now)
         self.counters["symbols"] += 1
         if assembly is None:
-            return
+            return True
         stream_id = header.stream_id
         candidate = Candidate(
             key=key,
@@ -158,13 +164,14 @@ class Decoder:
         turn = self._sequencer.turn(stream_id, header.epoch, header.seq)
         if turn == "wait" and not (self._stuck(stream_id) and self._budget.take(now)):
             self._room.put(stream_id, header.epoch, candidate)
-            return
+            return True
         if turn == "budget" and not self._budget.take(now):
             raise FrameError("out of the window and over budget", reason="verify_budget")
         try:
             self._verify(candidate, now)
         finally:
             self._serve(stream_id, now)
+        return True
 
     def _verify(self, candidate: Candidate, now: float, arrived: float | None = None) -> None:
         header = candidate.header

@@ -4,8 +4,9 @@ In this order, each one cheaper than what it protects::
 
     length, magic, stream id known        a few bytes, one dict lookup
     datagram size = the stream's profile  one comparison (profile configured)
+    CRC (stream without a secret)         one CRC-32 (before any field is read)
+    [the stream's position]               a replay or late copy stops here (decoder)
     link tag (stream with a link secret)  one keyed BLAKE2b over the datagram
-    CRC                                   one CRC-32 (before any field is read)
     framing                               one struct unpack
     k, n = the stream's profile           two comparisons (profile configured)
     key id known, of this stream          one dict lookup
@@ -103,8 +104,8 @@ class Gate:
     def screen(self, data: bytes) -> str | None:  # noqa: PLR0911 - one exit per check, cheapest first
         """The cheap checks, no exception: None to go on, or the counter to bump.
 
-        Length, magic, stream, size, then the link tag (or the version of an
-        ungated stream): what a flood must get through costs the least here.
+        Length, magic, stream, size, version, and the CRC of an ungated stream: what a
+        flood must get through costs the least here. The link tag is :meth:`unsealed`.
         """
         if len(data) <= HEADER_SIZE:
             return "rejected_short"
@@ -119,15 +120,28 @@ class Gate:
         if door.key is not None:
             if version not in _GATED:
                 return "rejected_ungated"
-            tag = blake2b(data[:-LINK_TAG_SIZE], key=door.key, digest_size=LINK_TAG_SIZE)
-            if not compare_digest(tag.digest(), data[-LINK_TAG_SIZE:]):
-                return "rejected_bad_tag"
         elif version not in _UNGATED:
             return "rejected_bad_version"
         # Ungated, before anything reads the header's fields: damage on the way is
         # bad_checksum, not a late or replayed block. (Gated, the tag caught it.)
         elif not crc_ok(data, version):
             return "rejected_bad_checksum"
+        return None
+
+    def unsealed(self, data: bytes) -> str | None:
+        """The link tag of a datagram :meth:`screen` let through: "rejected_bad_tag" when it
+        fails, None when it holds or the stream has no secret.
+
+        Apart from the screen because it is the dearest check (one keyed BLAKE2b over the
+        datagram, 4.6 us at 1472 bytes here): what the stream's position already rules
+        out (a replay, a late copy) is dropped before it, by fields that can only reject.
+        """
+        key = self._doors[int.from_bytes(data[4:8], "big")].key
+        if key is None:
+            return None
+        tag = blake2b(data[:-LINK_TAG_SIZE], key=key, digest_size=LINK_TAG_SIZE)
+        if not compare_digest(tag.digest(), data[-LINK_TAG_SIZE:]):
+            return "rejected_bad_tag"
         return None
 
     def admit(self, data: bytes) -> tuple[DatagramHeader, bytes, TrustedKey]:
