@@ -26,7 +26,8 @@ Runs (``--runs`` picks groups or single runs, comma-separated):
 - ``tags``: ``tags-10k`` and ``tags-50k``, per-tag QoS 0 (issue 17's targets);
 - ``link``: ``diode bench link`` (root: nftables counts and drops);
 - ``files``, ``syslog``, ``restart``, ``codec``: the other benches, with the
-  figures their sections quote.
+  figures their sections quote;
+- ``gil``: whether zfec and Ed25519 signing release the GIL (diode/benchmarks/gil.py).
 """
 
 from __future__ import annotations
@@ -185,6 +186,20 @@ RUNS: tuple[Run, ...] = (
         about="about 50 s",
     ),
     Run(
+        name="gil",
+        group="gil",
+        argv=("-m", "diode.benchmarks.gil"),
+        figures=(
+            Figure("G1", "zfec encode µs (one thread)", "zfec_encode_k32_n56.us_per_op_one_thread"),
+            Figure("G2", "zfec: two threads speed-up", "zfec_encode_k32_n56.speedup_two_threads"),
+            Figure(
+                "G3", "Ed25519 sign 45 KB µs (one thread)", "ed25519_sign_45kb.us_per_op_one_thread"
+            ),
+            Figure("G4", "Ed25519: two threads speed-up", "ed25519_sign_45kb.speedup_two_threads"),
+        ),
+        about="about 20 s",
+    ),
+    Run(
         name="codec",
         group="codec",
         argv=("codec",),
@@ -223,6 +238,17 @@ def _diode() -> list[str]:
     return [sys.executable, "-c", "import sys; from diode.cli import main; sys.exit(main())"]
 
 
+def _argv(run: Run) -> list[str]:
+    """``diode bench ...``, or a module of its own (``-m ...``) under this interpreter."""
+    if run.argv[0] == "-m":
+        return [sys.executable, *run.argv]
+    return [*_diode(), "bench", *run.argv]
+
+
+def _shown(run: Run) -> list[str]:
+    return ["python", *run.argv] if run.argv[0] == "-m" else ["diode", "bench", *run.argv]
+
+
 def _commit(tree: Path) -> str:
     try:
         out = subprocess.run(  # noqa: S603
@@ -247,12 +273,12 @@ def one(run: Run) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     busy0, t0 = _busy_ticks()[0], time.monotonic()
     proc = subprocess.run(  # noqa: S603
-        [*_diode(), "bench", *run.argv], check=False, capture_output=True, text=True
+        _argv(run), check=False, capture_output=True, text=True
     )
     busy1, t1 = _busy_ticks()[0], time.monotonic()
     entry: dict[str, Any] = {
         "run": run.name,
-        "argv": ["diode", "bench", *run.argv],
+        "argv": _shown(run),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (t1 - t0))),
         "seconds": round(t1 - t0, 1),
         "load_before": round(load_before, 2),
@@ -333,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = select(args.runs)
     if args.list:
         for run in runs:
-            print(f"{run.name:10} diode bench {' '.join(run.argv)}  ({run.about})")
+            print(f"{run.name:10} {' '.join(_shown(run))}  ({run.about})")
         return 0
     tree = Path(args.daemons) if args.daemons else Path(__file__).resolve().parents[2]
     label = args.label or _commit(tree)
