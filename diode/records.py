@@ -320,9 +320,14 @@ def unrepresentable(sample: Sample) -> str:
     ts = sample.ts_ns
     if type(ts) is not int or not INT64_MIN <= ts <= INT64_MAX:
         return "timestamp out of range"
-    if type(sample.reason) is not str or _bad_value(sample.reason):
+    reason = sample.reason
+    if type(reason) is not str or (reason and _bad_value(reason)):
         return "reason is not valid text"
-    return _bad_value(sample.value)
+    value = sample.value
+    kind = type(value)
+    if kind is float or kind is bool or value is None:  # most samples: no call
+        return ""
+    return _bad_value(value)
 
 
 def encode_records(records: Iterable[Record]) -> bytes:
