@@ -24,7 +24,9 @@ document are the same measurement of two builds.
 Runs (``--runs`` picks groups or single runs, comma-separated):
 
 - ``tags``: ``tags-10k`` and ``tags-50k``, per-tag QoS 0 (issue 17's targets);
+- ``modes``: per-tag QoS 1 at 20 000/s and batched at 200 000/s (issue 7's);
 - ``link``: ``diode bench link`` (root: nftables counts and drops);
+- ``polling``, ``opcua``: 200 Modbus devices, 20 000 OPC UA items at 1 Hz;
 - ``files``, ``syslog``, ``restart``, ``codec``: the other benches, with the
   figures their sections quote;
 - ``gil``: whether zfec and Ed25519 signing release the GIL (diode/benchmarks/gil.py).
@@ -97,12 +99,15 @@ class Run:
     about: str  # how long one repeat takes, and what it needs
 
 
-def _tags(row: str, rate: int, targets: dict[str, str]) -> Run:
-    base = "modes.per_tag:0.runs.0."
+def _tags(
+    row: str, rate: int, targets: dict[str, str], mode: str = "per_tag:0", group: str = "tags"
+) -> Run:
+    base = f"modes.{mode}.runs.0."
+    prefix = {"per_tag:0": "tags", "per_tag:1": "tags-qos1", "batched:0": "batched"}[mode]
     return Run(
-        name=f"tags-{rate // 1000}k",
-        group="tags",
-        argv=("tags", "--mode", "per_tag:0", "--rate", str(rate), "--seconds", "10"),
+        name=f"{prefix}-{rate // 1000}k",
+        group=group,
+        argv=("tags", "--mode", mode, "--rate", str(rate), "--seconds", "10"),
         figures=(
             Figure(f"{row}1", "updates lost", base + "lost", targets.get("lost", "")),
             Figure(f"{row}2", "latency p50 ms", base + "latency_ms.p50"),
@@ -144,6 +149,8 @@ def _link_figures() -> tuple[Figure, ...]:
 RUNS: tuple[Run, ...] = (
     _tags("T", 10_000, {"lost": "== 0", "p99": "< 20", "tx": "<= 10", "rx": "<= 15"}),
     _tags("U", 50_000, {"lost": "== 0", "p99": "< 50"}),
+    _tags("Q", 20_000, {"lost": "== 0", "p99": "< 100"}, mode="per_tag:1", group="modes"),
+    _tags("B", 200_000, {"lost": "== 0", "p99": "< 100"}, mode="batched:0", group="modes"),
     Run(
         name="link",
         group="link",
@@ -184,6 +191,29 @@ RUNS: tuple[Run, ...] = (
             Figure("R2", "socket buffer covers s, 50 000/s", "runs.1.covers_s"),
         ),
         about="about 50 s",
+    ),
+    Run(
+        name="polling",
+        group="polling",
+        argv=("polling", "--devices", "200"),
+        figures=(
+            Figure("P1", "tx CPU s/s, 200 Modbus devices at 1 Hz", "runs.0.tx_cpu_share", "< 1"),
+            Figure("P2", "poll cycles overrun", "runs.0.poll_overruns", "== 0"),
+            Figure("P3", "requests / device-cycle", "runs.0.requests_per_device_cycle"),
+            Figure("P4", "tx µs CPU / request", "runs.0.tx_cpu_us_per_request"),
+        ),
+        about="about 40 s; pymodbus simulator",
+    ),
+    Run(
+        name="opcua",
+        group="opcua",
+        argv=("opcua", "--items", "20000"),
+        figures=(
+            Figure("O1", "tx CPU s/s, 20 000 items at 1 Hz", "runs.0.tx_cpu_share", "< 1"),
+            Figure("O2", "share of due changes received", "runs.0.received_share", ">= 0.98"),
+            Figure("O3", "tx ms CPU / 1 000 changes/s", "runs.0.tx_cpu_ms_per_1000_changes"),
+        ),
+        about="about 90 s; asyncua server",
     ),
     Run(
         name="gil",
