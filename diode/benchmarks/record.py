@@ -118,7 +118,7 @@ def _tags(
                    targets.get("rx", "")),
             Figure(f"{row}6", "tx CPU s/s", base + "tx_cpu_share"),
             Figure(f"{row}7", "rx CPU s/s", base + "rx_cpu_share"),
-            Figure(f"{row}8", "tx / rx peak RSS MB", base + "rx_rss_peak_mb", "< 150"),
+            Figure(f"{row}8", "rx peak RSS MB", base + "rx_rss_peak_mb", "< 150"),
         ),
         about="about 20 s",
     )  # fmt: skip
