@@ -176,7 +176,7 @@ def _pct(values: list[float], q: float) -> float:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
 
 
-def run(
+def run(  # noqa: PLR0915 - one flat run, step by step
     *,
     rate_hz: int,
     payload: str = "per_tag",
@@ -239,7 +239,8 @@ def run(
                                 raise RuntimeError("nothing arrived at the receiver")
                             time.sleep(0.05)
                         t0, c0 = time.monotonic(), (tx.cpu_s(), rx.cpu_s())
-                        d0 = h.rx_metrics(metrics).get("records_delivered", 0)
+                        m0 = h.rx_metrics(metrics)
+                        d0 = m0.get("records_delivered", 0)
                         if stall_s:
                             time.sleep(2.0)
                             os.kill(rx.proc.pid, signal.SIGSTOP)
@@ -249,7 +250,8 @@ def run(
                         else:
                             time.sleep(seconds)
                         t1, c1 = time.monotonic(), (tx.cpu_s(), rx.cpu_s())
-                        d1 = h.rx_metrics(metrics).get("records_delivered", 0)
+                        m1 = h.rx_metrics(metrics)
+                        d1 = m1.get("records_delivered", 0)
                         hwm = (tx.hwm_mb(), rx.hwm_mb())
                         tx.check()
                     rx.check()
@@ -273,6 +275,14 @@ def run(
         "received": received,
         "lost": generated - received,
         "rx_delivered_in_window": int(d1 - d0),
+        # Per-block costs: how many datagrams and blocks carried those records.
+        "rx_datagrams_in_window": int(m1.get("datagrams", 0) - m0.get("datagrams", 0)),
+        "rx_blocks_in_window": int(
+            m1.get("blocks_whole", 0)
+            + m1.get("blocks_rebuilt", 0)
+            - m0.get("blocks_whole", 0)
+            - m0.get("blocks_rebuilt", 0)
+        ),
         "tx_dropped": (stopped[-1]["records_dropped"] if stopped else None),
         "rx_records_lost": int(m.get("records_lost", 0)),
         "rx_mqtt_spooled": int(m.get("mqtt_spooled", 0)),
