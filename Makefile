@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench reliability clean system-deps
+.PHONY: demo test lint typecheck pytest bench bench-table bench-list reliability clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,8 +51,25 @@ pytest: $(STAMP) system-deps
 
 test: lint typecheck pytest
 
-bench: $(STAMP)
-	$(BIN)/diode bench codec
+# The runs of record (docs/BENCHMARKS.md): every figure the document quotes, medians of
+# ROUNDS repeats, one table against the targets. RUNS picks groups or runs (tags, link,
+# files, syslog, restart, codec; tags-10k ...); WRAP runs each repeat under a command
+# (/work/tools/benchrun on a shared host); DAEMONS=TREE measures another tree's daemons.
+# `make bench-list` says what each run is and how long it takes.
+RUNS    ?= all
+ROUNDS  ?= 3
+RESULTS ?= bench-results.jsonl
+bench: $(STAMP) system-deps
+	$(BIN)/python -m diode.benchmarks.record --runs '$(RUNS)' --rounds $(ROUNDS) \
+		--results '$(RESULTS)' $(if $(WRAP),--wrap '$(WRAP)') $(if $(DAEMONS),--daemons '$(DAEMONS)') \
+		$(if $(LABEL),--label '$(LABEL)')
+
+bench-table: $(STAMP)
+	$(BIN)/python -m diode.benchmarks.record --table --runs '$(RUNS)' --rounds $(ROUNDS) \
+		--results '$(RESULTS)' $(if $(DAEMONS),--daemons '$(DAEMONS)') $(if $(LABEL),--label '$(LABEL)')
+
+bench-list: $(STAMP)
+	$(BIN)/python -m diode.benchmarks.record --list --runs '$(RUNS)'
 
 # The fault suite's figures: every scenario, then a 60 s atheris run; rewrites docs/RELIABILITY.md.
 reliability: $(STAMP) system-deps

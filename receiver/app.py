@@ -75,6 +75,11 @@ DRAIN_BUDGET = 1024  # datagrams per reader callback: bounds what a catch-up hol
 # File datagrams per turn, read only once the link socket is empty: a tag datagram that
 # arrives meanwhile waits for at most this many (two blocks' worth at the default FEC).
 FILE_BUDGET = 112
+# Group commits: at most one commit of the positions per this long. A block that
+# completes sooner after the last commit waits for the next one (its messages and
+# datagrams held meanwhile), so at high rate one COMMIT covers several blocks; a
+# block that arrives after a quiet spell is committed at once, adding no latency.
+COMMIT_EVERY_S = 0.005
 STATUS_PERIOD_S = 5.0
 
 
@@ -216,6 +221,8 @@ class Receiver:
         self.passed_socket = passed
         self.metrics = Metrics(self) if section.metrics_port else None
         self._timer: asyncio.TimerHandle | None = None
+        self._commit_timer: asyncio.TimerHandle | None = None  # a grouped commit due
+        self._last_commit = float("-inf")
         self.ready = asyncio.Event()
         self.handover = False  # set by a reload: the socket goes to the next process
 
@@ -282,16 +289,41 @@ class Receiver:
             self.router.handle(events, now)
             # Log records reach the SOC spool before the positions that cover them commit.
             self.soc.handle(events, now)
-        if decoder.state_changed:
-            # The messages and the positions that cover them reach the disk in one
-            # transaction, before anything is published: a receiver killed at any
-            # moment loses nothing unreported and takes no replayed block twice.
-            self._committed = decoder.positions()
-            self.output.commit({POSITIONS: pack_states(self._committed)})
+        if decoder.state_changed and self._commit_timer is None:
+            wait = self._last_commit + COMMIT_EVERY_S - time.monotonic()
+            # The journal deep enough that the drain would let uncommitted datagrams go
+            # (receiver/link.py): commit now rather than at the group's time.
+            if wait <= 0 or self.drain.pending > self.drain.depth // 2:
+                self._commit()
+            else:
+                self.output.hold()
+                self._commit_timer = asyncio.get_running_loop().call_later(wait, self._group)
         # Only now may the datagrams those positions cover leave the kernel's queue.
         for drain in self._drains():
             drain.release(self._committed, now)
         self._arm()
+
+    def _commit(self) -> None:
+        """Commit the decoder's positions with every message handed over since the last one.
+
+        The messages and the positions that cover them reach the disk in one
+        transaction, before anything is published: a receiver killed at any
+        moment loses nothing unreported and takes no replayed block twice.
+        """
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
+        if self.decoder.state_changed:
+            self._committed = self.decoder.positions()
+            self.output.commit({POSITIONS: pack_states(self._committed)})
+            self._last_commit = time.monotonic()
+
+    def _group(self) -> None:
+        self._commit_timer = None
+        self._commit()
+        now = time.monotonic()
+        for drain in self._drains():
+            drain.release(self._committed, now)
 
     def _announce_file(self, stream_id: int, result: dict[str, object]) -> None:
         self.output.publish_file(self._stream_outputs[stream_id], dict(result))
@@ -445,6 +477,7 @@ class Receiver:
     def _step_down(self, reason: str) -> None:
         """Another receiver claimed later: stop publishing (the spool still drains)."""
         assert self.failover is not None
+        self._commit()  # what this receiver published is covered before it stops
         self._retired.update(self.decoder.counters)
         learned = self.router
         self.decoder = self._decoder(dict(self._committed))
@@ -589,6 +622,7 @@ class Receiver:
             # Nothing decodes or commits past this point, so nothing more leaves the
             # kernel's queue: what is uncommitted stays there for the next process.
             self._read_sockets(loop, read=False)
+            self._commit()  # a grouped commit still due
             await self.files.wait_idle()
             self.files.close()
             self.router.save(time.monotonic())  # the last values, with the final commit

@@ -141,6 +141,9 @@ READ_SIZE = 65536  # bytes the broker connection reads at once
 REFUSED = 0x80  # PUBACK reason codes from here on are failures (MQTT 5 section 2.4)
 SPOOL_READ = 1000  # messages read from the spool at once, at most
 DELETE_BATCH = 4000  # delivered messages deleted in one transaction
+# With nothing in flight, what the broker has is deleted with the next commit (one
+# transaction, not two), or after this long if no commit comes first.
+FORGET_AFTER_S = 0.05
 DRAIN_GRACE_S = 2.0
 DROP_LOG_INTERVAL_S = 10.0
 OUT_OF_BAND = 4  # window slots kept for the receiver status messages
@@ -387,11 +390,13 @@ class MqttOutput:
         self._unencodable_pending = 0
         self._unencodable_logged_at = float("-inf")
         self._commit_soon: asyncio.Handle | None = None
+        self._held = False  # the receiver commits next, with the positions (hold())
         self._inflight: deque[_Sent] = deque()
         self._inflight_messages = 0
         self._acks: dict[int, _Pending] = {}  # packet identifier -> its QoS 1 message
         self._done_id: int | None = None  # the broker has every message up to this id
         self._done_count = 0  # messages it has that are still in the spool
+        self._forget_soon: asyncio.TimerHandle | None = None
         self._backlog_at_connect = 0
         self._cursor = CURSOR_START
         self._window = min(broker.max_inflight, MAX_WINDOW)
@@ -458,8 +463,23 @@ class MqttOutput:
         if self._closed:
             return
         self._state.merge(changes)
-        if self._commit_soon is None:
+        if self._commit_soon is None and not self._held:
             self._commit_soon = asyncio.get_running_loop().call_soon(self.commit)
+
+    def hold(self) -> None:
+        """Leave what is handed over for the next :meth:`commit` call, not the next turn.
+
+        The receiver groups its commits when blocks arrive faster than it wants
+        to commit (receiver/app.py): the messages of a block delivered meanwhile
+        must reach the disk with the stream positions that cover them, never
+        before, or a receiver killed in between would publish that block again
+        when it reads it back from the socket. Until the receiver's commit,
+        everything handed over (status, stale values, events) waits with them.
+        """
+        self._held = True
+        if self._commit_soon is not None:
+            self._commit_soon.cancel()
+            self._commit_soon = None
 
     def saved_state(self) -> list[tuple[int, int, int, bytes]]:
         """The router's state as the last commit left it."""
@@ -488,14 +508,21 @@ class MqttOutput:
         if self._commit_soon is not None:
             self._commit_soon.cancel()
             self._commit_soon = None
-        if self._closed or not (self._batch or meta or self._state):
+        self._held = False
+        if self._closed or not (self._batch or meta or self._state or self._done_id is not None):
             return
         batch, self._batch = self._batch, []
         state, self._state = self._state, StateChanges()
         now = time.time()
-        dropped = self._spool.append(batch, now, meta, state)
+        done, self._done_id, self._done_count = self._done_id, None, 0
+        if self._forget_soon is not None:
+            self._forget_soon.cancel()
+            self._forget_soon = None
+        dropped = self._spool.append(batch, now, meta, state, delete_through=done)
         self.counters["spooled"] += len(batch)
         self.counters["spool_depth"] = len(self._spool)
+        if done is not None:
+            self._backlog_delivered()
         if dropped:
             self.counters["spool_dropped"] += dropped
             self._drop_pending += dropped
@@ -581,7 +608,7 @@ class MqttOutput:
                 messages = [m for m in messages if self._encodable(m)]
                 break
         self._batch.extend(messages)
-        if self._commit_soon is None:
+        if self._commit_soon is None and not self._held:
             self._commit_soon = asyncio.get_running_loop().call_soon(self.commit)
 
     def _encodable(self, m: Message) -> bool:
@@ -661,8 +688,14 @@ class MqttOutput:
             self._done_count += done
         # Deleting what the broker has is batched: one transaction per few thousand
         # messages, not per pump turn. A crash in between re-sends them (at least once).
-        if self._done_count >= DELETE_BATCH or not inflight:
+        if self._done_count >= DELETE_BATCH:
             self._forget_done()
+        elif not inflight and self._done_id is not None and self._forget_soon is None:
+            # The next commit deletes these in its own transaction; a timer in case
+            # none comes. A crash before either re-sends them (at least once).
+            self._forget_soon = asyncio.get_running_loop().call_later(
+                FORGET_AFTER_S, self._forget_done
+            )
 
     def _refused(self, reason: int) -> None:
         """A PUBACK with a failure reason: the broker will never take that message."""
@@ -680,13 +713,19 @@ class MqttOutput:
             self._refused_logged_at = now
 
     def _forget_done(self) -> None:
-        if self._done_id is not None:
+        if self._forget_soon is not None:
+            self._forget_soon.cancel()
+            self._forget_soon = None
+        if self._done_id is not None and not self._closed:
             self._spool.delete_through(self._done_id)
             self._done_id, self._done_count = None, 0
             self.counters["spool_depth"] = len(self._spool)
-            if self._backlog_at_connect and not len(self._spool):
-                self._log.info("mqtt spool delivered", messages=self._backlog_at_connect)
-                self._backlog_at_connect = 0
+            self._backlog_delivered()
+
+    def _backlog_delivered(self) -> None:
+        if self._backlog_at_connect and not len(self._spool):
+            self._log.info("mqtt spool delivered", messages=self._backlog_at_connect)
+            self._backlog_at_connect = 0
 
     def _fill(self, client: paho.Client) -> bool:
         """Hand the broker what the window allows of the spool, in one write.

@@ -152,16 +152,20 @@ class Spool:
         now: float,
         meta: Mapping[str, bytes] | None = None,
         state: StateChanges | None = None,
+        delete_through: int | None = None,
     ) -> int:
         """Add ``messages`` after every row, set ``meta``, change ``state``, in one transaction.
 
         Returns the number of oldest messages dropped to fit. Whatever ``meta``
         and ``state`` say (the receiver's stream positions, what the router
-        learned) is on disk exactly when the messages are.
+        learned) is on disk exactly when the messages are. ``delete_through``:
+        :meth:`delete_through` in the same transaction (one COMMIT, not two).
         """
-        if not messages and not meta and not state:
+        if not messages and not meta and not state and delete_through is None:
             return 0
         with self._transaction():
+            if delete_through is not None:
+                self._delete_through(delete_through)
             if state:
                 self._change_state(state)
             if meta:
@@ -229,25 +233,26 @@ class Spool:
         """Remove every message with an id up to ``message_id`` (the broker has them)."""
         if not self._count:
             return
-        row_id, index = message_id >> INDEX_BITS, message_id & _INDEX_MASK
         with self._transaction():
-            (gone,) = self._db.execute(
-                "SELECT coalesce(sum(count - skip), 0) FROM batches WHERE id < ?", (row_id,)
-            ).fetchone()
-            self._db.execute("DELETE FROM batches WHERE id < ?", (row_id,))
-            row = self._db.execute(
-                "SELECT count, skip FROM batches WHERE id = ?", (row_id,)
-            ).fetchone()
-            if row is not None and index >= row[1]:
-                count, skip = row
-                if index + 1 >= count:
-                    self._db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
-                else:
-                    self._db.execute(
-                        "UPDATE batches SET skip = ? WHERE id = ?", (index + 1, row_id)
-                    )
-                gone += min(index + 1, count) - skip
-            self._count -= gone
+            self._delete_through(message_id)
+
+    def _delete_through(self, message_id: int) -> None:
+        if not self._count:
+            return
+        row_id, index = message_id >> INDEX_BITS, message_id & _INDEX_MASK
+        (gone,) = self._db.execute(
+            "SELECT coalesce(sum(count - skip), 0) FROM batches WHERE id < ?", (row_id,)
+        ).fetchone()
+        self._db.execute("DELETE FROM batches WHERE id < ?", (row_id,))
+        row = self._db.execute("SELECT count, skip FROM batches WHERE id = ?", (row_id,)).fetchone()
+        if row is not None and index >= row[1]:
+            count, skip = row
+            if index + 1 >= count:
+                self._db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
+            else:
+                self._db.execute("UPDATE batches SET skip = ? WHERE id = ?", (index + 1, row_id))
+            gone += min(index + 1, count) - skip
+        self._count -= gone
 
     def close(self) -> None:
         self._db.close()

@@ -31,6 +31,24 @@ def test_order_and_delete_through(tmp_path: Path) -> None:
     assert payloads(spool) == [b"c"]
 
 
+def test_what_the_broker_has_is_deleted_in_the_next_commits_transaction(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.db", 100)
+    spool.append(msgs("a", "b"), 0.0)
+    last, _ = spool.read(-(2**62), 1, 0.0)  # the broker has a
+    commits = []
+    spool._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    spool.append(msgs("c"), 0.0, {"positions": b"p"}, delete_through=last)
+    assert commits == ["COMMIT"]  # one transaction for both
+    assert len(spool) == 2
+    assert payloads(spool) == [b"b", b"c"]
+    _, rows = spool.read(-(2**62), 10, 0.0)
+    spool.append([], 0.0, delete_through=rows[-1][0])  # nothing new: the delete alone
+    spool.close()
+    again = Spool(tmp_path / "s.db", 100)
+    assert len(again) == 0
+    assert again.meta("positions") == b"p"
+
+
 def test_full_drops_the_oldest_with_exact_count(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s.db", 5)
     assert spool.append(msgs("1", "2", "3"), 0.0) == 0

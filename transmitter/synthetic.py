@@ -54,12 +54,14 @@ class SyntheticPoller:
     def generate(self, n: int) -> None:
         """Hand ``n`` updates to the sink now."""
         ts = self.now_ns()
-        tags, values, ids, sink = self.source.tags, self._values, self._ids, self.sink
+        tags, values, ids, put = self.source.tags, self._values, self._ids, self.sink.sample
+        value = self.value if self.source.string_bytes else None
+        i = self._next
         for _ in range(n):
-            i = self._next
-            self._next = (i + 1) % tags
-            values[i] += 1
-            sink.sample(Sample(tag_id=ids[i], ts_ns=ts, value=self.value(values[i])))
+            count = values[i] = values[i] + 1
+            put(Sample(tag_id=ids[i], ts_ns=ts, value=count if value is None else value(count)))
+            i = (i + 1) % tags
+        self._next = i
         self.counters["generated"] += n
 
     async def run(self) -> None:

@@ -158,6 +158,18 @@ def _command(script: str, module: str) -> list[str]:
     return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
 
 
+# A source tree whose daemons to run instead of this one's (``make bench
+# DAEMONS=...``): a before/after pair measured by the same benchmark code.
+DAEMONS_ENV = "DIODE_BENCH_DAEMONS"
+
+
+def _daemon_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    out = {**os.environ, **(env or {})}
+    if tree := os.environ.get(DAEMONS_ENV):
+        out["PYTHONPATH"] = os.pathsep.join(filter(None, (tree, out.get("PYTHONPATH"))))
+    return out
+
+
 class Daemon:
     """One child daemon; its CPU seconds and peak RSS read from /proc while it runs."""
 
@@ -168,7 +180,7 @@ class Daemon:
             argv,
             stdout=subprocess.DEVNULL,
             stderr=log.open("ab"),
-            env={**os.environ, **(env or {})},
+            env=_daemon_env(env),
         )
         self.final_cpu_s: float | None = None
         self.final_hwm_mb: float | None = None

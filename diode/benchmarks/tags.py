@@ -12,7 +12,9 @@ message with its receipt time (``%U``) to a file, parsed after the run.
 - Latency: receipt time - the sample's ``ts`` (the generation time; same host
   clock), over every update received.
 - Cost: CPU seconds of each daemon over the steady window (after the first
-  delivery) divided by the updates generated in it; peak RSS (VmHWM).
+  delivery) divided by the records the receiver delivered in that window (its
+  ``records_delivered`` counter: what the receiving end counted, integrity
+  refreshes included, not the nominal rate); peak RSS (VmHWM).
 
 ``tags`` raises the rate per payload mode until a run loses an update or its
 p99 latency passes ``max_p99_ms``; ``cost`` runs per-tag QoS 0 at 10k and 50k.
@@ -174,7 +176,7 @@ def _pct(values: list[float], q: float) -> float:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
 
 
-def run(
+def run(  # noqa: PLR0915 - one flat run, step by step
     *,
     rate_hz: int,
     payload: str = "per_tag",
@@ -237,6 +239,8 @@ def run(
                                 raise RuntimeError("nothing arrived at the receiver")
                             time.sleep(0.05)
                         t0, c0 = time.monotonic(), (tx.cpu_s(), rx.cpu_s())
+                        m0 = h.rx_metrics(metrics)
+                        d0 = m0.get("records_delivered", 0)
                         if stall_s:
                             time.sleep(2.0)
                             os.kill(rx.proc.pid, signal.SIGSTOP)
@@ -246,6 +250,8 @@ def run(
                         else:
                             time.sleep(seconds)
                         t1, c1 = time.monotonic(), (tx.cpu_s(), rx.cpu_s())
+                        m1 = h.rx_metrics(metrics)
+                        d1 = m1.get("records_delivered", 0)
                         hwm = (tx.hwm_mb(), rx.hwm_mb())
                         tx.check()
                     rx.check()
@@ -257,7 +263,9 @@ def run(
             stopped = tx.log_events("transmitter stopped")
             generated = int(stopped[-1]["poll_generated"]) if stopped else -1
             received, latencies = (parse_sparkplug if sparkplug else parse)(sub.path)
-    updates = rate_hz * (t1 - t0)
+    # Per update means per record the receiver counted in the window, never the
+    # nominal rate: a transmitter that fell behind would otherwise look cheap.
+    updates = max(d1 - d0, 1)
     return {
         "rate_hz": rate_hz,
         "payload": payload,
@@ -266,6 +274,15 @@ def run(
         "generated": generated,
         "received": received,
         "lost": generated - received,
+        "rx_delivered_in_window": int(d1 - d0),
+        # Per-block costs: how many datagrams and blocks carried those records.
+        "rx_datagrams_in_window": int(m1.get("datagrams", 0) - m0.get("datagrams", 0)),
+        "rx_blocks_in_window": int(
+            m1.get("blocks_whole", 0)
+            + m1.get("blocks_rebuilt", 0)
+            - m0.get("blocks_whole", 0)
+            - m0.get("blocks_rebuilt", 0)
+        ),
         "tx_dropped": (stopped[-1]["records_dropped"] if stopped else None),
         "rx_records_lost": int(m.get("records_lost", 0)),
         "rx_mqtt_spooled": int(m.get("mqtt_spooled", 0)),
