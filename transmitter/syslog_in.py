@@ -39,7 +39,14 @@ from diode.config.syslog import SyslogListener, SyslogSection
 from diode.encoder import Encoder
 from diode.errors import DiodeError, FrameError, SettingError
 from diode.records import LogFormat, LogRecord
-from diode.syslog import Deframer, SourceLimiter, TokenBucket, event_record, parse_syslog
+from diode.syslog import (
+    Deframer,
+    Parsed,
+    SourceLimiter,
+    TokenBucket,
+    event_record,
+    parse_syslog,
+)
 from diode.wire import BLOCK_OVERHEAD, symbol_size
 
 log = structlog.get_logger("diode.tx.syslog")
@@ -108,6 +115,20 @@ class LogLane:
         self._next_seq += 1
         self.counters["log_queued"] += 1
         self._on_queue()
+        return True
+
+    def notify(self) -> None:
+        """Wake the framer (after :meth:`put_parsed`, once per batch)."""
+        self._on_queue()
+
+    def put_parsed(self, parsed: Parsed, ts_ns: int, source: str) -> bool:
+        """:meth:`put` for a message from a device (the hot path: no closure per message)."""
+        if len(self._queue) >= self._limit:
+            self.counters["log_dropped_full"] += 1
+            return False
+        self._queue.append(parsed.record(seq=self._next_seq, ts_ns=ts_ns, source=source))
+        self._next_seq += 1
+        self.counters["log_queued"] += 1
         return True
 
     def ready(self, now: float) -> bool:
@@ -221,21 +242,36 @@ class SyslogIn:
     # -- the one entry of every message ------------------------------------------------
 
     def ingest(self, data: bytes, source: str, transport: str) -> None:
+        self.ingest_many([data], source, transport)
+
+    def ingest_many(self, messages: list[bytes], source: str, transport: str) -> None:
+        """Messages from one source that arrived together (one datagram, one TCP read).
+
+        The allow-list, the rate limit and the clock are asked once for all of
+        them: per message only the parse and the record remain.
+        """
         counters = self.counters
+        count = len(messages)
         if not self._allowed(source):
-            counters["syslog_denied"] += 1
+            counters["syslog_denied"] += count
             return
-        if not self._limiter.allow(source, time.monotonic()):
-            counters["syslog_rate_dropped"] += 1
-            return
-        counters["syslog_received"] += 1
-        parsed = parse_syslog(data)
-        if parsed.truncated:
-            counters["syslog_truncated"] += 1
-        if parsed.format == LogFormat.RAW:
-            counters["syslog_raw"] += 1
+        allowed = self._limiter.allow_many(source, time.monotonic(), count)
+        if allowed < count:
+            counters["syslog_rate_dropped"] += count - allowed
+            del messages[allowed:]
+        counters["syslog_received"] += allowed
         ts_ns = time.time_ns()
-        self.lane.put(lambda seq: parsed.record(seq=seq, ts_ns=ts_ns, source=source))
+        lane = self.lane
+        truncated = raw = 0
+        for data in messages:
+            parsed = parse_syslog(data)
+            truncated += parsed.truncated
+            raw += parsed.format is LogFormat.RAW
+            lane.put_parsed(parsed, ts_ns, source)
+        counters["syslog_truncated"] += truncated
+        counters["syslog_raw"] += raw
+        if messages:
+            self.lane.notify()
 
     def event(
         self, action: str, severity: int, message: str, params: dict[str, str] | None = None
@@ -337,8 +373,12 @@ class SyslogIn:
         deframer = Deframer()
         try:
             while data := await reader.read(READ_CHUNK):
-                for message in deframer.feed(data):
-                    self.ingest(message, source, transport)
+                batch: list[bytes] = []
+                try:
+                    batch.extend(deframer.feed(data))
+                finally:  # what came whole before a framing error is taken
+                    if batch:
+                        self.ingest_many(batch, source, transport)
         except FrameError as exc:
             self.counters["syslog_framing_errors"] += 1
             log.warning("syslog connection closed: framing", source=source, detail=str(exc))
