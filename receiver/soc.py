@@ -46,7 +46,7 @@ import structlog
 from diode.config.mqtt import StreamOutput
 from diode.config.syslog import SocSection
 from diode.decoder import Delivered, EpochStarted, Event, Gap
-from diode.records import Heartbeat, LogRecord
+from diode.records import Heartbeat, LogFormat, LogRecord
 from diode.syslog import event_record, octet_counted, render_5424, to_ecs
 from receiver.payload import Message
 from receiver.spool import Spool
@@ -254,7 +254,9 @@ class Soc:
         if self._spool is not None and collector:
             line = render_5424(record, stream_id=stream_id, epoch=epoch)
             self._batch.append(Message("", octet_counted(line), 0, False))
-        if self.section.mqtt_events:
+        if self.section.mqtt_events and (
+            self.section.mqtt_syslog or record.format is LogFormat.EVENT
+        ):
             doc = to_ecs(record, site=output.site, stream_id=stream_id, epoch=epoch)
             entry = self._documents.get(id(output))
             if entry is None:
