@@ -60,7 +60,7 @@ from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
 from receiver.rejections import RejectionMeter
 from receiver.router import Output, Router
-from receiver.soc import Soc
+from receiver.soc import SOC_LANES, Soc
 from receiver.sparkplug_node import SparkplugRouting, sparkplug_nodes
 
 log = structlog.get_logger("diode.rx")
@@ -164,7 +164,11 @@ class Receiver:
         )
         self.router = self._router(self._publisher if self.active else NullOutput())
         self.soc = Soc(
-            config.soc, {s.id: s.output for s in config.streams}, self.output, section.state_dir
+            config.soc,
+            {s.id: s.output for s in config.streams},
+            self.output,
+            section.state_dir,
+            saved=self.output.saved(SOC_LANES),
         )
         passed = False
         if sock is None:
@@ -221,7 +225,9 @@ class Receiver:
             # transaction, before anything is published: a receiver killed at any
             # moment loses nothing unreported and takes no replayed block twice.
             self._committed = decoder.positions()
-            self.output.commit({POSITIONS: pack_states(self._committed)})
+            self.output.commit(
+                {POSITIONS: pack_states(self._committed), SOC_LANES: self.soc.lanes_state()}
+            )
         # Only now may the datagrams those positions cover leave the kernel's queue.
         self.drain.release(self._committed, now)
         self._arm()

@@ -47,12 +47,13 @@ from diode.config.mqtt import StreamOutput
 from diode.config.syslog import SocSection
 from diode.decoder import Delivered, EpochStarted, Event, Gap
 from diode.records import Heartbeat, LogFormat, LogRecord
-from diode.syslog import event_record, octet_counted, render_5424, to_ecs
+from diode.syslog import event_record, octet_counted, render_5424, rfc3339_us, to_ecs
 from receiver.payload import Message
 from receiver.spool import Spool
 
 log = structlog.get_logger("diode.rx.soc")
 
+SOC_LANES = "soc_lanes"  # the key of lanes_state() in the receiver's commit
 READ_BATCH = 1024
 READS_PER_TURN = 16  # READ_BATCH each: what the forwarder writes per turn of the loop, at most
 SEND_BUFFER = 256 * 1024
@@ -73,6 +74,7 @@ class _Lane:
     output: StreamOutput
     epoch: int | None = None
     expected: int | None = None  # the next lane sequence number
+    last_ns: int | None = None  # when the last message delivered entered the diode
     link_up: bool = False
     counters: dict[str, int] = field(
         default_factory=lambda: {"logs": 0, "logs_lost": 0, "log_gaps": 0}
@@ -88,10 +90,13 @@ class Soc:
         streams: dict[int, StreamOutput],
         events: Events,
         state_dir: Path,
+        saved: bytes | None = None,
     ) -> None:
         self.section = section
         self._events = events
         self._lanes = {sid: _Lane(out) for sid, out in streams.items()}
+        if saved is not None:
+            self._restore(saved)
         self._spool = (
             Spool(state_dir / "soc-spool.sqlite", section.spool_max_messages)
             if section.collector_host
@@ -165,13 +170,43 @@ class Soc:
                         )
         self.commit()
 
+    # -- where each lane stands, kept with the stream positions ---------------------------
+
+    def lanes_state(self) -> bytes:
+        """Each lane's epoch, next sequence number and last time, for the receiver's commit.
+
+        Committed in the same transaction as the stream positions: a receiver
+        killed and started again expects the lane where the positions it resumes
+        from left it, so the messages lost while it was away (the socket's
+        queue went with the process) are a ``log-messages-lost`` event with
+        their exact count, not only records in a gap.
+        """
+        return orjson.dumps(
+            {
+                str(sid): [lane.epoch, lane.expected, lane.last_ns]
+                for sid, lane in self._lanes.items()
+                if lane.epoch is not None and lane.expected is not None
+            }
+        )
+
+    def _restore(self, saved: bytes) -> None:
+        try:
+            lanes = orjson.loads(saved)
+            for sid, (epoch, expected, last_ns) in lanes.items():
+                lane = self._lanes.get(int(sid))
+                if lane is not None:
+                    lane.epoch, lane.expected, lane.last_ns = int(epoch), int(expected), last_ns
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("saved log lane positions unreadable: counting from the next", error=exc)
+
     def _log(self, stream_id: int, lane: _Lane, epoch: int, record: LogRecord) -> None:
         if lane.epoch != epoch:
             lane.epoch, lane.expected = epoch, None
         if lane.expected is not None and record.seq > lane.expected:
-            self._lost(stream_id, lane, epoch, lane.expected, record.seq - 1)
+            self._lost(stream_id, lane, epoch, lane.expected, record.seq - 1, until_ns=record.ts_ns)
         if lane.expected is None or record.seq >= lane.expected:
             lane.expected = record.seq + 1
+            lane.last_ns = record.ts_ns
         lane.counters["logs"] += 1
         self.counters["soc_logs"] += 1
         self._emit(record, stream_id, epoch, lane.output)
@@ -183,19 +218,30 @@ class Soc:
         if lane.expected is None:
             lane.expected = framed  # joined mid-epoch: count from here
         elif framed > lane.expected:
-            self._lost(stream_id, lane, epoch, lane.expected, framed - 1)
+            self._lost(stream_id, lane, epoch, lane.expected, framed - 1, until_ns=beat.ts_ns)
             lane.expected = framed
 
-    def _lost(self, stream_id: int, lane: _Lane, epoch: int, first: int, last: int) -> None:
+    def _lost(
+        self, stream_id: int, lane: _Lane, epoch: int, first: int, last: int, *, until_ns: int
+    ) -> None:
+        """``first``..``last`` of the lane are missing: one event with the count and the times.
+
+        The times are the transmitter's, when messages entered the diode: the
+        last one delivered before the gap and the first record after it (a
+        message, or the heartbeat that closed a gap at the tail).
+        """
         count = last - first + 1
         lane.counters["logs_lost"] += count
         lane.counters["log_gaps"] += 1
         self.counters["soc_logs_lost"] += count
         self.counters["soc_log_gaps"] += 1
+        until = rfc3339_us(until_ns)
+        after = rfc3339_us(lane.last_ns) if lane.last_ns is not None else None
+        when = f"between {after} and {until}" if after else f"before {until}"
         self._own(
             "log-messages-lost",
             WARNING,
-            f"stream {stream_id}: {count} log messages lost on the link "
+            f"stream {stream_id}: {count} syslog messages lost {when} "
             f"(lane seq {first}..{last}, epoch {epoch})",
             {
                 "stream": str(stream_id),
@@ -203,6 +249,8 @@ class Soc:
                 "first_seq": str(first),
                 "last_seq": str(last),
                 "lost": str(count),
+                **({"after": after} if after else {}),
+                "before": until,
             },
             stream_id=stream_id,
         )

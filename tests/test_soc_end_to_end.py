@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import os
 import socket
+import urllib.request
 from pathlib import Path
 
-from tests.e2e import Subscriber, wait_until
+from tests.e2e import STREAM, Subscriber, wait_until
+from tests.support.net import free_port
 from tests.support.relay import Faults
 from tests.support.rsyslog import Rsyslog
 from tests.support.soc import (
@@ -216,3 +218,56 @@ async def test_syslog_listens_only_on_the_ot_addresses_given(soc_plant: SocPlant
     link = tx.sock.getsockname()
     assert udp == {(ot, soc_plant.udp_port), (link[0], link[1])}
     assert link[0] == "127.0.0.1"
+
+
+async def test_kernel_drops_on_the_udp_listener_are_counted_up_to_the_it_side(
+    soc_plant: SocPlant, collector: Rsyslog
+) -> None:
+    """A real overflow: a tiny receive buffer, a burst, and the listener not reading.
+
+    Every datagram sent is either taken by the transmitter (and reaches the
+    collector) or counted by the kernel as dropped; the count reaches the IT
+    side on the heartbeat: ``$status`` and the receiver's metrics.
+    """
+    metrics = free_port()
+    soc_plant.rx_overrides["metrics_port"] = metrics
+    status = Subscriber(soc_plant.broker_port, "diode/test/$status")
+    try:
+        await soc_plant.start_relay()
+        rx = await soc_plant.start_rx()
+        tx = await soc_plant.start_tx()
+        (listener,) = tx.syslog.udp_sockets
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        burst = [f"id-k-{i}" for i in range(3000)]
+        # Sent from the event loop's own thread: the transmitter cannot read meanwhile.
+        python_udp(soc_plant.udp_port, burst)
+        counters = tx.syslog.counters
+        await wait_until(
+            lambda: (
+                tx.syslog.counters_all()["syslog_kernel_drops"] + counters["syslog_received"]
+                == len(burst)
+            ),
+            within=20,
+        )
+        dropped = counters["syslog_kernel_drops"]
+        assert 0 < dropped < len(burst)
+        await wait_until(lambda: len(ids_at(collector)) == counters["syslog_received"], within=30)
+
+        def reported() -> int | None:
+            view = rx.router.streams.get(STREAM)
+            beat = view.heartbeat if view is not None else None
+            return None if beat is None else beat.counters.get("syslog_kernel_drops")
+
+        await wait_until(lambda: reported() == dropped, within=20)
+        await wait_until(
+            lambda: any(
+                m.get("transmitter", {}).get("syslog_kernel_drops") == dropped
+                for m in status.on("diode/test/$status")
+            ),
+            within=30,
+        )
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert f'diode_tx_syslog_kernel_drops_total{{stream="{STREAM}"}} {float(dropped)}' in text
+    finally:
+        status.close()

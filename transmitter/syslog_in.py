@@ -27,6 +27,7 @@ import contextlib
 import ipaddress
 import socket
 import ssl
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -52,10 +53,35 @@ from diode.wire import BLOCK_OVERHEAD, symbol_size
 log = structlog.get_logger("diode.tx.syslog")
 
 UDP_RCVBUF = 4 * 1024 * 1024
+# getsockopt(SOL_SOCKET, SO_MEMINFO) (Linux 3.x+; not in Python's socket module): the
+# socket's sk_meminfo array, whose SK_MEMINFO_DROPS (index 8, Linux 4.6+) is sk_drops.
+SO_MEMINFO = 55
+SK_MEMINFO_DROPS = 8
+SK_MEMINFO_VARS = 9
+DROPS_LOG_INTERVAL_S = 10.0
 READ_CHUNK = 65536
 FRAME_CHUNK = 2048
 RECORD_OVERHEAD = 48  # msgpack array, seq, ts, numbers: a bound on what a record adds
 ALLOW_CACHE = 4096
+
+
+def socket_drops(sock: socket.socket) -> int | None:
+    """Datagrams the kernel dropped on ``sock`` since it opened (its queue was full).
+
+    SO_MEMINFO's SK_MEMINFO_DROPS is the socket's own ``sk_drops``, the very
+    counter /proc/net/udp shows in its drops column: one getsockopt, where the
+    /proc table must be read and searched whole (one line per UDP socket on the
+    host) each time; SO_RXQ_OVFL would say the same only on the next datagram
+    received, and only through recvmsg, which asyncio's datagram transport does
+    not use. None where the kernel does not say (not Linux, or older than 4.6).
+    """
+    try:
+        info = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * SK_MEMINFO_VARS)
+    except OSError:
+        return None
+    if len(info) < 4 * (SK_MEMINFO_DROPS + 1):
+        return None
+    return int.from_bytes(info[4 * SK_MEMINFO_DROPS : 4 * SK_MEMINFO_DROPS + 4], sys.byteorder)
 
 
 def lane_bytes_per_s(link: LinkSettings, rate_mbps: float, share: float) -> float:
@@ -223,6 +249,9 @@ class SyslogIn:
         self._limiter = SourceLimiter(section.rate_per_source, section.burst_per_source)
         self._servers: list[asyncio.Server] = []
         self._transports: list[asyncio.BaseTransport] = []
+        self._udp: list[socket.socket] = []
+        self._drops_logged = 0
+        self._drops_logged_at = float("-inf")
         self._connections = 0
         self.bound: list[tuple[str, int, str]] = []  # address, port, protocol once listening
         self.counters = {
@@ -234,10 +263,38 @@ class SyslogIn:
             "syslog_framing_errors": 0,
             "syslog_connections": 0,
             "syslog_connections_refused": 0,
+            "syslog_kernel_drops": 0,  # UDP datagrams the kernel dropped: the queue was full
         }
 
+    @property
+    def udp_sockets(self) -> list[socket.socket]:
+        """The UDP listeners' sockets (their kernel drop counters are read from them)."""
+        return list(self._udp)
+
     def counters_all(self) -> dict[str, int]:
+        self._count_kernel_drops()
         return self.counters | self.lane.counters
+
+    def _count_kernel_drops(self) -> None:
+        """Read the UDP listeners' kernel drop counters; say so in the log when they grow.
+
+        These messages never reached diode, so no lane number covers them: the
+        count rides on the heartbeat (the receiver's ``$status`` and metrics show
+        it) beside the ones the allow-list and the rate limit dropped.
+        """
+        drops = [socket_drops(sock) for sock in self._udp]
+        if not drops or any(d is None for d in drops):
+            return
+        total = sum(d for d in drops if d is not None)
+        self.counters["syslog_kernel_drops"] = total
+        now = time.monotonic()
+        if total > self._drops_logged and now - self._drops_logged_at >= DROPS_LOG_INTERVAL_S:
+            log.warning(
+                "syslog datagrams dropped by the kernel: the UDP queue was full",
+                dropped=total - self._drops_logged,
+                total=total,
+            )
+            self._drops_logged, self._drops_logged_at = total, now
 
     # -- the one entry of every message ------------------------------------------------
 
@@ -344,6 +401,7 @@ class SyslogIn:
                 lambda: _UdpIn(self.ingest), sock=sock
             )
             self._transports.append(transport)
+            self._udp.append(sock)
             port = sock.getsockname()[1]
         else:
             context = self._tls_context() if listener.protocol == "tls" else None
@@ -398,3 +456,4 @@ class SyslogIn:
             server.close()
         self._transports.clear()
         self._servers.clear()
+        self._udp.clear()
