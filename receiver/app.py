@@ -267,6 +267,7 @@ class Receiver:
                     decoder_counters=self.decoder.counters,
                     links={sid: view.link_up for sid, view in self.router.streams.items()},
                     output_counters=self.output.counters,
+                    commands={sid: node.commands_refused() for sid, node in self.sparkplug.items()},
                 )
             self.files.tick(now)
             self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)

@@ -110,6 +110,7 @@ class Soc:
         self._rejected_at: dict[str, int] = {}
         self._rejected_since = 0.0
         self._seen: dict[str, int] = {}
+        self._commands_at: dict[int, float] = {}
         self.counters = {
             "soc_logs": 0,
             "soc_logs_lost": 0,
@@ -318,8 +319,9 @@ class Soc:
         decoder_counters: dict[str, int],
         links: dict[int, bool],
         output_counters: dict[str, int],
+        commands: dict[int, tuple[int, str, tuple[str, ...]]] | None = None,
     ) -> None:
-        """Periodic: rejected datagrams as rates, link state, spools overflowing."""
+        """Periodic: rejected datagrams as rates, link state, spools overflowing, commands."""
         for sid, up in links.items():
             lane = self._lanes.get(sid)
             if lane is not None and up != lane.link_up:
@@ -332,6 +334,7 @@ class Soc:
                     stream_id=sid,
                 )
         self._rejections(now, decoder_counters)
+        self._commands(now, commands or {})
         for key, action in (("spool_dropped", "mqtt-spool-overflow"), ("refused", "mqtt-refused")):
             self._delta_event(key, action, output_counters.get(key, 0))
         self._delta_event(
@@ -348,6 +351,44 @@ class Soc:
                 WARNING,
                 f"{total - before} messages ({key.replace('_', ' ')}), {total} in all",
                 {"count": str(total - before), "total": str(total)},
+            )
+
+    def _commands(self, now: float, commands: dict[int, tuple[int, str, tuple[str, ...]]]) -> None:
+        """Sparkplug NCMD/DCMD refused: a write attempt from the IT side, reported as a rate.
+
+        The first one at once; then at most one event per ``rejected_report_s``
+        per stream, with the count since the last one, so a host (or an
+        attacker) flooding command topics costs the SOC one line per period.
+        """
+        for sid, (total, topic, metrics) in commands.items():
+            key = f"commands_{sid}"
+            before = self._seen.get(key, 0)
+            if total <= before:
+                self._seen[key] = total  # a node started again counts from 0
+                continue
+            since = self._commands_at.get(sid)
+            if since is not None and now - since < self.section.rejected_report_s:
+                continue  # counted; said with the next event
+            self._seen[key] = total
+            self._commands_at[sid] = now
+            count = total - before
+            period = f" in {now - since:.0f} s" if since is not None else ""
+            names = ",".join(metrics[:10])
+            self._own(
+                "mqtt-command-refused",
+                WARNING,
+                f"stream {sid}: {count} Sparkplug command(s) refused{period} "
+                f"(the diode writes nothing to the OT side); last on {topic}"
+                + (f" for {names}" if names else ""),
+                {
+                    "stream": str(sid),
+                    "count": str(count),
+                    "total": str(total),
+                    "topic": topic,
+                    "metrics": names,
+                    **({"period_s": f"{now - since:.1f}"} if since is not None else {}),
+                },
+                stream_id=sid,
             )
 
     def _rejections(self, now: float, counters: dict[str, int]) -> None:

@@ -266,8 +266,60 @@ async def test_kernel_drops_on_the_udp_listener_are_counted_up_to_the_it_side(
             ),
             within=30,
         )
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
-            text = r.read().decode()
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+                return str(r.read().decode())
+
+        text = await asyncio.get_running_loop().run_in_executor(None, scrape)
         assert f'diode_tx_syslog_kernel_drops_total{{stream="{STREAM}"}} {float(dropped)}' in text
     finally:
         status.close()
+
+
+async def test_messages_lost_while_the_receiver_was_killed_reach_the_soc(
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
+    """The receiver dies without a shutdown (its socket and queue with it) and starts again.
+
+    What the transmitter sent meanwhile is lost; the restarted receiver knows
+    where the log lane stood at its last commit and reports the exact count,
+    with the times between which they were lost, to the collector and on MQTT.
+    """
+    await soc_plant.start_relay()
+    old = await soc_plant.start_rx()
+    tx = await soc_plant.start_tx()
+    tcp = soc_plant.tcp_port
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, python_5424_tcp, tcp, [f"id-r1-{i}" for i in range(50)])
+    await wait_until(lambda: sum(ids_at(collector).values()) == 50, within=30)
+    soc_plant.kill("rx")  # no shutdown path: what it committed is on disk, nothing more
+    await asyncio.sleep(0.2)
+    loop.remove_reader(old.sock)
+    old.sock.close()  # what the process's death does: its socket and queue go with it
+    lane = tx.syslog.lane.counters
+    queued = lane["log_queued"]
+    await loop.run_in_executor(None, python_5424_tcp, tcp, [f"id-r2-{i}" for i in range(200)])
+    await wait_until(lambda: lane["log_seq_framed"] >= queued + 200, within=20)
+    await asyncio.sleep(1.0)  # sent (the link is fast) into the void
+    await soc_plant.start_rx()
+    await loop.run_in_executor(None, python_5424_tcp, tcp, [f"id-r3-{i}" for i in range(50)])
+    await wait_until(lambda: sum(ids_at(collector).values()) == 100, within=30)
+    await wait_until(lambda: lost_reported(collector) >= 200, within=30)
+    found = ids_at(collector)
+    assert max(found.values()) == 1
+    assert not any(i.startswith("id-r2-") for i in found)
+    assert lost_reported(collector) == 200
+    lines = [line for line in collector.lines() if b"log-messages-lost" in line]
+    assert any(b"syslog messages lost between " in line for line in lines)
+
+    def on_mqtt() -> list[dict[str, object]]:
+        return [
+            m for m in events.on(EVENTS) if m.get("event", {}).get("action") == "log-messages-lost"
+        ]
+
+    await wait_until(on_mqtt, within=20)
+    labels = on_mqtt()[0]["labels"]
+    assert isinstance(labels, dict)
+    assert int(labels["lost"]) >= 200
+    assert labels["after"] < labels["before"]

@@ -28,6 +28,7 @@ from diode.encoder import Encoder
 from diode.keys import SigningKey, write_keypair
 from diode.records import Heartbeat
 from tests.e2e import STREAM, Subscriber, wait_until
+from tests.support import sparkplug_host as spb
 from tests.support.modbus_server import ModbusSimServer
 from tests.support.mosquitto import Mosquitto
 from tests.support.net import free_port
@@ -41,6 +42,7 @@ from tests.support.soc import (
     python_5424_tcp,
 )
 from tests.test_mqtt_tls import make_pki
+from tests.test_sparkplug_e2e import DCMD, NCMD, sparkplug_output
 
 SD = "diode@32473"
 
@@ -504,3 +506,46 @@ port = 5514
     assert done.returncode == 2, done.stderr
     assert "syslog.listeners[0].address: 192.0.2.1 is not an address of this host" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_sparkplug_commands_refused_are_a_rate_limited_event(
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber, mosquitto: Mosquitto
+) -> None:
+    """A host writes to the plant through Sparkplug (DCMD, NCMD): refused, and the SOC hears.
+
+    One event at the first command, then one per report period with the count:
+    a flood of commands is a few lines at the SOC, their counts adding up.
+    """
+    soc_plant.output_overrides.update(sparkplug_output())
+    soc_plant.rx_sections["soc"]["rejected_report_s"] = 1.0
+    host = spb.SparkplugHost(mosquitto.port, host_id="scada")
+    try:
+        assert host.subscribed.wait(5)
+        await soc_plant.start_relay()
+        rx = await soc_plant.start_rx()
+        await soc_plant.start_tx()
+        await wait_until(lambda: host.of("DBIRTH"), within=20)
+        host.send(DCMD, spb.command("count", spb.UINT32, 5))
+        await wait_until(lambda: events_at(collector, "mqtt-command-refused"), within=20)
+        (first,) = events_at(collector, "mqtt-command-refused")
+        assert first["topic"] == DCMD
+        assert first["metrics"] == "count"
+        assert first["count"] == "1"
+        for value in range(40):
+            host.send(DCMD if value % 2 else NCMD, spb.command("count", spb.UINT32, value))
+        await wait_until(
+            lambda: (
+                sum(int(e["count"]) for e in events_at(collector, "mqtt-command-refused")) == 41
+            ),
+            within=20,
+        )
+        assert len(events_at(collector, "mqtt-command-refused")) <= 4, "one per period, not each"
+        node = rx.sparkplug[STREAM]
+        assert node.commands_refused()[0] == 41
+        await wait_until(lambda: mqtt_events(events, "mqtt-command-refused"), within=10)
+        doc = mqtt_events(events, "mqtt-command-refused")[0]
+        assert doc["log"]["syslog"]["severity"]["name"] == "warning"
+        assert doc["labels"]["topic"] == DCMD
+        assert doc["event"]["dataset"] == "diode.security"
+    finally:
+        host.close()
