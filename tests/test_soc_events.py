@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from diode.benchmarks.harness import to_toml
 from diode.config.link import LinkSettings
 from diode.encoder import Encoder
 from diode.keys import SigningKey, write_keypair
@@ -63,6 +64,15 @@ def mqtt_events(events: Subscriber, action: str) -> list[dict[str, Any]]:
     return [m for m in events.on(EVENTS) if m.get("event", {}).get("action") == action]
 
 
+async def on_mqtt_too(events: Subscriber, *actions: str) -> None:
+    """Each of ``actions`` (already read at the collector) also on ``$events``."""
+    for action in actions:
+        await wait_until(lambda a=action: mqtt_events(events, a), within=20)
+        doc = mqtt_events(events, action)[0]
+        assert doc["event"]["dataset"] == "diode.security"
+        assert doc["observer"]["type"] == "data-diode"
+
+
 async def test_a_swapped_plc_is_a_critical_event(
     soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
 ) -> None:
@@ -93,10 +103,11 @@ async def test_a_swapped_plc_is_a_critical_event(
     assert doc["event"]["kind"] == "alert"
     assert doc["log"]["syslog"]["severity"]["name"] == "critical"
     assert doc["labels"]["device"] == "plc1"
+    await on_mqtt_too(events, "device-identity-recorded", "device-disappeared", "device-appeared")
 
 
 async def test_the_identity_is_remembered_across_a_restart(
-    soc_plant: SocPlant, collector: Rsyslog
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
 ) -> None:
     assert soc_plant.plc is not None
     await soc_plant.plc.stop()
@@ -117,9 +128,12 @@ async def test_the_identity_is_remembered_across_a_restart(
     await wait_until(lambda: events_at(collector, "epoch-changed"), within=20)
     assert events_at(collector, "daemon-stop")
     assert len(events_at(collector, "daemon-start")) == 2
+    await on_mqtt_too(events, "daemon-start", "daemon-stop", "epoch-changed")
 
 
-async def test_modbus_exception_burst(soc_plant: SocPlant, collector: Rsyslog) -> None:
+async def test_modbus_exception_burst(
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
     soc_plant.tx_sections["syslog"]["exception_burst"] = 5
     await soc_plant.start_relay()
     await soc_plant.start_rx()
@@ -130,6 +144,7 @@ async def test_modbus_exception_burst(soc_plant: SocPlant, collector: Rsyslog) -
     event = events_at(collector, "modbus-exception-burst")[0]
     assert event["device"] == "plc1"
     assert int(event["exceptions"]) >= 5
+    await on_mqtt_too(events, "modbus-exception-burst")
 
 
 def forged_datagrams(blocks: int) -> list[bytes]:
@@ -182,10 +197,36 @@ async def test_forged_and_replayed_datagrams_are_reported_as_rates(
             await asyncio.sleep(0)
     await wait_until(lambda: events_at(collector, "datagrams-replayed"), within=20)
     assert int(events_at(collector, "datagrams-replayed")[0]["replay"]) > 0
-    await wait_until(lambda: mqtt_events(events, "datagrams-forged"), within=10)
+    await on_mqtt_too(events, "datagrams-forged", "datagrams-replayed", "epoch-changed")
 
 
-async def test_link_down_and_up(soc_plant: SocPlant, collector: Rsyslog) -> None:
+async def test_malformed_datagrams_are_reported_as_a_rate(
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
+    """Garbage on the link port (too short, wrong magic): one event per period, counted."""
+    soc_plant.rx_sections["soc"]["rejected_report_s"] = 1.0
+    await soc_plant.start_relay()
+    rx = await soc_plant.start_rx()
+    await soc_plant.start_tx()
+    await wait_until(lambda: events_at(collector, "link-up"), within=20)
+    garbage = [b"\x00" * 3, b"GET / HTTP/1.1\r\n\r\n" + b"x" * 200] * 30
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for datagram in garbage:
+            s.sendto(datagram, ("127.0.0.1", soc_plant.rx_port))
+    counters = rx.decoder.counters
+
+    def reported() -> int:
+        return sum(int(e["count"]) for e in events_at(collector, "datagrams-malformed"))
+
+    await wait_until(lambda: reported() == len(garbage), within=20)
+    assert sum(counters.get(f"rejected_{r}", 0) for r in ("short", "bad_magic")) == len(garbage)
+    assert len(events_at(collector, "datagrams-malformed")) < len(garbage), "a rate, not each"
+    await on_mqtt_too(events, "datagrams-malformed")
+
+
+async def test_link_down_and_up(
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
     soc_plant.output_overrides["link_timeout_s"] = 1.0
     await soc_plant.start_relay()
     await soc_plant.start_rx()
@@ -197,6 +238,7 @@ async def test_link_down_and_up(soc_plant: SocPlant, collector: Rsyslog) -> None
     soc_plant.relay.faults.loss = 0.0
     await wait_until(lambda: len(events_at(collector, "link-up")) == 2, within=20)
     await wait_until(lambda: events_at(collector, "records-lost"), within=20)
+    await on_mqtt_too(events, "link-up", "link-down", "records-lost")
 
 
 class StallingProxy:
@@ -464,6 +506,34 @@ async def test_mqtt_spool_overflow_reaches_the_collector(
         await asyncio.sleep(0.01)
     await wait_until(lambda: events_at(collector, "mqtt-spool-overflow"), within=20)
     assert int(events_at(collector, "mqtt-spool-overflow")[0]["count"]) > 0
+    # The broker back: the event waited in the spool like the values (the newest kept).
+    mosquitto.start()
+    events = Subscriber(mosquitto.port, EVENTS)
+    try:
+        await on_mqtt_too(events, "mqtt-spool-overflow")
+    finally:
+        events.close()
+
+
+async def test_a_real_reload_and_a_refused_one_are_events(
+    tmp_path: Path, soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
+    """What SIGHUP runs, on a config file: a change applied, then a broken file refused."""
+    await soc_plant.start_relay()
+    await soc_plant.start_rx()
+    tx = await soc_plant.start_tx()
+    data = tx.config.model_dump(mode="json", exclude_none=True)
+    data["modbus"]["devices"][0]["poll_interval_s"] = 0.1
+    path = tmp_path / "tx.toml"
+    path.write_text(to_toml(data))
+    assert await tx.reload(path)
+    await wait_until(lambda: events_at(collector, "config-reloaded"), within=20)
+    assert events_at(collector, "config-reloaded")[0]["changed"] == "changed modbus plc1"
+    path.write_text(path.read_text().replace("poll_interval_s = 0.1", "poll_interval_s = -1"))
+    assert not await tx.reload(path)
+    await wait_until(lambda: events_at(collector, "config-reload-failed"), within=20)
+    assert "poll_interval_s" in events_at(collector, "config-reload-failed")[0]["error"]
+    await on_mqtt_too(events, "config-reloaded", "config-reload-failed")
 
 
 async def test_a_config_reload_is_an_event(soc_plant: SocPlant, collector: Rsyslog) -> None:
