@@ -523,7 +523,7 @@ async def test_a_real_reload_and_a_refused_one_are_events(
     await soc_plant.start_relay()
     await soc_plant.start_rx()
     tx = await soc_plant.start_tx()
-    data = tx.config.model_dump(mode="json", exclude_none=True)
+    data = tx.config.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
     data["modbus"]["devices"][0]["poll_interval_s"] = 0.1
     path = tmp_path / "tx.toml"
     path.write_text(to_toml(data))
