@@ -411,20 +411,31 @@ def _log(rest: list[Any]) -> LogRecord:
     seq, ts_ns, source, fmt, pri, timestamp, hostname, app_name, procid, msgid, sd, msg = rest
     if type(msg) is not bytes:
         raise FrameError("record field msg is not bin", reason="bad_record")
+    texts = (source, timestamp, hostname, app_name, procid, msgid, sd)
+    if not all(type(text) is str for text in texts):
+        for text, name in zip(texts, _LOG_TEXTS, strict=True):
+            _str(text, name)  # names the first field that is not a string
+    log_format = _LOG_FORMATS.get(fmt) if type(fmt) is int else None
+    if log_format is None:
+        raise FrameError("record field format has an unknown value", reason="bad_record")
     return LogRecord(
         seq=_int(seq, 0, UINT64_MAX, "seq"),
         ts_ns=_int(ts_ns, INT64_MIN, _INT64_MAX, "ts_ns"),
-        source=_str(source, "source"),
-        format=LogFormat(_int(fmt, 0, 255, "format")),
+        source=source,
+        format=log_format,
         pri=_int(pri, PRI_NONE, PRI_MAX, "pri"),
-        timestamp=_str(timestamp, "timestamp"),
-        hostname=_str(hostname, "hostname"),
-        app_name=_str(app_name, "app_name"),
-        procid=_str(procid, "procid"),
-        msgid=_str(msgid, "msgid"),
-        sd=_str(sd, "sd"),
+        timestamp=timestamp,
+        hostname=hostname,
+        app_name=app_name,
+        procid=procid,
+        msgid=msgid,
+        sd=sd,
         msg=msg,
     )
+
+
+_LOG_TEXTS = ("source", "timestamp", "hostname", "app_name", "procid", "msgid", "sd")
+_LOG_FORMATS = {int(f): f for f in LogFormat}
 
 
 def _from_list(item: object) -> Record:  # noqa: PLR0911 (one return per record kind)

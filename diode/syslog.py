@@ -30,10 +30,10 @@ the diode; :func:`to_ecs` the Elastic Common Schema document for MQTT.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from diode.errors import FrameError
 from diode.records import LOG_LIMITS, PRI_MAX, PRI_NONE, LogFormat, LogRecord
@@ -76,6 +76,17 @@ _PRI = re.compile(rb"<(\d{1,3})>")
 _BSD_TS = re.compile(rb"([A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d)(?: |$)")
 _BSD_TAG = re.compile(rb"([!-9;-Z\\^-~]{1,48})(?:\[([!-Z\\^-~]{1,128})\])?: ?")
 _PRINTABLE = re.compile(rb"[!-~]+")
+# The whole RFC 5424 header in one match, each field within its bound (the usual case;
+# anything it does not match goes the field-by-field way below, with the same result).
+_HEADER_5424 = re.compile(
+    rb"<(\d{1,3})>1 "
+    + rb" ".join(
+        rb"([!-~]{1,%d})" % LOG_LIMITS[name]
+        for name in ("timestamp", "hostname", "app_name", "procid", "msgid")
+    )
+    + rb" "
+)
+_SOURCE_MAX = LOG_LIMITS["source"] // 4  # characters that fit whatever their UTF-8 length
 
 
 def _cut(data: bytes, field: str) -> str:
@@ -87,9 +98,14 @@ def _cut_text(text: str, field: str) -> str:
     return data.decode("utf-8", "ignore")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Parsed:
-    """The fields of one message; what :class:`LogRecord` carries, without lane numbers."""
+class Parsed(NamedTuple):
+    """The fields of one message; what :class:`LogRecord` carries, without lane numbers.
+
+    A named tuple rather than a frozen dataclass: it lives for one message on
+    the transmitter's hottest path (20 000 messages/s), and a tuple is built in
+    a fraction of the time a frozen dataclass's ``__init__`` takes; it is as
+    immutable, and :class:`LogRecord` still validates every field.
+    """
 
     format: LogFormat
     pri: int = PRI_NONE
@@ -106,7 +122,7 @@ class Parsed:
         return LogRecord(
             seq=seq,
             ts_ns=ts_ns,
-            source=_cut_text(source, "source"),
+            source=source if len(source) <= _SOURCE_MAX else _cut_text(source, "source"),
             format=self.format,
             pri=self.pri,
             timestamp=self.timestamp,
@@ -191,6 +207,41 @@ def _parse_5424(pri: int, rest: bytes) -> Parsed | None:
     )
 
 
+def _fast_5424(header: re.Match[bytes], data: bytes) -> Parsed | None:
+    """RFC 5424 from a header matched whole; None sends the message the general way."""
+    digits = header.group(1)
+    pri = int(digits)
+    if pri > PRI_MAX or (len(digits) > 1 and digits[0] == 0x30):
+        return None
+    start = header.end()
+    if data[start : start + 1] == b"-":
+        end, sd = start + 1, ""
+    else:
+        found = _sd_end(data, start)
+        if found is None or found - start > LOG_LIMITS["sd"]:
+            return None
+        end, sd = found, data[start:found].decode("utf-8", "replace")
+    if end < len(data) and data[end] != 0x20:
+        return None
+    msg = data[end + 1 :]
+    timestamp, hostname, app_name, procid, msgid = (
+        "" if g == b"-" else g.decode("ascii") for g in header.groups()[1:]
+    )
+    limit = LOG_LIMITS["msg"]
+    return Parsed(
+        LogFormat.RFC5424,
+        pri,
+        timestamp,
+        hostname,
+        app_name,
+        procid,
+        msgid,
+        sd,
+        msg[:limit] if len(msg) > limit else msg,
+        len(msg) > limit,
+    )
+
+
 def _parse_3164(pri: int, rest: bytes) -> Parsed:
     timestamp = hostname = app_name = procid = ""
     if m := _BSD_TS.match(rest):
@@ -223,6 +274,16 @@ def parse_syslog(data: bytes) -> Parsed:
     A trailing newline, carriage return or NUL (what UDP senders append) is
     not part of the message.
     """
+    data = data.rstrip(b"\r\n\0")
+    if (header := _HEADER_5424.match(data)) is not None and (
+        fast := _fast_5424(header, data)
+    ) is not None:
+        return fast
+    return parse_general(data)
+
+
+def parse_general(data: bytes) -> Parsed:
+    """:func:`parse_syslog` field by field, without the one-match header (tests compare them)."""
     data = data.rstrip(b"\r\n\0")
     m = _PRI.match(data)
     if m is None or int(m.group(1)) > PRI_MAX or (len(m.group(1)) > 1 and m.group(1)[0] == 0x30):
@@ -329,6 +390,16 @@ class TokenBucket:
             return True
         return False
 
+    def take_up_to(self, now: float, count: int) -> int:
+        """Take as many whole tokens as are there, ``count`` at most; how many were taken."""
+        elapsed = now - self._last
+        if elapsed > 0:
+            self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
+            self._last = now
+        taken = min(count, int(self._tokens))
+        self._tokens -= taken
+        return taken
+
     def ready_at(self, amount: float = 1.0) -> float:
         """When ``amount`` tokens will be there (on the clock ``take`` was given)."""
         return self._last + max(amount - self._tokens, 0.0) / self.rate
@@ -345,16 +416,20 @@ class SourceLimiter:
         self.dropped: dict[str, int] = {}
 
     def allow(self, source: str, now: float) -> bool:
+        return self.allow_many(source, now, 1) == 1
+
+    def allow_many(self, source: str, now: float, count: int) -> int:
+        """How many of ``count`` messages from ``source`` (arrived together) may go, in order."""
         bucket = self._buckets.get(source)
         if bucket is None:
             if len(self._buckets) >= self.max_sources:
                 # Bounded memory: forget the longest-known source (it starts full again).
                 del self._buckets[next(iter(self._buckets))]
             bucket = self._buckets[source] = TokenBucket(self.rate, self.burst, now)
-        if bucket.take(now):
-            return True
-        self.dropped[source] = self.dropped.get(source, 0) + 1
-        return False
+        allowed = bucket.take_up_to(now, count)
+        if allowed < count:
+            self.dropped[source] = self.dropped.get(source, 0) + count - allowed
+        return allowed
 
 
 # -- out: RFC 5424 and ECS ----------------------------------------------------------------
@@ -373,16 +448,21 @@ def _days_to_civil(days: int) -> tuple[int, int, int]:
     return yoe + era * 400 + (month <= 2), month, day
 
 
+@functools.lru_cache(maxsize=4)
+def _minute(minutes: int) -> str:
+    """``YYYY-MM-DDTHH:MM:`` of a minute since the epoch (a burst shares a handful)."""
+    days, rest = divmod(minutes, 1440)
+    year, month, day = _days_to_civil(days)
+    hour, minute = divmod(rest, 60)
+    return f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:"
+
+
 def rfc3339_us(ts_ns: int) -> str:
     """``ts_ns`` as RFC 3339 UTC with microseconds (what RFC 5424 and ECS both read)."""
-    seconds, ns = divmod(ts_ns, 1_000_000_000)
-    days, secs = divmod(seconds, 86400)
-    year, month, day = _days_to_civil(days)
-    hour, rem = divmod(secs, 3600)
-    minute, second = divmod(rem, 60)
-    return (
-        f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}.{ns // 1000:06d}Z"
-    )
+    us = ts_ns // 1000
+    minutes, us_in_minute = divmod(us, 60_000_000)
+    second, micro = divmod(us_in_minute, 1_000_000)
+    return f"{_minute(minutes)}{second:02d}.{micro:06d}Z"
 
 
 def sd_escape(value: str) -> str:
@@ -430,19 +510,6 @@ def _header(text: str, limit: int) -> str:
     return _NOT_PRINTABLE.sub("_", text)[:limit] or "-"
 
 
-def diode_params(record: LogRecord, *, stream_id: int, epoch: int) -> dict[str, str]:
-    params = {
-        "src": record.source,
-        "stream": str(stream_id),
-        "epoch": str(epoch),
-        "seq": str(record.seq),
-        "fmt": record.format.name.lower(),
-    }
-    if record.format != LogFormat.RFC5424 and record.timestamp:
-        params["ts"] = record.timestamp  # the device's own (year-less, zone-less) stamp
-    return params
-
-
 def render_5424(record: LogRecord, *, stream_id: int, epoch: int) -> bytes:
     """The RFC 5424 message the collector gets (without framing).
 
@@ -450,24 +517,26 @@ def render_5424(record: LogRecord, *, stream_id: int, epoch: int) -> bytes:
     the transmitter received it. Our SD element comes after the device's own.
     """
     pri = record.pri if record.pri != PRI_NONE else DEFAULT_PRI
-    if record.format == LogFormat.RFC5424 and record.timestamp:
-        timestamp = record.timestamp
-    else:
-        timestamp = rfc3339_us(record.ts_ns)
-    hostname = record.hostname or record.source
-    sd = record.sd + sd_element(SD_ID, diode_params(record, stream_id=stream_id, epoch=epoch))
-    head = " ".join(
-        (
-            f"<{pri}>1",
-            _header(timestamp, LOG_LIMITS["timestamp"]),
-            _header(hostname, LOG_LIMITS["hostname"]),
-            _header(record.app_name, LOG_LIMITS["app_name"]),
-            _header(record.procid, LOG_LIMITS["procid"]),
-            _header(record.msgid, LOG_LIMITS["msgid"]),
-            sd,
-        )
+    own5424 = record.format is LogFormat.RFC5424
+    timestamp = record.timestamp if own5424 and record.timestamp else rfc3339_us(record.ts_ns)
+    # diode_params() as one string: its names are known to be valid PARAM-NAMEs.
+    ts = "" if own5424 or not record.timestamp else f' ts="{sd_escape(record.timestamp)}"'
+    sd = (
+        f'{record.sd}[{SD_ID} src="{sd_escape(record.source)}" stream="{stream_id}" '
+        f'epoch="{epoch}" seq="{record.seq}" fmt="{_FORMAT_NAMES[record.format]}"{ts}]'
     )
-    return head.encode() + (b" " + record.msg if record.msg else b"")
+    head = (
+        f"<{pri}>1 {_header(timestamp, _TIMESTAMP_MAX)} "
+        f"{_header(record.hostname or record.source, _HOSTNAME_MAX)} "
+        f"{_header(record.app_name, _APP_NAME_MAX)} {_header(record.procid, _PROCID_MAX)} "
+        f"{_header(record.msgid, _MSGID_MAX)} {sd}"
+    )
+    return head.encode() + b" " + record.msg if record.msg else head.encode()
+
+
+_TIMESTAMP_MAX, _HOSTNAME_MAX, _APP_NAME_MAX, _PROCID_MAX, _MSGID_MAX = (
+    LOG_LIMITS[name] for name in ("timestamp", "hostname", "app_name", "procid", "msgid")
+)
 
 
 def octet_counted(message: bytes) -> bytes:
@@ -483,70 +552,86 @@ def to_ecs(record: LogRecord, *, site: str, stream_id: int, epoch: int) -> dict[
     ECS leaves free for custom fields (ECS does not use that name).
     """
     pri = record.pri if record.pri != PRI_NONE else DEFAULT_PRI
-    facility, severity = divmod(pri, 8)
+    severity = pri & 7
     structured = parse_sd(record.sd) if record.sd else {}
-    own = record.format == LogFormat.EVENT
+    own = record.format is LogFormat.EVENT
     stamp = rfc3339_us(record.ts_ns)
+    message = record.msg.decode("utf-8", "replace")
+    facility_doc, severity_doc = _PRI_DOCS[pri]
+    syslog: dict[str, Any] = {
+        "priority": pri,
+        "facility": facility_doc,
+        "severity": severity_doc,
+    }
+    log_doc: dict[str, Any] = {"syslog": syslog}
+    diode: dict[str, Any] = {
+        "stream": stream_id,
+        "epoch": epoch,
+        "seq": record.seq,
+        "format": _FORMAT_NAMES[record.format],
+        "pri_missing": record.pri == PRI_NONE,
+    }
+    event: dict[str, Any] = {
+        "kind": "alert" if own and severity <= 4 else "event",
+        "dataset": "diode.security" if own else "diode.syslog",
+        "module": "diode",
+        "sequence": record.seq,
+        "severity": severity,
+        "created": stamp,
+    }
     doc: dict[str, Any] = {
         "@timestamp": stamp,
-        "message": record.msg.decode("utf-8", "replace"),
-        "ecs": {"version": "8.11.0"},
-        "event": {
-            "kind": "alert" if own and severity <= 4 else "event",
-            "dataset": "diode.security" if own else "diode.syslog",
-            "module": "diode",
-            "sequence": record.seq,
-            "severity": severity,
-            "created": stamp,
-        },
-        "log": {
-            "syslog": {
-                "priority": pri,
-                "facility": {"code": facility, "name": FACILITY_NAMES[facility]},
-                "severity": {"code": severity, "name": SEVERITY_NAMES[severity]},
-            },
-            "original": None,
-        },
+        "message": message,
+        "ecs": _ECS_VERSION,
+        "event": event,
+        "log": log_doc,
         "observer": {"type": "data-diode", "vendor": "diode", "name": site},
-        "diode": {
-            "stream": stream_id,
-            "epoch": epoch,
-            "seq": record.seq,
-            "format": record.format.name.lower(),
-            "pri_missing": record.pri == PRI_NONE,
-        },
+        "diode": diode,
     }
-    syslog = doc["log"]["syslog"]
-    if record.format == LogFormat.RFC5424:
+    if record.format is LogFormat.RFC5424:
         syslog["version"] = 1
-    for name, key in (("hostname", "hostname"), ("app_name", "appname"), ("procid", "procid")):
-        if value := getattr(record, name):
-            syslog[key] = value
+    if record.hostname:
+        syslog["hostname"] = record.hostname
+    if record.app_name:
+        syslog["appname"] = record.app_name
+    if record.procid:
+        syslog["procid"] = record.procid
     if record.msgid:
         syslog["msgid"] = record.msgid
     if structured:
         syslog["structured_data"] = structured
     if record.hostname:
         doc["host"] = {"hostname": record.hostname}
-    if (record.source and record.source[0].isdigit()) or ":" in record.source:
-        doc["source"] = {"ip": record.source}
-    if record.format == LogFormat.RAW:
-        doc["log"]["original"] = doc["message"]
-    else:
-        del doc["log"]["original"]
+    source = record.source
+    if (source and source[0].isdigit()) or ":" in source:
+        doc["source"] = {"ip": source}
+    if record.format is LogFormat.RAW:
+        log_doc["original"] = message
     if record.timestamp:
         # The device's clock is not trusted to be set, nor its format to be RFC 3339:
         # @timestamp is when the diode received the message, the device's stamp rides along.
-        doc["diode"]["device_timestamp"] = record.timestamp
+        diode["device_timestamp"] = record.timestamp
     if own:
-        doc["event"]["action"] = record.msgid
-        doc["event"]["category"] = ["intrusion_detection"]
-        doc["event"]["type"] = ["info"]
-        doc["event"]["provider"] = record.app_name
+        event["action"] = record.msgid
+        event["category"] = ["intrusion_detection"]
+        event["type"] = ["info"]
+        event["provider"] = record.app_name
         params = structured.get(SD_ID, {})
         if params:
             doc["labels"] = params
     return doc
+
+
+# Parts every document shares (orjson writes a shared dict like any other).
+_ECS_VERSION = {"version": "8.11.0"}
+_PRI_DOCS = [
+    (
+        {"code": pri >> 3, "name": FACILITY_NAMES[pri >> 3]},
+        {"code": pri & 7, "name": SEVERITY_NAMES[pri & 7]},
+    )
+    for pri in range(PRI_MAX + 1)
+]
+_FORMAT_NAMES = {f: f.name.lower() for f in LogFormat}
 
 
 def event_record(

@@ -66,7 +66,7 @@ from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
 from receiver.rejections import RejectionMeter
 from receiver.router import Output, Router
-from receiver.soc import Soc
+from receiver.soc import SOC_LANES, Soc
 from receiver.sparkplug_node import SparkplugRouting, sparkplug_nodes
 
 log = structlog.get_logger("diode.rx")
@@ -178,7 +178,11 @@ class Receiver:
         )
         self.router = self._router(self._publisher if self.active else NullOutput())
         self.soc = Soc(
-            config.soc, {s.id: s.output for s in config.streams}, self.output, section.state_dir
+            config.soc,
+            {s.id: s.output for s in config.streams},
+            self.output,
+            section.state_dir,
+            saved=self.output.saved(SOC_LANES),
         )
         passed = False
         if sock is None:
@@ -315,7 +319,9 @@ class Receiver:
             self._commit_timer = None
         if self.decoder.state_changed:
             self._committed = self.decoder.positions()
-            self.output.commit({POSITIONS: pack_states(self._committed)})
+            self.output.commit(
+                {POSITIONS: pack_states(self._committed), SOC_LANES: self.soc.lanes_state()}
+            )
             self._last_commit = time.monotonic()
 
     def _group(self) -> None:
@@ -360,6 +366,7 @@ class Receiver:
                     decoder_counters=self.decoder.counters,
                     links={sid: view.link_up for sid, view in self.router.streams.items()},
                     output_counters=self.output.counters,
+                    commands={sid: node.commands_refused() for sid, node in self.sparkplug.items()},
                 )
             self.files.tick(now)
             self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)

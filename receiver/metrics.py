@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from receiver.app import Receiver
 
 
+TRANSMITTER_LOSSES = {
+    "syslog_kernel_drops": "syslog datagrams the transmitter's kernel dropped (UDP queue full)",
+    "syslog_rate_dropped": "syslog messages over their source's rate limit",
+    "syslog_denied": "syslog messages from sources not allowed",
+    "log_dropped_full": "log messages dropped: the transmitter's log lane was full",
+}
+
+
 class _ReceiverCollector(Collector):
     def __init__(self, receiver: Receiver) -> None:
         self._receiver = receiver
@@ -54,6 +62,21 @@ class _ReceiverCollector(Collector):
             pending.add_metric([str(view.stream_id)], float(len(view.pending)))
         yield link
         yield pending
+        yield from self._transmitter_losses()
+
+    def _transmitter_losses(self) -> Iterator[CounterMetricFamily]:
+        """Syslog the transmitter lost before numbering it, from its last heartbeat.
+
+        These never got a lane number, so no gap at the receiver covers them: the
+        transmitter's own counts are the only record, and the IT side reads them here.
+        """
+        views = self._receiver.router.streams.values()
+        for name, what in TRANSMITTER_LOSSES.items():
+            family = CounterMetricFamily(f"diode_tx_{name}", what, labels=["stream"])
+            for view in views:
+                if view.heartbeat is not None and name in view.heartbeat.counters:
+                    family.add_metric([str(view.stream_id)], view.heartbeat.counters[name])
+            yield family
 
 
 class Metrics:

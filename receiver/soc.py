@@ -46,14 +46,16 @@ import structlog
 from diode.config.mqtt import StreamOutput
 from diode.config.syslog import SocSection
 from diode.decoder import Delivered, EpochStarted, Event, Gap
-from diode.records import Heartbeat, LogRecord
-from diode.syslog import event_record, octet_counted, render_5424, to_ecs
+from diode.records import Heartbeat, LogFormat, LogRecord
+from diode.syslog import event_record, octet_counted, render_5424, rfc3339_us, to_ecs
 from receiver.payload import Message
 from receiver.spool import Spool
 
 log = structlog.get_logger("diode.rx.soc")
 
+SOC_LANES = "soc_lanes"  # the key of lanes_state() in the receiver's commit
 READ_BATCH = 1024
+READS_PER_TURN = 16  # READ_BATCH each: what the forwarder writes per turn of the loop, at most
 SEND_BUFFER = 256 * 1024
 FORGED = ("unknown_key", "wrong_stream", "bad_block", "bad_signature", "bad_decrypt")
 REPLAYED = ("replay",)
@@ -72,6 +74,7 @@ class _Lane:
     output: StreamOutput
     epoch: int | None = None
     expected: int | None = None  # the next lane sequence number
+    last_ns: int | None = None  # when the last message delivered entered the diode
     link_up: bool = False
     counters: dict[str, int] = field(
         default_factory=lambda: {"logs": 0, "logs_lost": 0, "log_gaps": 0}
@@ -87,10 +90,13 @@ class Soc:
         streams: dict[int, StreamOutput],
         events: Events,
         state_dir: Path,
+        saved: bytes | None = None,
     ) -> None:
         self.section = section
         self._events = events
         self._lanes = {sid: _Lane(out) for sid, out in streams.items()}
+        if saved is not None:
+            self._restore(saved)
         self._spool = (
             Spool(state_dir / "soc-spool.sqlite", section.spool_max_messages)
             if section.collector_host
@@ -104,6 +110,7 @@ class Soc:
         self._rejected_at: dict[str, int] = {}
         self._rejected_since = 0.0
         self._seen: dict[str, int] = {}
+        self._commands_at: dict[int, float] = {}
         self.counters = {
             "soc_logs": 0,
             "soc_logs_lost": 0,
@@ -164,13 +171,43 @@ class Soc:
                         )
         self.commit()
 
+    # -- where each lane stands, kept with the stream positions ---------------------------
+
+    def lanes_state(self) -> bytes:
+        """Each lane's epoch, next sequence number and last time, for the receiver's commit.
+
+        Committed in the same transaction as the stream positions: a receiver
+        killed and started again expects the lane where the positions it resumes
+        from left it, so the messages lost while it was away (the socket's
+        queue went with the process) are a ``log-messages-lost`` event with
+        their exact count, not only records in a gap.
+        """
+        return orjson.dumps(
+            {
+                str(sid): [lane.epoch, lane.expected, lane.last_ns]
+                for sid, lane in self._lanes.items()
+                if lane.epoch is not None and lane.expected is not None
+            }
+        )
+
+    def _restore(self, saved: bytes) -> None:
+        try:
+            lanes = orjson.loads(saved)
+            for sid, (epoch, expected, last_ns) in lanes.items():
+                lane = self._lanes.get(int(sid))
+                if lane is not None:
+                    lane.epoch, lane.expected, lane.last_ns = int(epoch), int(expected), last_ns
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("saved log lane positions unreadable: counting from the next", error=exc)
+
     def _log(self, stream_id: int, lane: _Lane, epoch: int, record: LogRecord) -> None:
         if lane.epoch != epoch:
             lane.epoch, lane.expected = epoch, None
         if lane.expected is not None and record.seq > lane.expected:
-            self._lost(stream_id, lane, epoch, lane.expected, record.seq - 1)
+            self._lost(stream_id, lane, epoch, lane.expected, record.seq - 1, until_ns=record.ts_ns)
         if lane.expected is None or record.seq >= lane.expected:
             lane.expected = record.seq + 1
+            lane.last_ns = record.ts_ns
         lane.counters["logs"] += 1
         self.counters["soc_logs"] += 1
         self._emit(record, stream_id, epoch, lane.output)
@@ -182,19 +219,30 @@ class Soc:
         if lane.expected is None:
             lane.expected = framed  # joined mid-epoch: count from here
         elif framed > lane.expected:
-            self._lost(stream_id, lane, epoch, lane.expected, framed - 1)
+            self._lost(stream_id, lane, epoch, lane.expected, framed - 1, until_ns=beat.ts_ns)
             lane.expected = framed
 
-    def _lost(self, stream_id: int, lane: _Lane, epoch: int, first: int, last: int) -> None:
+    def _lost(
+        self, stream_id: int, lane: _Lane, epoch: int, first: int, last: int, *, until_ns: int
+    ) -> None:
+        """``first``..``last`` of the lane are missing: one event with the count and the times.
+
+        The times are the transmitter's, when messages entered the diode: the
+        last one delivered before the gap and the first record after it (a
+        message, or the heartbeat that closed a gap at the tail).
+        """
         count = last - first + 1
         lane.counters["logs_lost"] += count
         lane.counters["log_gaps"] += 1
         self.counters["soc_logs_lost"] += count
         self.counters["soc_log_gaps"] += 1
+        until = rfc3339_us(until_ns)
+        after = rfc3339_us(lane.last_ns) if lane.last_ns is not None else None
+        when = f"between {after} and {until}" if after else f"before {until}"
         self._own(
             "log-messages-lost",
             WARNING,
-            f"stream {stream_id}: {count} log messages lost on the link "
+            f"stream {stream_id}: {count} syslog messages lost {when} "
             f"(lane seq {first}..{last}, epoch {epoch})",
             {
                 "stream": str(stream_id),
@@ -202,6 +250,8 @@ class Soc:
                 "first_seq": str(first),
                 "last_seq": str(last),
                 "lost": str(count),
+                **({"after": after} if after else {}),
+                "before": until,
             },
             stream_id=stream_id,
         )
@@ -253,7 +303,9 @@ class Soc:
         if self._spool is not None and collector:
             line = render_5424(record, stream_id=stream_id, epoch=epoch)
             self._batch.append(Message("", octet_counted(line), 0, False))
-        if self.section.mqtt_events:
+        if self.section.mqtt_events and (
+            self.section.mqtt_syslog or record.format is LogFormat.EVENT
+        ):
             doc = to_ecs(record, site=output.site, stream_id=stream_id, epoch=epoch)
             entry = self._documents.get(id(output))
             if entry is None:
@@ -267,8 +319,9 @@ class Soc:
         decoder_counters: dict[str, int],
         links: dict[int, bool],
         output_counters: dict[str, int],
+        commands: dict[int, tuple[int, str, tuple[str, ...]]] | None = None,
     ) -> None:
-        """Periodic: rejected datagrams as rates, link state, spools overflowing."""
+        """Periodic: rejected datagrams as rates, link state, spools overflowing, commands."""
         for sid, up in links.items():
             lane = self._lanes.get(sid)
             if lane is not None and up != lane.link_up:
@@ -281,6 +334,7 @@ class Soc:
                     stream_id=sid,
                 )
         self._rejections(now, decoder_counters)
+        self._commands(now, commands or {})
         for key, action in (("spool_dropped", "mqtt-spool-overflow"), ("refused", "mqtt-refused")):
             self._delta_event(key, action, output_counters.get(key, 0))
         self._delta_event(
@@ -297,6 +351,44 @@ class Soc:
                 WARNING,
                 f"{total - before} messages ({key.replace('_', ' ')}), {total} in all",
                 {"count": str(total - before), "total": str(total)},
+            )
+
+    def _commands(self, now: float, commands: dict[int, tuple[int, str, tuple[str, ...]]]) -> None:
+        """Sparkplug NCMD/DCMD refused: a write attempt from the IT side, reported as a rate.
+
+        The first one at once; then at most one event per ``rejected_report_s``
+        per stream, with the count since the last one, so a host (or an
+        attacker) flooding command topics costs the SOC one line per period.
+        """
+        for sid, (total, topic, metrics) in commands.items():
+            key = f"commands_{sid}"
+            before = self._seen.get(key, 0)
+            if total <= before:
+                self._seen[key] = total  # a node started again counts from 0
+                continue
+            since = self._commands_at.get(sid)
+            if since is not None and now - since < self.section.rejected_report_s:
+                continue  # counted; said with the next event
+            self._seen[key] = total
+            self._commands_at[sid] = now
+            count = total - before
+            period = f" in {now - since:.0f} s" if since is not None else ""
+            names = ",".join(metrics[:10])
+            self._own(
+                "mqtt-command-refused",
+                WARNING,
+                f"stream {sid}: {count} Sparkplug command(s) refused{period} "
+                f"(the diode writes nothing to the OT side); last on {topic}"
+                + (f" for {names}" if names else ""),
+                {
+                    "stream": str(sid),
+                    "count": str(count),
+                    "total": str(total),
+                    "topic": topic,
+                    "metrics": names,
+                    **({"period_s": f"{now - since:.1f}"} if since is not None else {}),
+                },
+                stream_id=sid,
             )
 
     def _rejections(self, now: float, counters: dict[str, int]) -> None:
@@ -417,6 +509,10 @@ class Soc:
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         spool = self._spool
         assert spool is not None
+        transport = writer.transport
+        # drain() returns only once the kernel took every byte: a message leaves the
+        # spool then, and not while it still sits in this process's write buffer.
+        transport.set_write_buffer_limits(high=0)
         cursor = -1
         while True:
             if reader.at_eof():
@@ -427,12 +523,24 @@ class Soc:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 1.0)
                 continue
-            writer.write(b"".join(m.payload for _, m in items))
+            # Everything waiting, up to a bound, in one turn of the loop: the receive
+            # path can hold the loop for a while at a time (a thousand datagrams), and
+            # one read per turn let the spool grow by seconds at 20 000 messages/s.
+            sent = 0
+            for _ in range(READS_PER_TURN):
+                writer.write(b"".join(m.payload for _, m in items))
+                cursor = last
+                sent += len(items)
+                if transport.get_write_buffer_size():
+                    break  # the kernel's buffer is full: the collector sets the pace
+                last, items = spool.read(cursor, READ_BATCH, time.time())
+                if not items:
+                    break
             await writer.drain()  # the collector's back-pressure stops here, and only here
-            spool.delete_through(last)
-            cursor = last
-            self.counters["soc_forwarded"] += len(items)
+            spool.delete_through(cursor)
+            self.counters["soc_forwarded"] += sent
             self.counters["soc_spool_depth"] = len(spool)
+            await asyncio.sleep(0)  # drain() does not yield when the kernel took it all
 
     def close(self) -> None:
         self.commit()

@@ -115,6 +115,7 @@ class SparkplugNode:
         self._stopped = asyncio.Event()
         self._refused_logged_at = 0.0
         self._refused_pending = 0
+        self.last_refused: tuple[str, tuple[str, ...]] = ("", ())  # topic, metric names
         self._log = log.bind(
             stream=stream_id, group=self.settings.group_id, node=self.settings.edge_node_id
         )
@@ -304,6 +305,7 @@ class SparkplugNode:
     def _refused(self, topic: str, metrics: tuple[str, ...], *, malformed: bool) -> None:
         """A write (or garbage) on a command topic: refused, counted, logged rate-limited."""
         self._refused_pending += 1
+        self.last_refused = (topic, metrics)
         now = time.monotonic()
         if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL_S:
             self._log.warning(
@@ -323,6 +325,12 @@ class SparkplugNode:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopped.wait(), DEATH_GRACE_S + 2)
         self.history.close()
+
+    def commands_refused(self) -> tuple[int, str, tuple[str, ...]]:
+        """Commands refused or malformed so far, and the topic and metrics of the last one."""
+        counters = self.machine.counters
+        total = counters["commands_refused"] + counters["commands_malformed"]
+        return total, *self.last_refused
 
     def all_counters(self) -> dict[str, int]:
         out = dict(self.machine.counters)

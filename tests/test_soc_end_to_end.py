@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import os
 import socket
+import urllib.request
 from pathlib import Path
 
-from tests.e2e import Subscriber, wait_until
+from tests.e2e import STREAM, Subscriber, wait_until
+from tests.support.net import free_port
 from tests.support.relay import Faults
 from tests.support.rsyslog import Rsyslog
 from tests.support.soc import (
@@ -216,3 +218,108 @@ async def test_syslog_listens_only_on_the_ot_addresses_given(soc_plant: SocPlant
     link = tx.sock.getsockname()
     assert udp == {(ot, soc_plant.udp_port), (link[0], link[1])}
     assert link[0] == "127.0.0.1"
+
+
+async def test_kernel_drops_on_the_udp_listener_are_counted_up_to_the_it_side(
+    soc_plant: SocPlant, collector: Rsyslog
+) -> None:
+    """A real overflow: a tiny receive buffer, a burst, and the listener not reading.
+
+    Every datagram sent is either taken by the transmitter (and reaches the
+    collector) or counted by the kernel as dropped; the count reaches the IT
+    side on the heartbeat: ``$status`` and the receiver's metrics.
+    """
+    metrics = free_port()
+    soc_plant.rx_overrides["metrics_port"] = metrics
+    status = Subscriber(soc_plant.broker_port, "diode/test/$status")
+    try:
+        await soc_plant.start_relay()
+        rx = await soc_plant.start_rx()
+        tx = await soc_plant.start_tx()
+        (listener,) = tx.syslog.udp_sockets
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        burst = [f"id-k-{i}" for i in range(3000)]
+        # Sent from the event loop's own thread: the transmitter cannot read meanwhile.
+        python_udp(soc_plant.udp_port, burst)
+        counters = tx.syslog.counters
+        await wait_until(
+            lambda: (
+                tx.syslog.counters_all()["syslog_kernel_drops"] + counters["syslog_received"]
+                == len(burst)
+            ),
+            within=20,
+        )
+        dropped = counters["syslog_kernel_drops"]
+        assert 0 < dropped < len(burst)
+        await wait_until(lambda: len(ids_at(collector)) == counters["syslog_received"], within=30)
+
+        def reported() -> int | None:
+            view = rx.router.streams.get(STREAM)
+            beat = view.heartbeat if view is not None else None
+            return None if beat is None else beat.counters.get("syslog_kernel_drops")
+
+        await wait_until(lambda: reported() == dropped, within=20)
+        await wait_until(
+            lambda: any(
+                m.get("transmitter", {}).get("syslog_kernel_drops") == dropped
+                for m in status.on("diode/test/$status")
+            ),
+            within=30,
+        )
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+                return str(r.read().decode())
+
+        text = await asyncio.get_running_loop().run_in_executor(None, scrape)
+        assert f'diode_tx_syslog_kernel_drops_total{{stream="{STREAM}"}} {float(dropped)}' in text
+    finally:
+        status.close()
+
+
+async def test_messages_lost_while_the_receiver_was_killed_reach_the_soc(
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
+    """The receiver dies without a shutdown (its socket and queue with it) and starts again.
+
+    What the transmitter sent meanwhile is lost; the restarted receiver knows
+    where the log lane stood at its last commit and reports the exact count,
+    with the times between which they were lost, to the collector and on MQTT.
+    """
+    await soc_plant.start_relay()
+    old = await soc_plant.start_rx()
+    tx = await soc_plant.start_tx()
+    tcp = soc_plant.tcp_port
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, python_5424_tcp, tcp, [f"id-r1-{i}" for i in range(50)])
+    await wait_until(lambda: sum(ids_at(collector).values()) == 50, within=30)
+    soc_plant.kill("rx")  # no shutdown path: what it committed is on disk, nothing more
+    await asyncio.sleep(0.2)
+    loop.remove_reader(old.sock)
+    old.sock.close()  # what the process's death does: its socket and queue go with it
+    lane = tx.syslog.lane.counters
+    queued = lane["log_queued"]
+    await loop.run_in_executor(None, python_5424_tcp, tcp, [f"id-r2-{i}" for i in range(200)])
+    await wait_until(lambda: lane["log_seq_framed"] >= queued + 200, within=20)
+    await asyncio.sleep(1.0)  # sent (the link is fast) into the void
+    await soc_plant.start_rx()
+    await loop.run_in_executor(None, python_5424_tcp, tcp, [f"id-r3-{i}" for i in range(50)])
+    await wait_until(lambda: sum(ids_at(collector).values()) == 100, within=30)
+    await wait_until(lambda: lost_reported(collector) >= 200, within=30)
+    found = ids_at(collector)
+    assert max(found.values()) == 1
+    assert not any(i.startswith("id-r2-") for i in found)
+    assert lost_reported(collector) == 200
+    lines = [line for line in collector.lines() if b"log-messages-lost" in line]
+    assert any(b"syslog messages lost between " in line for line in lines)
+
+    def on_mqtt() -> list[dict[str, object]]:
+        return [
+            m for m in events.on(EVENTS) if m.get("event", {}).get("action") == "log-messages-lost"
+        ]
+
+    await wait_until(on_mqtt, within=20)
+    labels = on_mqtt()[0]["labels"]
+    assert isinstance(labels, dict)
+    assert int(labels["lost"]) >= 200
+    assert labels["after"] < labels["before"]

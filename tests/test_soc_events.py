@@ -23,11 +23,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from diode.benchmarks.harness import to_toml
 from diode.config.link import LinkSettings
 from diode.encoder import Encoder
 from diode.keys import SigningKey, write_keypair
 from diode.records import Heartbeat
+from receiver.soc import MALFORMED
 from tests.e2e import STREAM, Subscriber, wait_until
+from tests.support import sparkplug_host as spb
 from tests.support.modbus_server import ModbusSimServer
 from tests.support.mosquitto import Mosquitto
 from tests.support.net import free_port
@@ -41,6 +44,7 @@ from tests.support.soc import (
     python_5424_tcp,
 )
 from tests.test_mqtt_tls import make_pki
+from tests.test_sparkplug_e2e import DCMD, NCMD, sparkplug_output
 
 SD = "diode@32473"
 
@@ -59,6 +63,15 @@ def events_at(collector: Rsyslog, action: str) -> list[dict[str, str]]:
 
 def mqtt_events(events: Subscriber, action: str) -> list[dict[str, Any]]:
     return [m for m in events.on(EVENTS) if m.get("event", {}).get("action") == action]
+
+
+async def on_mqtt_too(events: Subscriber, *actions: str) -> None:
+    """Each of ``actions`` (already read at the collector) also on ``$events``."""
+    for action in actions:
+        await wait_until(lambda a=action: mqtt_events(events, a), within=20)
+        doc = mqtt_events(events, action)[0]
+        assert doc["event"]["dataset"] == "diode.security"
+        assert doc["observer"]["type"] == "data-diode"
 
 
 async def test_a_swapped_plc_is_a_critical_event(
@@ -91,10 +104,11 @@ async def test_a_swapped_plc_is_a_critical_event(
     assert doc["event"]["kind"] == "alert"
     assert doc["log"]["syslog"]["severity"]["name"] == "critical"
     assert doc["labels"]["device"] == "plc1"
+    await on_mqtt_too(events, "device-identity-recorded", "device-disappeared", "device-appeared")
 
 
 async def test_the_identity_is_remembered_across_a_restart(
-    soc_plant: SocPlant, collector: Rsyslog
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
 ) -> None:
     assert soc_plant.plc is not None
     await soc_plant.plc.stop()
@@ -115,9 +129,12 @@ async def test_the_identity_is_remembered_across_a_restart(
     await wait_until(lambda: events_at(collector, "epoch-changed"), within=20)
     assert events_at(collector, "daemon-stop")
     assert len(events_at(collector, "daemon-start")) == 2
+    await on_mqtt_too(events, "daemon-start", "daemon-stop", "epoch-changed")
 
 
-async def test_modbus_exception_burst(soc_plant: SocPlant, collector: Rsyslog) -> None:
+async def test_modbus_exception_burst(
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
     soc_plant.tx_sections["syslog"]["exception_burst"] = 5
     await soc_plant.start_relay()
     await soc_plant.start_rx()
@@ -128,6 +145,7 @@ async def test_modbus_exception_burst(soc_plant: SocPlant, collector: Rsyslog) -
     event = events_at(collector, "modbus-exception-burst")[0]
     assert event["device"] == "plc1"
     assert int(event["exceptions"]) >= 5
+    await on_mqtt_too(events, "modbus-exception-burst")
 
 
 def forged_datagrams(blocks: int) -> list[bytes]:
@@ -180,10 +198,36 @@ async def test_forged_and_replayed_datagrams_are_reported_as_rates(
             await asyncio.sleep(0)
     await wait_until(lambda: events_at(collector, "datagrams-replayed"), within=20)
     assert int(events_at(collector, "datagrams-replayed")[0]["replay"]) > 0
-    await wait_until(lambda: mqtt_events(events, "datagrams-forged"), within=10)
+    await on_mqtt_too(events, "datagrams-forged", "datagrams-replayed", "epoch-changed")
 
 
-async def test_link_down_and_up(soc_plant: SocPlant, collector: Rsyslog) -> None:
+async def test_malformed_datagrams_are_reported_as_a_rate(
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
+    """Garbage on the link port (too short, wrong magic): one event per period, counted."""
+    soc_plant.rx_sections["soc"]["rejected_report_s"] = 1.0
+    await soc_plant.start_relay()
+    rx = await soc_plant.start_rx()
+    await soc_plant.start_tx()
+    await wait_until(lambda: events_at(collector, "link-up"), within=20)
+    garbage = [b"\x00" * 3, b"GET / HTTP/1.1\r\n\r\n" + b"x" * 200] * 30
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for datagram in garbage:
+            s.sendto(datagram, ("127.0.0.1", soc_plant.rx_port))
+    counters = rx.decoder.counters
+
+    def reported() -> int:
+        return sum(int(e["count"]) for e in events_at(collector, "datagrams-malformed"))
+
+    await wait_until(lambda: reported() == len(garbage), within=20)
+    assert sum(counters.get(f"rejected_{r}", 0) for r in MALFORMED) == len(garbage)
+    assert len(events_at(collector, "datagrams-malformed")) < len(garbage), "a rate, not each"
+    await on_mqtt_too(events, "datagrams-malformed")
+
+
+async def test_link_down_and_up(
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
     soc_plant.output_overrides["link_timeout_s"] = 1.0
     await soc_plant.start_relay()
     await soc_plant.start_rx()
@@ -195,6 +239,7 @@ async def test_link_down_and_up(soc_plant: SocPlant, collector: Rsyslog) -> None
     soc_plant.relay.faults.loss = 0.0
     await wait_until(lambda: len(events_at(collector, "link-up")) == 2, within=20)
     await wait_until(lambda: events_at(collector, "records-lost"), within=20)
+    await on_mqtt_too(events, "link-up", "link-down", "records-lost")
 
 
 class StallingProxy:
@@ -462,6 +507,34 @@ async def test_mqtt_spool_overflow_reaches_the_collector(
         await asyncio.sleep(0.01)
     await wait_until(lambda: events_at(collector, "mqtt-spool-overflow"), within=20)
     assert int(events_at(collector, "mqtt-spool-overflow")[0]["count"]) > 0
+    # The broker back: the event waited in the spool like the values (the newest kept).
+    mosquitto.start()
+    events = Subscriber(mosquitto.port, EVENTS)
+    try:
+        await on_mqtt_too(events, "mqtt-spool-overflow")
+    finally:
+        events.close()
+
+
+async def test_a_real_reload_and_a_refused_one_are_events(
+    tmp_path: Path, soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
+    """What SIGHUP runs, on a config file: a change applied, then a broken file refused."""
+    await soc_plant.start_relay()
+    await soc_plant.start_rx()
+    tx = await soc_plant.start_tx()
+    data = tx.config.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    data["modbus"]["devices"][0]["poll_interval_s"] = 0.1
+    path = tmp_path / "tx.toml"
+    path.write_text(to_toml(data))
+    assert await tx.reload(path)
+    await wait_until(lambda: events_at(collector, "config-reloaded"), within=20)
+    assert events_at(collector, "config-reloaded")[0]["changed"] == "changed modbus plc1"
+    path.write_text(path.read_text().replace("poll_interval_s = 0.1", "poll_interval_s = -1"))
+    assert not await tx.reload(path)
+    await wait_until(lambda: events_at(collector, "config-reload-failed"), within=20)
+    assert "poll_interval_s" in events_at(collector, "config-reload-failed")[0]["error"]
+    await on_mqtt_too(events, "config-reloaded", "config-reload-failed")
 
 
 async def test_a_config_reload_is_an_event(soc_plant: SocPlant, collector: Rsyslog) -> None:
@@ -504,3 +577,46 @@ port = 5514
     assert done.returncode == 2, done.stderr
     assert "syslog.listeners[0].address: 192.0.2.1 is not an address of this host" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_sparkplug_commands_refused_are_a_rate_limited_event(
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber, mosquitto: Mosquitto
+) -> None:
+    """A host writes to the plant through Sparkplug (DCMD, NCMD): refused, and the SOC hears.
+
+    One event at the first command, then one per report period with the count:
+    a flood of commands is a few lines at the SOC, their counts adding up.
+    """
+    soc_plant.output_overrides.update(sparkplug_output())
+    soc_plant.rx_sections["soc"]["rejected_report_s"] = 1.0
+    host = spb.SparkplugHost(mosquitto.port, host_id="scada")
+    try:
+        assert host.subscribed.wait(5)
+        await soc_plant.start_relay()
+        rx = await soc_plant.start_rx()
+        await soc_plant.start_tx()
+        await wait_until(lambda: host.of("DBIRTH"), within=20)
+        host.send(DCMD, spb.command("count", spb.UINT32, 5))
+        await wait_until(lambda: events_at(collector, "mqtt-command-refused"), within=20)
+        (first,) = events_at(collector, "mqtt-command-refused")
+        assert first["topic"] == DCMD
+        assert first["metrics"] == "count"
+        assert first["count"] == "1"
+        for value in range(40):
+            host.send(DCMD if value % 2 else NCMD, spb.command("count", spb.UINT32, value))
+        await wait_until(
+            lambda: (
+                sum(int(e["count"]) for e in events_at(collector, "mqtt-command-refused")) == 41
+            ),
+            within=20,
+        )
+        assert len(events_at(collector, "mqtt-command-refused")) <= 4, "one per period, not each"
+        node = rx.sparkplug[STREAM]
+        assert node.commands_refused()[0] == 41
+        await wait_until(lambda: mqtt_events(events, "mqtt-command-refused"), within=10)
+        doc = mqtt_events(events, "mqtt-command-refused")[0]
+        assert doc["log"]["syslog"]["severity"]["name"] == "warning"
+        assert doc["labels"]["topic"] == DCMD
+        assert doc["event"]["dataset"] == "diode.security"
+    finally:
+        host.close()

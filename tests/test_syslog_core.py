@@ -15,6 +15,7 @@ from diode.syslog import (
     TokenBucket,
     event_record,
     octet_counted,
+    parse_general,
     parse_sd,
     parse_syslog,
     render_5424,
@@ -202,3 +203,27 @@ def test_event_record_to_ecs() -> None:
     assert doc["labels"] == {"device": "plc1", "old": 'a"b]', "new": "c"}
     line = render_5424(record, stream_id=1, epoch=9)
     assert parse_sd(parse_syslog(line).sd)["diode@32473"]["old"] == 'a"b]'
+
+
+_TOKEN = st.one_of(
+    st.just(b"-"),
+    st.binary(min_size=0, max_size=70).map(lambda b: b.replace(b" ", b"")),
+    st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=60).map(
+        str.encode
+    ),
+)
+
+
+@settings(max_examples=400)
+@given(
+    st.one_of(st.integers(0, 250).map(lambda p: b"%d" % p), st.sampled_from([b"01", b"007", b"x"])),
+    st.lists(_TOKEN, min_size=5, max_size=5),
+    st.sampled_from([b"-", b'[a@1 x="1"]', b'[a@1 x="\\]"][b y="2"]', b"[broken", b"-x", b""]),
+    st.binary(max_size=40),
+)
+def test_the_one_match_header_parses_as_the_field_by_field_way(
+    pri: bytes, fields: list[bytes], sd: bytes, msg: bytes
+) -> None:
+    """The fast path for RFC 5424 gives what the general parser gives, for any header."""
+    data = b"<" + pri + b">1 " + b" ".join(fields) + b" " + sd + (b" " + msg if msg else b"")
+    assert parse_syslog(data) == parse_general(data)

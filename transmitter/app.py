@@ -63,6 +63,7 @@ from transmitter.syslog_in import SyslogIn
 log = structlog.get_logger("diode.tx")
 
 FRAMER_CHUNK = 2048
+LANE_BLOCKS_PER_TURN = 4
 SHUTDOWN_GRACE_S = 5.0
 DROP_LOG_INTERVAL_S = 5.0
 # The integrity refresh goes out a tenth at a time. (The catalogue carousel stays whole:
@@ -379,8 +380,16 @@ class Transmitter:
             if encoder.blocks_ready:
                 break
         if not len(outbox) and not encoder.blocks_ready:
-            # The log lane after telemetry, within its share of the link.
-            self.syslog.lane.frame(encoder, now)
+            # The log lane after telemetry, within its share of the link: a few blocks
+            # per turn, each handed to the pacer as it closes. One block a turn framed
+            # fewer messages than one TCP read brings in (64 KiB, ~400 messages), and
+            # at 20 000 messages/s the lane's queue, and its latency, grew for good.
+            lane = self.syslog.lane
+            for _ in range(LANE_BLOCKS_PER_TURN):
+                lane.frame(encoder, now)
+                if not encoder.blocks_ready:
+                    break
+                self._ship()
         encoder.poll(now)
         self._ship()
 

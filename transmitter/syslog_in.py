@@ -27,6 +27,7 @@ import contextlib
 import ipaddress
 import socket
 import ssl
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,16 +40,48 @@ from diode.config.syslog import SyslogListener, SyslogSection
 from diode.encoder import Encoder
 from diode.errors import DiodeError, FrameError, SettingError
 from diode.records import LogFormat, LogRecord
-from diode.syslog import Deframer, SourceLimiter, TokenBucket, event_record, parse_syslog
+from diode.syslog import (
+    Deframer,
+    Parsed,
+    SourceLimiter,
+    TokenBucket,
+    event_record,
+    parse_syslog,
+)
 from diode.wire import BLOCK_OVERHEAD, symbol_size
 
 log = structlog.get_logger("diode.tx.syslog")
 
 UDP_RCVBUF = 4 * 1024 * 1024
+# getsockopt(SOL_SOCKET, SO_MEMINFO) (Linux 3.x+; not in Python's socket module): the
+# socket's sk_meminfo array, whose SK_MEMINFO_DROPS (index 8, Linux 4.6+) is sk_drops.
+SO_MEMINFO = 55
+SK_MEMINFO_DROPS = 8
+SK_MEMINFO_VARS = 9
+DROPS_LOG_INTERVAL_S = 10.0
 READ_CHUNK = 65536
 FRAME_CHUNK = 2048
 RECORD_OVERHEAD = 48  # msgpack array, seq, ts, numbers: a bound on what a record adds
 ALLOW_CACHE = 4096
+
+
+def socket_drops(sock: socket.socket) -> int | None:
+    """Datagrams the kernel dropped on ``sock`` since it opened (its queue was full).
+
+    SO_MEMINFO's SK_MEMINFO_DROPS is the socket's own ``sk_drops``, the very
+    counter /proc/net/udp shows in its drops column: one getsockopt, where the
+    /proc table must be read and searched whole (one line per UDP socket on the
+    host) each time; SO_RXQ_OVFL would say the same only on the next datagram
+    received, and only through recvmsg, which asyncio's datagram transport does
+    not use. None where the kernel does not say (not Linux, or older than 4.6).
+    """
+    try:
+        info = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * SK_MEMINFO_VARS)
+    except OSError:
+        return None
+    if len(info) < 4 * (SK_MEMINFO_DROPS + 1):
+        return None
+    return int.from_bytes(info[4 * SK_MEMINFO_DROPS : 4 * SK_MEMINFO_DROPS + 4], sys.byteorder)
 
 
 def lane_bytes_per_s(link: LinkSettings, rate_mbps: float, share: float) -> float:
@@ -108,6 +141,20 @@ class LogLane:
         self._next_seq += 1
         self.counters["log_queued"] += 1
         self._on_queue()
+        return True
+
+    def notify(self) -> None:
+        """Wake the framer (after :meth:`put_parsed`, once per batch)."""
+        self._on_queue()
+
+    def put_parsed(self, parsed: Parsed, ts_ns: int, source: str) -> bool:
+        """:meth:`put` for a message from a device (the hot path: no closure per message)."""
+        if len(self._queue) >= self._limit:
+            self.counters["log_dropped_full"] += 1
+            return False
+        self._queue.append(parsed.record(seq=self._next_seq, ts_ns=ts_ns, source=source))
+        self._next_seq += 1
+        self.counters["log_queued"] += 1
         return True
 
     def ready(self, now: float) -> bool:
@@ -202,6 +249,9 @@ class SyslogIn:
         self._limiter = SourceLimiter(section.rate_per_source, section.burst_per_source)
         self._servers: list[asyncio.Server] = []
         self._transports: list[asyncio.BaseTransport] = []
+        self._udp: list[socket.socket] = []
+        self._drops_logged = 0
+        self._drops_logged_at = float("-inf")
         self._connections = 0
         self.bound: list[tuple[str, int, str]] = []  # address, port, protocol once listening
         self.counters = {
@@ -213,29 +263,72 @@ class SyslogIn:
             "syslog_framing_errors": 0,
             "syslog_connections": 0,
             "syslog_connections_refused": 0,
+            "syslog_kernel_drops": 0,  # UDP datagrams the kernel dropped: the queue was full
         }
 
+    @property
+    def udp_sockets(self) -> list[socket.socket]:
+        """The UDP listeners' sockets (their kernel drop counters are read from them)."""
+        return list(self._udp)
+
     def counters_all(self) -> dict[str, int]:
+        self._count_kernel_drops()
         return self.counters | self.lane.counters
+
+    def _count_kernel_drops(self) -> None:
+        """Read the UDP listeners' kernel drop counters; say so in the log when they grow.
+
+        These messages never reached diode, so no lane number covers them: the
+        count rides on the heartbeat (the receiver's ``$status`` and metrics show
+        it) beside the ones the allow-list and the rate limit dropped.
+        """
+        drops = [socket_drops(sock) for sock in self._udp]
+        if not drops or any(d is None for d in drops):
+            return
+        total = sum(d for d in drops if d is not None)
+        self.counters["syslog_kernel_drops"] = total
+        now = time.monotonic()
+        if total > self._drops_logged and now - self._drops_logged_at >= DROPS_LOG_INTERVAL_S:
+            log.warning(
+                "syslog datagrams dropped by the kernel: the UDP queue was full",
+                dropped=total - self._drops_logged,
+                total=total,
+            )
+            self._drops_logged, self._drops_logged_at = total, now
 
     # -- the one entry of every message ------------------------------------------------
 
     def ingest(self, data: bytes, source: str, transport: str) -> None:
+        self.ingest_many([data], source, transport)
+
+    def ingest_many(self, messages: list[bytes], source: str, transport: str) -> None:
+        """Messages from one source that arrived together (one datagram, one TCP read).
+
+        The allow-list, the rate limit and the clock are asked once for all of
+        them: per message only the parse and the record remain.
+        """
         counters = self.counters
+        count = len(messages)
         if not self._allowed(source):
-            counters["syslog_denied"] += 1
+            counters["syslog_denied"] += count
             return
-        if not self._limiter.allow(source, time.monotonic()):
-            counters["syslog_rate_dropped"] += 1
-            return
-        counters["syslog_received"] += 1
-        parsed = parse_syslog(data)
-        if parsed.truncated:
-            counters["syslog_truncated"] += 1
-        if parsed.format == LogFormat.RAW:
-            counters["syslog_raw"] += 1
+        allowed = self._limiter.allow_many(source, time.monotonic(), count)
+        if allowed < count:
+            counters["syslog_rate_dropped"] += count - allowed
+            del messages[allowed:]
+        counters["syslog_received"] += allowed
         ts_ns = time.time_ns()
-        self.lane.put(lambda seq: parsed.record(seq=seq, ts_ns=ts_ns, source=source))
+        lane = self.lane
+        truncated = raw = 0
+        for data in messages:
+            parsed = parse_syslog(data)
+            truncated += parsed.truncated
+            raw += parsed.format is LogFormat.RAW
+            lane.put_parsed(parsed, ts_ns, source)
+        counters["syslog_truncated"] += truncated
+        counters["syslog_raw"] += raw
+        if messages:
+            self.lane.notify()
 
     def event(
         self, action: str, severity: int, message: str, params: dict[str, str] | None = None
@@ -308,6 +401,7 @@ class SyslogIn:
                 lambda: _UdpIn(self.ingest), sock=sock
             )
             self._transports.append(transport)
+            self._udp.append(sock)
             port = sock.getsockname()[1]
         else:
             context = self._tls_context() if listener.protocol == "tls" else None
@@ -337,8 +431,12 @@ class SyslogIn:
         deframer = Deframer()
         try:
             while data := await reader.read(READ_CHUNK):
-                for message in deframer.feed(data):
-                    self.ingest(message, source, transport)
+                batch: list[bytes] = []
+                try:
+                    batch.extend(deframer.feed(data))
+                finally:  # what came whole before a framing error is taken
+                    if batch:
+                        self.ingest_many(batch, source, transport)
         except FrameError as exc:
             self.counters["syslog_framing_errors"] += 1
             log.warning("syslog connection closed: framing", source=source, detail=str(exc))
@@ -358,3 +456,4 @@ class SyslogIn:
             server.close()
         self._transports.clear()
         self._servers.clear()
+        self._udp.clear()

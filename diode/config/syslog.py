@@ -104,6 +104,11 @@ class SocSection(Section):
     keyfile: Path | None = Field(None, description="client private key (PEM)", strict=False)
     server_name: str | None = Field(None, description="name the collector's certificate has")
     mqtt_events: bool = Field(True, description="publish ECS JSON on {prefix}/{site}/$events")
+    mqtt_syslog: bool = Field(
+        True,
+        description="devices' syslog on $events too (false: security events only; "
+        "the collector still gets every message)",
+    )
     spool_max_messages: int = Field(
         1_000_000, ge=100, le=100_000_000, description="messages kept while the collector is away"
     )
