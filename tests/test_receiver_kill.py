@@ -281,8 +281,18 @@ async def test_receiver_killed_20_times_loses_nothing_unreported_and_names_at_on
             await asyncio.sleep(rng.uniform(*UPTIME_S))
             proc.send_signal(signal.SIGKILL)
             await asyncio.to_thread(proc.wait)
-        # The last receiver stays; the transmitter stops sampling and sends its catalogue
+        # The last receiver stays. Sampling goes on until it has published a value sent
+        # after it started (or 10 s: then it waited for a catalogue, which the check
+        # below reports), or the restart would be judged on the few samples sent between
+        # its start and here. Then the transmitter stops sampling and sends its catalogue
         # once more (as its carousel would), so nothing waits for a name any more.
+        last_start = restarts[-1][0] if restarts else time.time()
+        with contextlib.suppress(AssertionError):
+            await wait_for(
+                lambda: subscriber.first_after(tx.sent.sent_at, last_start) is not None,
+                10,
+                "a value from the last receiver",
+            )
         samples.clear()
         await asyncio.sleep(0.5)
         final_catalogue = time.time()
