@@ -54,7 +54,7 @@ test: lint typecheck pytest
 # The runs of record (docs/BENCHMARKS.md): every figure the document quotes, medians of
 # ROUNDS repeats, one table against the targets. RUNS picks groups or runs (tags, link,
 # files, syslog, restart, codec; tags-10k ...); WRAP runs each repeat under a command
-# (/work/tools/benchrun on a shared host); DAEMONS=TREE measures another tree's daemons.
+# (tools/benchrun on a shared host); DAEMONS=TREE measures another tree's daemons.
 # `make bench-list` says what each run is and how long it takes.
 RUNS    ?= all
 ROUNDS  ?= 3

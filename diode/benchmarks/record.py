@@ -10,7 +10,7 @@ load: the 1-minute load average just before each repeat, and the cores busy
 during it (all processes, from ``/proc/stat``; the run's own included).
 
 Each repeat runs in a child process (``--one``), which the ``--wrap`` command
-can hold the machine for (``/work/tools/benchrun`` on a shared host: it
+can hold the machine for (``tools/benchrun`` on a shared host: it
 waits for other runs to end and holds at most one repeat at a time). Results
 are appended, one JSON line per repeat, to ``--results``; ``--table`` prints
 the table from that file without running anything, so runs taken in several
