@@ -48,7 +48,8 @@ async def test_a_topic_over_65535_bytes_is_refused_counted_and_the_rest_publishe
         await until(lambda: received.values("diode/s/plc1/ok") == [2, 4])
         await until(lambda: output.counters["published"] == 2)
         assert output.counters["unencodable"] == 2
-        assert output.backlog == 0
+        # What the broker has leaves the spool with the next commit, or 50 ms later.
+        await until(lambda: output.backlog == 0)
 
 
 @pytest.mark.parametrize("topic", ["a/" + "b" * 65_534, "a/+/b", "a/#", "a/\0", ""])
