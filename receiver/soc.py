@@ -110,6 +110,7 @@ class Soc:
         self._rejected_at: dict[str, int] = {}
         self._rejected_since = 0.0
         self._seen: dict[str, int] = {}
+        self._delta_at: dict[str, float] = {}  # when each counter's last event went out
         self._commands_at: dict[int, float] = {}
         self.counters = {
             "soc_logs": 0,
@@ -336,22 +337,34 @@ class Soc:
         self._rejections(now, decoder_counters)
         self._commands(now, commands or {})
         for key, action in (("spool_dropped", "mqtt-spool-overflow"), ("refused", "mqtt-refused")):
-            self._delta_event(key, action, output_counters.get(key, 0))
+            self._delta_event(now, key, action, output_counters.get(key, 0))
         self._delta_event(
-            "soc_spool_dropped", "soc-spool-overflow", self.counters["soc_spool_dropped"]
+            now, "soc_spool_dropped", "soc-spool-overflow", self.counters["soc_spool_dropped"]
         )
         self.commit()
 
-    def _delta_event(self, key: str, action: str, total: int) -> None:
+    def _delta_event(self, now: float, key: str, action: str, total: int) -> None:
+        """Messages a spool dropped (or the broker refused) since the last event, as one event.
+
+        The first at once, then at most one per ``rejected_report_s`` with the count
+        since the last: a full spool's own event takes a place in it and pushes out
+        one more message, so an event per tick would feed itself for as long as
+        the spool stays full. The counts of the events add up to the counter.
+        """
         before = self._seen.get(key, 0)
-        self._seen[key] = total
-        if total > before:
-            self._own(
-                action,
-                WARNING,
-                f"{total - before} messages ({key.replace('_', ' ')}), {total} in all",
-                {"count": str(total - before), "total": str(total)},
-            )
+        if total < before:
+            self._seen[key] = total  # the output started again and counts from 0
+            return
+        since = self._delta_at.get(key)
+        if total == before or (since is not None and now - since < self.section.rejected_report_s):
+            return
+        self._seen[key], self._delta_at[key] = total, now
+        self._own(
+            action,
+            WARNING,
+            f"{total - before} messages ({key.replace('_', ' ')}), {total} in all",
+            {"count": str(total - before), "total": str(total)},
+        )
 
     def _commands(self, now: float, commands: dict[int, tuple[int, str, tuple[str, ...]]]) -> None:
         """Sparkplug NCMD/DCMD refused: a write attempt from the IT side, reported as a rate.

@@ -516,6 +516,47 @@ async def test_mqtt_spool_overflow_reaches_the_collector(
         events.close()
 
 
+async def test_a_full_soc_spool_is_counted_and_reported_exactly(
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
+    """The collector away and its spool full: the oldest messages go, and what went is an
+    event on ``$events``, at most one a period (each takes a place in the full spool and
+    pushes out one more message); the events' counts add up to the counter exactly, and
+    the collector, back, gets the newest messages, each once, and the events."""
+    soc_plant.rx_sections["soc"]["spool_max_messages"] = 100  # the smallest allowed
+    soc_plant.rx_sections["soc"]["rejected_report_s"] = 1.0
+    await soc_plant.start_relay()
+    rx = await soc_plant.start_rx()
+    await soc_plant.start_tx()
+    await wait_until(lambda: events_at(collector, "link-up"), within=20)
+    collector.stop()
+    ids = [f"id-s-{i}" for i in range(600)]
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, python_5424_tcp, soc_plant.tcp_port, ids)
+    await wait_until(lambda: rx.soc.counters["soc_logs"] >= 600, within=20)
+    await wait_until(lambda: mqtt_events(events, "soc-spool-overflow"), within=20)
+    assert rx.soc.counters["soc_spool_dropped"] >= 500, rx.soc.counters  # at most 100 kept
+    await asyncio.sleep(3.0)
+    assert len(mqtt_events(events, "soc-spool-overflow")) <= 5  # one a period, not a storm
+
+    def reported() -> int:
+        return sum(
+            int(doc["labels"]["count"]) for doc in mqtt_events(events, "soc-spool-overflow")
+        )
+
+    collector.start()
+    await wait_until(lambda: events_at(collector, "soc-spool-overflow"), within=30)
+    # The collector back, the spool empties and stops dropping; the last drop is reported
+    # a period later, and then the events account for every message dropped.
+    await wait_until(lambda: reported() == rx.soc.counters["soc_spool_dropped"], within=20)
+    got = ids_at(collector)
+    assert got and max(got.values()) == 1
+    numbers = sorted(int(i.rsplit("-", 1)[1]) for i in got)
+    # The newest kept: what reached the collector is the tail of what was sent, unbroken.
+    assert numbers == list(range(numbers[0], 600)), numbers[:5]
+    assert len(numbers) <= 100
+
+
 async def test_a_real_reload_and_a_refused_one_are_events(
     tmp_path: Path, soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
 ) -> None:
