@@ -486,6 +486,48 @@ async def test_opcua_certificate_change_and_security_downgrade(
         await server.stop()
 
 
+async def test_an_opcua_firmware_update_alone_is_an_identity_change(
+    soc_plant: SocPlant, collector: Rsyslog, events: Subscriber
+) -> None:
+    """The same server, the same (no) certificate, a new BuildInfo: only what changed is named."""
+    server = OpcuaTestServer()
+    await server.start()
+    soc_plant.tx_sections["opcua"] = {
+        "servers": [
+            {
+                "name": "scada1",
+                "endpoint": server.endpoint,
+                "reconnect_initial_s": 0.2,
+                "reconnect_max_s": 1.0,
+                "nodes": [{"name": "level", "node_id": node_id("Level")}],
+            }
+        ]
+    }
+
+    def scada1(action: str) -> list[dict[str, str]]:
+        return [e for e in events_at(collector, action) if e["device"] == "scada1"]
+
+    try:
+        await soc_plant.start_relay()
+        await soc_plant.start_rx()
+        await soc_plant.start_tx()
+        await wait_until(lambda: scada1("device-identity-recorded"), within=30)
+        assert "software_version=1.2.3" in scada1("device-identity-recorded")[0]["identity"]
+        await server.stop()
+        server.build_info["software_version"] = "6.6.6"
+        await server.start()
+        await wait_until(lambda: scada1("device-identity-changed"), within=30)
+        (changed,) = scada1("device-identity-changed")
+        assert changed["changed"] == "software_version"
+        assert "software_version=1.2.3" in changed["old"]
+        assert "software_version=6.6.6" in changed["new"]
+        await wait_until(lambda: mqtt_events(events, "device-identity-changed"), within=20)
+        (doc,) = mqtt_events(events, "device-identity-changed")
+        assert doc["log"]["syslog"]["severity"]["name"] == "critical"
+    finally:
+        await server.stop()
+
+
 async def test_mqtt_spool_overflow_reaches_the_collector(
     soc_plant: SocPlant, collector: Rsyslog, mosquitto: Mosquitto
 ) -> None:
@@ -540,9 +582,7 @@ async def test_a_full_soc_spool_is_counted_and_reported_exactly(
     assert len(mqtt_events(events, "soc-spool-overflow")) <= 5  # one a period, not a storm
 
     def reported() -> int:
-        return sum(
-            int(doc["labels"]["count"]) for doc in mqtt_events(events, "soc-spool-overflow")
-        )
+        return sum(int(doc["labels"]["count"]) for doc in mqtt_events(events, "soc-spool-overflow"))
 
     collector.start()
     await wait_until(lambda: events_at(collector, "soc-spool-overflow"), within=30)
@@ -550,7 +590,8 @@ async def test_a_full_soc_spool_is_counted_and_reported_exactly(
     # a period later, and then the events account for every message dropped.
     await wait_until(lambda: reported() == rx.soc.counters["soc_spool_dropped"], within=20)
     got = ids_at(collector)
-    assert got and max(got.values()) == 1
+    assert got
+    assert max(got.values()) == 1
     numbers = sorted(int(i.rsplit("-", 1)[1]) for i in got)
     # The newest kept: what reached the collector is the tail of what was sent, unbroken.
     assert numbers == list(range(numbers[0], 600)), numbers[:5]

@@ -139,6 +139,7 @@ class OpcuaTestServer:
         self.private_key = private_key
         self.users = users
         self.client_certificates: list[bytes] = []
+        self.build_info = dict(BUILD_INFO)  # what the next start announces (a firmware update)
         self._server: Server | None = None
         self._nodes: dict[str, Any] = {}
 
@@ -171,12 +172,7 @@ class OpcuaTestServer:
         if self.users is not None:
             server.set_identity_tokens([ua.UserNameIdentityToken])
         await server.set_build_info(
-            product_uri=BUILD_INFO["product_uri"],
-            manufacturer_name=BUILD_INFO["manufacturer_name"],
-            product_name=BUILD_INFO["product_name"],
-            software_version=BUILD_INFO["software_version"],
-            build_number=BUILD_INFO["build_number"],
-            build_date=dt.datetime(2024, 1, 1, tzinfo=dt.UTC),
+            **self.build_info, build_date=dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
         )
         idx = await server.register_namespace(NAMESPACE)
         plant = await server.nodes.objects.add_object(idx, "Plant")
