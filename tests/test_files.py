@@ -20,7 +20,7 @@ from diode.config.files import FilesOutput
 from diode.config.link import LinkSettings
 from diode.decoder import Delivered
 from diode.encoder import Encoder
-from diode.files import FileChunk, FileManifest, chunk_size_for
+from diode.files import FileChunk, FileHoles, FileManifest, chunk_size_for
 from diode.keys import SigningKey
 from diode.wire import symbol_size
 from receiver.files import FileReceiver
@@ -600,6 +600,76 @@ async def test_offsets_past_4_gib_land_where_they_belong(tmp_path: Path) -> None
     assert expired["chunks_missing"] == manifest.chunks - 2
     assert expired["missing_chunks"][:2] == [[0, middle - 1], [middle + 1, last - 1]]
     assert list(target.iterdir()) == []
+
+
+def _deliver(receiver: FileReceiver, records: list[Any], seq: int) -> None:
+    delivered = Delivered(
+        stream_id=LANE, epoch=1, seq=seq, first_record=0, records=records, rebuilt=False
+    )
+    receiver.handle([delivered], 0.0)
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["exact", "a wrong byte"])
+@pytest.mark.parametrize("order", ["in order", "reversed", "a gap filled later", "holes"])
+async def test_the_running_hash_checks_what_arrived_in_any_order(
+    tmp_path: Path, order: str, wrong: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks in order are hashed as they come (nothing is read back at the end); any
+    other order stops the running hash where it is and the rest is read back. Either
+    way only the exact file is renamed into place, and a wrong byte is bad_sha256."""
+    chunk, count = 10_000, 9
+    data = bytearray(os.urandom(chunk * count - 123))
+    if order == "holes":
+        data[chunk : 4 * chunk] = bytes(3 * chunk)  # chunks 1-3 are zeros
+    announced: list[dict[str, Any]] = []
+    target = tmp_path / "it"
+    receiver = FileReceiver(
+        {LANE: validate(FilesOutput, {"directory": str(target)}, "rx.toml")},
+        lambda _stream, result: announced.append(result),
+    )
+    read_back: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, n: int, offset: int) -> bytes:
+        read_back.append(offset)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr("receiver.files.os.pread", counting_pread)
+    manifest = FileManifest.of(
+        name="f.bin",
+        size=len(data),
+        mtime_ns=MTIME,
+        sha256=hashlib.sha256(data).digest(),
+        chunk_size=chunk,
+    )
+    sent = bytearray(data)
+    if wrong:
+        sent[5 * chunk + 7] ^= 1  # authentic, but not the file's bytes
+    pieces: list[Any] = [
+        FileChunk(file_id=manifest.file_id, index=i, data=bytes(sent[i * chunk : (i + 1) * chunk]))
+        for i in range(count)
+    ]
+    if order == "reversed":
+        pieces.reverse()
+    elif order == "a gap filled later":
+        pieces = pieces[:2] + pieces[3:] + pieces[2:3]
+    elif order == "holes":
+        pieces[1:4] = [FileHoles(file_id=manifest.file_id, first=1, count=3)]
+    _deliver(receiver, [manifest], 0)
+    for seq, piece in enumerate(pieces, 1):
+        _deliver(receiver, [piece], seq)
+    await receiver.wait_idle()
+    receiver.close()
+    (result,) = announced
+    assert result["result"] == ("bad_sha256" if wrong else "ok"), result
+    placed = target / "f.bin"
+    assert placed.exists() != wrong
+    if not wrong:
+        assert placed.read_bytes() == data
+    if order in ("in order", "holes"):
+        assert read_back == []  # all hashed on the way in
+    else:
+        assert read_back, "the rest is read back from the part"
 
 
 async def test_after_a_disk_full_error_the_next_round_tries_again(

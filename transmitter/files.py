@@ -52,7 +52,14 @@ from diode.config.files import FileLane as FileLaneConfig
 from diode.config.link import IPV4_UDP_OVERHEAD
 from diode.config.tx import TxLink
 from diode.encoder import EncodedBlock, Encoder, SendQueue
-from diode.files import MANIFEST_EVERY, FileChunk, FileHoles, FileManifest, chunk_size_for
+from diode.files import (
+    MANIFEST_EVERY,
+    FileChunk,
+    FileHoles,
+    FileManifest,
+    chunk_size_for,
+    hash_zeros,
+)
 from diode.keys import SigningKey
 from diode.records import Heartbeat, Record
 
@@ -374,7 +381,7 @@ class FileLane:
         if holes:
             if digest is not None:
                 end = min(manifest.size, (index + holes) * manifest.chunk_size)
-                _hash_zeros(digest, end - index * manifest.chunk_size)
+                hash_zeros(digest, end - index * manifest.chunk_size)
             return self._encode(FileHoles(file_id=manifest.file_id, first=index, count=holes))
         length = manifest.chunk_length(index)
         data = os.pread(fd, length, index * manifest.chunk_size)
@@ -758,15 +765,6 @@ def _plan(fd: int, manifest: FileManifest, start: int) -> list[tuple[int, int]]:
         else:
             items.append((index, 1))
     return items
-
-
-_ZERO_VIEW = memoryview(bytes(HASH_READ))
-
-
-def _hash_zeros(digest: Any, length: int) -> None:
-    while length > 0:
-        digest.update(_ZERO_VIEW[: min(length, HASH_READ)])
-        length -= HASH_READ
 
 
 def _hash_fd(fd: int) -> bytes:
