@@ -1,20 +1,23 @@
-"""``diode bench files``: file goodput beside pydiode, RSS and telemetry latency with a file.
+"""``diode bench files``: file goodput beside pydiode and udpcast, RSS and telemetry latency.
 
-Two runs, each with both daemons as child processes on loopback, 1472-byte
-datagrams, the default FEC, ``rate_mbps`` (1000) as the cap:
+Both daemons as child processes on loopback, 1472-byte datagrams, ``rate_mbps``
+(1000) as the link cap of every tool, the file lane at share 1.0 with its own
+FEC (``FILES_FEC``) and its own rate (``[file_lane] rate_mbps``, by default
+its default: what the receiver drains; the link cap alone would overrun it):
 
-- **goodput**: a file of ``size_mb`` random bytes is renamed into the watched
-  folder of a transmitter whose file lane has the whole link (share 1.0); the
-  time runs from the rename until the receiver renamed the verified file into
-  place. Goodput = file bytes x 8 / that time. pydiode 1.0 (redundancy 2, its
-  default) then carries the same number of bytes at the same cap, once with
-  its default 64 KB datagrams and once patched to 1472-byte ones.
+- **goodput**, ``rounds`` rounds alternating diode / pydiode 1472 B / pydiode
+  64 KB / udpcast, medians reported: a file of ``size_mb`` random bytes is
+  renamed into the watched folder; the time runs from the rename until the
+  receiver renamed the verified file into place. Goodput = file bytes x 8 /
+  that time. pydiode 1.0 (redundancy 2, its default) carries the same bytes at
+  the same cap with its default 64 KB datagrams and patched to 1472-byte
+  ones; udpcast (``--async --fec 8x32/128``) in a network namespace of its own.
 - **beside telemetry**: a synthetic source generates ``telemetry_hz`` tag
   updates/s into MQTT (per tag, QoS 0; ``mosquitto_sub`` stamps each
-  arrival). ``seconds`` without a file, then a sparse file of ``big_gb`` is
-  dropped (the lane at share 1.0) and ``seconds`` more are measured while it
-  flows; the p99 latency of each window, the file's goodput, and the peak RSS
-  (VmHWM) of both daemons over the whole transfer.
+  arrival). ``seconds`` without a file, then a file of ``big_gb`` random
+  bytes is dropped and ``seconds`` more are measured while it flows; the p99
+  latency of each window, the file's goodput, and the peak RSS (VmHWM) of
+  both daemons over the whole transfer.
 """
 
 from __future__ import annotations
