@@ -383,12 +383,16 @@ class FileReceiver:
     def _hash_on(self, inc: _Incoming, data: bytes | int, chunks: int) -> None:
         """The running hash goes on over the next ``chunks`` chunks (``data``, or that many
         zero bytes of a hole), in the worker; unless the worker is too far behind."""
+        size = data if isinstance(data, int) else len(data)
+        if isinstance(data, bytes) and self._to_hash - self._hashed_bytes + size > HASH_BACKLOG:
+            return  # stopped here: the check at the end reads the rest back
+        try:
+            self._worker.submit(self._hash_job, inc.digest, data)
+        except RuntimeError:
+            return  # closed (shutdown): nothing is verified any more
         if isinstance(data, bytes):
-            if self._to_hash - self._hashed_bytes + len(data) > HASH_BACKLOG:
-                return  # stopped here: the check at the end reads the rest back
-            self._to_hash += len(data)
+            self._to_hash += size
         inc.hashed += chunks
-        self._worker.submit(self._hash_job, inc.digest, data)
 
     def _hash_job(self, digest: Any, data: bytes | int) -> None:
         """(In the worker thread.)"""

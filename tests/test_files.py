@@ -9,11 +9,14 @@ import os
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
+import structlog
 
 from diode.config import validate
 from diode.config.files import FilesOutput
@@ -23,6 +26,7 @@ from diode.encoder import Encoder
 from diode.files import FileChunk, FileHoles, FileManifest, chunk_size_for
 from diode.keys import SigningKey
 from diode.wire import symbol_size
+from receiver.app import Receiver
 from receiver.files import FileReceiver
 from receiver.link import kernel_drops
 from tests.e2e import Subscriber, wait_until
@@ -698,3 +702,51 @@ async def test_after_a_disk_full_error_the_next_round_tries_again(
         assert (small_disk / "alarm log.csv").read_bytes() == data
     finally:
         await plant.close()
+
+
+def test_an_overflowing_file_socket_is_counted_and_warned_about_once_a_minute() -> None:
+    """The receiver cannot slow the lane down: when its file socket overflows, it counts
+    the kernel's drops and says which setting on the transmitter fixes it, at most once
+    a minute (a lane that stays too fast must not flood the log)."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel's minimum
+    rx.bind(("127.0.0.1", 0))
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    counters: Counter[str] = Counter()
+    fake = cast(
+        Any,
+        SimpleNamespace(
+            file_sock=rx,
+            decoder=SimpleNamespace(counters=counters),
+            _file_drops_logged_at=float("-inf"),
+        ),
+    )
+
+    def overflow() -> None:
+        for _ in range(100):  # never read: all but the first few are dropped
+            tx.sendto(b"x" * 1000, rx.getsockname())
+
+    try:
+        overflow()
+        with structlog.testing.capture_logs() as first:
+            Receiver._watch_file_drops(fake, 100.0)
+        dropped = counters["file_kernel_drops"]
+        assert dropped > 50
+        (warning,) = first
+        assert warning["datagrams"] == dropped
+        assert "rate_mbps" in warning["fix"]
+        overflow()
+        with structlog.testing.capture_logs() as within_the_minute:
+            Receiver._watch_file_drops(fake, 130.0)
+        assert counters["file_kernel_drops"] > dropped  # counted, not said again
+        assert within_the_minute == []
+        with structlog.testing.capture_logs() as quiet:
+            Receiver._watch_file_drops(fake, 200.0)  # no new drop: nothing to say
+        assert quiet == []
+        overflow()
+        with structlog.testing.capture_logs() as later:
+            Receiver._watch_file_drops(fake, 201.0)
+        assert len(later) == 1
+    finally:
+        rx.close()
+        tx.close()
