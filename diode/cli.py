@@ -201,8 +201,10 @@ def _bench(args: argparse.Namespace) -> int:  # noqa: PLR0912 (one flat branch p
             size_mb=20.0 if args.quick else args.size_mb,
             big_gb=0.2 if args.quick else args.big_gb,
             rate_mbps=args.rate_mbps,
-            seconds=args.seconds,
+            seconds=args.seconds or 10.0,
             share=args.share,
+            rounds=args.rounds or (1 if args.quick else 3),
+            lane_rate_mbps=args.lane_rate_mbps,
             pydiode=None if args.no_pydiode else (args.pydiode or DEFAULT_PYDIODE_VENV),
         )
     else:
@@ -286,7 +288,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--pydiode", type=Path, default=None, help="link: pydiode's virtualenv")
     p.add_argument("--no-pydiode", action="store_true", help="link: skip the pydiode run")
     p.add_argument(
-        "--rounds", type=int, help="link: alternating rounds, medians reported (3; 1 with --quick)"
+        "--rounds",
+        type=int,
+        help="link, files: alternating rounds, medians reported (3; 1 with --quick)",
     )
     p.add_argument(
         "--sink", action="store_true", help="link: the transmitter alone, into a datagram counter"
@@ -307,8 +311,14 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--items", type=int, action="append", help="opcua: monitored items (repeat)")
     p.add_argument("--size-mb", type=float, default=200.0, help="files: goodput file size")
-    p.add_argument("--big-gb", type=float, default=2.0, help="files: sparse file beside tags")
+    p.add_argument("--big-gb", type=float, default=2.0, help="files: dense file beside tags")
     p.add_argument("--share", type=float, default=1.0, help="files: the file lane's share")
+    p.add_argument(
+        "--lane-rate-mbps",
+        type=float,
+        default=None,
+        help="files: [file_lane] rate_mbps (default: its default)",
+    )
     p.add_argument(
         "--values-hz", type=int, default=10_000, help="syslog: value updates/s alongside"
     )

@@ -90,6 +90,16 @@ def file_id_of(*, name: str, size: int, mtime_ns: int, chunk_size: int, sha256: 
     return int.from_bytes(digest[:8], "big")
 
 
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def hash_zeros(digest: Any, length: int) -> None:
+    """Feed ``length`` zero bytes to ``digest`` (a hole of a sparse file), 1 MiB at a time."""
+    while length > 0:
+        digest.update(_ZEROS[: min(length, len(_ZEROS))])
+        length -= len(_ZEROS)
+
+
 def chunk_count(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)
 

@@ -81,6 +81,7 @@ FILE_BUDGET = 112
 # block that arrives after a quiet spell is committed at once, adding no latency.
 COMMIT_EVERY_S = 0.005
 STATUS_PERIOD_S = 5.0
+FILE_DROPS_LOG_S = 60.0  # at most one warning a minute about the file socket overflowing
 
 
 POSITIONS = "positions"
@@ -227,6 +228,7 @@ class Receiver:
         self._timer: asyncio.TimerHandle | None = None
         self._commit_timer: asyncio.TimerHandle | None = None  # a grouped commit due
         self._last_commit = float("-inf")
+        self._file_drops_logged_at = float("-inf")
         self.ready = asyncio.Event()
         self.handover = False  # set by a reload: the socket goes to the next process
 
@@ -371,12 +373,28 @@ class Receiver:
             self.files.tick(now)
             self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)
             if self.file_sock is not None:
-                self.decoder.counters["file_kernel_drops"] = kernel_drops(self.file_sock)
+                self._watch_file_drops(now)
             self.decoder.wall_offset_s = time.time() - now  # follows wall-clock steps
             self._watch_rejections(now)
             if now - last_status >= STATUS_PERIOD_S:
                 self.router.publish_all_status(now)
                 last_status = now
+
+    def _watch_file_drops(self, now: float) -> None:
+        """The file socket overflowed: the file lane is faster than this host drains, and
+        only the transmitter's [file_lane] rate_mbps can fix that (nothing goes back)."""
+        assert self.file_sock is not None
+        drops, counters = kernel_drops(self.file_sock), self.decoder.counters
+        new = drops - counters["file_kernel_drops"]
+        counters["file_kernel_drops"] = drops
+        if new > 0 and now - self._file_drops_logged_at >= FILE_DROPS_LOG_S:
+            self._file_drops_logged_at = now
+            log.warning(
+                "file socket overflowed: file chunks lost",
+                datagrams=new,
+                total=drops,
+                fix="lower [file_lane] rate_mbps on the transmitter (docs/OPERATIONS.md §10)",
+            )
 
     def _watch_rejections(self, now: float) -> None:
         self.rejections.update(self.decoder.counters, now)

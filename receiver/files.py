@@ -5,7 +5,9 @@ The pipeline, stage by stage::
     Decoder (authentic,   --Delivered-->  FileReceiver.handle       worker thread
      in order, gaps)       (manifest,      (sanitise the name, write  --> (SHA-256 of the part,
                             chunks)         each chunk at its offset     fsync, mtime, atomic
-                                            of a sparse part file)       rename, no overwrite)
+                                            of a sparse part file;       rename, no overwrite)
+                                            in-order chunks to the
+                                            worker's running SHA-256)
                                                                                |
                                     MQTT {prefix}/{site}/$files  <--  announce (JSON) + counters
 
@@ -13,9 +15,14 @@ Nothing is written before the decoder verified the block's signature, so a
 forged manifest or chunk never reaches this module. A file is assembled in
 ``.diode-part-<file id>`` inside its target folder (same file system, so the
 rename is atomic), with a chunk map beside it (``.map``) so a restarted
-receiver continues where it stopped. When every chunk is there, a worker
-thread hashes the part (a 2 GB file does not stall the telemetry), and only a
-matching SHA-256 is renamed into place with its mtime; an existing file is
+receiver continues where it stopped. Chunks that arrive in order (a lane
+without loss) go on to the SHA-256 of the file as they are written, in one
+worker thread (hashlib lets go of the GIL: the event loop only hands the
+bytes over); at the first chunk out of order the running hash stops there.
+When every chunk is there, the same worker hashes what the running hash has
+not covered, reading it back from the part (a 2 GB file does not stall the
+telemetry, and a whole lane without loss has nothing left to read), and only
+a matching SHA-256 is renamed into place with its mtime; an existing file is
 never replaced unless ``overwrite``. After the transmitter's final manifest,
 a file still missing chunks is announced ``incomplete`` with the missing
 runs, and kept for a repetition; after ``expire_s`` without news it is
@@ -32,12 +39,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +62,7 @@ from diode.files import (
     FileHoles,
     FileManifest,
     FileNameError,
+    hash_zeros,
     sanitise_name,
 )
 from diode.records import decode_records, encode_records
@@ -64,6 +74,9 @@ PART_NAME = re.compile(r"^\.diode-part-([0-9a-f]{16})$")
 MAP_EVERY = 64  # chunks between two saves of the chunk map
 FINISHED_MEMORY = 4096  # file ids whose fate is known: their repetitions are ignored
 HASH_READ = 1 << 20
+# Chunk bytes handed to the hashing worker and not hashed yet, at most: a worker that falls
+# behind (a slow host) stops the running hashes, and the rest is read back at the end.
+HASH_BACKLOG = 64 << 20
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 Announce = Callable[[int, dict[str, Any]], None]
@@ -82,6 +95,10 @@ class _Incoming:
     unsaved: int = 0
     verifying: bool = False
     reported_have: int = -1  # chunks present when "incomplete" was last announced
+    # The SHA-256 of chunks [0, hashed), updated in the worker thread only; a resumed
+    # file starts at 0 with its chunks already there, so it is all read back at the end.
+    digest: Any = field(default_factory=hashlib.sha256)
+    hashed: int = 0
 
 
 @dataclass(slots=True)
@@ -120,6 +137,12 @@ class FileReceiver:
             "files_resumed": 0,
         }
         self._verifying: set[asyncio.Future[str]] = set()
+        # One worker, so its jobs run in order: a file's running hash, then its check.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diode-rx-files")
+        # Bytes handed to the worker to hash, and bytes it hashed: each has one writer
+        # (the event loop, the worker), so their difference is the backlog, exactly.
+        self._to_hash = 0
+        self._hashed_bytes = 0
 
     # -- start and stop -----------------------------------------------------------------
 
@@ -160,6 +183,7 @@ class FileReceiver:
 
     def close(self) -> None:
         """Save every chunk map and close the part files (shutdown)."""
+        self._worker.shutdown(wait=True)
         for lane in self.lanes.values():
             for inc in lane.incoming.values():
                 self._save_map(inc)
@@ -326,6 +350,8 @@ class FileReceiver:
         inc.unsaved += 1
         self.counters["file_chunks_written"] += 1
         self.counters["file_bytes_written"] += written
+        if chunk.index == inc.hashed:
+            self._hash_on(inc, chunk.data, 1)
         if inc.chunks.complete:
             self._verify(lane, inc)
         elif inc.unsaved >= MAP_EVERY:
@@ -344,12 +370,37 @@ class FileReceiver:
             return
         chunks = inc.chunks
         added = sum(chunks.add(i) for i in range(holes.first, holes.first + holes.count))
+        if holes.first == inc.hashed:
+            end = min(inc.manifest.size, (holes.first + holes.count) * inc.manifest.chunk_size)
+            self._hash_on(inc, end - holes.first * inc.manifest.chunk_size, holes.count)
         self.counters["file_chunks_holes"] += added
         inc.unsaved += added
         if chunks.complete:
             self._verify(lane, inc)
         elif inc.unsaved >= MAP_EVERY:
             self._save_map(inc)
+
+    def _hash_on(self, inc: _Incoming, data: bytes | int, chunks: int) -> None:
+        """The running hash goes on over the next ``chunks`` chunks (``data``, or that many
+        zero bytes of a hole), in the worker; unless the worker is too far behind."""
+        size = data if isinstance(data, int) else len(data)
+        if isinstance(data, bytes) and self._to_hash - self._hashed_bytes + size > HASH_BACKLOG:
+            return  # stopped here: the check at the end reads the rest back
+        try:
+            self._worker.submit(self._hash_job, inc.digest, data)
+        except RuntimeError:
+            return  # closed (shutdown): nothing is verified any more
+        if isinstance(data, bytes):
+            self._to_hash += size
+        inc.hashed += chunks
+
+    def _hash_job(self, digest: Any, data: bytes | int) -> None:
+        """(In the worker thread.)"""
+        if isinstance(data, int):
+            hash_zeros(digest, data)
+        else:
+            digest.update(data)
+            self._hashed_bytes += len(data)
 
     def _save_map(self, inc: _Incoming, *, strict: bool = False) -> None:
         """The manifest and the chunk map beside the part, for a restarted receiver."""
@@ -432,9 +483,18 @@ class FileReceiver:
         """Hash, fsync and rename in a worker thread: a large file never stalls the link."""
         inc.verifying = True
         overwrite = lane.output.overwrite
-        future = asyncio.get_running_loop().run_in_executor(
-            None, _verify_and_place, inc.fd, inc.part, inc.target, inc.manifest, overwrite
+        check = functools.partial(
+            _verify_and_place,
+            inc.fd,
+            inc.part,
+            inc.target,
+            inc.manifest,
+            overwrite=overwrite,
+            digest=inc.digest,
+            offset=min(inc.hashed * inc.manifest.chunk_size, inc.manifest.size),
         )
+        # The same worker as the running hash: every update queued before runs first.
+        future = asyncio.get_running_loop().run_in_executor(self._worker, check)
         self._verifying.add(future)
 
         def done(f: asyncio.Future[str]) -> None:
@@ -479,11 +539,20 @@ def _read_map(lane: _Lane, part: Path, file_id: int) -> tuple[FileManifest, Chun
 
 
 def _verify_and_place(
-    fd: int, part: Path, target: Path, manifest: FileManifest, overwrite: bool
+    fd: int,
+    part: Path,
+    target: Path,
+    manifest: FileManifest,
+    *,
+    overwrite: bool,
+    digest: Any,
+    offset: int,
 ) -> str:
-    """``ok``, ``bad_sha256`` or ``exists``; an OSError is the caller's to report."""
-    digest = hashlib.sha256()
-    offset = 0
+    """``ok``, ``bad_sha256`` or ``exists``; an OSError is the caller's to report.
+
+    ``digest`` holds the SHA-256 of the part's first ``offset`` bytes (the running
+    hash); the rest is read back from the part.
+    """
     while offset < manifest.size:
         data = os.pread(fd, min(HASH_READ, manifest.size - offset), offset)
         if not data:

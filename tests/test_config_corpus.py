@@ -48,6 +48,7 @@ EXPECTED = {
     "tx_fec_too_many_symbols.toml": "at most 255 are possible",
     "tx_fec_k_zero.toml": "link.fec.k",
     "tx_fec_negative_ratio.toml": "link.fec.repair_ratio",
+    "tx_file_lane_rate_zero.toml": "file_lane.rate_mbps: Input should be greater than 0",
     "tx_key_missing.toml": "transmitter.private_key: no such file",
     "tx_key_garbage.toml": "garbage.key: not a PEM private key",
     "tx_modbus_bad_table.toml": "modbus.devices[0].units[0].tags[0].table",

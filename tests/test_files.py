@@ -9,20 +9,24 @@ import os
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
+import structlog
 
 from diode.config import validate
 from diode.config.files import FilesOutput
 from diode.config.link import LinkSettings
 from diode.decoder import Delivered
 from diode.encoder import Encoder
-from diode.files import FileChunk, FileManifest, chunk_size_for
+from diode.files import FileChunk, FileHoles, FileManifest, chunk_size_for
 from diode.keys import SigningKey
 from diode.wire import symbol_size
+from receiver.app import Receiver
 from receiver.files import FileReceiver
 from receiver.link import kernel_drops
 from tests.e2e import Subscriber, wait_until
@@ -602,6 +606,76 @@ async def test_offsets_past_4_gib_land_where_they_belong(tmp_path: Path) -> None
     assert list(target.iterdir()) == []
 
 
+def _deliver(receiver: FileReceiver, records: list[Any], seq: int) -> None:
+    delivered = Delivered(
+        stream_id=LANE, epoch=1, seq=seq, first_record=0, records=records, rebuilt=False
+    )
+    receiver.handle([delivered], 0.0)
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["exact", "a wrong byte"])
+@pytest.mark.parametrize("order", ["in order", "reversed", "a gap filled later", "holes"])
+async def test_the_running_hash_checks_what_arrived_in_any_order(
+    tmp_path: Path, order: str, wrong: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks in order are hashed as they come (nothing is read back at the end); any
+    other order stops the running hash where it is and the rest is read back. Either
+    way only the exact file is renamed into place, and a wrong byte is bad_sha256."""
+    chunk, count = 10_000, 9
+    data = bytearray(os.urandom(chunk * count - 123))
+    if order == "holes":
+        data[chunk : 4 * chunk] = bytes(3 * chunk)  # chunks 1-3 are zeros
+    announced: list[dict[str, Any]] = []
+    target = tmp_path / "it"
+    receiver = FileReceiver(
+        {LANE: validate(FilesOutput, {"directory": str(target)}, "rx.toml")},
+        lambda _stream, result: announced.append(result),
+    )
+    read_back: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, n: int, offset: int) -> bytes:
+        read_back.append(offset)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr("receiver.files.os.pread", counting_pread)
+    manifest = FileManifest.of(
+        name="f.bin",
+        size=len(data),
+        mtime_ns=MTIME,
+        sha256=hashlib.sha256(data).digest(),
+        chunk_size=chunk,
+    )
+    sent = bytearray(data)
+    if wrong:
+        sent[5 * chunk + 7] ^= 1  # authentic, but not the file's bytes
+    pieces: list[Any] = [
+        FileChunk(file_id=manifest.file_id, index=i, data=bytes(sent[i * chunk : (i + 1) * chunk]))
+        for i in range(count)
+    ]
+    if order == "reversed":
+        pieces.reverse()
+    elif order == "a gap filled later":
+        pieces = pieces[:2] + pieces[3:] + pieces[2:3]
+    elif order == "holes":
+        pieces[1:4] = [FileHoles(file_id=manifest.file_id, first=1, count=3)]
+    _deliver(receiver, [manifest], 0)
+    for seq, piece in enumerate(pieces, 1):
+        _deliver(receiver, [piece], seq)
+    await receiver.wait_idle()
+    receiver.close()
+    (result,) = announced
+    assert result["result"] == ("bad_sha256" if wrong else "ok"), result
+    placed = target / "f.bin"
+    assert placed.exists() != wrong
+    if not wrong:
+        assert placed.read_bytes() == data
+    if order in ("in order", "holes"):
+        assert read_back == []  # all hashed on the way in
+    else:
+        assert read_back, "the rest is read back from the part"
+
+
 async def test_after_a_disk_full_error_the_next_round_tries_again(
     tmp_path: Path, mosquitto: Mosquitto, subscriber: Subscriber, small_disk: Path
 ) -> None:
@@ -628,3 +702,51 @@ async def test_after_a_disk_full_error_the_next_round_tries_again(
         assert (small_disk / "alarm log.csv").read_bytes() == data
     finally:
         await plant.close()
+
+
+def test_an_overflowing_file_socket_is_counted_and_warned_about_once_a_minute() -> None:
+    """The receiver cannot slow the lane down: when its file socket overflows, it counts
+    the kernel's drops and says which setting on the transmitter fixes it, at most once
+    a minute (a lane that stays too fast must not flood the log)."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel's minimum
+    rx.bind(("127.0.0.1", 0))
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    counters: Counter[str] = Counter()
+    fake = cast(
+        Any,
+        SimpleNamespace(
+            file_sock=rx,
+            decoder=SimpleNamespace(counters=counters),
+            _file_drops_logged_at=float("-inf"),
+        ),
+    )
+
+    def overflow() -> None:
+        for _ in range(100):  # never read: all but the first few are dropped
+            tx.sendto(b"x" * 1000, rx.getsockname())
+
+    try:
+        overflow()
+        with structlog.testing.capture_logs() as first:
+            Receiver._watch_file_drops(fake, 100.0)
+        dropped = counters["file_kernel_drops"]
+        assert dropped > 50
+        (warning,) = first
+        assert warning["datagrams"] == dropped
+        assert "rate_mbps" in warning["fix"]
+        overflow()
+        with structlog.testing.capture_logs() as within_the_minute:
+            Receiver._watch_file_drops(fake, 130.0)
+        assert counters["file_kernel_drops"] > dropped  # counted, not said again
+        assert within_the_minute == []
+        with structlog.testing.capture_logs() as quiet:
+            Receiver._watch_file_drops(fake, 200.0)  # no new drop: nothing to say
+        assert quiet == []
+        overflow()
+        with structlog.testing.capture_logs() as later:
+            Receiver._watch_file_drops(fake, 201.0)
+        assert len(later) == 1
+    finally:
+        rx.close()
+        tx.close()

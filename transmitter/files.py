@@ -15,8 +15,10 @@ one chunk (one block, about 45 KB) at a time. The lane is a stream of its
 own (``[file_lane] stream_id`` and key), so its blocks carry their own
 numbers: a lost chunk is an exact gap of that stream, and a file block never
 holds a tag value back at the receiver. The pacer always takes tag datagrams
-first (``LaneQueue``); the lane admits its blocks at ``share`` of
-``rate_mbps`` and holds at most ``queue_blocks`` of them queued, so a tag
+first (``LaneQueue``); the lane admits its blocks at ``share`` of the
+link's ``rate_mbps``, at most at its own ``rate_mbps`` (``LanePacer``: the
+receiver can never ask it to slow down, so the lane must not outrun what the
+receiver host drains), and holds at most ``queue_blocks`` of them queued, so a tag
 value waits behind at most one datagram however large the file.
 
 After a file is sent (``repeat`` times) it is kept, moved to ``sent/`` or
@@ -45,12 +47,19 @@ from typing import Any
 
 import structlog
 
+from diode.config.files import RECEIVER_FILE_MBPS, FilesWatch
 from diode.config.files import FileLane as FileLaneConfig
-from diode.config.files import FilesWatch
 from diode.config.link import IPV4_UDP_OVERHEAD
 from diode.config.tx import TxLink
 from diode.encoder import EncodedBlock, Encoder, SendQueue
-from diode.files import MANIFEST_EVERY, FileChunk, FileHoles, FileManifest, chunk_size_for
+from diode.files import (
+    MANIFEST_EVERY,
+    FileChunk,
+    FileHoles,
+    FileManifest,
+    chunk_size_for,
+    hash_zeros,
+)
 from diode.keys import SigningKey
 from diode.records import Heartbeat, Record
 
@@ -89,6 +98,54 @@ class LaneQueue(SendQueue):
 
     def clear(self) -> int:
         return super().clear() + self.files.clear()
+
+
+class LanePacer:
+    """The file lane's rate, sans I/O: when the next block may be queued, given ``now``.
+
+    The rate counts whole datagrams with their IPv4 and UDP headers, as the
+    link's pacer does. A late wake-up (a busy host oversleeps) is made up for,
+    up to ``credit_blocks`` blocks' worth: the lane's rate is a rate, not a
+    sleep after every block. So over any window of T seconds the lane queues
+    at most ``bytes_per_s`` x T plus ``credit_blocks`` + 1 blocks.
+    """
+
+    def __init__(self, *, bytes_per_s: float, wire: int, credit_blocks: int) -> None:
+        self.bytes_per_s = bytes_per_s
+        self.wire = wire
+        self.credit_blocks = credit_blocks
+        self._next_at = float("-inf")
+
+    def interval(self, datagrams: int) -> float:
+        """A block's time at the lane's rate."""
+        return datagrams * self.wire / self.bytes_per_s
+
+    def delay(self, now: float) -> float:
+        """How long until the next block may go (0: now)."""
+        return max(self._next_at - now, 0.0)
+
+    def admit(self, now: float, datagrams: int) -> None:
+        """A block of ``datagrams`` was queued at ``now``."""
+        interval = self.interval(datagrams)
+        self._next_at = max(self._next_at, now - self.credit_blocks * interval) + interval
+
+
+def rate_warning(lane: FileLaneConfig, link_rate_mbps: float) -> dict[str, Any] | None:
+    """What to say at start when the lane's rate passes what one receiver core drained here.
+
+    A one-way link cannot tell the transmitter that the receiver falls behind:
+    its file socket overflows, chunks are lost beyond the FEC and every file
+    ends ``incomplete``. So the operator who raised the ceiling hears it once.
+    """
+    mbps = lane.wire_mbps(link_rate_mbps)
+    if mbps <= RECEIVER_FILE_MBPS:
+        return None
+    return {
+        "wire_mbps": mbps,
+        "receiver_core_mbps": RECEIVER_FILE_MBPS,
+        "fix": "keep [file_lane] rate_mbps within what `diode bench files` shows the receiver "
+        "host drains; watch diode_rx_file_kernel_drops_total there",
+    }
 
 
 @dataclass(slots=True, kw_only=True)
@@ -236,7 +293,7 @@ def _is_regular(mode: int) -> bool:
 
 
 class FileLane:
-    """Streams ready files onto the file lane at its share of the link rate."""
+    """Streams ready files onto the file lane at its rate (its share, at most rate_mbps)."""
 
     def __init__(
         self,
@@ -261,9 +318,16 @@ class FileLane:
         self._encoding = threading.Lock()
         self._queue = queue
         self._notify = notify
-        self._wire = link.datagram_size + IPV4_UDP_OVERHEAD
-        self._bytes_per_s = link.rate_mbps * 1e6 / 8 * lane.share
-        self._next_at = 0.0
+        self.pacer = LanePacer(
+            bytes_per_s=lane.wire_mbps(link.rate_mbps) * 1e6 / 8,
+            wire=link.datagram_size + IPV4_UDP_OVERHEAD,
+            credit_blocks=lane.queue_blocks,
+        )
+        warning = rate_warning(lane, link.rate_mbps)
+        if warning is None:
+            log.info("file lane", wire_mbps=lane.wire_mbps(link.rate_mbps))
+        else:
+            log.warning("the file lane may outrun the receiver", **warning)
         self.watchers = [Watcher(w, self._enqueue) for w in watches]
         self._by_watch = {id(w.watch): w for w in self.watchers}
         self._jobs: deque[tuple[FilesWatch, Path]] = deque()
@@ -317,7 +381,7 @@ class FileLane:
         if holes:
             if digest is not None:
                 end = min(manifest.size, (index + holes) * manifest.chunk_size)
-                _hash_zeros(digest, end - index * manifest.chunk_size)
+                hash_zeros(digest, end - index * manifest.chunk_size)
             return self._encode(FileHoles(file_id=manifest.file_id, first=index, count=holes))
         length = manifest.chunk_length(index)
         data = os.pread(fd, length, index * manifest.chunk_size)
@@ -328,22 +392,19 @@ class FileLane:
         return self._encode(FileChunk(file_id=manifest.file_id, index=index, data=data))
 
     async def _admit(self, blocks: list[EncodedBlock]) -> None:
-        """Queue blocks for the pacer at the lane's share, never more than queue_blocks at once."""
+        """Queue blocks for the pacer at the lane's rate, never more than queue_blocks at once."""
+        pacer = self.pacer
         for block in blocks:
             size = len(block.datagrams)
             limit = self.lane.queue_blocks * size
             while True:
                 now = time.monotonic()
-                wait = self._next_at - now
+                wait = pacer.delay(now)
                 if wait <= 0 and len(self._queue) + size <= max(limit, size):
                     break
-                # Tag values took the link, or the share is used up: wait a block's time.
-                await asyncio.sleep(max(wait, size * self._wire / self._bytes_per_s / 4, 0.0005))
-            interval = size * self._wire / self._bytes_per_s
-            # A late wake-up (a busy host oversleeps) is made up for, up to the queued
-            # blocks' worth: the share is a rate, not a sleep after every block.
-            late_credit = self.lane.queue_blocks * interval
-            self._next_at = max(self._next_at, time.monotonic() - late_credit) + interval
+                # Tag values took the link, or the lane's rate is used up: wait a while.
+                await asyncio.sleep(max(wait, pacer.interval(size) / 4, 0.0005))
+            pacer.admit(time.monotonic(), size)
             self._queue.push(block)
             self.counters["file_blocks"] += 1
             self._notify()
@@ -704,15 +765,6 @@ def _plan(fd: int, manifest: FileManifest, start: int) -> list[tuple[int, int]]:
         else:
             items.append((index, 1))
     return items
-
-
-_ZERO_VIEW = memoryview(bytes(HASH_READ))
-
-
-def _hash_zeros(digest: Any, length: int) -> None:
-    while length > 0:
-        digest.update(_ZERO_VIEW[: min(length, HASH_READ)])
-        length -= HASH_READ
 
 
 def _hash_fd(fd: int) -> bytes:

@@ -1,25 +1,29 @@
-"""``diode bench files``: file goodput beside pydiode, RSS and telemetry latency with a file.
+"""``diode bench files``: file goodput beside pydiode and udpcast, RSS and telemetry latency.
 
-Two runs, each with both daemons as child processes on loopback, 1472-byte
-datagrams, the default FEC, ``rate_mbps`` (1000) as the cap:
+Both daemons as child processes on loopback, 1472-byte datagrams, ``rate_mbps``
+(1000) as the link cap of every tool, the file lane at share 1.0 with its own
+FEC (``FILES_FEC``) and its own rate (``[file_lane] rate_mbps``, by default
+its default: what the receiver drains; the link cap alone would overrun it):
 
-- **goodput**: a file of ``size_mb`` random bytes is renamed into the watched
-  folder of a transmitter whose file lane has the whole link (share 1.0); the
-  time runs from the rename until the receiver renamed the verified file into
-  place. Goodput = file bytes x 8 / that time. pydiode 1.0 (redundancy 2, its
-  default) then carries the same number of bytes at the same cap, once with
-  its default 64 KB datagrams and once patched to 1472-byte ones.
+- **goodput**, ``rounds`` rounds alternating diode / pydiode 1472 B / pydiode
+  64 KB / udpcast, medians reported: a file of ``size_mb`` random bytes is
+  renamed into the watched folder; the time runs from the rename until the
+  receiver renamed the verified file into place. Goodput = file bytes x 8 /
+  that time. pydiode 1.0 (redundancy 2, its default) carries the same bytes at
+  the same cap with its default 64 KB datagrams and patched to 1472-byte
+  ones; udpcast (``--async --fec 8x32/128``) in a network namespace of its own.
 - **beside telemetry**: a synthetic source generates ``telemetry_hz`` tag
   updates/s into MQTT (per tag, QoS 0; ``mosquitto_sub`` stamps each
-  arrival). ``seconds`` without a file, then a sparse file of ``big_gb`` is
-  dropped (the lane at share 1.0) and ``seconds`` more are measured while it
-  flows; the p99 latency of each window, the file's goodput, and the peak RSS
-  (VmHWM) of both daemons over the whole transfer.
+  arrival). ``seconds`` without a file, then a file of ``big_gb`` random
+  bytes is dropped and ``seconds`` more are measured while it flows; the p99
+  latency of each window, the file's goodput, and the peak RSS (VmHWM) of
+  both daemons over the whole transfer.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -29,6 +33,7 @@ from typing import Any
 from diode.benchmarks import harness as h
 from diode.benchmarks.link import DEFAULT_PYDIODE_VENV, pydiode_venv
 from diode.benchmarks.tags import _pct, _Subscriber, parse
+from diode.config.files import FILE_LANE_MBPS
 from diode.keys import write_keypair
 
 LANE = 2
@@ -54,6 +59,7 @@ def configs(
     file_port: int | None,
     watch: dict[str, Any] | None = None,
     lane_fec: dict[str, Any] | None = None,
+    lane_rate_mbps: float | None = None,
 ) -> tuple[Path, Path]:
     """tx.toml and rx.toml in ``work``: a tag stream, a file lane, ``work/ot`` -> ``work/it``;
     ``watch`` overrides the ``[[files]]`` settings."""
@@ -72,6 +78,7 @@ def configs(
             "share": share,
             **({"port": file_port} if file_port else {}),
             **({"fec": lane_fec} if lane_fec else {}),
+            **({"rate_mbps": lane_rate_mbps} if lane_rate_mbps else {}),
         },
         "files": [
             {"directory": work / "ot", "complete_when": "renamed", "poll_s": 0.05, **(watch or {})}
@@ -178,7 +185,10 @@ def diode_goodput(
     share: float = 1.0,
     own_port: bool = True,
     lane_fec: dict[str, Any] | None = None,
+    lane_rate_mbps: float | None = None,
 ) -> dict[str, Any]:
+    """One file through both daemons; ``lane_rate_mbps`` None: ``[file_lane] rate_mbps``'s
+    default (what one receiver core drains), the link itself at ``rate_mbps``."""
     nbytes = int(size_mb * 1e6)
     with tempfile.TemporaryDirectory(prefix="diode-bench-files-") as tmp:
         work = Path(tmp)
@@ -189,6 +199,7 @@ def diode_goodput(
                 work, port=port, broker_port=broker.port, metrics=metrics,
                 rate_mbps=rate_mbps, telemetry_hz=0, share=share,
                 file_port=h.free_udp_port() if own_port else None, lane_fec=lane_fec,
+                lane_rate_mbps=lane_rate_mbps,
             )  # fmt: skip
             source = work / "payload.bin"
             _write_random(source, nbytes)
@@ -210,6 +221,7 @@ def diode_goodput(
     return {
         "bytes": nbytes,
         "lane_fec": lane_fec or "link default",
+        "lane_wire_mbps": min(share * rate_mbps, lane_rate_mbps or FILE_LANE_MBPS),
         "seconds": round(elapsed, 2),
         "goodput_mbps": round(nbytes * 8 / elapsed / 1e6, 1) if result == "ok" else 0.0,
         "result": result,
@@ -337,6 +349,8 @@ def beside_telemetry(
     own_port: bool = True,
     wait_file: bool = True,
     dense: bool = False,
+    lane_fec: dict[str, Any] | None = None,
+    lane_rate_mbps: float | None = None,
 ) -> dict[str, Any]:
     """Tag latency without, then with a file flowing; ``wait_file``: until it arrives
     (its goodput and the peak RSS over the whole transfer), else only the two windows.
@@ -354,6 +368,7 @@ def beside_telemetry(
                     work, port=port, broker_port=broker.port, metrics=metrics,
                     rate_mbps=rate_mbps, telemetry_hz=telemetry_hz, share=share,
                     file_port=h.free_udp_port() if own_port else None,
+                    lane_fec=lane_fec, lane_rate_mbps=lane_rate_mbps,
                 )  # fmt: skip
                 source = work / "big.bin"
                 (_write_random if dense else _write_sparse)(source, nbytes)
@@ -395,6 +410,8 @@ def beside_telemetry(
         "kernel_drops": int(m.get("kernel_drops", 0)),
         "file_kernel_drops": int(m.get("file_kernel_drops", 0)),
         "own_port": own_port,
+        "lane_fec": lane_fec or "link default",
+        "lane_wire_mbps": min(share * rate_mbps, lane_rate_mbps or FILE_LANE_MBPS),
         "latency_ms_without_file": _summary(latencies[0]),
         "latency_ms_with_file": _summary(latencies[1]),
         "tx_rss_peak_mb": round(hwm[0], 1),
@@ -426,6 +443,17 @@ def _by_window(path: Path, windows: list[tuple[float, float]]) -> list[list[floa
     return out
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run whose goodput is the median (the lower middle one of an even count)."""
+    ordered = sorted(runs, key=lambda r: float(r.get("goodput_mbps", 0.0)))
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _udpcast_here() -> bool:
+    """udpcast installed, and root for its network namespace (``unshare -n``)."""
+    return shutil.which("udp-sender") is not None and os.geteuid() == 0
+
+
 def files(
     *,
     size_mb: float = 200.0,
@@ -434,30 +462,56 @@ def files(
     telemetry_hz: int = 1000,
     seconds: float = 10.0,
     share: float = 1.0,
+    rounds: int = 3,
+    lane_fec: dict[str, Any] | None = FILES_FEC,
+    lane_rate_mbps: float | None = None,
     pydiode: Path | None = DEFAULT_PYDIODE_VENV,
+    udpcast: bool = True,
 ) -> dict[str, Any]:
+    """Goodput side by side, ``rounds`` rounds alternating diode / pydiode 1472 B /
+    pydiode 64 KB / udpcast, all at the link cap ``rate_mbps``; the medians; then the
+    tags' latency without and with a dense file of ``big_gb`` flowing, and the peak
+    RSS of both daemons over its whole transfer."""
+    nbytes = int(size_mb * 1e6)
+    exe = pydiode_venv(pydiode) if pydiode is not None else None
+    with_udpcast = udpcast and _udpcast_here()
+    runs: dict[str, list[dict[str, Any]]] = {"diode": []}
+    for _ in range(rounds):
+        runs["diode"].append(
+            diode_goodput(
+                size_mb=size_mb, rate_mbps=rate_mbps, share=share,
+                lane_fec=lane_fec, lane_rate_mbps=lane_rate_mbps,
+            )
+        )  # fmt: skip
+        if exe is not None:
+            for key, small in (("pydiode_1472", True), ("pydiode_64k", False)):
+                runs.setdefault(key, []).append(
+                    pydiode_goodput(exe, nbytes=nbytes, rate_mbps=rate_mbps, small=small)
+                )
+        if with_udpcast:
+            runs.setdefault("udpcast", []).append(
+                udpcast_goodput(nbytes=nbytes, rate_mbps=rate_mbps, fec="8x32/128")
+            )
     report: dict[str, Any] = {
         "settings": {
             "rate_mbps": rate_mbps,
             "datagram_size": 1472,
-            "fec": "default (k 32, repair 0.25 + 16)",
+            "lane_fec": lane_fec or "link default (k 32, repair 0.25 + 16)",
             "file_lane_share": share,
+            "lane_rate_mbps": lane_rate_mbps or FILE_LANE_MBPS,
+            "rounds": rounds,
             "cpus": os.cpu_count(),
         },
-        "diode": diode_goodput(size_mb=size_mb, rate_mbps=rate_mbps, share=share),
+        "runs": {key: [r.get("goodput_mbps", 0.0) for r in value] for key, value in runs.items()},
+        "diode_all_intact": all(r["intact"] for r in runs["diode"]),
     }
-    if pydiode is not None:
-        exe = pydiode_venv(pydiode)
-        nbytes = int(size_mb * 1e6)
-        report["pydiode_64k"] = pydiode_goodput(
-            exe, nbytes=nbytes, rate_mbps=rate_mbps, small=False
-        )
-        report["pydiode_1472"] = pydiode_goodput(
-            exe, nbytes=nbytes, rate_mbps=rate_mbps, small=True
-        )
-        ours = report["diode"]["goodput_mbps"]
-        report["ratio_vs_pydiode_1472"] = round(ours / report["pydiode_1472"]["goodput_mbps"], 2)
-        report["ratio_vs_pydiode_64k"] = round(ours / report["pydiode_64k"]["goodput_mbps"], 2)
+    for key, value in runs.items():
+        report[key] = _median_run(value)
+    ours = report["diode"]["goodput_mbps"]
+    for key in ("pydiode_1472", "pydiode_64k"):
+        theirs = report.get(key, {}).get("goodput_mbps")
+        if theirs:
+            report[f"ratio_vs_{key}"] = round(ours / theirs, 2)
     if big_gb > 0:
         report["beside_telemetry"] = beside_telemetry(
             big_gb=big_gb,
@@ -465,5 +519,8 @@ def files(
             telemetry_hz=telemetry_hz,
             seconds=seconds,
             share=share,
+            dense=True,
+            lane_fec=lane_fec,
+            lane_rate_mbps=lane_rate_mbps,
         )
     return report

@@ -164,10 +164,19 @@ RUNS: tuple[Run, ...] = (
         argv=("files",),
         figures=(
             Figure("F1", "file goodput Mb/s", "diode.goodput_mbps"),
-            Figure("F2", "goodput / pydiode 1472 B", "ratio_vs_pydiode_1472"),
+            Figure("F2", "goodput / pydiode 1472 B", "ratio_vs_pydiode_1472", ">= 1.5"),
             Figure("F3", "goodput / pydiode 64 KB", "ratio_vs_pydiode_64k"),
+            Figure("F4", "tag p99 ms, no file", "beside_telemetry.latency_ms_without_file.p99"),
+            Figure(
+                "F5",
+                "tag p99 ms, a file at full share",
+                "beside_telemetry.latency_ms_with_file.p99",
+                "< 50",
+            ),
+            Figure("F6", "tx peak RSS MB, 2 GB file", "beside_telemetry.tx_rss_peak_mb", "< 150"),
+            Figure("F7", "rx peak RSS MB, 2 GB file", "beside_telemetry.rx_rss_peak_mb", "< 150"),
         ),
-        about="about 2-3 min (200 MB file, then 2 GB beside telemetry)",
+        about="about 6 min (3 rounds of 200 MB with pydiode and udpcast, 2 GB beside tags)",
     ),
     Run(
         name="syslog",
