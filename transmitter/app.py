@@ -142,6 +142,7 @@ class Transmitter:
             catalogue=self._catalogue,
             deadbands=self._deadbands,
             limit=section.queue_records,
+            limit_bytes=section.queue_mb << 20,
             on_queue=self._records_waiting,
         )
         # Syslog from OT devices and our own security events: the log lane (issue 19).
