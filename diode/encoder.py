@@ -92,6 +92,11 @@ class Encoder:
         return len(self._parts)
 
     @property
+    def room(self) -> int:
+        """Bytes of records the open block can still take (``capacity`` when none is open)."""
+        return self.capacity - self._size
+
+    @property
     def blocks_ready(self) -> bool:
         """Whether closed blocks wait for :meth:`take`."""
         return bool(self._closed)

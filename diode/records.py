@@ -362,6 +362,8 @@ def unrepresentable(sample: Sample) -> str:
     kind = type(value)
     if kind is float or kind is bool or value is None:  # most samples: no call
         return ""
+    if kind is int and INT64_MIN <= value <= UINT64_MAX:  # type: ignore[operator]  # an int
+        return ""
     if kind is str and value.isascii():  # type: ignore[union-attr]  # a str, by the check
         return ""  # O(1) in CPython, where encoding a 1 KB text to check it cost 1 us
     return _bad_value(value)
