@@ -7,6 +7,7 @@ import pytest
 from diode.errors import DiodeError
 from diode.records import (
     DeviceInfo,
+    Heartbeat,
     Quality,
     Sample,
     TagInfo,
@@ -94,6 +95,16 @@ def test_a_bound_in_bytes_drops_the_newest_and_counts_them() -> None:
     # Nothing silent: every sample is queued or counted as dropped.
     assert counters["samples_queued"] + counters["samples_suppressed"] == len(queued)
     assert counters["records_dropped"] >= 100 - len(queued)
+
+
+def test_a_full_outbox_still_takes_the_heartbeat_that_counts_its_drops() -> None:
+    box = Outbox(catalogue=lambda: TAGS, deadbands={}, limit=3)
+    for i in range(10):
+        box.sample(Sample(tag_id=1, ts_ns=i, value=float(i)))
+    assert box.put(Heartbeat(ts_ns=11, counters=dict(box.counters)))
+    beat = drain(box)[-1]
+    assert isinstance(beat, Heartbeat)
+    assert beat.counters["records_dropped"] == 8
 
 
 def test_the_estimate_grows_with_the_value_and_returns_to_zero() -> None:

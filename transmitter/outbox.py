@@ -19,7 +19,8 @@ tracemalloc measures for integer samples and 1 KB strings): when the link
 cannot keep up, the newest records are dropped and counted
 (``records_dropped``, which the heartbeat carries); a poller is never made to
 wait. A bound in records alone let 200 000 samples of 1 KB strings hold
-290 MB of the transmitter.
+290 MB of the transmitter. The heartbeat, which carries those counts, is
+queued past the bounds.
 
 Pollers that read many values at once hand them over in one call
 (:meth:`Outbox.samples`): per sample it does what :meth:`Outbox.sample` does,
@@ -231,8 +232,16 @@ class Outbox:
                 self._put(device)
 
     def put(self, record: Record) -> bool:
-        """Queue a record of the transmitter's own (heartbeat)."""
-        return self._put(record)
+        """Queue a record of the transmitter's own (the heartbeat), past the bounds.
+
+        The heartbeat carries the drop counts: a full outbox dropping it would
+        keep silent about the very drops it is making. One a second cannot
+        grow the queue by much, whatever the bounds.
+        """
+        self._queue.append(record)
+        self._bytes += cost(record)
+        self._on_queue()
+        return True
 
     def pop(self) -> Record:
         """The oldest queued record (the Outbox must not be empty)."""
