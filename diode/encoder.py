@@ -92,6 +92,11 @@ class Encoder:
         return len(self._parts)
 
     @property
+    def room(self) -> int:
+        """Bytes of records the open block can still take (``capacity`` when none is open)."""
+        return self.capacity - self._size
+
+    @property
     def blocks_ready(self) -> bool:
         """Whether closed blocks wait for :meth:`take`."""
         return bool(self._closed)
@@ -131,12 +136,12 @@ class Encoder:
         return closed
 
     def _close(self) -> None:
-        payload = b"".join(self._parts)
-        count = len(self._parts)
+        parts = self._parts
+        count = len(parts)
         self._parts = []
-        self._size = 0
         flags = FLAG_ENCRYPTED if self._psk else 0
-        payload_length = len(payload) + (AEAD_TAG_SIZE if self._psk else 0)
+        payload_length = self._size + (AEAD_TAG_SIZE if self._psk else 0)
+        self._size = 0
         block_length = BLOCK_OVERHEAD + payload_length
         k = -(-block_length // self._symbol)
         n = k + self._link.fec.repair_for(k)
@@ -156,17 +161,23 @@ class Encoder:
             )
         )
         if self._psk:
-            payload = aead.seal(
-                self._psk,
-                stream_id=self._stream_id,
-                epoch=self._epoch,
-                seq=self._seq,
-                plain=payload,
-                aad=header,
-            )
-        signed = header + payload
-        block = signed + self._key.sign(signed_message(self._generation, signed))
-        symbols = fec.encode(fec.split(block, k, self._symbol), n, code_of(self._generation))
+            parts = [
+                aead.seal(
+                    self._psk,
+                    stream_id=self._stream_id,
+                    epoch=self._epoch,
+                    seq=self._seq,
+                    plain=b"".join(parts),
+                    aad=header,
+                )
+            ]
+        # Two copies of the block's bytes (the signed part, then with its signature
+        # and the zero padding of the last symbol); the symbols are views of it.
+        signed = b"".join((header, *parts))
+        signature = self._key.sign(signed_message(self._generation, signed))
+        padding = k * self._symbol - len(signed) - len(signature)
+        block = b"".join((signed, signature, bytes(padding)))
+        symbols = fec.encode_block(block, k, n, self._symbol, code_of(self._generation))
         datagrams = tuple(
             pack_block_datagrams(
                 DatagramHeader(

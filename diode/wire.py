@@ -231,7 +231,7 @@ assert _DATAGRAM_FIXED.size + _DATAGRAM_VARYING.size == CRC_OFFSET
 
 
 def pack_block_datagrams(
-    header: DatagramHeader, symbols: Sequence[bytes], gate: bytes | None = None
+    header: DatagramHeader, symbols: Sequence[bytes | memoryview], gate: bytes | None = None
 ) -> list[bytes]:
     """The datagrams of one block: ``header`` with index 0, 1, ... in front of each symbol.
 

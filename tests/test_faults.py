@@ -153,6 +153,7 @@ async def test_records_queued_at_shutdown_are_sent_or_counted(tmp_path: Path) ->
             "private_key": str(tmp_path / "tx.key"),
             "state_dir": str(tmp_path / "state"),
             "queue_records": 1_000_000,
+            "queue_mb": 256,
         },
         "link": {
             "destination": "127.0.0.1",

@@ -7,6 +7,7 @@ import pytest
 from diode.errors import DiodeError
 from diode.records import (
     DeviceInfo,
+    Heartbeat,
     Quality,
     Sample,
     TagInfo,
@@ -14,8 +15,10 @@ from diode.records import (
     decode_records,
     encode_record,
     encode_records,
+    good_sample,
+    unrepresentable,
 )
-from transmitter.outbox import Outbox, changed
+from transmitter.outbox import SAMPLE_COST, Outbox, changed, cost
 
 TAGS = [
     TagInfo(tag_id=i, name=f"t{i}", device="d", value_type=ValueType.FLOAT64) for i in range(23)
@@ -75,6 +78,72 @@ def test_a_full_outbox_drops_and_counts() -> None:
         box.sample(Sample(tag_id=1, ts_ns=i, value=float(i)))
     assert len(box) == 5
     assert box.counters["records_dropped"] == 6  # the catalogue entry took one place
+
+
+def test_a_bound_in_bytes_drops_the_newest_and_counts_them() -> None:
+    """1 KB strings: the byte bound, not the record count, stops the queue (issue 17: RSS)."""
+    box = Outbox(catalogue=lambda: TAGS, deadbands={}, limit=10_000, limit_bytes=20_000)
+    for i in range(100):
+        box.sample(Sample(tag_id=1 + i % 20, ts_ns=i, value=str(i).rjust(1000, "x")))
+    queued = [r for r in drain(box) if isinstance(r, Sample)]
+    assert box.queued_bytes == 0  # what pop() takes out, it takes off the estimate
+    # The catalogue entries of the first tags went first; the samples filled the rest.
+    assert 0 < len(queued) <= (20_000 - 1024) // (SAMPLE_COST + 1000)
+    assert [int(r.value.strip("x")) for r in queued] == list(range(len(queued)))  # type: ignore[union-attr,arg-type]
+    counters = box.counters
+    assert counters["samples_in"] == 100
+    # Nothing silent: every sample is queued or counted as dropped.
+    assert counters["samples_queued"] + counters["samples_suppressed"] == len(queued)
+    assert counters["records_dropped"] >= 100 - len(queued)
+
+
+def test_a_full_outbox_still_takes_the_heartbeat_that_counts_its_drops() -> None:
+    box = Outbox(catalogue=lambda: TAGS, deadbands={}, limit=3)
+    for i in range(10):
+        box.sample(Sample(tag_id=1, ts_ns=i, value=float(i)))
+    assert box.put(Heartbeat(ts_ns=11, counters=dict(box.counters)))
+    beat = drain(box)[-1]
+    assert isinstance(beat, Heartbeat)
+    assert beat.counters["records_dropped"] == 8
+
+
+def test_the_estimate_grows_with_the_value_and_returns_to_zero() -> None:
+    box = outbox()
+    small, text = Sample(tag_id=1, ts_ns=1, value=1.5), Sample(tag_id=2, ts_ns=1, value="y" * 500)
+    assert cost(small) == SAMPLE_COST
+    assert cost(text) == SAMPLE_COST + 500
+    box.samples([small, text])
+    assert box.queued_bytes == 2 * 1024 + cost(small) + cost(text)  # two catalogue entries
+    drain(box)
+    assert box.queued_bytes == 0
+
+
+def test_a_batch_is_taken_as_the_same_samples_one_by_one() -> None:
+    values: list[object] = [1.0, 1.0, float("nan"), "a", "\ud800", 2**70, None, 3, 3.2, True]
+    batch = [Sample(tag_id=1 + i % 3, ts_ns=i, value=v) for i, v in enumerate(values)]  # type: ignore[arg-type]
+    one, many = outbox({1: 0.5}), outbox({1: 0.5})
+    one._now_ns = many._now_ns = lambda: 5  # the BAD samples standing for unencodable ones
+    for sample in batch:
+        one.sample(sample)
+    many.samples(batch)
+    assert drain(many) == drain(one)
+    assert many.counters == one.counters
+    assert many.counters["samples_unrepresentable"] == 2
+
+
+def test_good_sample_is_the_dataclass_sample() -> None:
+    built = good_sample(7, 123, "text")
+    assert built == Sample(tag_id=7, ts_ns=123, value="text")
+    assert type(built) is Sample
+    assert encode_record(built) == encode_record(Sample(tag_id=7, ts_ns=123, value="text"))
+    with pytest.raises(AttributeError):
+        built.value = 1  # type: ignore[misc]  # still frozen
+
+
+def test_ascii_text_is_fast_but_a_lone_surrogate_is_still_caught() -> None:
+    assert unrepresentable(Sample(tag_id=1, ts_ns=1, value="plain")) == ""
+    assert unrepresentable(Sample(tag_id=1, ts_ns=1, value="\u00e9t\u00e9")) == ""
+    assert unrepresentable(Sample(tag_id=1, ts_ns=1, value="\ud800")) == "text is not valid Unicode"
 
 
 # -- issue 14, item 1: the deadband against the last value sent ------------------------

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from diode.config.synthetic import SyntheticSource
-from diode.records import Sample, TagInfo, ValueType
+from diode.records import Sample, TagInfo, ValueType, good_sample
 from transmitter.sink import SampleSink
 
 
@@ -46,22 +46,22 @@ class SyntheticPoller:
         self._next = 0
         self.counters = {"generated": 0}
 
-    def value(self, count: int) -> int | str:
-        if self.source.string_bytes:
-            return str(count).rjust(self.source.string_bytes, "x")
-        return count
-
     def generate(self, n: int) -> None:
-        """Hand ``n`` updates to the sink now."""
+        """Hand ``n`` updates to the sink now, in one call (a poll's worth of samples)."""
         ts = self.now_ns()
-        tags, values, ids, put = self.source.tags, self._values, self._ids, self.sink.sample
-        value = self.value if self.source.string_bytes else None
+        tags, values, ids = self.source.tags, self._values, self._ids
+        width = self.source.string_bytes
+        batch: list[Sample] = []
+        append = batch.append
         i = self._next
         for _ in range(n):
             count = values[i] = values[i] + 1
-            put(Sample(tag_id=ids[i], ts_ns=ts, value=count if value is None else value(count)))
-            i = (i + 1) % tags
+            append(good_sample(ids[i], ts, str(count).rjust(width, "x") if width else count))
+            i += 1
+            if i == tags:
+                i = 0
         self._next = i
+        self.sink.samples(batch)
         self.counters["generated"] += n
 
     async def run(self) -> None:

@@ -64,6 +64,12 @@ class TransmitterSection(Section):
     queue_records: int = Field(
         200_000, ge=100, le=10_000_000, description="records waiting for a block, at most"
     )
+    queue_mb: int = Field(
+        32,
+        ge=1,
+        le=100_000,
+        description="memory the records waiting for a block may hold (estimated), at most",
+    )
 
 
 class OpcuaSection(Section):

@@ -104,7 +104,7 @@ async def loss_and_bursts(
         faults=faults,
         link={"rate_mbps": 400.0} if fast else {},
         output={"payload": "batched"} if fast else {},
-        tx_section={"queue_records": 2_000_000} if fast else {},
+        tx_section={"queue_records": 2_000_000, "queue_mb": 512} if fast else {},
     )
     sub = Subscriber(broker.port)
     try:
