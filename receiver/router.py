@@ -333,19 +333,22 @@ class Router:
         view.counters["records"] += len(event.records)
         if event.rebuilt:
             view.counters["blocks_rebuilt"] += 1
+        dirty, stream_id = self._dirty_last, view.stream_id
         for record in event.records:
             match record:
                 case Sample():
-                    info = catalogue.get(record.tag_id)
+                    tag_id = record.tag_id
+                    info = catalogue.get(tag_id)
                     if info is None:
                         self._hold(view, record)
                         continue
-                    before = last.get(record.tag_id)
+                    before = last.get(tag_id)
                     if before is not None and same_sample(before, record):
                         view.counters["samples_repeated"] += 1
                         continue
                     ready.append((info, record))
-                    self._set_last(view, record)
+                    last[tag_id] = record  # _set_last, inlined: once per update
+                    dirty.add((stream_id, tag_id))
                 case TagInfo():
                     known = catalogue.get(record.tag_id)
                     if known != record:
