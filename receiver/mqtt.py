@@ -385,7 +385,7 @@ class MqttOutput:
         check_internals()
         self._broker = broker
         self._log = log if log is not None else structlog.get_logger("diode.rx.mqtt")
-        self._spool = Spool(broker.spool_path, broker.spool_max_records)
+        self._spool = Spool(broker.spool_path, broker.spool_max_records, checkpoints_apart=True)
         self._batch: list[Message] = []
         self._state = StateChanges()
         self._good_topics: set[str] = set()

@@ -49,9 +49,9 @@ database file (a checkpoint, with its fsyncs) inside whichever COMMIT
 crosses ``wal_autocheckpoint`` pages: 6 ms here, once or twice a second at
 10 000 updates/s, and every message handed over meanwhile waited. The owner
 calls :meth:`Spool.checkpoint` from a worker thread instead (its own
-connection; SQLite lets a PASSIVE checkpoint run beside the writer), and
-the automatic one stays as a backstop at :data:`AUTOCHECKPOINT_PAGES`, for
-a spool whose owner does not.
+connection; SQLite lets a PASSIVE checkpoint run beside the writer) and
+opens the spool with ``checkpoints_apart``: the automatic one then stays as
+a backstop at :data:`AUTOCHECKPOINT_PAGES`. Other spools keep SQLite's.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ BATCH_MAX = 1 << INDEX_BITS  # messages in one row
 _INDEX_MASK = BATCH_MAX - 1
 RECENT_ROWS = 256  # newest rows kept in memory for read()
 RECENT_MESSAGES = 65_536  # ... and at most this many messages in them
-# SQLite's own checkpoint (in a COMMIT, on the event loop) only past this many WAL
-# pages (4 KiB each): a backstop for when checkpoint() is not called often enough.
+# SQLite's own checkpoint (in a COMMIT, on the event loop) past this many WAL pages
+# (4 KiB each), for an owner that calls checkpoint(): a backstop for when it does not
+# often enough. A spool whose owner never calls it keeps SQLite's default (1 000).
 AUTOCHECKPOINT_PAGES = 16_384
 
 _SCHEMA = """
@@ -171,7 +172,7 @@ class StateChanges:
 class Spool:
     """A bounded, ordered, persistent queue of MQTT messages."""
 
-    def __init__(self, path: Path, max_records: int) -> None:
+    def __init__(self, path: Path, max_records: int, *, checkpoints_apart: bool = False) -> None:
         if max_records < 1:
             raise ValueError("max_records must be at least 1")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +181,8 @@ class Spool:
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+        if checkpoints_apart:  # the owner calls checkpoint() from a worker thread
+            self._db.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
         self._db.executescript(_SCHEMA)
         self._recent: dict[int, _Recent] = {}  # row id -> row, ascending: the newest rows
         self._recent_messages = 0

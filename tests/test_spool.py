@@ -245,7 +245,7 @@ def test_a_reader_that_keeps_up_reads_no_row_back(tmp_path: Path) -> None:
 def _commits_a_few_ms_apart(path: Path, *, checkpoints: bool) -> tuple[int, list[bytes]]:
     """The receiver's pattern: commits a few ms apart, what the broker has deleted; and
     :meth:`Spool.checkpoint` from a worker thread or not. The WAL's size, what is left."""
-    spool = Spool(path, 1_000_000)
+    spool = Spool(path, 1_000_000, checkpoints_apart=True)
     stop = threading.Event()
 
     def run() -> None:
