@@ -52,6 +52,9 @@ calls :meth:`Spool.checkpoint` from a worker thread instead (its own
 connection; SQLite lets a PASSIVE checkpoint run beside the writer) and
 opens the spool with ``checkpoints_apart``: the automatic one then stays as
 a backstop at :data:`AUTOCHECKPOINT_PAGES`. Other spools keep SQLite's.
+The WAL is then restarted only when a checkpoint finished between two
+commits, so its file may grow larger than before (at most to the backstop,
+whose checkpoint in a COMMIT restarts it).
 """
 
 from __future__ import annotations
