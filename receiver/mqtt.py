@@ -102,6 +102,7 @@ import asyncio
 import contextlib
 import functools
 import socket
+import sqlite3
 import ssl
 import time
 from collections import deque
@@ -145,6 +146,7 @@ DELETE_BATCH = 4000  # delivered messages deleted in one transaction
 # transaction, not two), or after this long if no commit comes first.
 FORGET_AFTER_S = 0.05
 DRAIN_GRACE_S = 2.0
+CHECKPOINT_S = 0.25  # how often the spool's WAL is folded back, off the event loop
 DROP_LOG_INTERVAL_S = 10.0
 OUT_OF_BAND = 4  # window slots kept for the receiver status messages
 MAX_MID = 65535  # packet identifiers are 1..65535 (MQTT section 2.2.1)
@@ -383,7 +385,7 @@ class MqttOutput:
         check_internals()
         self._broker = broker
         self._log = log if log is not None else structlog.get_logger("diode.rx.mqtt")
-        self._spool = Spool(broker.spool_path, broker.spool_max_records)
+        self._spool = Spool(broker.spool_path, broker.spool_max_records, checkpoints_apart=True)
         self._batch: list[Message] = []
         self._state = StateChanges()
         self._good_topics: set[str] = set()
@@ -401,6 +403,7 @@ class MqttOutput:
         self._cursor = CURSOR_START
         self._window = min(broker.max_inflight, MAX_WINDOW)
         self._topics: dict[int, Topics] = {}
+        self._packets = mqtt_packets.PublishBuilder(GOOD_TOPICS_MAX)
         self._properties: dict[int | None, _PackedProperties] = {}
         self._refused_pending = 0
         self._refused_logged_at = float("-inf")
@@ -541,38 +544,64 @@ class MqttOutput:
         if self._closed:
             return
         self._running = True
-        delay = self._broker.reconnect_initial_s
-        failing = False
+        # Owned by this call and awaited before it returns (not a TaskGroup: the
+        # connection's errors must reach the caller as they are, not in a group).
+        checkpoints = asyncio.create_task(self._checkpoints())
         try:
-            while not self._stopping.is_set():
-                try:
-                    client = self._client()
-                    async with client:
-                        self._attached(client)
-                        delay = self._broker.reconnect_initial_s
-                        failing = False
-                        await self._serve(client)
-                except* aiomqtt.MqttError as group:
-                    reason = "; ".join(str(e) for e in group.exceptions)
-                    if self._connected:
-                        self._log.warning("mqtt disconnected", reason=reason)
-                    elif not failing:
-                        self._log.warning(
-                            "mqtt broker unreachable, spooling",
-                            broker=f"{self._broker.host}:{self._broker.port}",
-                            reason=reason,
-                        )
-                    failing = True
-                else:
-                    return  # only a close() ends _serve without an error
-                finally:
-                    self._detached()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                delay = min(delay * 2, self._broker.reconnect_max_s)
+            await self._connections()
         finally:
+            checkpoints.cancel()
+            await asyncio.wait([checkpoints])
             self._running = False
             self._stopped.set()
+
+    async def _checkpoints(self) -> None:
+        """Fold the spool's WAL into its file from a worker thread, not in a COMMIT on the loop.
+
+        See receiver/spool.py: SQLite's own checkpoint ran inside the COMMIT that
+        crossed its threshold, 6 ms with its fsyncs, holding every message of the
+        moment. A failure is logged (rate-limited); SQLite's own stays as the backstop.
+        """
+        failed_at = float("-inf")
+        while True:
+            await asyncio.sleep(CHECKPOINT_S)
+            try:
+                await asyncio.to_thread(self._spool.checkpoint)
+            except sqlite3.Error as exc:
+                now = time.monotonic()
+                if now - failed_at >= DROP_LOG_INTERVAL_S:
+                    self._log.warning("mqtt spool checkpoint failed", error=str(exc))
+                    failed_at = now
+
+    async def _connections(self) -> None:
+        delay = self._broker.reconnect_initial_s
+        failing = False
+        while not self._stopping.is_set():
+            try:
+                client = self._client()
+                async with client:
+                    self._attached(client)
+                    delay = self._broker.reconnect_initial_s
+                    failing = False
+                    await self._serve(client)
+            except* aiomqtt.MqttError as group:
+                reason = "; ".join(str(e) for e in group.exceptions)
+                if self._connected:
+                    self._log.warning("mqtt disconnected", reason=reason)
+                elif not failing:
+                    self._log.warning(
+                        "mqtt broker unreachable, spooling",
+                        broker=f"{self._broker.host}:{self._broker.port}",
+                        reason=reason,
+                    )
+                failing = True
+            else:
+                return  # only a close() ends _serve without an error
+            finally:
+                self._detached()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(delay * 2, self._broker.reconnect_max_s)
 
     async def close(self) -> None:
         """Drain briefly, mark the receiver offline, disconnect; keep the rest in the spool."""
@@ -752,14 +781,17 @@ class MqttOutput:
         written = _Pending(self._wake)
         packets: list[bytes] = []
         inflight, acks, props = self._inflight, self._acks, self._props_packed
+        good, add = self._good_topics, self._packets.add
+        plain = props(None)  # the properties of a message without expiry
         run: _Sent | None = None
         for message_id, m in messages:
-            expired = m.expiry_s is not None and m.expiry_s <= 0
+            qos, expiry_s = m.qos, m.expiry_s
+            expired = expiry_s is not None and expiry_s <= 0
             # Spooled by an earlier version that let an unencodable topic in: dropped
             # in its turn (and counted as such), as an expired message is.
-            unsendable = not expired and not self._encodable(m)
+            unsendable = not expired and m.topic not in good and not self._encodable(m)
             mid = 0
-            if m.qos and not expired and not unsendable:
+            if qos and not expired and not unsendable:
                 pending = _Pending(self._wake)
                 mid = self._mid(client)
                 acks[mid] = pending
@@ -779,15 +811,14 @@ class MqttOutput:
                 if unsendable:
                     run.unsendable += 1
                     continue
-            packets.append(
-                mqtt_packets.publish(
-                    m.topic.encode(),
-                    m.payload,
-                    qos=m.qos,
-                    retain=m.retain,
-                    mid=mid,
-                    properties=props(m.expiry_s),
-                )
+            add(
+                packets,
+                m.topic,
+                m.payload,
+                qos=qos,
+                retain=m.retain,
+                mid=mid,
+                properties=plain if expiry_s is None else props(expiry_s),
             )
         self._inflight_messages += len(messages)
         # One paho packet of many PUBLISHes: one send() for all of them. paho calls

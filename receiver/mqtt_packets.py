@@ -94,6 +94,47 @@ def publish(
     return bytes((first,)) + remaining_length(len(variable) + len(payload)) + variable + payload
 
 
+class PublishBuilder:
+    """PUBLISH packets of many messages, with each topic's field encoded once.
+
+    The output's hot path: per-tag topics repeat at every update, so the
+    topic's length-prefixed UTF-8 bytes are kept (at most ``max_topics``;
+    forgotten all at once beyond). :meth:`add` writes the packet's parts to a
+    list the caller joins once for the whole write; the bytes are those of
+    :func:`publish`.
+    """
+
+    def __init__(self, max_topics: int = 1_000_000) -> None:
+        self._topics: dict[str, bytes] = {}
+        self._max_topics = max_topics
+
+    def add(
+        self,
+        parts: list[bytes],
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int,
+        retain: bool,
+        mid: int = 0,
+        properties: bytes | None = None,
+    ) -> None:
+        field = self._topics.get(topic)
+        if field is None:
+            if len(self._topics) >= self._max_topics:
+                self._topics.clear()
+            encoded = topic.encode()
+            field = self._topics[topic] = _U16.pack(len(encoded)) + encoded
+        if qos:
+            field += _U16.pack(mid)
+        if properties is not None:
+            field += properties
+        size = len(field) + len(payload)
+        first = PUBLISH | (qos << 1) | retain
+        head = bytes((first, size)) if size < 128 else bytes((first,)) + remaining_length(size)
+        parts += (head, field, payload)
+
+
 def puback(packet: bytes | bytearray) -> tuple[int, int]:
     """(packet identifier, reason code) of a PUBACK's variable header and properties.
 

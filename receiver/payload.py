@@ -206,6 +206,9 @@ class Topics:
         # An empty area leaves its level out, with one of the slashes around it.
         self._template_no_area = self._template.replace("{area}/", "").replace("/{area}", "")
         self._tags: dict[tuple[str, str], str] = {}
+        # Per catalogue entry (by identity, the entry held so its id stays its own): the
+        # topic and the end of a good sample's per-tag payload (see sample_messages).
+        self._entries: dict[int, tuple[TagInfo, str, bytes]] = {}
 
     def area(self, device: str) -> str:
         """The ISA-95 levels between the site and ``device`` (may be empty)."""
@@ -228,6 +231,18 @@ class Topics:
             self._tags[key] = topic
         return topic
 
+    def entry(self, tag: TagInfo) -> tuple[str, bytes]:
+        """The tag's topic, and what follows the ``ts`` of a good sample's per-tag payload."""
+        known = self._entries.get(id(tag))
+        if known is not None and known[0] is tag:
+            return known[1], known[2]
+        if len(self._entries) > 1_000_000:  # a renamed catalogue must not grow this forever
+            self._entries.clear()
+        topic = self.tag(tag.device, tag.name)
+        tail = b'","quality":"good","unit":' + orjson.dumps(tag.unit) + b"}"
+        self._entries[id(tag)] = (tag, topic, tail)
+        return topic, tail
+
     def device(self, device: str) -> str:
         area = self.area(device)
         return f"{self.root}/{area}/{level(device)}" if area else f"{self.root}/{level(device)}"
@@ -247,16 +262,7 @@ def sample_messages(topics: Topics, items: Sequence[tuple[TagInfo, Sample]]) -> 
     stream = topics.stream
     qos, retain, expiry = stream.qos, stream.retain, stream.message_expiry_s
     if stream.payload == "per_tag":
-        return [
-            Message(
-                topics.tag(tag.device, tag.name),
-                encode(sample_fields(tag, sample)),
-                qos,
-                retain,
-                expiry,
-            )
-            for tag, sample in items
-        ]
+        return _per_tag(topics, items, qos, retain, expiry)
     per_device: dict[str, list[dict[str, Any]]] = {}
     for tag, sample in items:
         fields = sample_fields(tag, sample)
@@ -272,6 +278,55 @@ def sample_messages(topics: Topics, items: Sequence[tuple[TagInfo, Sample]]) -> 
         )
         for device, samples in per_device.items()
     ]
+
+
+_GOOD = Quality.GOOD
+_VALUE_HEAD = b'{"value":'
+_TS_HEAD = b',"ts":"'
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what orjson writes as a JSON integer
+
+
+def _per_tag(
+    topics: Topics,
+    items: Sequence[tuple[TagInfo, Sample]],
+    qos: int,
+    retain: bool,
+    expiry: int | None,
+) -> list[Message]:
+    """One message per sample: ``encode(sample_fields(tag, sample))``, the bytes built
+    directly for a good sample (tests/test_payload.py holds them to it).
+
+    The hot path of the receiver: a good sample's payload is its value, its
+    timestamp and a tail its catalogue entry fixes (quality and unit), so the
+    tail is made once per entry and the timestamp once per distinct ``ts_ns``
+    (the samples of one poll share it); a dict and an orjson call per sample
+    cost twice as much (2.8 against 1.3 us here).
+    """
+    out: list[Message] = []
+    append = out.append
+    entry, dumps = topics.entry, orjson.dumps
+    last_ts: int | None = None
+    ts = b""
+    for tag, sample in items:
+        if sample.quality is not _GOOD:
+            append(
+                Message(topics.tag(tag.device, tag.name), encode(sample_fields(tag, sample)),
+                        qos, retain, expiry)
+            )  # fmt: skip
+            continue
+        topic, tail = entry(tag)
+        value = sample.value
+        if type(value) is int and _INT_MIN <= value <= _INT_MAX:
+            text = str(value).encode()
+        else:
+            text = dumps(json_value(value, tag.value_type))
+        if sample.ts_ns != last_ts:
+            last_ts = sample.ts_ns
+            ts = rfc3339(last_ts).encode()
+        append(
+            Message(topic, b"".join((_VALUE_HEAD, text, _TS_HEAD, ts, tail)), qos, retain, expiry)
+        )
+    return out
 
 
 def inventory_message(topics: Topics, info: DeviceInfo) -> Message:

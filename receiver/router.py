@@ -22,7 +22,9 @@ What it learns survives a restart (through a :class:`StateStore`, the spool):
   are written at most every :data:`LAST_SAVE_S` (each tag at most once, not
   every sample: a row costs ~7 us, the spool ~2 us a message), and at a clean
   stop: after a SIGKILL the stale republish may carry a value up to that old,
-  with its own timestamp.
+  with its own timestamp. A round's tags go out :data:`LAST_SAVE_SLICE` per
+  commit: 1 000 rows in one commit held every message of that moment 3-10 ms
+  (at 10 000 updates/s, once a second: the p99 latency), 256 hold it about 1.
 
 Waiting samples are kept per tag, so a catalogue entry releases its own
 samples without scanning the others: the carousel's 2 000 entries cost the
@@ -59,6 +61,7 @@ log = structlog.get_logger("diode.rx")
 PENDING_PER_STREAM = 100_000
 RECENT_GAPS = 20
 LAST_SAVE_S = 1.0
+LAST_SAVE_SLICE = 256  # last values written with one commit, at most (a round takes several)
 
 # Kinds of rows the router keeps in the state store.
 EPOCH, CATALOGUE, LAST, HELD = 0, 1, 2, 3
@@ -192,6 +195,7 @@ class Router:
         self._receiver_counters = receiver_counters
         self._changes = StateChanges()
         self._dirty_last: set[tuple[int, int]] = set()
+        self._saving: list[tuple[int, int]] = []  # the round being written, a slice a commit
         self._last_saved_at: float | None = None
         self._started_at: float | None = None
         self._seq = 0
@@ -243,20 +247,31 @@ class Router:
         """Hand the changes since the last call to the store (the last values too if due)."""
         if self._store is None:
             self._dirty_last.clear()
+            self._saving.clear()
             self._changes = StateChanges()
             return
         changes = self._changes
-        if self._dirty_last and (
-            everything or self._last_saved_at is None or now - self._last_saved_at >= LAST_SAVE_S
+        if everything:
+            self._saving.extend(self._dirty_last)
+            self._dirty_last.clear()
+        elif (
+            self._dirty_last
+            and not self._saving
+            and (self._last_saved_at is None or now - self._last_saved_at >= LAST_SAVE_S)
         ):
-            for stream, tag_id in self._dirty_last:
+            # A round: every tag changed since the last one, written in slices.
+            self._saving = list(self._dirty_last)
+            self._dirty_last.clear()
+            self._last_saved_at = now
+        if self._saving:
+            cut = 0 if everything else max(len(self._saving) - LAST_SAVE_SLICE, 0)
+            for stream, tag_id in self._saving[cut:]:
                 last = self.streams[stream].last.get(tag_id)
                 if last is None:
                     changes.remove((stream, LAST, tag_id))
                 else:
                     changes.set((stream, LAST, tag_id), encode_record(last))
-            self._dirty_last.clear()
-            self._last_saved_at = now
+            del self._saving[cut:]
         if changes:
             self._changes = StateChanges()
             self._store.persist(changes)
@@ -300,6 +315,7 @@ class Router:
             view.last.clear()
             self._changes.clear_stream(view.stream_id)
             self._dirty_last = {k for k in self._dirty_last if k[0] != view.stream_id}
+            self._saving = [k for k in self._saving if k[0] != view.stream_id]
         view.epoch = event.epoch
         self._changes.set((view.stream_id, EPOCH, 0), msgpack.packb(event.epoch))
         log.info(
@@ -317,19 +333,22 @@ class Router:
         view.counters["records"] += len(event.records)
         if event.rebuilt:
             view.counters["blocks_rebuilt"] += 1
+        dirty, stream_id = self._dirty_last, view.stream_id
         for record in event.records:
             match record:
                 case Sample():
-                    info = catalogue.get(record.tag_id)
+                    tag_id = record.tag_id
+                    info = catalogue.get(tag_id)
                     if info is None:
                         self._hold(view, record)
                         continue
-                    before = last.get(record.tag_id)
+                    before = last.get(tag_id)
                     if before is not None and same_sample(before, record):
                         view.counters["samples_repeated"] += 1
                         continue
                     ready.append((info, record))
-                    self._set_last(view, record)
+                    last[tag_id] = record  # _set_last, inlined: once per update
+                    dirty.add((stream_id, tag_id))
                 case TagInfo():
                     known = catalogue.get(record.tag_id)
                     if known != record:

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diode.errors import DiodeError, FrameError
 from diode.records import (
+    DeviceInfo,
+    Heartbeat,
     Quality,
     Record,
     Sample,
+    TagInfo,
+    ValueType,
     decode_records,
     encode_records,
     unrepresentable,
@@ -145,3 +151,61 @@ def test_the_decoder_never_raises_and_never_delivers_forged_content(
         # Anything delivered must be one of the genuine records, untouched.
         assert isinstance(record, Sample)
         assert record == Sample(tag_id=record.tag_id, ts_ns=record.tag_id, value=record.tag_id)
+
+
+# -- the receiver's one-pass decode (diode/records.py, decode_records) ---------------------
+
+
+@given(sample_lists)
+def test_decoded_samples_are_the_samples_init_builds(records: list[Record]) -> None:
+    """The hot path fills a new Sample's slots directly: the object must be the one
+    ``Sample(...)`` builds: equal, same hash and repr, still frozen."""
+    for got, sent in zip(
+        decode_records(encode_records(records), len(records)), records, strict=True
+    ):
+        assert isinstance(got, Sample)
+        assert isinstance(sent, Sample)
+        built = Sample(
+            tag_id=sent.tag_id,
+            ts_ns=sent.ts_ns,
+            value=sent.value,
+            quality=sent.quality,
+            reason=sent.reason,
+        )
+        assert got == built
+        assert hash(got) == hash(built)
+        assert repr(got) == repr(built)
+        assert type(got.quality) is Quality
+        assert dataclasses.replace(got, reason="x") == dataclasses.replace(built, reason="x")
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            got.value = 0  # type: ignore[misc]  # what the test checks: frozen
+
+
+def test_a_block_of_mixed_records_decodes_in_order() -> None:
+    records: list[Record] = [
+        TagInfo(tag_id=1, name="t", device="d", value_type=ValueType.FLOAT32),
+        Sample(tag_id=1, ts_ns=5, value=1.5),
+        Heartbeat(ts_ns=7, counters={"a": 1}),
+        Sample(tag_id=1, ts_ns=6, value=(1, (2, 3)), quality=Quality.BAD, reason="r"),
+        DeviceInfo(device="d", protocol="modbus", endpoint="x", identity={"k": "v"}),
+    ]
+    assert decode_records(encode_records(records), len(records)) == records
+
+
+@pytest.mark.parametrize(
+    ("payload", "count"),
+    [
+        (encode_records([Sample(tag_id=1, ts_ns=1, value=1)] * 3), 2),  # more than announced
+        (encode_records([Sample(tag_id=1, ts_ns=1, value=1)] * 3), 4),  # fewer
+        (encode_records([Sample(tag_id=1, ts_ns=1, value=1)]) + b"\x00", 1),  # trailing bytes
+        (encode_records([Sample(tag_id=1, ts_ns=1, value=1)]), 2**32 - 1),  # a huge count
+        (encode_records([Sample(tag_id=1, ts_ns=1, value=1)]), 2**32),  # past a u32
+        (encode_records([Sample(tag_id=1, ts_ns=1, value=1)]), -1),
+        (b"\x96\x00\x01\x02\x03\x04", 1),  # a sample array cut short
+        (b"\x96\x00\xff\x01\x00\x01\xa0", 1),  # a sample with a negative tag id
+        (b"\x93\x09\x01\x02", 1),  # an unknown kind
+    ],
+)
+def test_a_block_that_does_not_hold_its_count_is_a_frame_error(payload: bytes, count: int) -> None:
+    with pytest.raises(FrameError):
+        decode_records(payload, count)

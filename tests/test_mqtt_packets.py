@@ -94,3 +94,30 @@ def test_puback_with_and_without_a_reason() -> None:
     assert mqtt_packets.puback(bytearray(b"\xff\xff\x87\x00")) == (0xFFFF, 0x87)  # not authorized
     with pytest.raises(ValueError, match="PUBACK"):
         mqtt_packets.puback(b"\x01")
+
+
+@given(
+    messages=st.lists(
+        st.tuples(
+            st.sampled_from(["a/b", "plant/site/plc1/temp", "x" * 200, "ü/é"]),
+            st.binary(max_size=300),
+            st.integers(0, 1),
+            st.booleans(),
+            st.integers(1, 65535),
+            st.sampled_from([None, b"\x00", _PackedProperties(None).pack()]),
+        ),
+        max_size=12,
+    )
+)
+def test_the_builder_writes_the_bytes_of_publish(messages: list[Any]) -> None:
+    """The output's bulk builder (topic fields cached) and :func:`publish` agree byte for byte,
+    across the one-byte and two-byte remaining lengths, QoS 0 and 1, with and without properties.
+    """
+    builder = mqtt_packets.PublishBuilder(max_topics=2)  # small: the cache is also forgotten
+    parts: list[bytes] = []
+    for topic, payload, qos, retain, mid, props in messages:
+        builder.add(parts, topic, payload, qos=qos, retain=retain, mid=mid, properties=props)
+    assert b"".join(parts) == b"".join(
+        mqtt_packets.publish(topic.encode(), payload, qos=qos, retain=retain, mid=mid, properties=p)
+        for topic, payload, qos, retain, mid, p in messages
+    )

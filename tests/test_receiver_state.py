@@ -20,7 +20,7 @@ from diode.config.mqtt import MqttBroker, StreamOutput
 from diode.decoder import Delivered, EpochStarted
 from diode.records import DeviceInfo, Heartbeat, Record, Sample, TagInfo, ValueType
 from receiver.mqtt import MqttOutput
-from receiver.router import Router
+from receiver.router import LAST, LAST_SAVE_SLICE, Router
 from receiver.spool import Spool
 from tests.e2e import Plant, Subscriber, wait_until
 from tests.support.mosquitto import Mosquitto
@@ -293,3 +293,37 @@ async def test_the_real_receiver_restarted_with_the_link_down_turns_values_stale
     finally:
         subscriber.close()
         await plant.close()
+
+
+async def test_last_values_are_saved_a_slice_per_commit_and_all_at_a_stop(tmp_path: Path) -> None:
+    """1 000 tags changed: a round writes LAST_SAVE_SLICE of them with each commit, never the
+    whole round in one (it held every message of that moment); a round is at most once per
+    LAST_SAVE_S; a clean stop writes what is left. A restart finds every value written."""
+    rx = Receiver(tmp_path / "spool.sqlite")
+    tags = 1000
+    rx.deliver(EpochStarted(stream_id=STREAM, epoch=EPOCH, previous=None))
+    rx.deliver(block(0, [tag(i) for i in range(tags)]))
+    written: list[int] = []
+    persist = rx.output.persist
+
+    def counting(changes: Any) -> None:
+        written.append(sum(1 for key in changes.put if key[1] == LAST))
+        persist(changes)
+
+    rx.output.persist = counting  # type: ignore[method-assign]  # a spy on the real store
+    rx.deliver(block(1, [sample(i, 1, 2.0) for i in range(tags)]), now=10.0)
+    for n in range(2, 6):
+        rx.deliver(block(n, [sample(0, n, float(n))]), now=10.0 + n / 100)
+    assert max(written) == LAST_SAVE_SLICE
+    assert sum(written) == tags  # the round; tag 0 changed since waits for the next one
+    rx.deliver(block(6, [sample(0, 6, 6.0)]), now=10.5)
+    assert sum(written) == tags  # not before LAST_SAVE_S
+    rx.deliver(block(7, [sample(1, 7, 7.0)]), now=11.1)
+    assert sum(written) == tags + 2  # the next round: tags 0 and 1
+    rx.deliver(block(8, [sample(i, 8, 8.0) for i in range(tags)]), now=12.5)
+    rx.router.save(12.6)  # a clean stop: everything left, in one commit
+    rx.output.commit()
+    again = Receiver(tmp_path / "spool.sqlite")
+    last = again.router.streams[STREAM].last
+    assert len(last) == tags
+    assert {s.value for s in last.values()} == {8.0}

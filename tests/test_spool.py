@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from receiver.payload import Message
-from receiver.spool import BATCH_MAX, Spool
+from receiver.spool import BATCH_MAX, RECENT_ROWS, Spool
 
 
 def msgs(*names: str, expiry: int | None = None) -> list[Message]:
@@ -169,3 +175,115 @@ def test_a_spool_of_one_row_per_message_is_converted(tmp_path: Path) -> None:
         Message("t/b", b"b", 1, False, 59),
         Message("t/c", b"c", 1, True, 60),
     ]
+
+
+# -- the newest rows read from memory (receiver/spool.py, "Reads from memory") ----------------
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(0, 9), st.sampled_from([None, 30, 0])),
+        st.tuples(st.just("read"), st.integers(1, 12), st.none()),
+        st.tuples(st.just("delete"), st.integers(0, 12), st.none()),
+    ),
+    max_size=40,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=_OPS)
+def test_reads_from_memory_are_the_reads_of_the_table(tmp_path_factory: Any, ops: Any) -> None:
+    """Any appends, trims, deletes and reads: what a reader gets from the spool's memory is
+    what a spool opened on the same file (no memory) reads, message for message."""
+    path = tmp_path_factory.mktemp("s") / "s.db"
+    spool = Spool(path, 17)  # small: appends trim the oldest rows and cut into them
+    cursor = -(2**62)
+    serial = 0
+    try:
+        for op, n, expiry in ops:
+            if op == "append":
+                names = [str(serial + i) for i in range(n)]
+                serial += n
+                spool.append(msgs(*names, expiry=expiry), float(serial))
+            elif op == "read":
+                cursor, _ = spool.read(cursor, n, float(serial))
+            else:
+                _, head = spool.read(-(2**62), n, 0.0)
+                if head:
+                    spool.delete_through(head[-1][0])
+            disk = Spool(path, 17)
+            try:
+                for after in (-(2**62), cursor):
+                    assert spool.read(after, 50, 99.0) == disk.read(after, 50, 99.0)
+                assert len(spool) == len(disk)
+            finally:
+                disk.close()
+    finally:
+        spool.close()
+
+
+def test_a_reader_that_keeps_up_reads_no_row_back(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.db", 10_000)
+    selects: list[str] = []
+    spool._db.set_trace_callback(lambda sql: selects.append(sql) if "FROM batches" in sql else None)
+    cursor = -(2**62)
+    for i in range(50):
+        spool.append(msgs(*[f"{i}.{j}" for j in range(20)]), 0.0)
+        cursor, rows = spool.read(cursor, 1000, 0.0)
+        assert [m.payload for _, m in rows] == [f"{i}.{j}".encode() for j in range(20)]
+    assert [s for s in selects if s.startswith("SELECT")] == []
+    assert len(payloads(spool)) == 1000  # memory holds every row: no SELECT either
+    assert [s for s in selects if s.startswith("SELECT")] == []
+    # More rows than memory keeps: a reader behind them reads the table, as before.
+    for i in range(RECENT_ROWS):
+        spool.append(msgs(f"late {i}"), 0.0)
+    assert len(payloads(spool)) == 1000 + RECENT_ROWS
+    assert any(s.startswith("SELECT") for s in selects)
+
+
+def _commits_a_few_ms_apart(path: Path, *, checkpoints: bool) -> tuple[int, list[bytes]]:
+    """The receiver's pattern: commits a few ms apart, what the broker has deleted; and
+    :meth:`Spool.checkpoint` from a worker thread or not. The database file's size (what
+    checkpoints folded into it), and what is left."""
+    spool = Spool(path, 1_000_000, checkpoints_apart=True)
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            spool.checkpoint()
+            time.sleep(0.02)
+
+    worker = threading.Thread(target=run)
+    if checkpoints:
+        worker.start()
+    delivered = -(2**62)
+    try:
+        for i in range(400):
+            spool.append(msgs(*[f"{i}.{j}" * 20 for j in range(50)]), 0.0)
+            delivered, _ = spool.read(delivered, 49, 0.0)  # one left each time
+            spool.delete_through(delivered)
+            time.sleep(0.002)
+    finally:
+        stop.set()
+        if checkpoints:
+            worker.join()
+    left = payloads(spool)
+    folded = path.stat().st_size
+    spool.close()  # the last connection: SQLite folds the WAL in and deletes it
+    spool.checkpoint()  # closed: nothing, no error
+    return folded, left
+
+
+def test_a_checkpoint_from_another_thread_beside_the_writer(tmp_path: Path) -> None:
+    """The receiver checkpoints from a worker thread while the loop commits (SQLite's own
+    waits for 16 384 pages then): the WAL is folded into the database file meanwhile, and
+    nothing is lost."""
+    folded, left = _commits_a_few_ms_apart(tmp_path / "a.db", checkpoints=True)
+    folded_alone, _ = _commits_a_few_ms_apart(tmp_path / "b.db", checkpoints=False)
+    assert folded_alone < 64 * 1024  # nothing folded in: everything still in the WAL
+    assert folded > 10 * folded_alone
+    assert len(left) == 400
+    again = Spool(tmp_path / "a.db", 1_000_000)
+    assert payloads(again) == left
+    again.close()
