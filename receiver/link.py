@@ -60,6 +60,7 @@ import structlog
 from diode import startup
 from diode.errors import LinkError
 from diode.replay import StreamState
+from receiver.recvmmsg import batch_reader
 
 log = structlog.get_logger("diode.rx")
 
@@ -79,6 +80,13 @@ MAX_HELD = 512
 # (diode/wire.py, the datagram header); nothing else is read here.
 _WHERE = struct.Struct(">4xI8xQQ")
 _GARBAGE = (-1, 0, 0)
+# A datagram in the journal: stream, epoch, sequence, what it costs the buffer, when peeked.
+_Held = tuple[int, int, int, int, float]
+
+
+def _where(datagram: bytes) -> tuple[int, int, int]:
+    """The block a datagram names (stream, epoch, sequence), or _GARBAGE if it is too short."""
+    return _WHERE.unpack_from(datagram) if len(datagram) >= _WHERE.size else _GARBAGE
 
 
 # --- the socket -------------------------------------------------------------------------
@@ -255,9 +263,11 @@ class Drain:
         self._streams = streams
         self.counters = counters
         self.hold_s = HOLD_S
-        self._pending: deque[tuple[int, int, int, int, float]] = deque()  # stream, epoch, seq,
-        self._pending_bytes = 0  # size, peeked at
+        self._pending: deque[_Held] = deque()
+        self._pending_bytes = 0
         self._sink = bytearray(1)
+        # Batched reads where the C library has recvmmsg (Linux); one recv a datagram elsewhere.
+        self._batch = batch_reader(sock)
         self._buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         self.limit = self._buffer // 8
         self.depth = MAX_HELD
@@ -273,14 +283,15 @@ class Drain:
     def read(self, budget: int, now: float) -> list[bytes]:
         """Up to ``budget`` datagrams, as many as are there, all kept in the journal until
         :meth:`release` (a reader that judges nothing itself: the tests, the bench)."""
-        out = []
-        for _ in range(budget):
-            datagram = self._next()
-            if datagram is None:
+        out: list[bytes] = []
+        while len(out) < budget:
+            datagrams = self._take(budget - len(out))
+            if not datagrams:
                 break
-            out.append(datagram)
+            out += datagrams
             if self.journal:
-                self._keep(datagram, now)
+                for datagram in datagrams:
+                    self._keep(datagram, now)
         return out
 
     def feed(
@@ -293,50 +304,80 @@ class Drain:
         """Hand up to ``budget`` datagrams to ``receive``, one at a time; how many were read.
 
         ``receive`` says whether the journal must keep the datagram (False: the decoder
-        rejected it, nothing will ever need it). One that is not needed, or that the
+        rejected it, nothing will ever need it). The datagrams are peeked a batch at a
+        time (one recvmmsg); the leading run of a batch that nobody needs, or that the
         committed ``positions`` already cover, leaves the queue at once when nothing is
-        held ahead of it. Under a flood the queue then stays short, and a peek stays
-        cheap: the kernel walks the queue from its head to the peek offset on every
-        peek, about 10 ns a datagram (a peek 1 000 datagrams deep costs 9 us, at the
-        head 1.2 us; docs/RELIABILITY.md, "Floods of forged datagrams").
+        held ahead of it (one recvmmsg more). Under a flood the queue then stays short,
+        and a peek stays cheap: the kernel walks the queue from its head to the peek
+        offset on every peek, about 10 ns a datagram (a peek 1 000 datagrams deep costs
+        9 us, at the head 1.2 us; docs/RELIABILITY.md, "Floods of forged datagrams").
         """
-        pending, journal, drop = self._pending, self.journal, self._sink
-        for count in range(budget):
-            datagram = self._next()
-            if datagram is None:
+        pending, journal, count = self._pending, self.journal, 0
+        while count < budget:
+            # Never peek past what the journal may hold: the caller commits first.
+            most = budget - count if not journal else min(budget - count, self.depth - len(pending))
+            if most <= 0:
                 return count
-            needed = receive(datagram)
+            datagrams = self._take(most)
+            if not datagrams:
+                return count
+            count += len(datagrams)
             if not journal:
+                for datagram in datagrams:
+                    receive(datagram)
                 continue
-            if not needed and not pending:
-                # At the head of the queue, and nobody wants it: off it now (what a
-                # flood of forgeries or replays pays, besides the peek and the decoder).
-                try:
-                    self.sock.recv_into(drop, 1, socket.MSG_TRUNC)
-                except (BlockingIOError, InterruptedError):
-                    self._reset()  # a second reader of a shared socket took it
-                continue
-            self._keep(datagram, now, None if needed else _GARBAGE)
-            if len(pending) == 1 and self._releasable(pending[0], positions):
-                self._drop_head()
-            elif len(pending) >= self.depth:
+            run = 0  # datagrams at the head of the queue that nobody needs
+            for datagram in datagrams:
+                needed = receive(datagram)
+                if pending:
+                    self._keep(datagram, now, None if needed else _GARBAGE)
+                    continue
+                if needed:
+                    where = _where(datagram)
+                    if not self._releasable(where, positions):
+                        self._keep(datagram, now, where)
+                        continue
+                # At the head of the queue, and nobody wants it: what a flood of
+                # forgeries or replays pays, besides the peek and the decoder.
+                run += 1
+            if run:
+                self._discard(run)
+            if len(pending) >= self.depth:
                 # Deep enough: the caller commits what was read (and releases it)
                 # before this peeks further. Nothing uncommitted leaves the queue here.
-                return count + 1
-        return budget
+                return count
+        return count
 
     def release(self, positions: Mapping[int, StreamState], now: float) -> int:
         """Take covered datagrams off the head of the queue; how many were taken."""
-        pending, released = self._pending, 0
-        while pending:
-            if not self._releasable(pending[0], positions):
-                if not self._over(now, pending[0][4]):
+        pending = self._pending
+        if not pending:
+            return 0
+        left, left_bytes, released = len(pending), self._pending_bytes, 0
+        for held in pending:
+            if not self._releasable(held, positions):
+                if not self._over(now, held[4], left, left_bytes):
                     break
                 self.counters["link_released_uncommitted"] += 1
-            if not self._drop_head():
-                break
             released += 1
+            left -= 1
+            left_bytes -= held[3]
+        if not released or not self._discard(released):
+            return 0
+        for _ in range(released):
+            self._pending_bytes -= pending.popleft()[3]
         return released
+
+    def _take(self, most: int) -> list[bytes]:
+        """Up to ``most`` next datagrams (peeked when journaling); [] when the queue is empty."""
+        if self._batch is None:
+            datagram = self._next()
+            return [] if datagram is None else [datagram]
+        try:
+            return self._batch.read(most, peek=self.journal)
+        except OSError:
+            self.counters["socket_errors"] += 1
+            return []
 
     def _next(self) -> bytes | None:
         """The next datagram (peeked when journaling), or None when the queue is empty."""
@@ -348,10 +389,32 @@ class Drain:
             self.counters["socket_errors"] += 1
             return None
 
+    def _discard(self, count: int) -> bool:
+        """Take ``count`` datagrams off the head of the queue unread (the journal's oldest
+        are the queue's head). False, and the journal read afresh, when the queue held
+        fewer: a second reader of a shared socket took them."""
+        batch = self._batch
+        while count:
+            if batch is None:
+                try:
+                    taken = self.sock.recv_into(self._sink, 1, socket.MSG_TRUNC) and 1
+                except (BlockingIOError, InterruptedError):
+                    taken = 0
+            else:
+                try:
+                    taken = batch.discard(count)
+                except OSError:
+                    taken = 0
+            if not taken:
+                self._reset()
+                return False
+            count -= taken
+        return True
+
     def _keep(self, datagram: bytes, now: float, where: tuple[int, int, int] | None = None) -> None:
         """Journal a peeked datagram: the block it names, what it costs the buffer, when."""
         if where is None:
-            where = _WHERE.unpack_from(datagram) if len(datagram) >= _WHERE.size else _GARBAGE
+            where = _where(datagram)
         # What the kernel charges the buffer for it, not its length: a small
         # datagram's skb costs about a kilobyte of the receive buffer.
         charged = len(datagram) + SKB_OVERHEAD
@@ -359,7 +422,7 @@ class Drain:
         self._pending_bytes += charged
 
     def _releasable(
-        self, held: tuple[int, int, int, int, float], positions: Mapping[int, StreamState]
+        self, held: tuple[int, int, int] | _Held, positions: Mapping[int, StreamState]
     ) -> bool:
         """Nothing needs it: garbage, another stream, or a block the positions cover."""
         stream, epoch, seq = held[0], held[1], held[2]
@@ -370,24 +433,9 @@ class Drain:
             epoch < position.epoch or (epoch == position.epoch and seq < position.next_seq)
         )
 
-    def _over(self, now: float, at: float) -> bool:
+    def _over(self, now: float, at: float, held: int, held_bytes: int) -> bool:
         """Must the head go uncovered? Held too long, or the journal is past its limits."""
-        return (
-            at <= now - self.hold_s
-            or self._pending_bytes > self.limit
-            or len(self._pending) > self.depth // 2
-        )
-
-    def _drop_head(self) -> bool:
-        """Take the datagram at the head of the queue off it (the journal's oldest)."""
-        try:
-            self.sock.recv_into(self._sink, 1, socket.MSG_TRUNC)
-        except (BlockingIOError, InterruptedError):
-            # Someone else took it (a second reader of a shared socket): start afresh.
-            self._reset()
-            return False
-        self._pending_bytes -= self._pending.popleft()[3]
-        return True
+        return at <= now - self.hold_s or held_bytes > self.limit or held > self.depth // 2
 
     def hold_longer(self, hold_s: float) -> None:
         """A standby's drain: it keeps datagrams until the active receiver's positions cover
