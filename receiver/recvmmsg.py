@@ -40,9 +40,14 @@ import socket
 import sys
 from typing import Any
 
-MSG_PEEK = socket.MSG_PEEK
-MSG_TRUNC = socket.MSG_TRUNC
-MSG_DONTWAIT = socket.MSG_DONTWAIT
+# Plain ints: the socket module's flags are IntFlag members, and each | of them costs a
+# call into the enum module (seen in a profile of the receiver under a flood).
+MSG_PEEK = int(socket.MSG_PEEK)
+MSG_TRUNC = int(socket.MSG_TRUNC)
+MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+_PEEK = MSG_DONTWAIT | MSG_PEEK | MSG_TRUNC
+_TAKE = MSG_DONTWAIT
+_DISCARD = MSG_DONTWAIT | MSG_TRUNC
 # The largest UDP payload (IPv6: 65 535 - 8): no datagram is ever truncated in a slot.
 SLOT_BYTES = 65536
 BATCH = 64
@@ -97,13 +102,14 @@ class BatchReader:
         if _RECVMMSG is None:
             raise OSError(errno.ENOSYS, "recvmmsg is not available")
         self._call = _RECVMMSG
-        self._sock = sock
+        self._fd = sock.fileno()
         self.count = count
         self.slot = slot
         # An anonymous mapping, not a bytearray: only the pages datagrams were written to
         # become resident (a bytearray is zero-filled, all 4 MB of it).
         self._buffer = mmap.mmap(-1, count * slot)
         self._view = memoryview(self._buffer)
+        self._starts = range(0, count * slot, slot)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._buffer))
         self._iovecs = (_Iovec * count)(*(_Iovec(base + i * slot, slot) for i in range(count)))
         self._messages = (_Mmsghdr * count)()
@@ -129,23 +135,20 @@ class BatchReader:
     def read(self, most: int, *, peek: bool) -> list[bytes]:
         """Up to ``most`` (at most ``count``) datagrams, in queue order; [] when none is
         queued. Peeking leaves them in the queue (``SO_PEEK_OFF`` walks past them)."""
-        flags = MSG_DONTWAIT | (MSG_PEEK | MSG_TRUNC if peek else 0)
-        got = self._call(self._sock.fileno(), self._messages, min(most, self.count), flags, None)
+        flags = _PEEK if peek else _TAKE
+        got = self._call(self._fd, self._messages, min(most, self.count), flags, None)
         if got <= 0:
             self._raise_unless_empty(got)
             return []
         view, slot = self._view, self.slot
         return [
-            view[i * slot : i * slot + min(length, slot)].tobytes()
-            for i, length in enumerate(self._lengths[:got])
+            view[start : start + min(length, slot)].tobytes()
+            for start, length in zip(self._starts, self._lengths[:got], strict=False)
         ]
 
     def discard(self, most: int) -> int:
         """Take up to ``most`` datagrams off the head of the queue unread; how many were."""
-        flags = MSG_DONTWAIT | MSG_TRUNC
-        got: int = self._call(
-            self._sock.fileno(), self._discards, min(most, self.count), flags, None
-        )
+        got: int = self._call(self._fd, self._discards, min(most, self.count), _DISCARD, None)
         if got < 0:
             self._raise_unless_empty(got)
             return 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import statistics
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -263,25 +264,25 @@ def _drain_cost(gated: bool, kind: str, count: int, *, batched: bool) -> float:
     drain = Drain(sink, {7}, journal=True, counters=decoder.counters)
     if not batched:
         drain._batch = None
-    spent, now = 0.0, 1.0
+    costs, now = [], 1.0
 
     def receive(datagram: bytes) -> bool:
         return decoder.receive(datagram, now)
 
     try:
         forged = _forged(kind, capture, target, count)
-        for start in range(0, count, 5000):
-            for datagram in forged[start : start + 5000]:
+        for start in range(0, count, 2000):
+            for datagram in forged[start : start + 2000]:
                 source.send(datagram)
             begin = time.process_time()
             while drain.feed(1024, now, receive, positions):
                 drain.release(positions, now)
-            spent += time.process_time() - begin
+            costs.append((time.process_time() - begin) / 2000 * 1e6)
             now += 0.05
     finally:
         sink.close()
         source.close()
-    return spent / count * 1e6
+    return statistics.median(costs)  # the machine is shared: the median of 10 rounds
 
 
 def _mac_candidates(key: bytes, data: bytes) -> dict[str, Callable[[], object]]:
