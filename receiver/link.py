@@ -33,16 +33,25 @@ once the datagrams kept pass an eighth of the receive buffer or half of
 ``MAX_HELD`` after a commit, is released anyway and counted (``link_released_uncommitted``):
 a crash at that moment can lose that much, never the receiver's liveness.
 What the active receiver's decoder rejected (a forgery, a replay, garbage)
-is never kept: it leaves the queue as soon as it is read, when nothing is
-held ahead of it (a standby keeps what the active one has not covered).
+is never kept: it leaves the queue as soon as its batch is judged, when
+nothing is held ahead of it (a standby keeps what the active one has not
+covered); held behind an uncommitted datagram, it makes the receiver commit
+without waiting for the group's time (``Drain.worth_committing``).
 
-The price: a second system call per datagram (the one that takes it off the
-queue), 2.7 against 1.6 us for a plain ``recv`` at the head of the queue;
-and each peek walks the queue from its head to the peek offset, about 10 ns
-per datagram held ahead (1 000 deep: 9 us a peek). Forgeries held like real
+The price: each datagram passes the kernel twice, once peeked and once taken
+off the queue. Where the C library has recvmmsg(2) (Linux), both are batched:
+one call peeks up to 64 datagrams, one call takes the leading run nobody
+needs off the head (receiver/recvmmsg.py); elsewhere one ``recv`` each, 2.0
+against 1.2 us for a plain ``recv`` at the head of the queue. Batching saves
+the Python around the calls, not the kernel's work: the drain and the decoder
+together cost 2.3-2.7 us per cheap forgery (garbage, tiny), 5.9 us per one
+that must pay the link tag (``python -m tests.faults.forgeries --drain``,
+2026-12-06 23:17 UTC, load 1.1; 3.7-5.6 and 7.0 us one recv a datagram). And
+each peek walks the queue from its head to the peek offset, about 10 ns per
+datagram held ahead (1 000 deep: 9 us a peek): forgeries held like real
 datagrams once made a flood cost 120-150 us per datagram in the drain; now
-what is held is the real stream's unfinished blocks, a handful
-(docs/RELIABILITY.md, "Floods of forged datagrams").
+what is held is the real stream's unfinished blocks and what arrived behind
+them until the next commit (docs/RELIABILITY.md, "Floods of forged datagrams").
 """
 
 from __future__ import annotations
@@ -76,6 +85,10 @@ HOLD_S = 2.0
 # the queue from its head, so a deeper journal makes every datagram dearer (see
 # Drain.feed). After a commit, what is still uncovered beyond half of it is released.
 MAX_HELD = 512
+# Rejected datagrams held behind an uncommitted one past which a commit is worth making at
+# once rather than at the group's time: under a flood they pile up at the flood's rate,
+# and every peek walks them (see Drain.worth_committing).
+REJECTED_HELD = 64
 # Where a datagram names its block: stream id at 4, epoch at 16, sequence at 24
 # (diode/wire.py, the datagram header); nothing else is read here.
 _WHERE = struct.Struct(">4xI8xQQ")
@@ -265,6 +278,7 @@ class Drain:
         self.hold_s = HOLD_S
         self._pending: deque[_Held] = deque()
         self._pending_bytes = 0
+        self._rejected = 0  # held datagrams nobody needs (behind one that is needed)
         self._sink = bytearray(1)
         # Batched reads where the C library has recvmmsg (Linux); one recv a datagram elsewhere.
         self._batch = batch_reader(sock)
@@ -279,6 +293,13 @@ class Drain:
     def pending(self) -> int:
         """Datagrams read but still in the kernel's queue."""
         return len(self._pending)
+
+    @property
+    def worth_committing(self) -> bool:
+        """Would a commit now free much of the queue? The journal is past half its depth,
+        or rejected datagrams (a flood's) pile up behind an uncommitted one: each peek
+        walks them, so waiting for the group's commit time makes every datagram dearer."""
+        return len(self._pending) > self.depth // 2 or self._rejected > REJECTED_HELD
 
     def read(self, budget: int, now: float) -> list[bytes]:
         """Up to ``budget`` datagrams, as many as are there, all kept in the journal until
@@ -330,6 +351,8 @@ class Drain:
             for datagram in datagrams:
                 needed = receive(datagram)
                 if pending:
+                    if not needed:
+                        self._rejected += 1
                     self._keep(datagram, now, None if needed else _GARBAGE)
                     continue
                 if needed:
@@ -365,7 +388,11 @@ class Drain:
         if not released or not self._discard(released):
             return 0
         for _ in range(released):
-            self._pending_bytes -= pending.popleft()[3]
+            held = pending.popleft()
+            self._pending_bytes -= held[3]
+            if held[0] == _GARBAGE[0]:
+                self._rejected -= 1
+        self._rejected = max(self._rejected, 0)  # read() keeps short datagrams as garbage too
         return released
 
     def _take(self, most: int) -> list[bytes]:
@@ -457,4 +484,5 @@ class Drain:
     def _reset(self) -> None:
         self._pending.clear()
         self._pending_bytes = 0
+        self._rejected = 0
         self.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)

@@ -26,6 +26,7 @@ from diode.wire import DatagramHeader, pack_datagram
 from receiver.app import Receiver
 from receiver.link import (
     HOLD_S,
+    REJECTED_HELD,
     SO_RCVBUFFORCE,
     Drain,
     kernel_drops,
@@ -285,6 +286,33 @@ def test_only_the_leading_run_nobody_needs_leaves_the_queue(
     assert drain.pending == 3
     assert drain.release({STREAM: StreamState(epoch=5, next_seq=8, next_record=8)}, 0.1) == 2
     assert _queued(sink) == sent[5:]
+
+
+def test_rejects_piling_up_behind_a_held_datagram_ask_for_a_commit(
+    link: tuple[socket.socket, socket.socket],
+) -> None:
+    """Under a flood, every forgery read after a real datagram waits in the queue until
+    that one is committed, and every peek walks them: past REJECTED_HELD of them the
+    receiver commits at once instead of at the group's time."""
+    sink, source = link
+    source.send(_datagram(0))
+    for i in range(REJECTED_HELD + 1):
+        source.send(b"forged %d" % i)
+    drain = Drain(sink, {STREAM}, journal=True, counters=Counter())
+
+    def receive(datagram: bytes) -> bool:
+        return not datagram.startswith(b"forged")
+
+    drain.feed(REJECTED_HELD, 0.0, receive, {})
+    assert drain.pending == REJECTED_HELD
+    assert not drain.worth_committing
+    drain.feed(100, 0.0, receive, {})
+    assert drain.worth_committing
+    assert drain.release({STREAM: StreamState(epoch=5, next_seq=1, next_record=1)}, 0.1) == (
+        REJECTED_HELD + 2
+    )
+    assert not drain.worth_committing
+    assert _queued(sink) == []
 
 
 def test_without_the_journal_datagrams_are_taken_at_once(
