@@ -306,13 +306,14 @@ class Drain:
         :meth:`release` (a reader that judges nothing itself: the tests, the bench)."""
         out: list[bytes] = []
         while len(out) < budget:
-            datagrams = self._take(budget - len(out))
-            if not datagrams:
-                break
+            most = budget - len(out)
+            datagrams = self._take(most)
             out += datagrams
             if self.journal:
                 for datagram in datagrams:
                     self._keep(datagram, now)
+            if self._emptied(datagrams, most):
+                break
         return out
 
     def feed(
@@ -343,33 +344,52 @@ class Drain:
             if not datagrams:
                 return count
             count += len(datagrams)
-            if not journal:
+            if journal:
+                self._judge(datagrams, now, receive, positions)
+            else:
                 for datagram in datagrams:
                     receive(datagram)
-                continue
-            run = 0  # datagrams at the head of the queue that nobody needs
-            for datagram in datagrams:
-                needed = receive(datagram)
-                if pending:
-                    if not needed:
-                        self._rejected += 1
-                    self._keep(datagram, now, None if needed else _GARBAGE)
-                    continue
-                if needed:
-                    where = _where(datagram)
-                    if not self._releasable(where, positions):
-                        self._keep(datagram, now, where)
-                        continue
-                # At the head of the queue, and nobody wants it: what a flood of
-                # forgeries or replays pays, besides the peek and the decoder.
-                run += 1
-            if run:
-                self._discard(run)
-            if len(pending) >= self.depth:
+            if len(pending) >= self.depth or self._emptied(datagrams, most):
                 # Deep enough: the caller commits what was read (and releases it)
                 # before this peeks further. Nothing uncommitted leaves the queue here.
+                # Or the queue was empty: the event loop wakes us when more comes.
                 return count
         return count
+
+    def _judge(
+        self,
+        datagrams: list[bytes],
+        now: float,
+        receive: Callable[[bytes], bool],
+        positions: Mapping[int, StreamState],
+    ) -> None:
+        """Hand a peeked batch to ``receive``; journal what must stay, and take the leading
+        run nobody needs off the head of the queue in one call."""
+        pending, run = self._pending, 0
+        for datagram in datagrams:
+            needed = receive(datagram)
+            if pending:
+                if not needed:
+                    self._rejected += 1
+                self._keep(datagram, now, None if needed else _GARBAGE)
+                continue
+            if needed:
+                where = _where(datagram)
+                if not self._releasable(where, positions):
+                    self._keep(datagram, now, where)
+                    continue
+            # At the head of the queue, and nobody wants it: what a flood of
+            # forgeries or replays pays, besides the peek and the decoder.
+            run += 1
+        if run:
+            self._discard(run)
+
+    def _emptied(self, datagrams: list[bytes], most: int) -> bool:
+        """Did the last batch find the queue empty (fewer than asked for)? Then asking
+        again now is a system call for nothing (about 2 us here, each wake-up)."""
+        return not datagrams or (
+            self._batch is not None and len(datagrams) < min(most, self._batch.count)
+        )
 
     def release(self, positions: Mapping[int, StreamState], now: float) -> int:
         """Take covered datagrams off the head of the queue; how many were taken."""
