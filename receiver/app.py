@@ -295,11 +295,12 @@ class Receiver:
             self.router.handle(events, now)
             # Log records reach the SOC spool before the positions that cover them commit.
             self.soc.handle(events, now)
-        if decoder.state_changed and self._commit_timer is None:
+        soon = self.drain.worth_committing
+        if decoder.state_changed and (self._commit_timer is None or soon):
             wait = self._last_commit + COMMIT_EVERY_S - time.monotonic()
-            # The journal deep enough that the drain would let uncommitted datagrams go
-            # (receiver/link.py): commit now rather than at the group's time.
-            if wait <= 0 or self.drain.pending > self.drain.depth // 2:
+            # The journal deep enough that the drain would let uncommitted datagrams go, or
+            # a flood's rejects piling up behind them (receiver/link.py): commit now.
+            if wait <= 0 or soon:
                 self._commit()
             else:
                 self.output.hold()

@@ -33,16 +33,25 @@ once the datagrams kept pass an eighth of the receive buffer or half of
 ``MAX_HELD`` after a commit, is released anyway and counted (``link_released_uncommitted``):
 a crash at that moment can lose that much, never the receiver's liveness.
 What the active receiver's decoder rejected (a forgery, a replay, garbage)
-is never kept: it leaves the queue as soon as it is read, when nothing is
-held ahead of it (a standby keeps what the active one has not covered).
+is never kept: it leaves the queue as soon as its batch is judged, when
+nothing is held ahead of it (a standby keeps what the active one has not
+covered); held behind an uncommitted datagram, it makes the receiver commit
+without waiting for the group's time (``Drain.worth_committing``).
 
-The price: a second system call per datagram (the one that takes it off the
-queue), 2.7 against 1.6 us for a plain ``recv`` at the head of the queue;
-and each peek walks the queue from its head to the peek offset, about 10 ns
-per datagram held ahead (1 000 deep: 9 us a peek). Forgeries held like real
+The price: each datagram passes the kernel twice, once peeked and once taken
+off the queue. Where the C library has recvmmsg(2) (Linux), both are batched:
+one call peeks up to 64 datagrams, one call takes the leading run nobody
+needs off the head (receiver/recvmmsg.py); elsewhere one ``recv`` each, 2.0
+against 1.2 us for a plain ``recv`` at the head of the queue. Batching saves
+the Python around the calls, not the kernel's work: the drain and the decoder
+together cost 2.3-2.7 us per cheap forgery (garbage, tiny), 5.9 us per one
+that must pay the link tag (``python -m tests.faults.forgeries --drain``,
+2026-12-06 23:17 UTC, load 1.1; 3.7-5.6 and 7.0 us one recv a datagram). And
+each peek walks the queue from its head to the peek offset, about 10 ns per
+datagram held ahead (1 000 deep: 9 us a peek): forgeries held like real
 datagrams once made a flood cost 120-150 us per datagram in the drain; now
-what is held is the real stream's unfinished blocks, a handful
-(docs/RELIABILITY.md, "Floods of forged datagrams").
+what is held is the real stream's unfinished blocks and what arrived behind
+them until the next commit (docs/RELIABILITY.md, "Floods of forged datagrams").
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ import structlog
 from diode import startup
 from diode.errors import LinkError
 from diode.replay import StreamState
+from receiver.recvmmsg import batch_reader
 
 log = structlog.get_logger("diode.rx")
 
@@ -75,10 +85,21 @@ HOLD_S = 2.0
 # the queue from its head, so a deeper journal makes every datagram dearer (see
 # Drain.feed). After a commit, what is still uncovered beyond half of it is released.
 MAX_HELD = 512
+# Rejected datagrams held behind an uncommitted one past which a commit is worth making at
+# once rather than at the group's time: under a flood they pile up at the flood's rate,
+# and every peek walks them (see Drain.worth_committing).
+REJECTED_HELD = 64
 # Where a datagram names its block: stream id at 4, epoch at 16, sequence at 24
 # (diode/wire.py, the datagram header); nothing else is read here.
 _WHERE = struct.Struct(">4xI8xQQ")
 _GARBAGE = (-1, 0, 0)
+# A datagram in the journal: stream, epoch, sequence, what it costs the buffer, when peeked.
+_Held = tuple[int, int, int, int, float]
+
+
+def _where(datagram: bytes) -> tuple[int, int, int]:
+    """The block a datagram names (stream, epoch, sequence), or _GARBAGE if it is too short."""
+    return _WHERE.unpack_from(datagram) if len(datagram) >= _WHERE.size else _GARBAGE
 
 
 # --- the socket -------------------------------------------------------------------------
@@ -255,9 +276,12 @@ class Drain:
         self._streams = streams
         self.counters = counters
         self.hold_s = HOLD_S
-        self._pending: deque[tuple[int, int, int, int, float]] = deque()  # stream, epoch, seq,
-        self._pending_bytes = 0  # size, peeked at
+        self._pending: deque[_Held] = deque()
+        self._pending_bytes = 0
+        self._rejected = 0  # held datagrams nobody needs (behind one that is needed)
         self._sink = bytearray(1)
+        # Batched reads where the C library has recvmmsg (Linux); one recv a datagram elsewhere.
+        self._batch = batch_reader(sock)
         self._buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         self.limit = self._buffer // 8
         self.depth = MAX_HELD
@@ -270,17 +294,26 @@ class Drain:
         """Datagrams read but still in the kernel's queue."""
         return len(self._pending)
 
+    @property
+    def worth_committing(self) -> bool:
+        """Would a commit now free much of the queue? The journal is past half its depth,
+        or rejected datagrams (a flood's) pile up behind an uncommitted one: each peek
+        walks them, so waiting for the group's commit time makes every datagram dearer."""
+        return len(self._pending) > self.depth // 2 or self._rejected > REJECTED_HELD
+
     def read(self, budget: int, now: float) -> list[bytes]:
         """Up to ``budget`` datagrams, as many as are there, all kept in the journal until
         :meth:`release` (a reader that judges nothing itself: the tests, the bench)."""
-        out = []
-        for _ in range(budget):
-            datagram = self._next()
-            if datagram is None:
-                break
-            out.append(datagram)
+        out: list[bytes] = []
+        while len(out) < budget:
+            most = budget - len(out)
+            datagrams = self._take(most)
+            out += datagrams
             if self.journal:
-                self._keep(datagram, now)
+                for datagram in datagrams:
+                    self._keep(datagram, now)
+            if self._emptied(datagrams, most):
+                break
         return out
 
     def feed(
@@ -293,50 +326,105 @@ class Drain:
         """Hand up to ``budget`` datagrams to ``receive``, one at a time; how many were read.
 
         ``receive`` says whether the journal must keep the datagram (False: the decoder
-        rejected it, nothing will ever need it). One that is not needed, or that the
+        rejected it, nothing will ever need it). The datagrams are peeked a batch at a
+        time (one recvmmsg); the leading run of a batch that nobody needs, or that the
         committed ``positions`` already cover, leaves the queue at once when nothing is
-        held ahead of it. Under a flood the queue then stays short, and a peek stays
-        cheap: the kernel walks the queue from its head to the peek offset on every
-        peek, about 10 ns a datagram (a peek 1 000 datagrams deep costs 9 us, at the
-        head 1.2 us; docs/RELIABILITY.md, "Floods of forged datagrams").
+        held ahead of it (one recvmmsg more). Under a flood the queue then stays short,
+        and a peek stays cheap: the kernel walks the queue from its head to the peek
+        offset on every peek, about 10 ns a datagram (a peek 1 000 datagrams deep costs
+        9 us, at the head 1.2 us; docs/RELIABILITY.md, "Floods of forged datagrams").
         """
-        pending, journal, drop = self._pending, self.journal, self._sink
-        for count in range(budget):
-            datagram = self._next()
-            if datagram is None:
+        pending, journal, count = self._pending, self.journal, 0
+        while count < budget:
+            # Never peek past what the journal may hold: the caller commits first.
+            most = budget - count if not journal else min(budget - count, self.depth - len(pending))
+            if most <= 0:
                 return count
-            needed = receive(datagram)
-            if not journal:
-                continue
-            if not needed and not pending:
-                # At the head of the queue, and nobody wants it: off it now (what a
-                # flood of forgeries or replays pays, besides the peek and the decoder).
-                try:
-                    self.sock.recv_into(drop, 1, socket.MSG_TRUNC)
-                except (BlockingIOError, InterruptedError):
-                    self._reset()  # a second reader of a shared socket took it
-                continue
-            self._keep(datagram, now, None if needed else _GARBAGE)
-            if len(pending) == 1 and self._releasable(pending[0], positions):
-                self._drop_head()
-            elif len(pending) >= self.depth:
+            datagrams = self._take(most)
+            if not datagrams:
+                return count
+            count += len(datagrams)
+            if journal:
+                self._judge(datagrams, now, receive, positions)
+            else:
+                for datagram in datagrams:
+                    receive(datagram)
+            if len(pending) >= self.depth or self._emptied(datagrams, most):
                 # Deep enough: the caller commits what was read (and releases it)
                 # before this peeks further. Nothing uncommitted leaves the queue here.
-                return count + 1
-        return budget
+                # Or the queue was empty: the event loop wakes us when more comes.
+                return count
+        return count
+
+    def _judge(
+        self,
+        datagrams: list[bytes],
+        now: float,
+        receive: Callable[[bytes], bool],
+        positions: Mapping[int, StreamState],
+    ) -> None:
+        """Hand a peeked batch to ``receive``; journal what must stay, and take the leading
+        run nobody needs off the head of the queue in one call."""
+        pending, run = self._pending, 0
+        for datagram in datagrams:
+            needed = receive(datagram)
+            if pending:
+                if not needed:
+                    self._rejected += 1
+                self._keep(datagram, now, None if needed else _GARBAGE)
+                continue
+            if needed:
+                where = _where(datagram)
+                if not self._releasable(where, positions):
+                    self._keep(datagram, now, where)
+                    continue
+            # At the head of the queue, and nobody wants it: what a flood of
+            # forgeries or replays pays, besides the peek and the decoder.
+            run += 1
+        if run:
+            self._discard(run)
+
+    def _emptied(self, datagrams: list[bytes], most: int) -> bool:
+        """Did the last batch find the queue empty (fewer than asked for)? Then asking
+        again now is a system call for nothing (about 2 us here, each wake-up)."""
+        return not datagrams or (
+            self._batch is not None and len(datagrams) < min(most, self._batch.count)
+        )
 
     def release(self, positions: Mapping[int, StreamState], now: float) -> int:
         """Take covered datagrams off the head of the queue; how many were taken."""
-        pending, released = self._pending, 0
-        while pending:
-            if not self._releasable(pending[0], positions):
-                if not self._over(now, pending[0][4]):
+        pending = self._pending
+        if not pending:
+            return 0
+        left, left_bytes, released = len(pending), self._pending_bytes, 0
+        for held in pending:
+            if not self._releasable(held, positions):
+                if not self._over(now, held[4], left, left_bytes):
                     break
                 self.counters["link_released_uncommitted"] += 1
-            if not self._drop_head():
-                break
             released += 1
+            left -= 1
+            left_bytes -= held[3]
+        if not released or not self._discard(released):
+            return 0
+        for _ in range(released):
+            held = pending.popleft()
+            self._pending_bytes -= held[3]
+            if held[0] == _GARBAGE[0]:
+                self._rejected -= 1
+        self._rejected = max(self._rejected, 0)  # read() keeps short datagrams as garbage too
         return released
+
+    def _take(self, most: int) -> list[bytes]:
+        """Up to ``most`` next datagrams (peeked when journaling); [] when the queue is empty."""
+        if self._batch is None:
+            datagram = self._next()
+            return [] if datagram is None else [datagram]
+        try:
+            return self._batch.read(most, peek=self.journal)
+        except OSError:
+            self.counters["socket_errors"] += 1
+            return []
 
     def _next(self) -> bytes | None:
         """The next datagram (peeked when journaling), or None when the queue is empty."""
@@ -348,10 +436,32 @@ class Drain:
             self.counters["socket_errors"] += 1
             return None
 
+    def _discard(self, count: int) -> bool:
+        """Take ``count`` datagrams off the head of the queue unread (the journal's oldest
+        are the queue's head). False, and the journal read afresh, when the queue held
+        fewer: a second reader of a shared socket took them."""
+        batch = self._batch
+        while count:
+            if batch is None:
+                try:
+                    taken = self.sock.recv_into(self._sink, 1, socket.MSG_TRUNC) and 1
+                except (BlockingIOError, InterruptedError):
+                    taken = 0
+            else:
+                try:
+                    taken = batch.discard(count)
+                except OSError:
+                    taken = 0
+            if not taken:
+                self._reset()
+                return False
+            count -= taken
+        return True
+
     def _keep(self, datagram: bytes, now: float, where: tuple[int, int, int] | None = None) -> None:
         """Journal a peeked datagram: the block it names, what it costs the buffer, when."""
         if where is None:
-            where = _WHERE.unpack_from(datagram) if len(datagram) >= _WHERE.size else _GARBAGE
+            where = _where(datagram)
         # What the kernel charges the buffer for it, not its length: a small
         # datagram's skb costs about a kilobyte of the receive buffer.
         charged = len(datagram) + SKB_OVERHEAD
@@ -359,7 +469,7 @@ class Drain:
         self._pending_bytes += charged
 
     def _releasable(
-        self, held: tuple[int, int, int, int, float], positions: Mapping[int, StreamState]
+        self, held: tuple[int, int, int] | _Held, positions: Mapping[int, StreamState]
     ) -> bool:
         """Nothing needs it: garbage, another stream, or a block the positions cover."""
         stream, epoch, seq = held[0], held[1], held[2]
@@ -370,24 +480,9 @@ class Drain:
             epoch < position.epoch or (epoch == position.epoch and seq < position.next_seq)
         )
 
-    def _over(self, now: float, at: float) -> bool:
+    def _over(self, now: float, at: float, held: int, held_bytes: int) -> bool:
         """Must the head go uncovered? Held too long, or the journal is past its limits."""
-        return (
-            at <= now - self.hold_s
-            or self._pending_bytes > self.limit
-            or len(self._pending) > self.depth // 2
-        )
-
-    def _drop_head(self) -> bool:
-        """Take the datagram at the head of the queue off it (the journal's oldest)."""
-        try:
-            self.sock.recv_into(self._sink, 1, socket.MSG_TRUNC)
-        except (BlockingIOError, InterruptedError):
-            # Someone else took it (a second reader of a shared socket): start afresh.
-            self._reset()
-            return False
-        self._pending_bytes -= self._pending.popleft()[3]
-        return True
+        return at <= now - self.hold_s or held_bytes > self.limit or held > self.depth // 2
 
     def hold_longer(self, hold_s: float) -> None:
         """A standby's drain: it keeps datagrams until the active receiver's positions cover
@@ -409,4 +504,5 @@ class Drain:
     def _reset(self) -> None:
         self._pending.clear()
         self._pending_bytes = 0
+        self._rejected = 0
         self.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)

@@ -26,6 +26,7 @@ from diode.wire import DatagramHeader, pack_datagram
 from receiver.app import Receiver
 from receiver.link import (
     HOLD_S,
+    REJECTED_HELD,
     SO_RCVBUFFORCE,
     Drain,
     kernel_drops,
@@ -164,8 +165,17 @@ def _datagram(seq: int, *, stream: int = STREAM, epoch: int = 5, index: int = 0)
     return pack_datagram(header, b"s" * 64)
 
 
+@pytest.fixture(params=["recvmmsg", "recv"])
+def read_way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every drain test twice: batched reads, and one recv a datagram (where the C library
+    has no recvmmsg) -- the journal's guarantees must not depend on which."""
+    if request.param == "recv":
+        monkeypatch.setattr("receiver.link.batch_reader", lambda _sock: None)
+    return str(request.param)
+
+
 @pytest.fixture
-def link() -> Iterator[tuple[socket.socket, socket.socket]]:
+def link(read_way: str) -> Iterator[tuple[socket.socket, socket.socket]]:
     sink = open_link_socket("127.0.0.1", 0, 1024 * 1024)
     source = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     source.connect(sink.getsockname())
@@ -251,6 +261,60 @@ def test_held_datagrams_are_charged_what_the_kernel_charges_not_their_length(
     assert drain.release({}, 0.0) > 0
 
 
+def test_only_the_leading_run_nobody_needs_leaves_the_queue(
+    link: tuple[socket.socket, socket.socket],
+) -> None:
+    """A batch is peeked at once, then what heads it unneeded (rejected, or covered) is
+    taken off in one call; from the first datagram kept on, everything stays queued, the
+    rejected ones too, until the head before them is committed."""
+    sink, source = link
+    covered = {STREAM: StreamState(epoch=5, next_seq=2, next_record=2)}
+    sent = [b"forged", _datagram(0), b"forged 2", _datagram(7), b"forged 3", _datagram(8)]
+    for d in sent:
+        source.send(d)
+    drain = Drain(sink, {STREAM}, journal=True, counters=Counter())
+    seen: list[bytes] = []
+
+    def receive(datagram: bytes) -> bool:
+        seen.append(datagram)
+        return not datagram.startswith(b"forged")
+
+    assert drain.feed(100, 0.0, receive, covered) == len(sent)
+    assert seen == sent
+    # forged, block 0 (covered), forged 2: off; block 7 heads the queue with the rest.
+    assert _queued(sink) == sent[3:]
+    assert drain.pending == 3
+    assert drain.release({STREAM: StreamState(epoch=5, next_seq=8, next_record=8)}, 0.1) == 2
+    assert _queued(sink) == sent[5:]
+
+
+def test_rejects_piling_up_behind_a_held_datagram_ask_for_a_commit(
+    link: tuple[socket.socket, socket.socket],
+) -> None:
+    """Under a flood, every forgery read after a real datagram waits in the queue until
+    that one is committed, and every peek walks them: past REJECTED_HELD of them the
+    receiver commits at once instead of at the group's time."""
+    sink, source = link
+    source.send(_datagram(0))
+    for i in range(REJECTED_HELD + 1):
+        source.send(b"forged %d" % i)
+    drain = Drain(sink, {STREAM}, journal=True, counters=Counter())
+
+    def receive(datagram: bytes) -> bool:
+        return not datagram.startswith(b"forged")
+
+    drain.feed(REJECTED_HELD, 0.0, receive, {})
+    assert drain.pending == REJECTED_HELD
+    assert not drain.worth_committing
+    drain.feed(100, 0.0, receive, {})
+    assert drain.worth_committing
+    assert drain.release({STREAM: StreamState(epoch=5, next_seq=1, next_record=1)}, 0.1) == (
+        REJECTED_HELD + 2
+    )
+    assert not drain.worth_committing
+    assert _queued(sink) == []
+
+
 def test_without_the_journal_datagrams_are_taken_at_once(
     link: tuple[socket.socket, socket.socket],
 ) -> None:
@@ -279,7 +343,9 @@ def _gated_receiver(tmp_path: Path) -> tuple[Receiver, bytes]:
     return Receiver(validate(RxConfig, data, "rx.toml")), key_id
 
 
-async def test_forged_datagrams_never_wait_in_the_kernel_queue(tmp_path: Path) -> None:
+async def test_forged_datagrams_never_wait_in_the_kernel_queue(
+    tmp_path: Path, read_way: str
+) -> None:
     """Forgeries that name blocks the stream has not reached (a wrong link tag) were kept
     in the socket's queue as if they could be the stream's next blocks, until they were
     2 s old or an eighth of the buffer; every peek walks the queue from its head, so a

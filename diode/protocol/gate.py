@@ -78,7 +78,9 @@ class LinkProfile:
 class _Door:
     """What the gate knows of one stream."""
 
-    key: bytes | None  # the gate key, when the stream has a link secret
+    # Keyed BLAKE2b with the gate key already absorbed, when the stream has a link secret:
+    # each tag starts from a copy of it (keying anew costs a compression and 0.7 us more).
+    mac: blake2b | None
     profile: LinkProfile | None
     size: int  # the only datagram size, or 0 when any goes (no profile)
 
@@ -94,7 +96,7 @@ class Gate:
         profiles = profiles or {}
         self._doors = {
             stream: _Door(
-                gate_key(psk, stream) if psk else None,
+                blake2b(key=gate_key(psk, stream), digest_size=LINK_TAG_SIZE) if psk else None,
                 profiles.get(stream),
                 profiles[stream].datagram_size if stream in profiles else 0,
             )
@@ -117,7 +119,7 @@ class Gate:
             return "rejected_unknown_stream"
         if door.size and len(data) != door.size:
             return "rejected_bad_shape"
-        if door.key is not None:
+        if door.mac is not None:
             if version not in _GATED:
                 return "rejected_ungated"
         elif version not in _UNGATED:
@@ -133,13 +135,14 @@ class Gate:
         fails, None when it holds or the stream has no secret.
 
         Apart from the screen because it is the dearest check (one keyed BLAKE2b over the
-        datagram, 4.6 us at 1472 bytes here): what the stream's position already rules
+        datagram, 2.6 us at 1472 bytes here): what the stream's position already rules
         out (a replay, a late copy) is dropped before it, by fields that can only reject.
         """
-        key = self._doors[int.from_bytes(data[4:8], "big")].key
-        if key is None:
+        mac = self._doors[int.from_bytes(data[4:8], "big")].mac
+        if mac is None:
             return None
-        tag = blake2b(data[:-LINK_TAG_SIZE], key=key, digest_size=LINK_TAG_SIZE)
+        tag = mac.copy()
+        tag.update(memoryview(data)[:-LINK_TAG_SIZE])  # no copy of the datagram
         if not compare_digest(tag.digest(), data[-LINK_TAG_SIZE:]):
             return "rejected_bad_tag"
         return None
@@ -149,7 +152,7 @@ class Gate:
         door = self._doors[int.from_bytes(data[4:8], "big")]
         # The screen checked the CRC of an ungated datagram; a gated one's is checked
         # here (its tag already proved it undamaged: this is the wire's rule, cheap).
-        header, symbol = parse_datagram(data, check_crc=door.key is not None)
+        header, symbol = parse_datagram(data, check_crc=door.mac is not None)
         profile = door.profile
         if profile is not None and (
             header.k >= len(profile.n_for_k) or header.n != profile.n_for_k[header.k]

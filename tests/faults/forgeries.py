@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import itertools
 import random
+import statistics
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from diode import fec
 from diode.config.link import FecSettings
@@ -48,6 +50,9 @@ from diode.wire import (
     pack_datagram,
     symbol_size,
 )
+
+if TYPE_CHECKING:
+    from diode.decoder import Decoder
 
 KINDS = ("random", "k1", "ahead", "repair", "tiny", "replay")
 
@@ -195,7 +200,9 @@ MAKERS: dict[str, Callable[[Target, random.Random], Iterator[bytes]]] = {
 # -- what each kind costs Decoder.receive -------------------------------------------------
 
 
-def _cost(gated: bool, kind: str, count: int) -> tuple[float, dict[str, int]]:
+def _following(gated: bool) -> tuple[Decoder, list[bytes], Target]:
+    """A decoder that follows a live stream (2 000 blocks delivered), its capture, and
+    what a forger knows of it."""
     from diode.config.link import LinkSettings
     from diode.decoder import Decoder, LinkProfile
     from diode.encoder import Encoder
@@ -210,7 +217,6 @@ def _cost(gated: bool, kind: str, count: int) -> tuple[float, dict[str, int]]:
         Keyring([TrustedKey(stream_id=7, public=key.private.public_key(), psk=psk)]),
         profiles={7: LinkProfile.of(link.datagram_size, link.fec)},
     )
-    # The live stream: 2 000 blocks delivered, so the decoder follows it.
     capture: list[bytes] = []
     for i in range(2000):
         encoder.add(Sample(tag_id=i % 50, ts_ns=i, value=i), 0.0)
@@ -222,8 +228,17 @@ def _cost(gated: bool, kind: str, count: int) -> tuple[float, dict[str, int]]:
     decoder.poll(1.0)
     decoder.events()
     target = Target(stream_id=7, key_id=key.key_id, epoch=1_700_000_000_000, seq=2000, gated=gated)
+    return decoder, capture, target
+
+
+def _forged(kind: str, capture: list[bytes], target: Target, count: int) -> list[bytes]:
     maker = replay(capture) if kind == "replay" else MAKERS[kind]
-    forged = list(itertools.islice(maker(target, random.Random(1)), count))
+    return list(itertools.islice(maker(target, random.Random(1)), count))
+
+
+def _cost(gated: bool, kind: str, count: int) -> tuple[float, dict[str, int]]:
+    decoder, capture, target = _following(gated)
+    forged = _forged(kind, capture, target, count)
     before = dict(decoder.counters)
     start = time.process_time()
     for i, datagram in enumerate(forged):
@@ -231,6 +246,43 @@ def _cost(gated: bool, kind: str, count: int) -> tuple[float, dict[str, int]]:
     spent = time.process_time() - start
     moved = {k: v - before.get(k, 0) for k, v in decoder.counters.items() if v != before.get(k, 0)}
     return spent / count * 1e6, moved
+
+
+def _drain_cost(gated: bool, kind: str, count: int, *, batched: bool) -> float:
+    """Microseconds per forged datagram for the journaled drain and the decoder together,
+    the datagrams queued in a real socket first (the receiver's read loop without the
+    event loop): batched reads (recvmmsg) or one recv a datagram."""
+    import socket
+
+    from receiver.link import Drain, open_link_socket
+
+    decoder, capture, target = _following(gated)
+    positions = decoder.positions()
+    sink = open_link_socket("127.0.0.1", 0, 64 * 1024 * 1024)
+    source = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    source.connect(sink.getsockname())
+    drain = Drain(sink, {7}, journal=True, counters=decoder.counters)
+    if not batched:
+        drain._batch = None
+    costs, now = [], 1.0
+
+    def receive(datagram: bytes) -> bool:
+        return decoder.receive(datagram, now)
+
+    try:
+        forged = _forged(kind, capture, target, count)
+        for start in range(0, count, 2000):
+            for datagram in forged[start : start + 2000]:
+                source.send(datagram)
+            begin = time.process_time()
+            while drain.feed(1024, now, receive, positions):
+                drain.release(positions, now)
+            costs.append((time.process_time() - begin) / 2000 * 1e6)
+            now += 0.05
+    finally:
+        sink.close()
+        source.close()
+    return statistics.median(costs)  # the machine is shared: the median of 10 rounds
 
 
 def _mac_candidates(key: bytes, data: bytes) -> dict[str, Callable[[], object]]:
@@ -289,6 +341,15 @@ def main() -> None:
 
     if "--macs" in sys.argv:
         macs()
+        return
+    if "--drain" in sys.argv:
+        print(f"load average {os.getloadavg()[0]:.2f}")
+        for gated in (True, False):
+            for kind in KINDS:
+                each = _drain_cost(gated, kind, 20_000, batched=False)
+                batch = _drain_cost(gated, kind, 20_000, batched=True)
+                secret = "link secret" if gated else "no secret  "
+                print(f"{secret}  {kind:7s}  recv each {each:6.2f}  recvmmsg {batch:6.2f} us")
         return
     print(f"load average {os.getloadavg()[0]:.2f}")
     for gated in (True, False):
