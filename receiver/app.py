@@ -226,6 +226,7 @@ class Receiver:
         self.passed_socket = passed
         self.metrics = Metrics(self) if section.metrics_port else None
         self._timer: asyncio.TimerHandle | None = None
+        self._armed: tuple[Decoder, int] | None = None  # decoder, symbols when last armed
         self._commit_timer: asyncio.TimerHandle | None = None  # a grouped commit due
         self._last_commit = float("-inf")
         self._file_drops_logged_at = float("-inf")
@@ -338,6 +339,17 @@ class Receiver:
         self.output.publish_file(self._stream_outputs[stream_id], dict(result))
 
     def _arm(self) -> None:
+        """Set the timer for the decoder's next deadline.
+
+        Skipped when no symbol has reached the decoder's tables since the last
+        time and nothing was polled: the deadline cannot have moved. A flood of
+        rejected datagrams then costs no deadline search a read (11 % of the
+        receiver's CPU at 20 000 forged datagrams/s, docs/RELIABILITY.md).
+        """
+        mark = (self.decoder, self.decoder.counters["symbols"])
+        if mark == self._armed:
+            return
+        self._armed = mark
         deadline = self.decoder.deadline()
         if deadline is None:
             return
@@ -353,6 +365,7 @@ class Receiver:
         self._timer = None
         now = time.monotonic()
         self.decoder.poll(now)
+        self._armed = None
         self._after(now)
 
     async def _supervise(self) -> None:
@@ -361,6 +374,7 @@ class Receiver:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             self.decoder.poll(now)
+            self._armed = None
             self._after(now)
             self.router.tick(now)
             if self.active:  # a standby's view is not the SOC's: the active one reports
