@@ -162,7 +162,9 @@ def json_value(value: Value, value_type: ValueType | None = None) -> Any:
     if isinstance(value, tuple):
         keys = _COMPOSITE_KEYS.get(value_type) if value_type is not None else None
         if keys is not None and len(value) == 2 and not isinstance(value[0], tuple):
-            return dict(zip(keys, value, strict=True))
+            # Each member as JSON carries it too: the decoder takes any value for any
+            # type, and a bytes member (a NaN...) reached orjson raw and raised.
+            return dict(zip(keys, (json_value(item) for item in value), strict=True))
         return [json_value(item, value_type) for item in value]
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")

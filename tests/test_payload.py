@@ -235,6 +235,8 @@ def test_float64_is_published_in_full(x: float) -> None:
             [{"text": "a", "locale": "en"}, {"text": "b", "locale": "fr"}],
         ),
         (ValueType.LOCALIZED_TEXT, (), []),
+        # A member no plant sends but the decoder takes: as JSON carries it (it raised).
+        (ValueType.LOCALIZED_TEXT, (None, b"\x01"), {"text": None, "locale": "AQ=="}),
         (
             ValueType.STATUS_CODE,
             (0x808D0000, "BadSensorFailure"),
