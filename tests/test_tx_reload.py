@@ -18,6 +18,7 @@ from diode.keys import load_signing_key, write_keypair
 from diode.records import Quality, TagInfo
 from tests.support.modbus_server import ModbusSimServer
 from tests.test_transmitter import Link
+from transmitter.app import _cancel
 
 BIN = Path(sys.executable).parent
 
@@ -169,3 +170,24 @@ async def test_sighup_applies_new_tags_and_devices_and_keeps_a_bad_config_out(
         ([], [], ["plc2"], 1),
     ]
     assert "Traceback" not in err
+
+
+async def test_a_poller_that_swallows_a_cancellation_cannot_hang_a_reload() -> None:
+    """A reload stops a changed source's poller; one that swallowed the cancellation (its
+    request ending at that moment) went on polling, and the reload awaited it for good."""
+    swallowed = []
+
+    async def poller() -> None:
+        while True:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed.append(True)
+
+    task = asyncio.create_task(poller())
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(_cancel(task), timeout=10)
+    assert swallowed
+    assert task.cancelled()
