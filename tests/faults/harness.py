@@ -272,6 +272,12 @@ class Tally:
     missing: int = 0
     missing_values: set[tuple[str, str, int]] = field(default_factory=set)
 
+    def assert_none_missing(self) -> None:
+        """Every value generated reached MQTT; else how many did not, and the first few."""
+        assert self.missing == 0, (
+            f"{self.missing} values never published, e.g. {sorted(self.missing_values)[:5]}"
+        )
+
 
 def tally(
     good: dict[tuple[str, str], list[int]], sent: dict[tuple[str, str], int] | None = None

@@ -43,10 +43,9 @@ from tests.faults.harness import (
     rejected,
     sample_number,
     synthetic_sent,
-    tally,
     wait_until,
 )
-from tests.faults.scenarios import SEED, Result, _counted_run
+from tests.faults.scenarios import SEED, Result, _counted_run, _tallied
 from tests.support.mosquitto import Mosquitto
 from tests.support.net import free_port
 from tests.support.relay import Faults, Relay
@@ -228,8 +227,7 @@ async def socket_activated_restarts(
 
     try:
         _, rx = await _counted_run(plant, sub, result, 0, during=restarts)
-        t = tally(sub.good(), synthetic_sent(sources, {"plc": result.sent}))
-        result.published, result.lost = t.published - t.duplicates, t.missing
+        t = _tallied(result, sub, sources)
         assert plant.rx is not None
         starts = plant.rx.events("receiver starting")
         down = ", ".join(f"{d:.1f}" for d in fig["down"])
@@ -247,9 +245,7 @@ async def socket_activated_restarts(
         assert not plant.gaps(), plant.gaps()
         assert result.reported_lost == 0
         assert t.out_of_order == 0, f"{t.out_of_order} values out of order"
-        assert t.missing == 0, (
-            f"{t.missing} values never published, e.g. {sorted(t.missing_values)[:5]}"
-        )
+        t.assert_none_missing()
         assert rx.get("kernel_drops", 0) == 0
         return result
     finally:
@@ -313,14 +309,8 @@ async def time_diversity(
         await asyncio.sleep(1.0)
 
     try:
-        await plant.start_relay()
-        await plant.start_rx()
-        await plant.start_tx()
-        await outage()
-        counters = await _finish_run(plant, sub, result)
-        rx = plant.rx_counters()
-        t = tally(sub.good(), synthetic_sent(sources, {"plc": result.sent}))
-        result.published, result.lost = t.published - t.duplicates, t.missing
+        counters, rx = await _counted_run(plant, sub, result, 0, during=outage)
+        t = _tallied(result, sub, sources)
         repeats = counters.get("repeats_sent", 0)
         sent = counters["datagrams_sent"]
         first = sent - repeats
@@ -342,9 +332,7 @@ async def time_diversity(
         assert not plant.gaps(), plant.gaps()
         assert result.reported_lost == 0
         assert t.out_of_order == 0, f"{t.out_of_order} values out of order"
-        assert t.missing == 0, (
-            f"{t.missing} values never published, e.g. {sorted(t.missing_values)[:5]}"
-        )
+        t.assert_none_missing()
         assert counters.get("repeats_dropped", 0) == 0
         assert repeats > 0
         return result
@@ -353,29 +341,19 @@ async def time_diversity(
         await plant.close()
 
 
-async def _finish_run(plant: Plant, sub: Subscriber, result: Result) -> dict[str, int]:
-    """Stop the transmitter, wait for MQTT to settle; the sent and rx figures in ``result``."""
+async def _pair_finish(plant: Plant, sub: Subscriber) -> dict[str, int]:
+    """Stop the transmitter, wait until the subscriber and the active receiver's spool are
+    quiet: an active receiver of a pair announces every ANNOUNCE_S, so its published count
+    never settles."""
     from tests.faults.harness import settled
-    from tests.faults.scenarios import _finish, _mb
 
-    if isinstance(plant, PairPlant):
-        # An active receiver of a pair announces every ANNOUNCE_S: its published count
-        # never settles; its spool and the subscriber do.
-        counters = await plant.stop_tx()
-        await wait_until(
-            settled(lambda: (sub.count_good(), plant.rx_counters().get("mqtt_spool_depth")), 2.0),
-            within=60,
-            step=0.25,
-            what="subscriber quiet",
-        )
-    else:
-        counters = await _finish(plant, sub)
-    rx = plant.rx_counters()
-    plant.rx_memory()
-    result.sent = counters["poll_generated"]
-    result.reported_lost, result.rejected = rx.get("records_lost", 0), rejected(rx)
-    result.peak_rx_mb = _mb(plant.rx_peak_kb)
-    assert counters["samples_queued"] == result.sent, counters
+    counters = await plant.stop_tx()
+    await wait_until(
+        settled(lambda: (sub.count_good(), plant.rx_counters().get("mqtt_spool_depth")), 2.0),
+        within=60,
+        step=0.25,
+        what="subscriber quiet",
+    )
     return counters
 
 
@@ -426,8 +404,7 @@ async def reload_under_load(tmp: Path, broker: Mosquitto, *, rate: int, seed: in
     try:
         _, rx = await _counted_run(plant, sub, result, 0, during=reloads)
         assert plant.rx is not None
-        t = tally(sub.good(), synthetic_sent(sources, {"plc": result.sent}))
-        result.published, result.lost = t.published - t.duplicates, t.missing
+        t = _tallied(result, sub, sources)
         starts = plant.rx.events("receiver starting")
         (refused,) = plant.rx.events("config reload refused, the running config is kept")
         connected = plant.rx.events("mqtt connected")
@@ -447,9 +424,7 @@ async def reload_under_load(tmp: Path, broker: Mosquitto, *, rate: int, seed: in
         assert not plant.gaps(), plant.gaps()
         assert result.reported_lost == 0
         assert t.out_of_order == 0, f"{t.out_of_order} values out of order"
-        assert t.missing == 0, (
-            f"{t.missing} values never published, e.g. {sorted(t.missing_values)[:5]}"
-        )
+        t.assert_none_missing()
         return result
     finally:
         sub.close()
@@ -624,16 +599,11 @@ async def standby_takes_over(
         await asyncio.sleep(1.0)
 
     try:
-        await plant.start_relay()
-        await plant.start_rx()
-        await plant.start_tx()
-        await kill_active()
-        counters = await _finish_run(plant, sub, result)
+        await _counted_run(plant, sub, result, 0, during=kill_active, finish=_pair_finish)
         b = plant.counters_of("b")
         result.reported_lost = b.get("records_lost", 0)
         result.rejected = rejected(b)
-        t = tally(sub.good(), synthetic_sent(sources, {"plc": counters["poll_generated"]}))
-        result.published, result.lost = t.published - t.duplicates, t.missing
+        t = _tallied(result, sub, sources)
         assert plant.rx_b is not None
         (taking,) = _took_over(plant.rx_b)
         handover_s = _log_s(taking) - fig["killed"]
@@ -663,9 +633,7 @@ async def standby_takes_over(
         assert fig["b_before"].get("failover_active") == 0
         assert "offline" in taking["reason"], taking
         assert not plant.gaps(), plant.gaps()
-        assert t.missing == 0, (
-            f"{t.missing} values never published, e.g. {sorted(t.missing_values)[:5]}"
-        )
+        t.assert_none_missing()
         return result
     finally:
         sub.close()
@@ -706,11 +674,9 @@ async def both_killed(
         await asyncio.sleep(1.0)
 
     try:
-        await plant.start_relay()
-        await plant.start_rx()
-        await plant.start_tx()
-        await kill_both()
-        counters = await _finish_run(plant, sub, result)
+        counters, _ = await _counted_run(
+            plant, sub, result, 0, during=kill_both, finish=_pair_finish
+        )
         assert plant.relay is not None
         assert plant.rx_b is not None
         ref = reference(plant, plant.relay.capture)
@@ -780,18 +746,13 @@ async def active_frozen(
         await asyncio.sleep(1.0)
 
     try:
-        await plant.start_relay()
-        await plant.start_rx()
-        await plant.start_tx()
-        await freeze()
-        counters = await _finish_run(plant, sub, result)
+        await _counted_run(plant, sub, result, 0, during=freeze, finish=_pair_finish)
         assert plant.rx is not None
         assert plant.rx_b is not None
         a, b = plant.counters_of("a"), plant.counters_of("b")
         result.reported_lost = a.get("records_lost", 0) + b.get("records_lost", 0)
         result.rejected = rejected(b)
-        t = tally(sub.good(), synthetic_sent(sources, {"plc": counters["poll_generated"]}))
-        result.published, result.lost = t.published - t.duplicates, t.missing
+        t = _tallied(result, sub, sources)
         (taking,) = _took_over(plant.rx_b)
         (down,) = plant.rx.events("failover: stepping down")
         result.note(
@@ -809,9 +770,7 @@ async def active_frozen(
         assert a.get("failover_active") == 0
         assert b.get("failover_active") == 1
         assert not plant.gaps(), plant.gaps()
-        assert t.missing == 0, (
-            f"{t.missing} values never published, e.g. {sorted(t.missing_values)[:5]}"
-        )
+        t.assert_none_missing()
         return result
     finally:
         sub.close()
