@@ -244,12 +244,13 @@ class Receiver:
 
     def _feed_link(self, now: float) -> None:
         """Decode what the link socket holds, up to a budget."""
-        receive, active = self.decoder.receive, self.active
+        receive_all, active = self.decoder.receive_all, self.active
 
-        def needed(datagram: bytes) -> bool:
+        def needed(datagrams: list[bytes]) -> list[bool]:
+            taken = receive_all(datagrams, now)
             # What the active decoder rejected nobody needs again; a standby keeps all
             # that the active receiver's positions do not cover (it may read it again).
-            return receive(datagram, now) or not active
+            return taken if active else [True] * len(taken)
 
         self.drain.feed(DRAIN_BUDGET, now, needed, self._committed)
 

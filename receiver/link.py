@@ -320,13 +320,13 @@ class Drain:
         self,
         budget: int,
         now: float,
-        receive: Callable[[bytes], bool],
+        judge: Callable[[list[bytes]], list[bool]],
         positions: Mapping[int, StreamState],
     ) -> int:
-        """Hand up to ``budget`` datagrams to ``receive``, one at a time; how many were read.
+        """Hand up to ``budget`` datagrams to ``judge``, a batch at a time; how many were read.
 
-        ``receive`` says whether the journal must keep the datagram (False: the decoder
-        rejected it, nothing will ever need it). The datagrams are peeked a batch at a
+        ``judge`` says of each datagram of a batch whether the journal must keep it (False:
+        the decoder rejected it, nothing will ever need it). The datagrams are peeked a batch at a
         time (one recvmmsg); the leading run of a batch that nobody needs, or that the
         committed ``positions`` already cover, leaves the queue at once when nothing is
         held ahead of it (one recvmmsg more). Under a flood the queue then stays short,
@@ -345,10 +345,9 @@ class Drain:
                 return count
             count += len(datagrams)
             if journal:
-                self._judge(datagrams, now, receive, positions)
+                self._journal(datagrams, judge(datagrams), now, positions)
             else:
-                for datagram in datagrams:
-                    receive(datagram)
+                judge(datagrams)
             if len(pending) >= self.depth or self._emptied(datagrams, most):
                 # Deep enough: the caller commits what was read (and releases it)
                 # before this peeks further. Nothing uncommitted leaves the queue here.
@@ -356,30 +355,33 @@ class Drain:
                 return count
         return count
 
-    def _judge(
+    def _journal(
         self,
         datagrams: list[bytes],
+        needed: list[bool],
         now: float,
-        receive: Callable[[bytes], bool],
         positions: Mapping[int, StreamState],
     ) -> None:
-        """Hand a peeked batch to ``receive``; journal what must stay, and take the leading
-        run nobody needs off the head of the queue in one call."""
-        pending, run = self._pending, 0
-        for datagram in datagrams:
-            needed = receive(datagram)
+        """Journal what must stay of a judged batch, and take the leading run nobody needs
+        off the head of the queue in one call."""
+        pending = self._pending
+        if not pending and not any(needed):
+            # At the head of the queue, and nobody wants any of it: what a flood of
+            # forgeries or replays pays, besides the peek and the decoder.
+            self._discard(len(datagrams))
+            return
+        run = 0
+        for datagram, wanted in zip(datagrams, needed, strict=True):
             if pending:
-                if not needed:
+                if not wanted:
                     self._rejected += 1
-                self._keep(datagram, now, None if needed else _GARBAGE)
+                self._keep(datagram, now, None if wanted else _GARBAGE)
                 continue
-            if needed:
+            if wanted:
                 where = _where(datagram)
                 if not self._releasable(where, positions):
                     self._keep(datagram, now, where)
                     continue
-            # At the head of the queue, and nobody wants it: what a flood of
-            # forgeries or replays pays, besides the peek and the decoder.
             run += 1
         if run:
             self._discard(run)

@@ -275,11 +275,11 @@ def test_only_the_leading_run_nobody_needs_leaves_the_queue(
     drain = Drain(sink, {STREAM}, journal=True, counters=Counter())
     seen: list[bytes] = []
 
-    def receive(datagram: bytes) -> bool:
-        seen.append(datagram)
-        return not datagram.startswith(b"forged")
+    def judge(datagrams: list[bytes]) -> list[bool]:
+        seen.extend(datagrams)
+        return [not datagram.startswith(b"forged") for datagram in datagrams]
 
-    assert drain.feed(100, 0.0, receive, covered) == len(sent)
+    assert drain.feed(100, 0.0, judge, covered) == len(sent)
     assert seen == sent
     # forged, block 0 (covered), forged 2: off; block 7 heads the queue with the rest.
     assert _queued(sink) == sent[3:]
@@ -300,13 +300,13 @@ def test_rejects_piling_up_behind_a_held_datagram_ask_for_a_commit(
         source.send(b"forged %d" % i)
     drain = Drain(sink, {STREAM}, journal=True, counters=Counter())
 
-    def receive(datagram: bytes) -> bool:
-        return not datagram.startswith(b"forged")
+    def judge(datagrams: list[bytes]) -> list[bool]:
+        return [not datagram.startswith(b"forged") for datagram in datagrams]
 
-    drain.feed(REJECTED_HELD, 0.0, receive, {})
+    drain.feed(REJECTED_HELD, 0.0, judge, {})
     assert drain.pending == REJECTED_HELD
     assert not drain.worth_committing
-    drain.feed(100, 0.0, receive, {})
+    drain.feed(100, 0.0, judge, {})
     assert drain.worth_committing
     assert drain.release({STREAM: StreamState(epoch=5, next_seq=1, next_record=1)}, 0.1) == (
         REJECTED_HELD + 2

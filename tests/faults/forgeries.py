@@ -266,8 +266,8 @@ def _drain_cost(gated: bool, kind: str, count: int, *, batched: bool) -> float:
         drain._batch = None
     costs, now = [], 1.0
 
-    def receive(datagram: bytes) -> bool:
-        return decoder.receive(datagram, now)
+    def judge(datagrams: list[bytes]) -> list[bool]:
+        return decoder.receive_all(datagrams, now)
 
     try:
         forged = _forged(kind, capture, target, count)
@@ -275,7 +275,7 @@ def _drain_cost(gated: bool, kind: str, count: int, *, batched: bool) -> float:
             for datagram in forged[start : start + 2000]:
                 source.send(datagram)
             begin = time.process_time()
-            while drain.feed(1024, now, receive, positions):
+            while drain.feed(1024, now, judge, positions):
                 drain.release(positions, now)
             costs.append((time.process_time() - begin) / 2000 * 1e6)
             now += 0.05
