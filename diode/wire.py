@@ -279,7 +279,7 @@ def pack_block_datagrams(
     return out
 
 
-def crc_ok(data: bytes, version: int) -> bool:
+def crc_ok(data: bytes | memoryview, version: int) -> bool:
     """Does the CRC field match (bytes 0..43, then the symbol, without a link tag)?"""
     view = memoryview(data)
     end = len(data) - (LINK_TAG_SIZE if is_gated(version) else 0)

@@ -35,6 +35,7 @@ import sqlite3
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
@@ -246,7 +247,7 @@ class Receiver:
         """Decode what the link socket holds, up to a budget."""
         receive_all, active = self.decoder.receive_all, self.active
 
-        def needed(datagrams: list[bytes]) -> list[bool]:
+        def needed(datagrams: Sequence[bytes | memoryview]) -> list[bool]:
             taken = receive_all(datagrams, now)
             # What the active decoder rejected nobody needs again; a standby keeps all
             # that the active receiver's positions do not cover (it may read it again).

@@ -61,7 +61,7 @@ import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -97,7 +97,7 @@ _GARBAGE = (-1, 0, 0)
 _Held = tuple[int, int, int, int, float]
 
 
-def _where(datagram: bytes) -> tuple[int, int, int]:
+def _where(datagram: bytes | memoryview) -> tuple[int, int, int]:
     """The block a datagram names (stream, epoch, sequence), or _GARBAGE if it is too short."""
     return _WHERE.unpack_from(datagram) if len(datagram) >= _WHERE.size else _GARBAGE
 
@@ -320,13 +320,15 @@ class Drain:
         self,
         budget: int,
         now: float,
-        judge: Callable[[list[bytes]], list[bool]],
+        judge: Callable[[Sequence[bytes | memoryview]], list[bool]],
         positions: Mapping[int, StreamState],
     ) -> int:
         """Hand up to ``budget`` datagrams to ``judge``, a batch at a time; how many were read.
 
         ``judge`` says of each datagram of a batch whether the journal must keep it (False:
-        the decoder rejected it, nothing will ever need it). The datagrams are peeked a batch at a
+        the decoder rejected it, nothing will ever need it). It is handed views of the batch
+        reader's buffer where there is one, good until it returns: what it keeps it copies
+        (the decoder copies what passes its gate). The datagrams are peeked a batch at a
         time (one recvmmsg); the leading run of a batch that nobody needs, or that the
         committed ``positions`` already cover, leaves the queue at once when nothing is
         held ahead of it (one recvmmsg more). Under a flood the queue then stays short,
@@ -340,7 +342,7 @@ class Drain:
             most = budget - count if not journal else min(budget - count, self.depth - len(pending))
             if most <= 0:
                 return count
-            datagrams = self._take(most)
+            datagrams = self._take_views(most)
             if not datagrams:
                 return count
             count += len(datagrams)
@@ -357,7 +359,7 @@ class Drain:
 
     def _journal(
         self,
-        datagrams: list[bytes],
+        datagrams: Sequence[bytes | memoryview],
         needed: list[bool],
         now: float,
         positions: Mapping[int, StreamState],
@@ -386,7 +388,7 @@ class Drain:
         if run:
             self._discard(run)
 
-    def _emptied(self, datagrams: list[bytes], most: int) -> bool:
+    def _emptied(self, datagrams: Sequence[bytes | memoryview], most: int) -> bool:
         """Did the last batch find the queue empty (fewer than asked for)? Then asking
         again now is a system call for nothing (about 2 us here, each wake-up)."""
         return not datagrams or (
@@ -428,6 +430,17 @@ class Drain:
             self.counters["socket_errors"] += 1
             return []
 
+    def _take_views(self, most: int) -> Sequence[bytes | memoryview]:
+        """:meth:`_take` without the copies where a batch reader reads: views of its
+        buffer, good until the next read."""
+        if self._batch is None:
+            return self._take(most)
+        try:
+            return self._batch.views(most, peek=self.journal)
+        except OSError:
+            self.counters["socket_errors"] += 1
+            return []
+
     def _next(self) -> bytes | None:
         """The next datagram (peeked when journaling), or None when the queue is empty."""
         try:
@@ -460,7 +473,9 @@ class Drain:
             count -= taken
         return True
 
-    def _keep(self, datagram: bytes, now: float, where: tuple[int, int, int] | None = None) -> None:
+    def _keep(
+        self, datagram: bytes | memoryview, now: float, where: tuple[int, int, int] | None = None
+    ) -> None:
         """Journal a peeked datagram: the block it names, what it costs the buffer, when."""
         if where is None:
             where = _where(datagram)

@@ -122,23 +122,26 @@ class Decoder:
         one counter and is dropped (and what holds raw datagrams may let it go)."""
         return self.receive_all((datagram,), now)[0]
 
-    def receive_all(self, datagrams: Sequence[bytes], now: float) -> list[bool]:
+    def receive_all(self, datagrams: Sequence[bytes | memoryview], now: float) -> list[bool]:
         """:meth:`receive` for each datagram of a batch, in order: whether each was taken.
 
         One loop for the batch a read hands over: a flood's datagrams are rejected here
-        by the cheap checks without a call or a lookup more than those checks need.
+        by the cheap checks without a call or a lookup more than those checks need. The
+        datagrams may be views of a reader's buffer, good only during this call: what
+        passes the gate is copied before anything keeps it, what fails it never is.
         """
         counters = self.counters
         counters["datagrams"] += len(datagrams)
         screen, unsealed = self._gate.screen, self._gate.unsealed
         sequencer = self._sequencer
-        position = sequencer.screen
+        position, block = sequencer.screen, _BLOCK.unpack_from
         taken: list[bool] = []
+        took = taken.append
         for datagram in datagrams:
             # The cheap checks first, without exceptions: this is what a flood pays.
             reason = screen(datagram)
             if reason is None:
-                stream_id, epoch, seq = _BLOCK.unpack_from(datagram)
+                stream_id, epoch, seq = block(datagram)
                 # The position before the link tag: a replay costs no MAC (it can only be
                 # rejected by these fields; a forgery naming an old block is counted late).
                 reason = position(stream_id, epoch, seq) or unsealed(datagram, stream_id)
@@ -150,13 +153,13 @@ class Decoder:
                     reason = "rejected_verify_budget"  # outside the window, no verify left
             if reason is not None:
                 counters[reason] += 1
-                taken.append(False)
+                took(False)
                 continue
             try:
-                taken.append(self._receive(datagram, now))
+                took(self._receive(bytes(datagram), now))
             except FrameError as exc:
                 counters["rejected_" + exc.reason] += 1
-                taken.append(False)
+                took(False)
         return taken
 
     def _receive(self, datagram: bytes, now: float) -> bool:

@@ -107,7 +107,7 @@ class Gate:
             for stream, psk in secrets.items()
         }
 
-    def screen(self, data: bytes) -> str | None:  # noqa: PLR0911 - one exit per check, cheapest first
+    def screen(self, data: bytes | memoryview) -> str | None:  # noqa: PLR0911 - one exit per check, cheapest first
         """The cheap checks, no exception: None to go on, or the counter to bump.
 
         Length, magic, stream, size, version, and the CRC of an ungated stream: what a
@@ -135,7 +135,7 @@ class Gate:
             return "rejected_bad_checksum"
         return None
 
-    def unsealed(self, data: bytes, stream_id: int) -> str | None:
+    def unsealed(self, data: bytes | memoryview, stream_id: int) -> str | None:
         """The link tag of a datagram :meth:`screen` let through (of stream ``stream_id``):
         "rejected_bad_tag" when it fails, None when it holds or the stream has no secret.
 
