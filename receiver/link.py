@@ -249,6 +249,31 @@ def kernel_drops(sock: socket.socket) -> int:
 # --- the drain ----------------------------------------------------------------------------
 
 
+# A flood: more datagrams rejected a second than this, over windows of FLOOD_WINDOW_S. No
+# real stream comes near it (a 10 MB/s stream with time diversity: about 7 000 late
+# repeats a second), and the issue's floods start there (issue 13: 20 000 a second).
+FLOOD_REJECTS_PER_S = 20_000
+FLOOD_WINDOW_S = 0.1
+
+
+class FloodMeter:
+    """Tells a flood of rejected datagrams from the real stream's odd late copy."""
+
+    def __init__(self) -> None:
+        self.rejected = 0  # what the decoder rejected since the window began (the caller adds)
+        self._began = float("-inf")
+        self._flooded = False
+
+    def flooded(self, now: float) -> bool:
+        """Was the last whole window a flood? Judged again once a window has passed."""
+        elapsed = now - self._began
+        if elapsed >= FLOOD_WINDOW_S:
+            self._flooded = self.rejected > FLOOD_REJECTS_PER_S * elapsed
+            self.rejected = 0
+            self._began = now
+        return self._flooded
+
+
 # The receive buffer a queued datagram costs beyond its payload (its skb; about 768 bytes
 # on x86-64 for a small datagram, rounded up): held datagrams are counted at that price, so
 # a flood of tiny forged datagrams cannot fill the socket's queue while they are held.
@@ -285,6 +310,7 @@ class Drain:
         self._buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         self.limit = self._buffer // 8
         self.depth = MAX_HELD
+        self.emptied = False  # the last feed read the queue to its end
         if journal:
             # The offset belongs to the socket, not the process: a predecessor's is stale.
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
@@ -337,6 +363,7 @@ class Drain:
         9 us, at the head 1.2 us; docs/RELIABILITY.md, "Floods of forged datagrams").
         """
         pending, journal, count = self._pending, self.journal, 0
+        self.emptied = False
         while count < budget:
             # Never peek past what the journal may hold: the caller commits first.
             most = budget - count if not journal else min(budget - count, self.depth - len(pending))
@@ -344,16 +371,20 @@ class Drain:
                 return count
             datagrams = self._take_views(most)
             if not datagrams:
+                self.emptied = True
                 return count
             count += len(datagrams)
             if journal:
                 self._journal(datagrams, judge(datagrams), now, positions)
             else:
                 judge(datagrams)
-            if len(pending) >= self.depth or self._emptied(datagrams, most):
+            if len(pending) >= self.depth:
                 # Deep enough: the caller commits what was read (and releases it)
                 # before this peeks further. Nothing uncommitted leaves the queue here.
-                # Or the queue was empty: the event loop wakes us when more comes.
+                return count
+            if self._emptied(datagrams, most):
+                # The queue was empty: the event loop wakes us when more comes.
+                self.emptied = True
                 return count
         return count
 

@@ -25,10 +25,13 @@ from diode.replay import StreamState
 from diode.wire import DatagramHeader, pack_datagram
 from receiver.app import Receiver
 from receiver.link import (
+    FLOOD_REJECTS_PER_S,
+    FLOOD_WINDOW_S,
     HOLD_S,
     REJECTED_HELD,
     SO_RCVBUFFORCE,
     Drain,
+    FloodMeter,
     kernel_drops,
     open_link_socket,
     passed_socket,
@@ -400,6 +403,22 @@ async def test_rejected_datagrams_do_not_search_for_the_next_deadline(
         receiver.sock.close()
 
 
+def test_a_flood_is_told_from_the_real_streams_late_copies() -> None:
+    """More than FLOOD_REJECTS_PER_S rejected datagrams a second over a window is a flood
+    (the receiver then reads the link once a millisecond); the time diversity's late
+    repeats of a fast real stream are not; judged again each window, so a flood's end is
+    seen one window later."""
+    meter = FloodMeter()
+    assert not meter.flooded(0.0)  # the first window begins
+    meter.rejected = int(7_000 * FLOOD_WINDOW_S)  # a 10 MB/s stream's late repeats
+    assert not meter.flooded(FLOOD_WINDOW_S)
+    meter.rejected = int(FLOOD_REJECTS_PER_S * FLOOD_WINDOW_S) + 1
+    assert not meter.flooded(FLOOD_WINDOW_S * 1.5), "judged once the window has passed"
+    assert meter.flooded(FLOOD_WINDOW_S * 2)
+    assert meter.flooded(FLOOD_WINDOW_S * 2.5), "until the next judgement"
+    assert not meter.flooded(FLOOD_WINDOW_S * 3)
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["no secret", "link secret"])
 def test_the_decoder_keeps_nothing_of_the_buffer_a_batch_is_read_into(
     link: tuple[socket.socket, socket.socket], gated: bool
@@ -426,3 +445,23 @@ def test_the_decoder_keeps_nothing_of_the_buffer_a_batch_is_read_into(
     decoder.poll(10.0)
     assert delivered(decoder.events()) == records
     assert decoder.counters["rejected_bad_tag" if gated else "rejected_bad_checksum"] > 0
+
+
+def test_a_feed_says_whether_it_read_the_queue_to_its_end(
+    link: tuple[socket.socket, socket.socket],
+) -> None:
+    """What the receiver paces its reads by under a flood: only a read that emptied the
+    queue may be followed by a pause; one that stopped at its budget is followed at once."""
+    sink, source = link
+    for i in range(10):
+        source.send(b"forged %d" % i)
+    drain = Drain(sink, {STREAM}, journal=True, counters=Counter())
+
+    def judge(datagrams: Sequence[bytes | memoryview]) -> list[bool]:
+        return [False] * len(datagrams)
+
+    assert drain.feed(4, 0.0, judge, {}) == 4
+    assert not drain.emptied
+    assert drain.feed(100, 0.0, judge, {}) == 6
+    assert drain.emptied
+    assert _queued(sink) == []
