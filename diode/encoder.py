@@ -70,7 +70,7 @@ class Encoder:
         self._stream_id = stream_id
         self._epoch = epoch
         self._psk = psk
-        # A link secret also gates every datagram (wire version 2): a link tag the
+        # A link secret also gates every datagram (wire version 6): a link tag the
         # receiver checks before anything else.
         self._gate = gate_key(psk, stream_id) if psk else None
         self._symbol = symbol_size(link.datagram_size, gated=psk is not None)

@@ -6,7 +6,7 @@ payload) and carries one FEC symbol of one block::
      0                   1                   2                   3
      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
     +-------------------------------+---------------+---------------+
-    |          magic 0xD10D         | version 1..4  |     flags     |   0
+    |          magic 0xD10D         | version 1,3,6 |     flags     |   0
     +-------------------------------+---------------+---------------+
     |                           stream id                           |   4
     +---------------------------------------------------------------+
@@ -25,26 +25,31 @@ payload) and carries one FEC symbol of one block::
     |          CRC-32 of bytes 0..43 and of the symbol              |  44
     +---------------------------------------------------------------+
     |              symbol (datagram size - 48 bytes,                |  48
-    |                 or - 64 bytes in versions 2 and 4)            |
+    |                 or - 64 bytes in version 6)                   |
     +---------------------------------------------------------------+
-    | versions 2 and 4 only: link tag, keyed BLAKE2b-128 of every   | size - 16
-    | byte before it, under the stream's gate key (16 bytes)        |
+    | version 6 only: link tag, HMAC-SHA256 of every byte before    | size - 16
+    | it under the stream's gate key, its first 16 bytes            |
     +---------------------------------------------------------------+
 
-Odd versions are ungated (no link secret); even versions are gated, sent by
-a transmitter with a link secret: their last 16 bytes are a MAC (the *link
+Odd versions are ungated (no link secret); version 6 is gated, sent by a
+transmitter with a link secret: its last 16 bytes are a MAC (the *link
 tag*) under a gate key derived from the link secret, checked before anything
 else (see ``diode.protocol.gate``). A receiver accepts on a stream exactly
-the gating its config implies: a stream with a secret takes only versions 2
-and 4, a stream without one only 1 and 3, so a forger cannot skip the gate
-by sending the other kind.
+the gating its config implies: a stream with a secret takes only version 6,
+a stream without one only 1 and 3, so a forger cannot skip the gate by
+sending the other kind. Versions 2 and 4 were gated with a keyed BLAKE2b-128
+tag (retired 2026-12: HMAC-SHA256 costs a receiver 20 % less on a CPU with
+SHA extensions, docs/PROTOCOL.md "Threat model"); a receiver refuses them as
+a bad version, so both ends of a gated link upgrade together.
 
 Two *generations* of the wire differ in the erasure code and in what the
 signature covers; a transmitter sends generation 2, a receiver accepts both:
 
-    generation 1: versions 1 and 2, zfec's Rizzo code, Ed25519 over the block
-    generation 2: versions 3 and 4, ISA-L Cauchy Reed-Solomon (``diode.fec``),
+    generation 1: version 1, zfec's Rizzo code, Ed25519 over the block
+    generation 2: versions 3 and 6, ISA-L Cauchy Reed-Solomon (``diode.fec``),
                   Ed25519 over "diode block v2" + SHA-256 of the signed bytes
+
+A link tag is generation 2 only.
 
 The signed block header carries its generation (byte 0), so a block is
 rebuilt and checked only as the generation its datagrams and its signature
@@ -83,8 +88,10 @@ encoding of each datagram: reserved bits and bytes are zero, padding is zero.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
 import zlib
+from _hashlib import HASH
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -93,9 +100,9 @@ from diode.errors import FrameError
 
 MAGIC = 0xD10D
 VERSION = 1  # generation 1, ungated
-VERSION_GATED = 2  # generation 1, the datagram ends with a link tag
 VERSION_CAUCHY = 3  # generation 2, ungated
-VERSION_CAUCHY_GATED = 4  # generation 2, with a link tag
+VERSION_GATED = 6  # generation 2, the datagram ends with an HMAC-SHA256-128 link tag
+# 2 and 4 ended with a keyed BLAKE2b-128 tag (generation 1 and 2): refused, a bad version.
 GENERATION = 2  # what a transmitter sends
 GENERATIONS = (1, 2)  # what a receiver accepts
 LINK_TAG_SIZE = 16
@@ -165,12 +172,16 @@ DATAGRAM_PREFIX = struct.Struct(">HBBI")
 
 
 def datagram_version(generation: int, *, gated: bool) -> int:
-    """The version byte of a datagram: 1 and 2 for generation 1, 3 and 4 for generation 2."""
-    return 2 * generation - 1 + gated
+    """The version byte of a datagram: 1 for generation 1, 3 (or 6, gated) for generation 2."""
+    if gated:
+        if generation != GENERATION:
+            raise ValueError("a link tag is sent in generation 2 only")
+        return VERSION_GATED
+    return VERSION if generation == 1 else VERSION_CAUCHY
 
 
 def is_gated(version: int) -> bool:
-    return version in (VERSION_GATED, VERSION_CAUCHY_GATED)
+    return version == VERSION_GATED
 
 
 def code_of(generation: int) -> fec.Code:
@@ -190,14 +201,27 @@ def symbol_size(datagram_size: int, *, gated: bool = False) -> int:
 
 
 def link_tag(gate_key: bytes, data: bytes | memoryview) -> bytes:
-    """The MAC a gated datagram ends with: keyed BLAKE2b-128 of everything before it."""
-    return hashlib.blake2b(data, key=gate_key, digest_size=LINK_TAG_SIZE).digest()
+    """The MAC a gated datagram ends with: HMAC-SHA256 of everything before it, truncated
+    to 16 bytes (RFC 2104; truncation as RFC 4868 allows)."""
+    return hmac.digest(gate_key, data, "sha256")[:LINK_TAG_SIZE]
+
+
+def link_tag_states(gate_key: bytes) -> tuple[HASH, HASH]:
+    """HMAC-SHA256's inner and outer hashes with the gate key already absorbed (RFC 2104:
+    the key, 32 bytes, zero-padded to the 64-byte block, xor 0x36 and 0x5C). A tag started
+    from copies of them is :func:`link_tag`'s, without hashing the key twice per datagram."""
+    block = gate_key.ljust(64, b"\0")
+    return (
+        hashlib.sha256(bytes(b ^ 0x36 for b in block)),
+        hashlib.sha256(bytes(b ^ 0x5C for b in block)),
+    )
 
 
 def gate_key(psk: bytes, stream_id: int) -> bytes:
-    """The key of a stream's link tags, derived from its link secret (domain-separated)."""
+    """The key of a stream's link tags, derived from its link secret (domain-separated;
+    the label names the tag's algorithm: v2 keyed BLAKE2b, v3 HMAC-SHA256)."""
     return hashlib.blake2b(
-        stream_id.to_bytes(4, "big"), key=psk, digest_size=32, person=b"diode-gate-v2"
+        stream_id.to_bytes(4, "big"), key=psk, digest_size=32, person=b"diode-gate-v3"
     ).digest()
 
 
@@ -255,7 +279,7 @@ def pack_block_datagrams(
     return out
 
 
-def crc_ok(data: bytes, version: int) -> bool:
+def crc_ok(data: bytes | memoryview, version: int) -> bool:
     """Does the CRC field match (bytes 0..43, then the symbol, without a link tag)?"""
     view = memoryview(data)
     end = len(data) - (LINK_TAG_SIZE if is_gated(version) else 0)
@@ -319,7 +343,7 @@ def parse_datagram(data: bytes, *, check_crc: bool = True) -> tuple[DatagramHead
         n=n,
         block_length=block_length,
         records=records,
-        generation=(version + 1) // 2,
+        generation=1 if version == VERSION else 2,
     )
     return header, bytes(symbol)
 

@@ -35,6 +35,7 @@ import sqlite3
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
@@ -58,6 +59,7 @@ from receiver.files import FileReceiver
 from receiver.link import (
     SD_LISTEN_FDS_START,
     Drain,
+    FloodMeter,
     kernel_drops,
     link_socket,
     open_link_socket,
@@ -72,6 +74,14 @@ from receiver.sparkplug_node import SparkplugRouting, sparkplug_nodes
 log = structlog.get_logger("diode.rx")
 
 DRAIN_BUDGET = 1024  # datagrams per reader callback: bounds what a catch-up holds at once
+# Under a flood (receiver/link.py, FloodMeter), a read that emptied the link socket's queue
+# is followed by the next one this long after, not at the next wake-up: each wake-up costs
+# the event loop, two system calls and the bookkeeping around them, and a receiver woken
+# for every few forged datagrams paid that for each few (epoll_wait alone was 17 % of its
+# CPU under a flood of tiny datagrams); a millisecond later a flood has queued full batches
+# (docs/RELIABILITY.md, "Floods of forged datagrams"). The real stream waits that
+# millisecond more in the queue. A read that stopped at its budget is followed at once.
+FLOOD_READ_EVERY_S = 0.001
 # File datagrams per turn, read only once the link socket is empty: a tag datagram that
 # arrives meanwhile waits for at most this many (two blocks' worth at the default FEC).
 FILE_BUDGET = 112
@@ -230,6 +240,8 @@ class Receiver:
         self._commit_timer: asyncio.TimerHandle | None = None  # a grouped commit due
         self._last_commit = float("-inf")
         self._file_drops_logged_at = float("-inf")
+        self._flood = FloodMeter()
+        self._resume: asyncio.TimerHandle | None = None  # reading again after a flood's pause
         self.ready = asyncio.Event()
         self.handover = False  # set by a reload: the socket goes to the next process
 
@@ -241,15 +253,21 @@ class Receiver:
             self._check_not_frozen(now)
         self._feed_link(now)
         self._after(now)
+        # Paced only while the reads keep up: a read that stopped at its budget, the queue
+        # not empty, is followed by the next at once (a pause would only lose time).
+        if self._flood.flooded(now) and self.drain.emptied:
+            self._pause_link()
 
     def _feed_link(self, now: float) -> None:
         """Decode what the link socket holds, up to a budget."""
-        receive, active = self.decoder.receive, self.active
+        receive_all, active, flood = self.decoder.receive_all, self.active, self._flood
 
-        def needed(datagram: bytes) -> bool:
+        def needed(datagrams: Sequence[bytes | memoryview]) -> list[bool]:
+            taken = receive_all(datagrams, now)
+            flood.rejected += taken.count(False)
             # What the active decoder rejected nobody needs again; a standby keeps all
             # that the active receiver's positions do not cover (it may read it again).
-            return receive(datagram, now) or not active
+            return taken if active else [True] * len(taken)
 
         self.drain.feed(DRAIN_BUDGET, now, needed, self._committed)
 
@@ -263,8 +281,21 @@ class Receiver:
             receive(datagram, now)
         self._after(now)
 
+    def _pause_link(self) -> None:
+        """Stop watching the link socket for FLOOD_READ_EVERY_S: the flood queues a batch."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.sock)
+        self._resume = loop.call_later(FLOOD_READ_EVERY_S, self._resume_link)
+
+    def _resume_link(self) -> None:
+        self._resume = None
+        asyncio.get_running_loop().add_reader(self.sock, self._readable)
+
     def _read_sockets(self, loop: asyncio.AbstractEventLoop, *, read: bool) -> None:
         """Start (or stop) reading the link socket and the file socket."""
+        if self._resume is not None:
+            self._resume.cancel()  # paused by a flood: watched again now, or never
+            self._resume = None
         readers = [(self.sock, self._readable)]
         if self.file_sock is not None:
             readers.append((self.file_sock, self._readable_files))

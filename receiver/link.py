@@ -61,7 +61,7 @@ import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -97,7 +97,7 @@ _GARBAGE = (-1, 0, 0)
 _Held = tuple[int, int, int, int, float]
 
 
-def _where(datagram: bytes) -> tuple[int, int, int]:
+def _where(datagram: bytes | memoryview) -> tuple[int, int, int]:
     """The block a datagram names (stream, epoch, sequence), or _GARBAGE if it is too short."""
     return _WHERE.unpack_from(datagram) if len(datagram) >= _WHERE.size else _GARBAGE
 
@@ -249,6 +249,31 @@ def kernel_drops(sock: socket.socket) -> int:
 # --- the drain ----------------------------------------------------------------------------
 
 
+# A flood: more datagrams rejected a second than this, over windows of FLOOD_WINDOW_S. No
+# real stream comes near it (a 10 MB/s stream with time diversity: about 7 000 late
+# repeats a second), and the issue's floods start there (issue 13: 20 000 a second).
+FLOOD_REJECTS_PER_S = 20_000
+FLOOD_WINDOW_S = 0.1
+
+
+class FloodMeter:
+    """Tells a flood of rejected datagrams from the real stream's odd late copy."""
+
+    def __init__(self) -> None:
+        self.rejected = 0  # what the decoder rejected since the window began (the caller adds)
+        self._began = float("-inf")
+        self._flooded = False
+
+    def flooded(self, now: float) -> bool:
+        """Was the last whole window a flood? Judged again once a window has passed."""
+        elapsed = now - self._began
+        if elapsed >= FLOOD_WINDOW_S:
+            self._flooded = self.rejected > FLOOD_REJECTS_PER_S * elapsed
+            self.rejected = 0
+            self._began = now
+        return self._flooded
+
+
 # The receive buffer a queued datagram costs beyond its payload (its skb; about 768 bytes
 # on x86-64 for a small datagram, rounded up): held datagrams are counted at that price, so
 # a flood of tiny forged datagrams cannot fill the socket's queue while they are held.
@@ -285,6 +310,7 @@ class Drain:
         self._buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         self.limit = self._buffer // 8
         self.depth = MAX_HELD
+        self.emptied = False  # the last feed read the queue to its end
         if journal:
             # The offset belongs to the socket, not the process: a predecessor's is stale.
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
@@ -320,13 +346,15 @@ class Drain:
         self,
         budget: int,
         now: float,
-        receive: Callable[[bytes], bool],
+        judge: Callable[[Sequence[bytes | memoryview]], list[bool]],
         positions: Mapping[int, StreamState],
     ) -> int:
-        """Hand up to ``budget`` datagrams to ``receive``, one at a time; how many were read.
+        """Hand up to ``budget`` datagrams to ``judge``, a batch at a time; how many were read.
 
-        ``receive`` says whether the journal must keep the datagram (False: the decoder
-        rejected it, nothing will ever need it). The datagrams are peeked a batch at a
+        ``judge`` says of each datagram of a batch whether the journal must keep it (False:
+        the decoder rejected it, nothing will ever need it). It is handed views of the batch
+        reader's buffer where there is one, good until it returns: what it keeps it copies
+        (the decoder copies what passes its gate). The datagrams are peeked a batch at a
         time (one recvmmsg); the leading run of a batch that nobody needs, or that the
         committed ``positions`` already cover, leaves the queue at once when nothing is
         held ahead of it (one recvmmsg more). Under a flood the queue then stays short,
@@ -335,56 +363,63 @@ class Drain:
         9 us, at the head 1.2 us; docs/RELIABILITY.md, "Floods of forged datagrams").
         """
         pending, journal, count = self._pending, self.journal, 0
+        self.emptied = False
         while count < budget:
             # Never peek past what the journal may hold: the caller commits first.
             most = budget - count if not journal else min(budget - count, self.depth - len(pending))
             if most <= 0:
                 return count
-            datagrams = self._take(most)
+            datagrams = self._take_views(most)
             if not datagrams:
+                self.emptied = True
                 return count
             count += len(datagrams)
             if journal:
-                self._judge(datagrams, now, receive, positions)
+                self._journal(datagrams, judge(datagrams), now, positions)
             else:
-                for datagram in datagrams:
-                    receive(datagram)
-            if len(pending) >= self.depth or self._emptied(datagrams, most):
+                judge(datagrams)
+            if len(pending) >= self.depth:
                 # Deep enough: the caller commits what was read (and releases it)
                 # before this peeks further. Nothing uncommitted leaves the queue here.
-                # Or the queue was empty: the event loop wakes us when more comes.
+                return count
+            if self._emptied(datagrams, most):
+                # The queue was empty: the event loop wakes us when more comes.
+                self.emptied = True
                 return count
         return count
 
-    def _judge(
+    def _journal(
         self,
-        datagrams: list[bytes],
+        datagrams: Sequence[bytes | memoryview],
+        needed: list[bool],
         now: float,
-        receive: Callable[[bytes], bool],
         positions: Mapping[int, StreamState],
     ) -> None:
-        """Hand a peeked batch to ``receive``; journal what must stay, and take the leading
-        run nobody needs off the head of the queue in one call."""
-        pending, run = self._pending, 0
-        for datagram in datagrams:
-            needed = receive(datagram)
+        """Journal what must stay of a judged batch, and take the leading run nobody needs
+        off the head of the queue in one call."""
+        pending = self._pending
+        if not pending and not any(needed):
+            # At the head of the queue, and nobody wants any of it: what a flood of
+            # forgeries or replays pays, besides the peek and the decoder.
+            self._discard(len(datagrams))
+            return
+        run = 0
+        for datagram, wanted in zip(datagrams, needed, strict=True):
             if pending:
-                if not needed:
+                if not wanted:
                     self._rejected += 1
-                self._keep(datagram, now, None if needed else _GARBAGE)
+                self._keep(datagram, now, None if wanted else _GARBAGE)
                 continue
-            if needed:
+            if wanted:
                 where = _where(datagram)
                 if not self._releasable(where, positions):
                     self._keep(datagram, now, where)
                     continue
-            # At the head of the queue, and nobody wants it: what a flood of
-            # forgeries or replays pays, besides the peek and the decoder.
             run += 1
         if run:
             self._discard(run)
 
-    def _emptied(self, datagrams: list[bytes], most: int) -> bool:
+    def _emptied(self, datagrams: Sequence[bytes | memoryview], most: int) -> bool:
         """Did the last batch find the queue empty (fewer than asked for)? Then asking
         again now is a system call for nothing (about 2 us here, each wake-up)."""
         return not datagrams or (
@@ -426,6 +461,17 @@ class Drain:
             self.counters["socket_errors"] += 1
             return []
 
+    def _take_views(self, most: int) -> Sequence[bytes | memoryview]:
+        """:meth:`_take` without the copies where a batch reader reads: views of its
+        buffer, good until the next read."""
+        if self._batch is None:
+            return self._take(most)
+        try:
+            return self._batch.views(most, peek=self.journal)
+        except OSError:
+            self.counters["socket_errors"] += 1
+            return []
+
     def _next(self) -> bytes | None:
         """The next datagram (peeked when journaling), or None when the queue is empty."""
         try:
@@ -458,7 +504,9 @@ class Drain:
             count -= taken
         return True
 
-    def _keep(self, datagram: bytes, now: float, where: tuple[int, int, int] | None = None) -> None:
+    def _keep(
+        self, datagram: bytes | memoryview, now: float, where: tuple[int, int, int] | None = None
+    ) -> None:
         """Journal a peeked datagram: the block it names, what it costs the buffer, when."""
         if where is None:
             where = _where(datagram)

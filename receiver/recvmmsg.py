@@ -135,6 +135,12 @@ class BatchReader:
     def read(self, most: int, *, peek: bool) -> list[bytes]:
         """Up to ``most`` (at most ``count``) datagrams, in queue order; [] when none is
         queued. Peeking leaves them in the queue (``SO_PEEK_OFF`` walks past them)."""
+        return [view.tobytes() for view in self.views(most, peek=peek)]
+
+    def views(self, most: int, *, peek: bool) -> list[memoryview]:
+        """:meth:`read` without copying: each datagram a view of this reader's buffer, good
+        only until its next call (what outlives it must be copied). A flood's datagrams,
+        judged and dropped at once, are then never copied out of the buffer."""
         flags = _PEEK if peek else _TAKE
         got = self._call(self._fd, self._messages, min(most, self.count), flags, None)
         if got <= 0:
@@ -142,7 +148,7 @@ class BatchReader:
             return []
         view, slot = self._view, self.slot
         return [
-            view[start : start + min(length, slot)].tobytes()
+            view[start : start + min(length, slot)]
             for start, length in zip(self._starts, self._lengths[:got], strict=False)
         ]
 

@@ -175,3 +175,32 @@ def test_only_intake_and_rejection_counters_moved(gated: bool) -> None:
     assert sum(v for k, v in moved.items() if k.startswith("rejected_")) > 0
     if gated:
         assert "symbols" not in moved, "with a link secret nothing forged reaches an assembly"
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["no secret", "link secret"])
+def test_a_batch_is_judged_as_its_datagrams_one_by_one(gated: bool) -> None:
+    """``receive_all`` (what the receiver's drain hands a read to) takes, rejects and counts
+    exactly as ``receive`` datagram by datagram: the real stream with every kind of forgery
+    between its datagrams, in batches of a read's size."""
+    psk = PSK if gated else None
+    capture = [d for b in encode_blocks(_real(), link=LINK, psk=psk, per_block=20) for d in b]
+    forged = _forgeries(gated, capture[:40])
+    mixed = [d for pair in itertools.zip_longest(capture, forged) for d in pair if d is not None]
+
+    def new() -> Decoder:
+        return Decoder(
+            keyring(fixed_key(), psk=psk),
+            profiles={STREAM: LinkProfile.of(LINK.datagram_size, LINK.fec)},
+        )
+
+    one, batched = new(), new()
+    singly = [one.receive(d, 1.0) for d in mixed]
+    in_batches = [
+        t for i in range(0, len(mixed), 64) for t in batched.receive_all(mixed[i : i + 64], 1.0)
+    ]
+    assert in_batches == singly
+    assert True in singly
+    assert False in singly
+    assert batched.counters == one.counters
+    assert batched.events() == one.events()
+    assert one.counters["records_delivered"] == len(_real())

@@ -1,7 +1,8 @@
-"""The gate: link tags (wire version 2), the link profile, and what each rejection costs."""
+"""The gate: link tags (wire version 6), the link profile, and what each rejection costs."""
 
 from __future__ import annotations
 
+import hmac
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from diode.config.link import FecSettings, LinkSettings
 from diode.decoder import Decoder, LinkProfile
 from diode.records import Heartbeat, Sample
-from diode.wire import HEADER_SIZE, LINK_TAG_SIZE, VERSION_CAUCHY_GATED, parse_datagram
+from diode.wire import HEADER_SIZE, LINK_TAG_SIZE, VERSION_GATED, gate_key, parse_datagram
 from tests.core_support import (
     STREAM,
     delivered,
@@ -24,9 +25,10 @@ from tests.core_support import (
     with_valid_crc,
 )
 
-# One golden vector per gated version still accepted: 2 (zfec, generation 1), 4 (Cauchy).
-VECTORS = {2: Path(__file__).parent / "vectors" / "block-v2.json"}
-VECTORS[4] = VECTORS[2].with_name("block-v4.json")
+# The golden vector of the gated version (6: Cauchy, HMAC-SHA256-128 tag), and those of
+# the retired ones (2 and 4: keyed BLAKE2b-128 tags), which a receiver refuses.
+VECTORS = {VERSION_GATED: Path(__file__).parent / "vectors" / "block-v6.json"}
+RETIRED = {v: VECTORS[VERSION_GATED].with_name(f"block-v{v}.json") for v in (2, 4)}
 PSK = bytes(range(32))
 RECORDS = [
     Sample(tag_id=1, ts_ns=1_700_000_000_123_456_789, value=2.5),
@@ -34,8 +36,8 @@ RECORDS = [
 ]
 
 
-def _gated(version: int = VERSION_CAUCHY_GATED) -> list[bytes]:
-    (block,) = encode_blocks(RECORDS, psk=PSK, generation=version // 2)
+def _gated() -> list[bytes]:
+    (block,) = encode_blocks(RECORDS, psk=PSK)
     return block
 
 
@@ -46,7 +48,7 @@ def rejected(decoder: Decoder) -> dict[str, int]:
 @pytest.mark.parametrize("version", sorted(VECTORS))
 def test_gated_golden_vector_encodes_to_the_stored_bytes(version: int) -> None:
     stored = json.loads(VECTORS[version].read_text())
-    assert [d.hex() for d in _gated(version)] == stored["datagrams"]
+    assert [d.hex() for d in _gated()] == stored["datagrams"]
 
 
 @pytest.mark.parametrize("version", sorted(VECTORS))
@@ -56,9 +58,33 @@ def test_gated_golden_vector_decodes_to_the_records(version: int) -> None:
     assert delivered(feed(new_decoder(psk=PSK), stored)) == RECORDS
 
 
-def test_a_gated_datagram_is_version_4_and_ends_with_its_tag() -> None:
+def test_the_link_tag_is_hmac_sha256_of_the_datagram_truncated_to_16_bytes() -> None:
+    """The tag checked independently of diode.wire: RFC 2104 from the standard library,
+    under the gate key, the first 16 bytes (the receiver computes it from keyed states)."""
+    key = gate_key(PSK, STREAM)
+    for datagram in _gated():
+        body, tag = datagram[:-LINK_TAG_SIZE], datagram[-LINK_TAG_SIZE:]
+        assert tag == hmac.new(key, body, "sha256").digest()[:LINK_TAG_SIZE]
+
+
+@pytest.mark.parametrize("version", sorted(RETIRED))
+def test_a_retired_gated_version_is_refused_as_a_bad_version_before_its_tag(
+    version: int,
+) -> None:
+    """Versions 2 and 4 (a keyed BLAKE2b tag, authentic under the old gate key) are refused
+    by the version byte: one counter, no MAC, nothing else moved."""
+    stored = [bytes.fromhex(h) for h in json.loads(RETIRED[version].read_text())["datagrams"]]
+    assert {d[2] for d in stored} == {version}
+    decoder = new_decoder(psk=PSK)
+    feed(decoder, stored)
+    counts = dict(decoder.counters)
+    assert counts.pop("datagrams") == len(stored)
+    assert counts == {"rejected_bad_version": len(stored)}
+
+
+def test_a_gated_datagram_is_version_6_and_ends_with_its_tag() -> None:
     datagrams = _gated()
-    assert {d[2] for d in datagrams} == {VERSION_CAUCHY_GATED}
+    assert {d[2] for d in datagrams} == {VERSION_GATED}
     assert {len(d) for d in datagrams} == {256}
     header, symbol = parse_datagram(datagrams[0])
     assert len(symbol) == 256 - HEADER_SIZE - LINK_TAG_SIZE
@@ -153,7 +179,7 @@ def test_a_datagram_of_another_shape_is_dropped_before_assembly(
 
 def test_a_replay_is_ruled_out_by_the_position_before_the_link_tag_is_computed() -> None:
     """Replays of authentic datagrams pass the link tag by design, and the tag is the
-    dearest check (one keyed BLAKE2b over the datagram): the stream's position, which
+    dearest check (one HMAC-SHA256 over the datagram): the stream's position, which
     can only reject, comes first. Seen from outside: a copy of a delivered block with a
     broken tag is counted late, not bad_tag (it cost no MAC)."""
     datagrams = _gated()
@@ -168,8 +194,7 @@ def test_a_replay_is_ruled_out_by_the_position_before_the_link_tag_is_computed()
     assert moved == {"datagrams": 1, "rejected_late": 1}
 
 
-if __name__ == "__main__":  # regenerate the vectors: python -m tests.test_gate
-    for version, path in VECTORS.items():
-        path.write_text(
-            json.dumps({"datagrams": [d.hex() for d in _gated(version)]}, indent=1) + "\n"
-        )
+if __name__ == "__main__":  # regenerate the vector: python -m tests.test_gate
+    VECTORS[VERSION_GATED].write_text(
+        json.dumps({"datagrams": [d.hex() for d in _gated()]}, indent=1) + "\n"
+    )

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -25,15 +25,19 @@ from diode.replay import StreamState
 from diode.wire import DatagramHeader, pack_datagram
 from receiver.app import Receiver
 from receiver.link import (
+    FLOOD_REJECTS_PER_S,
+    FLOOD_WINDOW_S,
     HOLD_S,
     REJECTED_HELD,
     SO_RCVBUFFORCE,
     Drain,
+    FloodMeter,
     kernel_drops,
     open_link_socket,
     passed_socket,
     size_receive_buffer,
 )
+from tests.core_support import delivered, encode_blocks, new_decoder, samples
 from tests.faults.forgeries import Target, k1
 from tests.support.net import free_port
 
@@ -275,11 +279,11 @@ def test_only_the_leading_run_nobody_needs_leaves_the_queue(
     drain = Drain(sink, {STREAM}, journal=True, counters=Counter())
     seen: list[bytes] = []
 
-    def receive(datagram: bytes) -> bool:
-        seen.append(datagram)
-        return not datagram.startswith(b"forged")
+    def judge(datagrams: Sequence[bytes | memoryview]) -> list[bool]:
+        seen.extend(bytes(datagram) for datagram in datagrams)  # views: good until it returns
+        return [not bytes(datagram).startswith(b"forged") for datagram in datagrams]
 
-    assert drain.feed(100, 0.0, receive, covered) == len(sent)
+    assert drain.feed(100, 0.0, judge, covered) == len(sent)
     assert seen == sent
     # forged, block 0 (covered), forged 2: off; block 7 heads the queue with the rest.
     assert _queued(sink) == sent[3:]
@@ -300,13 +304,13 @@ def test_rejects_piling_up_behind_a_held_datagram_ask_for_a_commit(
         source.send(b"forged %d" % i)
     drain = Drain(sink, {STREAM}, journal=True, counters=Counter())
 
-    def receive(datagram: bytes) -> bool:
-        return not datagram.startswith(b"forged")
+    def judge(datagrams: Sequence[bytes | memoryview]) -> list[bool]:
+        return [not bytes(datagram).startswith(b"forged") for datagram in datagrams]
 
-    drain.feed(REJECTED_HELD, 0.0, receive, {})
+    drain.feed(REJECTED_HELD, 0.0, judge, {})
     assert drain.pending == REJECTED_HELD
     assert not drain.worth_committing
-    drain.feed(100, 0.0, receive, {})
+    drain.feed(100, 0.0, judge, {})
     assert drain.worth_committing
     assert drain.release({STREAM: StreamState(epoch=5, next_seq=1, next_record=1)}, 0.1) == (
         REJECTED_HELD + 2
@@ -397,3 +401,67 @@ async def test_rejected_datagrams_do_not_search_for_the_next_deadline(
     finally:
         source.close()
         receiver.sock.close()
+
+
+def test_a_flood_is_told_from_the_real_streams_late_copies() -> None:
+    """More than FLOOD_REJECTS_PER_S rejected datagrams a second over a window is a flood
+    (the receiver then reads the link once a millisecond); the time diversity's late
+    repeats of a fast real stream are not; judged again each window, so a flood's end is
+    seen one window later."""
+    meter = FloodMeter()
+    assert not meter.flooded(0.0)  # the first window begins
+    meter.rejected = int(7_000 * FLOOD_WINDOW_S)  # a 10 MB/s stream's late repeats
+    assert not meter.flooded(FLOOD_WINDOW_S)
+    meter.rejected = int(FLOOD_REJECTS_PER_S * FLOOD_WINDOW_S) + 1
+    assert not meter.flooded(FLOOD_WINDOW_S * 1.5), "judged once the window has passed"
+    assert meter.flooded(FLOOD_WINDOW_S * 2)
+    assert meter.flooded(FLOOD_WINDOW_S * 2.5), "until the next judgement"
+    assert not meter.flooded(FLOOD_WINDOW_S * 3)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["no secret", "link secret"])
+def test_the_decoder_keeps_nothing_of_the_buffer_a_batch_is_read_into(
+    link: tuple[socket.socket, socket.socket], gated: bool
+) -> None:
+    """The drain hands the decoder views of the batch reader's buffer, which the next read
+    overwrites: a real stream read in small batches, forgeries between its datagrams,
+    must deliver every record (a symbol kept as a view would be another datagram's bytes
+    by the time its block is rebuilt, and its signature would fail)."""
+    sink, source = link
+    psk = bytes(range(32)) if gated else None
+    records = samples(120)
+    real = [d for b in encode_blocks(records, psk=psk, per_block=10) for d in b]
+    decoder = new_decoder(psk=psk)
+    drain = Drain(sink, {STREAM}, journal=True, counters=decoder.counters)
+    for datagram in real:
+        source.send(datagram)
+        source.send(datagram[:40] + bytes(len(datagram) - 40))  # garbage the same size
+
+    def judge(datagrams: Sequence[bytes | memoryview]) -> list[bool]:
+        return decoder.receive_all(datagrams, 0.0)
+
+    while drain.feed(7, 0.0, judge, decoder.positions()):
+        drain.release(decoder.positions(), 0.0)
+    decoder.poll(10.0)
+    assert delivered(decoder.events()) == records
+    assert decoder.counters["rejected_bad_tag" if gated else "rejected_bad_checksum"] > 0
+
+
+def test_a_feed_says_whether_it_read_the_queue_to_its_end(
+    link: tuple[socket.socket, socket.socket],
+) -> None:
+    """What the receiver paces its reads by under a flood: only a read that emptied the
+    queue may be followed by a pause; one that stopped at its budget is followed at once."""
+    sink, source = link
+    for i in range(10):
+        source.send(b"forged %d" % i)
+    drain = Drain(sink, {STREAM}, journal=True, counters=Counter())
+
+    def judge(datagrams: Sequence[bytes | memoryview]) -> list[bool]:
+        return [False] * len(datagrams)
+
+    assert drain.feed(4, 0.0, judge, {}) == 4
+    assert not drain.emptied
+    assert drain.feed(100, 0.0, judge, {}) == 6
+    assert drain.emptied
+    assert _queued(sink) == []
