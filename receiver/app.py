@@ -228,6 +228,8 @@ class Receiver:
         self._timer: asyncio.TimerHandle | None = None
         self._armed: tuple[Decoder, int] | None = None  # decoder, symbols when last armed
         self._commit_timer: asyncio.TimerHandle | None = None  # a grouped commit due
+        self._reading = False  # the sockets are watched (between start and stop)
+        self._link_paused = False  # the link socket is not, until the grouped commit
         self._last_commit = float("-inf")
         self._file_drops_logged_at = float("-inf")
         self.ready = asyncio.Event()
@@ -239,11 +241,31 @@ class Receiver:
         now = time.monotonic()
         if self.failover is not None and self.active:
             self._check_not_frozen(now)
-        self._feed_link(now)
+        if not self._feed_link(now) and self._commit_timer is not None and self.drain.pending:
+            self._pause_link()
         self._after(now)
 
-    def _feed_link(self, now: float) -> None:
-        """Decode what the link socket holds, up to a budget."""
+    def _pause_link(self) -> None:
+        """Stop reading the link socket until the grouped commit due (:meth:`_group`).
+
+        The datagrams the journal holds keep the socket readable although every
+        one of them was read: until the commit releases them, each turn of the
+        event loop would read nothing, again and again (a few hundred times a
+        second at 10 000 updates/s, each a system call and a pass of
+        :meth:`_after`). What arrives meanwhile waits in the kernel's queue for
+        at most :data:`COMMIT_EVERY_S` and is read before that commit.
+        """
+        asyncio.get_running_loop().remove_reader(self.sock)
+        self._link_paused = True
+
+    def _resume_link(self) -> None:
+        if self._link_paused:
+            self._link_paused = False
+            if self._reading:
+                asyncio.get_running_loop().add_reader(self.sock, self._readable)
+
+    def _feed_link(self, now: float) -> int:
+        """Decode what the link socket holds, up to a budget; how many datagrams were read."""
         receive, active = self.decoder.receive, self.active
 
         def needed(datagram: bytes) -> bool:
@@ -251,7 +273,7 @@ class Receiver:
             # that the active receiver's positions do not cover (it may read it again).
             return receive(datagram, now) or not active
 
-        self.drain.feed(DRAIN_BUDGET, now, needed, self._committed)
+        return self.drain.feed(DRAIN_BUDGET, now, needed, self._committed)
 
     def _readable_files(self) -> None:
         """The file socket: tag datagrams waiting on the link socket first, then a few files'."""
@@ -265,6 +287,7 @@ class Receiver:
 
     def _read_sockets(self, loop: asyncio.AbstractEventLoop, *, read: bool) -> None:
         """Start (or stop) reading the link socket and the file socket."""
+        self._reading, self._link_paused = read, False
         readers = [(self.sock, self._readable)]
         if self.file_sock is not None:
             readers.append((self.file_sock, self._readable_files))
@@ -321,6 +344,7 @@ class Receiver:
         if self._commit_timer is not None:
             self._commit_timer.cancel()
             self._commit_timer = None
+        self._resume_link()
         if self.decoder.state_changed:
             self._committed = self.decoder.positions()
             self.output.commit(
@@ -330,6 +354,11 @@ class Receiver:
 
     def _group(self) -> None:
         self._commit_timer = None
+        if self._link_paused:
+            # What arrived while the link was not read joins this commit: read first.
+            self._resume_link()
+            self._readable()
+            return
         self._commit()
         now = time.monotonic()
         for drain in self._drains():
@@ -661,7 +690,10 @@ class Receiver:
                 daemon.sd_notify("STOPPING=1")
             # Nothing decodes or commits past this point, so nothing more leaves the
             # kernel's queue: what is uncommitted stays there for the next process.
+            paused = self._link_paused
             self._read_sockets(loop, read=False)
+            if paused:
+                self._readable()  # what came while the link was not read joins the commit
             self._commit()  # a grouped commit still due
             await self.files.wait_idle()
             self.files.close()
