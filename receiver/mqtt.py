@@ -10,7 +10,7 @@
         |                          the stream positions that cover them; bounded:
         |                          when full the oldest are dropped, counted)
         v
-      pump: PUBLISH packets built here (receiver/mqtt_packets.py), one paho write
+      pump: PUBLISH packets built here (receiver/mqtt_packets.py), one write
         |   per spool read, <= window in flight          <-- spool, oldest first
         v
       aiomqtt connection (MQTT 5 or 3.1.1, last will, TLS, reconnect with backoff) --> broker
@@ -61,10 +61,12 @@ manager (connect, TLS, will, socket callbacks on our loop, disconnect
 detection), and values bypass paho's ``publish``: its per-message
 ``MQTTMessageInfo`` (a ``threading.Condition`` each) and its one ``send()``
 per packet were, by py-spy, a third of the receiver's time at 10 000 updates/s.
-The pump builds the PUBLISH packets of a spool read itself and queues them in
-paho as one write; QoS 0 messages are done when paho has written it, QoS 1
-messages when their PUBACK arrives (read by our handler before paho's, which
-would decode each into objects and ignore ids it did not issue). Every
+The pump builds the PUBLISH packets of a spool read itself and sends them in
+one write: straight to the socket when paho has nothing queued ahead of them,
+else queued in paho as one packet (:func:`_write`); QoS 0 messages are done
+when the whole write is on the socket, QoS 1 messages when their PUBACK
+arrives (read by our handler before paho's, which would decode each into
+objects and ignore ids it did not issue). Every
 completion wakes the pump: no polling, no back-off sleeps between a commit
 and its publication. With a backlog the pump refills once a quarter of the
 window is free, so acknowledgements do not turn into one small write each.
