@@ -207,28 +207,7 @@ class Receiver:
         self.drain = Drain(
             sock, {s.id for s in config.streams}, journal=True, counters=self.decoder.counters
         )
-        # The file lanes' own socket ([receiver] file_port): a file can only ever fill its
-        # own buffer, and it is read only when the link socket is empty (_readable_files).
-        # Opened here even when the link socket was passed in, so it dies with the process:
-        # what its queue held at a restart is lost (a gap of the lane, counted), and the
-        # lane's repetition or carousel sends it again. Keeping datagrams in a queue that
-        # does not outlive the process would buy nothing: no journal, one recv each.
-        self.file_sock: socket.socket | None = None
-        self.file_drain: Drain | None = None
-        if section.file_port is not None:
-            self.file_sock = open_link_socket(
-                section.listen,
-                section.file_port,
-                section.rcvbuf_bytes,
-                section.interface,
-                port_key="receiver.file_port",
-            )
-            self.file_drain = Drain(
-                self.file_sock,
-                {s.id for s in config.streams},
-                journal=False,
-                counters=self.decoder.counters,
-            )
+        self.file_sock, self.file_drain = self._file_socket(config)
         if self.failover is not None:
             for drain in self._drains():
                 drain.hold_longer(config.failover.takeover_after_s + 2.0)
@@ -238,12 +217,37 @@ class Receiver:
         self._timer: asyncio.TimerHandle | None = None
         self._armed: tuple[Decoder, int] | None = None  # decoder, symbols when last armed
         self._commit_timer: asyncio.TimerHandle | None = None  # a grouped commit due
+        self._reading = False  # the sockets are watched (between start and stop)
+        self._link_paused = False  # the link socket not watched: a flood, or a commit due
+        self._resume: asyncio.TimerHandle | None = None  # reading again after a flood's pause
         self._last_commit = float("-inf")
         self._file_drops_logged_at = float("-inf")
         self._flood = FloodMeter()
-        self._resume: asyncio.TimerHandle | None = None  # reading again after a flood's pause
         self.ready = asyncio.Event()
         self.handover = False  # set by a reload: the socket goes to the next process
+
+    def _file_socket(self, config: RxConfig) -> tuple[socket.socket | None, Drain | None]:
+        """The file lanes' own socket ([receiver] file_port), and its drain, if configured.
+
+        A file can only ever fill its own buffer, and it is read only when the link
+        socket is empty (:meth:`_readable_files`). Opened here even when the link socket
+        was passed in, so it dies with the process: what its queue held at a restart is
+        lost (a gap of the lane, counted), and the lane's repetition or carousel sends it
+        again. Keeping datagrams in a queue that does not outlive the process would buy
+        nothing: no journal, one recv each.
+        """
+        section = config.receiver
+        if section.file_port is None:
+            return None, None
+        sock = open_link_socket(
+            section.listen,
+            section.file_port,
+            section.rcvbuf_bytes,
+            section.interface,
+            port_key="receiver.file_port",
+        )
+        streams = {s.id for s in config.streams}
+        return sock, Drain(sock, streams, journal=False, counters=self.decoder.counters)
 
     # -- the receive path -------------------------------------------------------------
 
@@ -251,15 +255,45 @@ class Receiver:
         now = time.monotonic()
         if self.failover is not None and self.active:
             self._check_not_frozen(now)
-        self._feed_link(now)
+        read = self._feed_link(now)
         self._after(now)
         # Paced only while the reads keep up: a read that stopped at its budget, the queue
         # not empty, is followed by the next at once (a pause would only lose time).
         if self._flood.flooded(now) and self.drain.emptied:
-            self._pause_link()
+            self._pause_link(FLOOD_READ_EVERY_S)
+        elif not read and self._commit_timer is not None and self.drain.pending:
+            self._pause_link(None)
 
-    def _feed_link(self, now: float) -> None:
-        """Decode what the link socket holds, up to a budget."""
+    def _pause_link(self, for_s: float | None) -> None:
+        """Stop reading the link socket: for ``for_s``, or until the grouped commit due.
+
+        Under a flood, a read that emptied the queue is followed by the next
+        ``FLOOD_READ_EVERY_S`` later: the flood queues a batch meanwhile, and a
+        real datagram waits that long at most. Without a flood, the datagrams the
+        journal holds keep the socket readable although every one of them was
+        read: until the commit (:meth:`_group`) releases them, each turn of the
+        event loop would read nothing, again and again (a few hundred times a
+        second at 10 000 updates/s, each a system call and a pass of
+        :meth:`_after`). What arrives meanwhile waits in the kernel's queue for
+        at most :data:`COMMIT_EVERY_S` and is read before that commit.
+        """
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.sock)
+        self._link_paused = True
+        if for_s is not None:
+            self._resume = loop.call_later(for_s, self._resume_link)
+
+    def _resume_link(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        if self._link_paused:
+            self._link_paused = False
+            if self._reading:
+                asyncio.get_running_loop().add_reader(self.sock, self._readable)
+
+    def _feed_link(self, now: float) -> int:
+        """Decode what the link socket holds, up to a budget; how many datagrams were read."""
         receive_all, active, flood = self.decoder.receive_all, self.active, self._flood
 
         def needed(datagrams: Sequence[bytes | memoryview]) -> list[bool]:
@@ -269,7 +303,7 @@ class Receiver:
             # that the active receiver's positions do not cover (it may read it again).
             return taken if active else [True] * len(taken)
 
-        self.drain.feed(DRAIN_BUDGET, now, needed, self._committed)
+        return self.drain.feed(DRAIN_BUDGET, now, needed, self._committed)
 
     def _readable_files(self) -> None:
         """The file socket: tag datagrams waiting on the link socket first, then a few files'."""
@@ -281,21 +315,12 @@ class Receiver:
             receive(datagram, now)
         self._after(now)
 
-    def _pause_link(self) -> None:
-        """Stop watching the link socket for FLOOD_READ_EVERY_S: the flood queues a batch."""
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self.sock)
-        self._resume = loop.call_later(FLOOD_READ_EVERY_S, self._resume_link)
-
-    def _resume_link(self) -> None:
-        self._resume = None
-        asyncio.get_running_loop().add_reader(self.sock, self._readable)
-
     def _read_sockets(self, loop: asyncio.AbstractEventLoop, *, read: bool) -> None:
         """Start (or stop) reading the link socket and the file socket."""
         if self._resume is not None:
             self._resume.cancel()  # paused by a flood: watched again now, or never
             self._resume = None
+        self._reading, self._link_paused = read, False
         readers = [(self.sock, self._readable)]
         if self.file_sock is not None:
             readers.append((self.file_sock, self._readable_files))
@@ -352,6 +377,7 @@ class Receiver:
         if self._commit_timer is not None:
             self._commit_timer.cancel()
             self._commit_timer = None
+        self._resume_link()
         if self.decoder.state_changed:
             self._committed = self.decoder.positions()
             self.output.commit(
@@ -361,6 +387,11 @@ class Receiver:
 
     def _group(self) -> None:
         self._commit_timer = None
+        if self._link_paused:
+            # What arrived while the link was not read joins this commit: read first.
+            self._resume_link()
+            self._readable()
+            return
         self._commit()
         now = time.monotonic()
         for drain in self._drains():
@@ -692,7 +723,10 @@ class Receiver:
                 daemon.sd_notify("STOPPING=1")
             # Nothing decodes or commits past this point, so nothing more leaves the
             # kernel's queue: what is uncommitted stays there for the next process.
+            paused = self._link_paused
             self._read_sockets(loop, read=False)
+            if paused:
+                self._readable()  # what came while the link was not read joins the commit
             self._commit()  # a grouped commit still due
             await self.files.wait_idle()
             self.files.close()

@@ -10,7 +10,7 @@
         |                          the stream positions that cover them; bounded:
         |                          when full the oldest are dropped, counted)
         v
-      pump: PUBLISH packets built here (receiver/mqtt_packets.py), one paho write
+      pump: PUBLISH packets built here (receiver/mqtt_packets.py), one write
         |   per spool read, <= window in flight          <-- spool, oldest first
         v
       aiomqtt connection (MQTT 5 or 3.1.1, last will, TLS, reconnect with backoff) --> broker
@@ -61,10 +61,12 @@ manager (connect, TLS, will, socket callbacks on our loop, disconnect
 detection), and values bypass paho's ``publish``: its per-message
 ``MQTTMessageInfo`` (a ``threading.Condition`` each) and its one ``send()``
 per packet were, by py-spy, a third of the receiver's time at 10 000 updates/s.
-The pump builds the PUBLISH packets of a spool read itself and queues them in
-paho as one write; QoS 0 messages are done when paho has written it, QoS 1
-messages when their PUBACK arrives (read by our handler before paho's, which
-would decode each into objects and ignore ids it did not issue). Every
+The pump builds the PUBLISH packets of a spool read itself and sends them in
+one write: straight to the socket when paho has nothing queued ahead of them,
+else queued in paho as one packet (:func:`_write`); QoS 0 messages are done
+when the whole write is on the socket, QoS 1 messages when their PUBACK
+arrives (read by our handler before paho's, which would decode each into
+objects and ignore ids it did not issue). Every
 completion wakes the pump: no polling, no back-off sleeps between a commit
 and its publication. With a backlog the pump refills once a quarter of the
 window is free, so acknowledgements do not turn into one small write each.
@@ -163,6 +165,7 @@ PAHO_INTERNALS = (
     "_sock_recv",
     "_sock",
     "_out_messages",
+    "_out_packet",
 )
 AIOMQTT_INTERNALS = ("_client", "_on_connect")
 
@@ -212,6 +215,29 @@ class _Pending:
     def _set_as_published(self) -> None:
         self.done = self.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
         self._wake.set()
+
+
+def _write(client: paho.Client, data: bytes, written: _Pending) -> None:
+    """Many PUBLISH packets in one ``send()``: on the socket at once when paho has nothing
+    queued ahead of them, else (and whatever the socket did not take) queued in paho as one
+    packet, which calls ``written._set_as_published()`` when its last byte is on the socket.
+
+    paho's own queueing goes through aiomqtt's writer registration (a
+    ``call_soon_threadsafe`` wake-up, ``add_writer`` and ``remove_writer``, two
+    more turns of the event loop) for every write: at 10 000 updates/s, one
+    write a block, about 100 a second. A connection error is left to paho,
+    whose write meets it again and drops the connection.
+    """
+    if not client._out_packet:  # nothing of paho's (status, PINGREQ) ahead: order kept
+        try:
+            sent = client._sock.send(data) if client._sock is not None else 0
+        except OSError:  # full (BlockingIOError, TLS want-write) or broken: paho's turn
+            sent = 0
+        if sent == len(data):
+            written._set_as_published()
+            return
+        data = data[sent:]
+    client._packet_queue(mqtt_packets.PUBLISH, data, 0, 0, written)  # type: ignore[arg-type]  # duck-typed MQTTMessageInfo
 
 
 class _BufferedReads:
@@ -320,6 +346,8 @@ def check_internals() -> None:
             client._packet_queue(mqtt_packets.PUBLISH, packet, 0, 0, written)  # type: ignore[arg-type]  # duck-typed MQTTMessageInfo
             if theirs.recv(len(packet) + 16) != packet or not written.done:
                 problems.append("_packet_queue did not write the packet and complete it")
+            if not isinstance(client._out_packet, deque) or client._out_packet:
+                problems.append("_out_packet is not paho's queue of unwritten packets")
             acks: list[tuple[int, int]] = []
 
             def on_ack(mid: int, reason: int) -> bool:
@@ -821,10 +849,8 @@ class MqttOutput:
                 properties=plain if expiry_s is None else props(expiry_s),
             )
         self._inflight_messages += len(messages)
-        # One paho packet of many PUBLISHes: one send() for all of them. paho calls
-        # written._set_as_published() when the last byte is on the socket.
         if packets:
-            client._packet_queue(mqtt_packets.PUBLISH, b"".join(packets), 0, 0, written)  # type: ignore[arg-type]  # duck-typed MQTTMessageInfo
+            _write(client, b"".join(packets), written)
         else:
             written._set_as_published()  # only expired messages: nothing to write
         return True

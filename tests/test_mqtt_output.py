@@ -22,7 +22,8 @@ from paho.mqtt.properties import Properties
 
 from diode.config.mqtt import MqttBroker, StreamOutput
 from diode.records import Sample, TagInfo, ValueType
-from receiver.mqtt import MqttOutput, _Pending
+from receiver.mqtt import MqttOutput, _Pending, _write
+from receiver.mqtt_packets import PUBLISH
 from tests.support.mosquitto import Mosquitto
 from tests.support.net import free_port
 
@@ -278,7 +279,8 @@ CHILD = """
 import asyncio, sys
 from pathlib import Path
 from diode.config.mqtt import MqttBroker
-from receiver.mqtt import MqttOutput, _Pending
+from receiver.mqtt import MqttOutput, _Pending, _write
+from receiver.mqtt_packets import PUBLISH
 async def main():
     out = MqttOutput(MqttBroker(port=int(sys.argv[1]), spool_path=Path(sys.argv[2]),
                                 keepalive_s=5, client_id="rx-child"))
@@ -433,6 +435,55 @@ async def test_acknowledgements_are_read_in_bulk(tmp_path: Path) -> None:
         inner.loop_read()
         assert pending[3].done
         assert not out._acks
+    finally:
+        inner._sock = None
+        ours.close()
+        broker.close()
+        out._spool.close()
+
+
+async def test_a_write_goes_straight_to_the_socket_or_behind_paho_queue(tmp_path: Path) -> None:
+    # One write of the pump: on the socket at once when paho has nothing queued;
+    # behind a packet of paho's, and what a full socket did not take, queued in
+    # paho, done only when paho has written its last byte, the bytes in order.
+    out = MqttOutput(broker_config(free_port(), tmp_path))
+    inner = out._client()._client
+    inner.on_socket_register_write = lambda client, userdata, sock: None  # the loop's writer
+    ours, broker = socket.socketpair()
+    ours.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    inner._sock = ours
+    try:
+        direct = _Pending(out._wake)
+        _write(inner, b"first", direct)
+        assert direct.done
+        assert not inner._out_packet
+        assert broker.recv(100) == b"first"
+
+        paho_first = _Pending(out._wake)
+        inner._packet_queue(PUBLISH, b"paho's", 0, 0, paho_first)  # waits for the writer
+        behind = _Pending(out._wake)
+        _write(inner, b"ours", behind)
+        assert not behind.done
+        inner.loop_write()
+        assert paho_first.done
+        assert behind.done
+        assert broker.recv(100) == b"paho'sours"
+
+        big = os.urandom(4 << 20)  # more than the socket pair holds
+        rest = _Pending(out._wake)
+        _write(inner, big, rest)
+        assert not rest.done
+        assert len(inner._out_packet) == 1
+        got = bytearray()
+        broker.settimeout(1.0)
+        while len(got) < len(big):
+            with contextlib.suppress(BlockingIOError):
+                inner.loop_write()
+            got += broker.recv(1 << 20)
+        assert bytes(got) == big
+        inner.loop_write()
+        assert rest.done
     finally:
         inner._sock = None
         ours.close()
