@@ -177,18 +177,20 @@ class Transmitter:
         )
         self.files: FileLane | None = None
         # Bounded in time at the link's rate: past the limit the framer waits (_framer).
-        limit = config.link.queue_limit()
+        limit, resume = config.link.queue_limit(), config.link.queue_resume()
         if config.file_lane is None:
             self.queue = SendQueue(
                 capacity=config.link.queue_datagrams,
                 interleave=config.link.interleave,
                 limit=limit,
+                resume=resume,
             )
         else:
             self.queue = lanes = LaneQueue(
                 capacity=config.link.queue_datagrams,
                 interleave=config.link.interleave,
                 limit=limit,
+                resume=resume,
                 file_capacity=config.link.queue_datagrams,
             )
         self.sock = sock or deaf_udp_socket(config.link)
@@ -358,14 +360,14 @@ class Transmitter:
         poller batch instead cost a turn of the loop each, 2 000 a second at
         10 000 updates/s, for records that then waited for the timer anyway.
         """
-        if self.queue.full or (
+        if self._held_since is not None or (
             self.encoder.pending_records and self.outbox.queued_bytes < self.encoder.room
         ):
-            return
+            return  # held, the pacer wakes the framer (_room); else the linger timer will
         self._records_waiting()
 
     def _room(self) -> None:
-        """The pacer left the send queue under its limit: a framer held for it goes on."""
+        """The pacer left the send queue under its resume mark: a framer held goes on."""
         if self._held_since is not None:
             self._records_waiting()
 
@@ -449,25 +451,25 @@ class Transmitter:
         Backpressure: while the send queue is full (``[link] queue_ms`` of the
         link, :meth:`TxLink.queue_limit`) no record is framed. Records wait in
         the outbox, whose bounds drop the newest and count them, and the pacer
-        wakes the framer once it has sent some (:meth:`_room`). The open block
-        still closes on its linger. Framing on and dropping framed blocks at the
-        queue's end cost the core their signature and FEC, held up to 98 MB at
-        1 Gb/s, and lost values the outbox had already marked as sent, which
-        report-by-exception would not send again before they changed.
+        wakes the framer once the queue is under its resume mark, half the limit
+        (:meth:`_room`). Meanwhile the open block waits with them, past its
+        linger: it fills when the framer goes on, where closing it on the linger
+        sent a small block, and a timer woke the framer every few ms. Framing on
+        and dropping framed blocks at the queue's end cost the core their
+        signature and FEC, held up to 98 MB at 1 Gb/s, and lost values the
+        outbox had already marked as sent, which report-by-exception would not
+        send again before they changed.
         """
         encoder, outbox, queue = self.encoder, self.outbox, self.queue
         while True:
-            if queue.full:
-                encoder.poll(time.monotonic())
-                self._ship()
-            else:
+            if not queue.full:
                 self._frame(FRAMER_CHUNK)
             lane = self.syslog.lane
             held = queue.full
             if not held and (len(outbox) or lane.ready(time.monotonic())):
                 await asyncio.sleep(0)
                 continue
-            deadlines = (encoder.deadline(), None if held else lane.deadline())
+            deadlines = () if held else (encoder.deadline(), lane.deadline())
             deadline = min((d for d in deadlines if d is not None), default=None)
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()

@@ -133,8 +133,9 @@ class RepeatQueue:
 class PacedSender:
     """Drains a SendQueue onto the wire at ``rate_mbps``; counts what it sent and failed.
 
-    ``on_room`` is called after each turn that leaves the queue under its limit
-    (not :attr:`SendQueue.full`): the framer, held while it was full, goes on.
+    ``on_room`` is called after each turn that leaves the queue under its
+    resume mark (:attr:`SendQueue.has_room`): a framer held while it was full
+    goes on.
     """
 
     def __init__(
@@ -202,7 +203,7 @@ class PacedSender:
                 if outcome == "none":
                     break
                 tokens -= self._wire
-            if not self._queue.full:
+            if self._queue.has_room:
                 self._on_room()
             await asyncio.sleep(0)
 

@@ -68,6 +68,18 @@ class TxLink(LinkSettings):
         wanted = max(carried, (self.interleave + 1) * block)
         return max(min(wanted, self.queue_datagrams - 2 * block), 1)
 
+    def queue_resume(self) -> int:
+        """Datagrams under which a framer held at :meth:`queue_limit` goes on.
+
+        Half the limit, but never under ``interleave`` + 1 full blocks: woken once
+        per half a queue, the framer refills it in one go, where waking it for
+        each block the pacer sent cost a wake-up, a future and a timer per block
+        (1 700 a second at 1000 Mb/s).
+        """
+        limit = self.queue_limit()
+        block = self.fec.k + self.fec.repair_for(self.fec.k)
+        return min(max(limit // 2, (self.interleave + 1) * block), limit)
+
 
 class TransmitterSection(Section):
     """``[transmitter]``: identity, keys, state and the periodic re-sends."""
