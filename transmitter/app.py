@@ -13,8 +13,8 @@ Every queue is bounded and a full one drops and counts (the heartbeat carries
 the counts): the pollers never wait for the link. The framer does: while the
 send queue holds ``[link] queue_ms`` of the link it frames nothing, and the
 records wait in the outbox, which drops the newest past its bounds. Nothing
-here listens or reads from the link. SIGTERM stops the pollers, closes the open block and
-sends what is queued within a grace period.
+here listens or reads from the link. SIGTERM stops the pollers, closes the
+open block and sends what is queued within a grace period.
 
 SIGHUP re-reads the config file and applies its sources (``[modbus]``,
 ``[opcua]``, ``[synthetic]``): a device whose settings did not change keeps
