@@ -21,14 +21,16 @@ queue up, it only spreads a burst thinner.
 Measured on the seeds below (``pytest -s`` prints them)::
 
     case                          blocks  datagrams  lost dgr  whole  rebuilt  lost  worst spare
-    10 MB/s, steady, 1000 Mb/s      4233     220098     11052    847     3386     0    6 of 20
-    10 MB/s, 100 ms cycles, 160     4379     221307     11124    978     3401     0   10 of 20
-    20 samples/s (k'=1), 100 Mb/s    600       8400       567    554       46     0    1 of 13
-    ~0.8 MB/s (k'=4), 100 Mb/s      4642      79598      4153   3719      923     0    2 of 13
-    30 % loss, 10 MB/s, 4 s          861      43417     12987      3      796    62  (exact count)
+    10 MB/s, steady, 1000 Mb/s      4233     237030     11898    816     3417     0    8 of 24
+    10 MB/s, 100 ms cycles, 160     4379     238823     11981    949     3430     0   13 of 24
+    20 samples/s (k'=1), 100 Mb/s    600      10800       694    552       48     0    6 of 17
+    ~0.8 MB/s (k'=4), 100 Mb/s      4642      98166      5077   3714      928     0    5 of 17
+    30 % loss, 10 MB/s, 4 s          861      46861     13997      8      845     8  (exact count)
 
-Every run delivers every record and reports no gap; at 30 % loss the 11359
-records of the 62 lost blocks are reported lost, exactly. The flood uses
+Every run delivers every record and reports no gap; at 30 % loss the 1465
+records of the 8 lost blocks are reported lost, exactly. In the poll-cycle
+case the framer waits at the send queue's limit (667 datagrams at 160 Mb/s;
+up to 3876 records held in the outbox, the queue at most 718). The flood uses
 20 s of simulated time (10 bursts), the linger cases 30 s (15 bursts).
 
 A 20-30 s run cannot see a rare event, so the last tests compute the long
