@@ -8,11 +8,15 @@ block is signed once, split into k' source symbols, given FEC repair and
 framed into n' equal datagrams (each ending with a link tag when the stream
 has a link secret).
 
-``SendQueue`` holds framed blocks for the paced sender, bounded in datagrams,
-and hands datagrams out round-robin across up to ``interleave`` blocks, so a
-burst of lost datagrams is spread over several blocks whenever the link is
-busy enough to queue them. It never waits to interleave: an idle link sends
-a lone block at once, and the per-block burst repair covers it.
+``SendQueue`` holds framed blocks for the paced sender and hands datagrams
+out round-robin across up to ``interleave`` blocks, so a burst of lost
+datagrams is spread over several blocks whenever the link is busy enough to
+queue them. It never waits to interleave: an idle link sends a lone block at
+once, and the per-block burst repair covers it. It has two bounds: at
+``limit`` it is :attr:`SendQueue.full` and the shell frames no more (the
+records wait unframed, where a bound in bytes drops the newest) until it
+holds fewer than ``resume`` (:attr:`SendQueue.has_room`); past ``capacity``
+it drops the oldest blocks not yet started, counted.
 """
 
 from __future__ import annotations
@@ -205,8 +209,17 @@ class Encoder:
 class SendQueue:
     """Framed blocks waiting for the pacer: bounded, interleaved, drops counted."""
 
-    def __init__(self, *, capacity: int, interleave: int) -> None:
+    def __init__(
+        self,
+        *,
+        capacity: int,
+        interleave: int,
+        limit: int | None = None,
+        resume: int | None = None,
+    ) -> None:
         self.capacity = capacity
+        self.limit = capacity if limit is None else min(limit, capacity)
+        self.resume = self.limit if resume is None else min(resume, self.limit)
         self._interleave = interleave
         self._waiting: deque[EncodedBlock] = deque()
         self._active: deque[Iterator[bytes]] = deque()
@@ -218,6 +231,16 @@ class SendQueue:
     def __len__(self) -> int:
         """Datagrams queued."""
         return self._queued
+
+    @property
+    def full(self) -> bool:
+        """At ``limit`` or past it: frame no more blocks until the pacer has sent some."""
+        return self._queued >= self.limit
+
+    @property
+    def has_room(self) -> bool:
+        """Under ``resume``: a framer held at ``limit`` may go on."""
+        return self._queued < self.resume
 
     def push(self, block: EncodedBlock) -> int:
         """Queue a block; returns how many blocks were dropped to make room (counted).

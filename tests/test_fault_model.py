@@ -6,21 +6,31 @@ DEFAULT link settings no record is lost.
 
 The pipeline is the transmitter's and the receiver's, stage by stage::
 
-    records --> Encoder (linger by simulated now) --> SendQueue (interleave)
+    records --> outbox --> Encoder (linger by simulated now) --> SendQueue (interleave)
         --> pacer (token bucket, wire bytes = datagram + 28) --> loss
         --> Decoder (now = send time + latency) --> Delivered / Gap
+
+with the transmitter's backpressure: while the send queue holds its limit
+(``[link] queue_ms`` of the link, at least ``interleave`` + 1 full blocks:
+``TxLink.queue_limit``) no record is framed and records wait in the outbox,
+until the pacer has sent it under its resume mark (``TxLink.queue_resume``).
+The repair symbols of a block are sized for a burst landing wholly on it
+(``repair_burst``), so no case here relies on the interleaving: where blocks
+queue up, it only spreads a burst thinner.
 
 Measured on the seeds below (``pytest -s`` prints them)::
 
     case                          blocks  datagrams  lost dgr  whole  rebuilt  lost  worst spare
-    10 MB/s, steady, 1000 Mb/s      4233     220098     11052    847     3386     0    6 of 20
-    10 MB/s, 100 ms cycles, 160     4379     221307     11124    978     3401     0   10 of 20
-    20 samples/s (k'=1), 100 Mb/s    600       8400       567    554       46     0    1 of 13
-    ~0.8 MB/s (k'=4), 100 Mb/s      4642      79598      4153   3719      923     0    2 of 13
-    30 % loss, 10 MB/s, 4 s          861      43417     12987      3      796    62  (exact count)
+    10 MB/s, steady, 1000 Mb/s      4233     237030     11898    816     3417     0    8 of 24
+    10 MB/s, 100 ms cycles, 160     4379     238823     11981    949     3430     0   13 of 24
+    20 samples/s (k'=1), 100 Mb/s    600      10800       694    552       48     0    6 of 17
+    ~0.8 MB/s (k'=4), 100 Mb/s      4642      98166      5077   3714      928     0    5 of 17
+    30 % loss, 10 MB/s, 4 s          861      46861     13997      8      845     8  (exact count)
 
-Every run delivers every record and reports no gap; at 30 % loss the 11359
-records of the 62 lost blocks are reported lost, exactly. The flood uses
+Every run delivers every record and reports no gap; at 30 % loss the 1465
+records of the 8 lost blocks are reported lost, exactly. In the poll-cycle
+case the framer waits at the send queue's limit (667 datagrams at 160 Mb/s;
+up to 3876 records held in the outbox, the queue at most 718). The flood uses
 20 s of simulated time (10 bursts), the linger cases 30 s (15 bursts).
 
 A 20-30 s run cannot see a rare event, so the last tests compute the long
@@ -34,12 +44,14 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 
 from diode.config.link import IPV4_UDP_OVERHEAD, FecSettings, LinkSettings
+from diode.config.tx import TxLink
 from diode.decoder import Decoder, Delivered, Gap
 from diode.encoder import Encoder, SendQueue
 from diode.keys import Keyring, TrustedKey
@@ -73,6 +85,8 @@ class Outcome:
     datagrams_lost: int = 0
     bursts: int = 0
     max_queue: int = 0
+    queue_limit: int = 0
+    max_waiting: int = 0  # records held in the outbox by the backpressure
     queue_dropped: int = 0
     worst_margin: int = 10**9  # fewest spare repair symbols left in any block
     sent_digest: str = ""
@@ -87,7 +101,8 @@ class Outcome:
             f"whole {c.get('blocks_whole', 0)}, rebuilt {c.get('blocks_rebuilt', 0)}, "
             f"lost blocks {c.get('blocks_lost', 0)}, worst spare {self.worst_margin}, "
             f"records sent {self.records_sent}, delivered {self.records_delivered}, "
-            f"reported lost {self.records_reported_lost}, max queue {self.max_queue}"
+            f"reported lost {self.records_reported_lost}, max queue {self.max_queue} "
+            f"(limit {self.queue_limit}), most records held {self.max_waiting}"
         )
 
 
@@ -116,7 +131,16 @@ def simulate(
     rng = random.Random(seed)
     out = Outcome()
     encoder = Encoder(link=link, key=KEY, stream_id=STREAM, epoch=EPOCH)
-    queue = SendQueue(capacity=QUEUE_DATAGRAMS, interleave=link.interleave)
+    tx_link = TxLink(destination="192.0.2.1", rate_mbps=wire_mbps, **link.model_dump())
+    out.queue_limit = tx_link.queue_limit()
+    queue = SendQueue(
+        capacity=QUEUE_DATAGRAMS,
+        interleave=link.interleave,
+        limit=out.queue_limit,
+        resume=tx_link.queue_resume(),
+    )
+    held = False
+    waiting: deque[Record] = deque()  # the outbox
     decoder = Decoder(Keyring([TrustedKey(stream_id=STREAM, public=KEY.private.public_key())]))
     sent_hash, delivered_hash = hashlib.blake2b(), hashlib.blake2b()
     wire = link.datagram_size + IPV4_UDP_OVERHEAD
@@ -141,13 +165,29 @@ def simulate(
                 out.gaps.append(event)
                 out.records_reported_lost += event.records_lost
 
-    def transmit(now: float, budget: float) -> float:
-        nonlocal next_burst, burst_left
+    def ship() -> None:
         for block in encoder.take():
             assert queue.push(block) == 0, "the send queue overflowed"
             out.blocks_sent += 1
             spare[block.seq] = len(block.datagrams) - block.datagrams[0][K_OFFSET]
         out.max_queue = max(out.max_queue, len(queue))
+
+    def frame(now: float) -> None:
+        """The framer: records into blocks up to the queue's limit, then held until resume."""
+        nonlocal held
+        out.max_waiting = max(out.max_waiting, len(waiting))
+        if held and not queue.has_room:
+            return  # the open block waits too
+        while waiting and not queue.full:
+            encoder.add(waiting.popleft(), now)
+            if encoder.blocks_ready:
+                ship()
+        encoder.poll(now)
+        ship()
+        held = queue.full
+
+    def transmit(now: float, budget: float) -> float:
+        nonlocal next_burst, burst_left
         while budget >= wire:
             datagram = queue.pop()
             if datagram is None:
@@ -182,15 +222,21 @@ def simulate(
             record = make_record(index)
             index += 1
             sent_hash.update(encode_record(record))
-            encoder.add(record, now)
-        encoder.poll(now)
+            waiting.append(record)
+        frame(now)
         tokens = transmit(now, min(tokens + bytes_per_tick, bucket_max + bytes_per_tick))
         deadline = decoder.deadline()
         if deadline is not None and deadline <= now:
             decoder.poll(now)
         collect()
     out.records_sent = index
-    # Shutdown: flush the open block, then the closing heartbeat, then drain.
+    # Shutdown: frame what waits, room or not, flush the open block, then the
+    # closing heartbeat, then drain.
+    now = steps * TICK_S
+    while waiting:
+        encoder.add(waiting.popleft(), now)
+        if encoder.blocks_ready:
+            ship()
     encoder.flush()
     if closer:
         last = encoder.take()
@@ -202,7 +248,7 @@ def simulate(
             queue.push(block)
             out.blocks_sent += 1
             spare[block.seq] = len(block.datagrams) - block.datagrams[0][K_OFFSET]
-    now = steps * TICK_S
+    ship()
     tokens = transmit(now, tokens + bytes_per_tick)
     while len(queue):
         now += TICK_S
@@ -242,6 +288,7 @@ def small_sample(i: int) -> Record:
 
 
 RATE_BYTES_PER_S = 10e6
+FULL_BLOCK = FecSettings().k + FecSettings().repair_for(FecSettings().k)  # 56 datagrams
 BIG_RECORD = len(encode_record(big_sample(0)))
 
 
@@ -285,6 +332,10 @@ def test_default_settings_survive_the_fault_model_at_10_mb_per_s(
     assert out.bursts == 10
     assert out.records_sent * BIG_RECORD >= 0.99 * RATE_BYTES_PER_S * 20
     assert_no_loss(out)
+    # Past its limit the queue takes only the block being framed and a lingering one.
+    assert out.max_queue <= out.queue_limit + 2 * FULL_BLOCK
+    if cycle_s is not None:
+        assert out.max_waiting > 0, "a poll cycle's blocks filled the queue: the framer waited"
 
 
 @pytest.mark.parametrize(
@@ -315,6 +366,16 @@ def test_default_settings_survive_the_fault_model_with_linger_closed_blocks(
         k_block + FecSettings().repair_for(k_block), rel=0.05
     )
     assert_no_loss(out)
+
+
+@pytest.mark.parametrize("rate_mbps", [0.1, 2.0, 10.0, 100.0, 1000.0, 10_000.0])
+def test_the_send_queue_limit_never_cuts_the_interleaving(rate_mbps: float) -> None:
+    """At any rate the limit holds ``interleave`` + 1 full blocks: a busy link interleaves 4."""
+    link = TxLink(destination="192.0.2.1", rate_mbps=rate_mbps)
+    assert link.queue_limit() >= (link.interleave + 1) * FULL_BLOCK
+    assert link.queue_limit() <= link.queue_datagrams - 2 * FULL_BLOCK
+    carried = link.queue_ms / 1000 * rate_mbps * 1e6 / 8 / (link.datagram_size + IPV4_UDP_OVERHEAD)
+    assert link.queue_limit() == max(math.ceil(carried), (link.interleave + 1) * FULL_BLOCK)
 
 
 def test_heavy_loss_reports_exactly_the_records_it_lost() -> None:

@@ -7,12 +7,14 @@ The pipeline, stage by stage, with the queue between each pair::
     timers -------+              exception,                 size/linger,  |    on monotonic
     (heartbeat, refresh,         bounded deque)             sign, FEC)    |    clock) --> UDP
      catalogue carousel)                                                  v         ^
-                                                    SendQueue (bounded, interleaved)
+                                        SendQueue (bounded in time, interleaved)
 
 Every queue is bounded and a full one drops and counts (the heartbeat carries
-the counts): the pollers never wait for the link. Nothing here listens or
-reads from the link. SIGTERM stops the pollers, closes the open block and
-sends what is queued within a grace period.
+the counts): the pollers never wait for the link. The framer does: while the
+send queue holds ``[link] queue_ms`` of the link it frames nothing, and the
+records wait in the outbox, which drops the newest past its bounds. Nothing
+here listens or reads from the link. SIGTERM stops the pollers, closes the
+open block and sends what is queued within a grace period.
 
 SIGHUP re-reads the config file and applies its sources (``[modbus]``,
 ``[opcua]``, ``[synthetic]``): a device whose settings did not change keeps
@@ -174,14 +176,21 @@ class Transmitter:
             link=config.link, key=key, stream_id=section.stream_id, epoch=self.epoch, psk=psk
         )
         self.files: FileLane | None = None
+        # Bounded in time at the link's rate: past the limit the framer waits (_framer).
+        limit, resume = config.link.queue_limit(), config.link.queue_resume()
         if config.file_lane is None:
             self.queue = SendQueue(
-                capacity=config.link.queue_datagrams, interleave=config.link.interleave
+                capacity=config.link.queue_datagrams,
+                interleave=config.link.interleave,
+                limit=limit,
+                resume=resume,
             )
         else:
             self.queue = lanes = LaneQueue(
                 capacity=config.link.queue_datagrams,
                 interleave=config.link.interleave,
+                limit=limit,
+                resume=resume,
                 file_capacity=config.link.queue_datagrams,
             )
         self.sock = sock or deaf_udp_socket(config.link)
@@ -191,6 +200,7 @@ class Transmitter:
             self.queue,
             self.sock,
             lane_port=(lane.stream_id, lane.port) if lane is not None and lane.port else None,
+            on_room=self._room,
         )
         if config.file_lane is not None:
             self.files = FileLane(
@@ -207,8 +217,12 @@ class Transmitter:
         # An Event under wait_for cost a task and a timer per wait, and the framer
         # waits once per poller batch (2 000 times a second at 10 000 updates/s).
         self._waiter: asyncio.Future[None] | None = None
+        # Since when the framer waits for the send queue to have room (None: it does not).
+        self._held_since: float | None = None
+        self._held_s = 0.0
         self._started = time.monotonic()
         self._drops_logged_at = float("-inf")
+        self._drops_logged = (0, 0)
         self._refused_logged_at = float("-inf")
         self.ready = asyncio.Event()
 
@@ -346,9 +360,16 @@ class Transmitter:
         poller batch instead cost a turn of the loop each, 2 000 a second at
         10 000 updates/s, for records that then waited for the timer anyway.
         """
-        if self.encoder.pending_records and self.outbox.queued_bytes < self.encoder.room:
-            return
+        if self._held_since is not None or (
+            self.encoder.pending_records and self.outbox.queued_bytes < self.encoder.room
+        ):
+            return  # held, the pacer wakes the framer (_room); else the linger timer will
         self._records_waiting()
+
+    def _room(self) -> None:
+        """The pacer left the send queue under its resume mark: a framer held goes on."""
+        if self._held_since is not None:
+            self._records_waiting()
 
     # -- counters ---------------------------------------------------------------------
 
@@ -359,6 +380,10 @@ class Transmitter:
         out["blocks_dropped"] = self.queue.blocks_dropped
         out["records_dropped_link"] = self.queue.records_dropped
         out["queue_datagrams"] = len(self.queue)
+        held = self._held_s
+        if self._held_since is not None:
+            held += time.monotonic() - self._held_since
+        out["queue_full_ms"] = int(held * 1000)
         out["tags"] = len(self._ids)
         out["uptime_s"] = int(time.monotonic() - self._started)
         out["config_reloads"] = self.reloads["applied"]
@@ -421,17 +446,31 @@ class Transmitter:
         self.outbox.counters["records_dropped"] += 1
 
     async def _framer(self) -> None:
-        """Outbox -> Encoder -> SendQueue, closing blocks on size or linger."""
-        encoder, outbox = self.encoder, self.outbox
+        """Outbox -> Encoder -> SendQueue, closing blocks on size or linger.
+
+        Backpressure: while the send queue is full (``[link] queue_ms`` of the
+        link, :meth:`TxLink.queue_limit`) no record is framed. Records wait in
+        the outbox, whose bounds drop the newest and count them, and the pacer
+        wakes the framer once the queue is under its resume mark, half the limit
+        (:meth:`_room`). Meanwhile the open block waits with them, past its
+        linger: it fills when the framer goes on, where closing it on the linger
+        sent a small block, and a timer woke the framer every few ms. Framing on
+        and dropping framed blocks at the queue's end cost the core their
+        signature and FEC, held up to 98 MB at 1 Gb/s, and lost values the
+        outbox had already marked as sent, which report-by-exception would not
+        send again before they changed.
+        """
+        encoder, outbox, queue = self.encoder, self.outbox, self.queue
         while True:
-            self._frame(FRAMER_CHUNK)
+            if not queue.full:
+                self._frame(FRAMER_CHUNK)
             lane = self.syslog.lane
-            if len(outbox) or lane.ready(time.monotonic()):
+            held = queue.full
+            if not held and (len(outbox) or lane.ready(time.monotonic())):
                 await asyncio.sleep(0)
                 continue
-            deadline = min(
-                (d for d in (encoder.deadline(), lane.deadline()) if d is not None), default=None
-            )
+            deadlines = () if held else (encoder.deadline(), lane.deadline())
+            deadline = min((d for d in deadlines if d is not None), default=None)
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
             timer = (
@@ -439,12 +478,17 @@ class Transmitter:
                 if deadline is None
                 else loop.call_later(max(deadline - time.monotonic(), 0.0), _wake, waiter)
             )
+            if held:
+                self._held_since = time.monotonic()
             try:
                 await waiter
             finally:
                 self._waiter = None
                 if timer is not None:
                     timer.cancel()
+                if self._held_since is not None:
+                    self._held_s += time.monotonic() - self._held_since
+                    self._held_since = None
 
     def _ship(self) -> None:
         blocks = self.encoder.take()
@@ -455,15 +499,22 @@ class Transmitter:
             self.sender.notify()
 
     def _log_drops(self) -> None:
-        """Say the link cannot keep up: at once the first time, then every few seconds."""
+        """Say records were dropped: at once the first time, then every few seconds.
+
+        The outbox drops the newest records when it is full (the link, or the
+        framer, cannot keep up with the sources); the send queue drops the oldest
+        blocks past ``queue_datagrams`` (a shutdown framing everything at once).
+        """
         now = time.monotonic()
-        if now - self._drops_logged_at < DROP_LOG_INTERVAL_S:
+        dropped = (self.outbox.counters["records_dropped"], self.queue.blocks_dropped)
+        if dropped == self._drops_logged or now - self._drops_logged_at < DROP_LOG_INTERVAL_S:
             return
-        self._drops_logged_at = now
+        self._drops_logged_at, self._drops_logged = now, dropped
         log.warning(
-            "link cannot keep up: oldest queued blocks dropped",
-            blocks_dropped=self.queue.blocks_dropped,
-            records_dropped=self.queue.records_dropped,
+            "link cannot keep up: records dropped",
+            records_dropped=dropped[0],
+            blocks_dropped=dropped[1],
+            records_dropped_link=self.queue.records_dropped,
             rate_mbps=self.config.link.rate_mbps,
         )
 
@@ -512,6 +563,7 @@ class Transmitter:
                 self.security.exceptions(poller.device.name, poller.counters["errors"], now)
 
     def heartbeat(self) -> None:
+        self._log_drops()
         self.outbox.put(Heartbeat(ts_ns=time.time_ns(), counters=self.counters()))
         if self.files is not None:
             self.files.heartbeat()

@@ -82,8 +82,16 @@ class LaneQueue(SendQueue):
     own rate (its share) is enforced where its blocks are admitted.
     """
 
-    def __init__(self, *, capacity: int, interleave: int, file_capacity: int) -> None:
-        super().__init__(capacity=capacity, interleave=interleave)
+    def __init__(
+        self,
+        *,
+        capacity: int,
+        interleave: int,
+        file_capacity: int,
+        limit: int | None = None,
+        resume: int | None = None,
+    ) -> None:
+        super().__init__(capacity=capacity, interleave=interleave, limit=limit, resume=resume)
         # Not interleaved: file blocks complete in sequence order, so at a slow lane a
         # small block (a heartbeat) never completes before a large one sent with it.
         # A chunk's block has 24 repair symbols of its own against a burst.

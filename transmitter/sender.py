@@ -40,6 +40,7 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Literal
 
 import structlog
@@ -130,7 +131,12 @@ class RepeatQueue:
 
 
 class PacedSender:
-    """Drains a SendQueue onto the wire at ``rate_mbps``; counts what it sent and failed."""
+    """Drains a SendQueue onto the wire at ``rate_mbps``; counts what it sent and failed.
+
+    ``on_room`` is called after each turn that leaves the queue under its
+    resume mark (:attr:`SendQueue.has_room`): a framer held while it was full
+    goes on.
+    """
 
     def __init__(
         self,
@@ -139,8 +145,10 @@ class PacedSender:
         sock: socket.socket,
         *,
         lane_port: tuple[int, int] | None = None,
+        on_room: Callable[[], None] = lambda: None,
     ) -> None:
         self._queue = queue
+        self._on_room = on_room
         self._sock = sock
         self._address = (link.destination, link.port)
         # (stream id, port): that stream's datagrams (the file lane's) go to a port of
@@ -195,6 +203,8 @@ class PacedSender:
                 if outcome == "none":
                     break
                 tokens -= self._wire
+            if self._queue.has_room:
+                self._on_room()
             await asyncio.sleep(0)
 
     def _repeat_due(self, now: float) -> bool:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pydantic import Field, model_validator
 
 from diode.config import IpAddress, Section, checked
 from diode.config.files import FileLane, FilesWatch
-from diode.config.link import LinkSettings
+from diode.config.link import IPV4_UDP_OVERHEAD, LinkSettings
 from diode.config.modbus import ModbusSection
 from diode.config.opcua import OpcuaServer
 from diode.config.synthetic import SyntheticSource
@@ -26,8 +27,20 @@ class TxLink(LinkSettings):
     rate_mbps: float = Field(
         100.0, gt=0.0, le=100_000.0, description="pacing rate on the wire, a little under line rate"
     )
+    queue_ms: float = Field(
+        50.0,
+        gt=0.0,
+        le=10_000.0,
+        description="the send queue holds what the link carries in this long at rate_mbps (and "
+        "at least interleave + 1 full blocks); past it the framer waits and records wait in the "
+        "outbox ([transmitter] queue_records, queue_mb), which drops the newest and counts them",
+    )
     queue_datagrams: int = Field(
-        65536, ge=64, le=10_000_000, description="datagrams the sender may hold before dropping"
+        65536,
+        ge=64,
+        le=10_000_000,
+        description="datagrams the send queue holds at most, whatever queue_ms says; past it the "
+        "oldest blocks not yet started are dropped and counted (blocks_dropped)",
     )
     repeat_after_s: float = Field(
         0.0,
@@ -39,6 +52,33 @@ class TxLink(LinkSettings):
         "the rest (twice the bandwidth); an outage of the receiver or the link shorter than this "
         "loses nothing if the receiver's reorder_timeout_s is longer; 0 = off",
     )
+
+    def queue_limit(self) -> int:
+        """Datagrams the send queue takes before the framer waits (backpressure).
+
+        What the link carries in ``queue_ms`` at ``rate_mbps``, but never fewer
+        than ``interleave`` + 1 full blocks, so that a busy link always has the
+        blocks it interleaves; two blocks under ``queue_datagrams``, so that what
+        goes in past the limit (the block being framed when it was reached, and
+        the open one its linger closes) never makes the queue drop.
+        """
+        block = self.fec.k + self.fec.repair_for(self.fec.k)
+        wire_bytes = self.datagram_size + IPV4_UDP_OVERHEAD
+        carried = math.ceil(self.queue_ms / 1000 * self.rate_mbps * 1e6 / 8 / wire_bytes)
+        wanted = max(carried, (self.interleave + 1) * block)
+        return max(min(wanted, self.queue_datagrams - 2 * block), 1)
+
+    def queue_resume(self) -> int:
+        """Datagrams under which a framer held at :meth:`queue_limit` goes on.
+
+        Half the limit, but never under ``interleave`` + 1 full blocks: woken once
+        per half a queue, the framer refills it in one go, where waking it for
+        each block the pacer sent cost a wake-up, a future and a timer per block
+        (1 700 a second at 1000 Mb/s).
+        """
+        limit = self.queue_limit()
+        block = self.fec.k + self.fec.repair_for(self.fec.k)
+        return min(max(limit // 2, (self.interleave + 1) * block), limit)
 
 
 class TransmitterSection(Section):
