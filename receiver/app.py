@@ -82,6 +82,12 @@ DRAIN_BUDGET = 1024  # datagrams per reader callback: bounds what a catch-up hol
 # (docs/RELIABILITY.md, "Floods of forged datagrams"). The real stream waits that
 # millisecond more in the queue. A read that stopped at its budget is followed at once.
 FLOOD_READ_EVERY_S = 0.001
+# A link socket whose queue holds only what the journal keeps (a block waiting for its
+# missing datagrams, a standby's uncommitted stream) stays readable with nothing new in it:
+# epoll would wake the receiver at every turn of the loop for a read of nothing (120 000
+# a second here, a core). After such a read it is read again this long after, or at the
+# grouped commit due. A datagram that arrives meanwhile waits that much more.
+HELD_READ_EVERY_S = 0.001
 # File datagrams per turn, read only once the link socket is empty: a tag datagram that
 # arrives meanwhile waits for at most this many (two blocks' worth at the default FEC).
 FILE_BUDGET = 112
@@ -261,8 +267,8 @@ class Receiver:
         # not empty, is followed by the next at once (a pause would only lose time).
         if self._flood.flooded(now) and self.drain.emptied:
             self._pause_link(FLOOD_READ_EVERY_S)
-        elif not read and self._commit_timer is not None and self.drain.pending:
-            self._pause_link(None)
+        elif not read and self.drain.pending:
+            self._pause_link(None if self._commit_timer is not None else HELD_READ_EVERY_S)
 
     def _pause_link(self, for_s: float | None) -> None:
         """Stop reading the link socket: for ``for_s``, or until the grouped commit due.
@@ -271,11 +277,12 @@ class Receiver:
         ``FLOOD_READ_EVERY_S`` later: the flood queues a batch meanwhile, and a
         real datagram waits that long at most. Without a flood, the datagrams the
         journal holds keep the socket readable although every one of them was
-        read: until the commit (:meth:`_group`) releases them, each turn of the
-        event loop would read nothing, again and again (a few hundred times a
-        second at 10 000 updates/s, each a system call and a pass of
-        :meth:`_after`). What arrives meanwhile waits in the kernel's queue for
-        at most :data:`COMMIT_EVERY_S` and is read before that commit.
+        read: until they leave the queue, each turn of the event loop would read
+        nothing, again and again (a few hundred times a second at 10 000 updates/s
+        before a grouped commit; without end for a block waiting for its missing
+        datagrams, or a standby). With a commit due the socket is read again at
+        the commit (:meth:`_group`), at most :data:`COMMIT_EVERY_S` later;
+        otherwise ``HELD_READ_EVERY_S`` later.
         """
         loop = asyncio.get_running_loop()
         loop.remove_reader(self.sock)

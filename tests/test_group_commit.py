@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,9 @@ from diode.config.link import LinkSettings
 from diode.encoder import Encoder
 from diode.records import Record, Sample, TagInfo, ValueType
 from diode.replay import StreamState, unpack_states
+from diode.wire import parse_datagram
 from receiver.app import POSITIONS, Receiver, load_positions
+from receiver.link import Drain
 from receiver.spool import Spool
 from tests.e2e import STREAM, Plant, wait_until
 from tests.support.mosquitto import Mosquitto
@@ -138,3 +141,43 @@ async def test_the_link_is_not_read_again_while_its_datagrams_wait_for_the_commi
     assert _saved_next_seq(tmp_path) == first.next_seq + 2
     sock.close()
     await plant.close()
+
+
+async def test_a_block_waiting_for_its_missing_datagrams_is_not_read_at_every_turn(
+    tmp_path: Path, mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One datagram of a block of several, the others never sent: the journal keeps it in
+    # the kernel's queue until the block's reorder timeout, and the socket stays readable
+    # with nothing new in it. The receiver reads it again every HELD_READ_EVERY_S, not at
+    # every turn of the event loop (about 120 000 reads of nothing a second here).
+    feeds = 0
+    feed = Drain.feed
+
+    def counted(self: Drain, *args: Any, **kwargs: Any) -> int:
+        nonlocal feeds
+        feeds += 1
+        return feed(self, *args, **kwargs)
+
+    monkeypatch.setattr(Drain, "feed", counted)
+    plant = Plant(tmp_path, mosquitto.port, rx_overrides={"reorder_timeout_s": 10.0})
+    encoder = Encoder(
+        link=LinkSettings(), key=plant.key(), stream_id=STREAM, epoch=int(time.time() * 1000)
+    )
+    tag = TagInfo(tag_id=1, name="t1", device="plc1", value_type=ValueType.INT64)
+    for value in range(2000):
+        encoder.add(Sample(tag_id=1, ts_ns=time.time_ns(), value=value) if value else tag, 0.0)
+    encoder.flush()
+    (block,) = encoder.take()
+    assert parse_datagram(block.datagrams[0])[0].k > 1  # one datagram cannot complete it
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx = await plant.start_rx()
+        sock.sendto(block.datagrams[0], ("127.0.0.1", plant.rx_port))
+        await wait_until(lambda: rx.drain.pending == 1)
+        feeds = 0
+        await asyncio.sleep(0.5)
+        assert rx.drain.pending == 1  # still held: the block still waits for the rest
+        assert 10 < feeds < 2_000, feeds  # read again (every millisecond), but not spinning
+    finally:
+        sock.close()
+        await plant.close()
