@@ -195,7 +195,8 @@ class PacedSender:
                 if outcome == "none":
                     break
                 tokens -= self._wire
-            await asyncio.sleep(0)
+            if len(self._queue) or self._repeat_due(now):
+                await asyncio.sleep(0)  # others' turn; an empty queue waits in _idle instead
 
     def _repeat_due(self, now: float) -> bool:
         due = self.repeats.next_due() if self.repeats is not None else None
