@@ -79,6 +79,7 @@ class SyntheticPoller:
         start = time.monotonic()
         done = 0
         ended: asyncio.Future[None] = loop.create_future()
+        timer: asyncio.TimerHandle
 
         def tick() -> None:
             nonlocal done, timer
