@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from diode.config import validate
+from diode.config.synthetic import SyntheticSource
 from diode.config.tx import TxConfig
 from diode.decoder import Decoder, Delivered
 from diode.keys import Keyring, SigningKey, TrustedKey
 from diode.records import Heartbeat, Quality, Record, Sample, TagInfo
 from tests.support.modbus_server import ModbusSimServer
 from transmitter.app import Transmitter, take_epoch
+from transmitter.synthetic import SyntheticPoller
 
 
 class Link:
@@ -558,3 +560,51 @@ async def test_repeats_never_delay_new_datagrams_and_their_overflow_is_counted(
     # The first copies went out at the link's rate, as without repeats: no block dropped
     # for the repeats' sake beyond what the rate alone costs (the link is the limit).
     assert counters["datagrams_sent"] - counters["repeats_sent"] > counters["repeats_sent"]
+
+
+class _Batches:
+    """A sink that keeps each batch it is handed, or raises on the ``fail_at``-th."""
+
+    def __init__(self, fail_at: int = 0) -> None:
+        self.batches: list[list[Sample]] = []
+        self.fail_at = fail_at
+        self.three = asyncio.Event()
+
+    def samples(self, batch: list[Sample]) -> None:
+        self.batches.append(list(batch))
+        if len(self.batches) >= 3:
+            self.three.set()
+        if len(self.batches) == self.fail_at:
+            raise RuntimeError("sink broke")
+
+    def sample(self, sample: Sample) -> None:
+        self.samples([sample])
+
+    def device(self, info: object) -> None: ...
+
+    def tag(self, info: object) -> None: ...
+
+
+async def test_a_synthetic_source_stops_when_cancelled_and_fails_with_its_batch() -> None:
+    """The source's batches are timer callbacks: a cancel ends them, an error ends ``run``."""
+    source = SyntheticSource(name="gen", tags=3, rate_hz=2000.0, batch_ms=2.0)
+    sink = _Batches()
+    poller = SyntheticPoller(source, tag_id=lambda _d, tag: int(tag[1:]), sink=sink)  # type: ignore[arg-type]
+    task = asyncio.create_task(poller.run())
+    await asyncio.wait_for(sink.three.wait(), timeout=10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    made = len(sink.batches)
+    await asyncio.sleep(0.05)
+    assert len(sink.batches) == made  # no batch after the cancel
+    values = [s.value for batch in sink.batches for s in batch]
+    assert values[:6] == [1, 1, 1, 2, 2, 2]  # round robin over the tags, counting up
+
+    failing = SyntheticPoller(
+        source,
+        tag_id=lambda _d, tag: int(tag[1:]),
+        sink=_Batches(fail_at=2),  # type: ignore[arg-type]
+    )
+    with pytest.raises(RuntimeError, match="sink broke"):
+        await asyncio.wait_for(failing.run(), timeout=10)

@@ -205,7 +205,8 @@ class PacedSender:
                 tokens -= self._wire
             if self._queue.has_room:
                 self._on_room()
-            await asyncio.sleep(0)
+            if len(self._queue) or self._repeat_due(now):
+                await asyncio.sleep(0)  # others' turn; an empty queue waits in _idle instead
 
     def _repeat_due(self, now: float) -> bool:
         due = self.repeats.next_due() if self.repeats is not None else None
