@@ -3,6 +3,7 @@ and the drain that leaves every uncommitted datagram in the kernel's queue."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import random
@@ -23,7 +24,7 @@ from diode.errors import LinkError
 from diode.keys import write_keypair, write_psk
 from diode.replay import StreamState
 from diode.wire import DatagramHeader, pack_datagram
-from receiver.app import Receiver
+from receiver.app import DRAIN_BUDGET, FLOOD_READ_EVERY_S, Receiver
 from receiver.link import (
     FLOOD_REJECTS_PER_S,
     FLOOD_WINDOW_S,
@@ -399,6 +400,57 @@ async def test_rejected_datagrams_do_not_search_for_the_next_deadline(
         receiver._fire()  # what the timer or the supervisor's poll runs
         assert len(searches) == 2
     finally:
+        source.close()
+        receiver.sock.close()
+
+
+async def test_a_paused_read_watches_the_link_again_and_a_stop_ends_the_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a flood a read that emptied the link socket's queue stops watching it for
+    FLOOD_READ_EVERY_S. The socket must be watched again after the pause (else a flood
+    would stall the receiver for good), a read that stopped at its budget must not pause,
+    a stop during a pause must not watch the socket again (on a reload it belongs to the
+    next process), and once the flood is over nothing pauses."""
+    receiver, key_id = _gated_receiver(tmp_path)
+    loop = asyncio.get_running_loop()
+    flood = [True]
+    monkeypatch.setattr(receiver._flood, "flooded", lambda _now: flood[0])
+    source = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rejected = receiver.decoder.counters
+
+    def send(count: int) -> None:
+        for datagram in itertools.islice(forged, count):
+            source.send(datagram)
+
+    try:
+        source.connect(receiver.sock.getsockname())
+        target = Target(stream_id=STREAM, key_id=key_id, epoch=1_700_000_000_000, seq=10,
+                        gated=True, window=1000)  # fmt: skip
+        forged = k1(target, random.Random(3))
+        receiver._read_sockets(loop, read=True)
+        send(DRAIN_BUDGET + 10)
+        receiver._readable()
+        assert receiver._resume is None, "a read stopped at its budget is followed at once"
+        receiver._readable()
+        assert receiver._resume is not None, "a read that emptied the queue pauses"
+        await asyncio.sleep(FLOOD_READ_EVERY_S * 10)  # a later timer: the pause has ended
+        send(5)
+        await asyncio.sleep(FLOOD_READ_EVERY_S * 10)
+        assert rejected["rejected_bad_tag"] == DRAIN_BUDGET + 15, "watched again"
+        receiver._readable()
+        assert receiver._resume is not None
+        receiver._read_sockets(loop, read=False)  # a stop (or a reload) during the pause
+        send(5)
+        await asyncio.sleep(FLOOD_READ_EVERY_S * 10)
+        assert rejected["rejected_bad_tag"] == DRAIN_BUDGET + 15, "not watched after a stop"
+        flood[0] = False
+        receiver._read_sockets(loop, read=True)
+        await asyncio.sleep(FLOOD_READ_EVERY_S * 10)
+        assert rejected["rejected_bad_tag"] == DRAIN_BUDGET + 20
+        assert receiver._resume is None, "no pause once the flood is over"
+    finally:
+        receiver._read_sockets(loop, read=False)
         source.close()
         receiver.sock.close()
 
