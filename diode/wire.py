@@ -91,12 +91,15 @@ import hashlib
 import hmac
 import struct
 import zlib
-from _hashlib import HASH
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from diode import fec
 from diode.errors import FrameError
+
+if TYPE_CHECKING:  # the type only: a Python built without OpenSSL still runs
+    from _hashlib import HASH
 
 MAGIC = 0xD10D
 VERSION = 1  # generation 1, ungated
@@ -206,11 +209,16 @@ def link_tag(gate_key: bytes, data: bytes | memoryview) -> bytes:
     return hmac.digest(gate_key, data, "sha256")[:LINK_TAG_SIZE]
 
 
+HMAC_BLOCK = 64  # SHA-256's block, HMAC's key size
+
+
 def link_tag_states(gate_key: bytes) -> tuple[HASH, HASH]:
     """HMAC-SHA256's inner and outer hashes with the gate key already absorbed (RFC 2104:
-    the key, 32 bytes, zero-padded to the 64-byte block, xor 0x36 and 0x5C). A tag started
-    from copies of them is :func:`link_tag`'s, without hashing the key twice per datagram."""
-    block = gate_key.ljust(64, b"\0")
+    the key, hashed first when longer than the 64-byte block, zero-padded to it, xor 0x36
+    and 0x5C). A tag started from copies of them is :func:`link_tag`'s, without hashing
+    the key twice per datagram."""
+    key = hashlib.sha256(gate_key).digest() if len(gate_key) > HMAC_BLOCK else gate_key
+    block = key.ljust(HMAC_BLOCK, b"\0")
     return (
         hashlib.sha256(bytes(b ^ 0x36 for b in block)),
         hashlib.sha256(bytes(b ^ 0x5C for b in block)),

@@ -11,7 +11,14 @@ import pytest
 from diode.config.link import FecSettings, LinkSettings
 from diode.decoder import Decoder, LinkProfile
 from diode.records import Heartbeat, Sample
-from diode.wire import HEADER_SIZE, LINK_TAG_SIZE, VERSION_GATED, gate_key, parse_datagram
+from diode.wire import (
+    HEADER_SIZE,
+    LINK_TAG_SIZE,
+    VERSION_GATED,
+    gate_key,
+    link_tag_states,
+    parse_datagram,
+)
 from tests.core_support import (
     STREAM,
     delivered,
@@ -65,6 +72,17 @@ def test_the_link_tag_is_hmac_sha256_of_the_datagram_truncated_to_16_bytes() -> 
     for datagram in _gated():
         body, tag = datagram[:-LINK_TAG_SIZE], datagram[-LINK_TAG_SIZE:]
         assert tag == hmac.new(key, body, "sha256").digest()[:LINK_TAG_SIZE]
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 65, 200])
+def test_the_receivers_keyed_states_give_hmacs_tag_for_any_key_length(size: int) -> None:
+    """The receiver's copies of keyed inner and outer hashes are RFC 2104 for a key of any
+    length (longer than the 64-byte block: hashed first), as the transmitter's hmac is."""
+    key, body = bytes(range(size)), b"a datagram" * 50
+    inner, outer = (state.copy() for state in link_tag_states(key))
+    inner.update(body)
+    outer.update(inner.digest())
+    assert outer.digest() == hmac.new(key, body, "sha256").digest()
 
 
 @pytest.mark.parametrize("version", sorted(RETIRED))

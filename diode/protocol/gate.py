@@ -30,10 +30,10 @@ assembly memory or a Reed-Solomon decode.
 
 from __future__ import annotations
 
-from _hashlib import HASH
 from collections.abc import Mapping
 from dataclasses import dataclass
 from hmac import compare_digest
+from typing import TYPE_CHECKING
 
 from diode.config.link import FecSettings
 from diode.errors import FrameError
@@ -52,6 +52,9 @@ from diode.wire import (
     link_tag_states,
     parse_datagram,
 )
+
+if TYPE_CHECKING:  # the type only: a Python built without OpenSSL still runs
+    from _hashlib import HASH
 
 # The versions an ungated stream takes: both wire generations (a gated one takes only 6).
 _UNGATED = (VERSION, VERSION_CAUCHY)
