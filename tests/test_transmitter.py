@@ -13,14 +13,16 @@ from pathlib import Path
 import pytest
 
 from diode.config import validate
+from diode.config.link import LinkSettings
 from diode.config.tx import TxConfig
 from diode.decoder import Decoder, Delivered
+from diode.encoder import Encoder
 from diode.keys import Keyring, SigningKey, TrustedKey
-from diode.records import Heartbeat, LogRecord, Quality, Record, Sample, TagInfo
+from diode.records import Heartbeat, LogFormat, LogRecord, Quality, Record, Sample, TagInfo
 from tests.support.modbus_server import ModbusSimServer
 from tests.support.net import free_port
 from transmitter.app import Transmitter, take_epoch
-from transmitter.syslog_in import lane_bytes_per_s
+from transmitter.syslog_in import RECORD_OVERHEAD, LogLane, lane_bytes_per_s
 
 
 class Link:
@@ -473,6 +475,38 @@ async def test_logs_get_their_share_while_telemetry_exceeds_the_link(tmp_path: P
     assert counters["log_dropped_full"] == 0
     assert [r.msg.rsplit(b" ", 1)[1] for r in logs()] == [b"%d" % i for i in range(messages)]
     assert link.decoder.counters["records_lost"] == 0
+
+
+def test_the_lane_is_owed_its_share_of_a_wait_at_the_queue_limit() -> None:
+    """While the framer waits at the send queue's limit the lane earns its share.
+
+    Its bucket holds ``burst_s`` (the queue's time, ``TxLink.queue_s``) of it:
+    when the framer goes on after a wait that long, the lane frames all it was
+    owed. The bucket of 50 ms (or 64 KiB) it had gave it 65 records of the 992 it
+    was owed after a 1 s wait (a ``queue_ms`` of a second or two).
+    """
+    rate, wait_s = 1_000_000.0, 1.0
+    lane = LogLane(limit=100_000, bytes_per_s=rate, now=0.0, burst_s=2 * wait_s)
+    msg = b"x" * 952
+    size = RECORD_OVERHEAD + len(msg) + len("10.0.0.1")
+    for _ in range(4000):
+        lane.put(
+            lambda seq: LogRecord(
+                seq=seq, ts_ns=0, source="10.0.0.1", format=LogFormat.RAW, msg=msg
+            )
+        )
+    encoder = Encoder(link=LinkSettings(), key=SigningKey.generate(), stream_id=3, epoch=1)
+
+    def framed_at(now: float) -> int:
+        before = lane.counters["log_framed"]
+        while lane.ready(now):
+            lane.frame(encoder, now)
+            encoder.take()
+        return lane.counters["log_framed"] - before
+
+    framed_at(0.0)  # the bucket starts full
+    assert framed_at(wait_s) == int(rate * wait_s / size)
+    assert lane.counters["log_dropped_full"] == 0
 
 
 async def test_a_value_that_cannot_travel_costs_only_itself(tmp_path: Path) -> None:

@@ -151,6 +151,7 @@ class Transmitter:
             config.syslog,
             link=config.link,
             rate_mbps=config.link.rate_mbps,
+            burst_s=config.link.queue_s(),  # owed while the framer waits at the queue's limit
             on_queue=self._records_waiting,
         )
         self.security: SecurityMonitor | None = None
