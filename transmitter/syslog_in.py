@@ -4,14 +4,15 @@ The pipeline, stage by stage::
 
     OT devices --UDP/TCP/TLS--> listeners (OT addresses only) --> allow-list --> rate limit
         --> parse_syslog --> LogLane (bounded deque, lane seq) --(framer, within its
-        share of the link, after telemetry)--> Encoder --> SendQueue --> link
+        share of the link, beside telemetry)--> Encoder --> SendQueue --> link
 
 Property 1 is untouched: these sockets listen on OT addresses given in the
 config (a wildcard or a link address is refused when the config loads); the
 link socket is still never read. Property 5: a chatty or hostile source costs
-a dictionary lookup and a token; it cannot delay telemetry, because the lane
-is framed only when the telemetry outbox is empty and only within
-``link_share`` of the link's rate.
+a dictionary lookup and a token; it cannot take telemetry's part of the link,
+because the lane is framed only within ``link_share`` of the link's rate. That
+share it gets even while telemetry exceeds the link (the framer frames the
+lane each turn, waiting values or not): the SOC feed never starves.
 
 Loss accounting: every message that enters the lane gets the next lane
 sequence number; one that does not (not allowed, over its rate, lane full) is
