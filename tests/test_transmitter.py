@@ -13,14 +13,18 @@ from pathlib import Path
 import pytest
 
 from diode.config import validate
+from diode.config.link import LinkSettings
 from diode.config.synthetic import SyntheticSource
 from diode.config.tx import TxConfig
 from diode.decoder import Decoder, Delivered
+from diode.encoder import Encoder
 from diode.keys import Keyring, SigningKey, TrustedKey
-from diode.records import Heartbeat, Quality, Record, Sample, TagInfo
+from diode.records import Heartbeat, LogFormat, LogRecord, Quality, Record, Sample, TagInfo
 from tests.support.modbus_server import ModbusSimServer
+from tests.support.net import free_port
 from transmitter.app import Transmitter, take_epoch
 from transmitter.synthetic import SyntheticPoller
+from transmitter.syslog_in import RECORD_OVERHEAD, LogLane, lane_bytes_per_s
 
 
 class Link:
@@ -358,6 +362,20 @@ async def test_opc_ua_values_and_inventory_flow_through_the_transmitter(tmp_path
         await server.stop()
 
 
+def overloaded(
+    tmp_path: Path, link_port: int, *, queue_records: int, **sections: object
+) -> TxConfig:
+    """A 2 Mb/s link, far below what its synthetic source produces (20 000 updates/s)."""
+    return config(
+        tmp_path,
+        link_port,
+        link={"rate_mbps": 2.0},
+        transmitter={"heartbeat_interval_s": 0.2, "queue_records": queue_records},
+        synthetic={"sources": [{"name": "gen", "tags": 50, "rate_hz": 20000.0}]},
+        **sections,
+    )
+
+
 async def test_a_link_too_slow_holds_the_framer_drops_at_the_outbox_and_counts(
     tmp_path: Path,
 ) -> None:
@@ -369,17 +387,7 @@ async def test_a_link_too_slow_holds_the_framer_drops_at_the_outbox_and_counts(
     """
     key = SigningKey.generate()
     link = Link(key, 3)
-    tx = Transmitter(
-        config(
-            tmp_path,
-            link.port,
-            # 2 Mb/s: far below what the source produces.
-            link={"rate_mbps": 2.0},
-            transmitter={"heartbeat_interval_s": 0.2, "queue_records": 1000},
-            synthetic={"sources": [{"name": "gen", "tags": 50, "rate_hz": 20000.0}]},
-        ),
-        key=key,
-    )
+    tx = Transmitter(overloaded(tmp_path, link.port, queue_records=1000), key=key)
     limit = tx.config.link.queue_limit()
     block = 56  # a full block's datagrams at the default FEC
     stop, task = await run_tx(tx)
@@ -415,6 +423,92 @@ async def test_a_link_too_slow_holds_the_framer_drops_at_the_outbox_and_counts(
     assert limit <= deepest <= limit + 2 * block
     # Every block framed reached the receiver whole: no gap.
     assert link.decoder.counters["records_lost"] == 0
+
+
+async def test_logs_get_their_share_while_telemetry_exceeds_the_link(tmp_path: Path) -> None:
+    """Issue 19: the log lane frames within ``link_share`` while telemetry is held back.
+
+    Telemetry is offered far above a 2 Mb/s link, so the send queue sits at its
+    limit and the outbox, which holds several blocks, never empties; syslog comes
+    in over real UDP at about half the lane's share (``queue_messages`` at its
+    minimum, 100, a third of what is sent). Every message reaches the receiver,
+    none is dropped at the lane, and telemetry still flows with the rest of the
+    link. Before, the lane was framed only when the outbox was empty, never under
+    this load: its queue filled and dropped.
+    """
+    key = SigningKey.generate()
+    link = Link(key, 3)
+    syslog_port = free_port(socket.SOCK_DGRAM)
+    syslog = {
+        "listeners": [{"address": "127.0.0.1", "port": syslog_port}],
+        "allow": ["127.0.0.1"],
+        "queue_messages": 100,
+    }
+    tx = Transmitter(overloaded(tmp_path, link.port, queue_records=20_000, syslog=syslog), key=key)
+    share = lane_bytes_per_s(tx.config.link, 2.0, tx.config.syslog.link_share)
+    stop, task = await run_tx(tx)
+    messages, per_tick, tick_s = 300, 10, 0.1
+    body = b"<134>1 2026-12-07T03:00:00Z plc1 app - - - " + b"x" * 60
+    # About half the lane's share (RECORD_OVERHEAD and the source are paid too).
+    assert per_tick * (len(body) + 80) / tick_s < share / 2
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def logs() -> list[LogRecord]:
+        return [r for r in link.records if isinstance(r, LogRecord) and r.source == "127.0.0.1"]
+
+    try:
+        for first in range(0, messages, per_tick):
+            for i in range(first, first + per_tick):
+                sender.sendto(body + b" %d" % i, ("127.0.0.1", syslog_port))
+            await asyncio.sleep(tick_s)
+            link.drain()
+        await link.wait_for(lambda: len(logs()) >= messages, within=30.0)
+        counters = tx.counters()
+    finally:
+        sender.close()
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    # Telemetry exceeded the link, and still had the rest of it.
+    assert counters["records_dropped"] > 0
+    assert counters["queue_full_ms"] > 0
+    assert link.samples(1)
+    # The logs had their share: all of them, in order, none dropped at the lane.
+    assert counters["syslog_received"] == messages
+    assert counters["log_dropped_full"] == 0
+    assert [r.msg.rsplit(b" ", 1)[1] for r in logs()] == [b"%d" % i for i in range(messages)]
+    assert link.decoder.counters["records_lost"] == 0
+
+
+def test_the_lane_is_owed_its_share_of_a_wait_at_the_queue_limit() -> None:
+    """While the framer waits at the send queue's limit the lane earns its share.
+
+    Its bucket holds ``burst_s`` (the queue's time, ``TxLink.queue_s``) of it:
+    when the framer goes on after a wait that long, the lane frames all it was
+    owed. The bucket of 50 ms (or 64 KiB) it had gave it 65 records of the 992 it
+    was owed after a 1 s wait (a ``queue_ms`` of a second or two).
+    """
+    rate, wait_s = 1_000_000.0, 1.0
+    lane = LogLane(limit=100_000, bytes_per_s=rate, now=0.0, burst_s=2 * wait_s)
+    msg = b"x" * 952
+    size = RECORD_OVERHEAD + len(msg) + len("10.0.0.1")
+    for _ in range(4000):
+        lane.put(
+            lambda seq: LogRecord(
+                seq=seq, ts_ns=0, source="10.0.0.1", format=LogFormat.RAW, msg=msg
+            )
+        )
+    encoder = Encoder(link=LinkSettings(), key=SigningKey.generate(), stream_id=3, epoch=1)
+
+    def framed_at(now: float) -> int:
+        before = lane.counters["log_framed"]
+        while lane.ready(now):
+            lane.frame(encoder, now)
+            encoder.take()
+        return lane.counters["log_framed"] - before
+
+    framed_at(0.0)  # the bucket starts full
+    assert framed_at(wait_s) == int(rate * wait_s / size)
+    assert lane.counters["log_dropped_full"] == 0
 
 
 async def test_a_value_that_cannot_travel_costs_only_itself(tmp_path: Path) -> None:

@@ -151,6 +151,7 @@ class Transmitter:
             config.syslog,
             link=config.link,
             rate_mbps=config.link.rate_mbps,
+            burst_s=config.link.queue_s(),  # owed while the framer waits at the queue's limit
             on_queue=self._records_waiting,
         )
         self.security: SecurityMonitor | None = None
@@ -416,17 +417,22 @@ class Transmitter:
                 self._unencodable(record, exc, now)
             if encoder.blocks_ready:
                 break
-        if not len(outbox) and not encoder.blocks_ready:
-            # The log lane after telemetry, within its share of the link: a few blocks
-            # per turn, each handed to the pacer as it closes. One block a turn framed
-            # fewer messages than one TCP read brings in (64 KiB, ~400 messages), and
-            # at 20 000 messages/s the lane's queue, and its latency, grew for good.
-            lane = self.syslog.lane
-            for _ in range(LANE_BLOCKS_PER_TURN):
-                lane.frame(encoder, now)
-                if not encoder.blocks_ready:
-                    break
-                self._ship()
+        self._ship()
+        # The log lane after telemetry's block, within its share of the link, whether
+        # or not telemetry waits: the lane's bucket holds it to ``link_share``, so
+        # telemetry keeps the rest. Framed only once the outbox was empty, the lane
+        # starved while telemetry exceeded the link (the outbox never empties then).
+        # A few blocks per turn, each handed to the pacer as it closes: one block a
+        # turn framed fewer messages than one TCP read brings in (64 KiB, ~400
+        # messages), and at 20 000 messages/s the lane's queue, and its latency, grew.
+        lane = self.syslog.lane
+        for _ in range(LANE_BLOCKS_PER_TURN):
+            if self.queue.full or not lane.ready(now):
+                break
+            lane.frame(encoder, now)
+            if not encoder.blocks_ready:
+                break
+            self._ship()
         encoder.poll(now)
         self._ship()
 

@@ -4,14 +4,15 @@ The pipeline, stage by stage::
 
     OT devices --UDP/TCP/TLS--> listeners (OT addresses only) --> allow-list --> rate limit
         --> parse_syslog --> LogLane (bounded deque, lane seq) --(framer, within its
-        share of the link, after telemetry)--> Encoder --> SendQueue --> link
+        share of the link, beside telemetry)--> Encoder --> SendQueue --> link
 
 Property 1 is untouched: these sockets listen on OT addresses given in the
 config (a wildcard or a link address is refused when the config loads); the
 link socket is still never read. Property 5: a chatty or hostile source costs
-a dictionary lookup and a token; it cannot delay telemetry, because the lane
-is framed only when the telemetry outbox is empty and only within
-``link_share`` of the link's rate.
+a dictionary lookup and a token; it cannot take telemetry's part of the link,
+because the lane is framed only within ``link_share`` of the link's rate. That
+share it gets even while telemetry exceeds the link (the framer frames the
+lane each turn, waiting values or not): the SOC feed never starves.
 
 Loss accounting: every message that enters the lane gets the next lane
 sequence number; one that does not (not allowed, over its rate, lane full) is
@@ -62,6 +63,8 @@ DROPS_LOG_INTERVAL_S = 10.0
 READ_CHUNK = 65536
 FRAME_CHUNK = 2048
 RECORD_OVERHEAD = 48  # msgpack array, seq, ts, numbers: a bound on what a record adds
+LANE_BURST_S = 0.05  # the lane's bucket holds this much of its share at least
+LANE_BURST_BYTES = 65536.0  # and at least this many bytes
 ALLOW_CACHE = 4096
 
 
@@ -114,12 +117,17 @@ class LogLane:
         limit: int,
         bytes_per_s: float,
         now: float,
+        burst_s: float = LANE_BURST_S,
         on_queue: Callable[[], None] = lambda: None,
     ) -> None:
         self._limit = limit
         self._queue: deque[LogRecord] = deque()
         self._next_seq = 0
-        self._bucket = TokenBucket(bytes_per_s, max(bytes_per_s * 0.05, 65536.0), now)
+        # ``burst_s`` covers the longest wait of the framer at the send queue's limit:
+        # tokens the lane earns meanwhile are spent when the framer goes on, so it
+        # gets its share of the link however long the queue holds (``queue_ms``).
+        burst = max(bytes_per_s * max(burst_s, LANE_BURST_S), LANE_BURST_BYTES)
+        self._bucket = TokenBucket(bytes_per_s, burst, now)
         self._on_queue = on_queue
         self.counters = {
             "log_queued": 0,
@@ -235,6 +243,7 @@ class SyslogIn:
         *,
         link: LinkSettings,
         rate_mbps: float,
+        burst_s: float = LANE_BURST_S,
         on_queue: Callable[[], None] = lambda: None,
     ) -> None:
         self.section = section
@@ -243,6 +252,7 @@ class SyslogIn:
             limit=section.queue_messages,
             bytes_per_s=lane_bytes_per_s(link, rate_mbps, section.link_share),
             now=now,
+            burst_s=burst_s,
             on_queue=on_queue,
         )
         self._allowed = Allowed(section.allow)

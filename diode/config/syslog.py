@@ -57,7 +57,8 @@ class SyslogSection(Section):
         0.3,
         gt=0.0,
         le=1.0,
-        description="fraction of link.rate_mbps the log lane may take; telemetry goes first",
+        description="fraction of link.rate_mbps the log lane takes at most, and gets even while "
+        "telemetry exceeds the link; telemetry has the rest",
     )
     queue_messages: int = Field(
         100_000, ge=100, le=10_000_000, description="messages waiting for the link, at most"

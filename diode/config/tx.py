@@ -68,6 +68,16 @@ class TxLink(LinkSettings):
         wanted = max(carried, (self.interleave + 1) * block)
         return max(min(wanted, self.queue_datagrams - 2 * block), 1)
 
+    def queue_s(self) -> float:
+        """How long the link takes to send the queue at :meth:`queue_limit`.
+
+        The framer is never held longer (the pacer empties the queue at
+        ``rate_mbps`` and wakes it below :meth:`queue_resume`): what the log lane
+        is owed while it waits, its share of that time, must fit its bucket.
+        """
+        wire_bits = (self.datagram_size + IPV4_UDP_OVERHEAD) * 8
+        return self.queue_limit() * wire_bits / (self.rate_mbps * 1e6)
+
     def queue_resume(self) -> int:
         """Datagrams under which a framer held at :meth:`queue_limit` goes on.
 
