@@ -290,10 +290,13 @@ class Receiver:
         if for_s is not None:
             self._resume = loop.call_later(for_s, self._resume_link)
 
-    def _resume_link(self) -> None:
+    def _cancel_resume(self) -> None:
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
+
+    def _resume_link(self) -> None:
+        self._cancel_resume()
         if self._link_paused:
             self._link_paused = False
             if self._reading:
@@ -324,9 +327,7 @@ class Receiver:
 
     def _read_sockets(self, loop: asyncio.AbstractEventLoop, *, read: bool) -> None:
         """Start (or stop) reading the link socket and the file socket."""
-        if self._resume is not None:
-            self._resume.cancel()  # paused by a flood: watched again now, or never
-            self._resume = None
+        self._cancel_resume()  # a paused link: watched again now, or never
         self._reading, self._link_paused = read, False
         readers = [(self.sock, self._readable)]
         if self.file_sock is not None:
@@ -730,10 +731,9 @@ class Receiver:
                 daemon.sd_notify("STOPPING=1")
             # Nothing decodes or commits past this point, so nothing more leaves the
             # kernel's queue: what is uncommitted stays there for the next process.
-            paused = self._link_paused
-            self._read_sockets(loop, read=False)
-            if paused:
+            if self._link_paused:
                 self._readable()  # what came while the link was not read joins the commit
+            self._read_sockets(loop, read=False)  # and no pause outlives the receiver
             self._commit()  # a grouped commit still due
             await self.files.wait_idle()
             self.files.close()
