@@ -403,21 +403,39 @@ class Drain:
             # forgeries or replays pays, besides the peek and the decoder.
             self._discard(len(datagrams))
             return
+        # The leading run nobody needs (nothing held ahead of it) leaves the queue; from
+        # the first datagram kept on, every one is journaled, in the queue's order.
         run = 0
-        for datagram, wanted in zip(datagrams, needed, strict=True):
-            if pending:
-                if not wanted:
-                    self._rejected += 1
-                self._keep(datagram, now, None if wanted else _GARBAGE)
-                continue
-            if wanted:
-                where = _where(datagram)
-                if not self._releasable(where, positions):
-                    self._keep(datagram, now, where)
-                    continue
-            run += 1
+        if not pending:
+            releasable = self._releasable
+            for datagram, wanted in zip(datagrams, needed, strict=True):
+                if wanted and not releasable(_where(datagram), positions):
+                    break
+                run += 1
+        if run < len(datagrams):
+            self._keep_all(datagrams[run:], needed[run:], now)
         if run:
             self._discard(run)
+
+    def _keep_all(
+        self, datagrams: Sequence[bytes | memoryview], needed: list[bool], now: float
+    ) -> None:
+        """:meth:`_keep` for each datagram of a run, in one loop (the journal's cost per
+        datagram at line rate: 80 000 a second)."""
+        keep, unpack, size = self._pending.append, _WHERE.unpack_from, _WHERE.size
+        charged_all = rejected = 0
+        for datagram, wanted in zip(datagrams, needed, strict=True):
+            length = len(datagram)
+            # What the kernel charges the buffer for it (see _keep).
+            charged = length + SKB_OVERHEAD
+            charged_all += charged
+            if wanted and length >= size:
+                keep((*unpack(datagram), charged, now))
+            else:
+                rejected += not wanted
+                keep((*_GARBAGE, charged, now))
+        self._pending_bytes += charged_all
+        self._rejected += rejected
 
     def _emptied(self, datagrams: Sequence[bytes | memoryview], most: int) -> bool:
         """Did the last batch find the queue empty (fewer than asked for)? Then asking
@@ -431,23 +449,36 @@ class Drain:
         pending = self._pending
         if not pending:
             return 0
-        left, left_bytes, released = len(pending), self._pending_bytes, 0
+        left, left_bytes, released, garbage = len(pending), self._pending_bytes, 0, 0
+        streams = self._streams
         for held in pending:
-            if not self._releasable(held, positions):
-                if not self._over(now, held[4], left, left_bytes):
-                    break
-                self.counters["link_released_uncommitted"] += 1
+            stream = held[0]
+            if stream in streams:
+                # Inline _releasable (one call less per datagram, 80 000 a second at line rate).
+                position = positions.get(stream)
+                if (
+                    position is None
+                    or held[1] > position.epoch
+                    or (held[1] == position.epoch and held[2] >= position.next_seq)
+                ):
+                    if not self._over(now, held[4], left, left_bytes):
+                        break
+                    self.counters["link_released_uncommitted"] += 1
+            elif stream == _GARBAGE[0]:
+                garbage += 1
             released += 1
             left -= 1
             left_bytes -= held[3]
         if not released or not self._discard(released):
             return 0
-        for _ in range(released):
-            held = pending.popleft()
-            self._pending_bytes -= held[3]
-            if held[0] == _GARBAGE[0]:
-                self._rejected -= 1
-        self._rejected = max(self._rejected, 0)  # read() keeps short datagrams as garbage too
+        if left:
+            for _ in range(released):
+                pending.popleft()
+        else:
+            pending.clear()
+        self._pending_bytes = left_bytes
+        # max: read() keeps short datagrams as garbage too, never counted as rejected.
+        self._rejected = max(self._rejected - garbage, 0)
         return released
 
     def _take(self, most: int) -> list[bytes]:
