@@ -372,7 +372,9 @@ def pack_block_header(header: BlockHeader) -> bytes:
     )
 
 
-def parse_block(block: bytes) -> tuple[BlockHeader, memoryview, memoryview, memoryview]:
+def parse_block(
+    block: bytes | memoryview,
+) -> tuple[BlockHeader, memoryview, memoryview, memoryview]:
     """Split a rebuilt block into (header, signed bytes, payload, signature), checking lengths."""
     if len(block) < BLOCK_OVERHEAD:
         raise FrameError("block shorter than its header and signature", reason="malformed")
