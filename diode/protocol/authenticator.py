@@ -104,7 +104,7 @@ class BlockAuthenticator:
 
 def _rebuilt(header: DatagramHeader, symbols: dict[int, bytes]) -> bool:
     """Whether repair symbols are among the k (a decode is needed)."""
-    return any(i >= header.k for i in symbols)
+    return max(symbols) >= header.k
 
 
 def _fed_fingerprint(key: bytes, symbols: dict[int, bytes]) -> bytes:
