@@ -540,7 +540,7 @@ def _samples(items: list[Any]) -> list[Record]:
     return out
 
 
-def decode_records(payload: bytes, count: int) -> list[Record]:
+def decode_records(payload: bytes | memoryview, count: int) -> list[Record]:
     """Decode exactly ``count`` records filling ``payload``; anything else is a FrameError.
 
     The records are msgpack arrays one after the other; read as the items of one

@@ -117,6 +117,9 @@ SIGNED_DIGEST_PREFIX = b"diode block v2"
 # symbol index, k, n, reserved, block length, records, crc.
 DATAGRAM_HEADER = struct.Struct(">HBBI8sQQBBBBIII")
 HEADER_SIZE = DATAGRAM_HEADER.size
+INDEX_OFFSET = 32  # the symbol index, then k, then n
+K_OFFSET = 33
+N_OFFSET = 34
 CRC_OFFSET = 44
 assert HEADER_SIZE == 48, "the layout above is the contract"
 
@@ -287,15 +290,20 @@ def pack_block_datagrams(
     return out
 
 
+_CRC = struct.Struct(f">{CRC_OFFSET}xI")
+
+
 def crc_ok(data: bytes | memoryview, version: int) -> bool:
     """Does the CRC field match (bytes 0..43, then the symbol, without a link tag)?"""
     view = memoryview(data)
-    end = len(data) - (LINK_TAG_SIZE if is_gated(version) else 0)
-    crc = zlib.crc32(view[HEADER_SIZE:end], zlib.crc32(view[:CRC_OFFSET]))
-    return crc == int.from_bytes(view[CRC_OFFSET:HEADER_SIZE], "big")
+    symbol = view[HEADER_SIZE:-LINK_TAG_SIZE] if version == VERSION_GATED else view[HEADER_SIZE:]
+    crc: int = _CRC.unpack_from(view)[0]
+    return zlib.crc32(symbol, zlib.crc32(view[:CRC_OFFSET])) == crc
 
 
-def parse_datagram(data: bytes, *, check_crc: bool = True) -> tuple[DatagramHeader, bytes]:
+def parse_datagram(
+    data: bytes | memoryview, *, check_crc: bool = True
+) -> tuple[DatagramHeader, bytes]:
     """Check a datagram's framing and CRC; any defect is a FrameError naming its counter.
 
     A gated datagram's link tag is not checked here (the gate does that,
@@ -356,6 +364,20 @@ def parse_datagram(data: bytes, *, check_crc: bool = True) -> tuple[DatagramHead
     return header, bytes(symbol)
 
 
+def symbol_of(data: bytes | memoryview, *, check_crc: bool) -> bytes:
+    """The symbol of a datagram whose header, but for the symbol index, is one that
+    :func:`parse_datagram` took: the index and the CRC are all there is left to check
+    (``check_crc`` False when the CRC was checked already)."""
+    view = memoryview(data)
+    version = view[2]
+    if check_crc and not crc_ok(view, version):
+        raise FrameError("CRC mismatch", reason="bad_checksum")
+    symbol = view[HEADER_SIZE:-LINK_TAG_SIZE] if is_gated(version) else view[HEADER_SIZE:]
+    if view[INDEX_OFFSET] >= view[N_OFFSET]:
+        raise FrameError("inconsistent datagram header", reason="malformed")
+    return bytes(symbol)
+
+
 def pack_block_header(header: BlockHeader) -> bytes:
     return BLOCK_HEADER.pack(
         header.generation,
@@ -372,7 +394,9 @@ def pack_block_header(header: BlockHeader) -> bytes:
     )
 
 
-def parse_block(block: bytes) -> tuple[BlockHeader, memoryview, memoryview, memoryview]:
+def parse_block(
+    block: bytes | memoryview,
+) -> tuple[BlockHeader, memoryview, memoryview, memoryview]:
     """Split a rebuilt block into (header, signed bytes, payload, signature), checking lengths."""
     if len(block) < BLOCK_OVERHEAD:
         raise FrameError("block shorter than its header and signature", reason="malformed")

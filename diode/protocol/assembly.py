@@ -27,12 +27,14 @@ ASSEMBLY_OVERHEAD = 560
 # What one symbol costs beyond its payload bytes: the ``bytes`` object and its dict slot.
 SYMBOL_OVERHEAD = 64
 
-# The key: datagram bytes 0..32 and 33..44 (all but the index and the CRC), symbol length.
+# The key: datagram bytes 0..32 and 33..44 (all but the index and the CRC), and the
+# datagram's length (with the version in the key, it fixes the symbol's).
 _KEY = struct.Struct(">HBBI8sQQBBBIIH")
 
 
-def assembly_key(datagram: bytes, symbol_length: int) -> bytes:
-    return datagram[:32] + datagram[33:44] + symbol_length.to_bytes(2, "big")
+def assembly_key(datagram: bytes | memoryview) -> bytes:
+    view = memoryview(datagram)
+    return b"".join((view[:32], view[33:44], len(view).to_bytes(2, "big")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,11 @@ class AssemblyTable:
     def __len__(self) -> int:
         return len(self._probation) + len(self._established)
 
+    def held(self, key: bytes) -> int:
+        """How many symbols the assembly ``key`` holds (0 when there is none)."""
+        assembly = self._established.get(key) or self._probation.get(key)
+        return 0 if assembly is None else len(assembly.symbols)
+
     def add(self, key: bytes, index: int, k: int, symbol: bytes, now: float) -> Assembly | None:
         """Add one symbol; returns the complete assembly (out of the table) at the k-th."""
         assembly = self._established.get(key)
@@ -80,7 +87,8 @@ class AssemblyTable:
             assembly = self._probation.get(key)
             if assembly is None:
                 if k == 1:  # complete at once: never enters the table
-                    return Assembly(key, now, {index: symbol})
+                    cost = ASSEMBLY_OVERHEAD + len(symbol) + SYMBOL_OVERHEAD
+                    return Assembly(key, now, {index: symbol}, cost)
                 assembly = Assembly(key, now)
                 self._probation[key] = assembly
                 self.bytes += ASSEMBLY_OVERHEAD

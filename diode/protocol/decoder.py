@@ -36,8 +36,9 @@ from diode.protocol.budget import VerifyBudget
 from diode.protocol.events import Delivered, EpochStarted, Event, Gap
 from diode.protocol.gate import Gate, LinkProfile
 from diode.protocol.sequencer import SequencerSettings, StreamSequencer
-from diode.protocol.waiting import Candidate, WaitingRoom, candidate_cost
+from diode.protocol.waiting import Candidate, WaitingRoom
 from diode.replay import StreamState
+from diode.wire import INDEX_OFFSET, K_OFFSET
 
 __all__ = [
     "Decoder",
@@ -156,15 +157,25 @@ class Decoder:
                 took(False)
                 continue
             try:
-                took(self._receive(bytes(datagram), now))
+                took(self._receive(datagram, now))
             except FrameError as exc:
                 counters["rejected_" + exc.reason] += 1
                 took(False)
         return taken
 
-    def _receive(self, datagram: bytes, now: float) -> bool:
+    def _receive(self, datagram: bytes | memoryview, now: float) -> bool:
+        key = assembly_key(datagram)
+        k = datagram[K_OFFSET]
+        if 0 < self._table.held(key) < k - 1:
+            # Neither the block's first symbol nor its last: the key holds every header
+            # field the gate admitted with the first, so the index and CRC are left.
+            symbol = self._gate.admit_symbol(datagram)
+            self._table.add(key, datagram[INDEX_OFFSET], k, symbol, now)
+            self.counters["symbols"] += 1
+            return True
+        # The first symbol is admitted in full, and so is the last: its header and its
+        # trusted key (looked up anew) go with the block to its verify.
         header, symbol, trusted = self._gate.admit(datagram)
-        key = assembly_key(datagram, len(symbol))
         assembly = self._table.add(key, header.index, header.k, symbol, now)
         self.counters["symbols"] += 1
         if assembly is None:
@@ -176,7 +187,7 @@ class Decoder:
             symbols=assembly.symbols,
             trusted=trusted,
             at=now,
-            cost=candidate_cost(assembly.symbols),
+            cost=assembly.cost,
         )
         turn = self._sequencer.turn(stream_id, header.epoch, header.seq)
         if turn == "wait" and not (self._stuck(stream_id) and self._budget.take(now)):

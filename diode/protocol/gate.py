@@ -49,8 +49,10 @@ from diode.wire import (
     DatagramHeader,
     crc_ok,
     gate_key,
+    is_gated,
     link_tag_states,
     parse_datagram,
+    symbol_of,
 )
 
 if TYPE_CHECKING:  # the type only: a Python built without OpenSSL still runs
@@ -157,7 +159,7 @@ class Gate:
             return "rejected_bad_tag"
         return None
 
-    def admit(self, data: bytes) -> tuple[DatagramHeader, bytes, TrustedKey]:
+    def admit(self, data: bytes | memoryview) -> tuple[DatagramHeader, bytes, TrustedKey]:
         """Framing, CRC, k and n, key id, of a datagram :meth:`screen` let through."""
         door = self._doors[int.from_bytes(data[4:8], "big")]
         # The screen checked the CRC of an ungated datagram; a gated one's is checked
@@ -174,3 +176,9 @@ class Gate:
         if trusted.stream_id != header.stream_id:
             raise FrameError("key id of another stream", reason="wrong_stream")
         return header, symbol, trusted
+
+    def admit_symbol(self, data: bytes | memoryview) -> bytes:
+        """:meth:`admit` for a datagram whose header, but for the symbol index, it admitted
+        before (its assembly key is one an earlier symbol of the block made): what admit
+        decided from those fields holds, so only the index and the CRC are left."""
+        return symbol_of(data, check_crc=is_gated(data[2]))

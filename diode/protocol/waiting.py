@@ -29,7 +29,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 from diode.keys import TrustedKey
-from diode.protocol.assembly import ASSEMBLY_OVERHEAD, SYMBOL_OVERHEAD
 from diode.wire import DatagramHeader
 
 
@@ -42,11 +41,7 @@ class Candidate:
     symbols: dict[int, bytes]
     trusted: TrustedKey
     at: float
-    cost: int
-
-
-def candidate_cost(symbols: dict[int, bytes]) -> int:
-    return ASSEMBLY_OVERHEAD + sum(len(s) + SYMBOL_OVERHEAD for s in symbols.values())
+    cost: int  # as the assembly table counted it
 
 
 class WaitingRoom:
