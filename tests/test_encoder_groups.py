@@ -15,6 +15,7 @@ from diode.encoder import EncodedBlock, Encoder, SendQueue
 from diode.errors import DiodeError
 from diode.records import Record, Sample
 from tests.core_support import EPOCH, STREAM, fixed_key, keyring
+from transmitter.files import LaneQueue
 
 KEY = fixed_key()
 SEQ = slice(24, 32)  # block sequence in the datagram header (diode/wire.py)
@@ -217,3 +218,27 @@ def test_the_receivers_link_profile_takes_every_shape_the_encoder_sends(fec: Fec
     shapes = {shape(d)[1:] for u in enc.take() for d in u.datagrams}
     assert len(shapes) > 2
     assert all(n == profile.n_for_k[k] for k, n in shapes)
+
+
+def test_the_file_lane_never_comes_between_a_groups_datagrams_closer_than_its_stride() -> None:
+    """The file port's queue shares the pacer (transmitter/files.py): it only fills gaps."""
+    enc = encoder()
+    fill(enc, 8)
+    groups = enc.take()
+    queue = LaneQueue(capacity=100_000, interleave=4, file_capacity=10_000)
+    queue.files.push(EncodedBlock(seq=0, records=1, datagrams=tuple(b"f%d" % i for i in range(30))))
+    queue.push(groups[0])
+    order: list[bytes] = []
+    while (datagram := queue.pop()) is not None:
+        order.append(datagram)
+        if len(order) == 100:
+            queue.push(groups[1])  # a group framed while files wait
+    assert len(order) == 30 + 8 * N_GROUPED
+    last: dict[int, int] = {}
+    for position, datagram in enumerate(order):
+        if datagram.startswith(b"f"):
+            continue
+        seq = shape(datagram)[0]
+        if seq in last:
+            assert position - last[seq] >= 4
+        last[seq] = position
