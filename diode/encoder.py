@@ -8,15 +8,27 @@ block is signed once, split into k' source symbols, given FEC repair and
 framed into n' equal datagrams (each ending with a link tag when the stream
 has a link secret).
 
-``SendQueue`` holds framed blocks for the paced sender and hands datagrams
-out round-robin across up to ``interleave`` blocks, so a burst of lost
-datagrams is spread over several blocks whenever the link is busy enough to
-queue them. It never waits to interleave: an idle link sends a lone block at
-once, and the per-block burst repair covers it. It has two bounds: at
+**Groups** (``[link.fec] group``, default 4). A full block (k' = ``k``) waits
+for ``group`` - 1 more; the group is framed together and handed over as one
+unit whose datagrams are already round-robin (stride ``group`` between two
+datagrams of one block), so a burst of B lost datagrams costs each of its
+blocks at most ceil(B / ``group``), and a full block carries
+``group_repair_burst`` instead of ``repair_burst``. Held full blocks leave
+within the linger of their first record all the same: when it is up (or at a
+flush) before the group is complete, everything held is re-cut into blocks of
+at most ``k`` - 1 symbols that go alone, with the whole burst repair. Only a
+group ever holds ``k`` symbols, so n stays a function of k' alone.
+
+``SendQueue`` holds framed units (a block, or a group) for the paced sender
+and hands datagrams out round-robin across up to ``interleave`` of them. It
+never reorders the datagrams of one unit: what is mixed in (other units, the
+file lane, repeats) only widens a group's stride, never narrows it. It
+never waits to interleave: an idle link sends a lone block at once, and the
+per-block burst repair covers it. It has two bounds: at
 ``limit`` it is :attr:`SendQueue.full` and the shell frames no more (the
 records wait unframed, where a bound in bytes drops the newest) until it
 holds fewer than ``resume`` (:attr:`SendQueue.has_room`); past ``capacity``
-it drops the oldest blocks not yet started, counted.
+it drops the oldest units not yet started, counted.
 """
 
 from __future__ import annotations
@@ -48,11 +60,16 @@ from diode.wire import (
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EncodedBlock:
-    """One signed block, framed into its n datagrams."""
+    """One signed block framed into its n datagrams, or a group of ``blocks`` of them.
+
+    A group's blocks have consecutive sequence numbers from ``seq``, the same n,
+    and their datagrams in round-robin order: what must go on the wire in that order.
+    """
 
     seq: int
     records: int
     datagrams: tuple[bytes, ...]
+    blocks: int = 1
 
 
 class Encoder:
@@ -68,7 +85,6 @@ class Encoder:
         psk: bytes | None = None,
         generation: int = GENERATION,
     ) -> None:
-        self._link = link
         self._generation = generation
         self._key = key
         self._stream_id = stream_id
@@ -79,10 +95,26 @@ class Encoder:
         self._gate = gate_key(psk, stream_id) if psk else None
         self._symbol = symbol_size(link.datagram_size, gated=psk is not None)
         self._linger_s = link.linger_ms / 1000
-        self.capacity = link.fec.k * self._symbol - BLOCK_OVERHEAD - (AEAD_TAG_SIZE if psk else 0)
+        self._fec = link.fec
+        overhead = BLOCK_OVERHEAD + (AEAD_TAG_SIZE if psk else 0)
+        self._full_capacity = link.fec.k * self._symbol - overhead
+        # The largest record: one that a block sent alone can hold.
+        self.capacity = link.fec.k_alone * self._symbol - overhead
         self._parts: list[bytes] = []
         self._size = 0
         self._opened_at = 0.0
+        # Full blocks (k symbols) waiting for their group, and when the first one's
+        # first record came.
+        self._full: list[list[bytes]] = []
+        self._full_since = 0.0
+        # Whether the open block fills to k symbols and waits for a group: the last
+        # block filled fast enough for a group to fill within the linger (until one
+        # has, or since the linger last sent what was held, it is assumed to).
+        self._grouping = link.fec.grouped
+        # The open block's fill time without its pauses, and the last record's time.
+        self._pause_s = self._linger_s / link.fec.group
+        self._filling_s = 0.0
+        self._last_add = 0.0
         self._seq = 0
         self._next_record = 0
         self._closed: list[EncodedBlock] = []
@@ -93,12 +125,22 @@ class Encoder:
 
     @property
     def pending_records(self) -> int:
-        return len(self._parts)
+        """Records held: in the open block and in full blocks waiting for their group."""
+        return len(self._parts) + sum(map(len, self._full))
+
+    @property
+    def full_blocks_held(self) -> int:
+        """Full blocks waiting for the rest of their group."""
+        return len(self._full)
 
     @property
     def room(self) -> int:
-        """Bytes of records the open block can still take (``capacity`` when none is open)."""
-        return self.capacity - self._size
+        """Bytes of records the open block can still take before it closes."""
+        return self._block_capacity() - self._size
+
+    def _block_capacity(self) -> int:
+        """A block that will wait for its group holds k symbols; one that goes alone k - 1."""
+        return self._full_capacity if self._grouping else self.capacity
 
     @property
     def blocks_ready(self) -> bool:
@@ -113,42 +155,119 @@ class Encoder:
                 f"a record of {len(data)} bytes exceeds a block's {self.capacity}",
                 reason="record_too_large",
             )
-        if self._size + len(data) > self.capacity:
-            self._close()
+        if self._size + len(data) > self._block_capacity():
+            self._close_by_size(now)
         if not self._parts:
             self._opened_at = now
+            self._filling_s = 0.0
+        elif (gap := now - self._last_add) <= self._pause_s:
+            self._filling_s += gap
+        self._last_add = now
         self._parts.append(data)
         self._size += len(data)
 
     def deadline(self) -> float | None:
-        """When :meth:`poll` must run next, or None while no block is open."""
-        return self._opened_at + self._linger_s if self._parts else None
+        """When :meth:`poll` must run next, or None while no record is held."""
+        since = self._oldest()
+        return None if since is None else since + self._linger_s
 
     def poll(self, now: float) -> None:
-        """Close the open block if its first record has waited the linger."""
-        if self._parts and now - self._opened_at >= self._linger_s:
-            self._close()
+        """Send what is held alone if its first record has waited the linger."""
+        since = self._oldest()
+        if since is not None and now - since >= self._linger_s:
+            # Not busy enough to fill a group in the linger: blocks fill to k - 1 for
+            # now (one filled to k would be cut in two at the next linger).
+            self._grouping = False
+            self.flush()
 
     def flush(self) -> None:
-        """Close the open block now (shutdown, heartbeats that must not wait)."""
-        if self._parts:
-            self._close()
+        """Close what is held now, alone (shutdown, heartbeats that must not wait)."""
+        self._send_alone()
+
+    def _oldest(self) -> float | None:
+        """When the first record held came, or None while none is."""
+        if self._full:
+            return self._full_since
+        return self._opened_at if self._parts else None
 
     def take(self) -> list[EncodedBlock]:
         """The blocks closed since the last call, oldest first."""
         closed, self._closed = self._closed, []
         return closed
 
-    def _close(self) -> None:
-        parts = self._parts
-        count = len(parts)
-        self._parts = []
-        flags = FLAG_ENCRYPTED if self._psk else 0
+    def _close_by_size(self, now: float) -> None:
+        """The open block is full: it waits for its group, or goes alone.
+
+        How long it took to fill says whether the next one is worth holding for a
+        group: ``group`` blocks filled at that pace must fit in the linger, or the
+        linger would send them alone anyway, cut at k - 1 with a small block left
+        over. Not worth it, a block fills to k - 1 symbols only, and goes at once.
+        A pause between two records longer than a group's share of the linger
+        (the framer held by a full send queue, a source between two poll cycles)
+        is not the pace: counted, it sent the blocks around every pause alone.
+        """
+        fec = self._fec
         payload_length = self._size + (AEAD_TAG_SIZE if self._psk else 0)
-        self._size = 0
+        k = -(-(BLOCK_OVERHEAD + payload_length) // self._symbol)
+        busy = (self._filling_s + min(now - self._last_add, self._pause_s)) * fec.group <= (
+            self._linger_s
+        )
+        grouping, self._grouping = self._grouping, fec.grouped and busy
+        if not (grouping and k == fec.k):
+            # Alone: closed at k - 1, or short of k (the next record is large); what
+            # waited for a group goes first, alone too.
+            self._send_alone()
+            return
+        if not self._full:
+            self._full_since = self._opened_at
+        self._full.append(self._parts)
+        self._parts, self._size = [], 0
+        if len(self._full) == fec.group:
+            self._frame_group()
+        elif not self._grouping:
+            self._send_alone()  # the pace dropped: the group would not fill in time
+
+    def _frame_group(self) -> None:
+        blocks = [self._frame(parts, sum(map(len, parts))) for parts in self._full]
+        self._full = []
+        self._closed.append(
+            EncodedBlock(
+                seq=blocks[0].seq,
+                records=sum(b.records for b in blocks),
+                # Round-robin: datagram i of every block, then i + 1. Every block of a
+                # group has the same n, so the stride between two datagrams of one
+                # block is exactly the group's size.
+                datagrams=tuple(
+                    d for row in zip(*(b.datagrams for b in blocks), strict=True) for d in row
+                ),
+                blocks=len(blocks),
+            )
+        )
+
+    def _send_alone(self) -> None:
+        """Cut everything held into blocks of at most ``k`` - 1 symbols, each sent alone."""
+        held = [*(data for parts in self._full for data in parts), *self._parts]
+        self._full, self._parts, self._size = [], [], 0
+        for data in held:
+            if self._size + len(data) > self.capacity:
+                self._close()
+            self._parts.append(data)
+            self._size += len(data)
+        if self._parts:
+            self._close()
+
+    def _close(self) -> None:
+        self._closed.append(self._frame(self._parts, self._size))
+        self._parts, self._size = [], 0
+
+    def _frame(self, parts: list[bytes], size: int) -> EncodedBlock:
+        """Sign, protect and frame one block of records; it takes the next sequence number."""
+        count = len(parts)
+        flags = FLAG_ENCRYPTED if self._psk else 0
+        payload_length = size + (AEAD_TAG_SIZE if self._psk else 0)
         block_length = BLOCK_OVERHEAD + payload_length
         k = -(-block_length // self._symbol)
-        n = k + self._link.fec.repair_for(k)
+        n = k + self._fec.repair_for(k)
         header = pack_block_header(
             BlockHeader(
                 flags=flags,
@@ -201,13 +320,14 @@ class Encoder:
                 self._gate,
             )
         )
-        self._closed.append(EncodedBlock(seq=self._seq, records=count, datagrams=datagrams))
+        framed = EncodedBlock(seq=self._seq, records=count, datagrams=datagrams)
         self._seq += 1
         self._next_record += count
+        return framed
 
 
 class SendQueue:
-    """Framed blocks waiting for the pacer: bounded, interleaved, drops counted."""
+    """Framed units (blocks, groups) waiting for the pacer: bounded, interleaved, drops counted."""
 
     def __init__(
         self,
@@ -243,7 +363,7 @@ class SendQueue:
         return self._queued < self.resume
 
     def push(self, block: EncodedBlock) -> int:
-        """Queue a block; returns how many blocks were dropped to make room (counted).
+        """Queue a block or a group; returns how many blocks were dropped to make room (counted).
 
         When the queue is full, the oldest blocks not yet started go first: the
         newest values (and the heartbeat that reports the drops) are worth more
@@ -257,16 +377,16 @@ class SendQueue:
             oldest = self._waiting.popleft()
             self._queued -= len(oldest.datagrams)
             self._count_drop(oldest)
-            dropped += 1
+            dropped += oldest.blocks
         if self._queued + need > self.capacity:
             self._count_drop(block)
-            return dropped + 1
+            return dropped + block.blocks
         self._waiting.append(block)
         self._queued += need
         return dropped
 
     def _count_drop(self, block: EncodedBlock) -> None:
-        self.blocks_dropped += 1
+        self.blocks_dropped += block.blocks
         self.records_dropped += block.records
 
     def clear(self) -> int:

@@ -22,9 +22,13 @@ def fixed_key(seed: int = 1) -> SigningKey:
     return SigningKey(Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32))
 
 
-def small_link(k: int = 8, ratio: float = 0.5, burst: int = 1, size: int = 256) -> LinkSettings:
+def small_link(
+    k: int = 8, ratio: float = 0.5, burst: int = 1, size: int = 256, group: int = 1
+) -> LinkSettings:
+    """Small blocks whose arithmetic a test can follow: by default every block goes alone."""
     return LinkSettings(
-        datagram_size=size, fec=FecSettings(k=k, repair_ratio=ratio, repair_burst=burst)
+        datagram_size=size,
+        fec=FecSettings(k=k, repair_ratio=ratio, repair_burst=burst, group=group),
     )
 
 
@@ -65,7 +69,8 @@ def encode_blocks(
         if per_block and i % per_block == 0:
             encoder.flush()
     encoder.flush()
-    return [list(b.datagrams) for b in encoder.take()]
+    # A group's datagrams are round-robin: block j of b is every b-th from j.
+    return [list(u.datagrams[j :: u.blocks]) for u in encoder.take() for j in range(u.blocks)]
 
 
 def new_decoder(*keys: SigningKey, psk: bytes | None = None, **settings: float) -> Decoder:

@@ -89,11 +89,12 @@ def test_link_with_a_lighter_fec_profile() -> None:
     )  # fmt: skip
     settings = report["settings"]
     assert isinstance(settings, dict)
-    assert (settings["k"], settings["n_full_block"]) == (32, 44)
+    # A full block in a group: 32 + ceil(3.2) + group_repair_burst 9 (its own default).
+    assert (settings["k"], settings["n_full_block"]) == (32, 45)
     (run,) = report["diode"]
     assert run["rx_records_lost"] == 0
-    # Measured against k/n = 32/44: had the transmitter kept the default 32/56, the
-    # wire would carry 27 % more and this ratio would fall near 0.75.
+    # Measured against k/n = 32/45: had the transmitter kept the default (32/49 in
+    # groups, 31/55 alone), the ratio would fall near 0.92, or 0.75 alone.
     assert run["efficiency_vs_wire_k_over_n"] > 0.8
 
 

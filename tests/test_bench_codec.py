@@ -14,7 +14,8 @@ def test_codec_report_is_json_and_delivers_everything_at_zero_loss() -> None:
     assert set(report) == {"settings", "encode", "decode"}
     settings = report["settings"]
     assert isinstance(settings, dict)
-    assert (settings["datagram_size"], settings["k"], settings["n_full_block"]) == (1472, 32, 56)
+    # A full block travels in a group of 4 at n 49 (docs/PROTOCOL.md, section 5).
+    assert (settings["datagram_size"], settings["k"], settings["n_full_block"]) == (1472, 32, 49)
 
     encode = report["encode"]
     assert isinstance(encode, dict)

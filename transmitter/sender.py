@@ -136,6 +136,11 @@ class PacedSender:
     ``on_room`` is called after each turn that leaves the queue under its
     resume mark (:attr:`SendQueue.has_room`): a framer held while it was full
     goes on.
+
+    Datagrams leave in the order the queue hands them out: what the socket
+    could not take goes back first in line, and repeats only go between them.
+    A group's stride on the wire, on which its repair counts (diode/encoder.py),
+    depends on it.
     """
 
     def __init__(

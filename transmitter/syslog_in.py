@@ -88,9 +88,14 @@ def socket_drops(sock: socket.socket) -> int | None:
 
 
 def lane_bytes_per_s(link: LinkSettings, rate_mbps: float, share: float) -> float:
-    """Record bytes per second that fill ``share`` of the link once FEC and headers are paid."""
+    """Record bytes per second that fill ``share`` of the link once FEC and headers are paid.
+
+    At the cost of the largest block sent alone (k - 1 symbols with the whole burst
+    repair, when full blocks go in groups): a group's blocks cost less, so the lane
+    never takes more than its share, whether or not the link is busy enough for groups.
+    """
     symbol = symbol_size(link.datagram_size)
-    k = link.fec.k
+    k = link.fec.k_alone
     n = k + link.fec.repair_for(k)
     efficiency = (k * symbol - BLOCK_OVERHEAD) / (n * (link.datagram_size + IPV4_UDP_OVERHEAD))
     return share * rate_mbps * 1e6 / 8 * efficiency

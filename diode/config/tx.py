@@ -32,8 +32,9 @@ class TxLink(LinkSettings):
         gt=0.0,
         le=10_000.0,
         description="the send queue holds what the link carries in this long at rate_mbps (and "
-        "at least interleave + 1 full blocks); past it the framer waits and records wait in the "
-        "outbox ([transmitter] queue_records, queue_mb), which drops the newest and counts them",
+        "at least interleave + 1 of the largest blocks); past it the framer waits and records "
+        "wait in the outbox ([transmitter] queue_records, queue_mb), which drops the newest and "
+        "counts them",
     )
     queue_datagrams: int = Field(
         65536,
@@ -57,16 +58,28 @@ class TxLink(LinkSettings):
         """Datagrams the send queue takes before the framer waits (backpressure).
 
         What the link carries in ``queue_ms`` at ``rate_mbps``, but never fewer
-        than ``interleave`` + 1 full blocks, so that a busy link always has the
-        blocks it interleaves; two blocks under ``queue_datagrams``, so that what
-        goes in past the limit (the block being framed when it was reached, and
-        the open one its linger closes) never makes the queue drop.
+        than ``interleave`` + 1 of the largest blocks, so that a busy link always
+        has the blocks it interleaves; :meth:`past_limit` under ``queue_datagrams``,
+        so that what goes in past the limit never makes the queue drop.
         """
-        block = self.fec.k + self.fec.repair_for(self.fec.k)
         wire_bytes = self.datagram_size + IPV4_UDP_OVERHEAD
         carried = math.ceil(self.queue_ms / 1000 * self.rate_mbps * 1e6 / 8 / wire_bytes)
-        wanted = max(carried, (self.interleave + 1) * block)
-        return max(min(wanted, self.queue_datagrams - 2 * block), 1)
+        wanted = max(carried, (self.interleave + 1) * self.fec.most_symbols())
+        return max(min(wanted, self.queue_datagrams - self.past_limit()), 1)
+
+    def past_limit(self) -> int:
+        """Datagrams the queue may take past its limit: what the framer had in hand.
+
+        The group being framed when the limit was reached (or the block, without
+        groups), and what the linger then sends alone: the full blocks held for
+        the next group and the open one, re-cut into blocks of k - 1 symbols (at
+        most two for each, when every record is just over half a block).
+        """
+        fec = self.fec
+        largest = fec.most_symbols()
+        if not fec.grouped:
+            return 2 * largest
+        return fec.group * (fec.k + fec.repair_for(fec.k)) + 2 * fec.group * largest
 
     def queue_s(self) -> float:
         """How long the link takes to send the queue at :meth:`queue_limit`.
@@ -81,14 +94,13 @@ class TxLink(LinkSettings):
     def queue_resume(self) -> int:
         """Datagrams under which a framer held at :meth:`queue_limit` goes on.
 
-        Half the limit, but never under ``interleave`` + 1 full blocks: woken once
+        Half the limit, but never under ``interleave`` + 1 of the largest blocks: woken once
         per half a queue, the framer refills it in one go, where waking it for
         each block the pacer sent cost a wake-up, a future and a timer per block
         (1 700 a second at 1000 Mb/s).
         """
         limit = self.queue_limit()
-        block = self.fec.k + self.fec.repair_for(self.fec.k)
-        return min(max(limit // 2, (self.interleave + 1) * block), limit)
+        return min(max(limit // 2, (self.interleave + 1) * self.fec.most_symbols()), limit)
 
 
 class TransmitterSection(Section):
