@@ -29,7 +29,9 @@ retried: it is counted (``refused``) and logged with the reason, rate-limited.
 The spool costs about 1.9 us of CPU a message here (append, read, delete, in
 batches of 50; 4.3 us when it kept one row per message), the price of
 property 3 ("nothing is lost silently"). A message whose MQTT 5 expiry ran
-out while spooled is dropped in its turn and counted (``spool_expired``).
+out while spooled is dropped in its turn and counted (``spool_expired``), as
+is one whose bytes a power loss took from the spool's data file (counted in
+``spool_damaged`` too, and logged: receiver/spool.py).
 
 How to publish fast enough: measured here (CPython 3.11, 2 cores, local
 mosquitto 2.0.11, counted by ``mosquitto_sub`` in a child process,
@@ -450,6 +452,7 @@ class MqttOutput:
             "spool_depth": len(self._spool),
             "spool_dropped": 0,
             "spool_expired": 0,
+            "spool_damaged": 0,  # of those expired: their bytes lost from a data file
             "refused": 0,
             "unencodable": 0,
             "connected": 0,
@@ -802,6 +805,13 @@ class MqttOutput:
         last, messages = spool.read(self._cursor, min(room, SPOOL_READ), time.time())
         self._cursor = last
         self.counters["spool_depth"] = len(spool)
+        if spool.damaged != self.counters["spool_damaged"]:  # a power loss: see spool.py
+            self._log.error(
+                "mqtt spool messages lost from a data file, dropped as expired",
+                lost=spool.damaged - self.counters["spool_damaged"],
+                lost_total=spool.damaged,
+            )
+            self.counters["spool_damaged"] = spool.damaged
         if not messages:
             return False
         # QoS 0 messages are done when paho has written the whole run to the socket;

@@ -294,3 +294,37 @@ def test_per_tag_payloads_are_the_encoding_of_their_fields(entries: list[Any]) -
         messages = sample_messages(topics, items)
         assert [m.payload for m in messages] == [encode(sample_fields(t, s)) for t, s in items]
         assert [m.topic for m in messages] == [topics.tag(t.device, t.name) for t, _ in items]
+
+
+@given(
+    entries=st.lists(
+        st.tuples(
+            st.sampled_from(["d", 'e"/+', ""]),  # the device: several, with JSON escapes
+            st.text(max_size=6),  # the tag name
+            st.text(max_size=6),  # the unit
+            _VALUES,
+            st.sampled_from(list(Quality)),
+            st.integers(-(2**62), 2**62),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_batched_payloads_are_the_encoding_of_their_fields(entries: list[Any]) -> None:
+    """The batched path builds a good sample's object itself: each device's payload must be
+    the bytes ``encode`` gives for its samples' fields, in order."""
+    items = []
+    for i, (device, name, unit, value, quality, ts_ns) in enumerate(entries):
+        tag = TagInfo(tag_id=i, name=name, device=device, value_type=ValueType.STRING, unit=unit)
+        reason = "" if quality is Quality.GOOD else "why"
+        sample = Sample(tag_id=i, ts_ns=ts_ns, value=value, quality=quality, reason=reason)
+        items += [(tag, sample), (tag, sample)]
+    expected: dict[str, list[dict[str, Any]]] = {}
+    for tag, sample in items:
+        expected.setdefault(tag.device, []).append({**sample_fields(tag, sample), "tag": tag.name})
+    topics = Topics(StreamOutput(payload="batched"))
+    for _ in range(2):  # the second time from the entries' cache
+        messages = sample_messages(topics, items)
+        assert [(m.topic, m.payload) for m in messages] == [
+            (topics.device(d), encode({"device": d, "samples": s})) for d, s in expected.items()
+        ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -12,11 +13,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from receiver.payload import Message
-from receiver.spool import BATCH_MAX, RECENT_ROWS, Spool
+from receiver.spool import (
+    BATCH_MAX,
+    DATA_FILE_BYTES,
+    RECENT_ROWS,
+    TABLE_MAX_BYTES,
+    Spool,
+    _pack,
+)
 
 
-def msgs(*names: str, expiry: int | None = None) -> list[Message]:
-    return [Message(f"t/{n}", n.encode(), 1, True, expiry) for n in names]
+def msgs(*names: str, expiry: int | None = None, pad: int = 0) -> list[Message]:
+    """Messages named ``names``; ``pad`` bytes more in each payload (large rows: data files)."""
+    return [Message(f"t/{n}", n.encode() + b"." * pad, 1, True, expiry) for n in names]
 
 
 def payloads(spool: Spool) -> list[bytes]:
@@ -181,9 +190,14 @@ def test_a_spool_of_one_row_per_message_is_converted(tmp_path: Path) -> None:
 
 _OPS = st.lists(
     st.one_of(
-        st.tuples(st.just("append"), st.integers(0, 9), st.sampled_from([None, 30, 0])),
-        st.tuples(st.just("read"), st.integers(1, 12), st.none()),
-        st.tuples(st.just("delete"), st.integers(0, 12), st.none()),
+        st.tuples(
+            st.just("append"),
+            st.integers(0, 9),
+            st.sampled_from([None, 30, 0]),
+            st.sampled_from([0, TABLE_MAX_BYTES // 3]),  # rows in the table, or in a data file
+        ),
+        st.tuples(st.just("read"), st.integers(1, 12), st.none(), st.just(0)),
+        st.tuples(st.just("delete"), st.integers(0, 12), st.none(), st.just(0)),
     ),
     max_size=40,
 )
@@ -201,11 +215,11 @@ def test_reads_from_memory_are_the_reads_of_the_table(tmp_path_factory: Any, ops
     cursor = -(2**62)
     serial = 0
     try:
-        for op, n, expiry in ops:
+        for op, n, expiry, pad in ops:
             if op == "append":
                 names = [str(serial + i) for i in range(n)]
                 serial += n
-                spool.append(msgs(*names, expiry=expiry), float(serial))
+                spool.append(msgs(*names, expiry=expiry, pad=pad), float(serial))
             elif op == "read":
                 cursor, _ = spool.read(cursor, n, float(serial))
             else:
@@ -260,7 +274,8 @@ def _commits_a_few_ms_apart(path: Path, *, checkpoints: bool) -> tuple[int, list
     delivered = -(2**62)
     try:
         for i in range(400):
-            spool.append(msgs(*[f"{i}.{j}" * 20 for j in range(50)]), 0.0)
+            # Rows the table holds (under TABLE_MAX_BYTES): their pages go through the WAL.
+            spool.append(msgs(*[f"{i}.{j}" * 4 for j in range(50)]), 0.0)
             delivered, _ = spool.read(delivered, 49, 0.0)  # one left each time
             spool.delete_through(delivered)
             time.sleep(0.002)
@@ -286,4 +301,140 @@ def test_a_checkpoint_from_another_thread_beside_the_writer(tmp_path: Path) -> N
     assert len(left) == 400
     again = Spool(tmp_path / "a.db", 1_000_000)
     assert payloads(again) == left
+    again.close()
+
+
+# -- large rows in data files (receiver/spool.py, "Large rows in data files") ---------------
+
+
+def data_files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.glob(f"{path.name}-data.*"))
+
+
+def test_large_rows_go_to_a_data_file_and_read_back_after_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    spool = Spool(path, 1000)
+    spool.append(msgs("small"), 1.0)
+    spool.append(msgs("a", "b", expiry=60, pad=TABLE_MAX_BYTES), 1.0)
+    assert data_files(path) == ["s.db-data.1"]
+    (in_row,) = spool._db.execute("SELECT count(*) FROM batches WHERE file_no IS NULL").fetchone()
+    assert in_row == 1
+    spool.close()
+    again = Spool(path, 1000)
+    _, rows = again.read(-(2**62), 10, 11.0)
+    assert [m for _, m in rows] == [
+        *msgs("small"),
+        *msgs("a", "b", expiry=50, pad=TABLE_MAX_BYTES),
+    ]
+    assert again.damaged == 0
+    # Once delivered, the file goes with the last row that refers to it; a spool writes
+    # a new file, never into one a killed writer may have left half a row in.
+    again.delete_through(rows[-1][0])
+    assert data_files(path) == []
+    again.append(msgs("c", pad=TABLE_MAX_BYTES), 2.0)
+    assert data_files(path) == ["s.db-data.2"]
+    again.close()
+
+
+def test_a_data_file_goes_once_no_row_refers_to_it(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    spool = Spool(path, 10_000)
+    big = msgs("x", pad=DATA_FILE_BYTES // 3)
+    for _ in range(4):  # past DATA_FILE_BYTES: a second file, then a third
+        spool.append(big, 0.0)
+    assert data_files(path) == ["s.db-data.1", "s.db-data.2"]
+    _, rows = spool.read(-(2**62), 3, 0.0)
+    spool.delete_through(rows[2][0])  # the three rows of file 1
+    assert data_files(path) == ["s.db-data.2"]
+    assert [m.payload for m in payloads_of(spool)] == [big[0].payload]
+    spool.close()
+
+
+def payloads_of(spool: Spool) -> list[Message]:
+    _, rows = spool.read(-(2**62), 10_000, 0.0)
+    return [m for _, m in rows]
+
+
+def test_bytes_written_for_a_row_that_never_committed_are_never_read(tmp_path: Path) -> None:
+    """A transaction that fails after its row's bytes are on file (here a real SQLite error,
+    as a kill before the COMMIT would leave them): later rows are read right, and a spool
+    opened on the file deletes a data file no row refers to."""
+    path = tmp_path / "s.db"
+    spool = Spool(path, 1000)
+    spool._db.execute(
+        "CREATE TEMP TRIGGER refuse BEFORE INSERT ON batches WHEN NEW.count = 3"
+        " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    spool.append(msgs("a", pad=TABLE_MAX_BYTES), 0.0)
+    try:
+        spool.append(msgs("lost1", "lost2", "lost3", pad=TABLE_MAX_BYTES), 0.0)
+    except sqlite3.IntegrityError:
+        pass
+    else:
+        raise AssertionError("the trigger did not refuse the row")
+    spool.append(msgs("b", pad=TABLE_MAX_BYTES), 0.0)
+    assert [m.payload[:1] for m in payloads_of(spool)] == [b"a", b"b"]
+    _, rows = spool.read(-(2**62), 10, 0.0)
+    spool.delete_through(rows[-1][0])
+    spool.close()
+    # What a killed writer leaves: data files no committed row refers to. The last one
+    # may be another spool's it has not committed yet: it goes once this one writes on.
+    (tmp_path / "s.db-data.6").write_bytes(b"half a row")
+    (tmp_path / "s.db-data.7").write_bytes(b"half a row")
+    again = Spool(path, 1000)
+    assert data_files(path) == ["s.db-data.7"]
+    again.append(msgs("c", pad=TABLE_MAX_BYTES), 0.0)
+    assert data_files(path) == ["s.db-data.8"]  # never a number an old file had
+    assert [m.payload[:1] for m in payloads_of(again)] == [b"c"]
+    again.close()
+
+
+def test_a_row_whose_bytes_are_gone_reads_as_expired_and_is_counted(tmp_path: Path) -> None:
+    """What a power loss can leave (the data file is not fsynced): short or wrong bytes are
+    never published; the row's messages read as expired (dropped and counted by the
+    output) and :attr:`Spool.damaged` counts them, once however often they are read."""
+    path = tmp_path / "s.db"
+    spool = Spool(path, 1000)
+    spool.append(msgs("a", "b", pad=TABLE_MAX_BYTES), 0.0)
+    spool.append(msgs("c", "d", pad=TABLE_MAX_BYTES), 0.0)
+    ((first_end,),) = spool._db.execute("SELECT file_at + file_len FROM batches LIMIT 1")
+    spool.close()
+    data = path.with_name("s.db-data.1")
+    whole = data.read_bytes()
+    data.write_bytes(whole[:10] + b"!" + whole[11:])  # the first row's bytes changed
+    again = Spool(path, 1000)
+    for _ in range(2):
+        _, rows = again.read(-(2**62), 10, 5.0)
+        assert [(m.topic, m.expiry_s is not None and m.expiry_s <= 0) for _, m in rows] == [
+            ("", True),
+            ("", True),
+            ("t/c", False),
+            ("t/d", False),
+        ]
+    assert again.damaged == 2
+    again.close()
+    data.write_bytes(whole[: first_end + 10])  # the second row's bytes cut short
+    third = Spool(path, 1000)
+    assert [m.topic for m in payloads_of(third)] == ["t/a", "t/b", "", ""]
+    assert third.damaged == 2
+    third.close()
+
+
+def test_a_spool_from_before_data_files_gains_their_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    big = msgs("old", pad=2 * TABLE_MAX_BYTES)  # an old large row: in the table
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(
+            "CREATE TABLE batches (id INTEGER PRIMARY KEY AUTOINCREMENT, count INTEGER NOT NULL,"
+            " skip INTEGER NOT NULL DEFAULT 0, spooled_at REAL NOT NULL, messages BLOB NOT NULL)"
+        )
+        db.execute(
+            "INSERT INTO batches (count, spooled_at, messages) VALUES (1, 0, ?)", (_pack(big),)
+        )
+    spool = Spool(path, 1000)
+    spool.append(msgs("new", pad=2 * TABLE_MAX_BYTES), 0.0)
+    assert payloads_of(spool) == [*big, *msgs("new", pad=2 * TABLE_MAX_BYTES)]
+    spool.close()
+    again = Spool(path, 1000)
+    assert payloads_of(again) == [*big, *msgs("new", pad=2 * TABLE_MAX_BYTES)]
     again.close()
