@@ -138,10 +138,14 @@ def _link_figures() -> tuple[Figure, ...]:
             Figure(f"L{i}6", f"rx CPU s/s, {loss} loss", d + "rx_cpu_s_per_s", "<= 1"),
             Figure(f"L{i}7", f"tx peak RSS MB, {loss} loss", d + "tx_rss_peak_mb", "< 150"),
             Figure(f"L{i}8", f"rx peak RSS MB, {loss} loss", d + "rx_rss_peak_mb", "< 150"),
+            Figure(f"L{i}9", f"rx µs CPU per delivered block, {loss} loss",
+                   d + "rx_cpu_us_per_block"),
         ]  # fmt: skip
     out += [
         Figure("L21", "pydiode goodput Mb/s (its default)", "pydiode.goodput_mbps"),
         Figure("L22", "goodput / pydiode (its default)", "goodput_ratio_vs_pydiode", ">= 1.5"),
+        Figure("L23", "pydiode goodput Mb/s at 1472-byte datagrams", "pydiode_1472.goodput_mbps"),
+        Figure("L24", "goodput / pydiode at 1472 bytes", "goodput_ratio_vs_pydiode_1472", ">= 5"),
     ]
     return tuple(out)
 
