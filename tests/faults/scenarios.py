@@ -547,8 +547,9 @@ async def forgery(tmp: Path, broker: Mosquitto, *, seed: int = SEED) -> Result:
             plant, rejected(before, ("unknown_key",)), len(other), ("unknown_key",)
         )
         # A newer epoch is outside the window: each datagram (a whole k = 1 block) is
-        # verified within the budget, or refused by it.
-        outside = ("bad_signature", "verify_budget")
+        # verified within the budget, or refused by it; the block's other datagrams, which
+        # rebuild the same forged block, are refused by the failure memory (known_forgery).
+        outside = ("bad_signature", "verify_budget", "known_forgery")
         await _rejections_grow(plant, rejected(before, outside), len(newer), outside)
         # Ahead in the live epoch, within a second or two of the real stream's position.
         seq = plant.rx_counters().get("blocks_delivered", 0)
@@ -565,7 +566,8 @@ async def forgery(tmp: Path, broker: Mosquitto, *, seed: int = SEED) -> Result:
         result.note(
             f"{len(other)} datagrams under another key -> rejected_unknown_key; "
             f"{len(newer)} under the real key id with a bad signature in a newer epoch -> "
-            f"bad_signature or verify_budget; {len(ahead)} ahead in the live epoch -> "
+            f"bad_signature, verify_budget or known_forgery; {len(ahead)} ahead in the live "
+            "epoch -> "
             f"waiting_full, then bad_signature or late at their turn"
         )
         await asyncio.sleep(1.0)
