@@ -209,9 +209,11 @@ class Topics:
         self._template_no_area = self._template.replace("{area}/", "").replace("/{area}", "")
         self._tags: dict[tuple[str, str], str] = {}
         # Per catalogue entry (by identity, the entry held so its id stays its own): the
-        # topic and the end of a good sample's per-tag payload, and of its object in a
-        # batched payload (see sample_messages).
-        self._entries: dict[int, tuple[TagInfo, str, bytes, bytes]] = {}
+        # topic and the end of a good sample's per-tag payload (see sample_messages), and
+        # apart (a per-tag stream never encodes the name in a payload) the end of its
+        # object in a batched payload.
+        self._entries: dict[int, tuple[TagInfo, str, bytes]] = {}
+        self._batched_tails: dict[int, tuple[TagInfo, bytes]] = {}
 
     def area(self, device: str) -> str:
         """The ISA-95 levels between the site and ``device`` (may be empty)."""
@@ -236,28 +238,26 @@ class Topics:
 
     def entry(self, tag: TagInfo) -> tuple[str, bytes]:
         """The tag's topic, and what follows the ``ts`` of a good sample's per-tag payload."""
-        _, topic, tail, _ = self._entry(tag)
+        known = self._entries.get(id(tag))
+        if known is not None and known[0] is tag:
+            return known[1], known[2]
+        if len(self._entries) > 1_000_000:  # a renamed catalogue must not grow this forever
+            self._entries.clear()
+        topic = self.tag(tag.device, tag.name)
+        tail = _GOOD_HEAD + orjson.dumps(tag.unit) + b"}"
+        self._entries[id(tag)] = (tag, topic, tail)
         return topic, tail
 
     def batched_tail(self, tag: TagInfo) -> bytes:
         """What follows the ``ts`` of a good sample's object in a batched payload."""
-        return self._entry(tag)[3]
-
-    def _entry(self, tag: TagInfo) -> tuple[TagInfo, str, bytes, bytes]:
-        known = self._entries.get(id(tag))
+        known = self._batched_tails.get(id(tag))
         if known is not None and known[0] is tag:
-            return known
-        if len(self._entries) > 1_000_000:  # a renamed catalogue must not grow this forever
-            self._entries.clear()
-        good = b'","quality":"good","unit":' + orjson.dumps(tag.unit)
-        known = (
-            tag,
-            self.tag(tag.device, tag.name),
-            good + b"}",
-            good + b',"tag":' + orjson.dumps(tag.name) + b"}",
-        )
-        self._entries[id(tag)] = known
-        return known
+            return known[1]
+        if len(self._batched_tails) > 1_000_000:
+            self._batched_tails.clear()
+        tail = _GOOD_HEAD + orjson.dumps(tag.unit) + b',"tag":' + orjson.dumps(tag.name) + b"}"
+        self._batched_tails[id(tag)] = (tag, tail)
+        return tail
 
     def device(self, device: str) -> str:
         area = self.area(device)
@@ -285,6 +285,7 @@ def sample_messages(topics: Topics, items: Sequence[tuple[TagInfo, Sample]]) -> 
 _GOOD = Quality.GOOD
 _VALUE_HEAD = b'{"value":'
 _TS_HEAD = b',"ts":"'
+_GOOD_HEAD = b'","quality":"good","unit":'  # after the ts, in both payloads
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what orjson writes as a JSON integer
 
 
