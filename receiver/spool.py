@@ -388,6 +388,8 @@ class Spool:
         self._db.execute("DELETE FROM batches WHERE id < ?", (row_id,))
         for key in [k for k in self._recent if k < row_id]:
             self._forget_recent(key)
+        if self._damaged_rows:  # the rows gone need no memory of having been counted
+            self._damaged_rows = {k for k in self._damaged_rows if k >= row_id}
         if self._unrecorded < row_id:
             self._unrecorded = 0  # every row memory lacked is gone
         row = self._db.execute("SELECT count, skip FROM batches WHERE id = ?", (row_id,)).fetchone()
