@@ -107,6 +107,14 @@ class AssemblyTable:
         self._evict()
         return None
 
+    def discard(self, key: bytes) -> None:
+        """Drop the assembly ``key`` if there is one: the block it names was authenticated,
+        so what it holds is surplus (symbols that came after the k-th, while the block
+        waited its turn) and can never be needed."""
+        assembly = self._established.pop(key, None) or self._probation.pop(key, None)
+        if assembly is not None:
+            self.bytes -= assembly.cost
+
     def _remove(self, assembly: Assembly) -> None:
         if self._established.pop(assembly.key, None) is None:
             self._probation.pop(assembly.key, None)

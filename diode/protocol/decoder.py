@@ -210,6 +210,11 @@ class Decoder:
         self._sequencer.accept(
             header.stream_id, block, now, wall_s=wall, tail=self._table.take_epoch, arrived=arrived
         )
+        # The symbols that came after the k-th while the block waited its turn gathered in
+        # an assembly of their own, which would otherwise sit out its timeout: under load
+        # (many blocks waiting) such leftovers filled the table, and a full table evicts
+        # every new block's first symbol (docs/BENCHMARKS.md, "The assembly table").
+        self._table.discard(candidate.key)
 
     def _serve(self, stream_id: int, now: float) -> None:
         """Verify the blocks whose turn came, newest candidate first, until one is authentic."""
