@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from diode import encoder as encoder_module
 from diode import fec
 from diode.config.link import FecSettings, LinkSettings
 from diode.decoder import Decoder
 from diode.encoder import Encoder
 from diode.keys import SigningKey, TrustedKey
 from diode.protocol.verified import VerifiedGroups
-from diode.records import Record
+from diode.records import Record, Sample
 from diode.wire import (
     BLOCK_HEADER_SIZE,
     DIGEST_SIZE,
@@ -34,7 +35,16 @@ from diode.wire import (
     parse_block,
     parse_datagram,
 )
-from tests.core_support import EPOCH, STREAM, delivered, feed, fixed_key, new_decoder, samples
+from tests.core_support import (
+    EPOCH,
+    STREAM,
+    delivered,
+    encode_blocks,
+    feed,
+    fixed_key,
+    new_decoder,
+    samples,
+)
 
 VECTOR = Path(__file__).parent / "vectors" / "group-g3-v3.json"
 # Small blocks (k 2 of 208-byte symbols) in groups of 4: a vector a reader can follow.
@@ -187,6 +197,19 @@ def test_a_block_sent_alone_is_a_group_of_one(monkeypatch: pytest.MonkeyPatch) -
     calls = count_verifies(monkeypatch)
     assert len(delivered(feed(new_decoder(), [d for u in units for d in u.datagrams]))) == 12
     assert len(calls) == len(units)
+
+
+def test_a_receiver_takes_generation_2_then_the_upgraded_transmitters_generation_3() -> None:
+    """Receivers upgrade first: the old transmitter's blocks, then the new one's (a restart,
+    a new epoch), on one stream."""
+    old = encode_blocks(samples(30), generation=2)
+    assert {b[0][2] for b in old} == {3}  # the same datagram version as generation 3
+    new, records = group(epoch=EPOCH + 60_000)
+    decoder = new_decoder()
+    events = feed(decoder, flat(old))
+    events += feed(decoder, flat(new), now=20.0)
+    assert delivered(events) == samples(30) + records
+    assert decoder.counters["verifies"] == len(old) + 1
 
 
 # -- what may not ride on a verified group ---------------------------------------------
@@ -342,6 +365,28 @@ def test_a_forged_group_costs_one_verify_ever(monkeypatch: pytest.MonkeyPatch) -
     # Each block twice (its sources, then its repair symbols rebuild it again), twice.
     assert decoder.counters["rejected_known_forgery"] == 4 * 2 * 2 - 1
     assert decoder.counters["blocks_delivered"] == 0
+
+
+def test_an_authentic_block_whose_records_fail_does_not_take_its_group_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Block 0's first record is one this receiver cannot decode (a kind from a newer
+    codec): block 0 is refused (bad_record), its group's signature stays good, and the
+    three others are delivered, without a verify more."""
+    real = encoder_module.encode_record
+
+    def newer(record: Record) -> bytes:
+        first = isinstance(record, Sample) and record.ts_ns == RECORDS[0].ts_ns  # type: ignore[union-attr]
+        return b"\x91\x63" if first else real(record)  # [99]: no such kind here
+
+    monkeypatch.setattr(encoder_module, "encode_record", newer)
+    blocks, records = group()
+    decoder = new_decoder()
+    got = delivered(feed(decoder, flat(blocks)))
+    assert decoder.counters["rejected_bad_record"] == 1
+    assert decoder.counters["blocks_delivered"] == 3
+    assert got == records[-len(got) :]
+    assert decoder.counters["verifies"] == 1
 
 
 # -- the cache's bound ------------------------------------------------------------------

@@ -20,10 +20,12 @@ is never verified twice, nor rebuilt twice:
   of repair symbols, resent, costs one BLAKE2b and a lookup, never a second
   Reed-Solomon decode.
 
-Generation 3 (one signature per group): the fingerprint is of the key id,
-the rebuilt group message and the signature, not of the assembly key: every
-block that rebuilds a forged group refused once (whatever its sequence
-number) is a known forgery, so a forged group costs one verify, ever. A
+Generation 3 (one signature per group): a signature that fails is
+remembered by the key id, the rebuilt group message and the signature, not
+by the assembly key: every block that rebuilds a forged group refused once
+(whatever its sequence number) is a known forgery, so a forged group costs
+one verify, ever. A block whose signature verified but whose records fail
+is remembered as a block, as before: the group's other blocks still go. A
 group that verified is remembered too (``VerifiedGroups``): its other
 blocks, each rebuilding the same message from its own digest, skip the
 verify.
@@ -96,18 +98,29 @@ class BlockAuthenticator:
         digest = hashlib.sha256(block.signed).digest()
         if block.manifest is None:
             message = signed_message(block_header.generation, block.signed, digest)
-            about = key
         else:
             message = rebuilt_group_message(block_header, block.manifest, digest)
-            about = block_header.key_id  # the group, whichever of its blocks this is
-        fingerprint = hashlib.blake2b(about + message + signature, digest_size=16).digest()
-        if fingerprint in self._failed:
+        # What failed: this block (its assembly key, the message, the signature), or, for
+        # a signature over a group, the group whichever of its blocks carries it.
+        failed_block = _fingerprint(key, message, signature)
+        failed_signature = (
+            failed_block
+            if block.manifest is None
+            else _fingerprint(block_header.key_id, message, signature)
+        )
+        if failed_block in self._failed or failed_signature in self._failed:
             raise FrameError("this block already failed", reason="known_forgery")
         try:
             self._authenticate(block, message, trusted)
+        except FrameError:
+            self._remember(failed_signature)
+            raise
+        try:
+            # An authentic block whose records fail (a codec this receiver lacks, a
+            # secret that differs) fails alone: its group's other blocks may not.
             records = _records(block, trusted)
         except FrameError:
-            self._remember(fingerprint)
+            self._remember(failed_block)
             raise
         return AuthenticBlock(
             header=block_header, records=records, rebuilt=_rebuilt(header, symbols)
@@ -139,6 +152,10 @@ class BlockAuthenticator:
 def _rebuilt(header: DatagramHeader, symbols: dict[int, bytes]) -> bool:
     """Whether repair symbols are among the k (a decode is needed)."""
     return max(symbols) >= header.k
+
+
+def _fingerprint(about: bytes, message: bytes, signature: memoryview) -> bytes:
+    return hashlib.blake2b(about + message + signature, digest_size=16).digest()
 
 
 def _fed_fingerprint(key: bytes, symbols: dict[int, bytes]) -> bytes:
