@@ -126,8 +126,8 @@ class Encoder:
         self._full_overhead = overhead + manifest_size(generation, self._signed_group)
         self._full_capacity = link.fec.k * self._symbol - self._full_overhead
         # The largest record: one that a block sent alone (a group of 1) can hold.
-        self._alone_overhead = overhead + manifest_size(generation, 1)
-        self.capacity = link.fec.k_alone * self._symbol - self._alone_overhead
+        alone_overhead = overhead + manifest_size(generation, 1)
+        self.capacity = link.fec.k_alone * self._symbol - alone_overhead
         self._parts: list[bytes] = []
         self._size = 0
         self._opened_at = 0.0

@@ -55,12 +55,9 @@ signature covers; a transmitter sends generation 3, a receiver accepts all:
 
 A link tag is generation 2 and 3 only. Generations 2 and 3 share the
 datagram layer (code, CRC, tag) and differ in the block only: the gate and
-the decode are the same for both, and the generation the block's signed
-header names (byte 0) says how its signature is checked.
-
-The signed block header carries its generation (byte 0), so a block is
-rebuilt and checked only as the generation its datagrams and its signature
-both say.
+the decode are the same for both. The signed block header carries its
+generation (byte 0), so a block is rebuilt and checked only as the
+generation its datagrams and its signature both say.
 
 Nothing in a version 1 header is trusted: the CRC only sorts out datagrams
 damaged on the way before they can spoil a Reed-Solomon decode. Trust comes
@@ -85,7 +82,7 @@ from the block, which the k source symbols carry (zero-padded to k symbols)::
     |   blocks, 32 bytes each, in slot order, slot i left out       |
     +---------------------------------------------------------------+
     |   Ed25519 signature of bytes 0 .. 48+length (generation 1),   |
-    |   of "diode block v2" + their SHA-256 (generation 2), or of    |
+    |   of "diode block v2" + their SHA-256 (generation 2), or of   |
     |   "diode group v3" + SHA-256 of the group (generation 3)      |
     +---------------------------------------------------------------+
 
