@@ -212,6 +212,24 @@ def test_a_receiver_takes_generation_2_then_the_upgraded_transmitters_generation
     assert decoder.counters["verifies"] == len(old) + 1
 
 
+def test_a_new_epochs_group_needs_one_budget_token_and_one_verify() -> None:
+    """With a budget of 1 verify a second: a group of a stream not followed yet, then
+    the next epoch's group, each gets through on one token and one verify (its first
+    block's; the others are in the window once it is authentic). Over budget, the new
+    epoch's datagrams are dropped, counted, and come through when a token is back."""
+    first, first_records = group()
+    later, later_records = group(epoch=EPOCH + 1)
+    decoder = new_decoder(verify_budget_per_s=1.0)
+    events = feed(decoder, flat(first), now=0.0)
+    events += feed(decoder, flat(later), now=0.5)  # half a token: every datagram dropped
+    assert decoder.counters["rejected_verify_budget"] == len(flat(later))
+    assert delivered(events) == first_records
+    events += feed(decoder, flat(later), now=12.0)
+    assert delivered(events) == first_records + later_records
+    assert decoder.counters["verifies"] == 2
+    assert decoder.counters["verifies_saved"] == 6
+
+
 # -- what may not ride on a verified group ---------------------------------------------
 
 
