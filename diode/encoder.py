@@ -19,6 +19,13 @@ flush) before the group is complete, everything held is re-cut into blocks of
 at most ``k`` - 1 symbols that go alone, with the whole burst repair. Only a
 group ever holds ``k`` symbols, so n stays a function of k' alone.
 
+**One signature per group** (wire generation 3). The blocks of a group are
+signed together: each block's signed bytes are hashed, and one Ed25519
+signature over the group (its header and the G digests) goes into every
+block, with a manifest naming the block's slot and its neighbours' digests
+(diode/wire.py). A block sent alone is a group of 1. A FEC group of more
+than ``MAX_GROUP`` blocks is signed block by block.
+
 ``SendQueue`` holds framed units (a block, or a group) for the paced sender
 and hands datagrams out round-robin across up to ``interleave`` of them. It
 never reorders the datagrams of one unit: what is mixed in (other units, the
@@ -33,6 +40,7 @@ it drops the oldest units not yet started, counted.
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,12 +55,17 @@ from diode.wire import (
     BLOCK_OVERHEAD,
     FLAG_ENCRYPTED,
     GENERATION,
+    MAX_GROUP,
     BlockHeader,
     DatagramHeader,
     code_of,
+    datagram_generation,
     gate_key,
+    group_message,
+    manifest_size,
     pack_block_datagrams,
     pack_block_header,
+    pack_manifest,
     signed_message,
     symbol_size,
 )
@@ -70,6 +83,16 @@ class EncodedBlock:
     records: int
     datagrams: tuple[bytes, ...]
     blocks: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Sealed:
+    """A block's signed bytes (header, payload sealed if the stream has a secret), not yet
+    signed: what a group's signature needs from each of its blocks."""
+
+    header: BlockHeader
+    signed: bytes
+    records: int
 
 
 class Encoder:
@@ -96,10 +119,15 @@ class Encoder:
         self._symbol = symbol_size(link.datagram_size, gated=psk is not None)
         self._linger_s = link.linger_ms / 1000
         self._fec = link.fec
+        # How many blocks one signature covers: a whole FEC group, when it is small enough.
+        fec_group = link.fec.group if link.fec.grouped else 1
+        self._signed_group = fec_group if fec_group <= MAX_GROUP else 1
         overhead = BLOCK_OVERHEAD + (AEAD_TAG_SIZE if psk else 0)
-        self._full_capacity = link.fec.k * self._symbol - overhead
-        # The largest record: one that a block sent alone can hold.
-        self.capacity = link.fec.k_alone * self._symbol - overhead
+        self._full_overhead = overhead + manifest_size(generation, self._signed_group)
+        self._full_capacity = link.fec.k * self._symbol - self._full_overhead
+        # The largest record: one that a block sent alone (a group of 1) can hold.
+        alone_overhead = overhead + manifest_size(generation, 1)
+        self.capacity = link.fec.k_alone * self._symbol - alone_overhead
         self._parts: list[bytes] = []
         self._size = 0
         self._opened_at = 0.0
@@ -207,8 +235,7 @@ class Encoder:
         is not the pace: counted, it sent the blocks around every pause alone.
         """
         fec = self._fec
-        payload_length = self._size + (AEAD_TAG_SIZE if self._psk else 0)
-        k = -(-(BLOCK_OVERHEAD + payload_length) // self._symbol)
+        k = -(-(self._full_overhead + self._size) // self._symbol)
         busy = (self._filling_s + min(now - self._last_add, self._pause_s)) * fec.group <= (
             self._linger_s
         )
@@ -228,8 +255,11 @@ class Encoder:
             self._send_alone()  # the pace dropped: the group would not fill in time
 
     def _frame_group(self) -> None:
-        blocks = [self._frame(parts, sum(map(len, parts))) for parts in self._full]
+        sealed = [self._seal(parts, self._signed_group) for parts in self._full]
         self._full = []
+        blocks: list[EncodedBlock] = []
+        for start in range(0, len(sealed), self._signed_group):
+            blocks += self._sign(sealed[start : start + self._signed_group])
         self._closed.append(
             EncodedBlock(
                 seq=blocks[0].seq,
@@ -257,32 +287,31 @@ class Encoder:
             self._close()
 
     def _close(self) -> None:
-        self._closed.append(self._frame(self._parts, self._size))
+        self._closed += self._sign([self._seal(self._parts, 1)])
         self._parts, self._size = [], 0
 
-    def _frame(self, parts: list[bytes], size: int) -> EncodedBlock:
-        """Sign, protect and frame one block of records; it takes the next sequence number."""
+    def _seal(self, parts: list[bytes], group: int) -> _Sealed:
+        """The signed bytes of one block of records, to be signed in a group of ``group``;
+        it takes the next sequence number."""
         count = len(parts)
         flags = FLAG_ENCRYPTED if self._psk else 0
-        payload_length = size + (AEAD_TAG_SIZE if self._psk else 0)
-        block_length = BLOCK_OVERHEAD + payload_length
-        k = -(-block_length // self._symbol)
-        n = k + self._fec.repair_for(k)
-        header = pack_block_header(
-            BlockHeader(
-                flags=flags,
-                k=k,
-                n=n,
-                stream_id=self._stream_id,
-                key_id=self._key.key_id,
-                epoch=self._epoch,
-                seq=self._seq,
-                first_record=self._next_record,
-                record_count=count,
-                payload_length=payload_length,
-                generation=self._generation,
-            )
+        payload_length = sum(map(len, parts)) + (AEAD_TAG_SIZE if self._psk else 0)
+        extra = manifest_size(self._generation, group)
+        k = -(-(BLOCK_OVERHEAD + payload_length + extra) // self._symbol)
+        header = BlockHeader(
+            flags=flags,
+            k=k,
+            n=k + self._fec.repair_for(k),
+            stream_id=self._stream_id,
+            key_id=self._key.key_id,
+            epoch=self._epoch,
+            seq=self._seq,
+            first_record=self._next_record,
+            record_count=count,
+            payload_length=payload_length,
+            generation=self._generation,
         )
+        packed = pack_block_header(header)
         if self._psk:
             parts = [
                 aead.seal(
@@ -291,39 +320,55 @@ class Encoder:
                     epoch=self._epoch,
                     seq=self._seq,
                     plain=b"".join(parts),
-                    aad=header,
+                    aad=packed,
                 )
             ]
-        # Two copies of the block's bytes (the signed part, then with its signature
-        # and the zero padding of the last symbol); the symbols are views of it.
-        signed = b"".join((header, *parts))
-        signature = self._key.sign(signed_message(self._generation, signed))
-        padding = k * self._symbol - len(signed) - len(signature)
-        block = b"".join((signed, signature, bytes(padding)))
+        self._seq += 1
+        self._next_record += count
+        return _Sealed(header=header, signed=b"".join((packed, *parts)), records=count)
+
+    def _sign(self, group: list[_Sealed]) -> list[EncodedBlock]:
+        """Sign blocks and frame each: generation 3 signs the group once (each block then
+        carries its manifest), older generations sign each block."""
+        if self._generation < 3:
+            return [
+                self._framed(b, b"", self._key.sign(signed_message(self._generation, b.signed)))
+                for b in group
+            ]
+        digests = [hashlib.sha256(b.signed).digest() for b in group]
+        signature = self._key.sign(group_message(group[0].header, len(group), b"".join(digests)))
+        return [self._framed(b, pack_manifest(i, digests), signature) for i, b in enumerate(group)]
+
+    def _framed(self, sealed: _Sealed, manifest: bytes, signature: bytes) -> EncodedBlock:
+        """A signed block, FEC-protected and framed into its n datagrams."""
+        header = sealed.header
+        k, n = header.k, header.n
+        # Two copies of the block's bytes (the signed part, then with its manifest,
+        # signature and the zero padding of the last symbol); the symbols are views of it.
+        block_length = len(sealed.signed) + len(manifest) + len(signature)
+        padding = k * self._symbol - block_length
+        block = b"".join((sealed.signed, manifest, signature, bytes(padding)))
         symbols = fec.encode_block(block, k, n, self._symbol, code_of(self._generation))
         datagrams = tuple(
             pack_block_datagrams(
                 DatagramHeader(
-                    flags=flags,
-                    stream_id=self._stream_id,
-                    key_id=self._key.key_id,
-                    epoch=self._epoch,
-                    seq=self._seq,
+                    flags=header.flags,
+                    stream_id=header.stream_id,
+                    key_id=header.key_id,
+                    epoch=header.epoch,
+                    seq=header.seq,
                     index=0,
                     k=k,
                     n=n,
                     block_length=block_length,
-                    records=count,
-                    generation=self._generation,
+                    records=sealed.records,
+                    generation=datagram_generation(self._generation),
                 ),
                 symbols,
                 self._gate,
             )
         )
-        framed = EncodedBlock(seq=self._seq, records=count, datagrams=datagrams)
-        self._seq += 1
-        self._next_record += count
-        return framed
+        return EncodedBlock(seq=header.seq, records=sealed.records, datagrams=datagrams)
 
 
 class SendQueue:

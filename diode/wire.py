@@ -42,18 +42,22 @@ tag (retired 2026-12: HMAC-SHA256 costs a receiver 20 % less on a CPU with
 SHA extensions, docs/PROTOCOL.md "Threat model"); a receiver refuses them as
 a bad version, so both ends of a gated link upgrade together.
 
-Two *generations* of the wire differ in the erasure code and in what the
-signature covers; a transmitter sends generation 2, a receiver accepts both:
+Three *generations* of the wire differ in the erasure code and in what the
+signature covers; a transmitter sends generation 3, a receiver accepts all:
 
     generation 1: version 1, zfec's Rizzo code, Ed25519 over the block
     generation 2: versions 3 and 6, ISA-L Cauchy Reed-Solomon (``diode.fec``),
                   Ed25519 over "diode block v2" + SHA-256 of the signed bytes
+    generation 3: versions 3 and 6 (the datagrams of generation 2), each block
+                  ending with a group manifest; one Ed25519 signature over
+                  "diode group v3" + SHA-256 of the group serves every block
+                  of a group (below)
 
-A link tag is generation 2 only.
-
-The signed block header carries its generation (byte 0), so a block is
-rebuilt and checked only as the generation its datagrams and its signature
-both say.
+A link tag is generation 2 and 3 only. Generations 2 and 3 share the
+datagram layer (code, CRC, tag) and differ in the block only: the gate and
+the decode are the same for both. The signed block header carries its
+generation (byte 0), so a block is rebuilt and checked only as the
+generation its datagrams and its signature both say.
 
 Nothing in a version 1 header is trusted: the CRC only sorts out datagrams
 damaged on the way before they can spoil a Reed-Solomon decode. Trust comes
@@ -71,10 +75,27 @@ from the block, which the k source symbols carry (zero-padded to k symbols)::
     |                         payload length                        |  44
     +---------------------------------------------------------------+
     |  payload: records (msgpack), or their AEAD ciphertext + tag   |  48
+    +---------------+---------------+-------------------------------+
+    | G (1..4)      | i (0..G-1)    |  generation 3 only: the group |  48+length
+    +---------------+---------------+  manifest                     |
+    |   SHA-256 of the signed bytes of the group's other G - 1      |
+    |   blocks, 32 bytes each, in slot order, slot i left out       |
     +---------------------------------------------------------------+
     |   Ed25519 signature of bytes 0 .. 48+length (generation 1),   |
-    |   or of "diode block v2" + their SHA-256 (generation 2)       |
+    |   of "diode block v2" + their SHA-256 (generation 2), or of   |
+    |   "diode group v3" + SHA-256 of the group (generation 3)      |
     +---------------------------------------------------------------+
+
+In generation 3 the *signed bytes* of a block are still its header and
+payload; the *group* a signature covers is the 22-byte group header
+(generation, stream id, key id, epoch, G) and the G digests of its blocks'
+signed bytes, in slot order. The receiver hashes a block's signed bytes,
+puts that digest in slot i of the manifest it carries, and verifies the
+signature over the group so rebuilt: a block whose bytes, slot, G or
+neighbours' digests differ from what was signed rebuilds another group and
+fails. The group's other blocks carry the same signature over the same
+group, so a receiver that verified it once (``diode.protocol.verified``)
+takes them with a SHA-256 each. A block sent alone is a group of 1.
 
 The signed header repeats every datagram field that matters, so the receiver
 checks the datagram headers it used against what the transmitter signed.
@@ -106,12 +127,24 @@ VERSION = 1  # generation 1, ungated
 VERSION_CAUCHY = 3  # generation 2, ungated
 VERSION_GATED = 6  # generation 2, the datagram ends with an HMAC-SHA256-128 link tag
 # 2 and 4 ended with a keyed BLAKE2b-128 tag (generation 1 and 2): refused, a bad version.
-GENERATION = 2  # what a transmitter sends
-GENERATIONS = (1, 2)  # what a receiver accepts
+GENERATION = 3  # what a transmitter sends
+GENERATIONS = (1, 2, 3)  # what a receiver accepts
 LINK_TAG_SIZE = 16
 # Generation 2 signs a digest: Ed25519 over 45 KB hashes it twice with SHA-512,
 # one SHA-256 pass and a 46-byte message cost less than half (docs/BENCHMARKS.md).
 SIGNED_DIGEST_PREFIX = b"diode block v2"
+# Generation 3 signs a group of blocks at once: another label, the same length.
+GROUP_PREFIX = b"diode group v3"
+assert len(GROUP_PREFIX) == len(SIGNED_DIGEST_PREFIX)
+# The most blocks one signature covers: a group's manifest then costs each block at
+# most 98 bytes, less than the smallest symbol (so a full block still holds more
+# than a block sent alone); a larger FEC group is signed block by block.
+MAX_GROUP = 4
+DIGEST_SIZE = 32
+MANIFEST_HEAD = struct.Struct(">BB")  # G, i
+# What binds a group's digests to one stream, key and epoch: generation, stream id,
+# key id, epoch, G.
+GROUP_HEADER = struct.Struct(">BI8sQB")
 
 # Datagram header: magic, version, flags, stream, key id, epoch, seq,
 # symbol index, k, n, reserved, block length, records, crc.
@@ -153,7 +186,8 @@ class DatagramHeader:
     n: int
     block_length: int
     records: int
-    generation: int = GENERATION
+    # The datagram layer's generation: 1 (zfec) or 2 (Cauchy: generation 2 and 3 blocks).
+    generation: int = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -177,11 +211,25 @@ class BlockHeader:
 DATAGRAM_PREFIX = struct.Struct(">HBBI")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Manifest:
+    """A generation 3 block's place in its group: G, its slot, its neighbours' digests."""
+
+    blocks: int  # G
+    index: int  # i, this block's slot
+    others: bytes  # the other G - 1 digests, in slot order
+
+
+def datagram_generation(generation: int) -> int:
+    """The datagram layer a block generation travels in: 1 (zfec), or 2 (Cauchy) for 2 and 3."""
+    return 1 if generation == 1 else 2
+
+
 def datagram_version(generation: int, *, gated: bool) -> int:
-    """The version byte of a datagram: 1 for generation 1, 3 (or 6, gated) for generation 2."""
+    """The version byte of a datagram: 1 for generation 1, 3 (or 6, gated) for 2 and 3."""
     if gated:
-        if generation != GENERATION:
-            raise ValueError("a link tag is sent in generation 2 only")
+        if generation == 1:
+            raise ValueError("a link tag is sent in generations 2 and 3 only")
         return VERSION_GATED
     return VERSION if generation == 1 else VERSION_CAUCHY
 
@@ -195,11 +243,42 @@ def code_of(generation: int) -> fec.Code:
     return fec.Code.RIZZO if generation == 1 else fec.Code.CAUCHY
 
 
-def signed_message(generation: int, signed: bytes | memoryview) -> bytes:
-    """What the block's Ed25519 signature is over: the signed bytes, or their digest."""
+def signed_message(
+    generation: int, signed: bytes | memoryview, digest: bytes | None = None
+) -> bytes:
+    """What a generation 1 or 2 block's Ed25519 signature is over: the signed bytes, or
+    their digest (``digest``, when the caller has it already)."""
     if generation == 1:
         return bytes(signed)
-    return SIGNED_DIGEST_PREFIX + hashlib.sha256(signed).digest()
+    return SIGNED_DIGEST_PREFIX + (digest or hashlib.sha256(signed).digest())
+
+
+def manifest_size(generation: int, blocks: int) -> int:
+    """The bytes a block's manifest takes in a group of ``blocks`` (none before generation 3)."""
+    return MANIFEST_HEAD.size + DIGEST_SIZE * (blocks - 1) if generation >= 3 else 0
+
+
+def pack_manifest(index: int, digests: Sequence[bytes]) -> bytes:
+    """The manifest of the block in slot ``index`` of the group whose digests these are."""
+    others = [d for slot, d in enumerate(digests) if slot != index]
+    return b"".join((MANIFEST_HEAD.pack(len(digests), index), *others))
+
+
+def group_message(header: BlockHeader, blocks: int, digests: bytes) -> bytes:
+    """What a generation 3 signature is over: the label, then SHA-256 of the group header
+    (taken from a block's own signed header) and the G digests in slot order."""
+    group = GROUP_HEADER.pack(
+        header.generation, header.stream_id, header.key_id, header.epoch, blocks
+    )
+    return GROUP_PREFIX + hashlib.sha256(group + digests).digest()
+
+
+def rebuilt_group_message(header: BlockHeader, manifest: Manifest, digest: bytes) -> bytes:
+    """:func:`group_message` as a receiver rebuilds it: the block's own ``digest`` (of its
+    signed bytes, computed here) put in its slot between the others it carries."""
+    cut = DIGEST_SIZE * manifest.index
+    others = manifest.others
+    return group_message(header, manifest.blocks, others[:cut] + digest + others[cut:])
 
 
 def symbol_size(datagram_size: int, *, gated: bool = False) -> int:
@@ -394,10 +473,19 @@ def pack_block_header(header: BlockHeader) -> bytes:
     )
 
 
-def parse_block(
-    block: bytes | memoryview,
-) -> tuple[BlockHeader, memoryview, memoryview, memoryview]:
-    """Split a rebuilt block into (header, signed bytes, payload, signature), checking lengths."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParsedBlock:
+    """A rebuilt block cut into its parts (nothing checked but lengths)."""
+
+    header: BlockHeader
+    signed: memoryview  # the header and the payload
+    payload: memoryview
+    manifest: Manifest | None  # generation 3 only
+    signature: memoryview
+
+
+def parse_block(block: bytes | memoryview) -> ParsedBlock:
+    """Split a rebuilt block into its parts, checking every length (one valid encoding)."""
     if len(block) < BLOCK_OVERHEAD:
         raise FrameError("block shorter than its header and signature", reason="malformed")
     (
@@ -413,7 +501,25 @@ def parse_block(
         record_count,
         payload_length,
     ) = BLOCK_HEADER.unpack_from(block)
-    if version not in GENERATIONS or len(block) != BLOCK_OVERHEAD + payload_length:
+    if version not in GENERATIONS:
+        raise FrameError("block of an unknown generation", reason="malformed")
+    view = memoryview(block)
+    signed_end = BLOCK_HEADER_SIZE + payload_length
+    manifest = None
+    if version == 3 and len(block) >= BLOCK_OVERHEAD + payload_length + MANIFEST_HEAD.size:
+        blocks, index = MANIFEST_HEAD.unpack_from(block, signed_end)
+        if not index < blocks <= MAX_GROUP:
+            raise FrameError("a manifest's G or slot is out of range", reason="malformed")
+        others_at = signed_end + MANIFEST_HEAD.size
+        manifest = Manifest(
+            blocks=blocks,
+            index=index,
+            others=bytes(view[others_at : others_at + DIGEST_SIZE * (blocks - 1)]),
+        )
+    elif version == 3:
+        raise FrameError("block length does not match its header", reason="malformed")
+    extra = manifest_size(version, 0 if manifest is None else manifest.blocks)
+    if len(block) != BLOCK_OVERHEAD + payload_length + extra:
         raise FrameError("block length does not match its header", reason="malformed")
     header = BlockHeader(
         flags=flags,
@@ -428,15 +534,19 @@ def parse_block(
         payload_length=payload_length,
         generation=version,
     )
-    view = memoryview(block)
-    signed_end = BLOCK_HEADER_SIZE + payload_length
-    return header, view[:signed_end], view[BLOCK_HEADER_SIZE:signed_end], view[signed_end:]
+    return ParsedBlock(
+        header=header,
+        signed=view[:signed_end],
+        payload=view[BLOCK_HEADER_SIZE:signed_end],
+        manifest=manifest,
+        signature=view[signed_end + extra :],
+    )
 
 
 def matches(block: BlockHeader, datagram: DatagramHeader) -> bool:
     """Does a datagram header say what the signed block header says?"""
     return (
-        block.generation == datagram.generation
+        datagram_generation(block.generation) == datagram.generation
         and block.flags == datagram.flags
         and block.k == datagram.k
         and block.n == datagram.n

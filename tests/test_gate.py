@@ -32,10 +32,12 @@ from tests.core_support import (
     with_valid_crc,
 )
 
-# The golden vector of the gated version (6: Cauchy, HMAC-SHA256-128 tag), and those of
-# the retired ones (2 and 4: keyed BLAKE2b-128 tags), which a receiver refuses.
-VECTORS = {VERSION_GATED: Path(__file__).parent / "vectors" / "block-v6.json"}
-RETIRED = {v: VECTORS[VERSION_GATED].with_name(f"block-v{v}.json") for v in (2, 4)}
+# The golden vectors of the gated version (6: Cauchy, HMAC-SHA256-128 tag), one per wire
+# generation sent in it (2: a signed digest; 3: a group of 1), and those of the retired
+# versions (2 and 4: keyed BLAKE2b-128 tags), which a receiver refuses.
+VECTORS = {2: Path(__file__).parent / "vectors" / "block-v6.json"}
+VECTORS[3] = VECTORS[2].with_name("block-g3-v6.json")
+RETIRED = {v: VECTORS[2].with_name(f"block-v{v}.json") for v in (2, 4)}
 PSK = bytes(range(32))
 RECORDS = [
     Sample(tag_id=1, ts_ns=1_700_000_000_123_456_789, value=2.5),
@@ -43,8 +45,8 @@ RECORDS = [
 ]
 
 
-def _gated() -> list[bytes]:
-    (block,) = encode_blocks(RECORDS, psk=PSK)
+def _gated(generation: int = 3) -> list[bytes]:
+    (block,) = encode_blocks(RECORDS, psk=PSK, generation=generation)
     return block
 
 
@@ -52,16 +54,16 @@ def rejected(decoder: Decoder) -> dict[str, int]:
     return {k: v for k, v in decoder.counters.items() if k.startswith("rejected_")}
 
 
-@pytest.mark.parametrize("version", sorted(VECTORS))
-def test_gated_golden_vector_encodes_to_the_stored_bytes(version: int) -> None:
-    stored = json.loads(VECTORS[version].read_text())
-    assert [d.hex() for d in _gated()] == stored["datagrams"]
+@pytest.mark.parametrize("generation", sorted(VECTORS))
+def test_gated_golden_vector_encodes_to_the_stored_bytes(generation: int) -> None:
+    stored = json.loads(VECTORS[generation].read_text())
+    assert [d.hex() for d in _gated(generation)] == stored["datagrams"]
 
 
-@pytest.mark.parametrize("version", sorted(VECTORS))
-def test_gated_golden_vector_decodes_to_the_records(version: int) -> None:
-    stored = [bytes.fromhex(h) for h in json.loads(VECTORS[version].read_text())["datagrams"]]
-    assert {d[2] for d in stored} == {version}
+@pytest.mark.parametrize("generation", sorted(VECTORS))
+def test_gated_golden_vector_decodes_to_the_records(generation: int) -> None:
+    stored = [bytes.fromhex(h) for h in json.loads(VECTORS[generation].read_text())["datagrams"]]
+    assert {d[2] for d in stored} == {VERSION_GATED}
     assert delivered(feed(new_decoder(psk=PSK), stored)) == RECORDS
 
 
@@ -212,7 +214,8 @@ def test_a_replay_is_ruled_out_by_the_position_before_the_link_tag_is_computed()
     assert moved == {"datagrams": 1, "rejected_late": 1}
 
 
-if __name__ == "__main__":  # regenerate the vector: python -m tests.test_gate
-    VECTORS[VERSION_GATED].write_text(
-        json.dumps({"datagrams": [d.hex() for d in _gated()]}, indent=1) + "\n"
-    )
+if __name__ == "__main__":  # regenerate the vectors: python -m tests.test_gate
+    for generation, path in VECTORS.items():
+        path.write_text(
+            json.dumps({"datagrams": [d.hex() for d in _gated(generation)]}, indent=1) + "\n"
+        )

@@ -10,7 +10,7 @@ import pytest
 
 from diode.errors import FrameError
 from diode.records import DeviceInfo, Heartbeat, Quality, Sample, TagInfo, ValueType
-from diode.wire import HEADER_SIZE, MAGIC, VERSION_CAUCHY, parse_datagram
+from diode.wire import GENERATION, HEADER_SIZE, MAGIC, VERSION_CAUCHY, parse_datagram
 from tests.core_support import (
     EPOCH,
     STREAM,
@@ -22,9 +22,13 @@ from tests.core_support import (
     with_valid_crc,
 )
 
-# One golden vector per ungated version still accepted: 1 (zfec, generation 1), 3 (Cauchy).
+# One golden vector per ungated wire generation still accepted, with its version byte:
+# generation 1 in version 1 (zfec, signed whole), 2 in 3 (Cauchy, a signed digest), 3 in 3
+# (Cauchy, a group of 1). A group of 4 is in tests/test_group_signature.py.
 VECTORS = {1: Path(__file__).parent / "vectors" / "block-v1.json"}
-VECTORS[3] = VECTORS[1].with_name("block-v3.json")
+VECTORS[2] = VECTORS[1].with_name("block-v3.json")
+VECTORS[3] = VECTORS[1].with_name("block-g3-v3.json")
+VERSION_OF = {1: 1, 2: VERSION_CAUCHY, 3: VERSION_CAUCHY}
 
 RECORDS = [
     TagInfo(
@@ -46,38 +50,38 @@ RECORDS = [
 ]
 
 
-def _encode(version: int = VERSION_CAUCHY) -> list[bytes]:
-    (block,) = encode_blocks(RECORDS, generation=(version + 1) // 2)
+def _encode(generation: int = GENERATION) -> list[bytes]:
+    (block,) = encode_blocks(RECORDS, generation=generation)
     return block
 
 
-@pytest.mark.parametrize("version", sorted(VECTORS))
-def test_golden_vector_encodes_to_the_stored_bytes(version: int) -> None:
-    stored = json.loads(VECTORS[version].read_text())
-    assert [d.hex() for d in _encode(version)] == stored["datagrams"]
+@pytest.mark.parametrize("generation", sorted(VECTORS))
+def test_golden_vector_encodes_to_the_stored_bytes(generation: int) -> None:
+    stored = json.loads(VECTORS[generation].read_text())
+    assert [d.hex() for d in _encode(generation)] == stored["datagrams"]
 
 
-@pytest.mark.parametrize("version", sorted(VECTORS))
-def test_golden_vector_decodes_to_the_records(version: int) -> None:
-    stored = [bytes.fromhex(h) for h in json.loads(VECTORS[version].read_text())["datagrams"]]
-    assert {d[2] for d in stored} == {version}
+@pytest.mark.parametrize("generation", sorted(VECTORS))
+def test_golden_vector_decodes_to_the_records(generation: int) -> None:
+    stored = [bytes.fromhex(h) for h in json.loads(VECTORS[generation].read_text())["datagrams"]]
+    assert {d[2] for d in stored} == {VERSION_OF[generation]}
     assert delivered(feed(new_decoder(), stored)) == RECORDS
 
 
-@pytest.mark.parametrize("version", sorted(VECTORS))
-def test_golden_vector_rebuilds_from_its_last_k_symbols(version: int) -> None:
+@pytest.mark.parametrize("generation", sorted(VECTORS))
+def test_golden_vector_rebuilds_from_its_last_k_symbols(generation: int) -> None:
     """The repair symbols are the stored code's, not just any code's: the block
     comes back from the last k datagrams alone, all repair."""
-    stored = [bytes.fromhex(h) for h in json.loads(VECTORS[version].read_text())["datagrams"]]
+    stored = [bytes.fromhex(h) for h in json.loads(VECTORS[generation].read_text())["datagrams"]]
     k = stored[0][33]
     assert k <= len(stored) - k, "the last k datagrams are all repair symbols"
     assert delivered(feed(new_decoder(), stored[-k:])) == RECORDS
 
 
 def test_a_block_is_checked_as_the_generation_its_datagrams_say() -> None:
-    """Datagrams relabelled from one generation to the other rebuild nothing."""
-    for version, other in ((1, 3), (3, 1)):
-        relabelled = [with_valid_crc(d, 2, bytes([other])) for d in _encode(version)]
+    """Datagrams relabelled from one generation's version to another's rebuild nothing."""
+    for generation, other in ((1, 3), (2, 1), (3, 1)):
+        relabelled = [with_valid_crc(d, 2, bytes([other])) for d in _encode(generation)]
         decoder = new_decoder()
         assert delivered(feed(decoder, relabelled)) == []
         assert decoder.counters["rejected_bad_block"] == 1
@@ -136,9 +140,9 @@ def test_inconsistent_headers_are_malformed_even_with_a_good_crc(offset: int, va
 
 
 if __name__ == "__main__":  # regenerate the vectors: python -m tests.test_wire
-    for version, path in VECTORS.items():
+    for generation, path in VECTORS.items():
         path.write_text(
-            json.dumps({"datagrams": [d.hex() for d in _encode(version)]}, indent=1) + "\n"
+            json.dumps({"datagrams": [d.hex() for d in _encode(generation)]}, indent=1) + "\n"
         )
 
 

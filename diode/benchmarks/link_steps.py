@@ -4,7 +4,9 @@ Process CPU of each step the transmitter and the receiver take per full
 block (k 32, n 56, 1424-byte symbols, 45 KB) or per datagram, median of 5
 repetitions: the erasure code (zfec, wire generation 1; ISA-L Cauchy through
 pyeclib, generation 2), Ed25519 over the whole block against over a SHA-256
-digest, and one ``sendto`` per datagram against one GSO ``sendmsg`` per 44
+digest (generation 2) and once per group of 4 (generation 3: each block's
+share of the group's hashing, signature or verify, and the receiver's memory
+of verified groups), and one ``sendto`` per datagram against one GSO ``sendmsg`` per 44
 (to a loopback socket nobody reads, so the kernel's cost of queueing and
 dropping is in both). These are the figures docs/BENCHMARKS.md §1b starts from.
 """
@@ -23,7 +25,15 @@ import zfec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pyeclib.ec_iface import ECDriver
 
-from diode.wire import SIGNED_DIGEST_PREFIX
+from diode.protocol.verified import VerifiedGroups
+from diode.wire import (
+    SIGNED_DIGEST_PREFIX,
+    BlockHeader,
+    Manifest,
+    group_message,
+    pack_manifest,
+    rebuilt_group_message,
+)
 from transmitter.sender import UDP_SEGMENT
 
 K, N, SYMBOL, DATAGRAM = 32, 56, 1424, 1472
@@ -39,6 +49,39 @@ def _us(step: Callable[[], object], repeat: int) -> float:
             step()
         times.append((time.process_time() - start) / repeat * 1e6)
     return round(statistics.median(times), 1)
+
+
+def _group_of_4(
+    key: Ed25519PrivateKey, block: bytes
+) -> tuple[Callable[[], object], Callable[[], object]]:
+    """Generation 3's steps for a group of 4 blocks: the transmitter's (4 digests, one
+    signature) and the receiver's (4 digests and rebuilt messages, one verify, 3 found
+    in its memory of verified groups, which starts empty each time)."""
+    header = BlockHeader(
+        flags=0, k=K, n=N, stream_id=7, key_id=bytes(8), epoch=1, seq=0,
+        first_record=0, record_count=44, payload_length=len(block) - 48, generation=3,
+    )  # fmt: skip
+    blocks = [bytes([j]) + block[1:] for j in range(4)]
+    digests = [hashlib.sha256(b).digest() for b in blocks]
+    manifests = [pack_manifest(i, digests) for i in range(4)]
+    carried = [Manifest(blocks=4, index=i, others=m[2:]) for i, m in enumerate(manifests)]
+    signature = key.sign(group_message(header, 4, b"".join(digests)))
+    public = key.public_key()
+
+    def sign() -> None:
+        signed = b"".join(hashlib.sha256(b).digest() for b in blocks)
+        key.sign(group_message(header, 4, signed))
+
+    def verify() -> None:
+        verified = VerifiedGroups()
+        for b, manifest in zip(blocks, carried, strict=True):
+            message = rebuilt_group_message(header, manifest, hashlib.sha256(b).digest())
+            entry = b"".join((header.key_id, message, signature))
+            if not verified.holds(7, entry):
+                public.verify(signature, message)
+                verified.add(7, entry)
+
+    return sign, verify
 
 
 def link_steps(repeat: int = 300) -> dict[str, Any]:
@@ -58,6 +101,7 @@ def link_steps(repeat: int = 300) -> dict[str, Any]:
         return SIGNED_DIGEST_PREFIX + hashlib.sha256(block).digest()
 
     signed_digest = key.sign(digest())
+    sign_group, verify_group = _group_of_4(key, block)
     out = {
         "zfec_encode_us": _us(lambda: rizzo.encode(sources, tuple(range(K, N))), repeat),
         "cauchy_encode_us": _us(lambda: cauchy.encode(data), repeat),
@@ -69,6 +113,8 @@ def link_steps(repeat: int = 300) -> dict[str, Any]:
         "sign_digest_us": _us(lambda: key.sign(digest()), repeat),
         "verify_block_us": _us(lambda: public.verify(whole, block), repeat),
         "verify_digest_us": _us(lambda: public.verify(signed_digest, digest()), repeat),
+        "sign_group_of_4_per_block_us": round(_us(sign_group, repeat) / 4, 1),
+        "verify_group_of_4_per_block_us": round(_us(verify_group, repeat) / 4, 1),
     }
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

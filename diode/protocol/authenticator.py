@@ -1,7 +1,8 @@
 """The block authenticator: k symbols in, an authentic block's records out, or a FrameError.
 
     Reed-Solomon rebuild --> signed header = the datagrams' header?
-        --> digest of the signed bytes --> Ed25519 verify --> decrypt (link secret) --> records
+        --> digest of the signed bytes [--> the group, this digest in its slot]
+        --> Ed25519 verify (or: this group verified already) --> decrypt --> records
 
 No byte of a record leaves before the signature covering it verified. A
 block that fails is remembered, in a bounded FIFO, so the same forged block
@@ -18,6 +19,16 @@ is never verified twice, nor rebuilt twice:
   assembly key and the k symbols used), checked before the decode: a forgery
   of repair symbols, resent, costs one BLAKE2b and a lookup, never a second
   Reed-Solomon decode.
+
+Generation 3 (one signature per group): a signature that fails is
+remembered by the key id, the rebuilt group message and the signature, not
+by the assembly key: every block that rebuilds a forged group refused once
+(whatever its sequence number) is a known forgery, so a forged group costs
+one verify, ever. A block whose signature verified but whose records fail
+is remembered as a block, as before: the group's other blocks still go. A
+group that verified is remembered too (``VerifiedGroups``): its other
+blocks, each rebuilding the same message from its own digest, skip the
+verify.
 """
 
 from __future__ import annotations
@@ -29,15 +40,17 @@ from dataclasses import dataclass
 from diode import aead, fec
 from diode.errors import FrameError
 from diode.keys import TrustedKey
+from diode.protocol.verified import VerifiedGroups
 from diode.records import Record, decode_records
 from diode.wire import (
-    BLOCK_HEADER_SIZE,
     FLAG_ENCRYPTED,
     BlockHeader,
     DatagramHeader,
+    ParsedBlock,
     code_of,
     matches,
     parse_block,
+    rebuilt_group_message,
     signed_message,
 )
 
@@ -57,6 +70,7 @@ class BlockAuthenticator:
         self._remember_at_most = remember
         self._failed: set[bytes] = set()
         self._order: deque[bytes] = deque()
+        self._verified = VerifiedGroups()
 
     def open(
         self, key: bytes, header: DatagramHeader, symbols: dict[int, bytes], trusted: TrustedKey
@@ -77,21 +91,54 @@ class BlockAuthenticator:
         padded = fec.decode(symbols, header.k, header.n, code_of(header.generation))
         # A failure before the fingerprint is not remembered (without a decode, the
         # join and the unpack cost less than a fingerprint would).
-        block_header, signed, _, signature = parse_block(memoryview(padded)[: header.block_length])
+        block = parse_block(memoryview(padded)[: header.block_length])
+        block_header, signature = block.header, block.signature
         if not matches(block_header, header):
             raise FrameError("signed header differs from the datagrams", reason="bad_block")
-        message = signed_message(block_header.generation, signed)
-        fingerprint = hashlib.blake2b(key + message + signature, digest_size=16).digest()
-        if fingerprint in self._failed:
+        digest = hashlib.sha256(block.signed).digest()
+        if block.manifest is None:
+            message = signed_message(block_header.generation, block.signed, digest)
+        else:
+            message = rebuilt_group_message(block_header, block.manifest, digest)
+        # What failed: this block (its assembly key, the message, the signature), or, for
+        # a signature over a group, the group whichever of its blocks carries it.
+        failed_block = _fingerprint(key, message, signature)
+        failed_signature = (
+            failed_block
+            if block.manifest is None
+            else _fingerprint(block_header.key_id, message, signature)
+        )
+        if failed_block in self._failed or failed_signature in self._failed:
             raise FrameError("this block already failed", reason="known_forgery")
         try:
-            records = _authentic_records(block_header, signed, message, signature, trusted)
+            self._authenticate(block, message, trusted)
         except FrameError:
-            self._remember(fingerprint)
+            self._remember(failed_signature)
+            raise
+        try:
+            # An authentic block whose records fail (a codec this receiver lacks, a
+            # secret that differs) fails alone: its group's other blocks may not.
+            records = _records(block, trusted)
+        except FrameError:
+            self._remember(failed_block)
             raise
         return AuthenticBlock(
             header=block_header, records=records, rebuilt=_rebuilt(header, symbols)
         )
+
+    def _authenticate(self, block: ParsedBlock, message: bytes, trusted: TrustedKey) -> None:
+        """Verify the block's signature, once per group: a group verified already (the same
+        key, message and signature) is authentic without a verify."""
+        stream_id = block.header.stream_id
+        entry = b"".join((block.header.key_id, message, block.signature))
+        if block.manifest is not None and self._verified.holds(stream_id, entry):
+            self._counters["verifies_saved"] += 1
+            return
+        self._counters["verifies"] += 1
+        if not trusted.verify(block.signature, message):
+            raise FrameError("signature does not verify", reason="bad_signature")
+        if block.manifest is not None and block.manifest.blocks > 1:
+            self._verified.add(stream_id, entry)
 
     def _remember(self, fingerprint: bytes | None) -> None:
         if fingerprint is None or fingerprint in self._failed:
@@ -107,6 +154,10 @@ def _rebuilt(header: DatagramHeader, symbols: dict[int, bytes]) -> bool:
     return max(symbols) >= header.k
 
 
+def _fingerprint(about: bytes, message: bytes, signature: memoryview) -> bytes:
+    return hashlib.blake2b(about + message + signature, digest_size=16).digest()
+
+
 def _fed_fingerprint(key: bytes, symbols: dict[int, bytes]) -> bytes:
     """A digest of what a decode is fed: the assembly key, each symbol used and its index."""
     digest = hashlib.blake2b(key, digest_size=16)
@@ -116,19 +167,11 @@ def _fed_fingerprint(key: bytes, symbols: dict[int, bytes]) -> bytes:
     return digest.digest()
 
 
-def _authentic_records(
-    block_header: BlockHeader,
-    signed: memoryview,
-    message: bytes,
-    signature: memoryview,
-    trusted: TrustedKey,
-) -> list[Record]:
-    """The records of a block whose signature verifies: its payload, decrypted when the
+def _records(block: ParsedBlock, trusted: TrustedKey) -> list[Record]:
+    """The records of a block whose signature verified: its payload, decrypted when the
     stream has a secret."""
-    if not trusted.verify(signature, message):
-        raise FrameError("signature does not verify", reason="bad_signature")
-    # From here on the block is authentic.
-    payload: bytes | memoryview = signed[BLOCK_HEADER_SIZE:]
+    block_header = block.header
+    payload: bytes | memoryview = block.payload
     if trusted.psk is not None:
         if not block_header.flags & FLAG_ENCRYPTED:
             raise FrameError("plaintext block on an encrypted stream", reason="not_encrypted")
@@ -138,7 +181,7 @@ def _authentic_records(
             epoch=block_header.epoch,
             seq=block_header.seq,
             sealed=bytes(payload),
-            aad=bytes(signed[:BLOCK_HEADER_SIZE]),
+            aad=bytes(block.signed[: len(block.signed) - len(block.payload)]),
         )
     elif block_header.flags & FLAG_ENCRYPTED:
         raise FrameError("encrypted block and no link secret", reason="no_secret")
