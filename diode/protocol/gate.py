@@ -1,11 +1,13 @@
 """The gate: the cheap checks every datagram passes before any expensive work.
 
-In this order, each one cheaper than what it protects::
+In this order, each one cheaper than what it protects (:meth:`Gate.judge` up to the
+link tag, in one call; :meth:`Gate.admit` after it)::
 
-    length, magic, stream id known        a few bytes, one dict lookup
+    length, magic, stream id known        a few bytes, one unpack, one dict lookup
     datagram size = the stream's profile  one comparison (profile configured)
-    CRC (stream without a secret)         one CRC-32 (before any field is read)
-    [the stream's position]               a replay or late copy stops here (decoder)
+    CRC (stream without a secret)         one CRC-32 (before any field is trusted)
+    [the stream's position]               a replay or late copy stops here (the
+                                          decoder's sequencer, passed in)
     link tag (stream with a link secret)  one HMAC-SHA256 over the datagram
     framing                               one struct unpack
     k, n = the stream's profile           two comparisons (profile configured)
