@@ -20,6 +20,7 @@ from diode.wire import (
     parse_datagram,
 )
 from tests.core_support import (
+    EPOCH,
     STREAM,
     delivered,
     encode_blocks,
@@ -212,6 +213,55 @@ def test_a_replay_is_ruled_out_by_the_position_before_the_link_tag_is_computed()
     decoder.receive(bytes(broken), 20.0)
     moved = {k: v - before.get(k, 0) for k, v in decoder.counters.items() if v != before.get(k, 0)}
     assert moved == {"datagrams": 1, "rejected_late": 1}
+
+
+def _lying(datagram: bytes, *, epoch: int | None = None, seq: int | None = None) -> bytes:
+    """A forger's datagram: an authentic one with its block renamed and a tag that fails
+    (the forger has no link secret)."""
+    out = bytearray(datagram)
+    if epoch is not None:
+        out[16:24] = epoch.to_bytes(8, "big")
+    if seq is not None:
+        out[24:32] = seq.to_bytes(8, "big")
+    out[-1] ^= 0x01
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("claim", "reason"),
+    [
+        ({"seq": 0}, "rejected_late"),  # a block the stream delivered
+        ({"seq": 2}, "rejected_late"),  # the last one it delivered
+        ({"epoch": EPOCH - 1}, "rejected_replay"),  # an epoch older than the one followed
+        ({"seq": 3}, "rejected_bad_tag"),  # the very block the stream waits for
+        ({"seq": 9}, "rejected_bad_tag"),  # ahead, in the window
+        ({"epoch": EPOCH + 1, "seq": 0}, "rejected_bad_tag"),  # a newer epoch (a restart)
+    ],
+    ids=["delivered", "last delivered", "older epoch", "next", "ahead", "newer epoch"],
+)
+def test_screening_the_position_before_the_tag_only_chooses_the_rejection_counter(
+    claim: dict[str, int], reason: str
+) -> None:
+    """The position is judged before the link tag (a replay then costs no MAC), from the
+    datagram's own unauthenticated fields. What an attacker gets from that: a forgery
+    naming a block the stream passed is counted late (or replay) instead of bad_tag, and
+    nothing else. The position is moved by authentic blocks only, so no claim, old or
+    new, changes what the screen says of a real datagram: the real blocks that follow
+    every such forgery are all delivered, and no counter but one rejection moves."""
+    blocks = encode_blocks(samples(200), psk=PSK, per_block=20)
+    assert len(blocks) >= 6
+    decoder = new_decoder(psk=PSK)
+    first = delivered(feed(decoder, [d for b in blocks[:3] for d in b]))
+    position = decoder.positions()[STREAM]
+    assert position.next_seq == 3
+    before = dict(decoder.counters)
+    for datagram in blocks[3]:
+        decoder.receive(_lying(datagram, **claim), 20.0)
+    moved = {k: v - before.get(k, 0) for k, v in decoder.counters.items() if v != before.get(k, 0)}
+    assert moved == {"datagrams": len(blocks[3]), reason: len(blocks[3])}
+    assert decoder.positions()[STREAM] == position
+    rest = delivered(feed(decoder, [d for b in blocks[3:] for d in b], 21.0))
+    assert len(first) + len(rest) == 200
 
 
 if __name__ == "__main__":  # regenerate the vectors: python -m tests.test_gate

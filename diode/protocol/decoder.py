@@ -4,9 +4,9 @@
 a block being rebuilt or bumps exactly one ``rejected_<reason>`` counter.
 The path of a datagram, one piece per job::
 
-    Gate.screen           length, magic, stream, size | CRC (no secret)
-    StreamSequencer.screen already delivered, or an epoch older than followed?
-    Gate.unsealed         the link tag (a secret)
+    Gate.judge            length, magic, stream, size | CRC (no secret); then
+      StreamSequencer.screen  already delivered, or an epoch older than followed?
+      and the link tag (a secret): one call per datagram
     Gate.admit            framing, link profile, key id
     AssemblyTable.add     k symbols yet? (memory bounded, oldest evicted)
     StreamSequencer.turn  the next block: verify now; ahead in the window: WaitingRoom
@@ -133,23 +133,17 @@ class Decoder:
         """
         counters = self.counters
         counters["datagrams"] += len(datagrams)
-        screen, unsealed = self._gate.screen, self._gate.unsealed
-        sequencer = self._sequencer
+        judge, sequencer = self._gate.judge, self._sequencer
         position, block = sequencer.screen, _BLOCK.unpack_from
         taken: list[bool] = []
         took = taken.append
         for datagram in datagrams:
-            # The cheap checks first, without exceptions: this is what a flood pays.
-            reason = screen(datagram)
+            # The cheap checks first, in one call, without exceptions: what a flood pays.
+            reason = judge(datagram, position)
             if reason is None:
                 stream_id, epoch, seq = block(datagram)
-                # The position before the link tag: a replay costs no MAC (it can only be
-                # rejected by these fields; a forgery naming an old block is counted late).
-                reason = position(stream_id, epoch, seq) or unsealed(datagram, stream_id)
-                if (
-                    reason is None
-                    and sequencer.turn(stream_id, epoch, seq) == "budget"
-                    and not self._budget.available(now)
+                if sequencer.turn(stream_id, epoch, seq) == "budget" and not self._budget.available(
+                    now
                 ):
                     reason = "rejected_verify_budget"  # outside the window, no verify left
             if reason is not None:
