@@ -289,6 +289,9 @@ class Broker:
             + (f"listener 0 {self.socket}\n" if self.socket is not None else "")
             + "allow_anonymous true\npersistence false\nmax_queued_messages 0\n"
             "max_inflight_messages 0\nlog_type error\nset_tcp_nodelay true\n"
+            # As root, mosquitto would drop to its own user before it binds the
+            # socket, in a folder only root may write (no effect when not root).
+            "user root\n"
         )
         self.proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
             [MOSQUITTO, "-c", str(conf)],
