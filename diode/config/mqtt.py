@@ -39,8 +39,8 @@ class MqttBroker(Section):
     socket: Path | None = Field(
         None,
         description="the broker's Unix domain socket (mosquitto: listener 0 PATH), an absolute "
-        "path, instead of host and port: a broker on this host for less CPU than loopback TCP; "
-        "no TLS (docs/OPERATIONS.md, its permissions)",
+        "path, instead of host and port, for a broker on this host; no TLS; its permissions "
+        "decide who connects (docs/OPERATIONS.md)",
         strict=False,
     )
     client_id: str = Field(
