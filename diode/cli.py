@@ -115,7 +115,7 @@ def _bench(args: argparse.Namespace) -> int:  # noqa: PLR0912 (one flat branch p
 
         result = link_steps(repeat=20 if args.quick else 300)
     elif args.what == "link":
-        from diode.benchmarks.link import DEFAULT_PYDIODE_VENV, link
+        from diode.benchmarks.link import DEFAULT_BROKERS, DEFAULT_PYDIODE_VENV, link
         from diode.config.link import FecSettings
 
         result = link(
@@ -127,6 +127,7 @@ def _bench(args: argparse.Namespace) -> int:  # noqa: PLR0912 (one flat branch p
             pydiode=None if args.no_pydiode else (args.pydiode or DEFAULT_PYDIODE_VENV),
             rounds=args.rounds or (1 if args.quick else 3),
             sink=args.sink,
+            brokers=tuple(args.broker or DEFAULT_BROKERS),
             fec=FecSettings.model_validate(
                 {
                     key: value
@@ -294,6 +295,13 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--sink", action="store_true", help="link: the transmitter alone, into a datagram counter"
+    )
+    p.add_argument(
+        "--broker",
+        choices=["tcp", "unix"],
+        action="append",
+        help="link: the receiver reaches mosquitto by loopback TCP or its Unix socket "
+        "(repeat: each in turn every round; default tcp)",
     )
     p.add_argument("--mode", action="append", help="tags: payload:qos, e.g. per_tag:0 (repeat)")
     p.add_argument(

@@ -22,6 +22,7 @@ import shutil
 import socket
 import sqlite3
 import ssl
+import stat
 import subprocess
 from pathlib import Path
 
@@ -195,6 +196,32 @@ def listen_on_interface(listen: str, interface: str) -> None:
         )
 
 
+def usable_broker_socket(path: Path | None, key: str) -> None:
+    """The broker's Unix socket, if it is there yet, is a socket this user may connect to.
+
+    Missing is fine (the broker starts later and creates it; the receiver spools
+    meanwhile, as with a broker away). A file that is not a socket, or one this
+    user cannot write (connecting takes write permission, unix(7)) or reach, would
+    fail every connection attempt for a reason no retry fixes: said at start.
+    """
+    if path is None:
+        return
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # a folder on the way this user may not search
+        raise SettingError(key, f"cannot reach {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise SettingError(key, f"{path} is not a socket")
+    if not os.access(path, os.W_OK):
+        raise SettingError(
+            key,
+            f"{path}: uid {os.geteuid()} may not connect to it (connecting needs write "
+            "permission: put this user in the socket's group, docs/OPERATIONS.md)",
+        )
+
+
 def check_rx(config: RxConfig, *, create: bool) -> None:
     """Everything about the receiver's settings this host can tell before binding its ports."""
     section = config.receiver
@@ -203,6 +230,7 @@ def check_rx(config: RxConfig, *, create: bool) -> None:
     usable_spool(config.mqtt.spool_path, "mqtt.spool_path")
     usable_tls(config.mqtt)
     readable(config.mqtt.password_file, "mqtt.password_file")
+    usable_broker_socket(config.mqtt.socket, "mqtt.socket")
     local_address(section.listen, "receiver.listen")
     if section.interface is not None and not Path("/sys/class/net", section.interface).exists():
         raise SettingError(

@@ -59,7 +59,7 @@ import structlog
 from diode.config.mqtt import MqttBroker
 from diode.config.rx import FailoverSection
 from diode.replay import StreamState
-from receiver.mqtt import broker_credentials
+from receiver.mqtt import broker_connection
 
 log = structlog.get_logger("diode.rx.failover")
 
@@ -220,21 +220,8 @@ class Failover:
 
     def _client(self) -> aiomqtt.Client:
         broker = self._broker
-        tls, password = broker_credentials(broker)
         return aiomqtt.Client(
-            broker.host,
-            broker.port,
-            identifier=f"{broker.client_id}-failover",
-            protocol=(
-                aiomqtt.ProtocolVersion.V311
-                if broker.protocol == "3.1.1"
-                else aiomqtt.ProtocolVersion.V5
-            ),
-            username=broker.username,
-            password=password,
-            keepalive=broker.keepalive_s,
-            timeout=broker.connect_timeout_s,
-            tls_context=tls,
+            **broker_connection(broker), identifier=f"{broker.client_id}-failover"
         )
 
     async def run(self) -> None:

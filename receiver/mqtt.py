@@ -114,7 +114,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _package_version
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -297,9 +297,24 @@ def install_puback(client: paho.Client, on_ack: Callable[[int, int], bool]) -> N
     client._handle_pubackcomp = on_puback  # type: ignore[method-assign,assignment]  # see above
 
 
-def broker_credentials(broker: MqttBroker) -> tuple[ssl.SSLContext | None, str | None]:
-    """The TLS context and password of every connection this receiver makes to ``broker``
-    (the output's, the failover watch's, each Sparkplug edge node's)."""
+class BrokerConnection(TypedDict):
+    """The arguments of ``aiomqtt.Client`` that say how to reach and log in to the broker."""
+
+    hostname: str
+    port: int
+    transport: Literal["tcp", "unix"]
+    protocol: aiomqtt.ProtocolVersion
+    username: str | None
+    password: str | None
+    keepalive: int
+    timeout: float
+    tls_context: ssl.SSLContext | None
+
+
+def broker_connection(broker: MqttBroker) -> BrokerConnection:
+    """How every connection this receiver makes to ``broker`` reaches it and logs in (the
+    output's, the failover watch's, each Sparkplug edge node's): over TCP, with TLS if set,
+    or over the broker's Unix socket (config refuses TLS there)."""
     tls: ssl.SSLContext | None = None
     if broker.tls:
         tls = ssl.create_default_context(cafile=str(broker.ca_file) if broker.ca_file else None)
@@ -308,7 +323,23 @@ def broker_credentials(broker: MqttBroker) -> tuple[ssl.SSLContext | None, str |
     password = None
     if broker.password_file is not None:
         password = broker.password_file.read_text().rstrip("\r\n")
-    return tls, password
+    return BrokerConnection(
+        # paho connects a "unix" transport to its host, the socket's path; the port
+        # is not used but must be a valid one (paho checks it at each connect).
+        hostname=str(broker.socket) if broker.socket is not None else broker.host,
+        port=broker.port,
+        transport="unix" if broker.socket is not None else "tcp",
+        protocol=(
+            aiomqtt.ProtocolVersion.V311
+            if broker.protocol == "3.1.1"
+            else aiomqtt.ProtocolVersion.V5
+        ),
+        username=broker.username,
+        password=password,
+        keepalive=broker.keepalive_s,
+        timeout=broker.connect_timeout_s,
+        tls_context=tls,
+    )
 
 
 def _version(package: str) -> str:
@@ -622,7 +653,7 @@ class MqttOutput:
                 elif not failing:
                     self._log.warning(
                         "mqtt broker unreachable, spooling",
-                        broker=f"{self._broker.host}:{self._broker.port}",
+                        broker=self._broker.address,
                         reason=reason,
                     )
                 failing = True
@@ -907,21 +938,9 @@ class MqttOutput:
 
     def _client(self) -> aiomqtt.Client:
         broker = self._broker
-        tls, password = broker_credentials(broker)
         client = aiomqtt.Client(
-            broker.host,
-            broker.port,
+            **broker_connection(broker),
             identifier=broker.client_id,
-            protocol=(
-                aiomqtt.ProtocolVersion.V311
-                if broker.protocol == "3.1.1"
-                else aiomqtt.ProtocolVersion.V5
-            ),
-            username=broker.username,
-            password=password,
-            keepalive=broker.keepalive_s,
-            timeout=broker.connect_timeout_s,
-            tls_context=tls,
             # 0: paho queues nothing and never scans its queue per ack; our window limits.
             max_inflight_messages=0,
             will=aiomqtt.Will(
@@ -968,7 +987,8 @@ class MqttOutput:
         self._connected = True
         self.counters["connected"] = 1
         sock = client._client.socket()
-        if isinstance(sock, socket.socket):  # an SSLSocket is one too
+        # An SSLSocket is a socket.socket too; a Unix socket has no Nagle to turn off.
+        if isinstance(sock, socket.socket) and sock.family != socket.AF_UNIX:
             # paho leaves Nagle on. The pump writes whole spool reads at once, so
             # Nagle saves nothing and holds each write behind the broker's delayed
             # ACK of the one before (p99 of the 10 000/s benchmark: see BENCHMARKS).
@@ -977,7 +997,7 @@ class MqttOutput:
         self._backlog_at_connect = len(self._spool)
         self._log.info(
             "mqtt connected",
-            broker=f"{self._broker.host}:{self._broker.port}",
+            broker=self._broker.address,
             window=self._window,
             spool_depth=len(self._spool),
         )

@@ -51,7 +51,7 @@ from diode.config.mqtt import MqttBroker, StreamOutput
 from diode.config.rx import RxConfig
 from diode.errors import FrameError
 from diode.records import DeviceInfo, Sample, TagInfo, decode_records, encode_records
-from receiver.mqtt import broker_credentials
+from receiver.mqtt import broker_connection
 from receiver.payload import Message
 from receiver.sparkplug import SEQ_MODULO, EdgeNode, Publish
 from receiver.spool import Spool
@@ -188,20 +188,12 @@ class SparkplugNode:
 
     def _connection(self, bd_seq: int) -> aiomqtt.Client:
         broker = self.broker
-        tls, password = broker_credentials(broker)
         v311 = broker.protocol == "3.1.1"
         # Sparkplug 3.0: a clean session (3.1.1 clean session, 5 clean start and no
         # session expiry), the NDEATH as will at QoS 1, not retained.
         return aiomqtt.Client(
-            broker.host,
-            broker.port,
+            **broker_connection(broker),
             identifier=self.client_id,
-            protocol=aiomqtt.ProtocolVersion.V311 if v311 else aiomqtt.ProtocolVersion.V5,
-            username=broker.username,
-            password=password,
-            keepalive=broker.keepalive_s,
-            timeout=broker.connect_timeout_s,
-            tls_context=tls,
             clean_session=True if v311 else None,
             # paho refuses clean_start under 3.1.1 unless it is left at its default
             clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY if v311 else True,

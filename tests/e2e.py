@@ -81,6 +81,7 @@ class Plant:
 
     tmp: Path
     broker_port: int
+    broker_socket: Path | None = None  # set: the receiver reaches the broker through it
     faults: Faults = field(default_factory=Faults)
     tx_overrides: dict[str, Any] = field(default_factory=dict)
     link_overrides: dict[str, Any] = field(default_factory=dict)
@@ -159,8 +160,11 @@ class Plant:
                 **self.rx_overrides,
             },
             "mqtt": {
-                "host": "127.0.0.1",
-                "port": self.broker_port,
+                **(
+                    {"socket": str(self.broker_socket)}
+                    if self.broker_socket is not None
+                    else {"host": "127.0.0.1", "port": self.broker_port}
+                ),
                 "client_id": "diode-rx-test",
                 "spool_path": str(self.tmp / "rx-state" / "spool.sqlite"),
             },

@@ -48,6 +48,21 @@ def test_link_without_loss_delivers_and_reports_rates() -> None:
         assert run["rx_records_lost"] == 0
 
 
+def test_link_alternates_tcp_and_the_unix_socket_and_reports_the_broker_cpu() -> None:
+    report = bench(
+        "link", "--quick", "--no-pydiode", "--rate-mbps", "50", "--loss", "0",
+        "--broker", "tcp", "--broker", "unix",
+    )  # fmt: skip
+    tcp, unix = report["diode"]
+    assert tcp["broker_as_the_receiver_logged_it"].startswith("127.0.0.1:")
+    assert unix["broker_as_the_receiver_logged_it"].startswith("unix:/")
+    for run in (tcp, unix):
+        assert run["records_delivered"] > 0
+        assert run["rx_records_lost"] == 0
+        assert run["broker_cpu_s_per_s"] >= 0
+        assert run["rx_and_broker_cpu_us_per_block"] >= run["rx_cpu_us_per_block"]
+
+
 def test_tags_one_mode_one_rate() -> None:
     report = bench("tags", "--quick", "--mode", "per_tag:0", "--rate", "2000")
     modes = report["modes"]

@@ -99,6 +99,10 @@ EXPECTED = {
     "rx_same_key_two_streams.toml": "streams[1].public_keys[0]: good-copy.pub is the same key as",
     "rx_psk_too_open.toml": "streams[0].psk_file: link.open.psk: permissions 0644 are too open",
     "rx_site_slash.toml": "streams[0].output.site: site is one topic level",
+    "rx_mqtt_socket_tls.toml": "mqtt.socket: socket and tls = true exclude each other",
+    "rx_mqtt_socket_and_host.toml": "mqtt.socket: socket excludes host",
+    "rx_mqtt_socket_relative.toml": "mqtt.socket: socket must be an absolute path",
+    "rx_mqtt_socket_not_a_socket.toml": "mqtt.socket: /etc/passwd is not a socket",
 }
 
 

@@ -123,7 +123,14 @@ def rx_config(
     broker_port: int,
     metrics_port: int,
     output: Mapping[str, Any],
+    broker_socket: Path | None = None,
 ) -> Path:
+    """The receiver's config; ``broker_socket``: reach the broker by that Unix socket."""
+    broker = (
+        {"socket": broker_socket}
+        if broker_socket is not None
+        else {"host": "127.0.0.1", "port": broker_port}
+    )
     data = {
         "receiver": {
             "listen": "127.0.0.1",
@@ -132,8 +139,7 @@ def rx_config(
             "metrics_port": metrics_port,
         },
         "mqtt": {
-            "host": "127.0.0.1",
-            "port": broker_port,
+            **broker,
             "client_id": "diode-bench-rx",
             "spool_path": workdir / "rx-state" / "spool.sqlite3",
         },
@@ -170,6 +176,16 @@ def _daemon_env(env: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) a running process has used; None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 class Daemon:
     """One child daemon; its CPU seconds and peak RSS read from /proc while it runs."""
 
@@ -196,12 +212,8 @@ class Daemon:
         return cls("rx", argv, config.parent / "rx.log", env)
 
     def cpu_s(self) -> float:
-        try:
-            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        except OSError:
-            return self.final_cpu_s or 0.0
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        cpu = process_cpu_s(self.proc.pid)
+        return (self.final_cpu_s or 0.0) if cpu is None else cpu
 
     def hwm_mb(self) -> float:
         try:
@@ -265,14 +277,21 @@ def wait_metrics(port: int, daemon: Daemon, timeout: float = 20.0) -> None:
 
 
 class Broker:
-    """A mosquitto on a free loopback port, persistence off."""
+    """A mosquitto on a free loopback port, persistence off; with ``unix_socket``, also on
+    ``workdir/mqtt.sock`` (keep ``workdir`` short: a socket path holds 107 bytes)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, unix_socket: bool = False) -> None:
         self.port = free_port()
+        self.socket = workdir / "mqtt.sock" if unix_socket else None
         conf = workdir / "mosquitto.conf"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "max_queued_messages 0\nmax_inflight_messages 0\nlog_type error\nset_tcp_nodelay true\n"
+            f"listener {self.port} 127.0.0.1\n"
+            + (f"listener 0 {self.socket}\n" if self.socket is not None else "")
+            + "allow_anonymous true\npersistence false\nmax_queued_messages 0\n"
+            "max_inflight_messages 0\nlog_type error\nset_tcp_nodelay true\n"
+            # As root, mosquitto would drop to its own user before it binds the
+            # socket, in a folder only root may write (no effect when not root).
+            "user root\n"
         )
         self.proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
             [MOSQUITTO, "-c", str(conf)],
@@ -283,11 +302,19 @@ class Broker:
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
+                    pass
+                if self.socket is not None:
+                    with socket.socket(socket.AF_UNIX) as unix:
+                        unix.connect(str(self.socket))
             except OSError:
                 time.sleep(0.05)
+            else:
+                return
         self.stop()
         raise RuntimeError("mosquitto did not start")
+
+    def cpu_s(self) -> float:
+        return process_cpu_s(self.proc.pid) or 0.0
 
     def stop(self) -> None:
         if self.proc.poll() is None:

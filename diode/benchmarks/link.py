@@ -2,7 +2,9 @@
 
 diode-tx (a synthetic source of string samples, paced at ``rate_mbps``)
 sends 1472-byte datagrams to diode-rx on loopback; the receiver publishes
-batched payloads to a local mosquitto nobody subscribes to. An nftables rule
+batched payloads to a local mosquitto nobody subscribes to, over loopback TCP
+or its Unix socket (``brokers``; the broker's CPU is reported beside the
+receiver's: it shares the receiver's core). An nftables rule
 on the link's port counts the datagrams that arrive and drops ``loss`` of them
 (on the input hook, with loopback's UDP segmentation offload off for the
 run, so each datagram is counted and may be dropped alone, as on a 1 GbE NIC).
@@ -44,7 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from diode.benchmarks import harness as h
 from diode.config.link import FecSettings, LinkSettings
@@ -52,6 +54,8 @@ from diode.records import Sample, encode_record
 from diode.wire import BLOCK_OVERHEAD, symbol_size
 
 PYDIODE_VERSION = "1.0.0"
+BrokerWay = Literal["tcp", "unix"]  # how the receiver reaches its broker
+DEFAULT_BROKERS: tuple[BrokerWay, ...] = ("tcp",)
 DEFAULT_PYDIODE_VENV = Path.home() / ".cache" / "diode-bench" / f"pydiode-{PYDIODE_VERSION}"
 
 
@@ -167,6 +171,7 @@ def transmitter_alone_run(
 def diode_run(
     *,
     loss: float,
+    broker: BrokerWay = "tcp",
     rate_mbps: float,
     seconds: float,
     warmup_s: float,
@@ -184,16 +189,17 @@ def diode_run(
         port, metrics = h.free_udp_port(), h.free_port()
         # The tap first: without nft it refuses loss, and nothing is left running.
         tap = h.LinkTap(port, loss, hook="input")
-        broker = h.Broker(work)
-        _pin(broker.proc.pid, RX_CPU)
+        mosquitto = h.Broker(work, unix_socket=broker == "unix")
+        _pin(mosquitto.proc.pid, RX_CPU)
         rx = tx = None
-        with h.software_segmentation(), h.stopping(tap, broker):
+        with h.software_segmentation(), h.stopping(tap, mosquitto):
             rx = h.Daemon.rx(
                 h.rx_config(
                     work,
                     public=public,
                     port=port,
-                    broker_port=broker.port,
+                    broker_port=mosquitto.port,
+                    broker_socket=mosquitto.socket,
                     metrics_port=metrics,
                     output={"payload": "batched", "qos": 0, "retain": False},
                 )
@@ -210,13 +216,14 @@ def diode_run(
                     tx.check()
                     rx.check()
                     m0, w0, t0 = h.rx_metrics(metrics), tap.counters(), time.monotonic()
-                    c0 = (tx.cpu_s(), rx.cpu_s())
+                    c0 = (tx.cpu_s(), rx.cpu_s(), mosquitto.cpu_s())
                     time.sleep(seconds)
                     m1, w1, t1 = h.rx_metrics(metrics), tap.counters(), time.monotonic()
-                    c1 = (tx.cpu_s(), rx.cpu_s())
+                    c1 = (tx.cpu_s(), rx.cpu_s(), mosquitto.cpu_s())
                     hwm = (tx.hwm_mb(), rx.hwm_mb())
                     tx.check()
                     rx.check()
+                    connected = rx.log_events("mqtt connected")
     elapsed = t1 - t0
 
     def delta(name: str) -> int:
@@ -230,8 +237,11 @@ def diode_run(
     if wire is None:  # no nftables: what arrived is all we know
         wire = delta("datagrams") * (link.datagram_size + h.WIRE_OVERHEAD) * 8 / elapsed / 1e6
     ideal = wire * k / n
+    rx_cpu, broker_cpu = c1[1] - c0[1], c1[2] - c0[2]
     return {
         "loss_injected": loss,
+        "broker": broker,
+        "broker_as_the_receiver_logged_it": connected[-1].get("broker") if connected else None,
         "seconds": round(elapsed, 2),
         "record_bytes": record,
         "records_offered_per_s": round(offered),
@@ -247,10 +257,15 @@ def diode_run(
         "rx_records_lost": delta("records_lost"),
         "rx_kernel_drops": int(m1.get("kernel_drops", 0)),
         "tx_cpu_s_per_s": round((c1[0] - c0[0]) / elapsed, 2),
-        "rx_cpu_s_per_s": round((c1[1] - c0[1]) / elapsed, 2),
+        "rx_cpu_s_per_s": round(rx_cpu / elapsed, 2),
+        # The broker shares the receiver's core: together they must fit on it.
+        "broker_cpu_s_per_s": round(broker_cpu / elapsed, 2),
         # The receiver's CPU per full block it delivered: what sets the goodput it can carry
         # on its core (1 000 Mb/s of wire at the default FEC is ~1 400 blocks a second).
-        "rx_cpu_us_per_block": round((c1[1] - c0[1]) / blocks * 1e6) if blocks else None,
+        "rx_cpu_us_per_block": round(rx_cpu / blocks * 1e6) if blocks else None,
+        "rx_and_broker_cpu_us_per_block": (
+            round((rx_cpu + broker_cpu) / blocks * 1e6) if blocks else None
+        ),
         "tx_rss_peak_mb": round(hwm[0], 1),
         "rx_rss_peak_mb": round(hwm[1], 1),
     }
@@ -371,12 +386,15 @@ def link(
     fec: FecSettings | None = None,
     rounds: int = 3,
     sink: bool = False,
+    brokers: tuple[BrokerWay, ...] = DEFAULT_BROKERS,
 ) -> dict[str, Any]:
     """diode at each loss rate and pydiode at both sizes, ``rounds`` times alternating; medians.
 
     ``fec``: the link's FEC (the default profile when None), e.g. a lighter one
     for a link whose loss is measured and low. ``sink``: the transmitter alone
-    (into a datagram counter), no receiver and no pydiode.
+    (into a datagram counter), no receiver and no pydiode. ``brokers``: how the
+    receiver reaches mosquitto (loopback TCP, its Unix socket), each in turn per
+    round; ``diode`` lists the medians by broker, then by loss.
     """
     fec = fec or FecSettings()
     link_settings = LinkSettings(fec=fec)
@@ -394,12 +412,13 @@ def link(
         "pinned": f"tx cpu {TX_CPU}, rx and broker cpu {RX_CPU}"
         if (os.cpu_count() or 1) > 1
         else "no (one core)",
-        "receiver_output": "batched, QoS 0, local mosquitto",
+        "receiver_output": "batched, QoS 0, local mosquitto over " + " then ".join(brokers),
     }
 
-    def run(loss: float) -> dict[str, Any]:
+    def run(broker: BrokerWay, loss: float) -> dict[str, Any]:
         return diode_run(
             loss=loss,
+            broker=broker,
             rate_mbps=rate_mbps,
             seconds=seconds,
             warmup_s=warmup_s,
@@ -420,11 +439,13 @@ def link(
         ]
         return {"settings": settings, "transmitter_alone": _median(runs), "runs": runs}
     exe = pydiode_venv(pydiode) if pydiode is not None else None
-    ours: dict[float, list[dict[str, Any]]] = {loss: [] for loss in losses}
+    ours: dict[tuple[BrokerWay, float], list[dict[str, Any]]] = {
+        (broker, loss): [] for broker in brokers for loss in losses
+    }
     theirs: dict[int | None, list[dict[str, Any]]] = {None: [], 1472: []}
     for _ in range(rounds):
-        for loss in losses:
-            ours[loss].append(run(loss))
+        for (broker, loss), got in ours.items():
+            got.append(run(broker, loss))
         if exe is not None:
             for size, got in theirs.items():
                 # At 1472 bytes pydiode moves a quarter of its default rate: a quarter the bytes.

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from diode.errors import ConfigError, KeyFileError
 
@@ -40,6 +41,18 @@ def _ip_literal(value: str) -> str:
 
 # An address, not a name: a one-way link has no DNS (and no ARP replies either).
 IpAddress = Annotated[str, AfterValidator(_ip_literal)]
+
+
+def key_error(key: str, message: str) -> ValidationError:
+    """A cross-field error of a section, raised from its model validator, reported at ``key``.
+
+    A plain ``ValueError`` there names the section only (``mqtt``); this names the key
+    (``mqtt.socket``) that the operator has to change.
+    """
+    detail = InitErrorDetails(
+        type=PydanticCustomError("value_error", message), loc=(key,), input=None
+    )
+    return ValidationError.from_exception_data("Section", [detail])
 
 
 def dotted(loc: tuple[int | str, ...]) -> str:

@@ -7,16 +7,18 @@ tag names) are made safe when the topic is built (see ``receiver/payload.py``).
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from diode.config import Section
+from diode.config import Section, key_error
 from diode.config.sparkplug import SparkplugSettings
 
 TEMPLATE_FIELDS = frozenset({"prefix", "site", "area", "device", "tag"})
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path is 108 with the NUL)
 
 
 def _check_topic_part(value: str, what: str) -> str:
@@ -34,6 +36,13 @@ class MqttBroker(Section):
 
     host: str = Field("127.0.0.1", min_length=1, description="broker host name or address")
     port: int = Field(1883, ge=1, le=65535, description="broker TCP port (8883 for TLS)")
+    socket: Path | None = Field(
+        None,
+        description="the broker's Unix domain socket (mosquitto: listener 0 PATH), an absolute "
+        "path, instead of host and port, for a broker on this host; no TLS; its permissions "
+        "decide who connects (docs/OPERATIONS.md)",
+        strict=False,
+    )
     client_id: str = Field(
         "diode-rx", min_length=1, max_length=128, description="MQTT client identifier"
     )
@@ -92,8 +101,34 @@ class MqttBroker(Section):
     def _status_topic(cls, value: str) -> str:
         return _check_topic_part(value, "status_topic")
 
+    @field_validator("socket")
+    @classmethod
+    def _socket(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        # Relative to what? The daemon's working folder is not the config's: refuse.
+        if not value.is_absolute():
+            raise ValueError(f"socket must be an absolute path (got {str(value)!r})")
+        # sockaddr_un holds 108 bytes with the terminating NUL (unix(7)).
+        if len(os.fsencode(value)) > UNIX_PATH_MAX:
+            raise ValueError(f"socket path is longer than {UNIX_PATH_MAX} bytes (unix(7))")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> MqttBroker:
+        if self.socket is not None:
+            given = sorted(self.model_fields_set & {"host", "port"})
+            if given:
+                raise key_error(
+                    "socket",
+                    f"socket excludes {' and '.join(given)}: the broker is one or the other",
+                )
+            if self.tls:
+                # TLS authenticates a peer across a network; a socket file's peer is
+                # whoever may write it, which its permissions already decide.
+                raise key_error(
+                    "socket", "socket and tls = true exclude each other: no TLS over a Unix socket"
+                )
         if self.reconnect_max_s < self.reconnect_initial_s:
             raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
         if (self.certfile is None) != (self.keyfile is None):
@@ -103,6 +138,11 @@ class MqttBroker(Section):
         if self.password_file is not None and self.username is None:
             raise ValueError("password_file needs a username")
         return self
+
+    @property
+    def address(self) -> str:
+        """The broker as logs name it: ``unix:/run/mosquitto/mosquitto.sock`` or ``host:port``."""
+        return f"unix:{self.socket}" if self.socket is not None else f"{self.host}:{self.port}"
 
 
 class StreamOutput(Section):

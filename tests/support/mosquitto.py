@@ -1,4 +1,4 @@
-"""A real mosquitto broker on a free loopback port, owned by the test."""
+"""A real mosquitto broker on a free loopback port (and a Unix socket), owned by the test."""
 
 from __future__ import annotations
 
@@ -14,15 +14,23 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
 class Mosquitto:
-    """Start, stop and restart a broker on the same port, with persistence off."""
+    """Start, stop and restart a broker on the same port, with persistence off.
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    ``unix_socket``: a second listener on that path (at most 107 bytes long), the
+    same broker for clients of either.
+    """
+
+    def __init__(
+        self, workdir: Path, port: int | None = None, unix_socket: Path | None = None
+    ) -> None:
         self.port = port or free_port()
+        self.unix_socket = unix_socket
         self.workdir = workdir
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            + (f"listener 0 {unix_socket}\n" if unix_socket is not None else "")
+            + "allow_anonymous true\n"
             "persistence false\n"
             "max_queued_messages 1000000\n"
             "max_inflight_messages 0\n"
@@ -42,11 +50,20 @@ class Mosquitto:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
+                self._connect()
+                return
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"mosquitto did not start on port {self.port}")
+
+    def _connect(self) -> None:
+        """Both listeners answer (a socket file left by the last run does not: refused)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+            pass
+        if self.unix_socket is not None:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+                unix.settimeout(0.2)
+                unix.connect(str(self.unix_socket))
 
     def stop(self) -> None:
         if self.proc is not None:
