@@ -255,6 +255,33 @@ def test_the_surplus_of_a_block_that_waited_its_turn_leaves_the_table() -> None:
     assert decoder.assembly_bytes == 0
 
 
+def test_a_full_table_drops_the_assemblies_of_blocks_declared_lost_first() -> None:
+    """An overrun receiver's kernel drops a burst: blocks lose more symbols than their
+    repair covers, and their assemblies can never complete. Once the stream's position
+    has passed those blocks (declared lost), their assemblies go first when the table is
+    full; evicted oldest first behind the single-symbol ones, they kept it full, and every
+    new block's first symbol was evicted: the stream after the burst was lost too."""
+    blocks = encode_blocks(samples(300), per_block=30)
+    k = blocks[0][0][33]
+    decoder = new_decoder(reorder_timeout_s=0.1)
+    for block in blocks[1:6]:  # the burst: each of these blocks keeps k - 1 symbols
+        blocks[0] += block[: k - 1]
+    for datagram in blocks[0] + blocks[6]:
+        decoder.receive(datagram, 1.0)
+    decoder.poll(2.0)  # block 1's reorder timeout: blocks 1-5 declared lost
+    events = decoder.events()
+    assert [(g.first_seq, g.last_seq) for g in gaps(events)] == [(1, 5)]
+    assert len(delivered(events)) == 60  # blocks 0 and 6
+    # The bound holds exactly what the lost blocks left: any new symbol overflows it.
+    decoder._table.max_bytes = decoder.assembly_bytes
+    for datagram in [d for b in blocks[7:] for d in b]:
+        decoder.receive(datagram, 2.0)
+    decoder.poll(20.0)
+    assert delivered(decoder.events()) == samples(300)[210:]  # every block after the burst
+    assert decoder.counters["assemblies_passed"] >= 1  # as many as room was needed for
+    assert decoder.counters["assemblies_evicted"] == 0
+
+
 def test_encrypted_stream_round_trips_and_rejects_plaintext_and_wrong_secret() -> None:
     psk = bytes(range(32))
     records = samples(60)

@@ -171,7 +171,14 @@ def test_a_forged_datagram_moves_no_field(field: str, gated: bool) -> None:
 @pytest.mark.parametrize("gated", [False, True], ids=["no secret", "link secret"])
 def test_only_intake_and_rejection_counters_moved(gated: bool) -> None:
     _, _, moved = _run(gated)
-    intake = {"datagrams", "symbols", "assemblies_evicted", "assemblies_expired", "verifies"}
+    intake = {
+        "datagrams",
+        "symbols",
+        "assemblies_evicted",
+        "assemblies_expired",
+        "assemblies_passed",
+        "verifies",
+    }
     assert set(moved) - intake == {k for k in moved if k.startswith("rejected_")}
     assert sum(v for k, v in moved.items() if k.startswith("rejected_")) > 0
     if gated:

@@ -8,15 +8,25 @@ The bound counts what an assembly really costs in the Python heap, not just
 its symbol bytes: the assembly object, its symbol dict, its key, the table's
 entry, and each symbol's ``bytes`` object (constants measured with
 tracemalloc, checked by tests/test_assembly.py). When the count passes
-``max_bytes`` the oldest assemblies go first: those holding a single symbol
-(what a flood of unique forged datagrams creates) before those with two or
-more, each group oldest first. Every eviction and expiry is counted.
+``max_bytes``, assemblies of blocks the stream's position has passed (delivered,
+or declared lost: nothing can need them) go first, counted as
+``assemblies_passed``; then the oldest: those holding a single symbol (what a
+flood of unique forged datagrams creates) before those with two or more, each
+group oldest first. Every eviction and expiry is counted.
+
+Passed assemblies first because an overrun receiver makes them by the
+thousand: the kernel drops a burst, blocks lose more symbols than their repair
+covers, and their assemblies wait out the timeout. Evicted oldest first behind
+the single-symbol ones, they kept the table full, and a full table evicted
+every new block's first symbol: at the 1000 Mb/s cap with 1 % loss the
+receiver lost 6 blocks in 10 for that (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import struct
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from diode.errors import FrameError
@@ -26,6 +36,8 @@ from diode.errors import FrameError
 ASSEMBLY_OVERHEAD = 560
 # What one symbol costs beyond its payload bytes: the ``bytes`` object and its dict slot.
 SYMBOL_OVERHEAD = 64
+# Assemblies looked at per eviction for passed blocks (the bound on that scan's work).
+PASSED_SCAN = 256
 
 # The key: datagram bytes 0..32 and 33..44 (all but the index and the CRC), and the
 # datagram's length (with the version in the key, it fixes the symbol's).
@@ -63,10 +75,19 @@ class Assembly:
 class AssemblyTable:
     """Blocks being rebuilt; ``add`` hands back an assembly once it holds k symbols."""
 
-    def __init__(self, counters: Counter[str], *, max_bytes: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        counters: Counter[str],
+        *,
+        max_bytes: int,
+        timeout_s: float,
+        passed: Callable[[bytes], bool] | None = None,
+    ) -> None:
         self._counters = counters
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        # Has the stream's position passed the block this key names? (None: never asked.)
+        self._passed = passed
         # Two FIFOs: probation (one symbol so far) and established (two or more).
         self._probation: OrderedDict[bytes, Assembly] = OrderedDict()
         self._established: OrderedDict[bytes, Assembly] = OrderedDict()
@@ -121,6 +142,8 @@ class AssemblyTable:
         self.bytes -= assembly.cost
 
     def _evict(self) -> None:
+        if self.bytes > self.max_bytes and self._passed is not None:
+            self._evict_passed(self._passed)
         while self.bytes > self.max_bytes:
             fifo = self._probation or self._established
             if not fifo:
@@ -128,6 +151,18 @@ class AssemblyTable:
             _, victim = fifo.popitem(last=False)
             self.bytes -= victim.cost
             self._counters["assemblies_evicted"] += 1
+
+    def _evict_passed(self, passed: Callable[[bytes], bool], most: int = PASSED_SCAN) -> None:
+        """Drop the assemblies of passed blocks, oldest first, until the bound holds; looks
+        at ``most`` of each FIFO at most (blocks come in order: the oldest pass first)."""
+        counters = self._counters
+        for fifo in (self._established, self._probation):
+            dead = [key for key, _ in zip(fifo, range(most), strict=False) if passed(key)]
+            for key in dead:
+                self.bytes -= fifo.pop(key).cost
+                counters["assemblies_passed"] += 1
+                if self.bytes <= self.max_bytes:
+                    return
 
     def expire(self, now: float) -> None:
         """Drop assemblies older than ``timeout_s`` (their block's loss is declared later)."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from diode.errors import FrameError
 from diode.keys import Keyring
-from diode.protocol.assembly import AssemblyTable, assembly_key
+from diode.protocol.assembly import AssemblyTable, assembly_key, block_id
 from diode.protocol.authenticator import BlockAuthenticator
 from diode.protocol.budget import VerifyBudget
 from diode.protocol.events import Delivered, EpochStarted, Event, Gap
@@ -97,6 +97,7 @@ class Decoder:
             self.counters,
             max_bytes=settings.max_assembly_bytes * 3 // 4,
             timeout_s=settings.assembly_timeout_s,
+            passed=self._passed,
         )
         self._room = WaitingRoom(self.counters, max_bytes=settings.max_assembly_bytes // 4)
         self._budget = VerifyBudget(settings.verify_budget_per_s)
@@ -267,6 +268,13 @@ class Decoder:
                 self._quiet_until[stream_id] = now + self.settings.reorder_timeout_s
                 self._stuck_at[stream_id] = following[1]
                 return
+
+    def _passed(self, key: bytes) -> bool:
+        """Has the stream's position passed the block an assembly names (delivered, held for
+        its turn, or declared lost)? Moved by authentic blocks only: a forger cannot make a
+        live assembly look passed."""
+        claimed = block_id(key)
+        return self._sequencer.screen(claimed.stream_id, claimed.epoch, claimed.seq) is not None
 
     def _stuck(self, stream_id: int) -> bool:
         """Is the stream's next block overdue with only forgeries waiting in its place?
