@@ -8,7 +8,7 @@ The path of a datagram, one piece per job::
       StreamSequencer.screen  already delivered, or an epoch older than followed?
       and the link tag (a secret): one call per datagram
     Gate.admit            framing, link profile, key id
-    AssemblyTable.add     k symbols yet? (memory bounded, oldest evicted)
+    AssemblyTable.add     k symbols yet? (memory bounded: passed blocks, then oldest, evicted)
     StreamSequencer.turn  the next block: verify now; ahead in the window: WaitingRoom
                           until its turn; outside the window: VerifyBudget.take
     BlockAuthenticator    rebuild, signed header, Ed25519, decrypt, records
