@@ -84,7 +84,13 @@ HOLD_S = 2.0
 # Most datagrams the active receiver peeks ahead before it commits: each peek walks
 # the queue from its head, so a deeper journal makes every datagram dearer (see
 # Drain.feed). After a commit, what is still uncovered beyond half of it is released.
-MAX_HELD = 512
+# 128, not 512: at the 1000 Mb/s cap the walk cost a receiver that kept up 565-581 us a
+# block at 0.96 core (and 1 run in 3 fell behind for good); at 128, 531 us at 0.89 core.
+# The price is the journal's reach at line rate: there about half the datagrams leave
+# the queue before their block is committed (17 % at 512; none at the tag rates), so a
+# receiver killed at that rate loses the blocks then in progress, reported as a gap
+# (docs/BENCHMARKS.md and docs/OPERATIONS.md, fourth session).
+MAX_HELD = 128
 # Rejected datagrams held behind an uncommitted one past which a commit is worth making at
 # once rather than at the group's time: under a flood they pile up at the flood's rate,
 # and every peek walks them (see Drain.worth_committing).
