@@ -270,9 +270,9 @@ class Decoder:
                 return
 
     def _passed(self, key: bytes) -> bool:
-        """Has the stream's position passed the block an assembly names (delivered, held for
-        its turn, or declared lost)? Moved by authentic blocks only: a forger cannot make a
-        live assembly look passed."""
+        """Has the stream's position passed the block an assembly names (delivered, rebuilt
+        and held for order, or declared lost)? Moved by authentic blocks only: a forger
+        cannot make a live assembly look passed."""
         claimed = block_id(key)
         return self._sequencer.screen(claimed.stream_id, claimed.epoch, claimed.seq) is not None
 
