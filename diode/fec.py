@@ -15,6 +15,19 @@ the wire carries only the symbols.
 transmitters): zfec's Rizzo Vandermonde code. Both codes are systematic: the
 first k symbols are the block itself, so a block whose k sources all
 arrive is rebuilt by joining them, with no decode at all.
+
+A Cauchy block missing a few sources (at most ``FEW``: 1 % of datagrams lost
+leaves one missing in 23 % of full blocks, two or more in 4 %) is rebuilt
+here rather than by pyeclib, whose decode inverts a k x k matrix every time
+(about 170 us for k 32 whether one source or seventeen are missing). The
+code is linear: encode the block with the missing sources set to zero, and
+each repair symbol that arrived differs from the one re-encoded by exactly
+the missing sources' share, ``sum(C[r][j] * d[j])``. With e missing, e such
+differences and the inverse of an e x e piece of the Cauchy matrix give the
+sources back: one ISA-L encode and e * e table lookups per byte (bytes.translate).
+The coefficients C are read from pyeclib itself (an encode of unit sources)
+and checked against an encode of a test pattern before they are used; if
+anything disagrees, the decode stays pyeclib's.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from functools import lru_cache
+from itertools import repeat
 
 import zfec
 from pyeclib.ec_iface import ECDriver
@@ -30,6 +44,23 @@ from diode.errors import FrameError
 
 # What pyeclib puts in front of every fragment (liberasurecode's fragment header).
 _FRAGMENT_HEADER = 80
+
+# The most missing sources a Cauchy decode rebuilds without pyeclib: at 4 the
+# e * e translations cost about what pyeclib's inversion does.
+FEW = 3
+
+# GF(2^8) as ISA-L builds it (polynomial x^8 + x^4 + x^3 + x^2 + 1), by logarithms.
+_GF_POLY = 0x11D
+_EXP = bytearray(512)
+_LOG = [0] * 256
+_x = 1
+for _i in range(255):
+    _EXP[_i] = _EXP[_i + 255] = _x
+    _LOG[_x] = _i
+    _x <<= 1
+    if _x & 0x100:
+        _x ^= _GF_POLY
+del _i, _x
 
 
 class Code(enum.Enum):
@@ -56,6 +87,108 @@ def _cauchy(k: int, n: int) -> ECDriver:
 def _fragment_headers(k: int, n: int, size: int) -> tuple[bytes, ...]:
     """The header pyeclib expects on each fragment index, for k symbols of ``size`` bytes."""
     return tuple(f[:_FRAGMENT_HEADER] for f in _cauchy(k, n).encode(bytes(k * size)))
+
+
+def _gf_mul(a: int, b: int) -> int:
+    return 0 if a == 0 or b == 0 else _EXP[_LOG[a] + _LOG[b]]
+
+
+def _gf_inv(a: int) -> int:
+    return _EXP[255 - _LOG[a]]
+
+
+@lru_cache(maxsize=256)
+def _times(c: int) -> bytes:
+    """The translation table that multiplies every byte by ``c``."""
+    return bytes(_gf_mul(c, x) for x in range(256))
+
+
+@lru_cache(maxsize=512)
+def _coefficients(k: int, n: int) -> tuple[bytes, ...] | None:
+    """C[r][i], the weight of source i in repair symbol k + r, read from pyeclib; None
+    if pyeclib's encode disagrees with them on a test pattern (then pyeclib decodes)."""
+    size = -(-k // 16) * 16  # one byte a source, at its own offset; 16-byte aligned
+    units = bytearray(k * size)
+    for i in range(k):
+        units[i * size + i] = 1
+    try:
+        repair = [f[_FRAGMENT_HEADER:] for f in _cauchy(k, n).encode(bytes(units))[k:]]
+        rows = tuple(bytes(r[:k]) for r in repair)
+        # The check: a pattern where byte b of source i is (7i + 13b + 1) mod 256.
+        pattern = bytes((7 * i + 13 * b + 1) % 256 for i in range(k) for b in range(size))
+        repair = [f[_FRAGMENT_HEADER:] for f in _cauchy(k, n).encode(pattern)[k:]]
+    except Exception:  # pyeclib's errors share no useful base class
+        return None
+    for row, got in zip(rows, repair, strict=True):
+        for b in range(size):
+            want = 0
+            for i in range(k):
+                want ^= _gf_mul(row[i], pattern[i * size + b])
+            if got[b] != want:
+                return None
+    return rows
+
+
+def _invert(matrix: list[list[int]]) -> list[list[int]] | None:
+    """The inverse of a small square matrix over GF(2^8), by Gauss-Jordan; None if singular."""
+    e = len(matrix)
+    work = [[*row, *(int(i == j) for j in range(e))] for i, row in enumerate(matrix)]
+    for col in range(e):
+        pivot = next((r for r in range(col, e) if work[r][col]), None)
+        if pivot is None:
+            return None
+        work[col], work[pivot] = work[pivot], work[col]
+        scale = _gf_inv(work[col][col])
+        work[col] = [_gf_mul(scale, v) for v in work[col]]
+        for r in range(e):
+            if r != col and (factor := work[r][col]):
+                work[r] = [v ^ _gf_mul(factor, p) for v, p in zip(work[r], work[col], strict=True)]
+    return [row[e:] for row in work]
+
+
+def _rebuild_few(
+    symbols: Mapping[int, bytes], missing: list[int], k: int, n: int, size: int
+) -> bytes | None:
+    """The padded block, its ``missing`` sources rebuilt from as many repair symbols
+    (see the module's docstring); None where pyeclib must decode instead."""
+    rows = _coefficients(k, n)
+    if rows is None:
+        return None
+    repairs = [r for r in sorted(symbols) if r >= k][: len(missing)]
+    if len(missing) == 1:  # the common case, without the elimination's lists
+        inverse: list[list[int]] | None = [[_gf_inv(rows[repairs[0] - k][missing[0]])]]
+    else:
+        inverse = _invert([[rows[r - k][j] for j in missing] for r in repairs])
+    if inverse is None:  # never for a Cauchy matrix; pyeclib would say why
+        return None
+    # Only the repair symbols up to the last one used are encoded again: a code with
+    # fewer repair symbols has the same first rows (checked), and costs less.
+    m = repairs[-1] - k + 1
+    if _coefficients(k, k + m) != rows[:m]:
+        return None
+    zeros = repeat(bytes(size), k)
+    fragments = _cauchy(k, k + m).encode(b"".join(map(symbols.get, range(k), zeros)))
+    differences = []
+    for r in repairs:
+        again = memoryview(fragments[r])[_FRAGMENT_HEADER:]
+        if len(again) != size:
+            return None  # pyeclib laid the block out otherwise: its decode knows how
+        sent = int.from_bytes(symbols[r], "little")
+        differences.append((sent ^ int.from_bytes(again, "little")).to_bytes(size, "little"))
+    whole = dict(symbols)
+    for j, weights in zip(missing, inverse, strict=True):
+        source = 0
+        for weight, difference in zip(weights, differences, strict=True):
+            if weight:
+                source ^= int.from_bytes(difference.translate(_times(weight)), "little")
+        whole[j] = source.to_bytes(size, "little")
+    return b"".join(map(whole.__getitem__, range(k)))
+
+
+def decode_is_cheap(symbols: Mapping[int, bytes], k: int, code: Code = Code.CAUCHY) -> bool:
+    """Whether :func:`decode` joins or rebuilds a few sources, without pyeclib's inversion."""
+    missing = sum(1 for i in range(k) if i not in symbols)
+    return missing == 0 or (code is Code.CAUCHY and missing <= FEW)
 
 
 def split(block: bytes, k: int, size: int) -> tuple[bytes, ...]:
@@ -100,13 +233,18 @@ def encode_block(
 
 def decode(symbols: Mapping[int, bytes], k: int, n: int, code: Code = Code.CAUCHY) -> bytes:
     """Rebuild the padded block from any k symbols (index -> bytes)."""
-    if all(i in symbols for i in range(k)):
-        return b"".join(symbols[i] for i in range(k))
+    missing = [i for i in range(k) if i not in symbols]
+    if not missing:
+        return b"".join(map(symbols.__getitem__, range(k)))
     use = sorted(symbols)[:k]
     if code is Code.RIZZO:
         parts = _rizzo_decoder(k, n).decode(tuple(symbols[i] for i in use), tuple(use))
         return b"".join(parts)
     size = len(symbols[use[0]])
+    if len(missing) <= FEW and set(map(len, symbols.values())) == {size}:
+        padded = _rebuild_few(symbols, missing, k, n, size)
+        if padded is not None:
+            return padded
     headers = _fragment_headers(k, n, size)
     try:
         return bytes(_cauchy(k, n).decode([headers[i] + symbols[i] for i in use]))
