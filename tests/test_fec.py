@@ -31,7 +31,9 @@ def symbols_of(block: bytes, k: int, n: int, size: int) -> list[bytes]:
     data=st.data(),
 )
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_any_k_symbols_rebuild_the_block(k: int, repair: int, size: int, data: st.DataObject) -> None:
+def test_any_k_symbols_rebuild_the_block(
+    k: int, repair: int, size: int, data: st.DataObject
+) -> None:
     n = k + repair
     block = data.draw(st.binary(min_size=k * size, max_size=k * size))
     sent = symbols_of(block, k, n, size)
