@@ -111,10 +111,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from isal.isal_zlib import crc32  # zlib's CRC-32, by ISA-L: 0.30 against 0.85 us a datagram
 
 from diode import fec
 from diode.errors import FrameError
@@ -333,7 +334,7 @@ def pack_datagram(header: DatagramHeader, symbol: bytes, gate: bytes | None = No
         header.records,
         0,
     )
-    crc = zlib.crc32(symbol, zlib.crc32(memoryview(head)[:CRC_OFFSET]))
+    crc = crc32(symbol, crc32(memoryview(head)[:CRC_OFFSET]))
     datagram = b"".join((head[:CRC_OFFSET], crc.to_bytes(4, "big"), symbol))
     return datagram if gate is None else datagram + link_tag(gate, datagram)
 
@@ -357,13 +358,13 @@ def pack_block_datagrams(
     fixed = _DATAGRAM_FIXED.pack(
         MAGIC, version, header.flags, header.stream_id, header.key_id, header.epoch, header.seq
     )
-    fixed_crc = zlib.crc32(fixed)
+    fixed_crc = crc32(fixed)
     varying = _DATAGRAM_VARYING.pack
     k, n, length, records = header.k, header.n, header.block_length, header.records
     out = []
     for index, symbol in enumerate(symbols):
         tail = varying(index, k, n, 0, length, records)
-        crc = zlib.crc32(symbol, zlib.crc32(tail, fixed_crc))
+        crc = crc32(symbol, crc32(tail, fixed_crc))
         datagram = b"".join((fixed, tail, crc.to_bytes(4, "big"), symbol))
         out.append(datagram if gate is None else datagram + link_tag(gate, datagram))
     return out
@@ -377,7 +378,7 @@ def crc_ok(data: bytes | memoryview, version: int) -> bool:
     view = memoryview(data)
     symbol = view[HEADER_SIZE:-LINK_TAG_SIZE] if version == VERSION_GATED else view[HEADER_SIZE:]
     crc: int = _CRC.unpack_from(view)[0]
-    return zlib.crc32(symbol, zlib.crc32(view[:CRC_OFFSET])) == crc
+    return crc32(symbol, crc32(view[:CRC_OFFSET])) == crc
 
 
 def parse_datagram(
@@ -415,7 +416,7 @@ def parse_datagram(
         symbol = view[HEADER_SIZE:-LINK_TAG_SIZE]
     else:
         raise FrameError(f"unsupported version {version}", reason="bad_version")
-    if check_crc and zlib.crc32(symbol, zlib.crc32(view[:CRC_OFFSET])) != crc:
+    if check_crc and crc32(symbol, crc32(view[:CRC_OFFSET])) != crc:
         raise FrameError("CRC mismatch", reason="bad_checksum")
     if (
         flags & ~KNOWN_FLAGS

@@ -84,13 +84,13 @@ import contextlib
 import os
 import sqlite3
 import threading
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from glob import escape as glob_escape
 from pathlib import Path
 
 import msgpack
+from isal.isal_zlib import crc32  # zlib's CRC-32 (the data files already written), by ISA-L
 
 from receiver.payload import Message
 
@@ -502,7 +502,7 @@ class Spool:
         self._file_end += len(packed)
         if os.pwrite(self._file_fd, packed, at) != len(packed):
             raise OSError(f"short write to {self._data_path(self._file_no)}")
-        return self._file_no, at, len(packed), zlib.crc32(packed)
+        return self._file_no, at, len(packed), crc32(packed)
 
     def _read_data(self, row_id: int, count: int, where: Sequence[int]) -> Sequence[Message]:
         """A row's messages from its data file (``where``: file number, offset, length and
@@ -516,7 +516,7 @@ class Spool:
             data = os.pread(self._reader[1], length, at)
         except FileNotFoundError:
             data = b""
-        if len(data) == length and zlib.crc32(data) == crc:
+        if len(data) == length and crc32(data) == crc:
             return _unpack(data)
         if row_id not in self._damaged_rows:  # counted once, however often it is read
             self._damaged_rows.add(row_id)
