@@ -8,7 +8,8 @@ The path of a datagram, one piece per job::
       StreamSequencer.screen  already delivered, or an epoch older than followed?
       and the link tag (a secret): one call per datagram
     Gate.admit            framing, link profile, key id
-    AssemblyTable.add     k symbols yet? (memory bounded: passed blocks, then oldest, evicted)
+    AssemblyTable.add     k symbols yet? (memory bounded: passed blocks, then oldest, evicted;
+                          passed blocks dropped at each poll too)
     StreamSequencer.turn  the next block: verify now; ahead in the window: WaitingRoom
                           until its turn; outside the window: VerifyBudget.take
     BlockAuthenticator    rebuild, signed header, Ed25519, decrypt, records
@@ -245,6 +246,9 @@ class Decoder:
         self._sequencer.advance_all(now)
         for stream_id in self._room.streams():
             self._overdue(stream_id, now)
+        # What a reorder timeout just declared lost can never complete: its assemblies go
+        # now, not at their timeout (an overrun receiver made hundreds of them a second).
+        self._table.drop_passed()
 
     def _overdue(self, stream_id: int, now: float) -> None:
         """The next block is overdue: try the lowest waiting one, so that a lost block is
