@@ -11,7 +11,8 @@
         |                          when full the oldest are dropped, counted)
         v
       pump: PUBLISH packets built here (receiver/mqtt_packets.py), one write
-        |   per spool read, <= window in flight          <-- spool, oldest first
+        |   per spool read (<= WRITE_BYTES), <= window in flight, one write at a
+        |   time waiting for the socket                  <-- spool, oldest first
         v
       aiomqtt connection (MQTT 5 or 3.1.1, last will, TLS, reconnect with backoff) --> broker
 

@@ -305,6 +305,42 @@ def test_blocks_declared_lost_leave_nothing_in_the_table() -> None:
     assert decoder.counters["assemblies_expired"] == decoder.counters["assemblies_evicted"] == 0
 
 
+def test_the_waiting_room_hands_on_a_bounded_number_of_blocks_per_call() -> None:
+    """When the block everything waits behind is declared lost (or comes late), every
+    block behind it has its turn at once: an overrun receiver at the cap handed on 350
+    in one call, and held their records and messages together (31 MB). Now each call
+    hands on at most ``served_per_call``; deadline() says the rest is due, and the next
+    calls deliver it, in order, nothing lost."""
+    blocks = encode_blocks(samples(600), per_block=30)  # 20 blocks
+    for late in (False, True):
+        decoder = new_decoder(reorder_timeout_s=0.1, served_per_call=4)
+        for block in blocks[:1] + blocks[2:]:  # block 1 missing: blocks 2-19 wait for it
+            for datagram in block:
+                decoder.receive(datagram, 1.0)
+        assert len(delivered(decoder.events())) == 30  # block 0
+        if late:
+            for datagram in blocks[1]:
+                decoder.receive(datagram, 1.05)  # its turn: 1 verified, then 4 handed on
+            first = delivered(decoder.events())
+            assert first == samples(600)[30:180]
+        else:
+            decoder.poll(1.2)  # block 1 declared lost, 4 handed on
+            events = decoder.events()
+            assert [(g.first_seq, g.last_seq) for g in gaps(events)] == [(1, 1)]
+            first = delivered(events)
+            assert first == samples(600)[60:180]
+        rest = []
+        now = 1.2
+        while (due := decoder.deadline()) is not None and due <= now:
+            decoder.poll(now)
+            got = delivered(decoder.events())
+            assert 0 < len(got) <= 4 * 30
+            rest += got
+        assert first + rest == samples(600)[60 - 30 * late :]
+        assert decoder.counters["blocks_lost"] == (0 if late else 1)
+        assert decoder.counters["rejected_waiting_full"] == 0
+
+
 def test_encrypted_stream_round_trips_and_rejects_plaintext_and_wrong_secret() -> None:
     psk = bytes(range(32))
     records = samples(60)
