@@ -11,7 +11,8 @@
         |                          when full the oldest are dropped, counted)
         v
       pump: PUBLISH packets built here (receiver/mqtt_packets.py), one write
-        |   per spool read, <= window in flight          <-- spool, oldest first
+        |   per spool read (<= WRITE_BYTES), <= window in flight, one write at a
+        |   time waiting for the socket                  <-- spool, oldest first
         v
       aiomqtt connection (MQTT 5 or 3.1.1, last will, TLS, reconnect with backoff) --> broker
 
@@ -145,6 +146,10 @@ POLL_S = 0.0005  # closing only: how often the drain looks for acknowledgements
 READ_SIZE = 65536  # bytes the broker connection reads at once
 REFUSED = 0x80  # PUBACK reason codes from here on are failures (MQTT 5 section 2.4)
 SPOOL_READ = 1000  # messages read from the spool at once, at most
+# ... and bytes of topics and payloads (one message more if it is larger): one write's
+# worth. With one write at most waiting for the socket, what the pump holds is bounded in
+# bytes, whatever a message weighs (1 000 batched messages of 45 KB were 45 MB at once).
+WRITE_BYTES = 1 << 20
 DELETE_BATCH = 4000  # delivered messages deleted in one transaction
 # With nothing in flight, what the broker has is deleted with the next commit (one
 # transaction, not two), or after this long if no commit comes first.
@@ -197,6 +202,7 @@ class _PackedProperties(Properties):
 
 
 _AckCommand = Literal["PUBACK", "PUBCOMP"]
+_OK = MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
 class _Pending:
@@ -455,6 +461,7 @@ class MqttOutput:
         self._commit_soon: asyncio.Handle | None = None
         self._held = False  # the receiver commits next, with the positions (hold())
         self._inflight: deque[_Sent] = deque()
+        self._unwritten: _Pending | None = None  # the last write, until it is on the socket
         self._inflight_messages = 0
         self._acks: dict[int, _Pending] = {}  # packet identifier -> its QoS 1 message
         self._done_id: int | None = None  # the broker has every message up to this id
@@ -825,6 +832,9 @@ class MqttOutput:
         until a commit, a write or an acknowledgement sets ``_wake``.
         """
         self._release()
+        last_write = self._unwritten
+        if last_write is not None and not last_write.done and last_write.rc == _OK:
+            return False  # the last write is not all on the socket yet: it wakes the pump
         room = self._window - self._inflight_messages
         spool = self._spool
         # Everything up to the cursor is in flight, or done and not yet deleted.
@@ -833,7 +843,9 @@ class MqttOutput:
         # at every acknowledgement makes many small writes.
         if waiting <= 0 or room < min(waiting, self._window // 4 or 1) or client._sock is None:
             return False
-        last, messages = spool.read(self._cursor, min(room, SPOOL_READ), time.time())
+        last, messages = spool.read(
+            self._cursor, min(room, SPOOL_READ), time.time(), max_bytes=WRITE_BYTES
+        )
         self._cursor = last
         self.counters["spool_depth"] = len(spool)
         if spool.damaged != self.counters["spool_damaged"]:  # a power loss: see spool.py
@@ -847,7 +859,7 @@ class MqttOutput:
             return False
         # QoS 0 messages are done when paho has written the whole run to the socket;
         # each QoS 1 message when its PUBACK comes (see _on_ack).
-        written = _Pending(self._wake)
+        written = self._unwritten = _Pending(self._wake)
         packets: list[bytes] = []
         inflight, acks, props = self._inflight, self._acks, self._props_packed
         good, add = self._good_topics, self._packets.add
@@ -1024,6 +1036,7 @@ class MqttOutput:
         self._inflight.clear()
         self._inflight_messages = 0
         self._acks.clear()
+        self._unwritten = None
         self._cursor = CURSOR_START
         self._connected = False
         self.counters["connected"] = 0

@@ -36,13 +36,23 @@ it leaves the spool with the next :meth:`Spool.delete_through`, like a
 message sent).
 
 **Reads from memory.** The rows appended last are also kept in memory (at
-most :data:`RECENT_ROWS` rows and :data:`RECENT_MESSAGES` messages, always
-the newest: a suffix of the table), so a reader that keeps up with the
-writer never SELECTs and unpacks what it wrote a few milliseconds before:
-at 50 000 updates/s that read was 18 % of the receiver (py-spy). A reader
-behind them (a backlog after an outage, a spool from before a restart)
-reads the table as before. The disk is still written first: memory only
-spares the read.
+most :data:`RECENT_ROWS` rows, :data:`RECENT_MESSAGES` messages and
+:data:`RECENT_BYTES` bytes, always the newest: a suffix of the table), so a
+reader that keeps up with the writer never SELECTs and unpacks what it wrote
+a few milliseconds before: at 50 000 updates/s that read was 18 % of the
+receiver (py-spy). A reader behind them (a backlog after an outage, a spool
+from before a restart) reads the table as before. The disk is still written
+first: memory only spares the read.
+
+**Bounded in bytes, not only in messages.** A commit's messages go into rows
+of at most :data:`ROW_BYTES` of topics and payloads (and ``BATCH_MAX``
+messages), and :meth:`Spool.read` stops at ``max_bytes``: so what the spool
+holds in memory, packs, writes and reads back at once is bounded whatever a
+message weighs. Counted in messages only, the 45 KB batched messages of
+``diode bench link`` made an overrun receiver's commit of 350 blocks one
+16 MB row, packed whole, kept whole in memory and handed to the pump whole;
+256 rows of memory could have held gigabytes (docs/BENCHMARKS.md, the
+receiver's memory under overrun).
 
 **Large rows in data files.** A row whose packed messages exceed
 :data:`TABLE_MAX_BYTES` (more than a 4 KiB page holds) keeps them in a data
@@ -99,6 +109,10 @@ BATCH_MAX = 1 << INDEX_BITS  # messages in one row
 _INDEX_MASK = BATCH_MAX - 1
 RECENT_ROWS = 256  # newest rows kept in memory for read()
 RECENT_MESSAGES = 65_536  # ... and at most this many messages in them
+RECENT_BYTES = 8 << 20  # ... and of topic and payload bytes (100 ms of 600 Mb/s of goodput)
+# A row's messages: at most this many bytes of topics and payloads (one message more if
+# it is larger), so a row is packed, written and read back in pieces of about this size.
+ROW_BYTES = 1 << 20
 # SQLite's own checkpoint (in a COMMIT, on the event loop) past this many WAL pages
 # (4 KiB each), for an owner that calls checkpoint(): a backstop for when it does not
 # often enough. A spool whose owner never calls it keeps SQLite's default (1 000).
@@ -148,6 +162,37 @@ class _Recent:
     skip: int
     spooled_at: float
     messages: Sequence[Message]
+    size: int = 0  # bytes of its topics and payloads
+
+
+def message_bytes(m: Message) -> int:
+    """What a message weighs for the spool's byte bounds: its topic and payload."""
+    return len(m.topic) + len(m.payload)
+
+
+def _fitting(messages: Sequence[Message], first: int, end: int, budget: int) -> tuple[int, int]:
+    """Where a read of ``messages[first:end]`` with ``budget`` bytes left stops (it takes
+    the message that reaches the budget, so always one at least), and what is left (0:
+    the budget is spent)."""
+    for i in range(first, end):
+        budget -= message_bytes(messages[i])
+        if budget <= 0:
+            return i + 1, 0
+    return end, budget
+
+
+def _rows(messages: Sequence[Message]) -> Iterator[tuple[Sequence[Message], int]]:
+    """``messages`` cut into rows of at most ``BATCH_MAX`` messages and ``ROW_BYTES`` bytes
+    (a message larger than that alone); each with its size."""
+    start, size = 0, 0
+    for i, m in enumerate(messages):
+        weight = message_bytes(m)
+        if i > start and (size + weight > ROW_BYTES or i - start >= BATCH_MAX):
+            yield messages[start:i], size
+            start, size = i, 0
+        size += weight
+    if start < len(messages):
+        yield messages[start:], size
 
 
 def _pack(messages: Sequence[Message]) -> bytes:
@@ -226,6 +271,7 @@ class Spool:
         self._add_file_columns()
         self._recent: dict[int, _Recent] = {}  # row id -> row, ascending: the newest rows
         self._recent_messages = 0
+        self._recent_bytes = 0
         # Every row of the table that memory lacks has an id at most this (0: none; ids start at 1).
         self._unrecorded = 2**62
         self._checkpointer: sqlite3.Connection | None = None
@@ -274,8 +320,7 @@ class Spool:
                 )
             if not messages:
                 return 0
-            for i in range(0, len(messages), BATCH_MAX):
-                chunk = messages[i : i + BATCH_MAX]
+            for chunk, size in _rows(messages):
                 packed = _pack(chunk)
                 if len(packed) <= TABLE_MAX_BYTES:
                     row = self._db.execute(
@@ -290,7 +335,7 @@ class Spool:
                     )
                 assert row.lastrowid is not None  # an INSERT into a rowid table
                 # In memory as in the table (a rollback forgets it: _transaction).
-                self._remember(row.lastrowid, _Recent(len(chunk), 0, now, chunk))
+                self._remember(row.lastrowid, _Recent(len(chunk), 0, now, chunk, size))
             self._count += len(messages)
             return self._trim()
 
@@ -300,7 +345,12 @@ class Spool:
             return  # never: ids only grow; memory must stay the table's newest rows
         recent[row_id] = row
         self._recent_messages += row.count
-        while len(recent) > RECENT_ROWS or self._recent_messages > RECENT_MESSAGES:
+        self._recent_bytes += row.size
+        while recent and (
+            len(recent) > RECENT_ROWS
+            or self._recent_messages > RECENT_MESSAGES
+            or self._recent_bytes > RECENT_BYTES
+        ):
             oldest = next(iter(recent))
             self._forget_recent(oldest)  # still in the table: read from there
             self._unrecorded = max(self._unrecorded, oldest)
@@ -313,6 +363,7 @@ class Spool:
         row = self._recent.pop(row_id, None)
         if row is not None:
             self._recent_messages -= row.count
+            self._recent_bytes -= row.size
 
     def state(self) -> list[tuple[int, int, int, bytes]]:
         """Every ``(stream, kind, key, value)`` of the state table, in key order."""
@@ -334,11 +385,14 @@ class Spool:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else bytes(row[0])
 
-    def read(self, after_id: int, limit: int, now: float) -> tuple[int, list[tuple[int, Message]]]:
+    def read(
+        self, after_id: int, limit: int, now: float, max_bytes: int | None = None
+    ) -> tuple[int, list[tuple[int, Message]]]:
         """Up to ``limit`` messages with ids above ``after_id``, oldest first; the last id read.
 
-        A message with an expiry carries what is left of it: zero or less when
-        it ran out while spooled.
+        ``max_bytes``: stop at the message that reaches this many bytes of topics and
+        payloads (at least one message is read). A message with an expiry carries what is
+        left of it: zero or less when it ran out while spooled.
         """
         last = after_id
         out: list[tuple[int, Message]] = []
@@ -355,6 +409,8 @@ class Spool:
             end = min(count, first + limit - len(out))
             if end <= first:
                 continue
+            if max_bytes is not None:
+                end, max_bytes = _fitting(messages, first, end, max_bytes)
             if any(m.expiry_s is not None for m in messages[first:end]):
                 out.extend(
                     (base | i, _aged(messages[i], now - spooled_at)) for i in range(first, end)
@@ -362,7 +418,7 @@ class Spool:
             else:
                 out.extend(zip(range(base + first, base + end), messages[first:end], strict=True))
             last = base | (end - 1)
-            if len(out) == limit:
+            if len(out) == limit or max_bytes == 0:
                 return last, out
         return last, out
 

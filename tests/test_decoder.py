@@ -266,20 +266,79 @@ def test_a_full_table_drops_the_assemblies_of_blocks_declared_lost_first() -> No
     decoder = new_decoder(reorder_timeout_s=0.1)
     for block in blocks[1:6]:  # the burst: each of these blocks keeps k - 1 symbols
         blocks[0] += block[: k - 1]
-    for datagram in blocks[0] + blocks[6]:
+    for datagram in blocks[0] + blocks[6][:k]:
         decoder.receive(datagram, 1.0)
+    lost = decoder._table.bytes  # block 6 waits its turn, outside the table
     decoder.poll(2.0)  # block 1's reorder timeout: blocks 1-5 declared lost
     events = decoder.events()
     assert [(g.first_seq, g.last_seq) for g in gaps(events)] == [(1, 5)]
     assert len(delivered(events)) == 60  # blocks 0 and 6
-    # The bound holds exactly what the lost blocks left: any new symbol overflows it.
-    decoder._table.max_bytes = decoder.assembly_bytes
+    # The bound holds exactly what the lost blocks left: a new block has room only if
+    # their assemblies go (dropped by the poll now; at the bound before that).
+    decoder._table.max_bytes = lost
     for datagram in [d for b in blocks[7:] for d in b]:
         decoder.receive(datagram, 2.0)
     decoder.poll(20.0)
     assert delivered(decoder.events()) == samples(300)[210:]  # every block after the burst
     assert decoder.counters["assemblies_passed"] >= 1  # as many as room was needed for
     assert decoder.counters["assemblies_evicted"] == 0
+
+
+def test_blocks_declared_lost_leave_nothing_in_the_table() -> None:
+    """Once a reorder timeout declares blocks lost, their assemblies can never complete:
+    they go at once, counted, instead of waiting out the assembly timeout (5 s). An
+    overrun receiver at the 1000 Mb/s cap with 1 % loss kept 350 of them, 8 MB, a third
+    of its table, and the heap they churned through stayed with the process."""
+    blocks = encode_blocks(samples(210), per_block=30)
+    k = blocks[0][0][33]
+    decoder = new_decoder(reorder_timeout_s=0.1)
+    for block in blocks[1:6]:  # each keeps k - 1 symbols (and probation: 1 symbol)
+        blocks[0] += block[: k - 1] if block is not blocks[5] else block[:1]
+    for datagram in blocks[0] + blocks[6]:
+        decoder.receive(datagram, 1.0)
+    assert decoder.assembly_bytes > 0
+    decoder.poll(1.5)  # before the assembly timeout (5 s): blocks 1-5 declared lost
+    events = decoder.events()
+    assert [(g.first_seq, g.last_seq) for g in gaps(events)] == [(1, 5)]
+    assert decoder.assembly_bytes == 0
+    assert decoder.counters["assemblies_passed"] == 5
+    assert decoder.counters["assemblies_expired"] == decoder.counters["assemblies_evicted"] == 0
+
+
+def test_the_waiting_room_hands_on_a_bounded_number_of_blocks_per_call() -> None:
+    """When the block everything waits behind is declared lost (or comes late), every
+    block behind it has its turn at once: an overrun receiver at the cap handed on 350
+    in one call, and held their records and messages together (31 MB). Now each call
+    hands on at most ``served_per_call``; deadline() says the rest is due, and the next
+    calls deliver it, in order, nothing lost."""
+    blocks = encode_blocks(samples(600), per_block=30)  # 20 blocks
+    for late in (False, True):
+        decoder = new_decoder(reorder_timeout_s=0.1, served_per_call=4)
+        for block in blocks[:1] + blocks[2:]:  # block 1 missing: blocks 2-19 wait for it
+            for datagram in block:
+                decoder.receive(datagram, 1.0)
+        assert len(delivered(decoder.events())) == 30  # block 0
+        if late:
+            for datagram in blocks[1]:
+                decoder.receive(datagram, 1.05)  # its turn: 1 verified, then 4 handed on
+            first = delivered(decoder.events())
+            assert first == samples(600)[30:180]
+        else:
+            decoder.poll(1.2)  # block 1 declared lost, 4 handed on
+            events = decoder.events()
+            assert [(g.first_seq, g.last_seq) for g in gaps(events)] == [(1, 1)]
+            first = delivered(events)
+            assert first == samples(600)[60:180]
+        rest = []
+        now = 1.2
+        while (due := decoder.deadline()) is not None and due <= now:
+            decoder.poll(now)
+            got = delivered(decoder.events())
+            assert 0 < len(got) <= 4 * 30
+            rest += got
+        assert first + rest == samples(600)[60 - 30 * late :]
+        assert decoder.counters["blocks_lost"] == (0 if late else 1)
+        assert decoder.counters["rejected_waiting_full"] == 0
 
 
 def test_encrypted_stream_round_trips_and_rejects_plaintext_and_wrong_secret() -> None:

@@ -20,9 +20,10 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+import receiver.mqtt
 from diode.config.mqtt import MqttBroker, StreamOutput
 from diode.records import Sample, TagInfo, ValueType
-from receiver.mqtt import MqttOutput, _Pending, _write
+from receiver.mqtt import WRITE_BYTES, MqttOutput, _Pending, _write
 from receiver.mqtt_packets import PUBLISH
 from tests.support.mosquitto import Mosquitto
 from tests.support.net import free_port
@@ -279,7 +280,8 @@ CHILD = """
 import asyncio, sys
 from pathlib import Path
 from diode.config.mqtt import MqttBroker
-from receiver.mqtt import MqttOutput, _Pending, _write
+import receiver.mqtt
+from receiver.mqtt import WRITE_BYTES, MqttOutput, _Pending, _write
 from receiver.mqtt_packets import PUBLISH
 async def main():
     out = MqttOutput(MqttBroker(port=int(sys.argv[1]), spool_path=Path(sys.argv[2]),
@@ -489,3 +491,32 @@ async def test_a_write_goes_straight_to_the_socket_or_behind_paho_queue(tmp_path
         ours.close()
         broker.close()
         out._spool.close()
+
+
+async def test_the_pump_hands_a_heavy_backlog_over_in_writes_of_write_bytes(
+    mosquitto: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An overrun receiver commits hundreds of 45 KB batched messages at once: the pump
+    read up to 1 000 messages a write, and built, joined and queued them whole (16 MB
+    three times over). Now a write stops at WRITE_BYTES, and the next waits until the
+    last is on the socket."""
+    writes: list[tuple[int, int]] = []  # each write's bytes, and what paho held unwritten
+
+    def spy(client: paho.Client, data: bytes, written: _Pending) -> None:
+        unwritten = sum(len(p["packet"]) - p["pos"] for p in client._out_packet)
+        writes.append((len(data), unwritten))
+        _write(client, data, written)
+
+    monkeypatch.setattr(receiver.mqtt, "_write", spy)
+    out = MqttOutput(broker_config(mosquitto.port, tmp_path))
+    pad = "x" * 45_000
+    async with subscriber(mosquitto.port, "big/#") as got, running(out):
+        await until(lambda: out.counters["connected"] == 1)
+        for i in range(200):  # one commit: they are handed over in one turn of the loop
+            out.publish_message(f"big/{i}", {"i": i, "pad": pad}, qos=0, retain=False)
+        await until(lambda: len(got.on("big/")) == 200, within_s=20)
+    assert [json.loads(m.payload)["i"] for m in got.on("big/")] == list(range(200))
+    heavy = [size for size, _ in writes if size > 45_000]
+    assert len(heavy) >= 200 * 45_000 // WRITE_BYTES
+    assert max(heavy) <= WRITE_BYTES + 46_000  # the message that reached the bound, at most
+    assert max(unwritten for _, unwritten in writes) < 4096  # none of ours: paho's status

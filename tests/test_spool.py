@@ -16,7 +16,9 @@ from receiver.payload import Message
 from receiver.spool import (
     BATCH_MAX,
     DATA_FILE_BYTES,
+    RECENT_BYTES,
     RECENT_ROWS,
+    ROW_BYTES,
     TABLE_MAX_BYTES,
     Spool,
     _pack,
@@ -254,6 +256,61 @@ def test_a_reader_that_keeps_up_reads_no_row_back(tmp_path: Path) -> None:
         spool.append(msgs(f"late {i}"), 0.0)
     assert len(payloads(spool)) == 1000 + RECENT_ROWS
     assert any(s.startswith("SELECT") for s in selects)
+
+
+def _big(prefix: str, count: int, size: int) -> list[Message]:
+    return [
+        Message(f"t/{prefix}{i}", f"{prefix}{i}:".encode().ljust(size, b"."), 0, False)
+        for i in range(count)
+    ]
+
+
+def test_a_commit_of_heavy_messages_is_cut_into_rows_of_row_bytes(tmp_path: Path) -> None:
+    """An overrun receiver delivers hundreds of blocks at once (the waiting room released):
+    at 45 KB a batched message, one commit of 350 was a 16 MB row, packed, written, kept
+    and read back whole."""
+    spool = Spool(tmp_path / "s.db", 10_000)
+    heavy = _big("a", 200, 45_000)
+    spool.append(heavy, 0.0)
+    rows = spool._db.execute("SELECT count FROM batches ORDER BY id").fetchall()
+    assert len(rows) >= 200 * 45_000 // ROW_BYTES
+    assert max(count for (count,) in rows) * 45_000 <= ROW_BYTES + 45_000
+    assert payloads(spool) == [m.payload for m in heavy]
+    alone = _big("b", 2, 3 * ROW_BYTES)  # a message over ROW_BYTES: a row of its own
+    spool.append(alone, 0.0)
+    assert payloads(spool)[200:] == [m.payload for m in alone]
+
+
+def test_memory_keeps_at_most_recent_bytes_of_rows(tmp_path: Path) -> None:
+    """256 rows of memory were 256 commits whatever they weighed: 94 MB of batched
+    messages when the broker lags a second at 600 Mb/s. Past RECENT_BYTES the oldest
+    rows are read from the table, and read right."""
+    spool = Spool(tmp_path / "s.db", 10_000)
+    written: list[bytes] = []
+    for i in range(100):
+        commit = _big(f"{i}.", 4, 50_000)
+        spool.append(commit, 0.0)
+        written += [m.payload for m in commit]
+        held = sum(len(m.payload) for row in spool._recent.values() for m in row.messages)
+        assert held <= RECENT_BYTES
+    assert len(spool._recent) < 100  # some rows are only on disk
+    assert payloads(spool) == written
+
+
+def test_a_read_stops_at_max_bytes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.db", 10_000)
+    spool.append(_big("a", 10, 300_000), 0.0)
+    spool.append(_big("b", 10, 300_000), 0.0)
+    cursor, got = spool.read(-(2**62), 1000, 0.0, max_bytes=1_000_000)
+    assert [m.topic for _, m in got] == ["t/a0", "t/a1", "t/a2", "t/a3"]  # the 4th reaches it
+    cursor, got = spool.read(cursor, 1000, 0.0, max_bytes=1_000_000)
+    assert [m.topic for _, m in got] == ["t/a4", "t/a5", "t/a6", "t/a7"]
+    cursor, got = spool.read(cursor, 1000, 0.0, max_bytes=1_000_000)
+    assert [m.topic for _, m in got] == ["t/a8", "t/a9", "t/b0", "t/b1"]  # across rows
+    cursor, got = spool.read(cursor, 1000, 0.0, max_bytes=1)
+    assert [m.topic for _, m in got] == ["t/b2"]  # one at least
+    _, got = spool.read(cursor, 3, 0.0, max_bytes=10**9)
+    assert [m.topic for _, m in got] == ["t/b3", "t/b4", "t/b5"]  # the count still bounds
 
 
 def _commits_a_few_ms_apart(path: Path, *, checkpoints: bool) -> tuple[int, list[bytes]]:

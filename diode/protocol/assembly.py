@@ -14,6 +14,13 @@ tracemalloc, checked by tests/test_assembly.py). When the count passes
 flood of unique forged datagrams creates) before those with two or more, each
 group oldest first. Every eviction and expiry is counted.
 
+Assemblies of passed blocks are also dropped as soon as the position passes
+them (:meth:`AssemblyTable.drop_passed`, from ``Decoder.poll``, where a
+reorder timeout declares blocks lost), counted as ``assemblies_passed`` too:
+waiting out the timeout (5 s) they were dead weight, a third of what the
+table held in an overrun receiver at the 1000 Mb/s cap with 1 % loss (350
+assemblies, 8 MB; docs/BENCHMARKS.md, the receiver's memory under overrun).
+
 Passed assemblies first because an overrun receiver makes them by the
 thousand: the kernel drops a burst, blocks lose more symbols than their repair
 covers, and their assemblies wait out the timeout. Evicted oldest first behind
@@ -163,6 +170,22 @@ class AssemblyTable:
                 return
             self.bytes -= established.pop(key).cost
             counters["assemblies_passed"] += 1
+
+    def drop_passed(self) -> None:
+        """Drop the oldest assemblies, of both FIFOs, while the stream's position has passed
+        their block (declared lost, or delivered): nothing can ever need them. Stops at the
+        first live one of each: blocks come in order, so the passed ones are the oldest,
+        and a look costs no more than one when none has passed."""
+        passed, counters = self._passed, self._counters
+        if passed is None:
+            return
+        for fifo in (self._established, self._probation):
+            while fifo:
+                key = next(iter(fifo))
+                if not passed(key):
+                    break
+                self.bytes -= fifo.pop(key).cost
+                counters["assemblies_passed"] += 1
 
     def expire(self, now: float) -> None:
         """Drop assemblies older than ``timeout_s`` (their block's loss is declared later)."""
