@@ -155,3 +155,16 @@ def test_drain_reports_the_journal_cost_per_datagram() -> None:
     # for docs/BENCHMARKS.md, not for a test on a shared machine).
     assert cost["feed"] > 0
     assert cost["kernel"] > 0
+
+
+def test_link_steps_report_each_rebuild_the_crc_and_the_decoder_per_block() -> None:
+    steps = bench("link-steps", "--quick")["steps"]
+    assert isinstance(steps, dict)
+    for missing in range(1, 5):  # fec.FEW = 3 rebuilt here, 4 by pyeclib
+        assert steps[f"rebuild_{missing}_missing_us"] > 0
+        assert steps[f"pyeclib_decode_{missing}_missing_us"] > 0
+    assert steps["crc_zlib_us_per_datagram"] > 0
+    assert steps["crc_isal_us_per_datagram"] > 0
+    # Measured only once every record came out (link_steps raises otherwise).
+    assert steps["decoder_us_per_block_0%_loss"] > 0
+    assert steps["decoder_us_per_block_1%_loss"] > 0
