@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import os
 import signal
@@ -767,6 +768,7 @@ class Receiver:
             listen=f"{address[0]}:{address[1]}",
             interface=section.interface,
             socket="passed in" if self.passed_socket else "opened",
+            steering=self.steering is not None and self.steering.enabled,
             streams=[s.id for s in self.config.streams],
             **self._config_file(),
         )
@@ -836,8 +838,10 @@ def reexec(socks: Sequence[socket.socket]) -> None:
     Returns only if the exec failed.
     """
     fds = [sock.detach() for sock in socks]
-    # Out of the way first: fd 4 may be the one that must become fd 3.
-    moved = [os.dup(fd) for fd in fds]
+    # Out of the way first, above the fds they must become: fd 4 may be the one that
+    # must become fd 3, or fd 3 free (a plain dup could land there and be closed below).
+    above = SD_LISTEN_FDS_START + len(fds)
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, above) for fd in fds]
     for fd in fds:
         os.close(fd)
     for i, fd in enumerate(moved):
