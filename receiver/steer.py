@@ -75,6 +75,10 @@ HEADER_READ = 32
 STEERED_VERSIONS = (VERSION, VERSION_CAUCHY, VERSION_GATED)
 # The kernel takes at most 4 096 instructions; a stream's branch is 14, the head 12.
 MAX_INSNS = 4096
+MAX_STREAMS = (MAX_INSNS - 13) // 14
+# The kernel also charges a program to the socket's option memory (net.core.optmem_max):
+# 239 streams fit in the 128 KiB of this machine's kernel (6.18); with less, update()
+# steers fewer streams (halving until the kernel takes the program) and says so.
 
 # Classic BPF opcodes (include/uapi/linux/filter.h).
 _LD_W_ABS = 0x20
@@ -120,8 +124,8 @@ def _branch(position: StreamState, link: int, quarantine: int) -> list[Insn]:
 def program(positions: Mapping[int, StreamState], link: int, quarantine: int) -> bytes:
     """The classic BPF program for these positions, as the kernel takes it (sock_filter[]).
 
-    Streams past what the kernel takes (about 290) are not steered: sound, the
-    link socket gets everything the program does not name.
+    Streams past :data:`MAX_STREAMS` are not steered: sound, the link socket gets
+    everything the program does not name (:meth:`Steering.update` names no more).
     """
     insns: list[Insn] = [
         (_LD_W_LEN, 0, 0, 0),
@@ -235,6 +239,7 @@ class Steering:
         self._attached: dict[int, StreamState] | None = None
         self._seen: object = None  # the positions object last looked at
         self._attached_at = float("-inf")
+        self.max_streams = MAX_STREAMS
         self._sink = bytearray(HEADER_READ)
         if not opening:
             self.shrink()  # else the caller shrinks it once its drain has read the size
@@ -259,12 +264,31 @@ class Steering:
         :data:`REATTACH_EVERY_S` unless ``force``; whether it was attached."""
         if positions is self._seen and not force:
             return False  # the same commit's positions: nothing can have moved
-        wanted = dict(positions) if self.enabled else {}
+        wanted = self._named(positions) if self.enabled else {}
         if wanted == self._attached or (not force and now - self._attached_at < REATTACH_EVERY_S):
             return False
-        attach(self.link, program(wanted, self.link_index, self.quarantine_index))
+        while True:
+            try:
+                attach(self.link, program(wanted, self.link_index, self.quarantine_index))
+                break
+            except OSError as exc:
+                if not wanted:
+                    raise
+                # Too big for the socket's option memory: steer fewer streams (sound).
+                self.max_streams = len(wanted) // 2
+                wanted = self._named(wanted)
+                log.warning(
+                    "the kernel refused the steering program: fewer streams steered",
+                    streams=self.max_streams,
+                    error=str(exc),
+                    fix="raise net.core.optmem_max (sysctl)",
+                )
         self._attached, self._seen, self._attached_at = wanted, positions, now
         return True
+
+    def _named(self, positions: Mapping[int, StreamState]) -> dict[int, StreamState]:
+        """The positions the program names: the first ``max_streams`` streams by id."""
+        return dict(sorted(positions.items())[: self.max_streams])
 
     def tally(self) -> int:
         """Drain the quarantine (checking that the program steered each datagram there)

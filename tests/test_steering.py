@@ -23,13 +23,16 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from structlog.testing import capture_logs
 
 from diode.config import validate
 from diode.config.rx import RxConfig
 from diode.keys import load_psk, write_psk
+from diode.replay import StreamState
+from diode.wire import DatagramHeader, pack_datagram
 from receiver.app import Receiver
 from receiver.link import kernel_drops
-from receiver.steer import REATTACH_EVERY_S, attach, everything_to, supported
+from receiver.steer import REATTACH_EVERY_S, attach, everything_to, open_group, supported
 from tests.core_support import STREAM, encode_blocks, fixed_key, samples
 from tests.support.net import free_port
 
@@ -238,6 +241,40 @@ async def test_with_steering_off_the_receiver_reads_everything_as_before(
         assert counters["rejected_late"] - before["rejected_late"] == len(blocks[0])
     finally:
         _close(receiver)
+
+
+def _header_only(stream: int, epoch: int, seq: int) -> bytes:
+    header = DatagramHeader(flags=0, stream_id=stream, key_id=b"k" * 8, epoch=epoch, seq=seq,
+                            index=0, k=1, n=1, block_length=10, records=1)  # fmt: skip
+    return pack_datagram(header, b"s" * 64)
+
+
+def test_more_streams_than_the_kernel_takes_steers_the_first_ones(
+    source: socket.socket,
+) -> None:
+    """A program for 400 streams is past what the kernel takes (its size, and the
+    socket's option memory): the first streams are steered, the others reach the link
+    socket (sound: the decoder rejects them), and it is said once."""
+    link, steering = open_group("127.0.0.1", 0, 1 << 20)
+    assert steering is not None
+    try:
+        positions = {s: StreamState(epoch=9, next_seq=5, next_record=0) for s in range(400)}
+        with capture_logs() as logs:
+            steering.update(positions, 0.0, force=True)
+        assert 0 < steering.max_streams < 400
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] in (
+            [],
+            ["the kernel refused the steering program: fewer streams steered"],
+        )
+        to = link.getsockname()
+        source.sendto(_header_only(0, 9, 4), to)  # named by the program: steered
+        source.sendto(_header_only(399, 9, 4), to)  # past it: the link socket's
+        time.sleep(0.02)
+        assert link.recv(2000) == _header_only(399, 9, 4)
+        assert steering.tally() == 1
+    finally:
+        link.close()
+        steering.close()
 
 
 def test_a_bad_steer_replays_value_names_file_and_key(tmp_path: Path) -> None:
