@@ -10,7 +10,10 @@ The pipeline, stage by stage, with the queue between each pair::
     spool in one transaction before anything is published.
 
 The socket is drained in a tight loop whenever it is readable: a full
-socket queue is the main cause of loss on a one-way link. The receiver never
+socket queue is the main cause of loss on a one-way link. Replays and late
+copies (a block below the committed positions) never reach it: a BPF program
+on the port's SO_REUSEPORT group sends them to a quarantine socket, counted and
+never read (receiver/steer.py). The receiver never
 sends anything towards the transmitter: the link socket is only read.
 
 Restarts lose nothing (receiver/link.py): the socket may be passed in by
