@@ -71,7 +71,7 @@ from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
 from receiver.rejections import RejectionMeter
 from receiver.router import Output, Router
-from receiver.soc import SOC_LANES, Soc
+from receiver.soc import SOC_LANES, STEERED_REPLAYS_SEEN, Soc
 from receiver.sparkplug_node import SparkplugRouting, sparkplug_nodes
 from receiver.steer import Steering, link_sockets
 
@@ -501,7 +501,7 @@ class Receiver:
             if self.active:  # a standby's view is not the SOC's: the active one reports
                 self.soc.tick(
                     now,
-                    decoder_counters=self.decoder.counters,
+                    decoder_counters=self._soc_counters(),
                     links={sid: view.link_up for sid, view in self.router.streams.items()},
                     output_counters=self.output.counters,
                     commands={sid: node.commands_refused() for sid, node in self.sparkplug.items()},
@@ -542,6 +542,14 @@ class Receiver:
         counters = dict(self.decoder.counters)
         if self.steering is not None:
             counters["rejected_steered"] = self.steering.steered
+        return counters
+
+    def _soc_counters(self) -> dict[str, int]:
+        """What the SOC reports rejections from: the decoder's, the quarantine's count,
+        and how many replays its samples held (receiver/soc.py)."""
+        counters = self._link_counters()
+        if self.steering is not None:
+            counters[STEERED_REPLAYS_SEEN] = self.steering.replays_seen
         return counters
 
     def _watch_rejections(self, now: float) -> None:

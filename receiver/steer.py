@@ -56,6 +56,7 @@ from collections.abc import Mapping
 
 import structlog
 
+from diode.protocol.decoder import RECENT_BLOCKS
 from diode.replay import StreamState
 from diode.wire import MAGIC, VERSION, VERSION_CAUCHY, VERSION_GATED
 from receiver.link import adopt_passed, kernel_drops, open_link_socket, passed_sockets
@@ -163,6 +164,14 @@ def steers(datagram: bytes | bytearray | memoryview, positions: Mapping[int, Str
     )
 
 
+def _replay_class(datagram: bytes | bytearray, positions: Mapping[int, StreamState]) -> bool:
+    """A steered datagram the decoder would count as a replay, not a late copy: an older
+    epoch, or further than RECENT_BLOCKS behind (diode/protocol/decoder.py)."""
+    _magic, _version, stream, epoch, seq = _HEAD.unpack_from(datagram)
+    position = positions[stream]
+    return bool(epoch < position.epoch or seq + RECENT_BLOCKS < position.next_seq)
+
+
 def attach(sock: socket.socket, code: bytes) -> None:
     """Attach ``code`` (sock_filter[]) to the reuseport group of ``sock``."""
     insns = ctypes.create_string_buffer(code, len(code))
@@ -234,6 +243,9 @@ class Steering:
         self.link_index = 0
         self.steered = 0  # datagrams the quarantine took (drained + its kernel drops)
         self.order_swaps = 0
+        # Of the datagrams drained from the quarantine (a sample: most are dropped by the
+        # kernel), those the decoder would count as replays, not late copies.
+        self.replays_seen = 0
         self._drops_at_start = kernel_drops(quarantine)
         self._drained = 0
         self._attached: dict[int, StreamState] | None = None
@@ -305,7 +317,10 @@ class Steering:
             except OSError:  # empty (BlockingIOError), or nothing more to take
                 break
             self._drained += 1
-            wrong += not steers(sink if length >= HEADER_READ else b"", attached)
+            if not steers(sink if length >= HEADER_READ else b"", attached):
+                wrong += 1
+            elif _replay_class(sink, attached):
+                self.replays_seen += 1
         if wrong:
             self._swap(wrong)
         self.steered = kernel_drops(self.quarantine) - self._drops_at_start + self._drained

@@ -32,6 +32,7 @@ from diode.replay import StreamState
 from diode.wire import DatagramHeader, pack_datagram
 from receiver.app import Receiver
 from receiver.link import kernel_drops
+from receiver.metrics import Metrics
 from receiver.steer import REATTACH_EVERY_S, attach, everything_to, open_group, supported
 from tests.core_support import STREAM, encode_blocks, fixed_key, samples
 from tests.support.net import free_port
@@ -144,6 +145,14 @@ async def test_replays_below_the_position_go_to_the_quarantine_and_are_counted_e
         # The drain got block 4 and the garbage, nothing else.
         assert counters["datagrams"] - before["datagrams"] == len(blocks[4]) + len(garbage)
         assert _steered(receiver) == len(replays)
+        # In $status and in Prometheus like the other rejection counters.
+        receiver._watch_rejections(time.monotonic())
+        assert receiver.router.rejected["total"]["steered"] == len(replays)
+        registry = Metrics(receiver).registry
+        labels = {"reason": "steered"}
+        assert registry.get_sample_value("diode_rx_datagrams_rejected_total", labels) == len(
+            replays
+        )
         # No replay reached the decoder.
         for reason in ("rejected_late", "rejected_replay"):
             assert counters.get(reason, 0) - before.get(reason, 0) <= len(blocks[4]), reason
