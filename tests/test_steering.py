@@ -198,6 +198,38 @@ async def test_a_commit_moves_the_threshold(tmp_path: Path, source: socket.socke
         _close(receiver)
 
 
+async def test_the_quarantines_samples_tell_replays_from_late_copies(
+    tmp_path: Path, source: socket.socket
+) -> None:
+    """The SOC reports steered datagrams as replayed only when the quarantine's samples
+    held a replay (an older epoch): late copies of the current epoch stay quiet."""
+    receiver = _receiver(tmp_path, gated=False)
+    old = _blocks(tmp_path, "generation 3")
+    epoch = int(time.time() * 1000) + 1000  # the transmitter restarted: a newer epoch
+    new = encode_blocks(samples(8), per_block=4, epoch=epoch)
+    to = receiver.sock.getsockname()
+    assert receiver.steering is not None
+    try:
+        _send(source, to, old[0] + old[1])
+        await _read(receiver)
+        await asyncio.sleep(REATTACH_EVERY_S)
+        await _read(receiver, 1)
+        _send(source, to, old[0][:1])  # a late copy, steered
+        await asyncio.sleep(0.02)
+        assert _steered(receiver) == 1
+        assert receiver._soc_counters()["steered_replays_seen"] == 0
+        _send(source, to, new[0] + new[1])
+        await _read(receiver)
+        await asyncio.sleep(REATTACH_EVERY_S)
+        await _read(receiver, 1)
+        _send(source, to, old[1][:1])  # the old epoch, replayed: steered
+        await asyncio.sleep(0.02)
+        assert _steered(receiver) == 2
+        assert receiver._soc_counters()["steered_replays_seen"] == 1
+    finally:
+        _close(receiver)
+
+
 async def test_a_stranger_joining_the_group_gets_nothing(
     tmp_path: Path, source: socket.socket
 ) -> None:
