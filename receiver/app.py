@@ -511,6 +511,7 @@ class Receiver:
             if self.steering is not None:
                 if self.opening is not None:
                     self._feed_link(now)  # a quarantine passed in: read it to its end
+                    self._after(now)
                 self.steering.tally()
             if self.file_sock is not None:
                 self._watch_file_drops(now)
