@@ -10,7 +10,10 @@ The pipeline, stage by stage, with the queue between each pair::
     spool in one transaction before anything is published.
 
 The socket is drained in a tight loop whenever it is readable: a full
-socket queue is the main cause of loss on a one-way link. The receiver never
+socket queue is the main cause of loss on a one-way link. Replays and late
+copies (a block below the committed positions) never reach it: a BPF program
+on the port's SO_REUSEPORT group sends them to a quarantine socket, counted and
+never read (receiver/steer.py). The receiver never
 sends anything towards the transmitter: the link socket is only read.
 
 Restarts lose nothing (receiver/link.py): the socket may be passed in by
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import os
 import signal
@@ -35,7 +39,7 @@ import sqlite3
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -61,15 +65,15 @@ from receiver.link import (
     Drain,
     FloodMeter,
     kernel_drops,
-    link_socket,
     open_link_socket,
 )
 from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
 from receiver.rejections import RejectionMeter
 from receiver.router import Output, Router
-from receiver.soc import SOC_LANES, Soc
+from receiver.soc import SOC_LANES, STEERED_REPLAYS_SEEN, Soc
 from receiver.sparkplug_node import SparkplugRouting, sparkplug_nodes
+from receiver.steer import Steering, link_sockets
 
 log = structlog.get_logger("diode.rx")
 
@@ -201,18 +205,13 @@ class Receiver:
             section.state_dir,
             saved=self.output.saved(SOC_LANES),
         )
-        passed = False
-        if sock is None:
-            sock, passed = link_socket(
-                section.listen, section.port, section.rcvbuf_bytes, section.interface
-            )
-        self.sock = sock
         # The positions last committed with the messages they cover: what the drain may
         # take out of the kernel's queue (receiver/link.py).
         self._committed = self.decoder.positions()
-        self.drain = Drain(
-            sock, {s.id for s in config.streams}, journal=True, counters=self.decoder.counters
-        )
+        self.sock, self.steering, passed = self._link_sockets(config, sock)
+        streams = {s.id for s in config.streams}
+        self.drain = Drain(self.sock, streams, journal=True, counters=self.decoder.counters)
+        self.opening = self._opening(streams)
         self.file_sock, self.file_drain = self._file_socket(config)
         if self.failover is not None:
             for drain in self._drains():
@@ -231,6 +230,36 @@ class Receiver:
         self._flood = FloodMeter()
         self.ready = asyncio.Event()
         self.handover = False  # set by a reload: the socket goes to the next process
+
+    def _opening(self, streams: set[int]) -> Drain | None:
+        """Attach the steering program; a quarantine passed in may hold real datagrams (a
+        group without a program): its drain, read journaled until it is empty."""
+        if self.steering is None:
+            return None
+        opening = None
+        if self.steering.opening:
+            quarantine = self.steering.quarantine
+            opening = Drain(quarantine, streams, journal=True, counters=self.decoder.counters)
+            self.steering.shrink()  # after the drain read its size: its journal's limits
+        self.steering.update(self._committed, time.monotonic(), force=True)
+        return opening
+
+    @staticmethod
+    def _link_sockets(
+        config: RxConfig, sock: socket.socket | None
+    ) -> tuple[socket.socket, Steering | None, bool]:
+        """The link socket given (a test's), else passed in or opened; replays below the
+        committed positions go to a quarantine beside it (receiver/steer.py)."""
+        if sock is not None:
+            return sock, None, False
+        section = config.receiver
+        return link_sockets(
+            section.listen,
+            section.port,
+            section.rcvbuf_bytes,
+            section.interface,
+            steer=section.steer_replays,
+        )
 
     def _file_socket(self, config: RxConfig) -> tuple[socket.socket | None, Drain | None]:
         """The file lanes' own socket ([receiver] file_port), and its drain, if configured.
@@ -313,7 +342,21 @@ class Receiver:
             # that the active receiver's positions do not cover (it may read it again).
             return taken if active else [True] * len(taken)
 
+        if self.opening is not None:
+            self._read_opening(now, needed)
         return self.drain.feed(DRAIN_BUDGET, now, needed, self._committed)
+
+    def _read_opening(
+        self, now: float, needed: Callable[[Sequence[bytes | memoryview]], list[bool]]
+    ) -> None:
+        """What the quarantine held when it was passed in, read before the link socket;
+        once read to its end and committed, the quarantine is a counter."""
+        assert self.opening is not None
+        assert self.steering is not None
+        self.opening.feed(DRAIN_BUDGET, now, needed, self._committed)
+        if self.opening.emptied and not self.opening.pending:
+            self.opening = None
+            self.steering.opened()
 
     def _readable_files(self) -> None:
         """The file socket: tag datagrams waiting on the link socket first, then a few files'."""
@@ -339,7 +382,8 @@ class Receiver:
                 loop.remove_reader(sock)
 
     def _drains(self) -> list[Drain]:
-        return [self.drain] if self.file_drain is None else [self.drain, self.file_drain]
+        drains = [self.drain] if self.file_drain is None else [self.drain, self.file_drain]
+        return drains if self.opening is None else [*drains, self.opening]
 
     def _after(self, now: float) -> None:
         decoder = self.decoder
@@ -353,6 +397,7 @@ class Receiver:
             decoder.positions()  # nothing of its own to save
             for drain in self._drains():
                 drain.release(self._committed, now)
+            self._steer(now)
             self._arm()
             return
         if events:
@@ -373,7 +418,13 @@ class Receiver:
         # Only now may the datagrams those positions cover leave the kernel's queue.
         for drain in self._drains():
             drain.release(self._committed, now)
+        self._steer(now)
         self._arm()
+
+    def _steer(self, now: float) -> None:
+        """The quarantine's program follows the committed positions (rate-limited)."""
+        if self.steering is not None:
+            self.steering.update(self._committed, now)
 
     def _commit(self) -> None:
         """Commit the decoder's positions with every message handed over since the last one.
@@ -450,13 +501,18 @@ class Receiver:
             if self.active:  # a standby's view is not the SOC's: the active one reports
                 self.soc.tick(
                     now,
-                    decoder_counters=self.decoder.counters,
+                    decoder_counters=self._soc_counters(),
                     links={sid: view.link_up for sid, view in self.router.streams.items()},
                     output_counters=self.output.counters,
                     commands={sid: node.commands_refused() for sid, node in self.sparkplug.items()},
                 )
             self.files.tick(now)
             self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)
+            if self.steering is not None:
+                if self.opening is not None:
+                    self._feed_link(now)  # a quarantine passed in: read it to its end
+                    self._after(now)
+                self.steering.tally()
             if self.file_sock is not None:
                 self._watch_file_drops(now)
             self.decoder.wall_offset_s = time.time() - now  # follows wall-clock steps
@@ -481,8 +537,24 @@ class Receiver:
                 fix="lower [file_lane] rate_mbps on the transmitter (docs/OPERATIONS.md §10)",
             )
 
+    def _link_counters(self) -> dict[str, int]:
+        """The decoder's counters and the quarantine's (receiver-wide, never merged with
+        the link socket's kernel_drops)."""
+        counters = dict(self.decoder.counters)
+        if self.steering is not None:
+            counters["rejected_steered"] = self.steering.steered
+        return counters
+
+    def _soc_counters(self) -> dict[str, int]:
+        """What the SOC reports rejections from: the decoder's, the quarantine's count,
+        and how many replays its samples held (receiver/soc.py)."""
+        counters = self._link_counters()
+        if self.steering is not None:
+            counters[STEERED_REPLAYS_SEEN] = self.steering.replays_seen
+        return counters
+
     def _watch_rejections(self, now: float) -> None:
-        self.rejections.update(self.decoder.counters, now)
+        self.rejections.update(self._link_counters(), now)
         self.router.rejected = self.rejections.status()
         warning = self.rejections.warning(now)
         if warning is not None:
@@ -503,6 +575,9 @@ class Receiver:
             for key, value in node.all_counters().items():
                 out[f"sparkplug_{stream_id}_{key}"] = value
         out.update(self.files.counters)
+        if self.steering is not None:
+            out["rejected_steered"] = self.steering.steered
+            out["link_steering_swaps"] = self.steering.order_swaps
         return out
 
     # -- a pair of receivers (receiver/failover.py) ----------------------------------------
@@ -621,7 +696,7 @@ class Receiver:
             {s.id: s.output for s in self.config.streams},
             output,
             store=self.output if output is self._publisher else None,
-            receiver_counters=lambda: self.decoder.counters,
+            receiver_counters=self._link_counters,
         )
         if learned_from is not None:
             for sid, view in router.streams.items():
@@ -705,6 +780,7 @@ class Receiver:
             listen=f"{address[0]}:{address[1]}",
             interface=section.interface,
             socket="passed in" if self.passed_socket else "opened",
+            steering=self.steering is not None and self.steering.enabled,
             streams=[s.id for s in self.config.streams],
             **self._config_file(),
         )
@@ -752,27 +828,38 @@ class Receiver:
         self.soc.close()
         if self.metrics is not None:
             self.metrics.close()
-        if not self.handover:
-            self.sock.close()
-        if self.file_sock is not None:
-            self.file_sock.close()
+        self._close_sockets()
         log.info("receiver stopped", handover=self.handover, **self.counters())
 
+    def _close_sockets(self) -> None:
+        """Close the sockets, but for those a reload hands to the next process."""
+        if not self.handover:
+            self.sock.close()
+            if self.steering is not None:
+                self.steering.close()
+        if self.file_sock is not None:
+            self.file_sock.close()
 
-def reexec(sock: socket.socket) -> None:
-    """Execute this receiver again in this process, the link socket passed as fd 3.
+
+def reexec(socks: Sequence[socket.socket]) -> None:
+    """Execute this receiver again in this process, the link socket passed as fd 3 (and
+    its quarantine as fd 4).
 
     ``sys.orig_argv`` is the interpreter's own command line, so the same program
     starts with the same arguments; the pid stays, so systemd sees no new process.
     Returns only if the exec failed.
     """
-    fd = sock.detach()
-    if fd != SD_LISTEN_FDS_START:
-        os.dup2(fd, SD_LISTEN_FDS_START, inheritable=True)
+    fds = [sock.detach() for sock in socks]
+    # Out of the way first, above the fds they must become: fd 4 may be the one that
+    # must become fd 3, or fd 3 free (a plain dup could land there and be closed below).
+    above = SD_LISTEN_FDS_START + len(fds)
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, above) for fd in fds]
+    for fd in fds:
         os.close(fd)
-    else:
-        os.set_inheritable(fd, True)
-    env = dict(os.environ, LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+    for i, fd in enumerate(moved):
+        os.dup2(fd, SD_LISTEN_FDS_START + i, inheritable=True)
+        os.close(fd)
+    env = dict(os.environ, LISTEN_FDS=str(len(socks)), LISTEN_PID=str(os.getpid()))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # kept across exec until the new loop runs
     failed = ""
     try:
@@ -800,9 +887,11 @@ def main(argv: list[str] | None = None) -> int:
         await receiver.run(stop)
         if receiver.handover:
             handover.append(receiver.sock)
+            if receiver.steering is not None:
+                handover.append(receiver.steering.quarantine)
 
     code = daemon.run(_main, args.config)
     if handover:
-        reexec(handover[0])
+        reexec(handover)
         return 1
     return code

@@ -5,10 +5,12 @@ Where the socket comes from, in order:
 1. **Passed in** by systemd (``diode-rx.socket``), by ``systemd-socket-activate``,
    or by this receiver re-executing itself on SIGHUP: the ``LISTEN_FDS`` protocol
    of sd_listen_fds(3): ``LISTEN_PID`` is our pid, ``LISTEN_FDS`` = 1, the socket
-   is file descriptor 3. The socket then outlives the process: while the receiver
-   restarts, the kernel keeps queuing datagrams in it.
+   is file descriptor 3; or ``LISTEN_FDS`` = 2, the link socket and its quarantine
+   (fd 4), which share the port (receiver/steer.py). The socket then outlives the
+   process: while the receiver restarts, the kernel keeps queuing datagrams in it.
 2. **Opened here** from ``[receiver] listen`` and ``port`` when nothing was passed
-   (started by hand, or a unit without the socket).
+   (started by hand, or a unit without the socket), with the quarantine beside it
+   unless ``[receiver] steer_replays = false`` (receiver/steer.py).
 
 A socket that outlives the process is only worth something if the process
 never takes a datagram out of the kernel's queue before what it carries is
@@ -154,12 +156,14 @@ def open_link_socket(
     interface: str | None = None,
     *,
     port_key: str = "receiver.port",
+    reuse_port: bool = False,
 ) -> socket.socket:
     """Bind the link socket with the receive buffer asked for (read back, warned if capped).
 
     With ``interface`` the socket takes datagrams arriving on that interface only
     (SO_BINDTODEVICE): a host on the IT side that can route to ``listen`` still
-    cannot reach the port. A failure names the setting to change (SettingError).
+    cannot reach the port. With ``reuse_port`` it may share the port with the
+    quarantine (receiver/steer.py). A failure names the setting to change (SettingError).
     """
     family = socket.AF_INET6 if ":" in listen else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -167,6 +171,8 @@ def open_link_socket(
         size_receive_buffer(sock, rcvbuf)
         if interface is not None:
             startup.bind_to_device(sock, interface, "receiver.interface")
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((listen, port))
         sock.setblocking(False)
     except OSError as exc:
@@ -180,29 +186,37 @@ def open_link_socket(
     return sock
 
 
-def passed_socket(environ: MutableMapping[str, str] | None = None) -> socket.socket | None:
-    """The link socket passed by the LISTEN_FDS protocol, or None if none was passed to us.
+def passed_sockets(environ: MutableMapping[str, str] | None = None) -> list[socket.socket]:
+    """The sockets passed by the LISTEN_FDS protocol: [] if none was passed to us, else
+    the link socket, then its quarantine if there are two (receiver/steer.py).
 
     The variables are removed from the environment (as sd_listen_fds(1) does), so
-    that nothing this process starts believes the socket is its own.
+    that nothing this process starts believes the sockets are its own.
     """
     env = os.environ if environ is None else environ
     pid, count = env.pop("LISTEN_PID", None), env.pop("LISTEN_FDS", None)
     env.pop("LISTEN_FDNAMES", None)
     if pid is None or count is None:
-        return None
+        return []
     try:
         if int(pid) != os.getpid():
-            return None  # meant for another process (a parent that did not clean up)
+            return []  # meant for another process (a parent that did not clean up)
         n = int(count)
     except ValueError as exc:
         raise LinkError(f"LISTEN_PID={pid} LISTEN_FDS={count}: not numbers") from exc
-    if n != 1:
-        raise LinkError(f"LISTEN_FDS={n}: the receiver takes exactly one socket (the link)")
+    if n not in (1, 2):
+        raise LinkError(
+            f"LISTEN_FDS={n}: the receiver takes one socket (the link) or two "
+            "(the link, then its quarantine)"
+        )
+    return [_passed_udp(SD_LISTEN_FDS_START + i) for i in range(n)]
+
+
+def _passed_udp(fd: int) -> socket.socket:
     try:
-        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+        sock = socket.socket(fileno=fd)
     except OSError as exc:
-        raise LinkError(f"LISTEN_FDS=1 but fd {SD_LISTEN_FDS_START} is no socket: {exc}") from exc
+        raise LinkError(f"LISTEN_FDS names fd {fd}, which is no socket: {exc}") from exc
     if sock.type != socket.SOCK_DGRAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
         kind = f"{sock.family.name}/{sock.type.name}"
         sock.detach()
@@ -215,14 +229,11 @@ def passed_socket(environ: MutableMapping[str, str] | None = None) -> socket.soc
     return sock
 
 
-def link_socket(
-    listen: str, port: int, rcvbuf: int, interface: str | None = None
-) -> tuple[socket.socket, bool]:
-    """The socket passed in (buffer checked, address and interface compared with the
-    config), else our own. Returns the socket and whether it was passed in."""
-    sock = passed_socket()
-    if sock is None:
-        return open_link_socket(listen, port, rcvbuf, interface), False
+def adopt_passed(
+    sock: socket.socket, listen: str, port: int, rcvbuf: int, interface: str | None = None
+) -> socket.socket:
+    """The link socket passed in: its buffer checked, address and interface compared
+    with the config (a difference is warned about, the socket used)."""
     size_receive_buffer(sock, rcvbuf)
     bound = sock.getsockname()
     device = sock.getsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, IFNAMSIZ).rstrip(b"\0").decode()
@@ -235,7 +246,7 @@ def link_socket(
             interface=interface,
             fix="the same address, port and interface in diode-rx.socket and [receiver]",
         )
-    return sock, True
+    return sock
 
 
 def kernel_drops(sock: socket.socket) -> int:

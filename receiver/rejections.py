@@ -16,6 +16,10 @@ from typing import Any
 
 PREFIX = "rejected_"
 BENIGN = frozenset({"late", "duplicate"})
+# Steered datagrams (receiver/steer.py) are late copies and replays alike: the kernel
+# cannot tell a time-diversity repeat from a capture sent again. A warning only above
+# a flood's rate (receiver/link.py, FLOOD_REJECTS_PER_S): no real stream comes near it.
+QUIET_BELOW_PER_S = {"steered": 20_000.0}
 
 
 class RejectionMeter:
@@ -56,17 +60,18 @@ class RejectionMeter:
         """What to log now, or None (nothing new, or warned less than warn_every_s ago)."""
         if self._warned_at is not None and now - self._warned_at < self.warn_every_s:
             return None
-        totals = self.totals()
+        totals, rates = self.totals(), self.rates()
         new = {
             reason: count - self._warned_totals.get(reason, 0)
             for reason, count in totals.items()
-            if reason not in BENIGN and count > self._warned_totals.get(reason, 0)
+            if reason not in BENIGN
+            and count > self._warned_totals.get(reason, 0)
+            and rates.get(reason, 0.0) >= QUIET_BELOW_PER_S.get(reason, 0.0)
         }
         if not new:
             return None
         self._warned_at = now
         self._warned_totals = totals
-        rates = self.rates()
         return {
             "rejected": new,
             "per_s": {reason: rates.get(reason, 0.0) for reason in new},

@@ -59,6 +59,8 @@ READS_PER_TURN = 16  # READ_BATCH each: what the forwarder writes per turn of th
 SEND_BUFFER = 256 * 1024
 FORGED = ("unknown_key", "wrong_stream", "bad_block", "bad_signature", "bad_decrypt")
 REPLAYED = ("replay",)
+# Steered datagrams sampled in the quarantine that were replays (receiver/steer.py).
+STEERED_REPLAYS_SEEN = "steered_replays_seen"
 MALFORMED = ("short", "bad_magic", "bad_version", "bad_checksum", "malformed", "bad_record")
 CRITICAL, WARNING, NOTICE, INFO = 2, 4, 5, 6
 
@@ -404,6 +406,13 @@ class Soc:
                 stream_id=sid,
             )
 
+    def _since_last(self, reason: str, total: int) -> int:
+        """How much a rejection counter grew since the last period."""
+        before = self._rejected_at.get(reason, 0)
+        self._rejected_at[reason] = total
+        # A decoder replaced (failover, restart) starts its counters again at 0.
+        return total - before if total >= before else total
+
     def _rejections(self, now: float, counters: dict[str, int]) -> None:
         if now - self._rejected_since < self.section.rejected_report_s:
             return
@@ -416,13 +425,17 @@ class Soc:
         ):
             deltas = {}
             for reason in reasons:
-                total = counters.get(f"rejected_{reason}", 0)
-                before = self._rejected_at.get(reason, 0)
-                # A decoder replaced (failover, restart) starts its counters again at 0.
-                delta = total - before if total >= before else total
-                self._rejected_at[reason] = total
+                delta = self._since_last(reason, counters.get(f"rejected_{reason}", 0))
                 if delta:
                     deltas[reason] = delta
+            if kind == "replayed":
+                # Replays the kernel steered (receiver/steer.py) are counted with late copies
+                # and time-diversity repeats; reported as replayed when the quarantine's
+                # samples held a replay (an older epoch, or far behind) in this period.
+                steered = self._since_last("steered", counters.get("rejected_steered", 0))
+                seen = self._since_last("seen", counters.get(STEERED_REPLAYS_SEEN, 0))
+                if steered and seen:
+                    deltas["steered"] = steered
             if not deltas or period is None:
                 continue  # the first call only takes the counters as they are
             count = sum(deltas.values())

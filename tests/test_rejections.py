@@ -39,6 +39,19 @@ def test_the_warning_is_rate_limited_and_ignores_what_a_healthy_link_produces() 
     assert meter.warning(30.0) is None, "nothing new"
 
 
+def test_steered_datagrams_warn_only_at_a_floods_rate() -> None:
+    """The quarantine takes time-diversity repeats and late copies as well as replays:
+    quiet at a real stream's rate, a warning at a flood's."""
+    meter = RejectionMeter(window_s=5.0, warn_every_s=0.0)
+    meter.update({"rejected_steered": 0}, 0.0)
+    meter.update({"rejected_steered": 7_000}, 1.0)  # a 10 MB/s stream's repeats
+    assert meter.warning(1.0) is None
+    meter.update({"rejected_steered": 700_000}, 2.0)  # a replay flood
+    warning = meter.warning(2.0)
+    assert warning is not None
+    assert warning["rejected"] == {"steered": 700_000}
+
+
 def test_status_carries_the_rejections() -> None:
     output = Recorder()
     router = Router({7: StreamOutput()}, output)

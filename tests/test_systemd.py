@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import shlex
@@ -148,7 +149,10 @@ def test_socket_unit_matches_the_example_and_holds_the_buffer() -> None:
 
     s = unit_settings(UNITS / SOCKET)
     example_rx = tomllib.loads((EXAMPLES / "rx.toml").read_text())["receiver"]
-    assert one(s, "Socket.ListenDatagram") == f"{example_rx['listen']}:{example_rx['port']}"
+    # The link socket and its quarantine, one SO_REUSEPORT group (receiver/steer.py).
+    address = f"{example_rx['listen']}:{example_rx['port']}"
+    assert s["Socket.ListenDatagram"] == [address, address]
+    assert one(s, "Socket.ReusePort") == "yes"
     assert one(s, "Socket.BindToDevice") == example_rx["interface"] == "eth1"
     assert "eth1" in (ROOT / "docs" / "OPERATIONS.md").read_text()
     size = one(s, "Socket.ReceiveBuffer")
@@ -612,7 +616,7 @@ def socket_activated(unit_socket: Path, port: int, argv: list[str]) -> list[str]
     """``systemd-socket-activate`` standing in for the socket unit: its ListenDatagram=,
     address and port swapped for loopback and a free port."""
     assert ACTIVATE is not None
-    listen = one(unit_settings(unit_socket), "Socket.ListenDatagram")
+    listen = unit_settings(unit_socket)["Socket.ListenDatagram"][0]
     assert re.fullmatch(r"[0-9.]+:\d+", listen), listen
     # It passes on only a few variables of its own; systemd would set these two.
     keep = ["--setenv=NOTIFY_SOCKET", "--setenv=WATCHDOG_USEC"]
@@ -661,6 +665,78 @@ def test_receiver_exec_start_takes_the_socket_unit_socket_and_reloads_on_it(
     (refused,) = [line for line in err.splitlines() if "config reload refused" in line]
     assert str(config) in refused
     assert "receiver.port" in refused
+    assert "Traceback" not in err
+
+
+def unit_group(unit_socket: Path, port: int) -> list[socket.socket]:
+    """The sockets the socket unit creates, in its order, address swapped for loopback:
+    one per ListenDatagram= line, SO_REUSEPORT for ReusePort=yes (systemd-socket-activate
+    cannot bind two sockets to one port, so the test does, as systemd would)."""
+    settings = unit_settings(unit_socket)
+    assert one(settings, "Socket.ReusePort") == "yes"
+    socks = []
+    for _ in settings["Socket.ListenDatagram"]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", port))
+        socks.append(sock)
+    return socks
+
+
+@pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-activate is not installed")
+def test_receiver_takes_both_sockets_of_the_unit_steers_and_passes_both_on_reload(
+    tmp_path: Path, notify: NotifySocket, mosquitto: Mosquitto
+) -> None:
+    """The unit's two sockets passed through systemd-socket-activate (LISTEN_FDS=2): the
+    receiver steers with them, and its SIGHUP re-exec passes both on."""
+    metrics, port = free_port(), free_port(socket.SOCK_DGRAM)
+    config = rx_example(tmp_path, port, mosquitto.port, metrics)
+    group = unit_group(UNITS / SOCKET, port)
+    fds = [s.fileno() for s in group]
+
+    def passed() -> None:  # at fds 3 and 4, as systemd passes them
+        moved = [os.dup(fd) for fd in fds]
+        for i, fd in enumerate(moved):
+            os.dup2(fd, 3 + i)
+        _sandbox()
+
+    argv = [
+        "sh",
+        "-c",
+        f'LISTEN_PID=$$ LISTEN_FDS={len(fds)} exec "$@"',
+        "sh",
+        # No -l: it passes on the sockets it was given (LISTEN_FDS) and waits for a datagram.
+        str(ACTIVATE),
+        "--datagram",
+        "--setenv=NOTIFY_SOCKET",
+        "--setenv=WATCHDOG_USEC",
+        *resolved_exec_start("diode-rx.service", config),
+    ]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NOTIFY_SOCKET": str(notify.path),
+           "WATCHDOG_USEC": "1000000", "HOME": str(tmp_path)}  # fmt: skip
+    proc = subprocess.Popen(  # spawn(), with the group at fds 3 and 4
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=passed, close_fds=False, umask=0o077,  # noqa: PLW1509 - no threads here
+    )  # fmt: skip
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as link:
+            link.sendto(b"first", ("127.0.0.1", port))
+        assert notify.wait_for("READY=1", within=20) == proc.pid
+        assert wait_scrape(metrics, 'diode_rx_datagrams_rejected_total{reason="steered"}') == 0
+        proc.send_signal(signal.SIGHUP)
+        assert notify.wait_for("RELOADING=1", within=10) == proc.pid
+        notify.messages.clear()
+        assert notify.wait_for("READY=1", within=20) == proc.pid
+        assert wait_scrape(metrics, 'diode_rx_datagrams_rejected_total{reason="steered"}') == 0
+    finally:
+        code, err = stop(proc) if proc.poll() is None else (proc.returncode, "")
+        for sock in group:
+            sock.close()
+    assert code == 0, err
+    assert "Received 2 descriptors via the environment" in err
+    starts = [json.loads(line) for line in err.splitlines() if '"receiver starting"' in line]
+    assert [(s["socket"], s["steering"]) for s in starts] == [("passed in", True)] * 2, starts
+    assert "one socket passed in" not in err
     assert "Traceback" not in err
 
 

@@ -53,6 +53,12 @@ class ReceiverSection(Section):
         description="everything the receiver writes: the spool and the stream positions",
         strict=False,
     )
+    steer_replays: bool = Field(
+        True,
+        description="datagrams naming a block below the committed position (replays, late "
+        "copies) go to a quarantine socket in the kernel, counted as rejected_steered and "
+        "never read (SO_REUSEPORT + a classic BPF program; Linux)",
+    )
     reorder_timeout_s: float = Field(
         0.2,
         gt=0.0,

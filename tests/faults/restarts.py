@@ -385,6 +385,12 @@ async def reload_under_load(tmp: Path, broker: Mosquitto, *, rate: int, seed: in
         asked = time.monotonic()
         rx.proc.send_signal(signal.SIGHUP)
         await wait_until(lambda: len(rx.events("receiver starting")) == 2, what="re-executed")
+        # Both sockets handed on: the link socket and its quarantine (receiver/steer.py).
+        started = rx.events("receiver starting")
+        assert [(e["socket"], e["steering"]) for e in started] == [
+            ("opened", True),
+            ("passed in", True),
+        ], started
         await wait_until(plant._rx_ready, what="metrics again")
         fig["reload_s"] = time.monotonic() - asked
         await wait_until(lambda b=before: sub.count_good() > b + 2 * rate, what="values again")

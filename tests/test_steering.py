@@ -1,0 +1,514 @@
+"""Replays stopped in the kernel (receiver/steer.py): real sockets, a real receiver, real keys.
+
+Every datagram below a stream's committed position goes to the quarantine and is
+counted there exactly (``rejected_steered``); everything else still reaches the
+drain; a commit moves the threshold; the group's order is checked; the sockets
+systemd would pass (``LISTEN_FDS=2``) are taken, and a quarantine passed in full
+of real datagrams is read before it becomes a counter. Each test but the
+"steering off" one fails with ``[receiver] steer_replays = false``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from structlog.testing import capture_logs
+
+from diode.config import validate
+from diode.config.rx import RxConfig
+from diode.keys import load_psk, write_psk
+from diode.replay import StreamState
+from diode.wire import DatagramHeader, pack_datagram
+from receiver.app import Receiver
+from receiver.link import kernel_drops
+from receiver.metrics import Metrics
+from receiver.steer import REATTACH_EVERY_S, attach, everything_to, open_group, supported
+from tests.core_support import STREAM, encode_blocks, fixed_key, samples
+from tests.support.net import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not supported(), reason="SO_REUSEPORT steering is Linux only")
+
+# The wire generations a receiver accepts: 1 (version 1), 2 and 3 (version 3), gated (6).
+WIRES = {"generation 1": (1, False), "generation 3": (3, False), "gated": (3, True)}
+
+
+def _config(tmp_path: Path, *, gated: bool, steer: bool = True, port: int = 0) -> dict[str, Any]:
+    public = tmp_path / "tx.pub"
+    public.write_bytes(
+        fixed_key()
+        .private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    stream: dict[str, Any] = {"id": STREAM, "public_keys": [str(public)],
+                              "output": {"prefix": "diode"}}  # fmt: skip
+    if gated:
+        write_psk(tmp_path / "link.psk")
+        stream["psk_file"] = str(tmp_path / "link.psk")
+    return {
+        "receiver": {"listen": "127.0.0.1", "port": port or free_port(socket.SOCK_DGRAM),
+                     "state_dir": str(tmp_path / "rx-state"), "steer_replays": steer},
+        "mqtt": {"host": "127.0.0.1", "port": free_port(),
+                 "spool_path": str(tmp_path / "rx-state" / "spool.sqlite")},
+        "streams": [stream],
+    }  # fmt: skip
+
+
+def _blocks(tmp_path: Path, wire: str, count: int = 8) -> list[list[bytes]]:
+    generation, gated = WIRES[wire]
+    psk = load_psk(tmp_path / "link.psk") if gated else None
+    # A fresh epoch: an old one waits for a heartbeat when the receiver has no position.
+    epoch = int(time.time() * 1000)
+    blocks = encode_blocks(
+        samples(count * 4), per_block=4, generation=generation, psk=psk, epoch=epoch
+    )
+    assert len(blocks) >= count
+    return blocks
+
+
+@pytest.fixture(params=list(WIRES))
+def wire(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def source() -> Iterator[socket.socket]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        yield s
+
+
+def _receiver(tmp_path: Path, *, gated: bool, steer: bool = True) -> Receiver:
+    return Receiver(validate(RxConfig, _config(tmp_path, gated=gated, steer=steer), "rx.toml"))
+
+
+def _send(source: socket.socket, to: tuple[str, int], datagrams: list[bytes]) -> None:
+    for datagram in datagrams:
+        source.sendto(datagram, to)
+
+
+async def _read(receiver: Receiver, rounds: int = 3) -> None:
+    """What the event loop would do: read, commit, release; the steering follows."""
+    for _ in range(rounds):
+        receiver._readable()
+        receiver._commit()
+        receiver._after(time.monotonic())
+
+
+def _steered(receiver: Receiver) -> int:
+    assert receiver.steering is not None, "steering is off"
+    receiver.steering.tally()
+    return receiver.counters()["rejected_steered"]
+
+
+def _close(receiver: Receiver) -> None:
+    receiver.sock.close()
+    if receiver.steering is not None:
+        receiver.steering.close()
+
+
+async def test_replays_below_the_position_go_to_the_quarantine_and_are_counted_exactly(
+    tmp_path: Path, wire: str, source: socket.socket
+) -> None:
+    """Blocks 0-3 delivered and committed; then 3 000 replays of them (more than the
+    quarantine's tiny buffer holds: its kernel drops count), garbage, and block 4. The
+    drain sees block 4 and the garbage only; the quarantine counts every replay; the
+    link socket's overflow counter does not move."""
+    receiver = _receiver(tmp_path, gated=WIRES[wire][1])
+    blocks = _blocks(tmp_path, wire)
+    to = receiver.sock.getsockname()
+    try:
+        _send(source, to, [d for block in blocks[:4] for d in block])
+        await _read(receiver)
+        assert receiver.decoder.counters["blocks_delivered"] == 4
+        await asyncio.sleep(REATTACH_EVERY_S)
+        await _read(receiver, 1)  # the program follows the commit
+        before = receiver.counters()
+        old = [d for block in blocks[:4] for d in block]
+        replays = [old[i % len(old)] for i in range(3000)]
+        garbage = [b"x", b"\xd1\x0d" + bytes(20), os.urandom(300)]
+        _send(source, to, replays + garbage + blocks[4])
+        await asyncio.sleep(0.05)
+        await _read(receiver)
+        counters = receiver.counters()
+        assert counters["blocks_delivered"] == 5
+        # The drain got block 4 and the garbage, nothing else.
+        assert counters["datagrams"] - before["datagrams"] == len(blocks[4]) + len(garbage)
+        assert _steered(receiver) == len(replays)
+        # In $status and in Prometheus like the other rejection counters.
+        receiver._watch_rejections(time.monotonic())
+        assert receiver.router.rejected["total"]["steered"] == len(replays)
+        registry = Metrics(receiver).registry
+        labels = {"reason": "steered"}
+        assert registry.get_sample_value("diode_rx_datagrams_rejected_total", labels) == len(
+            replays
+        )
+        # No replay reached the decoder.
+        for reason in ("rejected_late", "rejected_replay"):
+            assert counters.get(reason, 0) - before.get(reason, 0) <= len(blocks[4]), reason
+        assert kernel_drops(receiver.sock) == 0
+    finally:
+        _close(receiver)
+
+
+async def test_a_commit_moves_the_threshold(tmp_path: Path, source: socket.socket) -> None:
+    """Block 2 sent before it is delivered is the stream's next block: it reaches the
+    drain. Once delivered and committed, the program is attached again (at most every
+    REATTACH_EVERY_S) and a copy of it goes to the quarantine; in between, a copy is
+    rejected by the decoder as before (a stale program is sound: it steers less)."""
+    receiver = _receiver(tmp_path, gated=False)
+    blocks = _blocks(tmp_path, "generation 3")
+    to = receiver.sock.getsockname()
+    try:
+        _send(source, to, blocks[0] + blocks[1])
+        await _read(receiver)
+        await asyncio.sleep(REATTACH_EVERY_S)
+        await _read(receiver, 1)
+        steered = _steered(receiver)
+        _send(source, to, blocks[0])  # below the position: steered
+        _send(source, to, blocks[2])  # the next block: the drain's
+        await asyncio.sleep(0.02)
+        await _read(receiver)
+        assert receiver.decoder.counters["blocks_delivered"] == 3
+        assert _steered(receiver) == steered + len(blocks[0])
+        # Within REATTACH_EVERY_S of the last attach: a copy of block 2 still reaches the
+        # decoder, which rejects it.
+        late = receiver.decoder.counters["rejected_late"]
+        _send(source, to, blocks[2][:1])
+        await _read(receiver)
+        assert receiver.decoder.counters["rejected_late"] == late + 1
+        await asyncio.sleep(REATTACH_EVERY_S)
+        await _read(receiver, 1)  # attached again: block 2 is below the threshold now
+        _send(source, to, blocks[2])
+        await asyncio.sleep(0.02)
+        await _read(receiver)
+        assert _steered(receiver) == steered + len(blocks[0]) + len(blocks[2])
+        assert receiver.decoder.counters["rejected_late"] == late + 1
+    finally:
+        _close(receiver)
+
+
+async def test_the_quarantines_samples_tell_replays_from_late_copies(
+    tmp_path: Path, source: socket.socket
+) -> None:
+    """The SOC reports steered datagrams as replayed only when the quarantine's samples
+    held a replay (an older epoch): late copies of the current epoch stay quiet."""
+    receiver = _receiver(tmp_path, gated=False)
+    old = _blocks(tmp_path, "generation 3")
+    epoch = int(time.time() * 1000) + 1000  # the transmitter restarted: a newer epoch
+    new = encode_blocks(samples(8), per_block=4, epoch=epoch)
+    to = receiver.sock.getsockname()
+    assert receiver.steering is not None
+    try:
+        _send(source, to, old[0] + old[1])
+        await _read(receiver)
+        await asyncio.sleep(REATTACH_EVERY_S)
+        await _read(receiver, 1)
+        _send(source, to, old[0][:1])  # a late copy, steered
+        await asyncio.sleep(0.02)
+        assert _steered(receiver) == 1
+        assert receiver._soc_counters()["steered_replays_seen"] == 0
+        _send(source, to, new[0] + new[1])
+        await _read(receiver)
+        await asyncio.sleep(REATTACH_EVERY_S)
+        await _read(receiver, 1)
+        _send(source, to, old[1][:1])  # the old epoch, replayed: steered
+        await asyncio.sleep(0.02)
+        assert _steered(receiver) == 2
+        assert receiver._soc_counters()["steered_replays_seen"] == 1
+    finally:
+        _close(receiver)
+
+
+async def test_a_stranger_joining_the_group_gets_nothing(
+    tmp_path: Path, source: socket.socket
+) -> None:
+    """SO_REUSEPORT lets another socket of the same user bind the port; the program names
+    indices 0 and 1 only, so a third socket of the group gets no datagram."""
+    receiver = _receiver(tmp_path, gated=False)
+    blocks = _blocks(tmp_path, "generation 3")
+    to = receiver.sock.getsockname()
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        stranger.bind(to)
+        stranger.setblocking(False)
+        for port_user in range(20):  # flows from 20 source ports: no hash decides here
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+                other.sendto(blocks[port_user % 4][0], to)
+        await asyncio.sleep(0.02)
+        with pytest.raises(BlockingIOError):
+            stranger.recv(2000)
+        await _read(receiver)
+        assert receiver.decoder.counters["datagrams"] == 20
+    finally:
+        stranger.close()
+        _close(receiver)
+
+
+async def test_with_steering_off_the_receiver_reads_everything_as_before(
+    tmp_path: Path, source: socket.socket
+) -> None:
+    """``steer_replays = false``: one socket, not shared (no SO_REUSEPORT: nobody else can
+    bind the port), and replays reach the decoder, which rejects them."""
+    receiver = _receiver(tmp_path, gated=False, steer=False)
+    blocks = _blocks(tmp_path, "generation 3")
+    to = receiver.sock.getsockname()
+    try:
+        assert receiver.steering is None
+        assert not receiver.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            with pytest.raises(OSError, match="in use"):
+                other.bind(to)
+        _send(source, to, blocks[0] + blocks[1])
+        await _read(receiver)
+        before = receiver.counters()
+        _send(source, to, blocks[0])
+        await _read(receiver)
+        counters = receiver.counters()
+        assert "rejected_steered" not in counters
+        assert counters["datagrams"] - before["datagrams"] == len(blocks[0])
+        assert counters["rejected_late"] - before["rejected_late"] == len(blocks[0])
+    finally:
+        _close(receiver)
+
+
+def _header_only(stream: int, epoch: int, seq: int) -> bytes:
+    header = DatagramHeader(flags=0, stream_id=stream, key_id=b"k" * 8, epoch=epoch, seq=seq,
+                            index=0, k=1, n=1, block_length=10, records=1)  # fmt: skip
+    return pack_datagram(header, b"s" * 64)
+
+
+def test_more_streams_than_the_kernel_takes_steers_the_first_ones(
+    source: socket.socket,
+) -> None:
+    """A program for 400 streams is past what the kernel takes (its size, and the
+    socket's option memory): the first streams are steered, the others reach the link
+    socket (sound: the decoder rejects them), and it is said once."""
+    link, steering = open_group("127.0.0.1", 0, 1 << 20)
+    assert steering is not None
+    try:
+        positions = {s: StreamState(epoch=9, next_seq=5, next_record=0) for s in range(400)}
+        with capture_logs() as logs:
+            steering.update(positions, 0.0, force=True)
+        assert 0 < steering.max_streams < 400
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] in (
+            [],
+            ["the kernel refused the steering program: fewer streams steered"],
+        )
+        to = link.getsockname()
+        source.sendto(_header_only(0, 9, 4), to)  # named by the program: steered
+        source.sendto(_header_only(399, 9, 4), to)  # past it: the link socket's
+        time.sleep(0.02)
+        assert link.recv(2000) == _header_only(399, 9, 4)
+        assert steering.tally() == 1
+    finally:
+        link.close()
+        steering.close()
+
+
+def test_a_bad_steer_replays_value_names_file_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "rx.toml"
+    data = _config(tmp_path, gated=False)
+    data["receiver"]["steer_replays"] = "yes"
+    config.write_text(
+        "[receiver]\n"
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in data["receiver"].items())
+        + f"[mqtt]\nhost = '127.0.0.1'\nport = {data['mqtt']['port']}\n"
+        + f"[[streams]]\nid = {STREAM}\npublic_keys = [{json.dumps(str(tmp_path / 'tx.pub'))}]\n"
+        + "[streams.output]\nprefix = 'diode'\n"
+    )
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "diode-rx"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "rx.toml" in proc.stderr
+    assert "receiver.steer_replays" in proc.stderr
+
+
+# --- the sockets systemd passes (LISTEN_FDS=2) ---------------------------------------------
+
+# A receiver in a child process, given the sockets at fds 3 and 4 as systemd passes them;
+# it reads for a while, then prints its counters and its steering's state.
+CHILD = """
+import asyncio, json, os, sys, time
+fds = [int(fd) for fd in sys.argv[2].split(",")]
+moved = [os.dup(fd) for fd in fds]
+for i, fd in enumerate(moved):
+    os.dup2(fd, 3 + i)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
+from structlog.testing import capture_logs
+from diode.config import validate
+from diode.config.rx import RxConfig
+from receiver.app import Receiver
+
+async def main():
+    with capture_logs() as logs:
+        rx = Receiver(validate(RxConfig, json.loads(sys.argv[1]), "rx.toml"))
+        print("ready", flush=True)
+        end = time.monotonic() + float(sys.argv[3])
+        while time.monotonic() < end:
+            rx._readable(); rx._commit(); rx._after(time.monotonic())
+            if rx.steering is not None and rx.opening is None:
+                rx.steering.tally()
+            elif rx.steering is not None:
+                rx._feed_link(time.monotonic())
+            await asyncio.sleep(0.01)
+    out = {k: v for k, v in rx.counters().items() if not k.startswith("mqtt_")}
+    out["opening_done"] = rx.opening is None
+    out["link_index"] = None if rx.steering is None else rx.steering.link_index
+    out["events"] = [e["event"] for e in logs if e["log_level"] in ("warning", "error")]
+    print(json.dumps(out), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def _group(port: int, count: int = 2) -> list[socket.socket]:
+    """The sockets a unit with two ListenDatagram= lines and ReusePort=yes creates."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        s.bind(("127.0.0.1", port))
+        socks.append(s)
+    return socks
+
+
+def _start_child(
+    tmp_path: Path, passed: list[socket.socket], *, seconds: float, steer: bool = True
+) -> subprocess.Popen[str]:
+    port = passed[0].getsockname()[1]
+    config = _config(tmp_path, gated=False, steer=steer, port=port)
+    fds = [s.fileno() for s in passed]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(config), ",".join(map(str, fds)), str(seconds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        pass_fds=fds,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready", proc.stderr and proc.stderr.read()
+    return proc
+
+
+def _result(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def test_a_quarantine_passed_in_full_of_real_datagrams_is_read_then_counts_replays(
+    tmp_path: Path, source: socket.socket
+) -> None:
+    """Before any program, the group spreads flows over its sockets by a hash: real
+    datagrams can wait in the quarantine systemd holds (here all of blocks 0-3, put there
+    by a program sending everything to index 1). The receiver reads them, journaled,
+    before the quarantine becomes a counter; then replays of them are steered."""
+    port = free_port(socket.SOCK_DGRAM)
+    link, quarantine = _group(port)
+    blocks = _blocks(tmp_path, "generation 3")
+    try:
+        attach(link, everything_to(1))
+        _send(source, ("127.0.0.1", port), [d for block in blocks[:4] for d in block])
+        proc = _start_child(tmp_path, [link, quarantine], seconds=1.5)
+        time.sleep(0.8)  # read, committed, the program attached
+        _send(source, ("127.0.0.1", port), blocks[0] * 10 + blocks[4])
+        result = _result(proc)
+        assert result["blocks_delivered"] == 5
+        assert result["opening_done"]
+        assert result["rejected_steered"] == 10 * len(blocks[0])
+        assert result["link_steering_swaps"] == 0
+        assert result["link_index"] == 0
+    finally:
+        link.close()
+        quarantine.close()
+
+
+def test_the_order_is_checked_and_a_wrong_one_swapped(
+    tmp_path: Path, source: socket.socket
+) -> None:
+    """The program names sockets by their index in the group. Passed in the wrong order
+    (the quarantine first), the real stream lands in what the receiver takes for the
+    quarantine: the first datagram there that the program would not have steered proves
+    it, the indices are swapped (an error logged), and the stream flows again."""
+    port = free_port(socket.SOCK_DGRAM)
+    first, second = _group(port)
+    blocks = _blocks(tmp_path, "generation 3")
+    to = ("127.0.0.1", port)
+    try:
+        proc = _start_child(tmp_path, [second, first], seconds=1.5)  # the wrong order
+        time.sleep(0.3)
+        _send(source, to, blocks[0])  # to index 0: "the link" by the program, in fact not
+        time.sleep(0.5)
+        _send(source, to, blocks[0] + blocks[1] + blocks[2])
+        result = _result(proc)
+        assert result["link_steering_swaps"] == 1
+        assert result["link_index"] == 1
+        assert any("indices swapped" in e for e in result["events"])
+        assert result["blocks_delivered"] == 3  # block 0 again, after the swap
+    finally:
+        first.close()
+        second.close()
+
+
+def test_one_socket_passed_in_still_works_without_steering(
+    tmp_path: Path, source: socket.socket
+) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    (link,) = _group(port, 1)
+    blocks = _blocks(tmp_path, "generation 3")
+    try:
+        proc = _start_child(tmp_path, [link], seconds=0.8)
+        _send(source, ("127.0.0.1", port), blocks[0] + blocks[1] + blocks[0])
+        result = _result(proc)
+        assert result["blocks_delivered"] == 2
+        assert "rejected_steered" not in result
+        assert (
+            result["events"].count("one socket passed in (LISTEN_FDS=1): replays are not steered")
+            == 1
+        )
+    finally:
+        link.close()
+
+
+def test_two_sockets_passed_in_with_steering_off_send_everything_to_the_link(
+    tmp_path: Path, source: socket.socket
+) -> None:
+    """systemd keeps the quarantine in the group whatever the receiver does with it: with
+    steer_replays = false the program sends every datagram to the link socket."""
+    port = free_port(socket.SOCK_DGRAM)
+    link, quarantine = _group(port)
+    blocks = _blocks(tmp_path, "generation 3")
+    try:
+        proc = _start_child(tmp_path, [link, quarantine], seconds=1.0, steer=False)
+        time.sleep(0.3)
+        for i in range(20):  # 20 flows: without a program, about half would hash to index 1
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+                other.sendto(blocks[i % 3][0], ("127.0.0.1", port))
+        result = _result(proc)
+        assert result["datagrams"] == 20
+        assert result["rejected_steered"] == 0
+    finally:
+        link.close()
+        quarantine.close()
