@@ -63,13 +63,15 @@ def test_each_few_missing_sources_are_rebuilt_here_as_pyeclib_would(k: int, n: i
 
 
 @pytest.mark.parametrize(("k", "n"), [(1, 2), (32, 49), (32, 56), (127, 255)])
-def test_the_coefficients_read_from_pyeclib_are_isa_ls_cauchy_matrix(k: int, n: int) -> None:
-    """ISA-L's gf_gen_cauchy1_matrix: repair row i (from k) weighs source j by 1 / (i xor j)."""
-    rows = fec._coefficients(k, n)
+def test_pyeclibs_coefficients_are_isa_ls_cauchy_matrix(k: int, n: int) -> None:
+    """ISA-L's gf_gen_cauchy1_matrix: repair symbol i (from k) weighs source j by
+    1 / (i xor j), read from pyeclib's own encode; what the rebuild relies on."""
+    rows = fec._weights(k, n)
     assert rows is not None
     assert [list(row) for row in rows] == [
         [fec._gf_inv(i ^ j) for j in range(k)] for i in range(k, n)
     ]
+    assert fec._is_cauchy(k, n)
 
 
 def test_the_field_is_isa_ls() -> None:
