@@ -235,6 +235,17 @@ class Plant:
         return load_signing_key(self.keys() / "tx.key")
 
 
+def sockets_die_with(receiver: Receiver) -> None:
+    """What a killed receiver process's death does to its sockets (after Plant.kill, which
+    runs no shutdown path): the link socket and its quarantine close, their queues with
+    them. A quarantine left open would stay in the port's reuseport group with its
+    program, and take the next receiver's datagrams."""
+    asyncio.get_running_loop().remove_reader(receiver.sock)
+    receiver.sock.close()
+    if receiver.steering is not None:
+        receiver.steering.close()
+
+
 async def wait_until(predicate: Any, within: float = 15.0, step: float = 0.05) -> None:
     deadline = asyncio.get_running_loop().time() + within
     while asyncio.get_running_loop().time() < deadline:

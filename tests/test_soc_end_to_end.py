@@ -14,7 +14,7 @@ import socket
 import urllib.request
 from pathlib import Path
 
-from tests.e2e import STREAM, Subscriber, wait_until
+from tests.e2e import STREAM, Subscriber, sockets_die_with, wait_until
 from tests.support.net import free_port
 from tests.support.relay import Faults
 from tests.support.rsyslog import Rsyslog
@@ -295,8 +295,7 @@ async def test_messages_lost_while_the_receiver_was_killed_reach_the_soc(
     await wait_until(lambda: sum(ids_at(collector).values()) == 50, within=30)
     soc_plant.kill("rx")  # no shutdown path: what it committed is on disk, nothing more
     await asyncio.sleep(0.2)
-    loop.remove_reader(old.sock)
-    old.sock.close()  # what the process's death does: its socket and queue go with it
+    sockets_die_with(old)
     lane = tx.syslog.lane.counters
     queued = lane["log_queued"]
     await loop.run_in_executor(None, python_5424_tcp, tcp, [f"id-r2-{i}" for i in range(200)])

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from receiver.sparkplug import REBIRTH
-from tests.e2e import STREAM, Plant, float_registers, wait_until
+from tests.e2e import STREAM, Plant, float_registers, sockets_die_with, wait_until
 from tests.support import sparkplug_host as spb
 from tests.support.mosquitto import Mosquitto
 
@@ -244,9 +244,7 @@ async def test_values_kept_during_an_outage_survive_a_receiver_restart(
     assert old is not None
     plant.kill("rx")  # no shutdown path: what it kept is on disk or nowhere
     await asyncio.sleep(0.2)
-    # What the process's death would do: its link socket goes away with it.
-    asyncio.get_running_loop().remove_reader(old.sock)
-    old.sock.close()
+    sockets_die_with(old)
     await plant.start_rx()
     mosquitto.start()
     after = spb.SparkplugHost(mosquitto.port)  # see the outage test: subscribed first
