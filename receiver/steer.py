@@ -202,6 +202,11 @@ def open_group(
     if not supported():
         log.warning("replays are not steered: no SO_REUSEPORT here", platform=sys.platform)
         return open_link_socket(listen, port, rcvbuf, interface), None
+    if port:
+        # A port another socket holds (a second receiver started by mistake) must refuse
+        # this one, as it did before SO_REUSEPORT: sockets of one owner that set it join
+        # the same group, and would share or swallow each other's datagrams silently.
+        open_link_socket(listen, port, 0, interface).close()
     link = open_link_socket(listen, port, rcvbuf, interface, reuse_port=True)
     try:
         attach(link, everything_to(0))

@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 
 from diode.config import validate
 from diode.config.rx import RxConfig
+from diode.errors import SettingError
 from diode.keys import load_psk, write_psk
 from diode.replay import StreamState
 from diode.wire import DatagramHeader, pack_datagram
@@ -254,6 +255,20 @@ async def test_a_stranger_joining_the_group_gets_nothing(
     finally:
         stranger.close()
         _close(receiver)
+
+
+def test_a_port_another_receiver_holds_is_refused_as_without_steering() -> None:
+    """A second receiver on the same port (started by mistake, same user) would join the
+    first one's reuseport group; it fails to bind instead, naming the setting."""
+    port = free_port(socket.SOCK_DGRAM)
+    link, steering = open_group("127.0.0.1", port, 1 << 20)
+    try:
+        with pytest.raises(SettingError, match=r"receiver\.port"):
+            open_group("127.0.0.1", port, 1 << 20)
+    finally:
+        link.close()
+        if steering is not None:
+            steering.close()
 
 
 async def test_with_steering_off_the_receiver_reads_everything_as_before(
