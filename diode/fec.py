@@ -181,6 +181,8 @@ def _rebuild_few(
     if not _is_cauchy(k, n):
         return None
     repairs = [r for r in sorted(symbols) if r >= k][: len(missing)]
+    if len(repairs) < len(missing):
+        return None  # fewer than k symbols: pyeclib's decode says so (a FrameError)
     if len(missing) == 1:  # the common case, without the elimination's lists
         inverse: list[list[int]] | None = [[repairs[0] ^ missing[0]]]  # 1 / (1 / (i xor j))
     else:

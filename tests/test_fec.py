@@ -91,6 +91,14 @@ def test_symbols_of_unequal_sizes_are_a_frame_error_either_way() -> None:
             fec.decode(kept, k, n)
 
 
+def test_fewer_than_k_symbols_are_a_frame_error() -> None:
+    k, n, size = 8, 12, 16
+    sent = symbols_of(os.urandom(k * size), k, n, size)
+    for missing in (1, fec.FEW + 1):  # whichever path would rebuild them
+        with pytest.raises(FrameError):
+            fec.decode({i: sent[i] for i in range(missing, k)}, k, n)
+
+
 def test_a_forgery_missing_one_source_resent_is_known_without_a_second_verify() -> None:
     """No digest of the fed symbols is taken for a cheap rebuild: what the rebuild
     gives (the signed message) is what marks the forgery."""
