@@ -279,10 +279,10 @@ class Steering:
     ) -> bool:
         """Attach the program for ``positions`` if they moved, at most every
         :data:`REATTACH_EVERY_S` unless ``force``; whether it was attached."""
-        if positions is self._seen and not force:
-            return False  # the same commit's positions: nothing can have moved
+        if not force and (positions is self._seen or now - self._attached_at < REATTACH_EVERY_S):
+            return False  # the same commit's positions, or too soon: nothing to sort out
         wanted = self._named(positions) if self.enabled else {}
-        if wanted == self._attached or (not force and now - self._attached_at < REATTACH_EVERY_S):
+        if wanted == self._attached:
             return False
         while True:
             try:
