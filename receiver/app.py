@@ -12,8 +12,8 @@ The pipeline, stage by stage, with the queue between each pair::
 The socket is drained in a tight loop whenever it is readable: a full
 socket queue is the main cause of loss on a one-way link. Replays and late
 copies (a block below the committed positions) never reach it: a BPF program
-on the port's SO_REUSEPORT group sends them to a quarantine socket, counted and
-never read (receiver/steer.py). The receiver never
+on the port's SO_REUSEPORT group sends them to two quarantine sockets, counted
+and never read (receiver/steer.py). The receiver never
 sends anything towards the transmitter: the link socket is only read.
 
 Restarts lose nothing (receiver/link.py): the socket may be passed in by
@@ -71,7 +71,7 @@ from receiver.metrics import Metrics
 from receiver.mqtt import MqttOutput
 from receiver.rejections import RejectionMeter
 from receiver.router import Output, Router
-from receiver.soc import SOC_LANES, STEERED_REPLAYS_SEEN, Soc
+from receiver.soc import SOC_LANES, Soc
 from receiver.sparkplug_node import SparkplugRouting, sparkplug_nodes
 from receiver.steer import Steering, link_sockets
 
@@ -211,7 +211,7 @@ class Receiver:
         self.sock, self.steering, passed = self._link_sockets(config, sock)
         streams = {s.id for s in config.streams}
         self.drain = Drain(self.sock, streams, journal=True, counters=self.decoder.counters)
-        self.opening = self._opening(streams)
+        self.openings = self._openings(streams)
         self.file_sock, self.file_drain = self._file_socket(config)
         if self.failover is not None:
             for drain in self._drains():
@@ -231,25 +231,28 @@ class Receiver:
         self.ready = asyncio.Event()
         self.handover = False  # set by a reload: the socket goes to the next process
 
-    def _opening(self, streams: set[int]) -> Drain | None:
-        """Attach the steering program; a quarantine passed in may hold real datagrams (a
-        group without a program): its drain, read journaled until it is empty."""
+    def _openings(self, streams: set[int]) -> list[Drain]:
+        """Attach the steering program; quarantines passed in may hold real datagrams (a
+        group without a program): their drains, read journaled until they are empty."""
         if self.steering is None:
-            return None
-        opening = None
+            return []
+        openings = []
         if self.steering.opening:
-            quarantine = self.steering.quarantine
-            opening = Drain(quarantine, streams, journal=True, counters=self.decoder.counters)
-            self.steering.shrink()  # after the drain read its size: its journal's limits
+            counters = self.decoder.counters
+            openings = [
+                Drain(quarantine, streams, journal=True, counters=counters)
+                for quarantine in self.steering.quarantines.values()
+            ]
+            self.steering.shrink()  # after the drains read their size: their journals' limits
         self.steering.update(self._committed, time.monotonic(), force=True)
-        return opening
+        return openings
 
     @staticmethod
     def _link_sockets(
         config: RxConfig, sock: socket.socket | None
     ) -> tuple[socket.socket, Steering | None, bool]:
         """The link socket given (a test's), else passed in or opened; replays below the
-        committed positions go to a quarantine beside it (receiver/steer.py)."""
+        committed positions go to quarantines beside it (receiver/steer.py)."""
         if sock is not None:
             return sock, None, False
         section = config.receiver
@@ -342,20 +345,20 @@ class Receiver:
             # that the active receiver's positions do not cover (it may read it again).
             return taken if active else [True] * len(taken)
 
-        if self.opening is not None:
-            self._read_opening(now, needed)
+        if self.openings:
+            self._read_openings(now, needed)
         return self.drain.feed(DRAIN_BUDGET, now, needed, self._committed)
 
-    def _read_opening(
+    def _read_openings(
         self, now: float, needed: Callable[[Sequence[bytes | memoryview]], list[bool]]
     ) -> None:
-        """What the quarantine held when it was passed in, read before the link socket;
-        once read to its end and committed, the quarantine is a counter."""
-        assert self.opening is not None
+        """What the quarantines held when they were passed in, read before the link socket;
+        once each is read to its end and committed, the quarantines are counters."""
         assert self.steering is not None
-        self.opening.feed(DRAIN_BUDGET, now, needed, self._committed)
-        if self.opening.emptied and not self.opening.pending:
-            self.opening = None
+        for opening in self.openings:
+            opening.feed(DRAIN_BUDGET, now, needed, self._committed)
+        self.openings = [o for o in self.openings if not o.emptied or o.pending]
+        if not self.openings:
             self.steering.opened()
 
     def _readable_files(self) -> None:
@@ -383,7 +386,7 @@ class Receiver:
 
     def _drains(self) -> list[Drain]:
         drains = [self.drain] if self.file_drain is None else [self.drain, self.file_drain]
-        return drains if self.opening is None else [*drains, self.opening]
+        return [*drains, *self.openings]
 
     def _after(self, now: float) -> None:
         decoder = self.decoder
@@ -422,7 +425,7 @@ class Receiver:
         self._arm()
 
     def _steer(self, now: float) -> None:
-        """The quarantine's program follows the committed positions (rate-limited)."""
+        """The steering program follows the committed positions (rate-limited)."""
         if self.steering is not None:
             self.steering.update(self._committed, now)
 
@@ -501,7 +504,7 @@ class Receiver:
             if self.active:  # a standby's view is not the SOC's: the active one reports
                 self.soc.tick(
                     now,
-                    decoder_counters=self._soc_counters(),
+                    decoder_counters=self._link_counters(),
                     links={sid: view.link_up for sid, view in self.router.streams.items()},
                     output_counters=self.output.counters,
                     commands={sid: node.commands_refused() for sid, node in self.sparkplug.items()},
@@ -509,8 +512,8 @@ class Receiver:
             self.files.tick(now)
             self.decoder.counters["kernel_drops"] = kernel_drops(self.sock)
             if self.steering is not None:
-                if self.opening is not None:
-                    self._feed_link(now)  # a quarantine passed in: read it to its end
+                if self.openings:
+                    self._feed_link(now)  # quarantines passed in: read them to their end
                     self._after(now)
                 self.steering.tally()
             if self.file_sock is not None:
@@ -538,19 +541,11 @@ class Receiver:
             )
 
     def _link_counters(self) -> dict[str, int]:
-        """The decoder's counters and the quarantine's (receiver-wide, never merged with
+        """The decoder's counters and the quarantines' (receiver-wide, never merged with
         the link socket's kernel_drops)."""
         counters = dict(self.decoder.counters)
         if self.steering is not None:
-            counters["rejected_steered"] = self.steering.steered
-        return counters
-
-    def _soc_counters(self) -> dict[str, int]:
-        """What the SOC reports rejections from: the decoder's, the quarantine's count,
-        and how many replays its samples held (receiver/soc.py)."""
-        counters = self._link_counters()
-        if self.steering is not None:
-            counters[STEERED_REPLAYS_SEEN] = self.steering.replays_seen
+            counters.update(self.steering.counters())
         return counters
 
     def _watch_rejections(self, now: float) -> None:
@@ -576,7 +571,7 @@ class Receiver:
                 out[f"sparkplug_{stream_id}_{key}"] = value
         out.update(self.files.counters)
         if self.steering is not None:
-            out["rejected_steered"] = self.steering.steered
+            out.update(self.steering.counters())
             out["link_steering_swaps"] = self.steering.order_swaps
         return out
 
@@ -843,7 +838,7 @@ class Receiver:
 
 def reexec(socks: Sequence[socket.socket]) -> None:
     """Execute this receiver again in this process, the link socket passed as fd 3 (and
-    its quarantine as fd 4).
+    its quarantines as fds 4 and 5).
 
     ``sys.orig_argv`` is the interpreter's own command line, so the same program
     starts with the same arguments; the pid stays, so systemd sees no new process.
@@ -888,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
         if receiver.handover:
             handover.append(receiver.sock)
             if receiver.steering is not None:
-                handover.append(receiver.steering.quarantine)
+                handover.extend(receiver.steering.quarantines.values())
 
     code = daemon.run(_main, args.config)
     if handover:

@@ -5,11 +5,12 @@ Where the socket comes from, in order:
 1. **Passed in** by systemd (``diode-rx.socket``), by ``systemd-socket-activate``,
    or by this receiver re-executing itself on SIGHUP: the ``LISTEN_FDS`` protocol
    of sd_listen_fds(3): ``LISTEN_PID`` is our pid, ``LISTEN_FDS`` = 1, the socket
-   is file descriptor 3; or ``LISTEN_FDS`` = 2, the link socket and its quarantine
-   (fd 4), which share the port (receiver/steer.py). The socket then outlives the
+   is file descriptor 3; or ``LISTEN_FDS`` = 3, the link socket and the
+   quarantines of late copies and of replays (fds 4 and 5), which share the port
+   (receiver/steer.py); 2, the link socket and the replays' quarantine. The socket then outlives the
    process: while the receiver restarts, the kernel keeps queuing datagrams in it.
 2. **Opened here** from ``[receiver] listen`` and ``port`` when nothing was passed
-   (started by hand, or a unit without the socket), with the quarantine beside it
+   (started by hand, or a unit without the socket), with the quarantines beside it
    unless ``[receiver] steer_replays = false`` (receiver/steer.py).
 
 A socket that outlives the process is only worth something if the process
@@ -188,7 +189,7 @@ def open_link_socket(
 
 def passed_sockets(environ: MutableMapping[str, str] | None = None) -> list[socket.socket]:
     """The sockets passed by the LISTEN_FDS protocol: [] if none was passed to us, else
-    the link socket, then its quarantine if there are two (receiver/steer.py).
+    the link socket, then its quarantines if there are more (receiver/steer.py).
 
     The variables are removed from the environment (as sd_listen_fds(1) does), so
     that nothing this process starts believes the sockets are its own.
@@ -204,10 +205,11 @@ def passed_sockets(environ: MutableMapping[str, str] | None = None) -> list[sock
         n = int(count)
     except ValueError as exc:
         raise LinkError(f"LISTEN_PID={pid} LISTEN_FDS={count}: not numbers") from exc
-    if n not in (1, 2):
+    if n not in (1, 2, 3):
         raise LinkError(
-            f"LISTEN_FDS={n}: the receiver takes one socket (the link) or two "
-            "(the link, then its quarantine)"
+            f"LISTEN_FDS={n}: the receiver takes one socket (the link), or three (the "
+            "link, then the quarantines of late copies and of replays), or two (the "
+            "link and the replays' quarantine)"
         )
     return [_passed_udp(SD_LISTEN_FDS_START + i) for i in range(n)]
 

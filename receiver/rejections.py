@@ -15,11 +15,9 @@ from collections.abc import Mapping
 from typing import Any
 
 PREFIX = "rejected_"
-BENIGN = frozenset({"late", "duplicate"})
-# Steered datagrams (receiver/steer.py) are late copies and replays alike: the kernel
-# cannot tell a time-diversity repeat from a capture sent again. A warning only above
-# a flood's rate (receiver/link.py, FLOOD_REJECTS_PER_S): no real stream comes near it.
-QUIET_BELOW_PER_S = {"steered": 20_000.0}
+# Late copies the kernel steered (receiver/steer.py) are as benign as the decoder's; the
+# replays it steered are not.
+BENIGN = frozenset({"late", "duplicate", "steered_late"})
 
 
 class RejectionMeter:
@@ -64,9 +62,7 @@ class RejectionMeter:
         new = {
             reason: count - self._warned_totals.get(reason, 0)
             for reason, count in totals.items()
-            if reason not in BENIGN
-            and count > self._warned_totals.get(reason, 0)
-            and rates.get(reason, 0.0) >= QUIET_BELOW_PER_S.get(reason, 0.0)
+            if reason not in BENIGN and count > self._warned_totals.get(reason, 0)
         }
         if not new:
             return None

@@ -58,9 +58,9 @@ READ_BATCH = 1024
 READS_PER_TURN = 16  # READ_BATCH each: what the forwarder writes per turn of the loop, at most
 SEND_BUFFER = 256 * 1024
 FORGED = ("unknown_key", "wrong_stream", "bad_block", "bad_signature", "bad_decrypt")
-REPLAYED = ("replay",)
-# Steered datagrams sampled in the quarantine that were replays (receiver/steer.py).
-STEERED_REPLAYS_SEEN = "steered_replays_seen"
+# Replays the decoder rejected, and those the kernel steered to the replays' quarantine
+# (receiver/steer.py): an older epoch, or further behind than a late copy can be.
+REPLAYED = ("replay", "steered_replay")
 MALFORMED = ("short", "bad_magic", "bad_version", "bad_checksum", "malformed", "bad_record")
 CRITICAL, WARNING, NOTICE, INFO = 2, 4, 5, 6
 
@@ -428,14 +428,6 @@ class Soc:
                 delta = self._since_last(reason, counters.get(f"rejected_{reason}", 0))
                 if delta:
                     deltas[reason] = delta
-            if kind == "replayed":
-                # Replays the kernel steered (receiver/steer.py) are counted with late copies
-                # and time-diversity repeats; reported as replayed when the quarantine's
-                # samples held a replay (an older epoch, or far behind) in this period.
-                steered = self._since_last("steered", counters.get("rejected_steered", 0))
-                seen = self._since_last("seen", counters.get(STEERED_REPLAYS_SEEN, 0))
-                if steered and seen:
-                    deltas["steered"] = steered
             if not deltas or period is None:
                 continue  # the first call only takes the counters as they are
             count = sum(deltas.values())

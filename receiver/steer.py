@@ -1,48 +1,58 @@
-"""Replays stopped in the kernel: a quarantine socket beside the link socket.
+"""Replays stopped in the kernel: two quarantine sockets beside the link socket.
 
 A replay (an authentic datagram captured from the link and sent again) or a
-late copy names a block below the stream's committed position: the drain
-never needs it, the decoder rejects it. Rejecting it still costs the
-receiver about 1.7 us of CPU (the kernel's peek and drop, then the gate's
-screen), and 600 000 a second take a whole core. So the kernel sorts them
-out before the receiver wakes::
+late copy (a surplus repair symbol, a time-diversity repeat) names a block below
+the stream's committed position: the drain never needs it, the decoder rejects
+it. Rejecting it still costs the receiver about 1.7 us of CPU (the kernel's peek
+and drop, then the gate's screen), and 600 000 a second take a whole core. So
+the kernel sorts them out before the receiver wakes::
 
     link port ──> SO_REUSEPORT group ── classic BPF program ──┬─> [0] link socket ──> Drain
-                                                              └─> [1] quarantine (tiny buffer,
-                                                                      never processed: counted)
+                                                              ├─> [1] late copies ┐ tiny buffers,
+                                                              └─> [2] replays     ┘ only counted
 
-The link socket and a *quarantine* socket bind the same address and port with
-``SO_REUSEPORT``; a classic BPF program attached to the group
-(``SO_ATTACH_REUSEPORT_CBPF``, which sees the UDP payload from offset 0)
-returns the quarantine's index for a datagram of a known wire version (1, 3,
-6: they share the header layout of diode/wire.py) whose (stream, epoch,
-sequence) is below the receiver's committed position, and the link socket's
-index for everything else (short datagrams, another magic, another version,
-a stream with no position yet). The program is attached again when a commit
-moved a position, at most every :data:`REATTACH_EVERY_S`: a stale program is
-sound, positions only grow, so it steers less than it could, never too much.
+The link socket and two *quarantine* sockets bind the same address and port
+with ``SO_REUSEPORT``; a classic BPF program attached to the group
+(``SO_ATTACH_REUSEPORT_CBPF``, which sees the UDP payload from offset 0) reads a
+datagram of a known wire version (1, 3, 6: they share the header layout of
+diode/wire.py) and compares its (stream, epoch, sequence) with the receiver's
+committed position, as the decoder would (diode/protocol/sequencer.py): at most
+``RECENT_BLOCKS`` behind in the same epoch goes to the late copies' quarantine,
+further behind or an older epoch to the replays'. Everything else goes to the
+link socket (short datagrams, another magic, another version, a stream with no
+position yet, anything at or past the position). The program is attached again
+when a commit moved a position, at most every :data:`REATTACH_EVERY_S`: a stale
+program is sound, positions only grow, so it steers less than it could, never
+too much; a new epoch is attached at once, or the old epoch's replays would be
+counted late copies of the position the stale program still holds. The two
+classes have two sockets so that each count is exact: late copies come with
+every healthy link, a replay is an attack the SOC must hear of
+(receiver/soc.py), however few and however mixed with late copies.
 
-The quarantine is never read for its contents: its buffer is as small as the
-kernel allows, and what it takes is counted as ``rejected_steered``, its
-socket's kernel drops (``/proc/net/udp``, per inode) plus what its queue holds,
-drained at each supervision turn (:meth:`Steering.tally`). That count is its
-own and never merged with the link socket's overflow (``kernel_drops``).
+The quarantines are never read for their contents: their buffers are as small
+as the kernel allows, and what each takes is counted (``rejected_steered_late``,
+``rejected_steered_replay``): its socket's kernel drops (``/proc/net/udp``, per
+inode) plus what its queue holds, drained at each supervision turn
+(:meth:`Steering.tally`). Those counts are their own and never merged with the
+link socket's overflow (``kernel_drops``).
 
 The program names sockets by their index in the group, the order they were
 bound (a socket leaving moves the last one into its place). The receiver that
 opens its own sockets binds the link socket first and attaches an "everything
-to index 0" program before the quarantine binds, so no datagram can land in
-the quarantine before the real program is there. With sockets systemd passes
-(``LISTEN_FDS=2``), the order is the unit's as far as systemd binds them in
-order; :meth:`Steering.tally` checks it: a datagram in the quarantine the
-program would not have steered proves it wrong, and the indices are swapped
-(logged as an error). What the quarantine already holds when this process
-starts (a group systemd made, before any program; another process's program)
-goes through the decoder like the link socket's, journaled
-(``Steering.opening``), before the quarantine becomes a counter.
+to index 0" program before the quarantines bind, so no datagram can land in a
+quarantine before the real program is there. With sockets systemd passes
+(``LISTEN_FDS=3``: the link, late copies, replays), the order is the unit's as
+far as systemd binds them in order; :meth:`Steering.tally` checks it: a
+datagram in a quarantine the program would not have sent there proves it wrong,
+and the indices are swapped (logged as an error). Two sockets passed in (a unit
+from before the late copies had their own) steer replays only. What the
+quarantines already hold when this process starts (a group systemd made, before
+any program; another process's program) goes through the decoder like the link
+socket's, journaled (``Steering.opening``), before the quarantines become
+counters.
 
 Where the kernel has no ``SO_REUSEPORT`` or refuses the program (not Linux, an
-old kernel), there is no quarantine and the receiver reads as before (logged).
+old kernel), there are no quarantines and the receiver reads as before (logged).
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ import ctypes
 import socket
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import structlog
 
@@ -74,12 +84,20 @@ REATTACH_EVERY_S = 0.1
 # at 24 (diode/wire.py); all wire versions a receiver accepts share that layout.
 HEADER_READ = 32
 STEERED_VERSIONS = (VERSION, VERSION_CAUCHY, VERSION_GATED)
-# The kernel takes at most 4 096 instructions; a stream's branch is 14, the head 12.
+# The kernel takes at most 4 096 instructions; a stream's branch is 20, the head 12 and
+# the last return 1.
 MAX_INSNS = 4096
-MAX_STREAMS = (MAX_INSNS - 13) // 14
+BRANCH_INSNS = 20
+MAX_STREAMS = (MAX_INSNS - 13) // BRANCH_INSNS
 # The kernel also charges a program to the socket's option memory (net.core.optmem_max):
-# 239 streams fit in the 128 KiB of this machine's kernel (6.18); with less, update()
-# steers fewer streams (halving until the kernel takes the program) and says so.
+# with too little, update() steers fewer streams (halving until the kernel takes the
+# program) and says so.
+
+# The classes the program sorts datagrams into, and the role of the socket each goes to.
+LINK, LATE, REPLAY = "link", "late", "replay"
+# A group's sockets in the order they bind (systemd: the order of the ListenDatagram=
+# lines): two sockets have no late quarantine, and late copies reach the link socket.
+ROLES = {2: (LINK, REPLAY), 3: (LINK, LATE, REPLAY)}
 
 # Classic BPF opcodes (include/uapi/linux/filter.h).
 _LD_W_ABS = 0x20
@@ -93,83 +111,108 @@ _RET_K = 0x06
 _INSN = struct.Struct("=HBBI")
 _HEAD = struct.Struct(">HBxI8xQQ")  # magic, version, stream, epoch, sequence
 
-Insn = tuple[int, int, int, int]
 
-
-def _branch(position: StreamState, link: int, quarantine: int) -> list[Insn]:
-    """Steer to the quarantine when (epoch, seq) < (position.epoch, position.next_seq):
-    64-bit numbers compared as two 32-bit words each, high first."""
-    words = (
-        (16, position.epoch >> 32),
-        (20, position.epoch & 0xFFFFFFFF),
-        (24, position.next_seq >> 32),
-    )
-    out: list[Insn] = []
-    # Each compare jumps forward to the two returns at the branch's end.
-    for i, (offset, word) in enumerate(words):
-        left = 3 * (len(words) - i) + 1  # instructions after this load up to "ret link"
-        out += [
-            (_LD_W_ABS, 0, 0, offset),
-            (_JGT, left - 1, 0, word),  # above: the link
-            (_JEQ, 0, left - 1, word),  # below: the quarantine
-        ]
-    out += [
-        (_LD_W_ABS, 0, 0, 28),
-        (_JGE, 0, 1, position.next_seq & 0xFFFFFFFF),
-        (_RET_K, 0, 0, link),
-        (_RET_K, 0, 0, quarantine),
-    ]
-    return out
-
-
-def program(positions: Mapping[int, StreamState], link: int, quarantine: int) -> bytes:
-    """The classic BPF program for these positions, as the kernel takes it (sock_filter[]).
-
-    Streams past :data:`MAX_STREAMS` are not steered: sound, the link socket gets
-    everything the program does not name (:meth:`Steering.update` names no more).
-    """
-    insns: list[Insn] = [
-        (_LD_W_LEN, 0, 0, 0),
-        (_JGE, 1, 0, HEADER_READ),  # every load below is inside the datagram
-        (_RET_K, 0, 0, link),
-        (_LD_H_ABS, 0, 0, 0),
-        (_JEQ, 1, 0, MAGIC),
-        (_RET_K, 0, 0, link),
-        (_LD_B_ABS, 0, 0, 2),
-        *[(_JEQ, len(STEERED_VERSIONS) - i, 0, v) for i, v in enumerate(STEERED_VERSIONS)],
-        (_RET_K, 0, 0, link),
-        (_LD_W_ABS, 0, 0, 4),
-    ]
-    for stream, position in sorted(positions.items()):
-        branch = _branch(position, link, quarantine)
-        if len(insns) + len(branch) + 2 > MAX_INSNS:
-            break
-        insns.append((_JEQ, 0, len(branch), stream))
-        insns += branch
-    insns.append((_RET_K, 0, 0, link))
-    return b"".join(_INSN.pack(*insn) for insn in insns)
-
-
-def steers(datagram: bytes | bytearray | memoryview, positions: Mapping[int, StreamState]) -> bool:
-    """Would :func:`program` send this datagram to the quarantine? (The same rule in Python.)"""
+def classify(datagram: bytes | bytearray | memoryview, positions: Mapping[int, StreamState]) -> str:
+    """The class :func:`program` gives a datagram (the same rule in Python): LINK for
+    anything at or past the stream's position (or that the program does not read),
+    LATE for a block of the position's epoch at most RECENT_BLOCKS behind it, REPLAY
+    for an older epoch or further behind, as the decoder counts them
+    (diode/protocol/sequencer.py, ``screen``)."""
     if len(datagram) < HEADER_READ:
-        return False
+        return LINK
     magic, version, stream, epoch, seq = _HEAD.unpack_from(datagram)
     position = positions.get(stream)
-    return (
-        magic == MAGIC
-        and version in STEERED_VERSIONS
-        and position is not None
-        and (epoch, seq) < (position.epoch, position.next_seq)
-    )
+    if magic != MAGIC or version not in STEERED_VERSIONS or position is None:
+        return LINK
+    if (epoch, seq) >= (position.epoch, position.next_seq):
+        return LINK
+    if epoch == position.epoch and seq >= position.next_seq - RECENT_BLOCKS:
+        return LATE
+    return REPLAY
 
 
-def _replay_class(datagram: bytes | bytearray, positions: Mapping[int, StreamState]) -> bool:
-    """A steered datagram the decoder would count as a replay, not a late copy: an older
-    epoch, or further than RECENT_BLOCKS behind (diode/protocol/decoder.py)."""
-    _magic, _version, stream, epoch, seq = _HEAD.unpack_from(datagram)
-    position = positions[stream]
-    return bool(epoch < position.epoch or seq + RECENT_BLOCKS < position.next_seq)
+class _Assembler:
+    """Classic BPF with forward jumps to labels, resolved when the program is packed."""
+
+    def __init__(self) -> None:
+        self.insns: list[tuple[int, int | str, int | str, int]] = []
+        self.labels: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.insns)
+
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.insns)
+
+    def op(self, code: int, k: int, jt: int | str = 0, jf: int | str = 0) -> None:
+        self.insns.append((code, jt, jf, k))
+
+    def compare64(self, offset: int, value: int, above: str, below: str, equal: str) -> None:
+        """Jump by the 64-bit big-endian number at ``offset`` against ``value``; ``equal``
+        takes the low words' ``>=`` (equal or above), ``below`` the rest."""
+        self.op(_LD_W_ABS, offset)
+        self.op(_JGT, value >> 32, above, 0)
+        self.op(_JEQ, value >> 32, 0, below)
+        self.op(_LD_W_ABS, offset + 4)
+        self.op(_JGE, value & 0xFFFFFFFF, equal, below)
+
+    def pack(self) -> bytes:
+        out = []
+        for at, (code, jt, jf, k) in enumerate(self.insns):
+            jumps = [self.labels[j] - at - 1 if isinstance(j, str) else j for j in (jt, jf)]
+            assert all(0 <= j <= 255 for j in jumps), (at, jumps)  # forward, within a u8
+            out.append(_INSN.pack(code, jumps[0], jumps[1], k))
+        return b"".join(out)
+
+
+def _branch(asm: _Assembler, name: str, position: StreamState, index: Mapping[str, int]) -> None:
+    """One stream's rule (its datagram's stream id matched): the return for its class."""
+    link, late, replay = f"{name}.link", f"{name}.late", f"{name}.replay"
+    below, floor = f"{name}.below", max(0, position.next_seq - RECENT_BLOCKS)
+    # (epoch, seq) against (position.epoch, position.next_seq): an older epoch is a replay.
+    asm.op(_LD_W_ABS, 16)
+    asm.op(_JGT, position.epoch >> 32, link, 0)
+    asm.op(_JEQ, position.epoch >> 32, 0, replay)
+    asm.op(_LD_W_ABS, 20)
+    asm.op(_JGT, position.epoch & 0xFFFFFFFF, link, 0)
+    asm.op(_JEQ, position.epoch & 0xFFFFFFFF, 0, replay)
+    asm.compare64(24, position.next_seq, above=link, below=below, equal=link)
+    # Below the position in its epoch: late down to the floor, a replay under it.
+    asm.label(below)
+    asm.compare64(24, floor, above=late, below=replay, equal=late)
+    for label, role in ((link, LINK), (late, LATE), (replay, REPLAY)):
+        asm.label(label)
+        asm.op(_RET_K, index.get(role, index[LINK]))
+
+
+def program(positions: Mapping[int, StreamState], index: Mapping[str, int]) -> bytes:
+    """The classic BPF program for these positions, as the kernel takes it (sock_filter[]).
+
+    ``index``: the group index of each role's socket; a class without a socket (LATE
+    when the group has no late quarantine) goes to the link socket. Streams past
+    :data:`MAX_STREAMS` are not steered: sound, the link socket gets everything the
+    program does not name (:meth:`Steering.update` names no more).
+    """
+    asm, link = _Assembler(), index[LINK]
+    asm.op(_LD_W_LEN, 0)
+    asm.op(_JGE, HEADER_READ, 1, 0)  # every load below is inside the datagram
+    asm.op(_RET_K, link)
+    asm.op(_LD_H_ABS, 0)
+    asm.op(_JEQ, MAGIC, 1, 0)
+    asm.op(_RET_K, link)
+    asm.op(_LD_B_ABS, 2)
+    for i, version in enumerate(STEERED_VERSIONS):
+        asm.op(_JEQ, version, len(STEERED_VERSIONS) - i, 0)
+    asm.op(_RET_K, link)
+    asm.op(_LD_W_ABS, 4)
+    for stream, position in sorted(positions.items()):
+        if len(asm) + BRANCH_INSNS + 2 > MAX_INSNS:
+            break
+        asm.op(_JEQ, stream, 0, f"{stream}.next")
+        _branch(asm, str(stream), position, index)
+        asm.label(f"{stream}.next")
+    asm.op(_RET_K, link)
+    return asm.pack()
 
 
 def attach(sock: socket.socket, code: bytes) -> None:
@@ -192,12 +235,12 @@ def supported() -> bool:
 def open_group(
     listen: str, port: int, rcvbuf: int, interface: str | None = None
 ) -> tuple[socket.socket, Steering | None]:
-    """The link socket and, beside it, its quarantine (None where the kernel has no
+    """The link socket and, beside it, its two quarantines (None where the kernel has no
     SO_REUSEPORT or takes no reuseport program: steering off, logged).
 
     The link socket binds first (index 0) and gets an "everything to index 0"
-    program before the quarantine binds (index 1): not one datagram reaches the
-    quarantine before the caller attaches the real program (:meth:`Steering.update`).
+    program before the quarantines bind (indices 1 and 2): not one datagram reaches
+    a quarantine before the caller attaches the real program (:meth:`Steering.update`).
     """
     if not supported():
         log.warning("replays are not steered: no SO_REUSEPORT here", platform=sys.platform)
@@ -215,78 +258,101 @@ def open_group(
         link.close()
         log.warning("replays are not steered: the kernel refused the program", error=str(exc))
         return open_link_socket(listen, port, rcvbuf, interface), None
+    quarantines: list[socket.socket] = []
     try:
-        quarantine = open_link_socket(listen, link.getsockname()[1], 0, interface, reuse_port=True)
+        for _ in ROLES[3][1:]:
+            bound = link.getsockname()[1]
+            quarantines.append(open_link_socket(listen, bound, 0, interface, reuse_port=True))
     except BaseException:
-        link.close()
+        for sock in (link, *quarantines):
+            sock.close()
         raise
-    return link, Steering(link, quarantine)
+    return link, Steering(link, quarantines)
 
 
 class Steering:
-    """The quarantine of a link socket: the program kept up to date, and its count.
+    """The quarantines of a link socket: the program kept up to date, and their counts.
 
-    ``opening``: the sockets were passed in, so the quarantine may hold what a
-    group without a program (or another process's program) put there; the
-    caller reads it through a journaled drain until :meth:`opened`. ``enabled``
-    False: the program steers nothing (two sockets passed in, steering off in
-    the config), and the quarantine, which systemd keeps in the group, gets nothing.
+    ``quarantines``: the late copies' then the replays' (the group's sockets after
+    the link socket, in their order), or the replays' alone (late copies then reach
+    the link socket, as without steering). ``opening``: the sockets were passed in,
+    so a quarantine may hold what a group without a program (or another process's
+    program) put there; the caller reads them through journaled drains until
+    :meth:`opened`. ``enabled`` False: the program steers nothing (sockets passed
+    in, steering off in the config), and the quarantines, which systemd keeps in
+    the group, get nothing.
     """
 
     def __init__(
         self,
         link: socket.socket,
-        quarantine: socket.socket,
+        quarantines: Sequence[socket.socket],
         *,
         enabled: bool = True,
         opening: bool = False,
     ) -> None:
+        roles = ROLES[1 + len(quarantines)]
         self.link = link
-        self.quarantine = quarantine
+        self.quarantines = dict(zip(roles[1:], quarantines, strict=True))
         self.enabled = enabled
         self.opening = opening
-        self.link_index = 0
-        self.steered = 0  # datagrams the quarantine took (drained + its kernel drops)
+        # The group index of each role's socket: the bind order, until tally() proves
+        # another (_swap).
+        self.index = {role: i for i, role in enumerate(roles)}
+        # Datagrams each quarantine took (drained + its kernel drops): rejected_steered_*.
+        self.steered = dict.fromkeys(self.quarantines, 0)
         self.order_swaps = 0
-        # Of the datagrams drained from the quarantine (a sample: most are dropped by the
-        # kernel), those the decoder would count as replays, not late copies.
-        self.replays_seen = 0
-        self._drops_at_start = kernel_drops(quarantine)
-        self._drained = 0
+        self._drops_at_start = {role: kernel_drops(q) for role, q in self.quarantines.items()}
+        self._drained = dict.fromkeys(self.quarantines, 0)
         self._attached: dict[int, StreamState] | None = None
         self._seen: object = None  # the positions object last looked at
         self._attached_at = float("-inf")
         self.max_streams = MAX_STREAMS
         self._sink = bytearray(HEADER_READ)
         if not opening:
-            self.shrink()  # else the caller shrinks it once its drain has read the size
+            self.shrink()  # else the caller shrinks them once its drains have read the size
 
-    @property
-    def quarantine_index(self) -> int:
-        return 1 - self.link_index
+    def counters(self) -> dict[str, int]:
+        """The rejection counters: late copies and replays, each its quarantine's (a group
+        without a late quarantine has its late copies counted by the decoder)."""
+        return {f"rejected_steered_{role}": count for role, count in self.steered.items()}
+
+    def sockets(self) -> list[socket.socket]:
+        """The group's sockets in role order (link, then quarantines), as they are passed on."""
+        return [self.link, *self.quarantines.values()]
 
     def shrink(self) -> None:
-        """The quarantine's buffer as small as the kernel allows (systemd sizes both
-        sockets of the unit alike): full, it drops, and its drops are its count."""
-        self.quarantine.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, QUARANTINE_RCVBUF)
+        """The quarantines' buffers as small as the kernel allows (systemd sizes every
+        socket of the unit alike): full, a quarantine drops, and its drops are its count."""
+        for quarantine in self.quarantines.values():
+            quarantine.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, QUARANTINE_RCVBUF)
 
     def opened(self) -> None:
-        """What the quarantine held at the start has been read: from now on it is a counter."""
+        """What the quarantines held at the start has been read: from now on they count."""
         self.opening = False
 
     def update(
         self, positions: Mapping[int, StreamState], now: float, *, force: bool = False
     ) -> bool:
         """Attach the program for ``positions`` if they moved, at most every
-        :data:`REATTACH_EVERY_S` unless ``force``; whether it was attached."""
-        if not force and (positions is self._seen or now - self._attached_at < REATTACH_EVERY_S):
-            return False  # the same commit's positions, or too soon: nothing to sort out
+        :data:`REATTACH_EVERY_S` unless ``force`` or a stream's epoch changed; whether
+        it was attached.
+
+        A new epoch is attached at once: until then the program would count the
+        old epoch's replays (a capture played back after the transmitter restarted)
+        as late copies of the position it still holds.
+        """
+        if not force:
+            if positions is self._seen:
+                return False  # the same commit's positions
+            if now - self._attached_at < REATTACH_EVERY_S and not self._new_epoch(positions):
+                return False  # too soon, and being late only steers less
         wanted = self._named(positions) if self.enabled else {}
         if wanted == self._attached:
             return False
         while True:
             try:
-                attach(self.link, program(wanted, self.link_index, self.quarantine_index))
+                attach(self.link, program(wanted, self.index))
                 break
             except OSError as exc:
                 if not wanted:
@@ -303,58 +369,85 @@ class Steering:
         self._attached, self._seen, self._attached_at = wanted, positions, now
         return True
 
+    def _new_epoch(self, positions: Mapping[int, StreamState]) -> bool:
+        attached = self._attached or {}
+        return any(
+            (old := attached.get(stream)) is not None and old.epoch != position.epoch
+            for stream, position in positions.items()
+        )
+
     def _named(self, positions: Mapping[int, StreamState]) -> dict[int, StreamState]:
         """The positions the program names: the first ``max_streams`` streams by id."""
         return dict(sorted(positions.items())[: self.max_streams])
 
-    def tally(self) -> int:
-        """Drain the quarantine (checking that the program steered each datagram there)
-        and count it with its kernel drops: ``rejected_steered``."""
+    def tally(self) -> dict[str, int]:
+        """Drain the quarantines (checking that the program sent each datagram there) and
+        count each with its kernel drops: ``rejected_steered_late``, ``_replay``."""
         if self.opening:
-            # Read by the decoder meanwhile; only its drops are the program's.
-            self.steered = kernel_drops(self.quarantine) - self._drops_at_start
+            # Read by the decoder meanwhile; only their drops are the program's.
+            for role, quarantine in self.quarantines.items():
+                self.steered[role] = kernel_drops(quarantine) - self._drops_at_start[role]
             return self.steered
-        sink, attached, wrong = self._sink, self._attached or {}, 0
-        flags = socket.MSG_DONTWAIT | socket.MSG_TRUNC
-        while True:
-            try:
-                length = self.quarantine.recv_into(sink, HEADER_READ, flags)
-            except OSError:  # empty (BlockingIOError), or nothing more to take
-                break
-            self._drained += 1
-            if not steers(sink if length >= HEADER_READ else b"", attached):
-                wrong += 1
-            elif _replay_class(sink, attached):
-                self.replays_seen += 1
-        if wrong:
-            self._swap(wrong)
-        self.steered = kernel_drops(self.quarantine) - self._drops_at_start + self._drained
+        wrong = {role: self._drain(role) for role in self.quarantines}
+        misplaced = next((role for role, seen in wrong.items() if LINK in seen), None)
+        if misplaced is not None:
+            self._swap(misplaced, LINK)
+        elif LATE in wrong.get(REPLAY, ()):
+            self._swap(REPLAY, LATE)
         return self.steered
 
-    def _swap(self, wrong: int) -> None:
-        """The quarantine got datagrams the program never steers: the group's order is not
-        the one the program assumes. Attach it again with the indices swapped."""
-        self.link_index = self.quarantine_index
+    def _drain(self, role: str) -> set[str]:
+        """Empty one quarantine; the classes of what it held that prove the group's order
+        wrong. Positions only grow, so a datagram's class only falls (link, then late,
+        then replay) between its steering and now: a datagram of the link's class in
+        any quarantine, or of the late copies' in the replays', was not steered there
+        by this program's order. (A late quarantine's replay was late when steered.)"""
+        quarantine, sink, attached = self.quarantines[role], self._sink, self._attached or {}
+        flags = socket.MSG_DONTWAIT | socket.MSG_TRUNC
+        wrong: set[str] = set()
+        while True:
+            try:
+                length = quarantine.recv_into(sink, HEADER_READ, flags)
+            except OSError:  # empty (BlockingIOError), or nothing more to take
+                break
+            self._drained[role] += 1
+            kind = classify(sink if length >= HEADER_READ else b"", attached)
+            if kind not in self.quarantines:
+                kind = LINK  # a class without a quarantine goes to the link socket
+            if kind != role and not (role == LATE and kind == REPLAY):
+                wrong.add(kind)
+        drops = kernel_drops(quarantine) - self._drops_at_start[role]
+        self.steered[role] = drops + self._drained[role]
+        return wrong
+
+    def _swap(self, role: str, other: str) -> None:
+        """A quarantine got datagrams the program sends to ``other``'s index: the group's
+        order is not the one the program assumes. Attach it again with the two swapped,
+        then empty the quarantines of what the old order put there."""
+        self.index[role], self.index[other] = self.index[other], self.index[role]
         self.order_swaps += 1
         log.error(
-            "the quarantine got datagrams the program never steers there: the order of "
+            "a quarantine got datagrams the program never steers there: the order of "
             "the reuseport group is not the unit's; indices swapped",
-            datagrams=wrong,
-            link_index=self.link_index,
-            fix="the link socket's ListenDatagram= first in diode-rx.socket",
+            quarantine=role,
+            index=self.index,
+            fix="the ListenDatagram= lines of diode-rx.socket in the order the unit gives",
         )
         positions, self._attached, self._seen = self._attached or {}, None, None
         self.update(positions, 0.0, force=True)
+        for quarantine in self.quarantines:
+            self._drain(quarantine)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.quarantine.close()
+        for quarantine in self.quarantines.values():
+            with contextlib.suppress(OSError):
+                quarantine.close()
 
 
 def link_sockets(
     listen: str, port: int, rcvbuf: int, interface: str | None, *, steer: bool
 ) -> tuple[socket.socket, Steering | None, bool]:
-    """The link socket (passed in, else opened here), its steering if it has a quarantine,
+    """The link socket (passed in, else opened here), its steering if it has quarantines,
     and whether it was passed in (receiver/link.py, where the socket comes from)."""
     passed = passed_sockets()
     if not passed:
@@ -367,8 +460,13 @@ def link_sockets(
         if steer:
             log.warning(
                 "one socket passed in (LISTEN_FDS=1): replays are not steered",
-                fix="the second ListenDatagram= line of systemd/diode-rx.socket "
-                "(docs/OPERATIONS.md)",
+                fix="the ListenDatagram= lines of systemd/diode-rx.socket (docs/OPERATIONS.md)",
             )
         return link, None, True
-    return link, Steering(link, passed[1], enabled=steer, opening=True), True
+    if len(passed) == 2 and steer:
+        log.warning(
+            "two sockets passed in (LISTEN_FDS=2): replays are steered, late copies are "
+            "read and rejected by the receiver",
+            fix="the third ListenDatagram= line of systemd/diode-rx.socket (docs/OPERATIONS.md)",
+        )
+    return link, Steering(link, passed[1:], enabled=steer, opening=True), True

@@ -237,7 +237,7 @@ class Plant:
 
 def sockets_die_with(receiver: Receiver) -> None:
     """What a killed receiver process's death does to its sockets (after Plant.kill, which
-    runs no shutdown path): the link socket and its quarantine close, their queues with
+    runs no shutdown path): the link socket and its quarantines close, their queues with
     them. A quarantine left open would stay in the port's reuseport group with its
     program, and take the next receiver's datagrams."""
     asyncio.get_running_loop().remove_reader(receiver.sock)

@@ -202,7 +202,7 @@ async def test_short_floods_of_every_forgery_publish_nothing_and_lose_nothing_un
     result, figures = await attack.flood(tmp_path, mosquitto, gated=gated, flood_s=1.5)
     assert [f.kind for f in figures] == list(attack.KINDS)
     assert all(f.sent > 0 for f in figures)
-    # Replays below the position are steered to the quarantine in the kernel (never read).
+    # Replays below the position are steered to a quarantine in the kernel (never read).
     assert all(f.received + f.steered > 0 for f in figures), "the floods reached the receiver"
     assert next(f for f in figures if f.kind == "replay").steered > 0
     # exact_accounting inside flood() checked every record lost is reported, and only those.

@@ -39,17 +39,17 @@ def test_the_warning_is_rate_limited_and_ignores_what_a_healthy_link_produces() 
     assert meter.warning(30.0) is None, "nothing new"
 
 
-def test_steered_datagrams_warn_only_at_a_floods_rate() -> None:
-    """The quarantine takes time-diversity repeats and late copies as well as replays:
-    quiet at a real stream's rate, a warning at a flood's."""
+def test_steered_late_copies_are_quiet_and_steered_replays_warn() -> None:
+    """The kernel steers late copies and replays to two quarantines (receiver/steer.py):
+    late copies come with every healthy link, quiet at any rate; one replay warns."""
     meter = RejectionMeter(window_s=5.0, warn_every_s=0.0)
-    meter.update({"rejected_steered": 0}, 0.0)
-    meter.update({"rejected_steered": 7_000}, 1.0)  # a 10 MB/s stream's repeats
+    meter.update({"rejected_steered_late": 0, "rejected_steered_replay": 0}, 0.0)
+    meter.update({"rejected_steered_late": 700_000, "rejected_steered_replay": 0}, 1.0)
     assert meter.warning(1.0) is None
-    meter.update({"rejected_steered": 700_000}, 2.0)  # a replay flood
+    meter.update({"rejected_steered_late": 700_100, "rejected_steered_replay": 3}, 2.0)
     warning = meter.warning(2.0)
     assert warning is not None
-    assert warning["rejected"] == {"steered": 700_000}
+    assert warning["rejected"] == {"steered_replay": 3}
 
 
 def test_status_carries_the_rejections() -> None:

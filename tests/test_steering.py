@@ -1,11 +1,14 @@
 """Replays stopped in the kernel (receiver/steer.py): real sockets, a real receiver, real keys.
 
-Every datagram below a stream's committed position goes to the quarantine and is
-counted there exactly (``rejected_steered``); everything else still reaches the
-drain; a commit moves the threshold; the group's order is checked; the sockets
-systemd would pass (``LISTEN_FDS=2``) are taken, and a quarantine passed in full
-of real datagrams is read before it becomes a counter. Each test but the
-"steering off" one fails with ``[receiver] steer_replays = false``.
+Every datagram below a stream's committed position goes to a quarantine and is
+counted there exactly, late copies and replays apart (``rejected_steered_late``,
+``rejected_steered_replay``); the kernel's program sorts exactly as its Python
+twin (``classify``) at every word boundary; everything else still reaches the
+drain; a commit moves the threshold; the group's order is checked and mended;
+the sockets systemd would pass (``LISTEN_FDS=3``, or 2 from an older unit) are
+taken, and quarantines passed in full of real datagrams are read before they
+become counters. Each test but the "steering off" ones fails with
+``[receiver] steer_replays = false``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -34,7 +38,19 @@ from diode.wire import DatagramHeader, pack_datagram
 from receiver.app import Receiver
 from receiver.link import kernel_drops
 from receiver.metrics import Metrics
-from receiver.steer import REATTACH_EVERY_S, attach, everything_to, open_group, supported
+from receiver.steer import (
+    LATE,
+    LINK,
+    REATTACH_EVERY_S,
+    RECENT_BLOCKS,
+    REPLAY,
+    attach,
+    classify,
+    everything_to,
+    open_group,
+    program,
+    supported,
+)
 from tests.core_support import STREAM, encode_blocks, fixed_key, samples
 from tests.support.net import free_port
 
@@ -106,10 +122,14 @@ async def _read(receiver: Receiver, rounds: int = 3) -> None:
         receiver._after(time.monotonic())
 
 
-def _steered(receiver: Receiver) -> int:
+def _steered(receiver: Receiver, role: str = LATE) -> int:
     assert receiver.steering is not None, "steering is off"
     receiver.steering.tally()
-    return receiver.counters()["rejected_steered"]
+    return receiver.counters()[f"rejected_steered_{role}"]
+
+
+def _no_steering_counters(counters: dict[str, Any]) -> bool:
+    return not any(key.startswith("rejected_steered") for key in counters)
 
 
 def _close(receiver: Receiver) -> None:
@@ -118,13 +138,14 @@ def _close(receiver: Receiver) -> None:
         receiver.steering.close()
 
 
-async def test_replays_below_the_position_go_to_the_quarantine_and_are_counted_exactly(
+async def test_copies_below_the_position_go_to_a_quarantine_and_are_counted_exactly(
     tmp_path: Path, wire: str, source: socket.socket
 ) -> None:
-    """Blocks 0-3 delivered and committed; then 3 000 replays of them (more than the
+    """Blocks 0-3 delivered and committed; then 3 000 copies of them (more than the
     quarantine's tiny buffer holds: its kernel drops count), garbage, and block 4. The
-    drain sees block 4 and the garbage only; the quarantine counts every replay; the
-    link socket's overflow counter does not move."""
+    drain sees block 4 and the garbage only; the late copies' quarantine counts every
+    copy (they are at most RECENT_BLOCKS behind: late, not replays); the link socket's
+    overflow counter does not move."""
     receiver = _receiver(tmp_path, gated=WIRES[wire][1])
     blocks = _blocks(tmp_path, wire)
     to = receiver.sock.getsockname()
@@ -146,11 +167,12 @@ async def test_replays_below_the_position_go_to_the_quarantine_and_are_counted_e
         # The drain got block 4 and the garbage, nothing else.
         assert counters["datagrams"] - before["datagrams"] == len(blocks[4]) + len(garbage)
         assert _steered(receiver) == len(replays)
+        assert _steered(receiver, REPLAY) == 0
         # In $status and in Prometheus like the other rejection counters.
         receiver._watch_rejections(time.monotonic())
-        assert receiver.router.rejected["total"]["steered"] == len(replays)
+        assert receiver.router.rejected["total"]["steered_late"] == len(replays)
         registry = Metrics(receiver).registry
-        labels = {"reason": "steered"}
+        labels = {"reason": "steered_late"}
         assert registry.get_sample_value("diode_rx_datagrams_rejected_total", labels) == len(
             replays
         )
@@ -199,34 +221,33 @@ async def test_a_commit_moves_the_threshold(tmp_path: Path, source: socket.socke
         _close(receiver)
 
 
-async def test_the_quarantines_samples_tell_replays_from_late_copies(
+async def test_a_few_replays_among_many_late_copies_are_each_counted_as_replays(
     tmp_path: Path, source: socket.socket
 ) -> None:
-    """The SOC reports steered datagrams as replayed only when the quarantine's samples
-    held a replay (an older epoch): late copies of the current epoch stay quiet."""
+    """The transmitter restarted (a newer epoch); 3 datagrams of the old epoch, replayed
+    among 500 late copies of the new one, are counted as replays, each of them, however
+    few and however mixed: the SOC reports them (receiver/soc.py). The late copies stay
+    late copies. The new epoch's program is attached at once, not REATTACH_EVERY_S
+    later: the old one would count the old epoch's datagrams as late copies."""
     receiver = _receiver(tmp_path, gated=False)
     old = _blocks(tmp_path, "generation 3")
     epoch = int(time.time() * 1000) + 1000  # the transmitter restarted: a newer epoch
     new = encode_blocks(samples(8), per_block=4, epoch=epoch)
     to = receiver.sock.getsockname()
-    assert receiver.steering is not None
     try:
         _send(source, to, old[0] + old[1])
         await _read(receiver)
         await asyncio.sleep(REATTACH_EVERY_S)
-        await _read(receiver, 1)
-        _send(source, to, old[0][:1])  # a late copy, steered
-        await asyncio.sleep(0.02)
-        assert _steered(receiver) == 1
-        assert receiver._soc_counters()["steered_replays_seen"] == 0
+        await _read(receiver, 1)  # the old epoch's position attached
         _send(source, to, new[0] + new[1])
-        await _read(receiver)
-        await asyncio.sleep(REATTACH_EVERY_S)
-        await _read(receiver, 1)
-        _send(source, to, old[1][:1])  # the old epoch, replayed: steered
+        await _read(receiver)  # no wait: a new epoch is attached at once
+        late = [new[i % 2][i % len(new[0])] for i in range(500)]
+        mixed = late[:100] + old[0][:1] + late[100:300] + old[1][:2] + late[300:]
+        _send(source, to, mixed)
         await asyncio.sleep(0.02)
-        assert _steered(receiver) == 2
-        assert receiver._soc_counters()["steered_replays_seen"] == 1
+        assert _steered(receiver, REPLAY) == 3
+        assert _steered(receiver, LATE) == len(late)
+        assert receiver.decoder.counters["rejected_replay"] == 0
     finally:
         _close(receiver)
 
@@ -235,7 +256,7 @@ async def test_a_stranger_joining_the_group_gets_nothing(
     tmp_path: Path, source: socket.socket
 ) -> None:
     """SO_REUSEPORT lets another socket of the same user bind the port; the program names
-    indices 0 and 1 only, so a third socket of the group gets no datagram."""
+    indices 0, 1 and 2 only, so a fourth socket of the group gets no datagram."""
     receiver = _receiver(tmp_path, gated=False)
     blocks = _blocks(tmp_path, "generation 3")
     to = receiver.sock.getsockname()
@@ -292,7 +313,7 @@ async def test_with_steering_off_the_receiver_reads_everything_as_before(
         _send(source, to, blocks[0])
         await _read(receiver)
         counters = receiver.counters()
-        assert "rejected_steered" not in counters
+        assert _no_steering_counters(counters)
         assert counters["datagrams"] - before["datagrams"] == len(blocks[0])
         assert counters["rejected_late"] - before["rejected_late"] == len(blocks[0])
     finally:
@@ -303,6 +324,61 @@ def _header_only(stream: int, epoch: int, seq: int) -> bytes:
     header = DatagramHeader(flags=0, stream_id=stream, key_id=b"k" * 8, epoch=epoch, seq=seq,
                             index=0, k=1, n=1, block_length=10, records=1)  # fmt: skip
     return pack_datagram(header, b"s" * 64)
+
+
+def _probes(positions: dict[int, StreamState]) -> list[bytes]:
+    """Datagrams on both sides of every number the program compares, high and low words:
+    the position's epoch and next block, and the floor RECENT_BLOCKS below it."""
+    out = [b"x", b"\xd1\x0d" + bytes(40), _header_only(99, 1, 1)]  # short, bad magic, unnamed
+    for stream, p in positions.items():
+        floor = p.next_seq - RECENT_BLOCKS
+        epochs = {p.epoch + d for d in (-(1 << 32), -1, 0, 1, 1 << 32)}
+        seqs = {n + d for n in (p.next_seq, floor) for d in (-(1 << 32), -1, 0, 1, 1 << 32)}
+        seqs |= {0, (1 << 63) + 5}
+        out += [
+            _header_only(stream, epoch, seq)
+            for epoch in sorted(epochs)
+            for seq in sorted(seqs)
+            if 0 <= epoch < 1 << 64 and 0 <= seq < 1 << 64
+        ]
+    return out
+
+
+@pytest.mark.parametrize(
+    "index",
+    [{LINK: 0, LATE: 1, REPLAY: 2}, {LINK: 2, LATE: 0, REPLAY: 1}, {LINK: 1, REPLAY: 0}],
+    ids=["unit order", "another order", "no late quarantine"],
+)
+def test_the_kernels_program_sorts_as_classify_does_at_every_word_boundary(
+    source: socket.socket, index: dict[str, int]
+) -> None:
+    """Each probe sent to a group running :func:`program` lands in the socket the Python
+    rule names (a class without a socket goes to the link's); the positions put the
+    epoch, the next block and the floor across 32-bit word boundaries."""
+    port = free_port(socket.SOCK_DGRAM)
+    group = _group(port, len(index))
+    positions = {
+        STREAM: StreamState(epoch=(1 << 32) + 7, next_seq=(1 << 32) + 100, next_record=0),
+        5: StreamState(epoch=5, next_seq=3, next_record=0),  # no floor yet: nothing a replay
+        6: StreamState(epoch=1 << 40, next_seq=(1 << 33) + RECENT_BLOCKS, next_record=0),
+    }
+    try:
+        attach(group[0], program(positions, index))
+        probes = _probes(positions)
+        sorted_into: dict[str, int] = {}
+        for probe in probes:
+            source.sendto(probe, ("127.0.0.1", port))
+            ready, _, _ = select.select(group, [], [], 2.0)
+            assert len(ready) == 1, probe
+            assert ready[0].recv(2000) == probe
+            kind = classify(probe, positions)
+            expected = index.get(kind, index[LINK])
+            assert group.index(ready[0]) == expected, (kind, probe[:32].hex())
+            sorted_into[kind] = sorted_into.get(kind, 0) + 1
+        assert min(sorted_into[k] for k in (LINK, LATE, REPLAY)) >= 5, sorted_into
+    finally:
+        for sock in group:
+            sock.close()
 
 
 def test_more_streams_than_the_kernel_takes_steers_the_first_ones(
@@ -327,7 +403,7 @@ def test_more_streams_than_the_kernel_takes_steers_the_first_ones(
         source.sendto(_header_only(399, 9, 4), to)  # past it: the link socket's
         time.sleep(0.02)
         assert link.recv(2000) == _header_only(399, 9, 4)
-        assert steering.tally() == 1
+        assert steering.tally() == {LATE: 1, REPLAY: 0}
     finally:
         link.close()
         steering.close()
@@ -357,9 +433,9 @@ def test_a_bad_steer_replays_value_names_file_and_key(tmp_path: Path) -> None:
     assert "receiver.steer_replays" in proc.stderr
 
 
-# --- the sockets systemd passes (LISTEN_FDS=2) ---------------------------------------------
+# --- the sockets systemd passes (LISTEN_FDS=3) ---------------------------------------------
 
-# A receiver in a child process, given the sockets at fds 3 and 4 as systemd passes them;
+# A receiver in a child process, given the sockets at fds 3, 4 and 5 as systemd passes them;
 # it reads for a while, then prints its counters and its steering's state.
 CHILD = """
 import asyncio, json, os, sys, time
@@ -380,14 +456,14 @@ async def main():
         end = time.monotonic() + float(sys.argv[3])
         while time.monotonic() < end:
             rx._readable(); rx._commit(); rx._after(time.monotonic())
-            if rx.steering is not None and rx.opening is None:
+            if rx.steering is not None and not rx.openings:
                 rx.steering.tally()
             elif rx.steering is not None:
                 rx._feed_link(time.monotonic())
             await asyncio.sleep(0.01)
     out = {k: v for k, v in rx.counters().items() if not k.startswith("mqtt_")}
-    out["opening_done"] = rx.opening is None
-    out["link_index"] = None if rx.steering is None else rx.steering.link_index
+    out["opening_done"] = not rx.openings
+    out["index"] = None if rx.steering is None else rx.steering.index
     out["events"] = [e["event"] for e in logs if e["log_level"] in ("warning", "error")]
     print(json.dumps(out), flush=True)
 
@@ -395,8 +471,9 @@ asyncio.run(main())
 """
 
 
-def _group(port: int, count: int = 2) -> list[socket.socket]:
-    """The sockets a unit with two ListenDatagram= lines and ReusePort=yes creates."""
+def _group(port: int, count: int = 3) -> list[socket.socket]:
+    """The sockets a unit with ``count`` ListenDatagram= lines and ReusePort=yes creates,
+    in the group's order."""
     socks = []
     for _ in range(count):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -433,58 +510,98 @@ def _result(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return result
 
 
-def test_a_quarantine_passed_in_full_of_real_datagrams_is_read_then_counts_replays(
+def test_quarantines_passed_in_full_of_real_datagrams_are_read_then_count(
     tmp_path: Path, source: socket.socket
 ) -> None:
     """Before any program, the group spreads flows over its sockets by a hash: real
-    datagrams can wait in the quarantine systemd holds (here all of blocks 0-3, put there
-    by a program sending everything to index 1). The receiver reads them, journaled,
-    before the quarantine becomes a counter; then replays of them are steered."""
+    datagrams can wait in the quarantines systemd holds (here blocks 0-1 in one, 2-3 in
+    the other, put there by programs sending everything to index 1, then 2). The
+    receiver reads them, journaled, before the quarantines become counters; then copies
+    of them are steered."""
     port = free_port(socket.SOCK_DGRAM)
-    link, quarantine = _group(port)
+    group = _group(port)
     blocks = _blocks(tmp_path, "generation 3")
     try:
-        attach(link, everything_to(1))
-        _send(source, ("127.0.0.1", port), [d for block in blocks[:4] for d in block])
-        proc = _start_child(tmp_path, [link, quarantine], seconds=1.5)
+        attach(group[0], everything_to(1))
+        _send(source, ("127.0.0.1", port), [d for block in blocks[:2] for d in block])
+        attach(group[0], everything_to(2))
+        _send(source, ("127.0.0.1", port), [d for block in blocks[2:4] for d in block])
+        proc = _start_child(tmp_path, group, seconds=1.5)
         time.sleep(0.8)  # read, committed, the program attached
         _send(source, ("127.0.0.1", port), blocks[0] * 10 + blocks[4])
         result = _result(proc)
         assert result["blocks_delivered"] == 5
         assert result["opening_done"]
-        assert result["rejected_steered"] == 10 * len(blocks[0])
+        assert result["rejected_steered_late"] == 10 * len(blocks[0])
+        assert result["rejected_steered_replay"] == 0
         assert result["link_steering_swaps"] == 0
-        assert result["link_index"] == 0
+        assert result["index"] == {LINK: 0, LATE: 1, REPLAY: 2}
     finally:
-        link.close()
-        quarantine.close()
+        for sock in group:
+            sock.close()
 
 
-def test_the_order_is_checked_and_a_wrong_one_swapped(
-    tmp_path: Path, source: socket.socket
+@pytest.mark.parametrize(
+    "order",
+    [(1, 0, 2), (0, 2, 1), (2, 0, 1)],
+    ids=["link and late swapped", "late and replay swapped", "all three moved"],
+)
+def test_the_order_is_checked_and_a_wrong_one_mended(
+    tmp_path: Path, source: socket.socket, order: tuple[int, int, int]
 ) -> None:
-    """The program names sockets by their index in the group. Passed in the wrong order
-    (the quarantine first), the real stream lands in what the receiver takes for the
-    quarantine: the first datagram there that the program would not have steered proves
-    it, the indices are swapped (an error logged), and the stream flows again."""
+    """The program names sockets by their index in the group. Passed in another order
+    (``order``: the group index of the sockets given as link, late, replay), the real
+    stream or the late copies land in a quarantine that the program would not have sent
+    them to: that proves it, the indices are swapped (an error logged) until they are
+    the group's, and the stream flows again."""
     port = free_port(socket.SOCK_DGRAM)
-    first, second = _group(port)
+    group = _group(port)
     blocks = _blocks(tmp_path, "generation 3")
     to = ("127.0.0.1", port)
     try:
-        proc = _start_child(tmp_path, [second, first], seconds=1.5)  # the wrong order
-        time.sleep(0.3)
-        _send(source, to, blocks[0])  # to index 0: "the link" by the program, in fact not
-        time.sleep(0.5)
-        _send(source, to, blocks[0] + blocks[1] + blocks[2])
+        proc = _start_child(tmp_path, [group[i] for i in order], seconds=2.5)
+        for _ in range(4):  # the stream, and late copies of what it delivered
+            time.sleep(0.3)
+            _send(source, to, blocks[0] + blocks[1] + blocks[2])
         result = _result(proc)
-        assert result["link_steering_swaps"] == 1
-        assert result["link_index"] == 1
+        assert result["index"] == dict(zip((LINK, LATE, REPLAY), order, strict=True))
+        assert result["link_steering_swaps"] >= 1
         assert any("indices swapped" in e for e in result["events"])
-        assert result["blocks_delivered"] == 3  # block 0 again, after the swap
+        assert result["blocks_delivered"] == 3
     finally:
-        first.close()
-        second.close()
+        for sock in group:
+            sock.close()
+
+
+def test_two_sockets_passed_in_steer_replays_only(tmp_path: Path, source: socket.socket) -> None:
+    """A unit from before the late copies had their own quarantine: late copies reach the
+    decoder (rejected_late), a replay of an older epoch the replays' quarantine; said once."""
+    port = free_port(socket.SOCK_DGRAM)
+    group = _group(port, 2)
+    old = _blocks(tmp_path, "generation 3")
+    new = encode_blocks(samples(8), per_block=4, epoch=int(time.time() * 1000) + 1000)
+    to = ("127.0.0.1", port)
+    try:
+        proc = _start_child(tmp_path, group, seconds=1.5)
+        _send(source, to, old[0] + new[0] + new[1])
+        time.sleep(0.5)  # delivered, committed, the program attached
+        _send(source, to, new[0] + old[0][:2])
+        result = _result(proc)
+        assert result["blocks_delivered"] == 3
+        assert result["rejected_late"] >= len(new[0])
+        assert result["rejected_steered_replay"] == 2
+        assert "rejected_steered_late" not in result
+        assert result["index"] == {LINK: 0, REPLAY: 1}
+        assert (
+            result["events"].count(
+                "two sockets passed in (LISTEN_FDS=2): replays are steered, late copies are "
+                "read and rejected by the receiver"
+            )
+            == 1
+        )
+    finally:
+        for sock in group:
+            sock.close()
 
 
 def test_one_socket_passed_in_still_works_without_steering(
@@ -498,7 +615,7 @@ def test_one_socket_passed_in_still_works_without_steering(
         _send(source, ("127.0.0.1", port), blocks[0] + blocks[1] + blocks[0])
         result = _result(proc)
         assert result["blocks_delivered"] == 2
-        assert "rejected_steered" not in result
+        assert _no_steering_counters(result)
         assert (
             result["events"].count("one socket passed in (LISTEN_FDS=1): replays are not steered")
             == 1
@@ -507,23 +624,23 @@ def test_one_socket_passed_in_still_works_without_steering(
         link.close()
 
 
-def test_two_sockets_passed_in_with_steering_off_send_everything_to_the_link(
+def test_sockets_passed_in_with_steering_off_send_everything_to_the_link(
     tmp_path: Path, source: socket.socket
 ) -> None:
-    """systemd keeps the quarantine in the group whatever the receiver does with it: with
-    steer_replays = false the program sends every datagram to the link socket."""
+    """systemd keeps the quarantines in the group whatever the receiver does with them:
+    with steer_replays = false the program sends every datagram to the link socket."""
     port = free_port(socket.SOCK_DGRAM)
-    link, quarantine = _group(port)
+    group = _group(port)
     blocks = _blocks(tmp_path, "generation 3")
     try:
-        proc = _start_child(tmp_path, [link, quarantine], seconds=1.0, steer=False)
+        proc = _start_child(tmp_path, group, seconds=1.0, steer=False)
         time.sleep(0.3)
-        for i in range(20):  # 20 flows: without a program, about half would hash to index 1
+        for i in range(30):  # 30 flows: without a program, about 2 in 3 would hash elsewhere
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
                 other.sendto(blocks[i % 3][0], ("127.0.0.1", port))
         result = _result(proc)
-        assert result["datagrams"] == 20
-        assert result["rejected_steered"] == 0
+        assert result["datagrams"] == 30
+        assert result["rejected_steered_late"] == result["rejected_steered_replay"] == 0
     finally:
-        link.close()
-        quarantine.close()
+        for sock in group:
+            sock.close()

@@ -149,9 +149,9 @@ def test_socket_unit_matches_the_example_and_holds_the_buffer() -> None:
 
     s = unit_settings(UNITS / SOCKET)
     example_rx = tomllib.loads((EXAMPLES / "rx.toml").read_text())["receiver"]
-    # The link socket and its quarantine, one SO_REUSEPORT group (receiver/steer.py).
+    # The link socket and its quarantines, one SO_REUSEPORT group (receiver/steer.py).
     address = f"{example_rx['listen']}:{example_rx['port']}"
-    assert s["Socket.ListenDatagram"] == [address, address]
+    assert s["Socket.ListenDatagram"] == [address] * 3
     assert one(s, "Socket.ReusePort") == "yes"
     assert one(s, "Socket.BindToDevice") == example_rx["interface"] == "eth1"
     assert "eth1" in (ROOT / "docs" / "OPERATIONS.md").read_text()
@@ -684,17 +684,17 @@ def unit_group(unit_socket: Path, port: int) -> list[socket.socket]:
 
 
 @pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-activate is not installed")
-def test_receiver_takes_both_sockets_of_the_unit_steers_and_passes_both_on_reload(
+def test_receiver_takes_the_units_three_sockets_steers_and_passes_them_on_reload(
     tmp_path: Path, notify: NotifySocket, mosquitto: Mosquitto
 ) -> None:
-    """The unit's two sockets passed through systemd-socket-activate (LISTEN_FDS=2): the
-    receiver steers with them, and its SIGHUP re-exec passes both on."""
+    """The unit's three sockets passed through systemd-socket-activate (LISTEN_FDS=3):
+    the receiver steers with them, and its SIGHUP re-exec passes all three on."""
     metrics, port = free_port(), free_port(socket.SOCK_DGRAM)
     config = rx_example(tmp_path, port, mosquitto.port, metrics)
     group = unit_group(UNITS / SOCKET, port)
     fds = [s.fileno() for s in group]
 
-    def passed() -> None:  # at fds 3 and 4, as systemd passes them
+    def passed() -> None:  # at fds 3, 4 and 5, as systemd passes them
         moved = [os.dup(fd) for fd in fds]
         for i, fd in enumerate(moved):
             os.dup2(fd, 3 + i)
@@ -714,7 +714,7 @@ def test_receiver_takes_both_sockets_of_the_unit_steers_and_passes_both_on_reloa
     ]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NOTIFY_SOCKET": str(notify.path),
            "WATCHDOG_USEC": "1000000", "HOME": str(tmp_path)}  # fmt: skip
-    proc = subprocess.Popen(  # spawn(), with the group at fds 3 and 4
+    proc = subprocess.Popen(  # spawn(), with the group at fds 3, 4 and 5
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=passed, close_fds=False, umask=0o077,  # noqa: PLW1509 - no threads here
     )  # fmt: skip
@@ -722,22 +722,25 @@ def test_receiver_takes_both_sockets_of_the_unit_steers_and_passes_both_on_reloa
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as link:
             link.sendto(b"first", ("127.0.0.1", port))
         assert notify.wait_for("READY=1", within=20) == proc.pid
-        assert wait_scrape(metrics, 'diode_rx_datagrams_rejected_total{reason="steered"}') == 0
+        assert wait_scrape(metrics, STEERED_REPLAYS) == 0
         proc.send_signal(signal.SIGHUP)
         assert notify.wait_for("RELOADING=1", within=10) == proc.pid
         notify.messages.clear()
         assert notify.wait_for("READY=1", within=20) == proc.pid
-        assert wait_scrape(metrics, 'diode_rx_datagrams_rejected_total{reason="steered"}') == 0
+        assert wait_scrape(metrics, STEERED_REPLAYS) == 0
     finally:
         code, err = stop(proc) if proc.poll() is None else (proc.returncode, "")
         for sock in group:
             sock.close()
     assert code == 0, err
-    assert "Received 2 descriptors via the environment" in err
+    assert "Received 3 descriptors via the environment" in err
     starts = [json.loads(line) for line in err.splitlines() if '"receiver starting"' in line]
     assert [(s["socket"], s["steering"]) for s in starts] == [("passed in", True)] * 2, starts
     assert "one socket passed in" not in err
     assert "Traceback" not in err
+
+
+STEERED_REPLAYS = 'diode_rx_datagrams_rejected_total{reason="steered_replay"}'
 
 
 def wait_scrape(port: int, name: str, within: float = 5.0) -> float:

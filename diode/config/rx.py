@@ -55,9 +55,9 @@ class ReceiverSection(Section):
     )
     steer_replays: bool = Field(
         True,
-        description="datagrams naming a block below the committed position (replays, late "
-        "copies) go to a quarantine socket in the kernel, counted as rejected_steered and "
-        "never read (SO_REUSEPORT + a classic BPF program; Linux)",
+        description="datagrams naming a block below the committed position go to quarantine "
+        "sockets in the kernel, never read, counted as rejected_steered_late (late copies) "
+        "and rejected_steered_replay (replays) (SO_REUSEPORT + a classic BPF program; Linux)",
     )
     reorder_timeout_s: float = Field(
         0.2,

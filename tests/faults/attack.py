@@ -74,7 +74,7 @@ class KindFigures:
     statuses: int = 0
     recovery_s: float = 0.0
     kernel_drops: int = 0
-    steered: int = 0  # taken by the quarantine in the kernel (receiver/steer.py), never read
+    steered: int = 0  # taken by the quarantines in the kernel (receiver/steer.py), never read
     rejected: dict[str, int] = field(default_factory=dict)
     status_rejected: dict[str, Any] = field(default_factory=dict)
 
@@ -194,7 +194,10 @@ async def _one_kind(
     figures.received = max(taken - real, 0) if kind != "control" else 0
     # Steered datagrams reached the receiver's host and cost it the kernel's receive path,
     # but never the receiver: its CPU is divided by both (receiver/steer.py).
-    figures.steered = after.get("rejected_steered", 0) - before.get("rejected_steered", 0)
+    figures.steered = sum(
+        after.get(key, 0) - before.get(key, 0)
+        for key in ("rejected_steered_late", "rejected_steered_replay")
+    )
     spent = cpu_s(plant.rx.pid) - cpu1 - idle_rate * (time.monotonic() - t1)
     del cpu2, t2
     arrived = figures.received + figures.steered

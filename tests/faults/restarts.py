@@ -385,7 +385,7 @@ async def reload_under_load(tmp: Path, broker: Mosquitto, *, rate: int, seed: in
         asked = time.monotonic()
         rx.proc.send_signal(signal.SIGHUP)
         await wait_until(lambda: len(rx.events("receiver starting")) == 2, what="re-executed")
-        # Both sockets handed on: the link socket and its quarantine (receiver/steer.py).
+        # The sockets handed on: the link socket and its quarantines (receiver/steer.py).
         started = rx.events("receiver starting")
         assert [(e["socket"], e["steering"]) for e in started] == [
             ("opened", True),

@@ -340,10 +340,10 @@ async def corruption(tmp: Path, broker: Mosquitto, *, seed: int = SEED) -> Resul
     result = Result("4. 1% bit flips + garbage", seed=seed)
     # Every bad datagram is counted here by the decoder's reasons, exactly. The kernel's
     # steering cannot check a CRC: a flip that makes a datagram name a block already
-    # committed sends it to the quarantine, counted `steered` with the real stream's late
+    # committed sends it to a quarantine, counted `steered_*` with the real stream's late
     # copies (docs/RELIABILITY.md, "Replays stopped in the kernel"), and 1 run in 2 had
     # one such flip. So this plant reads everything itself; test_steering counts the
-    # quarantine exactly.
+    # quarantines exactly.
     plant = Plant(
         tmp,
         broker,
@@ -432,10 +432,10 @@ async def _rejections_grow(
 
 # --- 5. replay ------------------------------------------------------------------------------
 
-# "steered": what the kernel sent to the quarantine (receiver/steer.py), replays and late
-# copies below the committed position alike, with the live stream's own late copies.
-STALE_REASONS = ("late", "replay", "duplicate", "steered")
-REPLAY_REASONS = ("replay", "steered")
+# "steered_*": what the kernel sent to the quarantines (receiver/steer.py), late copies
+# (with the live stream's own) and replays apart, as the decoder counts them.
+STALE_REASONS = ("late", "replay", "duplicate", "steered_late", "steered_replay")
+REPLAY_REASONS = ("replay", "steered_replay")
 
 
 async def replay(tmp: Path, broker: Mosquitto, *, seed: int = SEED) -> Result:
@@ -958,7 +958,7 @@ async def transmitter_kill(tmp: Path, broker: Mosquitto, *, seed: int = SEED) ->
             f"epoch {fig['old']} -> {fig['new']} (receiver log and $status); the killed run "
             f"sent {len(ref.blocks)} blocks, {one} values, all published exactly; its "
             f"{len(epoch_one)} datagrams played back after the restart: all rejected (replay, "
-            "or steered to the quarantine in the kernel); "
+            "or steered to a quarantine in the kernel); "
             f"first value of the new run on MQTT {flow_s:.2f} s after diode-tx was started; "
             f"gaps reported {len(gaps)}"
         )
