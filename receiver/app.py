@@ -878,6 +878,7 @@ def main(argv: list[str] | None = None) -> int:
     async def _main(stop: asyncio.Event) -> None:
         startup.check_rx(config, create=True)
         receiver = Receiver(config, config_path=args.config)
+        daemon.freeze_heap()
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, receiver.reload, stop)
         await receiver.run(stop)
         if receiver.handover:

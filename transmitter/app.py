@@ -677,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     async def _main(stop: asyncio.Event) -> None:
         preflight(config, create=True)
         transmitter = build(config, args.config)
+        daemon.freeze_heap()
         # SIGHUP re-reads the config (before: it terminated the daemon).
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, transmitter.request_reload)
         await transmitter.run(stop)
