@@ -129,7 +129,10 @@ def freeze_heap() -> None:
     so and held the event loop 27-45 ms each time; the transmitter's pacer, whose
     bucket holds 4 ms, lost 2 % of the link's capacity to them (docs/BENCHMARKS.md,
     "Full collections"). With it they take 2-6 ms. Frozen objects are never
-    collected, and they live as long as the process anyway.
+    collected by it, and nearly all live as long as the process anyway; one that a
+    transmitter reload replaces is freed by reference counting, or kept if it sits
+    in a cycle: never more than start-up made, since what a reload makes is not
+    frozen.
     """
     gc.collect()
     gc.freeze()
