@@ -317,10 +317,6 @@ class Steering:
         without a late quarantine has its late copies counted by the decoder)."""
         return {f"rejected_steered_{role}": count for role, count in self.steered.items()}
 
-    def sockets(self) -> list[socket.socket]:
-        """The group's sockets in role order (link, then quarantines), as they are passed on."""
-        return [self.link, *self.quarantines.values()]
-
     def shrink(self) -> None:
         """The quarantines' buffers as small as the kernel allows (systemd sizes every
         socket of the unit alike): full, a quarantine drops, and its drops are its count."""
