@@ -243,8 +243,11 @@ class Receiver:
                 Drain(quarantine, streams, journal=True, counters=counters)
                 for quarantine in self.steering.quarantines.values()
             ]
-            self.steering.shrink()  # after the drains read their size: their journals' limits
         self.steering.update(self._committed, time.monotonic(), force=True)
+        if openings:
+            # After the drains read their size (their journals' limits), and after the
+            # program: before it, the kernel hashes real datagrams to the quarantines too.
+            self.steering.shrink()
         return openings
 
     @staticmethod

@@ -22,8 +22,9 @@ further behind or an older epoch to the replays'. Everything else goes to the
 link socket (short datagrams, another magic, another version, a stream with no
 position yet, anything at or past the position). The program is attached again
 when a commit moved a position, at most every :data:`REATTACH_EVERY_S`: a stale
-program is sound, positions only grow, so it steers less than it could, never
-too much; a new epoch is attached at once, or the old epoch's replays would be
+program is sound, committed positions only grow (and the program keeps each
+stream's furthest one, also while a new epoch has none yet), so it steers less
+than it could, never too much; a new epoch is attached at once, or the old epoch's replays would be
 counted late copies of the position the stale program still holds. The two
 classes have two sockets so that each count is exact: late copies come with
 every healthy link, a replay is an attack the SOC must hear of
@@ -77,6 +78,9 @@ SO_ATTACH_REUSEPORT_CBPF = 51  # Linux, include/uapi/asm-generic/socket.h
 # The smallest buffer the kernel grants (it doubles and floors what is asked): a
 # datagram or two, and the quarantine still takes one while it is full.
 QUARANTINE_RCVBUF = 1
+# What one supervision turn (0.5 s) drains of a quarantine at most: under a flood the queue
+# refills as fast as it is read, and what is left is counted as its kernel drops anyway.
+DRAIN_PER_TURN = 256
 # A commit may move the positions every 5 ms (COMMIT_EVERY_S); a program costs a system call
 # and a verifier pass to attach, and being late only steers less.
 REATTACH_EVERY_S = 0.1
@@ -305,6 +309,11 @@ class Steering:
         self._drops_at_start = {role: kernel_drops(q) for role, q in self.quarantines.items()}
         self._drained = dict.fromkeys(self.quarantines, 0)
         self._attached: dict[int, StreamState] | None = None
+        # Each stream's furthest committed position yet: what the program names, so that
+        # a stream's threshold never falls back (a new epoch has no position until its
+        # first block is delivered) and a datagram's class only falls (_drain).
+        self._known: dict[int, StreamState] = {}
+        self._ever_named: set[int] = set()  # the streams any program attached has named
         self._seen: object = None  # the positions object last looked at
         self._attached_at = float("-inf")
         self.max_streams = MAX_STREAMS
@@ -343,7 +352,8 @@ class Steering:
                 return False  # the same commit's positions
             if now - self._attached_at < REATTACH_EVERY_S and not self._new_epoch(positions):
                 return False  # too soon, and being late only steers less
-        wanted = self._named(positions) if self.enabled else {}
+        self._remember(positions)
+        wanted = self._named(self._known) if self.enabled else {}
         if wanted == self._attached:
             return False
         while True:
@@ -363,7 +373,15 @@ class Steering:
                     fix="raise net.core.optmem_max (sysctl)",
                 )
         self._attached, self._seen, self._attached_at = wanted, positions, now
+        self._ever_named.update(wanted)
         return True
+
+    def _remember(self, positions: Mapping[int, StreamState]) -> None:
+        known = self._known
+        for stream, position in positions.items():
+            old = known.get(stream)
+            if old is None or (position.epoch, position.next_seq) > (old.epoch, old.next_seq):
+                known[stream] = position
 
     def _new_epoch(self, positions: Mapping[int, StreamState]) -> bool:
         attached = self._attached or {}
@@ -393,28 +411,55 @@ class Steering:
         return self.steered
 
     def _drain(self, role: str) -> set[str]:
-        """Empty one quarantine; the classes of what it held that prove the group's order
-        wrong. Positions only grow, so a datagram's class only falls (link, then late,
-        then replay) between its steering and now: a datagram of the link's class in
-        any quarantine, or of the late copies' in the replays', was not steered there
-        by this program's order. (A late quarantine's replay was late when steered.)"""
+        """Empty one quarantine (at most :data:`DRAIN_PER_TURN`: the rest are its kernel
+        drops); the classes of what it held that prove the group's order wrong.
+
+        A named stream's position only grows (``_known``), so a datagram's class
+        only falls (link, then late, then replay) between its steering and now: a
+        datagram of the link's class in any quarantine, or of the late copies' in
+        the replays', was not steered there by this program's order (a late
+        quarantine's replay was late when steered). A stream the program no longer
+        names (fewer streams fit, ``_named``) proves nothing: its datagram may have
+        been steered by an earlier program that named it. One no program ever named
+        does: every program sent its datagrams to the link socket.
+        """
         quarantine, sink, attached = self.quarantines[role], self._sink, self._attached or {}
         flags = socket.MSG_DONTWAIT | socket.MSG_TRUNC
         wrong: set[str] = set()
-        while True:
+        for _ in range(DRAIN_PER_TURN):
             try:
                 length = quarantine.recv_into(sink, HEADER_READ, flags)
             except OSError:  # empty (BlockingIOError), or nothing more to take
                 break
             self._drained[role] += 1
-            kind = classify(sink if length >= HEADER_READ else b"", attached)
+            datagram = sink if length >= HEADER_READ else b""
+            kind = classify(datagram, attached)
             if kind not in self.quarantines:
                 kind = LINK  # a class without a quarantine goes to the link socket
-            if kind != role and not (role == LATE and kind == REPLAY):
-                wrong.add(kind)
+            if kind == role or (role == LATE and kind == REPLAY):
+                continue
+            if kind == LINK and self._named_before(datagram, attached):
+                continue
+            wrong.add(kind)
         drops = kernel_drops(quarantine) - self._drops_at_start[role]
-        self.steered[role] = drops + self._drained[role]
+        # Never backwards, should /proc/net/udp fail to name the socket once.
+        self.steered[role] = max(self.steered[role], drops + self._drained[role])
         return wrong
+
+    def _named_before(
+        self, datagram: bytes | bytearray | memoryview, attached: Mapping[int, StreamState]
+    ) -> bool:
+        """A datagram the program reads, of a stream an earlier program named and this
+        one does not."""
+        if len(datagram) < HEADER_READ:
+            return False
+        magic, version, stream, _epoch, _seq = _HEAD.unpack_from(datagram)
+        return (
+            magic == MAGIC
+            and version in STEERED_VERSIONS
+            and stream not in attached
+            and stream in self._ever_named
+        )
 
     def _swap(self, role: str, other: str) -> None:
         """A quarantine got datagrams the program sends to ``other``'s index: the group's

@@ -44,6 +44,7 @@ from receiver.steer import (
     REATTACH_EVERY_S,
     RECENT_BLOCKS,
     REPLAY,
+    Steering,
     attach,
     classify,
     everything_to,
@@ -103,6 +104,18 @@ def wire(request: pytest.FixtureRequest) -> str:
 def source() -> Iterator[socket.socket]:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         yield s
+
+
+@pytest.fixture
+def group() -> Iterator[tuple[socket.socket, Steering]]:
+    """A link socket and its quarantines on a free port, as a receiver opens them."""
+    link, steering = open_group("127.0.0.1", 0, 1 << 20)
+    assert steering is not None
+    try:
+        yield link, steering
+    finally:
+        link.close()
+        steering.close()
 
 
 def _receiver(tmp_path: Path, *, gated: bool, steer: bool = True) -> Receiver:
@@ -382,31 +395,72 @@ def test_the_kernels_program_sorts_as_classify_does_at_every_word_boundary(
 
 
 def test_more_streams_than_the_kernel_takes_steers_the_first_ones(
-    source: socket.socket,
+    source: socket.socket, group: tuple[socket.socket, Steering]
 ) -> None:
     """A program for 400 streams is past what the kernel takes (its size, and the
     socket's option memory): the first streams are steered, the others reach the link
     socket (sound: the decoder rejects them), and it is said once."""
-    link, steering = open_group("127.0.0.1", 0, 1 << 20)
-    assert steering is not None
-    try:
-        positions = {s: StreamState(epoch=9, next_seq=5, next_record=0) for s in range(400)}
-        with capture_logs() as logs:
-            steering.update(positions, 0.0, force=True)
-        assert 0 < steering.max_streams < 400
-        assert [e["event"] for e in logs if e["log_level"] == "warning"] in (
-            [],
-            ["the kernel refused the steering program: fewer streams steered"],
-        )
-        to = link.getsockname()
-        source.sendto(_header_only(0, 9, 4), to)  # named by the program: steered
-        source.sendto(_header_only(399, 9, 4), to)  # past it: the link socket's
-        time.sleep(0.02)
-        assert link.recv(2000) == _header_only(399, 9, 4)
-        assert steering.tally() == {LATE: 1, REPLAY: 0}
-    finally:
-        link.close()
-        steering.close()
+    link, steering = group
+    positions = {s: StreamState(epoch=9, next_seq=5, next_record=0) for s in range(400)}
+    with capture_logs() as logs:
+        steering.update(positions, 0.0, force=True)
+    assert 0 < steering.max_streams < 400
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] in (
+        [],
+        ["the kernel refused the steering program: fewer streams steered"],
+    )
+    to = link.getsockname()
+    source.sendto(_header_only(0, 9, 4), to)  # named by the program: steered
+    source.sendto(_header_only(399, 9, 4), to)  # past it: the link socket's
+    time.sleep(0.02)
+    assert link.recv(2000) == _header_only(399, 9, 4)
+    assert steering.tally() == {LATE: 1, REPLAY: 0}
+
+
+def test_a_stream_without_a_position_for_a_while_keeps_its_threshold_and_the_order(
+    source: socket.socket, group: tuple[socket.socket, Steering]
+) -> None:
+    """A transmitter restarted and the new epoch's block 0 was lost: for up to
+    reorder_timeout_s the decoder has no position for that stream, and a commit
+    then names none. The program keeps the stream's last threshold (sound: the new
+    epoch is above it), so the late copy waiting in its quarantine is no proof of a
+    wrong order, and the stream's next datagram still reaches the link socket."""
+    link, steering = group
+    to = link.getsockname()
+    before = {s: StreamState(epoch=100, next_seq=500, next_record=0) for s in (1, 2)}
+    steering.update(before, 0.0, force=True)
+    source.sendto(_header_only(2, 100, 499), to)  # a late copy of stream 2
+    time.sleep(0.02)
+    steering.update({1: StreamState(epoch=100, next_seq=510, next_record=0)}, 1.0)
+    assert steering.tally() == {LATE: 1, REPLAY: 0}
+    assert steering.order_swaps == 0
+    assert steering.index == {LINK: 0, LATE: 1, REPLAY: 2}
+    source.sendto(_header_only(2, 101, 0), to)  # the new epoch: the link's
+    source.sendto(_header_only(2, 99, 7), to)  # an older epoch: a replay, still steered
+    time.sleep(0.02)
+    assert link.recv(2000) == _header_only(2, 101, 0)
+    assert steering.tally() == {LATE: 1, REPLAY: 1}
+
+
+def test_a_stream_the_program_stops_naming_proves_no_wrong_order(
+    source: socket.socket, group: tuple[socket.socket, Steering]
+) -> None:
+    """Fewer streams fit (the kernel refused a bigger program): the program stops
+    naming the last ones, and what their earlier programs steered and still waits in
+    a quarantine is of no class now; it is counted, and proves nothing."""
+    link, steering = group
+    to = link.getsockname()
+    positions = {s: StreamState(epoch=9, next_seq=50, next_record=0) for s in (1, 2)}
+    steering.update(positions, 0.0, force=True)
+    source.sendto(_header_only(2, 9, 40), to)  # steered while stream 2 is named
+    time.sleep(0.02)
+    steering.max_streams = 1  # as update() does when the kernel refuses the program
+    steering.update(dict(positions), 1.0, force=True)
+    assert steering.tally() == {LATE: 1, REPLAY: 0}
+    assert steering.order_swaps == 0
+    source.sendto(_header_only(1, 9, 50), to)
+    time.sleep(0.02)
+    assert link.recv(2000) == _header_only(1, 9, 50)
 
 
 def test_a_bad_steer_replays_value_names_file_and_key(tmp_path: Path) -> None:
