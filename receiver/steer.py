@@ -79,7 +79,7 @@ SO_ATTACH_REUSEPORT_CBPF = 51  # Linux, include/uapi/asm-generic/socket.h
 # datagram or two, and the quarantine still takes one while it is full.
 QUARANTINE_RCVBUF = 1
 # What one supervision turn (0.5 s) drains of a quarantine at most: under a flood the queue
-# refills as fast as it is read, and what is left is counted as its kernel drops anyway.
+# refills as fast as it is read; what is left is drained (or dropped, and counted) later.
 DRAIN_PER_TURN = 256
 # A commit may move the positions every 5 ms (COMMIT_EVERY_S); a program costs a system call
 # and a verifier pass to attach, and being late only steers less.
@@ -314,6 +314,7 @@ class Steering:
         # first block is delivered) and a datagram's class only falls (_drain).
         self._known: dict[int, StreamState] = {}
         self._ever_named: set[int] = set()  # the streams any program attached has named
+        self._ended: set[int] = set()  # streams whose epoch ended, waiting for the next one
         self._seen: object = None  # the positions object last looked at
         self._attached_at = float("-inf")
         self.max_streams = MAX_STREAMS
@@ -377,18 +378,31 @@ class Steering:
         return True
 
     def _remember(self, positions: Mapping[int, StreamState]) -> None:
-        known = self._known
+        """Each stream's furthest position into ``_known``. A stream the positions no longer
+        name has had its epoch ended by the decoder (a transmitter restarted; its new
+        epoch has no position until its first block is delivered): the whole old epoch
+        is behind it, replays as the decoder counts them, so its threshold becomes the
+        start of the next epoch, once (any new epoch is at or above it)."""
+        known, ended = self._known, self._ended
         for stream, position in positions.items():
             old = known.get(stream)
             if old is None or (position.epoch, position.next_seq) > (old.epoch, old.next_seq):
                 known[stream] = position
+            ended.discard(stream)
+        for stream in known.keys() - positions.keys() - ended:
+            known[stream] = StreamState(epoch=known[stream].epoch + 1, next_seq=0, next_record=0)
+            ended.add(stream)
 
     def _new_epoch(self, positions: Mapping[int, StreamState]) -> bool:
-        attached = self._attached or {}
-        return any(
-            (old := attached.get(stream)) is not None and old.epoch != position.epoch
-            for stream, position in positions.items()
-        )
+        """A named stream in another epoch, or whose epoch has just ended: attached at once."""
+        for stream, old in (self._attached or {}).items():
+            position = positions.get(stream)
+            if position is None:
+                if stream not in self._ended:
+                    return True
+            elif position.epoch != old.epoch:
+                return True
+        return False
 
     def _named(self, positions: Mapping[int, StreamState]) -> dict[int, StreamState]:
         """The positions the program names: the first ``max_streams`` streams by id."""
@@ -400,7 +414,8 @@ class Steering:
         if self.opening:
             # Read by the decoder meanwhile; only their drops are the program's.
             for role, quarantine in self.quarantines.items():
-                self.steered[role] = kernel_drops(quarantine) - self._drops_at_start[role]
+                drops = kernel_drops(quarantine) - self._drops_at_start[role]
+                self.steered[role] = max(self.steered[role], drops)
             return self.steered
         wrong = {role: self._drain(role) for role in self.quarantines}
         misplaced = next((role for role, seen in wrong.items() if LINK in seen), None)

@@ -422,24 +422,28 @@ def test_a_stream_without_a_position_for_a_while_keeps_its_threshold_and_the_ord
 ) -> None:
     """A transmitter restarted and the new epoch's block 0 was lost: for up to
     reorder_timeout_s the decoder has no position for that stream, and a commit
-    then names none. The program keeps the stream's last threshold (sound: the new
-    epoch is above it), so the late copy waiting in its quarantine is no proof of a
-    wrong order, and the stream's next datagram still reaches the link socket."""
+    then names none. The program then names the start of the next epoch for it, at
+    once: the whole old epoch is replays, as the decoder counts them, and any new
+    epoch is above it. The late copy steered before is no proof of a wrong order,
+    and the stream's new epoch still reaches the link socket."""
     link, steering = group
     to = link.getsockname()
     before = {s: StreamState(epoch=100, next_seq=500, next_record=0) for s in (1, 2)}
     steering.update(before, 0.0, force=True)
     source.sendto(_header_only(2, 100, 499), to)  # a late copy of stream 2
     time.sleep(0.02)
-    steering.update({1: StreamState(epoch=100, next_seq=510, next_record=0)}, 1.0)
+    one = {1: StreamState(epoch=100, next_seq=510, next_record=0)}
+    assert steering.update(one, 0.01)  # within REATTACH_EVERY_S: attached at once
+    assert not steering.update(dict(one), 0.02)  # and only once
     assert steering.tally() == {LATE: 1, REPLAY: 0}
     assert steering.order_swaps == 0
     assert steering.index == {LINK: 0, LATE: 1, REPLAY: 2}
     source.sendto(_header_only(2, 101, 0), to)  # the new epoch: the link's
-    source.sendto(_header_only(2, 99, 7), to)  # an older epoch: a replay, still steered
+    source.sendto(_header_only(2, 100, 300), to)  # the old one: a replay now
+    source.sendto(_header_only(2, 99, 7), to)  # an older one: a replay
     time.sleep(0.02)
     assert link.recv(2000) == _header_only(2, 101, 0)
-    assert steering.tally() == {LATE: 1, REPLAY: 1}
+    assert steering.tally() == {LATE: 1, REPLAY: 2}
 
 
 def test_a_stream_the_program_stops_naming_proves_no_wrong_order(
