@@ -25,9 +25,9 @@ from diode.config import validate
 from diode.config.rx import RxConfig
 from diode.config.tx import TxConfig
 from diode.keys import SigningKey, write_keypair
+from diode.loopback import free_port
 from receiver.app import Receiver
 from tests.support.modbus_server import ModbusSimServer
-from tests.support.net import free_port
 from tests.support.relay import Faults, Relay
 from transmitter.app import Transmitter
 

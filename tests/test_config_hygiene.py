@@ -34,7 +34,7 @@ from diode.keys import (
     write_keypair,
     write_psk,
 )
-from tests.support.net import free_port
+from diode.loopback import free_port
 
 BIN = Path(sys.executable).parent
 

@@ -151,7 +151,7 @@ async def test_link_down_marks_every_tag_stale_with_its_last_value(
 async def test_inventory_and_metrics(plant: Plant, subscriber: Subscriber) -> None:
     import urllib.request
 
-    from tests.support.net import free_port
+    from diode.loopback import free_port
 
     assert plant.plc is not None
     metrics_port = free_port()

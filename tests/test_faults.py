@@ -22,11 +22,11 @@ from diode.config.mqtt import StreamOutput
 from diode.config.tx import TxConfig
 from diode.decoder import Delivered, EpochStarted
 from diode.keys import load_signing_key, write_keypair
+from diode.loopback import free_port
 from diode.records import DeviceInfo, Sample, TagInfo, ValueType
 from receiver.router import Router
 from tests.faults import scenarios
 from tests.support.mosquitto import Mosquitto
-from tests.support.net import free_port
 from transmitter.app import Transmitter
 
 

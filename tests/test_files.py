@@ -25,6 +25,7 @@ from diode.decoder import Delivered
 from diode.encoder import Encoder
 from diode.files import FileChunk, FileHoles, FileManifest, chunk_size_for
 from diode.keys import SigningKey
+from diode.loopback import free_port
 from diode.wire import symbol_size
 from receiver.app import Receiver
 from receiver.files import FileReceiver
@@ -32,7 +33,6 @@ from receiver.link import kernel_drops
 from tests.e2e import Subscriber, wait_until
 from tests.files_plant import LANE, STREAM, FilePlant, drop_file
 from tests.support.mosquitto import Mosquitto
-from tests.support.net import free_port
 from tests.support.relay import Faults
 
 FILES_TOPIC = "diode/test/$files"

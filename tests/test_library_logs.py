@@ -16,7 +16,7 @@ import structlog
 from pymodbus.client import AsyncModbusTcpClient
 
 from diode import daemon
-from tests.support.net import free_port
+from diode.loopback import free_port
 
 
 @pytest.fixture

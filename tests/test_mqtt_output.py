@@ -22,11 +22,11 @@ from paho.mqtt.properties import Properties
 
 import receiver.mqtt
 from diode.config.mqtt import MqttBroker, StreamOutput
+from diode.loopback import free_port
 from diode.records import Sample, TagInfo, ValueType
 from receiver.mqtt import WRITE_BYTES, MqttOutput, _Pending, _write
 from receiver.mqtt_packets import PUBLISH
 from tests.support.mosquitto import Mosquitto
-from tests.support.net import free_port
 
 TAGS = [
     TagInfo(tag_id=i, name=f"t{i}", device="plc1", value_type=ValueType.INT32) for i in range(5)

@@ -40,9 +40,9 @@ import pytest
 from diode.config.link import FecSettings, LinkSettings
 from diode.encoder import Encoder
 from diode.keys import load_signing_key, write_keypair
+from diode.loopback import free_port
 from diode.records import Heartbeat, Record, Sample, TagInfo, ValueType
 from tests.support.mosquitto import Mosquitto
-from tests.support.net import free_port
 
 STREAM = 21
 TAGS = 10

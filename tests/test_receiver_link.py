@@ -22,6 +22,7 @@ from diode.config import validate
 from diode.config.rx import RxConfig
 from diode.errors import LinkError
 from diode.keys import write_keypair, write_psk
+from diode.loopback import free_port
 from diode.replay import StreamState
 from diode.wire import DatagramHeader, pack_datagram
 from receiver.app import DRAIN_BUDGET, FLOOD_READ_EVERY_S, Receiver
@@ -40,7 +41,6 @@ from receiver.link import (
 )
 from tests.core_support import delivered, encode_blocks, new_decoder, samples
 from tests.faults.forgeries import Target, k1
-from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

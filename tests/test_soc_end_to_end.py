@@ -14,8 +14,8 @@ import socket
 import urllib.request
 from pathlib import Path
 
+from diode.loopback import free_port
 from tests.e2e import STREAM, Subscriber, sockets_die_with, wait_until
-from tests.support.net import free_port
 from tests.support.relay import Faults
 from tests.support.rsyslog import Rsyslog
 from tests.support.soc import (

@@ -27,13 +27,13 @@ from diode.benchmarks.harness import to_toml
 from diode.config.link import LinkSettings
 from diode.encoder import Encoder
 from diode.keys import SigningKey, write_keypair
+from diode.loopback import free_port
 from diode.records import Heartbeat
 from receiver.soc import MALFORMED
 from tests.e2e import STREAM, Subscriber, wait_until
 from tests.support import sparkplug_host as spb
 from tests.support.modbus_server import ModbusSimServer
 from tests.support.mosquitto import Mosquitto
-from tests.support.net import free_port
 from tests.support.opcua_server import OpcuaTestServer, node_id
 from tests.support.rsyslog import Rsyslog
 from tests.support.soc import (

@@ -33,6 +33,7 @@ from diode.config import validate
 from diode.config.rx import RxConfig
 from diode.errors import SettingError
 from diode.keys import load_psk, write_psk
+from diode.loopback import free_port
 from diode.replay import StreamState
 from diode.wire import DatagramHeader, pack_datagram
 from receiver.app import Receiver
@@ -53,7 +54,6 @@ from receiver.steer import (
     supported,
 )
 from tests.core_support import STREAM, encode_blocks, fixed_key, samples
-from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not supported(), reason="SO_REUSEPORT steering is Linux only")

@@ -34,8 +34,8 @@ from typing import get_args
 import pytest
 from pydantic import BaseModel
 
+from diode.loopback import free_port
 from tests.support.mosquitto import Mosquitto
-from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"

@@ -19,9 +19,9 @@ from diode.config.tx import TxConfig
 from diode.decoder import Decoder, Delivered
 from diode.encoder import Encoder
 from diode.keys import Keyring, SigningKey, TrustedKey
+from diode.loopback import free_port
 from diode.records import Heartbeat, LogFormat, LogRecord, Quality, Record, Sample, TagInfo
 from tests.support.modbus_server import ModbusSimServer
-from tests.support.net import free_port
 from transmitter.app import Transmitter, take_epoch
 from transmitter.synthetic import SyntheticPoller
 from transmitter.syslog_in import RECORD_OVERHEAD, LogLane, lane_bytes_per_s

@@ -15,8 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from diode.loopback import free_port
 from diode.syslog import parse_sd, parse_syslog
-from tests.support.net import free_port
 
 CONFIG = """\
 global(workDirectory="{work}" maxMessageSize="64k")

@@ -35,6 +35,7 @@ from diode.benchmarks.link import DEFAULT_PYDIODE_VENV, pydiode_venv
 from diode.benchmarks.tags import _pct, _Subscriber, parse
 from diode.config.files import FILE_LANE_MBPS
 from diode.keys import write_keypair
+from diode.loopback import free_port, free_udp_port
 
 LANE = 2
 _PYDIODE_1472 = (
@@ -192,13 +193,13 @@ def diode_goodput(
     nbytes = int(size_mb * 1e6)
     with tempfile.TemporaryDirectory(prefix="diode-bench-files-") as tmp:
         work = Path(tmp)
-        port, metrics = h.free_udp_port(), h.free_port()
+        port, metrics = free_udp_port(), free_port()
         broker = h.Broker(work)
         with h.stopping(broker):
             tx_conf, rx_conf = configs(
                 work, port=port, broker_port=broker.port, metrics=metrics,
                 rate_mbps=rate_mbps, telemetry_hz=0, share=share,
-                file_port=h.free_udp_port() if own_port else None, lane_fec=lane_fec,
+                file_port=free_udp_port() if own_port else None, lane_fec=lane_fec,
                 lane_rate_mbps=lane_rate_mbps,
             )  # fmt: skip
             source = work / "payload.bin"
@@ -245,7 +246,7 @@ def _same(a: Path, b: Path) -> bool:
 
 def pydiode_goodput(exe: Path, *, nbytes: int, rate_mbps: float, small: bool) -> dict[str, Any]:
     """pydiode send | receive over loopback; ``small``: patched to 1472-byte datagrams."""
-    port = h.free_udp_port()
+    port = free_udp_port()
     python = exe.parent / "python"
     prefix = [str(python), "-c", _PYDIODE_1472] if small else [str(exe)]
     with tempfile.TemporaryDirectory(prefix="diode-bench-pydiode-") as tmp:
@@ -359,7 +360,7 @@ def beside_telemetry(
     nbytes = int(big_gb * 1e9)
     with tempfile.TemporaryDirectory(prefix="diode-bench-files-") as tmp:
         work = Path(tmp)
-        port, metrics = h.free_udp_port(), h.free_port()
+        port, metrics = free_udp_port(), free_port()
         broker = h.Broker(work)
         with h.stopping(broker):
             sub = _Subscriber(broker.port, 0, work / "sub.txt")
@@ -367,7 +368,7 @@ def beside_telemetry(
                 tx_conf, rx_conf = configs(
                     work, port=port, broker_port=broker.port, metrics=metrics,
                     rate_mbps=rate_mbps, telemetry_hz=telemetry_hz, share=share,
-                    file_port=h.free_udp_port() if own_port else None,
+                    file_port=free_udp_port() if own_port else None,
                     lane_fec=lane_fec, lane_rate_mbps=lane_rate_mbps,
                 )  # fmt: skip
                 source = work / "big.bin"

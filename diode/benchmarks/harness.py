@@ -26,22 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from diode.keys import write_keypair
+from diode.loopback import free_port
 
 STREAM = 7
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 WIRE_OVERHEAD = 28  # IPv4 + UDP headers, counted by the pacer
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def free_udp_port() -> int:
-    return free_port(socket.SOCK_DGRAM)
 
 
 # -- TOML ------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 from diode.benchmarks import harness as h
 from diode.config.link import FecSettings, LinkSettings
+from diode.loopback import free_port, free_udp_port
 from diode.records import Sample, encode_record
 from diode.wire import BLOCK_OVERHEAD, symbol_size
 
@@ -140,7 +141,7 @@ def transmitter_alone_run(
     with tempfile.TemporaryDirectory(prefix="diode-bench-link-") as tmp:
         work = Path(tmp)
         private, _ = h.keys(work)
-        port = h.free_udp_port()
+        port = free_udp_port()
         tap = h.LinkTap(port, 0.0, hook="input")
         counter = _Counter(port)
         _pin(counter.proc.pid, RX_CPU)
@@ -186,7 +187,7 @@ def diode_run(
     with tempfile.TemporaryDirectory(prefix="diode-bench-link-") as tmp:
         work = Path(tmp)
         private, public = h.keys(work)
-        port, metrics = h.free_udp_port(), h.free_port()
+        port, metrics = free_udp_port(), free_port()
         # The tap first: without nft it refuses loss, and nothing is left running.
         tap = h.LinkTap(port, loss, hook="input")
         mosquitto = h.Broker(work, unix_socket=broker == "unix")
@@ -312,7 +313,7 @@ def pydiode_run(
     exe: Path, *, nbytes: int, rate_mbps: float, datagram_size: int | None = None
 ) -> dict[str, Any]:
     """pydiode send | receive on loopback, each on its own core; at its default size if None."""
-    port = h.free_udp_port()
+    port = free_udp_port()
     command = (
         [str(exe)]
         if datagram_size is None

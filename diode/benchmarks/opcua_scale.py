@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diode.benchmarks import harness as h
+from diode.loopback import free_port
 
 if TYPE_CHECKING:
     from asyncua import ua
@@ -253,7 +254,7 @@ def run(items: int, *, seconds: float = 10.0, warmup_s: float = 3.0) -> dict[str
         work = Path(tmp)
         private, public = h.keys(work)
         listener = h.HeartbeatListener(public)
-        port = h.free_port()
+        port = free_port()
         status = work / "server.json"
         server = h.Daemon(
             "opcua-sim",

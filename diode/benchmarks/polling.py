@@ -26,6 +26,7 @@ from typing import Any
 
 from diode.benchmarks import harness as h
 from diode.config.modbus import DEFAULT_MAX_GAP
+from diode.loopback import free_port
 
 REGISTERS = 1000
 TAGS = 100
@@ -78,7 +79,7 @@ def run(
         work = Path(tmp)
         private, public = h.keys(work)
         listener = h.HeartbeatListener(public)
-        ports = [h.free_port() for _ in range(-(-devices // UNITS_PER_SERVER))]
+        ports = [free_port() for _ in range(-(-devices // UNITS_PER_SERVER))]
         server = h.Daemon(
             "modbus-sim",
             [

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from diode.benchmarks.harness import Daemon, free_udp_port, keys, stopping, tx_config
+from diode.benchmarks.harness import Daemon, keys, stopping, tx_config
+from diode.loopback import free_udp_port
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SOCKET_UNIT_BUFFER = 32 * 1024 * 1024  # diode-rx.socket ReceiveBuffer=32M

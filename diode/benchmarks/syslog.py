@@ -35,6 +35,7 @@ import orjson
 
 from diode.benchmarks import harness as h
 from diode.benchmarks.collector import Rsyslog
+from diode.loopback import free_port, free_udp_port
 from diode.records import decode_records, encode_record
 from diode.syslog import Deframer, octet_counted, parse_syslog, render_5424, to_ecs
 
@@ -170,7 +171,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="diode-bench-syslog-") as tmp:
         work = Path(tmp)
         private, public = h.keys(work)
-        port, metrics, listen = h.free_udp_port(), h.free_port(), h.free_port()
+        port, metrics, listen = free_udp_port(), free_port(), free_port()
         broker = h.Broker(work)
         (work / "rsyslog").mkdir()
         collector = Rsyslog(work / "rsyslog", stamped=True)

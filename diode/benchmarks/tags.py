@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from diode.benchmarks import harness as h
+from diode.loopback import free_port, free_udp_port
 
 PROBE = "bench/probe"
 DEVICES = 10
@@ -196,7 +197,7 @@ def run(  # noqa: PLR0915 - one flat run, step by step
     with tempfile.TemporaryDirectory(prefix="diode-bench-tags-") as tmp:
         work = Path(tmp)
         private, public = h.keys(work)
-        port, metrics = h.free_udp_port(), h.free_port()
+        port, metrics = free_udp_port(), free_port()
         broker = h.Broker(work)
         sparkplug = payload == "sparkplug"
         output: dict[str, Any] = {"payload": payload, "qos": qos}

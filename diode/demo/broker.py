@@ -21,8 +21,8 @@ from typing import Any
 
 import aiomqtt
 
-from diode.demo.plant import free_port
 from diode.demo.sparkplug import SparkplugReader
+from diode.loopback import free_port
 
 PROBE_TIMEOUT_S = 1.0
 CONNACK = 0x20

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import struct
 import time
 from typing import Any
@@ -32,6 +31,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from diode.demo.process import Process
+from diode.loopback import free_port
 
 UNIT = 1
 LEVEL_REGISTER = 0
@@ -49,14 +49,6 @@ OPCUA_VARIABLES: dict[str, tuple[Any, ua.VariantType]] = {
     "Flow": (0.0, ua.VariantType.Float),
     "Batches": (0, ua.VariantType.UInt32),
 }
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A loopback port nothing is bound to right now (for servers that need the number first)."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def words(fmt: str, value: float | int) -> list[int]:

@@ -39,8 +39,8 @@ from paho.mqtt.properties import Properties
 
 from diode.benchmarks.harness import to_toml
 from diode.keys import load_signing_key, write_keypair
+from diode.loopback import free_port
 from tests.support.mosquitto import Mosquitto
-from tests.support.net import free_port
 from tests.support.relay import Faults, Relay
 
 STREAM = 7

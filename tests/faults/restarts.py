@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from diode.benchmarks.harness import to_toml
+from diode.loopback import free_port
 from receiver.failover import ANNOUNCE_S
 from tests.faults.harness import (
     BIN,
@@ -47,7 +48,6 @@ from tests.faults.harness import (
 )
 from tests.faults.scenarios import SEED, Result, _counted_run, _tallied
 from tests.support.mosquitto import Mosquitto
-from tests.support.net import free_port
 from tests.support.relay import Faults, Relay
 
 ACTIVATE = shutil.which("systemd-socket-activate")

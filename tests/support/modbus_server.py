@@ -33,7 +33,7 @@ from pymodbus.pdu.mei_message import ReadDeviceInformationResponse
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from tests.support.net import free_port
+from diode.loopback import free_port
 
 # Function code -> table name, as the poller's config spells them.
 TABLE_OF_FUNCTION = {1: "coil", 2: "discrete_input", 3: "holding_register", 4: "input_register"}

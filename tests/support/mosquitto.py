@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.net import free_port
+from diode.loopback import free_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -48,13 +48,17 @@ class Mosquitto:
             stderr=(self.workdir / "mosquitto.log").open("ab"),
         )
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 self._connect()
                 return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not start on port {self.port}")
+        state = "still running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
+        log = (self.workdir / "mosquitto.log").read_text(errors="replace").splitlines()[-5:]
+        raise RuntimeError(
+            f"mosquitto did not start on port {self.port} ({state}); its log ends: {log}"
+        )
 
     def _connect(self) -> None:
         """Both listeners answer (a socket file left by the last run does not: refused)."""

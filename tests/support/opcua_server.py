@@ -30,7 +30,7 @@ from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.user_managers import UserManager
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.support.net import free_port
+from diode.loopback import free_port
 
 NAMESPACE = "urn:diode:test"
 VARIABLES: dict[str, tuple[Any, ua.VariantType]] = {

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from diode.loopback import free_port
 from diode.syslog import octet_counted
 from tests.e2e import Plant, Subscriber
 from tests.support.mosquitto import Mosquitto
-from tests.support.net import free_port
 from tests.support.rsyslog import Rsyslog
 
 EVENTS = "diode/test/$events"
