@@ -22,6 +22,7 @@ from pathlib import Path
 
 from diode.benchmarks import harness as h
 from diode.benchmarks.files import configs
+from diode.loopback import free_port, free_udp_port
 from receiver.files import PART_PREFIX
 from tests.support.mosquitto import Mosquitto
 
@@ -52,13 +53,13 @@ def _part_with_data(it: Path) -> bool:
 def _setup(tmp_path: Path, mosquitto: Mosquitto, watch: dict[str, object]) -> tuple[Path, Path]:
     return configs(
         tmp_path,
-        port=h.free_udp_port(),
+        port=free_udp_port(),
         broker_port=mosquitto.port,
-        metrics=h.free_port(),
+        metrics=free_port(),
         rate_mbps=40,
         telemetry_hz=0,
         share=1.0,
-        file_port=h.free_udp_port(),
+        file_port=free_udp_port(),
         watch=watch,
     )
 

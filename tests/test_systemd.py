@@ -349,24 +349,39 @@ class NotifySocket:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.messages: list[tuple[int, str]] = []
 
-    def wait_for(self, text: str, within: float) -> int:
-        """The pid that sent a message with the line ``text``."""
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
+    def wait_for(self, text: str, within: float, of: subprocess.Popen[str] | None = None) -> int:
+        """The pid that sent a message with the line ``text``.
+
+        ``of``: the process expected to send it; if it exits first, or the wait
+        times out, it is stopped and its stderr is part of the failure.
+        """
+        started = time.monotonic()
+        deadline = started + within
+        while time.monotonic() < deadline and (of is None or of.poll() is None):
             for pid, message in self.messages:
                 if text in message.splitlines():
                     return pid
-            self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            self.sock.settimeout(min(max(deadline - time.monotonic(), 0.01), 0.5))
             try:
                 data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
             except TimeoutError:
-                break
+                continue
             pid = 0
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = struct.unpack("iII", payload[:12])[0]
             self.messages.append((pid, data.decode()))
-        raise AssertionError(f"no {text} within {within} s; got {self.messages}")
+        for pid, message in self.messages:
+            if text in message.splitlines():
+                return pid
+        waited = time.monotonic() - started
+        failure = f"no {text} after {waited:.1f} s (of {within}); got {self.messages}"
+        if of is not None:
+            state = "running" if of.poll() is None else f"exited {of.returncode}"
+            of.kill()
+            _, err = of.communicate()
+            failure += f"; the process was {state}, its stderr ends:\n{err[-4000:]}"
+        raise AssertionError(failure)
 
     def close(self) -> None:
         self.sock.close()
@@ -546,8 +561,8 @@ def test_transmitter_exec_start_runs_and_stops_cleanly(
     config = tx_example(tmp_path, link.getsockname()[1])
     proc = spawn(resolved_exec_start("diode-tx.service", config), notify, tmp_path)
     try:
-        assert notify.wait_for("READY=1", within=20) == proc.pid  # NotifyAccess=main
-        assert notify.wait_for("WATCHDOG=1", within=5) == proc.pid
+        assert notify.wait_for("READY=1", within=20, of=proc) == proc.pid  # NotifyAccess=main
+        assert notify.wait_for("WATCHDOG=1", within=5, of=proc) == proc.pid
         assert wait_for_datagram(link, 5)  # the catalogue and heartbeats go out
         time.sleep(2)  # both pollers fail to connect, back off and retry
         assert proc.poll() is None, proc.communicate()[1]
@@ -567,9 +582,9 @@ def test_receiver_exec_start_runs_and_stops_cleanly(
     config = rx_example(tmp_path, free_port(socket.SOCK_DGRAM), mosquitto.port, metrics)
     proc = spawn(resolved_exec_start("diode-rx.service", config), notify, tmp_path)
     try:
-        ready = notify.wait_for("READY=1", within=20)
+        ready = notify.wait_for("READY=1", within=20, of=proc)
         assert ready == proc.pid
-        assert notify.wait_for("WATCHDOG=1", within=5) == proc.pid
+        assert notify.wait_for("WATCHDOG=1", within=5, of=proc) == proc.pid
         with socket.create_connection(("127.0.0.1", metrics), timeout=5) as conn:
             conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
             assert conn.recv(64).startswith(b"HTTP/1.0 200")
@@ -639,13 +654,13 @@ def test_receiver_exec_start_takes_the_socket_unit_socket_and_reloads_on_it(
         assert "Listening on" in proc.stderr.readline()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as link:
             link.sendto(b"first", ("127.0.0.1", port))
-        assert notify.wait_for("READY=1", within=20) == proc.pid
+        assert notify.wait_for("READY=1", within=20, of=proc) == proc.pid
         # The datagram that woke it was queued in the socket and read by the receiver.
         assert wait_scrape(metrics, 'diode_rx_datagrams_rejected_total{reason="short"}') == 1.0
         proc.send_signal(signal.SIGHUP)  # ExecReload=
-        assert notify.wait_for("RELOADING=1", within=10) == proc.pid
+        assert notify.wait_for("RELOADING=1", within=10, of=proc) == proc.pid
         notify.messages.clear()
-        assert notify.wait_for("READY=1", within=20) == proc.pid
+        assert notify.wait_for("READY=1", within=20, of=proc) == proc.pid
         # A broken config: refused, logged; the running receiver is kept.
         good = config.read_text()
         config.write_text(good.replace(f"port = {port}", f'port = "{port}"'))
@@ -721,12 +736,12 @@ def test_receiver_takes_the_units_three_sockets_steers_and_passes_them_on_reload
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as link:
             link.sendto(b"first", ("127.0.0.1", port))
-        assert notify.wait_for("READY=1", within=20) == proc.pid
+        assert notify.wait_for("READY=1", within=20, of=proc) == proc.pid
         assert wait_scrape(metrics, STEERED_REPLAYS) == 0
         proc.send_signal(signal.SIGHUP)
-        assert notify.wait_for("RELOADING=1", within=10) == proc.pid
+        assert notify.wait_for("RELOADING=1", within=10, of=proc) == proc.pid
         notify.messages.clear()
-        assert notify.wait_for("READY=1", within=20) == proc.pid
+        assert notify.wait_for("READY=1", within=20, of=proc) == proc.pid
         assert wait_scrape(metrics, STEERED_REPLAYS) == 0
     finally:
         code, err = stop(proc) if proc.poll() is None else (proc.returncode, "")
