@@ -49,6 +49,7 @@ def run_demo(*extra: str, duration: float = 6.0) -> tuple[dict[str, Any], str]:
     )
     assert done.returncode == 0, done.stderr
     assert not TRACEBACK.search(done.stderr), done.stderr
+    assert "neither a link secret" not in done.stderr, "the demo must run as we ask users to"
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1, f"stdout must be one JSON object, got: {done.stdout!r}"
     summary = json.loads(lines[0])

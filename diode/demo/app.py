@@ -55,9 +55,9 @@ from diode.demo.view import (
     tag_table,
 )
 from diode.errors import DiodeError
-from diode.keys import load_signing_key, write_keypair
+from diode.keys import write_keypair, write_psk
 from receiver.app import Receiver
-from transmitter.app import Transmitter
+from transmitter.app import Transmitter, build
 
 STREAM_ID = 1
 PREFIX, SITE = "diode", "demo"
@@ -216,6 +216,7 @@ class Demo:
     async def _start_link(self, plc: ModbusPlc, opcua: OpcuaPlc) -> None:
         keys = self.workdir / "keys"
         write_keypair(keys, "demo")
+        write_psk(keys / "demo.psk")  # the link secret, as docs/OPERATIONS.md asks of a real pair
         if self.files is not None:
             write_keypair(keys, "files")
         sock = link_socket()
@@ -230,7 +231,7 @@ class Demo:
         self.relay = relay
 
         config = self.tx_config(keys, relay.port, plc, opcua)
-        self.tx = Transmitter(config, key=load_signing_key(config.transmitter.private_key))
+        self.tx = build(config)  # its keys and link secret read as the daemon reads them
         await self._daemon("transmitter", self.tx, settle_s=SETTLE_S)
         if self.files is not None:
             ready = asyncio.Event()
@@ -243,6 +244,7 @@ class Demo:
             "transmitter": {
                 "stream_id": STREAM_ID,
                 "private_key": str(keys / "demo.key"),
+                "psk_file": str(keys / "demo.psk"),
                 "state_dir": str(self.workdir / "tx-state"),
                 "heartbeat_interval_s": 0.5,
                 "catalogue_period_s": 2.0,
@@ -295,12 +297,14 @@ class Demo:
                 {
                     "id": STREAM_ID,
                     "public_keys": [keys / "demo.pub"],
+                    "psk_file": keys / "demo.psk",
                     "output": {"prefix": PREFIX, "site": SITE, **self._payload_output()},
                 }
             ],
         }
         if self.files is not None:
-            data["streams"] = [*data["streams"], self.files.rx_stream(keys, PREFIX, SITE)]
+            lane = self.files.rx_stream(keys, keys / "demo.psk", PREFIX, SITE)
+            data["streams"] = [*data["streams"], lane]
         return validate(RxConfig, data, "demo receiver")
 
     def _payload_output(self) -> dict[str, Any]:

@@ -41,10 +41,12 @@ class DemoFiles:
             "files": [{"directory": str(self.ot), "complete_when": "renamed", "repeat": 2}],
         }
 
-    def rx_stream(self, keys: Path, prefix: str, site: str) -> dict[str, Any]:
+    def rx_stream(self, keys: Path, psk: Path, prefix: str, site: str) -> dict[str, Any]:
+        """The lane's stream; ``psk``: the link secret, the transmitter's for both streams."""
         return {
             "id": LANE_ID,
             "public_keys": [str(keys / "files.pub")],
+            "psk_file": str(psk),
             "output": {"prefix": prefix, "site": site},
             "files": {"directory": str(self.it), "expire_s": 60.0},
         }
